@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv and install starttls-proxy into it (editable).
+# usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
+# Idempotent: does nothing when pyproject.toml has not changed since the last run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+python=${PYTHON:-python3}
+if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepip' >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv
+    else
+        echo "error: '$python -m venv' does not work; install python3-venv (sudo apt-get install python3-venv)" >&2
+        exit 1
+    fi
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.installed$extras"
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".$extras"
+    echo "$wanted" > "$stamp"
+fi
