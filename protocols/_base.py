@@ -1,0 +1,328 @@
+"""Shared vocabulary of the protocol machines.
+
+Theory of operation
+-------------------
+Every protocol module holds one *machine*: a sans-I/O object that sits between
+the client and the backend for the whole life of a connection.  The driver
+(``starttls_proxy.connection``) feeds it what happened on the wire --
+``receive_data(side, data)``, ``receive_eof(side)``, ``tls_established(info)``,
+``backend_connected()``, ``backend_failed(reason)`` -- and then drains
+``next_command()`` until it returns ``None``.  Each command is exactly one
+transport action (events in, commands out, as in mitmproxy's proxy core).
+
+Machines never raise on bad input from the network: a client gets a protocol
+error reply, a misbehaving backend ends the session with ``CloseConnection``.
+States are enums and legal moves are a transitions table; ``transition``
+below turns a missing entry into the ERROR state, as h2 does.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+
+class Side(enum.Enum):
+    """Which end of the proxied connection bytes came from or go to."""
+
+    #: The remote client (plaintext before TLS, decrypted after).
+    CLIENT = enum.auto()
+    #: The server behind the proxy (always plaintext).
+    BACKEND = enum.auto()
+
+
+class TLSMode(enum.Enum):
+    """How a listener gets to TLS."""
+
+    #: Plaintext first, upgraded in-band (RFC 3207, RFC 2595, RFC 6120 section 5).
+    STARTTLS = "starttls"
+    #: TLS from the first byte (RFC 8314 ports 465/993/995, XEP-0368).
+    IMPLICIT = "implicit"
+
+
+class BackendIdentity(enum.Enum):
+    """How the backend learns who the client is."""
+
+    NONE = "none"
+    PROXY_V1 = "proxy-v1"
+    PROXY_V2 = "proxy-v2"
+    XCLIENT = "xclient"
+
+
+class BareLineEndings(enum.Enum):
+    """What an SMTP machine does with a bare CR or LF inside DATA."""
+
+    #: Refuse the message and end the session, as Postfix 3.9 does against
+    #: SMTP smuggling: the backend may see a line end where we saw none.
+    REJECT = "reject"
+    #: Relay the bytes untouched (only for backends known to require CRLF).
+    ALLOW = "allow"
+
+
+# --------------------------------------------------------------------------
+# What the driver tells the machine about the outside world.
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Addresses of one client connection, as the proxy's socket saw them."""
+
+    client_address: str
+    client_port: int
+    local_address: str
+    local_port: int
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """Outcome of a successful handshake, as reported by the TLS worker."""
+
+    version: str
+    cipher: str
+    server_name: str | None = None
+    alpn: str | None = None
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    """Everything a machine needs to know from the configuration."""
+
+    #: Name the proxy uses in its own greetings and replies.
+    hostname: str
+    tls_mode: TLSMode
+    #: Refuse everything but the upgrade and harmless commands before TLS.
+    require_tls: bool
+    #: The backend's capabilities (EHLO keywords, CAPABILITY atoms, CAPA
+    #: lines), probed or configured; the machine filters and extends them.
+    capabilities: tuple[str, ...]
+    identity: BackendIdentity = BackendIdentity.NONE
+    #: Longest command line accepted from a client, CRLF included.
+    max_line_length: int = 2048
+    #: Longest reply line accepted from the backend, CRLF included.
+    max_reply_line_length: int = 8192
+    smtp_bare_line_endings: BareLineEndings = BareLineEndings.REJECT
+
+
+# --------------------------------------------------------------------------
+# What the machine tells the driver to do.
+
+
+@dataclass(frozen=True)
+class SendToClient:
+    """Write bytes to the client (through the TLS worker once upgraded)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class SendToBackend:
+    """Write bytes to the backend connection."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class OpenBackend:
+    """Connect the backend and announce the client, then report the result
+    with ``backend_connected()`` or ``backend_failed(reason)``."""
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """The upgrade reply has been queued; hand the client to a TLS worker.
+
+    ``discarded`` holds whatever the client sent after the upgrade command in
+    plaintext. It is never interpreted (RFC 3207 section 4.2, CVE-2011-0411);
+    the driver logs and counts it.
+    """
+
+    discarded: bytes
+
+
+@dataclass(frozen=True)
+class CloseConnection:
+    """Flush what was queued for the client, then close both sides."""
+
+    reason: str
+    #: True when the session ended as the protocol intends (QUIT, LOGOUT...).
+    clean: bool = False
+
+
+Command = SendToClient | SendToBackend | OpenBackend | StartTLS | CloseConnection
+
+
+# --------------------------------------------------------------------------
+# Shared machinery.
+
+
+class LineBuffer:
+    """Accumulates bytes and hands out complete CRLF-terminated lines.
+
+    ``pop_line`` returns ``None`` until a full line is there. A line longer
+    than ``limit`` is reported once as ``LineTooLong`` and its remainder, up
+    to the next LF, is swallowed so that the stream stays in sync.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+        self._discarding = False
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def pop_line(self) -> bytes | LineTooLong | None:
+        """Next line including its terminator, ``LineTooLong``, or ``None``."""
+        newline = self._buffer.find(b"\n", 0, self.limit)
+        if self._discarding:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                self._buffer.clear()
+                return None
+            del self._buffer[: newline + 1]
+            self._discarding = False
+            return self.pop_line()
+        if newline < 0:
+            if len(self._buffer) >= self.limit:
+                self._discarding = True
+                return LINE_TOO_LONG
+            return None
+        line = bytes(self._buffer[: newline + 1])
+        del self._buffer[: newline + 1]
+        return line
+
+    def pop_bytes(self, count: int) -> bytes:
+        """Take up to ``count`` raw bytes (a literal, a BDAT chunk)."""
+        chunk = bytes(self._buffer[:count])
+        del self._buffer[:count]
+        return chunk
+
+    def pop_all(self) -> bytes:
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+
+class LineTooLong:
+    """Sentinel for a line that exceeded the buffer's limit."""
+
+    def __repr__(self) -> str:
+        return "LINE_TOO_LONG"
+
+
+LINE_TOO_LONG = LineTooLong()
+
+
+StateT = TypeVar("StateT", bound=enum.Enum)
+InputT = TypeVar("InputT", bound=enum.Enum)
+
+
+class ProtocolViolation(Exception):
+    """An input that the transitions table does not allow in this state."""
+
+
+def transition(
+    table: Mapping[tuple[StateT, InputT], StateT], state: StateT, input_: InputT
+) -> StateT:
+    """Look up the next state; a missing entry is a protocol violation."""
+    try:
+        return table[(state, input_)]
+    except KeyError:
+        raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
+
+
+@dataclass
+class CommandQueue:
+    """The outbox every machine appends to and the driver drains."""
+
+    _commands: deque[Command] = field(default_factory=deque)
+
+    def push(self, command: Command) -> None:
+        self._commands.append(command)
+
+    def pop(self) -> Command | None:
+        return self._commands.popleft() if self._commands else None
+
+    def __iter__(self) -> Iterator[Command]:
+        while self._commands:
+            yield self._commands.popleft()
+
+
+class ProxyMachine(abc.ABC):
+    """One proxied session of one protocol, from accept to close.
+
+    The constructor queues the opening commands: the proxy's own greeting on
+    a STARTTLS listener, or ``StartTLS(b"")`` on an implicit-TLS listener.
+    """
+
+    def __init__(self, settings: SessionSettings, peer: Peer) -> None:
+        self.settings = settings
+        self.peer = peer
+        self._outbox = CommandQueue()
+
+    @abc.abstractmethod
+    def receive_data(self, side: Side, data: bytes) -> None:
+        """Bytes arrived from ``side`` (decrypted, for a TLS client)."""
+
+    @abc.abstractmethod
+    def receive_eof(self, side: Side) -> None:
+        """``side`` closed its sending direction."""
+
+    @abc.abstractmethod
+    def tls_established(self, info: TLSInfo) -> None:
+        """The worker finished the handshake the last ``StartTLS`` asked for."""
+
+    @abc.abstractmethod
+    def backend_connected(self) -> None:
+        """The connection asked for by ``OpenBackend`` is up, identity sent."""
+
+    @abc.abstractmethod
+    def backend_failed(self, reason: str) -> None:
+        """The connection asked for by ``OpenBackend`` could not be made."""
+
+    @abc.abstractmethod
+    def timed_out(self) -> None:
+        """The driver's idle timer fired: say goodbye and close."""
+
+    @property
+    @abc.abstractmethod
+    def unprocessed_client_bytes(self) -> int:
+        """Client bytes held because they cannot be interpreted yet (for
+        instance while the backend has not answered DATA). The driver stops
+        reading from the client while this is large."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def busy_reply(hostname: str) -> bytes:
+        """What a client gets when the listener is at its connection limit."""
+
+    def next_command(self) -> Command | None:
+        """The next transport action, or ``None`` when the machine waits."""
+        return self._outbox.pop()
+
+
+class CapabilityProbe(abc.ABC):
+    """Learns a backend's capabilities over one short plaintext dialogue.
+
+    The driver connects (sending a PROXY ``LOCAL`` header when the backend
+    requires one), then alternates ``receive_data`` and ``next_send`` until
+    ``result`` or ``error`` is set, and closes.
+    """
+
+    def __init__(self, hostname: str) -> None:
+        self.hostname = hostname
+        self.result: tuple[str, ...] | None = None
+        self.error: str | None = None
+
+    @abc.abstractmethod
+    def receive_data(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def next_send(self) -> bytes | None: ...
