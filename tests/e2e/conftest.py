@@ -1,0 +1,59 @@
+"""Session fixtures for the end-to-end tests: test certificates and a real Postfix.
+
+Postfix runs as a standalone instance on 127.0.0.1 (see ``tests/realservers/postfix.py``);
+the tests must run as root.  A missing Postfix is a failure, not a skip: install the
+system packages with ``sudo scripts/install-system-deps.sh``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import trustme
+
+from tests.realservers.certs import CertFiles, write_test_certs
+from tests.realservers.postfix import INSTALL_HINT, PostfixInstance, find_program, start_postfix
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    """The session's test CA; it issues both ``test_certs`` and ``test_certs_other``."""
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def test_certs(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> CertFiles:
+    """Server certificate for ``localhost``, ``mail.example.test`` and ``127.0.0.1``."""
+    return write_test_certs(
+        tmp_path_factory.mktemp("certs"), test_ca, ("localhost", "mail.example.test", "127.0.0.1")
+    )
+
+
+@pytest.fixture(scope="session")
+def test_certs_other(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> CertFiles:
+    """Server certificate for ``other.example.test`` only, same CA (for SNI tests)."""
+    return write_test_certs(
+        tmp_path_factory.mktemp("certs-other"), test_ca, ("other.example.test",)
+    )
+
+
+@pytest.fixture(scope="session")
+def postfix(
+    tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[PostfixInstance]:
+    """A running Postfix backend (plain+XCLIENT, PROXY and STARTTLS listeners), stopped at the end.
+
+    Shared by the whole session: tests that count deliveries should call
+    ``postfix.clear_mailbox()`` first.
+    """
+    if find_program("postfix") is None or find_program("script") is None:
+        pytest.fail(f"Postfix (or `script`) is not installed: {INSTALL_HINT}", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end tests start Postfix and must run as root", pytrace=False)
+    instance = start_postfix(tmp_path_factory.mktemp("postfix"), test_certs.cert, test_certs.key)
+    try:
+        yield instance
+    finally:
+        instance.stop()

@@ -1,0 +1,1 @@
+"""Helpers that start real servers (Postfix, later Dovecot and Prosody) for the tests."""
