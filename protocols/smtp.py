@@ -1,0 +1,713 @@
+"""SMTP: STARTTLS termination in front of an MTA such as Postfix.
+
+Theory of operation
+-------------------
+*Before TLS* the proxy is the SMTP server (RFC 5321) and no backend exists
+yet: it greets, answers EHLO with the backend's extensions minus those it
+terminates or reserves, and answers the harmless commands itself. AUTH waits
+for TLS (RFC 4954 section 4), and with ``require_tls`` so does every command
+that needs the backend; without it, the first such command starts a
+*plaintext relay*: the backend is connected, the client's HELO/EHLO replayed,
+and the session goes on below without TLS.
+
+*STARTTLS* (RFC 3207 section 4) gets its 220 and the client goes to a TLS
+worker. Bytes pipelined after it come back in ``StartTLS.discarded`` and
+bytes sent before the handshake ends are dropped, never interpreted (section
+4.2, CVE-2011-0411). The server must forget what it learned in plaintext; only
+the HELO name is kept, as XCLIENT ``HELO=`` for the backend's logs until the
+client's post-TLS EHLO replaces it. Implicit TLS (RFC 8314) starts here.
+
+*The relay*: the backend's greeting is swallowed (the client had the proxy's;
+an implicit-TLS client gets the backend's). With XCLIENT identity (Postfix
+XCLIENT_README) the proxy sends EHLO, then XCLIENT alone, since its 220 reply
+is a new greeting that would eat anything pipelined behind it; values are
+xtext (RFC 3461 section 4). Client commands then go to the backend unchanged
+but for those the proxy must still answer: STARTTLS, XCLIENT and XFORWARD
+(only the proxy speaks for the client), malformed lines. Under PIPELINING
+(RFC 2920 section 3) replies keep command order, so the proxy's own replies
+wait behind the backend replies owed before them. Replies are read whole
+(RFC 5321 section 4.2.1); EHLO replies lose the extensions the proxy keeps
+and the SASL ``-PLUS`` mechanisms, whose channel binding (RFC 5056) cannot
+cross a terminated TLS session.
+
+*Message content* is never parsed as commands. A DATA body (RFC 5321 section
+4.1.1.4) streams to the backend until CRLF "." CRLF, dot-stuffing untouched
+(the backend undoes it, section 4.5.2). A bare CR or LF there is what SMTP
+smuggling exploits (the two ends disagree on where the message stops), so by
+default it ends the session, as in Postfix 3.9. A BDAT chunk (RFC 3030
+section 2) is exactly its announced octets, counted and never looked at; the
+chunk of a refused BDAT is consumed all the same.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Concatenate, Final, ParamSpec
+
+from protocols._base import (
+    BackendIdentity,
+    BareLineEndings,
+    CapabilityProbe,
+    CloseConnection,
+    LineBuffer,
+    LineTooLong,
+    OpenBackend,
+    Peer,
+    ProtocolViolation,
+    ProxyMachine,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    StartTLS,
+    TLSInfo,
+    TLSMode,
+    transition,
+)
+
+
+class State(enum.Enum):
+    """Where an SMTP session stands."""
+
+    #: The proxy answers the client itself; no backend yet.
+    PRE_TLS = enum.auto()
+    #: STARTTLS accepted (or implicit TLS): waiting for the worker's handshake.
+    TLS_HANDSHAKE = enum.auto()
+    #: ``OpenBackend`` queued, waiting for ``backend_connected``.
+    BACKEND_CONNECTING = enum.auto()
+    #: Waiting for the backend's 220 greeting.
+    BACKEND_GREETING = enum.auto()
+    #: The proxy sent its own EHLO to learn whether XCLIENT is offered.
+    XCLIENT_EHLO = enum.auto()
+    #: XCLIENT sent; its 220 reply is the backend's new greeting.
+    XCLIENT_REPLY = enum.auto()
+    #: Plaintext relay: the client's HELO/EHLO replayed, reply to swallow.
+    REPLAY_HELO = enum.auto()
+    #: Client commands go to the backend, replies come back in order.
+    RELAY = enum.auto()
+    #: DATA forwarded; client bytes are held until the backend answers it.
+    DATA_PENDING = enum.auto()
+    #: Streaming the message body until the end-of-data line.
+    DATA_BODY = enum.auto()
+    #: Forwarding the counted octets of a BDAT chunk.
+    BDAT_CHUNK = enum.auto()
+    #: The session ended; ``CloseConnection`` has been queued.
+    CLOSED = enum.auto()
+    #: An impossible input or a misbehaving backend ended the session.
+    ERROR = enum.auto()
+
+
+class Input(enum.Enum):
+    """What moves an SMTP session from one state to another."""
+
+    CLIENT_STARTTLS = enum.auto()  #: The client issued an acceptable STARTTLS.
+    PLAINTEXT_RELAY = enum.auto()  #: Without ``require_tls``, a command needs the backend.
+    TLS_ESTABLISHED = enum.auto()  #: The TLS worker finished the handshake.
+    BACKEND_CONNECTED = enum.auto()  #: The driver connected the backend.
+    PROXY_EHLO = enum.auto()  #: The proxy sent EHLO to look for XCLIENT.
+    PROXY_XCLIENT = enum.auto()  #: The proxy sent XCLIENT.
+    REPLAY_HELO = enum.auto()  #: The proxy replayed the client's HELO/EHLO.
+    BACKEND_READY = enum.auto()  #: The backend is ready for the client's commands.
+    DATA_SENT = enum.auto()  #: DATA was forwarded.
+    DATA_ACCEPTED = enum.auto()  #: The backend answered DATA with 354.
+    DATA_REFUSED = enum.auto()  #: The backend answered DATA with anything else.
+    END_OF_DATA = enum.auto()  #: The end-of-data line was forwarded.
+    BDAT_SENT = enum.auto()  #: A BDAT command was forwarded.
+    END_OF_CHUNK = enum.auto()  #: The last octet of a BDAT chunk was forwarded.
+    CLOSE = enum.auto()  #: The session ends (quit, timeout, either side gone, refused client).
+    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+
+
+_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
+_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
+
+TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
+    (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
+    (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
+    (State.TLS_HANDSHAKE, Input.TLS_ESTABLISHED): State.BACKEND_CONNECTING,
+    (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
+    (State.BACKEND_GREETING, Input.PROXY_EHLO): State.XCLIENT_EHLO,
+    (State.BACKEND_GREETING, Input.REPLAY_HELO): State.REPLAY_HELO,
+    (State.BACKEND_GREETING, Input.BACKEND_READY): State.RELAY,
+    (State.XCLIENT_EHLO, Input.PROXY_XCLIENT): State.XCLIENT_REPLY,
+    (State.XCLIENT_REPLY, Input.REPLAY_HELO): State.REPLAY_HELO,
+    (State.XCLIENT_REPLY, Input.BACKEND_READY): State.RELAY,
+    (State.REPLAY_HELO, Input.BACKEND_READY): State.RELAY,
+    (State.RELAY, Input.DATA_SENT): State.DATA_PENDING,
+    (State.DATA_PENDING, Input.DATA_ACCEPTED): State.DATA_BODY,
+    (State.DATA_PENDING, Input.DATA_REFUSED): State.RELAY,
+    (State.DATA_BODY, Input.END_OF_DATA): State.RELAY,
+    (State.RELAY, Input.BDAT_SENT): State.BDAT_CHUNK,
+    (State.BDAT_CHUNK, Input.END_OF_CHUNK): State.RELAY,
+    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
+    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+}
+
+_CRLF: Final = b"\r\n"
+#: RFC 5321 section 4.1.1.4; the body starts at a line start, so the CRLF
+#: that ended the DATA command counts as the first two octets.
+_END_OF_DATA: Final = b"\r\n.\r\n"
+#: RFC 5321 section 2.3.8: CR and LF only travel together.
+_BARE_LINE_ENDING: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+#: One reply line, RFC 5321 section 4.2.1: the text may be absent.
+_REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([- ])([^\r\n]*))?\r\n")
+#: Extensions the proxy terminates (STARTTLS) or reserves for itself.
+_PROXY_ONLY: Final = frozenset({b"STARTTLS", b"XCLIENT", b"XFORWARD"})
+_IDENTITY_COMMANDS: Final = frozenset({b"XCLIENT", b"XFORWARD"})
+
+_LINE_TOO_LONG: Final = b"500 5.5.0 Error: line too long\r\n"
+_BARE_IN_COMMAND: Final = b"500 5.5.2 Error: bare <CR> or <LF> received\r\n"
+_BAD_SYNTAX: Final = b"500 5.5.2 Error: bad syntax\r\n"
+_NOT_IMPLEMENTED: Final = b"502 5.5.1 Error: command not implemented\r\n"
+_TLS_FIRST: Final = b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+_BDAT_SYNTAX: Final = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n"
+_STARTTLS_SYNTAX: Final = b"501 5.5.4 Syntax: STARTTLS\r\n"
+_TLS_READY: Final = b"220 2.0.0 Ready to start TLS\r\n"
+_TLS_ACTIVE: Final = b"503 5.5.1 Error: TLS already active\r\n"
+_TLS_UNAVAILABLE: Final = b"454 4.7.0 TLS not available: session already started in plaintext\r\n"
+_EARLY_TLS: Final = b"500 5.5.1 Error: TLS handshake received before STARTTLS\r\n"
+_BYE: Final = b"221 2.0.0 Bye\r\n"
+#: Commands the proxy answers identically before TLS.
+_LOCAL_REPLIES: Final[Mapping[bytes, bytes]] = {
+    b"NOOP": b"250 2.0.0 Ok\r\n",
+    b"RSET": b"250 2.0.0 Ok\r\n",
+    b"HELP": b"214 2.0.0 See RFC 5321\r\n",
+}
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One complete, well-formed reply from an SMTP server."""
+
+    code: int
+    #: The lines as received, CRLF included.
+    lines: tuple[bytes, ...]
+
+    @property
+    def raw(self) -> bytes:
+        return b"".join(self.lines)
+
+    @property
+    def texts(self) -> list[bytes]:
+        """Each line without its code, separator and CRLF."""
+        return [line[4:-2] for line in self.lines]
+
+    @property
+    def text(self) -> str:
+        """For logs and error messages."""
+        return " ".join(line[:-2].decode("utf-8", "replace") for line in self.lines)
+
+
+class ReplyReader:
+    """Assembles multi-line replies (RFC 5321 section 4.2.1) from a byte stream.
+
+    A malformed or overlong line raises ``ProtocolViolation``: the stream can
+    no longer be matched to the commands it answers.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._lines = LineBuffer(limit)
+        self._partial: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        self._lines.feed(data)
+
+    def pop(self) -> Reply | None:
+        while (line := self._lines.pop_line()) is not None:
+            if isinstance(line, LineTooLong):
+                raise ProtocolViolation("reply line too long from backend")
+            match = _REPLY_LINE.fullmatch(line)
+            # Every line of a reply carries the same code.
+            if match is None or (self._partial and not line.startswith(self._partial[0][:3])):
+                raise ProtocolViolation(f"malformed reply from backend: {line[:64]!r}")
+            self._partial.append(line)
+            if match[2] != b"-":
+                lines, self._partial = tuple(self._partial), []
+                return Reply(int(match[1]), lines)
+        return None
+
+
+def xtext(value: bytes) -> bytes:
+    """RFC 3461 section 4: octets outside "!".."~", and "+" and "=", as +HH."""
+    return b"".join(
+        bytes((octet,)) if 33 <= octet <= 126 and octet not in b"+=" else b"+%02X" % octet
+        for octet in value
+    )
+
+
+def _require_2xx(reply: Reply, what: str) -> None:
+    if reply.code // 100 != 2:
+        raise ProtocolViolation(f"{what}: {reply.text}")
+
+
+def _keyword(text: bytes) -> bytes:
+    """The EHLO keyword of an extension line; ``AUTH=...`` is an old AUTH form."""
+    return re.split(rb"[ =]", text, maxsplit=1)[0].upper()
+
+
+def _advertised(texts: Iterable[bytes], *, auth: bool) -> list[bytes]:
+    """The extension lines a client may see: no proxy-only extension, AUTH
+    only when ``auth`` and then without channel-binding mechanisms."""
+    kept = []
+    for text in texts:
+        keyword = _keyword(text)
+        if keyword == b"AUTH" and auth:
+            mechanisms = [name for name in text[5:].split() if not name.upper().endswith(b"-PLUS")]
+            if mechanisms:
+                kept.append(text[:5] + b" ".join(mechanisms))
+        elif keyword != b"AUTH" and keyword not in _PROXY_ONLY:
+            kept.append(text)
+    return kept
+
+
+def _multiline(code: bytes, texts: Sequence[bytes]) -> bytes:
+    """A reply with ``code-`` on every line but the last (RFC 5321 section 4.2.1)."""
+    last = len(texts) - 1
+    return b"".join(
+        b"%s%s%s\r\n" % (code, b" " if index == last else b"-", text)
+        for index, text in enumerate(texts)
+    )
+
+
+def _bdat_size(arg: bytes) -> int | None:
+    """The chunk size of ``BDAT <size> [LAST]`` (RFC 3030 section 2), or None."""
+    words = arg.upper().split()
+    if 1 <= len(words) <= 2 and words[0].isdigit() and words[1:] in ([], [b"LAST"]):
+        return int(words[0])
+    return None
+
+
+@dataclass
+class _Owed:
+    """A backend reply the client is owed: the answer to ``verb`` (``.`` for
+    the end of a message), then the proxy's own replies to the commands the
+    client pipelined after it, held so that replies keep command order."""
+
+    verb: bytes
+    then: list[bytes] = field(default_factory=list)
+
+
+_P = ParamSpec("_P")
+
+
+def _event(
+    method: Callable[Concatenate[SMTPMachine, _P], None],
+) -> Callable[Concatenate[SMTPMachine, _P], None]:
+    """A public input: ignored once the session has ended, and turning a
+    ``ProtocolViolation`` into a 421 and the ERROR state."""
+
+    @functools.wraps(method)
+    def guarded(machine: SMTPMachine, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        if machine.state in _FINISHED:
+            return
+        try:
+            method(machine, *args, **kwargs)
+        except ProtocolViolation as violation:
+            machine._end(str(violation), reply=machine._unavailable, input_=Input.VIOLATION)
+
+    return guarded
+
+
+class SMTPMachine(ProxyMachine):
+    """One SMTP session; see the module docstring."""
+
+    def __init__(self, settings: SessionSettings, peer: Peer) -> None:
+        super().__init__(settings, peer)
+        self._host = settings.hostname.encode()
+        self._unavailable = b"421 4.3.0 %s Service not available\r\n" % self._host
+        self._extensions = [line.encode() for line in settings.capabilities]
+        self._chunking = b"CHUNKING" in map(_keyword, self._extensions)
+        self._client = LineBuffer(settings.max_line_length)
+        self._replies = ReplyReader(settings.max_reply_line_length)
+        #: Backend replies the client is owed, oldest first.
+        self._owed: deque[_Owed] = deque()
+        #: The client's HELO or EHLO before TLS, as (verb, name).
+        self._helo: tuple[bytes, bytes] | None = None
+        self._tls = False
+        self._client_spoke = False
+        #: Octets of a refused BDAT's chunk still to drop.
+        self._drop = 0
+        #: Octets of a relayed BDAT's chunk still to forward.
+        self._chunk = 0
+        #: Body octets held back because they may begin the end-of-data line;
+        #: the first ``_body_virtual`` of them stand for the CRLF of DATA and
+        #: were never the body's.
+        self._body_tail = b""
+        self._body_virtual = 0
+        self._steps: Mapping[State, Callable[[], bool]] = {
+            State.PRE_TLS: self._command_step,
+            State.RELAY: self._command_step,
+            State.DATA_BODY: self._body_step,
+            State.BDAT_CHUNK: self._chunk_step,
+        }
+        if settings.tls_mode is TLSMode.STARTTLS:
+            self.state = State.PRE_TLS
+            self._outbox.push(SendToClient(b"220 %s ESMTP starttls-proxy\r\n" % self._host))
+        else:
+            self.state = State.TLS_HANDSHAKE
+            self._outbox.push(StartTLS(b""))
+
+    # ------------------------------------------------------------------
+    # Inputs.
+
+    @_event
+    def receive_data(self, side: Side, data: bytes) -> None:
+        if side is Side.BACKEND:
+            self._replies.feed(data)
+            while self.state not in _FINISHED and (reply := self._replies.pop()) is not None:
+                self._backend_reply(reply)
+        elif self.state is State.TLS_HANDSHAKE:
+            # Between STARTTLS and the handshake nothing from the client is
+            # interpreted (RFC 3207 section 4.2): not even buffered.
+            pass
+        elif self.state is State.PRE_TLS and not self._client_spoke and data[:1] == b"\x16":
+            # A TLS record header: an implicit-TLS client on a STARTTLS port.
+            self._end("TLS ClientHello before STARTTLS", reply=_EARLY_TLS)
+        else:
+            self._client_spoke = self._client_spoke or bool(data)
+            self._client.feed(data)
+            self._pump_client()
+
+    @_event
+    def receive_eof(self, side: Side) -> None:
+        if side is Side.CLIENT:
+            self._end("client closed")
+        elif self.state is State.RELAY and not self._owed:
+            self._end("backend closed")
+        else:
+            self._end("backend closed", reply=self._unavailable)
+
+    @_event
+    def tls_established(self, info: TLSInfo) -> None:
+        self._go(Input.TLS_ESTABLISHED)
+        self._tls = True
+        self._outbox.push(OpenBackend())
+
+    @_event
+    def backend_connected(self) -> None:
+        self._go(Input.BACKEND_CONNECTED)
+
+    @_event
+    def backend_failed(self, reason: str) -> None:
+        self._end(reason, reply=self._unavailable)
+
+    @_event
+    def timed_out(self) -> None:
+        self._end("idle timeout", reply=b"421 4.4.2 %s Error: timeout exceeded\r\n" % self._host)
+
+    @property
+    def unprocessed_client_bytes(self) -> int:
+        return len(self._client)
+
+    @staticmethod
+    def busy_reply(hostname: str) -> bytes:
+        return b"421 4.7.0 %s Error: too many connections\r\n" % hostname.encode()
+
+    # ------------------------------------------------------------------
+    # Shared helpers.
+
+    def _go(self, input_: Input) -> None:
+        self.state = transition(TRANSITIONS, self.state, input_)
+
+    def _end(
+        self,
+        reason: str,
+        *,
+        reply: bytes | None = None,
+        clean: bool = False,
+        input_: Input = Input.CLOSE,
+    ) -> None:
+        self._go(input_)
+        if reply is not None:
+            self._outbox.push(SendToClient(reply))
+        self._outbox.push(CloseConnection(reason, clean))
+
+    def _answer(self, reply: bytes) -> None:
+        """Send a reply of the proxy's own, behind the backend replies owed."""
+        if self._owed:
+            self._owed[-1].then.append(reply)
+        else:
+            self._outbox.push(SendToClient(reply))
+
+    def _send_backend(self, data: bytes) -> None:
+        self._outbox.push(SendToBackend(data))
+
+    # ------------------------------------------------------------------
+    # The client's byte stream.
+
+    def _pump_client(self) -> None:
+        """Interpret held client bytes for as long as the state allows."""
+        while (step := self._steps.get(self.state)) is not None and step():
+            pass
+
+    def _command_step(self) -> bool:
+        if self._drop:
+            self._drop -= len(self._client.pop_bytes(self._drop))
+            if self._drop:
+                return False
+        line = self._client.pop_line()
+        if line is None:
+            return False
+        if isinstance(line, LineTooLong):
+            self._answer(_LINE_TOO_LONG)
+        else:
+            self._command(line)
+        return True
+
+    def _command(self, line: bytes) -> None:
+        # A line is cut at its first LF, so the only CR allowed is the last
+        # but one octet; anything else is a line end the backend may not see
+        # as we do.
+        if not line.endswith(_CRLF) or b"\r" in line[:-2]:
+            self._answer(_BARE_IN_COMMAND)
+            return
+        verb, _, arg = line[:-2].strip().partition(b" ")
+        verb, arg = verb.upper(), arg.strip()
+        size = _bdat_size(arg) if verb == b"BDAT" else 0
+        if not verb:
+            self._answer(_BAD_SYNTAX)
+        elif verb in _IDENTITY_COMMANDS:
+            self._answer(_NOT_IMPLEMENTED)
+        elif verb == b"AUTH" and not self._tls:
+            self._answer(_TLS_FIRST)
+        elif size is None:
+            self._answer(_BDAT_SYNTAX)
+        elif self.state is State.PRE_TLS:
+            self._local_command(line, verb, arg, size)
+        else:
+            self._relay_command(line, verb, size)
+
+    def _refuse(self, reply: bytes, chunk_size: int) -> None:
+        """Refuse a command; a BDAT's chunk is consumed all the same (RFC
+        3030 section 2), else its octets would be taken for commands."""
+        self._answer(reply)
+        self._drop = chunk_size
+
+    def _local_command(self, line: bytes, verb: bytes, arg: bytes, size: int) -> None:
+        if verb in (b"EHLO", b"HELO"):
+            self._greet(verb, arg)
+        elif verb in _LOCAL_REPLIES:
+            self._answer(_LOCAL_REPLIES[verb])
+        elif verb == b"QUIT":
+            self._answer(_BYE)
+            self._end("client quit", clean=True)
+        elif verb == b"STARTTLS":
+            self._starttls(arg)
+        elif self.settings.require_tls:
+            self._refuse(_TLS_FIRST, size)
+        else:
+            # Hold this command and everything after it until the backend
+            # is ready to take them.
+            held = line + self._client.pop_all()
+            self._client.feed(held)
+            self._outbox.push(OpenBackend())
+            self._go(Input.PLAINTEXT_RELAY)
+
+    def _greet(self, verb: bytes, name: bytes) -> None:
+        if not name:
+            self._answer(b"501 5.5.4 Syntax: %s hostname\r\n" % verb)
+            return
+        self._helo = (verb, name)
+        if verb == b"HELO":
+            self._answer(b"250 %s\r\n" % self._host)
+        else:
+            extensions = _advertised(self._extensions, auth=False)
+            self._answer(_multiline(b"250", [self._host, *extensions, b"STARTTLS"]))
+
+    def _starttls(self, arg: bytes) -> None:
+        if arg:
+            self._answer(_STARTTLS_SYNTAX)
+            return
+        self._answer(_TLS_READY)
+        self._outbox.push(StartTLS(self._client.pop_all()))
+        self._go(Input.CLIENT_STARTTLS)
+
+    def _relay_command(self, line: bytes, verb: bytes, size: int) -> None:
+        if verb == b"STARTTLS":
+            self._answer(_TLS_ACTIVE if self._tls else _TLS_UNAVAILABLE)
+        elif verb == b"BDAT" and not self._chunking:
+            # A backend without CHUNKING would read the chunk as commands.
+            self._refuse(_NOT_IMPLEMENTED, size)
+        else:
+            self._send_backend(line)
+            self._owed.append(_Owed(verb))
+            if verb == b"DATA":
+                self._go(Input.DATA_SENT)
+            elif verb == b"BDAT":
+                self._chunk = size
+                self._go(Input.BDAT_SENT)
+
+    def _chunk_step(self) -> bool:
+        if not self._chunk:
+            self._go(Input.END_OF_CHUNK)
+            return True
+        data = self._client.pop_bytes(self._chunk)
+        if not data:
+            return False
+        self._chunk -= len(data)
+        self._send_backend(data)
+        return True
+
+    def _body_step(self) -> bool:
+        """Forward what can be forwarded of the body; True at its end.
+
+        Each call looks at the new bytes plus at most four held back, so a
+        body costs linear time however it is split.
+        """
+        window = self._body_tail + self._client.pop_all()
+        end = window.find(_END_OF_DATA)
+        if end >= 0:
+            limit = end + len(_END_OF_DATA)
+        else:
+            held = next(
+                n for n in range(len(_END_OF_DATA) - 1, -1, -1) if window.endswith(_END_OF_DATA[:n])
+            )
+            limit = len(window) - held
+        if self.settings.smtp_bare_line_endings is BareLineEndings.REJECT:
+            # A CR at the very end of the window is held back, not judged.
+            bare = _BARE_LINE_ENDING.search(window)
+            if bare is not None and bare.start() < limit:
+                # No end-of-data ever reaches the backend: it drops the
+                # partial message when the connection goes.
+                self._forward_body(window[: bare.start()])
+                reply = b"521 5.5.2 %s Error: bare <CR> or <LF> received\r\n" % self._host
+                self._end("bare CR or LF in DATA", reply=reply)
+                return False
+        self._forward_body(window[:limit])
+        self._body_tail = window[limit:]
+        if end < 0:
+            return False
+        self._client.feed(self._body_tail)
+        self._body_tail = b""
+        self._owed.append(_Owed(b"."))
+        self._go(Input.END_OF_DATA)
+        return True
+
+    def _forward_body(self, data: bytes) -> None:
+        body = data[self._body_virtual :]
+        self._body_virtual = max(0, self._body_virtual - len(data))
+        if body:
+            self._send_backend(body)
+
+    # ------------------------------------------------------------------
+    # The backend's replies.
+
+    def _backend_reply(self, reply: Reply) -> None:
+        if self.state is State.BACKEND_GREETING:
+            _require_2xx(reply, "backend refused the session")
+            if self.settings.identity is BackendIdentity.XCLIENT:
+                self._send_backend(b"EHLO %s\r\n" % self._host)
+                self._go(Input.PROXY_EHLO)
+            else:
+                self._greeted(reply)
+        elif self.state is State.XCLIENT_EHLO:
+            _require_2xx(reply, "backend refused the proxy's EHLO")
+            offered = [t.split()[1:] for t in reply.texts[1:] if _keyword(t) == b"XCLIENT"]
+            if not offered or not offered[0]:
+                raise ProtocolViolation("backend does not offer XCLIENT to the proxy")
+            self._send_backend(self._xclient({name.upper() for name in offered[0]}))
+            self._go(Input.PROXY_XCLIENT)
+        elif self.state is State.XCLIENT_REPLY:
+            _require_2xx(reply, "backend refused XCLIENT")
+            self._greeted(reply)
+        elif self.state is State.REPLAY_HELO:
+            _require_2xx(reply, "backend refused the replayed HELO")
+            self._ready()
+        elif self.state in (State.RELAY, State.DATA_PENDING, State.DATA_BODY, State.BDAT_CHUNK):
+            self._relay_reply(reply)
+        else:
+            raise ProtocolViolation(f"backend reply in state {self.state.name}")
+
+    def _xclient(self, offered: set[bytes]) -> bytes:
+        """The XCLIENT command, with the attributes the backend lists."""
+        address = self.peer.client_address.encode()
+        attributes = [
+            (b"ADDR", b"IPV6:" + address if b":" in address else address),
+            (b"PORT", b"%d" % self.peer.client_port),
+        ]
+        if self._helo is not None:
+            verb, name = self._helo
+            attributes += [(b"PROTO", b"ESMTP" if verb == b"EHLO" else b"SMTP"), (b"HELO", name)]
+        attributes.append((b"NAME", b"[UNAVAILABLE]"))
+        fields = [b"%s=%s" % (key, xtext(value)) for key, value in attributes if key in offered]
+        return b"XCLIENT %s\r\n" % b" ".join(fields)
+
+    def _greeted(self, greeting: Reply) -> None:
+        """The backend greeted its final client: the proxy."""
+        if self.settings.tls_mode is TLSMode.IMPLICIT:
+            # The client has not been greeted yet.
+            self._outbox.push(SendToClient(greeting.raw))
+        if not self._tls and self._helo is not None:
+            verb, name = self._helo
+            self._send_backend(b"%s %s\r\n" % (verb, name))
+            self._go(Input.REPLAY_HELO)
+        else:
+            self._ready()
+
+    def _ready(self) -> None:
+        self._go(Input.BACKEND_READY)
+        self._pump_client()
+
+    def _relay_reply(self, reply: Reply) -> None:
+        if not self._owed:
+            raise ProtocolViolation(f"unsolicited reply from backend: {reply.text}")
+        owed = self._owed.popleft()
+        if owed.verb == b"EHLO" and reply.code == 250:
+            texts = reply.texts
+            relayed = _multiline(b"250", [texts[0], *_advertised(texts[1:], auth=self._tls)])
+            self._outbox.push(SendToClient(relayed))
+        else:
+            self._outbox.push(SendToClient(reply.raw))
+        if owed.verb == b"QUIT":
+            self._end("client quit", clean=True)
+            return
+        for local in owed.then:
+            self._outbox.push(SendToClient(local))
+        if owed.verb == b"DATA":
+            if reply.code == 354:
+                self._body_tail, self._body_virtual = _CRLF, len(_CRLF)
+                self._go(Input.DATA_ACCEPTED)
+            else:
+                self._go(Input.DATA_REFUSED)
+            self._pump_client()
+
+
+class SMTPCapabilityProbe(CapabilityProbe):
+    """Reads the greeting, sends EHLO, keeps its extension lines, says QUIT."""
+
+    def __init__(self, hostname: str) -> None:
+        super().__init__(hostname)
+        self._replies = ReplyReader(SessionSettings.max_reply_line_length)
+        self._greeted = False
+        self._send: bytes | None = None
+
+    def receive_data(self, data: bytes) -> None:
+        self._replies.feed(data)
+        try:
+            while self.result is None and self.error is None:
+                reply = self._replies.pop()
+                if reply is None:
+                    return
+                self._reply(reply)
+        except ProtocolViolation as violation:
+            self.error = str(violation)
+
+    def _reply(self, reply: Reply) -> None:
+        if not self._greeted:
+            _require_2xx(reply, "backend refused the session")
+            self._greeted = True
+            self._send = b"EHLO %s\r\n" % self.hostname.encode()
+        else:
+            _require_2xx(reply, "backend refused EHLO")
+            # The first line names the server; the others are extensions.
+            self.result = tuple(text.decode("utf-8", "replace") for text in reply.texts[1:])
+            self._send = b"QUIT\r\n"
+
+    def next_send(self) -> bytes | None:
+        send, self._send = self._send, None
+        return send
