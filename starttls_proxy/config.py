@@ -1,0 +1,267 @@
+"""The YAML configuration: one frozen pydantic model tree and one loader.
+
+Everything is resolved at load time (addresses parsed, protocol defaults
+filled in) so the rest of the program never looks at raw strings. Problems
+are reported one per line, each naming its YAML path
+(``listeners[0].backend.address: ...``).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from protocols import PROTOCOLS
+from protocols._base import BackendIdentity, BareLineEndings, TLSMode
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` holds one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Protocol(enum.Enum):
+    SMTP = "smtp"
+    IMAP = "imap"
+    POP3 = "pop3"
+    XMPP_CLIENT = "xmpp-client"
+    XMPP_SERVER = "xmpp-server"
+
+
+#: Identities each protocol can carry in-band, beyond the PROXY headers that
+#: work for all of them.
+IN_BAND_IDENTITIES: dict[Protocol, frozenset[BackendIdentity]] = {
+    Protocol.SMTP: frozenset({BackendIdentity.XCLIENT}),
+}
+
+#: Session idle timeouts per protocol, in seconds. SMTP: RFC 5321 section
+#: 4.5.3.2.7 (5 minutes server timeout); IMAP: RFC 9051 section 5.4 (autologout
+#: no less than 30 minutes, IDLE sessions live for hours); POP3: RFC 1939
+#: section 3 (10 minutes); XMPP: whitespace keepalives are typically sent every
+#: few minutes, 15 minutes leaves room.
+DEFAULT_SESSION_IDLE: dict[Protocol, float] = {
+    Protocol.SMTP: 300.0,
+    Protocol.IMAP: 1800.0,
+    Protocol.POP3: 600.0,
+    Protocol.XMPP_CLIENT: 900.0,
+    Protocol.XMPP_SERVER: 900.0,
+}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SocketAddress(_Model):
+    """A TCP ``host:port`` / ``[v6]:port`` or a ``unix:/path`` address."""
+
+    host: str = ""
+    port: int = 0
+    #: Set for ``unix:/path`` addresses, which have no host and port.
+    unix_path: str | None = None
+
+    @classmethod
+    def parse(cls, text: str, *, allow_unix: bool) -> SocketAddress:
+        if text.startswith("unix:"):
+            if not allow_unix:
+                raise ValueError("unix sockets are not supported here")
+            path = text.removeprefix("unix:")
+            if not path.startswith("/"):
+                raise ValueError(f"unix socket path must be absolute: {text!r}")
+            return cls(unix_path=path)
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected host:port or [v6]:port, got {text!r}")
+        if host.startswith("["):
+            if not host.endswith("]"):
+                raise ValueError(f"unbalanced brackets in {text!r}")
+            host = host[1:-1]
+            ipaddress.IPv6Address(host)
+        elif ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets: [{host}]:{port_text}")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"port must be 1-65535, got {port_text!r}")
+        return cls(host=host, port=int(port_text))
+
+    def __str__(self) -> str:
+        if self.unix_path is not None:
+            return f"unix:{self.unix_path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+class BackendConfig(_Model):
+    #: Where decrypted sessions go: ``host:port`` or ``unix:/path``.
+    address: SocketAddress
+    #: How the backend learns the client's address and TLS status.
+    identity: BackendIdentity = BackendIdentity.NONE
+    #: Seconds between capability probes (the pre-TLS EHLO/CAPABILITY/CAPA
+    #: lists are the backend's real ones).
+    probe_interval: Annotated[float, Field(gt=0)] = 300.0
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _parse_address(cls, value: object) -> object:
+        return SocketAddress.parse(value, allow_unix=True) if isinstance(value, str) else value
+
+
+class Timeouts(_Model):
+    """Seconds. Every wait the proxy does on the network is bounded."""
+
+    #: A client that says nothing for this long before TLS is dropped.
+    pre_tls_idle: Annotated[float, Field(gt=0)] = 300.0
+    #: The whole TLS handshake, enforced by the worker and by the main process.
+    handshake: Annotated[float, Field(gt=0)] = 30.0
+    #: Connecting the backend and getting through its greeting.
+    backend_connect: Annotated[float, Field(gt=0)] = 10.0
+    #: A relayed session with no traffic either way; ``null`` = protocol default.
+    session_idle: Annotated[float, Field(gt=0)] | None = None
+
+
+class Limits(_Model):
+    #: Concurrent connections on this listener; beyond it clients get the
+    #: protocol's "too busy" reply.
+    max_connections: Annotated[int, Field(gt=0)] = 1000
+    #: Longest command line from a client, CRLF included (Postfix's
+    #: line_length_limit is 2048; RFC 5321 section 4.5.3.1.4 allows 512 plus
+    #: extension parameters).
+    max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] = 2048
+
+
+class SMTPOptions(_Model):
+    #: Bare CR or LF inside DATA: ``reject`` (as Postfix 3.9, against SMTP
+    #: smuggling) or ``allow``.
+    bare_line_endings: BareLineEndings = BareLineEndings.REJECT
+
+
+class ListenerConfig(_Model):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    protocol: Protocol
+    listen: SocketAddress
+    tls: TLSMode = TLSMode.STARTTLS
+    require_tls: bool = True
+    backend: BackendConfig
+    #: Name used in the proxy's own greetings; default: this machine's name.
+    hostname: str = Field(default_factory=socket.gethostname)
+    #: Overrides the probed backend capabilities (EHLO keywords for SMTP).
+    capabilities: tuple[str, ...] | None = None
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
+    smtp: SMTPOptions = SMTPOptions()
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _parse_listen(cls, value: object) -> object:
+        return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
+
+    @field_validator("protocol")
+    @classmethod
+    def _implemented(cls, value: Protocol) -> Protocol:
+        if value.value not in PROTOCOLS:
+            raise ValueError(f"protocol {value.value!r} is not implemented in this version")
+        return value
+
+    @model_validator(mode="after")
+    def _check_identity(self) -> ListenerConfig:
+        identity = self.backend.identity
+        proxy_headers = {BackendIdentity.NONE, BackendIdentity.PROXY_V1, BackendIdentity.PROXY_V2}
+        if identity not in proxy_headers | IN_BAND_IDENTITIES.get(self.protocol, frozenset()):
+            raise ValueError(
+                f"backend.identity {identity.value!r} is not available for {self.protocol.value}"
+            )
+        return self
+
+    @property
+    def session_idle(self) -> float:
+        return self.timeouts.session_idle or DEFAULT_SESSION_IDLE[self.protocol]
+
+
+class CertificateConfig(_Model):
+    #: PEM chain, leaf first.
+    cert: Path
+    #: PEM private key matching the leaf. Only the TLS helper process reads it.
+    key: Path
+
+
+class TLSConfig(_Model):
+    #: The first certificate is the default; the others are chosen by SNI.
+    certificates: Annotated[list[CertificateConfig], Field(min_length=1)]
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class MetricsConfig(_Model):
+    #: ``host:port`` serving ``/metrics`` for Prometheus; ``null`` = off.
+    listen: SocketAddress | None = None
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _parse_listen(cls, value: object) -> object:
+        return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
+
+
+class Config(_Model):
+    tls: TLSConfig
+    listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _unique_listeners(self) -> Config:
+        seen_names: set[str] = set()
+        seen_addresses: set[str] = set()
+        for listener in self.listeners:
+            if listener.name in seen_names:
+                raise ValueError(f"listener name {listener.name!r} is used twice")
+            if str(listener.listen) in seen_addresses:
+                raise ValueError(f"listen address {listener.listen} is used twice")
+            seen_names.add(listener.name)
+            seen_addresses.add(str(listener.listen))
+        return self
+
+
+def _yaml_path(location: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in location:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
+    return path or "(top level)"
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ``ConfigError`` listing every problem.
+
+    Relative certificate paths are resolved against the config file's folder.
+    """
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except yaml.YAMLError as error:
+        raise ConfigError([f"{path}: not valid YAML: {error}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: expected a mapping at the top level"])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError([f"{_yaml_path(e['loc'])}: {e['msg']}" for e in error.errors()]) from None
+    base = path.parent
+    certificates = [
+        CertificateConfig(cert=base / c.cert, key=base / c.key) for c in config.tls.certificates
+    ]
+    return config.model_copy(
+        update={"tls": config.tls.model_copy(update={"certificates": certificates})}
+    )

@@ -1,0 +1,157 @@
+"""Configuration loading, ``--check``, and the example file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from starttls_proxy.cli import main
+from starttls_proxy.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def _minimal(cert_dir: Path, **listener: object) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "name": "smtp",
+        "protocol": "smtp",
+        "listen": "127.0.0.1:2525",
+        "backend": {"address": "127.0.0.1:10025"},
+    }
+    entry.update(listener)
+    return {
+        "tls": {
+            "certificates": [{"cert": str(cert_dir / "cert.pem"), "key": str(cert_dir / "key.pem")}]
+        },
+        "listeners": [entry],
+    }
+
+
+def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, yaml.safe_dump(_minimal(cert_dir))))
+    listener = config.listeners[0]
+    assert listener.require_tls is True
+    assert listener.tls.value == "starttls"
+    assert listener.backend.identity.value == "none"
+    assert listener.session_idle == 300.0
+    assert listener.limits.max_line_length == 2048
+    assert str(listener.listen) == "127.0.0.1:2525"
+
+
+@pytest.mark.parametrize(
+    ("listener", "expected"),
+    [
+        (
+            {"backend": {"address": "nohost"}},
+            "listeners[0].backend.address: Value error, expected host:port",
+        ),
+        ({"listen": "::1:25"}, "listeners[0].listen: Value error, IPv6 addresses need brackets"),
+        ({"listen": "127.0.0.1:99999"}, "listeners[0].listen: Value error, port must be 1-65535"),
+        ({"protocol": "gopher"}, "listeners[0].protocol: Input should be"),
+        ({"tls": "sometimes"}, "listeners[0].tls: Input should be 'starttls' or 'implicit'"),
+        ({"surprise": 1}, "listeners[0].surprise: Extra inputs are not permitted"),
+        (
+            {"backend": {"address": "unix:relative"}},
+            "listeners[0].backend.address: Value error, unix socket path must be absolute",
+        ),
+        (
+            {"limits": {"max_line_length": 10}},
+            "listeners[0].limits.max_line_length: Input should be greater than or equal to 512",
+        ),
+    ],
+)
+def test_problems_name_their_yaml_path(
+    cert_dir: Path, tmp_path: Path, listener: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, yaml.safe_dump(_minimal(cert_dir, **listener))))
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value
+
+
+def test_unix_and_ipv6_addresses(cert_dir: Path, tmp_path: Path) -> None:
+    raw = _minimal(cert_dir, listen="[::1]:2525", backend={"address": "unix:/run/postfix.sock"})
+    listener = load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners[0]
+    assert (listener.listen.host, listener.listen.port) == ("::1", 2525)
+    assert listener.backend.address.unix_path == "/run/postfix.sock"
+
+
+def test_xclient_only_for_smtp_and_duplicates_refused(cert_dir: Path, tmp_path: Path) -> None:
+    raw = _minimal(cert_dir)
+    listeners = raw["listeners"]
+    assert isinstance(listeners, list)
+    listeners.append(dict(listeners[0]))
+    with pytest.raises(ConfigError, match="listener name 'smtp' is used twice"):
+        load_config(_write(tmp_path, yaml.safe_dump(raw)))
+
+
+def test_check_reports_mismatched_pair(
+    cert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = _minimal(cert_dir)
+    raw["tls"] = {
+        "certificates": [
+            {"cert": str(cert_dir / "cert.pem"), "key": str(cert_dir / "other-key.pem")}
+        ]
+    }
+    path = _write(tmp_path, yaml.safe_dump(raw))
+    assert main(["--config", str(path), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "tls.certificates[0].key: does not match the certificate" in err[0]
+
+
+def test_check_passes_on_a_good_config(
+    cert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _write(tmp_path, yaml.safe_dump(_minimal(cert_dir)))
+    assert main(["--config", str(path), "--check"]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: OK"
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path / "absent.yaml"), "--check"]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("listeners: [\n")
+    assert main(["--config", str(bad), "--check"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_example_config_checks_as_shipped(tmp_path: Path) -> None:
+    """config.example.yaml, with the certificate the run script generates."""
+    shutil.copy(ROOT / "config.example.yaml", tmp_path / "config.yaml")
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make-example-cert.py"),
+            str(tmp_path / "example-certs"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "starttls_proxy",
+            "--config",
+            str(tmp_path / "config.yaml"),
+            "--check",
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
