@@ -1,0 +1,151 @@
+"""TLS server contexts: certificates loaded, checked and chosen by SNI.
+
+Only the TLS helper process (and ``--check``) calls this module: the main
+process never reads a private key.
+
+Policy: TLS 1.2 or newer, forward secrecy only (ECDHE suites for TLS 1.2; TLS
+1.3 suites are all ephemeral), key shares X25519 and P-256, RSA or ECDSA
+certificates, no compression, no renegotiation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl
+
+from starttls_proxy.config import ConfigError, TLSConfig
+
+TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+KEY_SHARE_GROUPS = b"X25519:P-256"
+_MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+
+@dataclass(frozen=True)
+class LoadedCertificate:
+    context: SSL.Context
+    #: DNS names the leaf is valid for (SAN, or CN when there is no SAN).
+    names: tuple[str, ...]
+    not_after: datetime
+    serial: int
+
+
+def _new_context(min_version: str) -> SSL.Context:
+    context = SSL.Context(SSL.TLS_SERVER_METHOD)
+    context.set_min_proto_version(_MIN_VERSIONS[min_version])
+    context.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
+    )
+    context.set_cipher_list(TLS12_CIPHERS)
+    # pyOpenSSL only exposes a single ECDH curve; the group list needs the
+    # binding underneath it.
+    if not _openssl.SSL_CTX_set1_curves_list(context._context, KEY_SHARE_GROUPS):
+        raise RuntimeError("OpenSSL refused the key share groups")
+    # Workers are single-use processes: a server-side session cache would die
+    # with each one. Tickets (keys shared through the helper) still resume.
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    return context
+
+
+def _names(leaf: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        common = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return tuple(str(attribute.value).lower() for attribute in common)
+
+
+def load_certificate(cert: Path, key: Path, min_version: str, where: str) -> LoadedCertificate:
+    """Load one certificate and its key; refuse a pair that does not match."""
+    problems: list[str] = []
+    for label, path in (("cert", cert), ("key", key)):
+        if not path.is_file():
+            problems.append(f"{where}.{label}: file not found: {path}")
+    if problems:
+        raise ConfigError(problems)
+    context = _new_context(min_version)
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+        context.use_certificate_chain_file(str(cert))
+    except (ValueError, SSL.Error, OSError) as error:
+        raise ConfigError([f"{where}.cert: not a PEM certificate chain: {error}"]) from None
+    try:
+        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise ConfigError([f"{where}.key: not a usable PEM private key: {error}"]) from None
+    if not isinstance(private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError([f"{where}.key: only RSA and ECDSA keys are supported"])
+    try:
+        # The same failsafe as `sslmate download`: never serve a pair that
+        # does not belong together.
+        context.use_privatekey(private_key)
+        context.check_privatekey()
+    except SSL.Error:
+        raise ConfigError(
+            [f"{where}.key: does not match the certificate {cert} (refusing the pair)"]
+        ) from None
+    return LoadedCertificate(
+        context=context,
+        names=_names(leaf),
+        not_after=leaf.not_valid_after_utc,
+        serial=leaf.serial_number,
+    )
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    if pattern == name:
+        return True
+    # RFC 6125 section 6.4.3: a wildcard stands for exactly one left-most label.
+    if pattern.startswith("*."):
+        head, _, rest = name.partition(".")
+        return bool(head) and rest == pattern[2:]
+    return False
+
+
+class CertificateStore:
+    """All configured certificates; the first is the default."""
+
+    def __init__(self, certificates: list[LoadedCertificate]) -> None:
+        self.certificates = certificates
+        self.default = certificates[0].context
+        self.default.set_tlsext_servername_callback(self._on_server_name)
+
+    def context_for(self, server_name: str | None) -> SSL.Context:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            for certificate in self.certificates:
+                if any(_name_matches(pattern, name) for pattern in certificate.names):
+                    return certificate.context
+        return self.default
+
+    def _on_server_name(self, connection: SSL.Connection) -> None:
+        raw = connection.get_servername()
+        name = raw.decode("ascii", "replace") if raw else None
+        context = self.context_for(name)
+        if context is not connection.get_context():
+            connection.set_context(context)
+
+
+def load_certificates(tls: TLSConfig) -> CertificateStore:
+    """Load every configured certificate, collecting all problems at once."""
+    loaded: list[LoadedCertificate] = []
+    problems: list[str] = []
+    for index, entry in enumerate(tls.certificates):
+        try:
+            loaded.append(
+                load_certificate(
+                    entry.cert, entry.key, tls.min_version, f"tls.certificates[{index}]"
+                )
+            )
+        except ConfigError as error:
+            problems.extend(error.problems)
+    if problems:
+        raise ConfigError(problems)
+    return CertificateStore(loaded)

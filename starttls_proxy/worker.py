@@ -1,0 +1,280 @@
+"""The TLS worker: one single-use process per connection.
+
+It is forked by the TLS helper (``zygote``) with exactly two descriptors: the
+client's TCP socket and its end of a plaintext channel to the main process.
+It does the handshake, sends one *report* frame on the channel (a 4-byte
+length and a JSON object: the TLS version, cipher and SNI, or the failure),
+then pumps decrypted bytes both ways until one side closes, and exits.
+
+TLS runs over memory BIOs (as mitmproxy's TLS layer does), so ``TLSPump``
+is a pure object that tests can drive without sockets; ``run`` adds the
+poll loop. Buffers are bounded in both directions: a side is only read
+while the other side's outgoing buffer has room.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import time
+import traceback
+
+from OpenSSL import SSL
+
+from protocols._base import TLSInfo
+from starttls_proxy.wire import (
+    EXIT_CLIENT_GONE,
+    EXIT_HANDSHAKE_FAILED,
+    EXIT_NOT_TLS,
+    EXIT_OK,
+    EXIT_TLS_ERROR,
+    SpawnRequest,
+    failure_report,
+    handshake_report,
+)
+
+#: Each direction buffers at most this much before the worker stops reading
+#: the other side (back pressure instead of unbounded memory).
+BUFFER_LIMIT = 256 * 1024
+READ_SIZE = 64 * 1024
+#: How long a closing worker waits for the client's FIN after its own.
+LINGER_TIMEOUT = 2.0
+#: First byte of a TLS handshake record (RFC 8446 section 5.1, ContentType 22).
+TLS_HANDSHAKE_RECORD = 0x16
+
+
+class TLSPump:
+    """A TLS server connection fed with ciphertext, producing plaintext."""
+
+    def __init__(self, context: SSL.Context) -> None:
+        self.connection = SSL.Connection(context, None)
+        self.connection.set_accept_state()
+        self.handshake_done = False
+        #: The client sent close_notify.
+        self.closed_by_client = False
+
+    def receive_ciphertext(self, data: bytes) -> bytes:
+        """Feed client bytes; return the plaintext they carried (possibly empty).
+
+        Raises ``SSL.Error`` when the client breaks the protocol.
+        """
+        if data:
+            self.connection.bio_write(data)
+        if not self.handshake_done:
+            try:
+                self.connection.do_handshake()
+            except SSL.WantReadError:
+                return b""
+            self.handshake_done = True
+        plaintext = bytearray()
+        while True:
+            try:
+                plaintext += self.connection.recv(READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed_by_client = True
+                break
+        return bytes(plaintext)
+
+    def send_plaintext(self, data: bytes) -> None:
+        self.connection.sendall(data)
+
+    def close(self) -> None:
+        """Queue close_notify (RFC 8446 section 6.1)."""
+        with contextlib.suppress(SSL.Error):
+            self.connection.shutdown()
+
+    def take_ciphertext(self) -> bytes:
+        """Everything OpenSSL wants sent to the client right now."""
+        out = bytearray()
+        while True:
+            try:
+                out += self.connection.bio_read(READ_SIZE)
+            except SSL.WantReadError:
+                return bytes(out)
+
+    def info(self) -> TLSInfo:
+        name = self.connection.get_servername()
+        alpn = self.connection.get_alpn_proto_negotiated()
+        return TLSInfo(
+            version=self.connection.get_protocol_version_name(),
+            cipher=self.connection.get_cipher_name() or "",
+            server_name=name.decode("ascii", "replace") if name else None,
+            alpn=alpn.decode("ascii", "replace") if alpn else None,
+        )
+
+
+class _Side:
+    """One socket of the pump with its outgoing buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.outgoing = bytearray()
+        self.eof = False
+
+    def flush(self) -> None:
+        try:
+            sent = self.sock.send(self.outgoing)
+        except BlockingIOError:
+            return
+        del self.outgoing[:sent]
+
+
+def _send_all_blocking(sock: socket.socket, data: bytes) -> None:
+    sock.setblocking(True)
+    sock.sendall(data)
+    sock.setblocking(False)
+
+
+class _HandshakeError(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _handshake(client: socket.socket, pump: TLSPump, early: bytes) -> bytes:
+    """Run the handshake; return the plaintext that came with its last flight.
+
+    ``early`` are client bytes the main process read before the handoff.
+    Raises ``_HandshakeError``.
+    """
+    first = True
+    while True:
+        if early:
+            data, early = early, b""
+        else:
+            select.select([client], [], [])
+            try:
+                data = client.recv(READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                raise _HandshakeError(EXIT_CLIENT_GONE, f"client socket error: {error}") from None
+        if not data:
+            raise _HandshakeError(EXIT_CLIENT_GONE, "client closed during the handshake")
+        if first and data[0] != TLS_HANDSHAKE_RECORD:
+            # Plaintext after the upgrade reply: a pipelining client or an
+            # injection attempt (CVE-2011-0411 class). Never interpret it.
+            raise _HandshakeError(
+                EXIT_NOT_TLS, f"plaintext after the TLS upgrade ({len(data)} bytes)"
+            )
+        first = False
+        try:
+            plaintext = pump.receive_ciphertext(data)
+        except SSL.Error as error:
+            with contextlib.suppress(OSError):
+                _send_all_blocking(client, pump.take_ciphertext())  # the alert
+            raise _HandshakeError(EXIT_HANDSHAKE_FAILED, f"handshake failed: {error}") from None
+        _send_all_blocking(client, pump.take_ciphertext())
+        if pump.handshake_done:
+            return plaintext
+
+
+def run(
+    client: socket.socket, channel: socket.socket, context: SSL.Context, early: bytes = b""
+) -> int:
+    """Serve one connection; return the process exit status."""
+    client.setblocking(False)
+    channel.setblocking(False)
+    pump = TLSPump(context)
+    try:
+        first_plaintext = _handshake(client, pump, early)
+    except _HandshakeError as failure:
+        _send_all_blocking(channel, failure_report(failure.reason))
+        return failure.status
+    signal.alarm(0)  # the handshake deadline no longer applies
+    _send_all_blocking(channel, handshake_report(pump.info()) + first_plaintext)
+    return _pump(_Side(client), _Side(channel), pump)
+
+
+def _pump(client: _Side, channel: _Side, pump: TLSPump) -> int:
+    while True:
+        if pump.closed_by_client:
+            client.eof = True
+        if client.eof and not channel.outgoing:
+            return EXIT_OK
+        if channel.eof and not client.outgoing:
+            _linger(client.sock)
+            return EXIT_OK
+        poller = select.poll()
+        for side, other in ((client, channel), (channel, client)):
+            mask = 0
+            if not side.eof and len(other.outgoing) < BUFFER_LIMIT:
+                mask |= select.POLLIN
+            if side.outgoing:
+                mask |= select.POLLOUT
+            # A side with nothing to wait for stays out of the poll set, or
+            # its lasting POLLHUP would make the loop spin.
+            if mask:
+                poller.register(side.sock, mask)
+        for fd, events in poller.poll():
+            side = client if fd == client.sock.fileno() else channel
+            if events & (select.POLLOUT | select.POLLERR | select.POLLHUP) and side.outgoing:
+                try:
+                    side.flush()
+                except OSError:
+                    return EXIT_CLIENT_GONE if side is client else EXIT_OK
+            if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not side.eof:
+                status = _read(side, client, channel, pump)
+                if status is not None:
+                    return status
+
+
+def _linger(sock: socket.socket) -> None:
+    """FIN, then read until the client's (see ``Endpoint.close_lingering``)."""
+    deadline = time.monotonic() + LINGER_TIMEOUT
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not select.select([sock], [], [], remaining)[0] or not sock.recv(READ_SIZE):
+                return
+
+
+def _read(side: _Side, client: _Side, channel: _Side, pump: TLSPump) -> int | None:
+    try:
+        data = side.sock.recv(READ_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:
+        data = b""
+    if side is client:
+        if not data:
+            client.eof = True
+            return None
+        try:
+            channel.outgoing += pump.receive_ciphertext(data)
+        except SSL.Error:
+            return EXIT_TLS_ERROR
+        client.outgoing += pump.take_ciphertext()
+    elif data:
+        pump.send_plaintext(data)
+        client.outgoing += pump.take_ciphertext()
+    else:
+        channel.eof = True
+        pump.close()
+        client.outgoing += pump.take_ciphertext()
+    return None
+
+
+def main(client_fd: int, channel_fd: int, context: SSL.Context, request: SpawnRequest) -> None:
+    """Entry point in the forked child; never returns."""
+    status = EXIT_TLS_ERROR
+    try:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        # Default action of SIGALRM terminates the process: a client cannot
+        # stretch the handshake by trickling bytes.
+        signal.alarm(max(1, round(request.handshake_timeout)))
+        client = socket.socket(fileno=client_fd)
+        channel = socket.socket(fileno=channel_fd)
+        status = run(client, channel, context, request.early)
+    except BaseException:
+        # Last words of a crashed worker go to the helper's stderr (the
+        # proxy's log); the main process only sees the channel close.
+        traceback.print_exc()
+    finally:
+        os._exit(status)
