@@ -1,0 +1,1 @@
+"""starttls-proxy: a STARTTLS terminator with one isolated TLS process per connection."""

@@ -1,0 +1,467 @@
+"""The connection driver: one ``Session`` per accepted client.
+
+It is the only place where a protocol machine meets real transports (as
+uvicorn's ``H11Protocol`` drives h11). Transport callbacks feed the machine;
+every command the machine returns is one transport action. There is no
+parsing here.
+
+A session's client side changes once: before TLS it is the accepted TCP
+socket; at ``StartTLS`` the socket is handed to a TLS worker and from then on
+the client side is the worker's plaintext channel, whose first bytes are the
+worker's handshake report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, cast
+
+from protocols._base import (
+    CloseConnection,
+    OpenBackend,
+    Peer,
+    SendToBackend,
+    SendToClient,
+    Side,
+    StartTLS,
+    TLSInfo,
+)
+from starttls_proxy import identity, metrics
+from starttls_proxy.handoff import HandoffError
+from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER
+
+if TYPE_CHECKING:
+    from starttls_proxy.server import ListenerRuntime
+
+log = logging.getLogger(__name__)
+
+#: Client bytes the machine may hold uninterpreted (waiting for a backend
+#: reply) before the driver stops reading from the client.
+HOLD_LIMIT = 64 * 1024
+#: How long the upgrade reply may take to leave before the handoff gives up.
+FLUSH_TIMEOUT = 5.0
+#: How long a closing client connection waits for the client's FIN.
+LINGER_TIMEOUT = 2.0
+#: The main process waits this much longer than the worker's own deadline.
+HANDSHAKE_GRACE = 2.0
+
+
+class Phase(enum.Enum):
+    #: Talking plaintext with the client, answered by the proxy itself.
+    PRE_TLS = "plaintext"
+    #: The client socket is with a worker; waiting for its report.
+    HANDSHAKE = "handshake"
+    #: Relaying a TLS session through the worker.
+    TLS = "tls"
+    #: Relaying a plaintext session (``require_tls: false``).
+    PLAINTEXT_RELAY = "plaintext-relay"
+    CLOSED = "closed"
+
+
+class Endpoint(asyncio.Protocol):
+    """Forwards one transport's callbacks to its session."""
+
+    def __init__(self, session: Session | None, side: Side) -> None:
+        #: ``None`` only for a client connection refused before its session.
+        self.session = session
+        self.side = side
+        self.transport: asyncio.Transport | None = None
+        #: While not ``None``, received bytes are kept here instead of going
+        #: to the session: a backend's greeting until the machine knows the
+        #: backend is connected; a client's first TLS bytes read between
+        #: the upgrade and the handoff (they travel to the worker). Holding
+        #: beats pause_reading(), which uvloop ignores inside connection_made.
+        self.held: bytearray | None = bytearray() if side is Side.BACKEND else None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is not None:
+            self.held += data
+        elif self.session is not None:
+            self.session.data_received(self.side, data)
+
+    def close_lingering(self) -> None:
+        """Send what is queued and a FIN, then wait a little for the peer's.
+
+        Closing a socket that still has unread input sends a RST, and a RST
+        can destroy the final reply before the client reads it.
+        """
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
+
+    def release(self) -> None:
+        """Deliver what was held and stop holding."""
+        held, self.held = self.held, None
+        if held and self.session is not None:
+            self.session.data_received(self.side, bytes(held))
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.connection_lost(self)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.set_write_paused(self.side, True)
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.set_write_paused(self.side, False)
+
+
+class ChannelEndpoint(Endpoint):
+    """The worker's plaintext channel: a report frame, then client bytes."""
+
+    def __init__(self, session: Session) -> None:
+        super().__init__(session, Side.CLIENT)
+        self._report: bytearray | None = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.session is not None
+        if self._report is None:
+            self.session.data_received(Side.CLIENT, data)
+            return
+        self._report += data
+        if len(self._report) < REPORT_HEADER.size:
+            return
+        (size,) = REPORT_HEADER.unpack_from(self._report)
+        if size > MAX_REPORT_SIZE:
+            self.session.close("malformed report from the TLS worker")
+            return
+        end = REPORT_HEADER.size + size
+        if len(self._report) < end:
+            return
+        report, rest = bytes(self._report[REPORT_HEADER.size : end]), bytes(self._report[end:])
+        self._report = None
+        self.session.tls_report(json.loads(report), self)
+        if rest:
+            self.session.data_received(Side.CLIENT, rest)
+
+
+class Session:
+    def __init__(self, runtime: ListenerRuntime, endpoint: Endpoint) -> None:
+        assert endpoint.transport is not None
+        self.runtime = runtime
+        self.loop = asyncio.get_running_loop()
+        self.started = time.monotonic()
+        transport = endpoint.transport
+        client_host, client_port = transport.get_extra_info("peername")[:2]
+        local_host, local_port = transport.get_extra_info("sockname")[:2]
+        self.peer = Peer(client_host, client_port, local_host, local_port)
+        self.machine = runtime.new_machine(self.peer)
+        self.phase = Phase.PRE_TLS
+        self.client: Endpoint | None = endpoint
+        self.backend: Endpoint | None = None
+        self.tls: TLSInfo | None = None
+        self.bytes_from_client = 0
+        self.bytes_from_backend = 0
+        self._write_paused = {Side.CLIENT: False, Side.BACKEND: False}
+        self._reading = {Side.CLIENT: True, Side.BACKEND: True}
+        self._last_activity = self.loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: The worker's channel until its report makes it the client side.
+        self._pending_channel: Endpoint | None = None
+        self.outcome = "open"
+        runtime.sessions.add(self)
+        self._arm_timer()
+        self._run_commands()
+
+    # ------------------------------------------------------------------
+    # Inputs from transports.
+
+    def data_received(self, side: Side, data: bytes) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self._last_activity = self.loop.time()
+        if side is Side.CLIENT:
+            self.bytes_from_client += len(data)
+        else:
+            self.bytes_from_backend += len(data)
+        self.machine.receive_data(side, data)
+        self._run_commands()
+
+    def connection_lost(self, endpoint: Endpoint) -> None:
+        if self.phase is Phase.HANDSHAKE and endpoint is self._pending_channel:
+            # Killed by its handshake deadline, or crashed.
+            self.close("the TLS worker ended without a handshake report")
+            return
+        if self.phase is Phase.CLOSED or endpoint not in (self.client, self.backend):
+            return
+        self.machine.receive_eof(endpoint.side)
+        self._run_commands()
+
+    def set_write_paused(self, side: Side, paused: bool) -> None:
+        self._write_paused[side] = paused
+        self._update_reading()
+
+    def tls_report(self, report: dict[str, object], channel: ChannelEndpoint) -> None:
+        if self.phase is not Phase.HANDSHAKE:
+            return
+        labels = (self.runtime.config.name, self.runtime.config.protocol.value)
+        if not report.get("ok"):
+            metrics.HANDSHAKES.labels(*labels, "failed").inc()
+            self.close(f"TLS handshake failed: {report.get('reason')}")
+            return
+        metrics.HANDSHAKES.labels(*labels, "ok").inc()
+        self.tls = TLSInfo(
+            version=str(report["version"]),
+            cipher=str(report["cipher"]),
+            server_name=str(report["server_name"]) if report.get("server_name") else None,
+            alpn=str(report["alpn"]) if report.get("alpn") else None,
+        )
+        self.client = channel
+        self.phase = Phase.TLS
+        self.machine.tls_established(self.tls)
+        self._run_commands()
+
+    # ------------------------------------------------------------------
+    # Carrying out the machine's commands.
+
+    def _run_commands(self) -> None:
+        while self.phase is not Phase.CLOSED:
+            command = self.machine.next_command()
+            if command is None:
+                break
+            match command:
+                case SendToClient(data):
+                    assert self.client is not None and self.client.transport is not None
+                    self.client.transport.write(data)
+                case SendToBackend(data):
+                    assert self.backend is not None and self.backend.transport is not None
+                    self.backend.transport.write(data)
+                case OpenBackend():
+                    if self.phase is Phase.PRE_TLS:
+                        self.phase = Phase.PLAINTEXT_RELAY
+                    self._start_task(self._open_backend())
+                case StartTLS(discarded):
+                    self._start_tls(discarded)
+                case CloseConnection(reason, clean):
+                    self.close(reason, clean=clean)
+                case _:
+                    raise RuntimeError(f"Unexpected command: {command}")
+        self._update_reading()
+
+    def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _open_backend(self) -> None:
+        config = self.runtime.config
+        address = config.backend.address
+        factory = lambda: Endpoint(self, Side.BACKEND)  # noqa: E731
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(config.timeouts.backend_connect):
+                if address.unix_path is not None:
+                    transport, endpoint = await self.loop.create_unix_connection(
+                        factory, address.unix_path
+                    )
+                else:
+                    transport, endpoint = await self.loop.create_connection(
+                        factory, address.host, address.port
+                    )
+        except (OSError, TimeoutError) as error:
+            metrics.BACKEND_FAILURES.labels(config.name).inc()
+            reason = f"backend {address} unreachable: {error or 'timeout'}"
+            log.warning("%s: %s", config.name, reason)
+            self.machine.backend_failed(reason)
+            self._run_commands()
+            return
+        metrics.BACKEND_CONNECT_SECONDS.labels(config.name).observe(time.monotonic() - started)
+        if self.phase is Phase.CLOSED:
+            transport.close()
+            return
+        self.backend = endpoint
+        header = identity.session_header(config.backend.identity, self.peer, self.tls)
+        if header:
+            transport.write(header)
+        self.machine.backend_connected()
+        self._run_commands()
+        endpoint.release()
+
+    def _start_tls(self, discarded: bytes) -> None:
+        config = self.runtime.config
+        if discarded:
+            metrics.DISCARDED_BYTES.labels(config.name, config.protocol.value).inc(len(discarded))
+            log.warning(
+                "%s: %s:%s sent %d bytes after the TLS upgrade command; discarded",
+                config.name,
+                self.peer.client_address,
+                self.peer.client_port,
+                len(discarded),
+            )
+        endpoint, self.client = self.client, None
+        assert endpoint is not None and endpoint.transport is not None
+        endpoint.held = bytearray()
+        endpoint.transport.pause_reading()
+        self.phase = Phase.HANDSHAKE
+        self._last_activity = self.loop.time()
+        self._arm_timer()
+        self._start_task(self._hand_off(endpoint, endpoint.transport))
+
+    async def _hand_off(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
+        try:
+            async with asyncio.timeout(FLUSH_TIMEOUT):
+                # The upgrade reply must be on the wire before the worker owns
+                # the socket.
+                while transport.get_write_buffer_size():
+                    await asyncio.sleep(0.005)
+        except TimeoutError:
+            transport.abort()
+            self.close("client did not take the TLS upgrade reply")
+            return
+        raw = transport.get_extra_info("socket")
+        client = socket.socket(fileno=os.dup(raw.fileno()))
+        # The duplicate keeps the TCP connection alive: closing the transport
+        # only drops the event loop's descriptor, no FIN is sent.
+        transport.abort()
+        early = bytes(endpoint.held or b"")
+        try:
+            channel = self.runtime.helper.spawn(
+                client, early, self.runtime.config.timeouts.handshake, None
+            )
+        except HandoffError as error:
+            self.close(str(error))
+            return
+        finally:
+            client.close()
+        if self.phase is Phase.CLOSED:
+            channel.close()
+            return
+        _, endpoint = await self.loop.connect_accepted_socket(
+            lambda: ChannelEndpoint(self), sock=channel
+        )
+        # Until the report arrives the channel is not the client side yet, but
+        # closing the session must close it.
+        self._pending_channel = endpoint
+        if self.closed and endpoint.transport is not None:
+            endpoint.transport.close()
+
+    # ------------------------------------------------------------------
+    # Flow control and timers.
+
+    def _update_reading(self) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        wanted = {
+            Side.CLIENT: not self._write_paused[Side.BACKEND]
+            and self.machine.unprocessed_client_bytes < HOLD_LIMIT,
+            Side.BACKEND: not self._write_paused[Side.CLIENT],
+        }
+        for endpoint in (self.client, self.backend):
+            if endpoint is None or endpoint.transport is None:
+                continue
+            if wanted[endpoint.side] != self._reading[endpoint.side]:
+                self._reading[endpoint.side] = wanted[endpoint.side]
+                if wanted[endpoint.side]:
+                    endpoint.transport.resume_reading()
+                else:
+                    endpoint.transport.pause_reading()
+
+    def _timeout(self) -> float:
+        timeouts = self.runtime.config.timeouts
+        if self.phase is Phase.PRE_TLS:
+            return timeouts.pre_tls_idle
+        if self.phase is Phase.HANDSHAKE:
+            return timeouts.handshake + HANDSHAKE_GRACE
+        return self.runtime.config.session_idle
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        deadline = self._last_activity + self._timeout()
+        self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.phase is Phase.CLOSED:
+            return
+        if self.loop.time() < self._last_activity + self._timeout():
+            self._arm_timer()
+            return
+        if self.phase is Phase.HANDSHAKE:
+            self.close("TLS handshake timed out")
+            return
+        self.machine.timed_out()
+        self._run_commands()
+
+    # ------------------------------------------------------------------
+    # The end.
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    def close(self, reason: str, *, clean: bool = False) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.outcome = reason
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.client is not None:
+            self.client.close_lingering()
+        for endpoint in (self.backend, self._pending_channel):
+            if endpoint is not None and endpoint.transport is not None:
+                endpoint.transport.close()
+        self.runtime.sessions.discard(self)
+        config = self.runtime.config
+        metrics.SESSIONS_CLOSED.labels(
+            config.name, config.protocol.value, "clean" if clean else "other"
+        ).inc()
+        log.info(
+            "%s: %s:%s closed after %.3fs: %s; tls=%s cipher=%s sni=%s in=%d out=%d",
+            config.name,
+            self.peer.client_address,
+            self.peer.client_port,
+            time.monotonic() - self.started,
+            reason,
+            self.tls.version if self.tls else "-",
+            self.tls.cipher if self.tls else "-",
+            self.tls.server_name if self.tls and self.tls.server_name else "-",
+            self.bytes_from_client,
+            self.bytes_from_backend,
+        )
+
+
+class ClientEndpoint(Endpoint):
+    """What a listener creates per accepted connection."""
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        super().__init__(None, Side.CLIENT)
+        self.runtime = runtime
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert self.transport is not None
+        runtime = self.runtime
+        metrics.CONNECTIONS.labels(runtime.config.name, runtime.config.protocol.value).inc()
+        if len(runtime.sessions) >= runtime.config.limits.max_connections:
+            metrics.REFUSED_BUSY.labels(runtime.config.name).inc()
+            self.transport.write(runtime.spec.machine.busy_reply(runtime.config.hostname))
+            self.close_lingering()
+            return
+        self.session = Session(runtime, self)

@@ -1,0 +1,90 @@
+"""Every limit and timeout of a listener, against the real proxy process.
+
+The backend is never reached here (capabilities are configured), so no
+mail server is needed; each test waits on a bounded socket timeout.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from tests.realservers.certs import CertFiles
+from tests.realservers.net import free_port
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[ProxyProcess]:
+    unused = free_port()
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy-limits"),
+        [(test_certs.cert, test_certs.key)],
+        [
+            listener(
+                "tight",
+                unused,
+                capabilities=["PIPELINING"],
+                timeouts={"pre_tls_idle": 1, "handshake": 1},
+                limits={"max_connections": 2, "max_line_length": 512},
+            ),
+        ],
+    )
+    yield process
+    assert process.stop() == 0
+    assert "Traceback" not in process.log()
+
+
+def _connect(proxy: ProxyProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", proxy.ports["tight"]), timeout=10)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+def test_pre_tls_idle_timeout(proxy: ProxyProcess) -> None:
+    sock = _connect(proxy)
+    greeting_and_goodbye = _read_all(sock)
+    assert greeting_and_goodbye.startswith(b"220 proxy.test")
+    assert greeting_and_goodbye.endswith(b"421 4.4.2 proxy.test Error: timeout exceeded\r\n")
+    sock.close()
+
+
+def test_handshake_timeout(proxy: ProxyProcess) -> None:
+    sock = _connect(proxy)
+    sock.recv(4096)
+    sock.sendall(b"STARTTLS\r\n")
+    assert sock.recv(4096).startswith(b"220 2.0.0")
+    sock.sendall(b"\x16\x03\x01")  # a ClientHello that never completes
+    assert _read_all(sock) == b""
+    sock.close()
+
+
+def test_max_line_length(proxy: ProxyProcess) -> None:
+    sock = _connect(proxy)
+    sock.recv(4096)
+    sock.sendall(b"NOOP " + b"x" * 600 + b"\r\nNOOP\r\n")
+    replies = b""
+    while replies.count(b"\r\n") < 2:
+        replies += sock.recv(4096)
+    assert replies == b"500 5.5.0 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    sock.close()
+
+
+def test_max_connections(proxy: ProxyProcess) -> None:
+    first, second = _connect(proxy), _connect(proxy)
+    assert first.recv(4096).startswith(b"220 ")
+    assert second.recv(4096).startswith(b"220 ")
+    third = _connect(proxy)
+    assert _read_all(third) == b"421 4.7.0 proxy.test Error: too many connections\r\n"
+    for sock in (first, second, third):
+        sock.close()

@@ -1,0 +1,109 @@
+"""Run the real proxy (``python -m starttls_proxy``) as a subprocess for tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.realservers.net import free_port
+
+READY_LINE = "starttls_proxy.server: ready"
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[bytes]
+    config_path: Path
+    log_path: Path
+    #: listener name -> port on 127.0.0.1
+    ports: dict[str, int]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if text in log:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in the proxy log:\n{self.log()[-3000:]}")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def listener(name: str, backend_port: int, **options: Any) -> dict[str, Any]:
+    """A listener entry on a free loopback port (``listen`` is filled in by start_proxy)."""
+    entry: dict[str, Any] = {
+        "name": name,
+        "protocol": "smtp",
+        "hostname": "proxy.test",
+        "backend": {"address": f"127.0.0.1:{backend_port}"},
+    }
+    for key, value in options.items():
+        if isinstance(value, dict) and isinstance(entry.get(key), dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    return entry
+
+
+def start_proxy(
+    base: Path,
+    certificates: list[tuple[Path, Path]],
+    listeners: list[dict[str, Any]],
+    **top: Any,
+) -> ProxyProcess:
+    """Write a config, start the proxy, wait until it logs that it is ready."""
+    base.mkdir(parents=True, exist_ok=True)
+    ports = {}
+    for entry in listeners:
+        ports[entry["name"]] = free_port()
+        entry.setdefault("listen", f"127.0.0.1:{ports[entry['name']]}")
+    config = {
+        "tls": {"certificates": [{"cert": str(c), "key": str(k)} for c, k in certificates]},
+        "listeners": listeners,
+        **top,
+    }
+    config_path = base / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    log_path = base / "proxy.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "starttls_proxy",
+                "--config",
+                str(config_path),
+                "--log-level",
+                "debug",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    proxy = ProxyProcess(process, config_path, log_path, ports)
+    deadline = time.monotonic() + 30
+    while READY_LINE not in proxy.log():
+        if process.poll() is not None or time.monotonic() > deadline:
+            proxy.stop()
+            raise RuntimeError(f"the proxy did not start:\n{proxy.log()[-3000:]}")
+        time.sleep(0.05)
+    return proxy
