@@ -224,7 +224,7 @@ StateT = TypeVar("StateT", bound=enum.Enum)
 InputT = TypeVar("InputT", bound=enum.Enum)
 
 
-class ProtocolViolation(Exception):
+class ProtocolViolation(Exception):  # noqa: N818 (named after what it reports)
     """An input that the transitions table does not allow in this state."""
 
 
