@@ -50,7 +50,12 @@ class BackendIdentity(enum.Enum):
     NONE = "none"
     PROXY_V1 = "proxy-v1"
     PROXY_V2 = "proxy-v2"
+    #: SMTP: Postfix's XCLIENT command.
     XCLIENT = "xclient"
+    #: IMAP: ``ID ("x-originating-ip" ...)`` as Dovecot's login proxy sends it.
+    IMAP_ID = "imap-id"
+    #: POP3: ``XCLIENT ADDR= PORT= CLIENT-TRANSPORT=`` (Dovecot).
+    POP3_XCLIENT = "pop3-xclient"
 
 
 class BareLineEndings(enum.Enum):
@@ -105,6 +110,16 @@ class SessionSettings:
     #: Longest reply line accepted from the backend, CRLF included.
     max_reply_line_length: int = 8192
     smtp_bare_line_endings: BareLineEndings = BareLineEndings.REJECT
+    #: Largest IMAP literal ``{n}`` accepted in either direction, in octets.
+    max_literal_size: int = 100 * 1024 * 1024
+    #: XMPP: largest top-level element (stanza), in octets.
+    max_stanza_size: int = 256 * 1024
+    #: XMPP: deepest element nesting below the stream root.
+    max_xml_depth: int = 64
+    #: XMPP: longest attribute value, in octets.
+    max_attribute_size: int = 64 * 1024
+    #: XMPP: domains this listener serves; empty means any (no host-unknown).
+    domains: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -141,6 +156,9 @@ class StartTLS:
     """
 
     discarded: bytes
+    #: Certificate to present when the client sends no SNI: XMPP knows the
+    #: domain from the stream header's ``to`` (RFC 6120 section 4.7.2).
+    server_name_hint: str | None = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,26 @@ class Protocol(enum.Enum):
 #: work for all of them.
 IN_BAND_IDENTITIES: dict[Protocol, frozenset[BackendIdentity]] = {
     Protocol.SMTP: frozenset({BackendIdentity.XCLIENT}),
+    Protocol.IMAP: frozenset({BackendIdentity.IMAP_ID}),
+    Protocol.POP3: frozenset({BackendIdentity.POP3_XCLIENT}),
+}
+
+#: Longest client command line per protocol, CRLF included. SMTP: Postfix's
+#: line_length_limit; IMAP: RFC 7162 section 4 asks for at least 8192, Dovecot
+#: allows 64 KiB (imap_max_line_length); POP3: RFC 2449 section 4 says 255,
+#: SASL initial responses need more; XMPP has no lines (stanza limits apply).
+DEFAULT_MAX_LINE_LENGTH: dict[Protocol, int] = {
+    Protocol.SMTP: 2048,
+    Protocol.IMAP: 65536,
+    Protocol.POP3: 2048,
+    Protocol.XMPP_CLIENT: 8192,
+    Protocol.XMPP_SERVER: 8192,
+}
+
+#: ALPN protocols offered on implicit-TLS listeners (XEP-0368 section 3).
+DEFAULT_ALPN: dict[Protocol, tuple[str, ...]] = {
+    Protocol.XMPP_CLIENT: ("xmpp-client",),
+    Protocol.XMPP_SERVER: ("xmpp-server",),
 }
 
 #: Session idle timeouts per protocol, in seconds. SMTP: RFC 5321 section
@@ -138,10 +158,18 @@ class Limits(_Model):
     #: Concurrent connections on this listener; beyond it clients get the
     #: protocol's "too busy" reply.
     max_connections: Annotated[int, Field(gt=0)] = 1000
-    #: Longest command line from a client, CRLF included (Postfix's
-    #: line_length_limit is 2048; RFC 5321 section 4.5.3.1.4 allows 512 plus
-    #: extension parameters).
-    max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] = 2048
+    #: Longest command line from a client, CRLF included; ``null`` = the
+    #: protocol's default (see DEFAULT_MAX_LINE_LENGTH).
+    max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] | None = None
+    #: IMAP: largest literal ``{n}`` in either direction, in octets.
+    max_literal_size: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
+    #: XMPP: largest stanza (top-level element), in octets (Prosody's
+    #: c2s_stanza_size_limit is 256 KiB).
+    max_stanza_size: Annotated[int, Field(ge=4096)] = 256 * 1024
+    #: XMPP: deepest element nesting inside a stanza.
+    max_xml_depth: Annotated[int, Field(ge=4, le=1000)] = 64
+    #: XMPP: longest attribute value, in octets.
+    max_attribute_size: Annotated[int, Field(ge=256)] = 64 * 1024
 
 
 class SMTPOptions(_Model):
@@ -159,8 +187,14 @@ class ListenerConfig(_Model):
     backend: BackendConfig
     #: Name used in the proxy's own greetings; default: this machine's name.
     hostname: str = Field(default_factory=socket.gethostname)
-    #: Overrides the probed backend capabilities (EHLO keywords for SMTP).
+    #: Overrides the probed backend capabilities (EHLO keywords for SMTP,
+    #: CAPABILITY atoms for IMAP, CAPA lines for POP3).
     capabilities: tuple[str, ...] | None = None
+    #: XMPP: domains served; others get ``<host-unknown/>``. Empty = any.
+    domains: tuple[str, ...] = ()
+    #: ALPN protocols to offer on implicit TLS; ``null`` = protocol default
+    #: (``xmpp-client`` / ``xmpp-server`` for XMPP direct TLS, none otherwise).
+    alpn: tuple[str, ...] | None = None
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     smtp: SMTPOptions = SMTPOptions()
@@ -190,6 +224,16 @@ class ListenerConfig(_Model):
     @property
     def session_idle(self) -> float:
         return self.timeouts.session_idle or DEFAULT_SESSION_IDLE[self.protocol]
+
+    @property
+    def max_line_length(self) -> int:
+        return self.limits.max_line_length or DEFAULT_MAX_LINE_LENGTH[self.protocol]
+
+    @property
+    def alpn_protocols(self) -> tuple[str, ...]:
+        if self.alpn is not None:
+            return self.alpn
+        return DEFAULT_ALPN.get(self.protocol, ()) if self.tls is TLSMode.IMPLICIT else ()
 
 
 class CertificateConfig(_Model):

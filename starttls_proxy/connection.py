@@ -35,7 +35,7 @@ from protocols._base import (
 )
 from starttls_proxy import identity, metrics
 from starttls_proxy.handoff import HandoffError
-from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER
+from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER, SpawnRequest
 
 if TYPE_CHECKING:
     from starttls_proxy.server import ListenerRuntime
@@ -255,8 +255,8 @@ class Session:
                     if self.phase is Phase.PRE_TLS:
                         self.phase = Phase.PLAINTEXT_RELAY
                     self._start_task(self._open_backend())
-                case StartTLS(discarded):
-                    self._start_tls(discarded)
+                case StartTLS(discarded, server_name_hint):
+                    self._start_tls(discarded, server_name_hint)
                 case CloseConnection(reason, clean):
                     self.close(reason, clean=clean)
                 case _:
@@ -302,7 +302,7 @@ class Session:
         self._run_commands()
         endpoint.release()
 
-    def _start_tls(self, discarded: bytes) -> None:
+    def _start_tls(self, discarded: bytes, server_name_hint: str | None) -> None:
         config = self.runtime.config
         if discarded:
             metrics.DISCARDED_BYTES.labels(config.name, config.protocol.value).inc(len(discarded))
@@ -320,9 +320,11 @@ class Session:
         self.phase = Phase.HANDSHAKE
         self._last_activity = self.loop.time()
         self._arm_timer()
-        self._start_task(self._hand_off(endpoint, endpoint.transport))
+        self._start_task(self._hand_off(endpoint, endpoint.transport, server_name_hint))
 
-    async def _hand_off(self, endpoint: Endpoint, transport: asyncio.Transport) -> None:
+    async def _hand_off(
+        self, endpoint: Endpoint, transport: asyncio.Transport, server_name_hint: str | None
+    ) -> None:
         try:
             async with asyncio.timeout(FLUSH_TIMEOUT):
                 # The upgrade reply must be on the wire before the worker owns
@@ -338,11 +340,15 @@ class Session:
         # The duplicate keeps the TCP connection alive: closing the transport
         # only drops the event loop's descriptor, no FIN is sent.
         transport.abort()
-        early = bytes(endpoint.held or b"")
+        config = self.runtime.config
+        request = SpawnRequest(
+            handshake_timeout=config.timeouts.handshake,
+            server_name_hint=server_name_hint,
+            alpn=config.alpn_protocols,
+            early=bytes(endpoint.held or b""),
+        )
         try:
-            channel = self.runtime.helper.spawn(
-                client, early, self.runtime.config.timeouts.handshake, None
-            )
+            channel = self.runtime.helper.spawn(client, request)
         except HandoffError as error:
             self.close(str(error))
             return

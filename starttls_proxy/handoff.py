@@ -7,6 +7,7 @@ before the event loop; ``spawn`` is called from the loop and never blocks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -80,20 +81,16 @@ class TLSHelper:
             if "exited" in message:
                 self.on_worker_exit(message["exited"], message["status"])
 
-    def spawn(
-        self, client: socket.socket, early: bytes, handshake_timeout: float, hint: str | None
-    ) -> socket.socket:
+    def spawn(self, client: socket.socket, request: SpawnRequest) -> socket.socket:
         """Give ``client`` to a new worker; return the main end of its channel.
 
-        ``early`` are client bytes the main process read after the upgrade
-        (the start of a ClientHello); the worker handles them first. The
-        caller still owns (and must close) ``client``: the worker has its own
-        descriptor for it.
+        The caller still owns (and must close) ``client``: the worker has its
+        own descriptor for it.
         """
-        if len(early) > MAX_EARLY_BYTES:
-            raise HandoffError(f"{len(early)} bytes before the TLS handshake started")
+        if len(request.early) > MAX_EARLY_BYTES:
+            raise HandoffError(f"{len(request.early)} bytes before the TLS handshake started")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        request = SpawnRequest(next(self._ids), handshake_timeout, hint, early)
+        request = dataclasses.replace(request, id=next(self._ids))
         try:
             socket.send_fds(self.control, [request.encode()], [client.fileno(), theirs.fileno()])
         except OSError as error:

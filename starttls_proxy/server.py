@@ -67,8 +67,13 @@ class ListenerRuntime:
             require_tls=config.require_tls,
             capabilities=capabilities,
             identity=config.backend.identity,
-            max_line_length=config.limits.max_line_length,
+            max_line_length=config.max_line_length,
             smtp_bare_line_endings=config.smtp.bare_line_endings,
+            max_literal_size=config.limits.max_literal_size,
+            max_stanza_size=config.limits.max_stanza_size,
+            max_xml_depth=config.limits.max_xml_depth,
+            max_attribute_size=config.limits.max_attribute_size,
+            domains=config.domains,
         )
 
     def new_machine(self, peer: Peer) -> ProxyMachine:

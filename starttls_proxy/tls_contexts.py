@@ -116,6 +116,8 @@ class CertificateStore:
         self.certificates = certificates
         self.default = certificates[0].context
         self.default.set_tlsext_servername_callback(self._on_server_name)
+        for certificate in certificates:
+            certificate.context.set_alpn_select_callback(_select_alpn)
 
     def context_for(self, server_name: str | None) -> SSL.Context:
         if server_name:
@@ -131,6 +133,17 @@ class CertificateStore:
         context = self.context_for(name)
         if context is not connection.get_context():
             connection.set_context(context)
+
+
+def _select_alpn(
+    connection: SSL.Connection, offered: list[bytes]
+) -> bytes | SSL._NoOverlappingProtocols:
+    """Pick the first of the listener's protocols (set as app data) offered."""
+    wanted = connection.get_app_data() or ()
+    for name in wanted:
+        if name in offered:
+            return bytes(name)
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def load_certificates(tls: TLSConfig) -> CertificateStore:

@@ -35,12 +35,16 @@ MAX_REPORT_SIZE = 64 * 1024
 
 @dataclass(frozen=True)
 class SpawnRequest:
-    id: int
     handshake_timeout: float
     #: Certificate choice when the client sends no SNI (XMPP's stream ``to``).
-    server_name_hint: str | None
-    #: Client bytes already read by the main process (see MAX_EARLY_BYTES).
+    server_name_hint: str | None = None
+    #: ALPN protocols the worker may select (XEP-0368 direct TLS).
+    alpn: tuple[str, ...] = ()
+    #: Client bytes already read by the main process (see MAX_EARLY_BYTES):
+    #: the start of a ClientHello, handled before anything read from the socket.
     early: bytes = b""
+    #: Set by the sender, echoed in the helper's ``spawned`` answer.
+    id: int = 0
 
     @classmethod
     def decode(cls, message: bytes) -> SpawnRequest:
@@ -52,6 +56,7 @@ class SpawnRequest:
             id=int(fields["spawn"]),
             handshake_timeout=float(fields["handshake_timeout"]),
             server_name_hint=hint if isinstance(hint, str) else None,
+            alpn=tuple(str(name) for name in fields.get("alpn", ())),
             early=early,
         )
 
@@ -60,6 +65,7 @@ class SpawnRequest:
             "spawn": self.id,
             "handshake_timeout": self.handshake_timeout,
             "server_name_hint": self.server_name_hint,
+            "alpn": list(self.alpn),
         }
         return json.dumps(header).encode() + b"\n" + self.early
 

@@ -49,8 +49,10 @@ TLS_HANDSHAKE_RECORD = 0x16
 class TLSPump:
     """A TLS server connection fed with ciphertext, producing plaintext."""
 
-    def __init__(self, context: SSL.Context) -> None:
+    def __init__(self, context: SSL.Context, alpn: tuple[str, ...] = ()) -> None:
         self.connection = SSL.Connection(context, None)
+        # Read by CertificateStore's ALPN callback.
+        self.connection.set_app_data(tuple(name.encode("ascii") for name in alpn))
         self.connection.set_accept_state()
         self.handshake_done = False
         #: The client sent close_notify.
@@ -176,14 +178,14 @@ def _handshake(client: socket.socket, pump: TLSPump, early: bytes) -> bytes:
 
 
 def run(
-    client: socket.socket, channel: socket.socket, context: SSL.Context, early: bytes = b""
+    client: socket.socket, channel: socket.socket, context: SSL.Context, request: SpawnRequest
 ) -> int:
     """Serve one connection; return the process exit status."""
     client.setblocking(False)
     channel.setblocking(False)
-    pump = TLSPump(context)
+    pump = TLSPump(context, request.alpn)
     try:
-        first_plaintext = _handshake(client, pump, early)
+        first_plaintext = _handshake(client, pump, request.early)
     except _HandshakeError as failure:
         _send_all_blocking(channel, failure_report(failure.reason))
         return failure.status
@@ -271,7 +273,7 @@ def main(client_fd: int, channel_fd: int, context: SSL.Context, request: SpawnRe
         signal.alarm(max(1, round(request.handshake_timeout)))
         client = socket.socket(fileno=client_fd)
         channel = socket.socket(fileno=channel_fd)
-        status = run(client, channel, context, request.early)
+        status = run(client, channel, context, request)
     except BaseException:
         # Last words of a crashed worker go to the helper's stderr (the
         # proxy's log); the main process only sees the channel close.

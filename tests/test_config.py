@@ -45,7 +45,7 @@ def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
     assert listener.tls.value == "starttls"
     assert listener.backend.identity.value == "none"
     assert listener.session_idle == 300.0
-    assert listener.limits.max_line_length == 2048
+    assert listener.max_line_length == 2048
     assert str(listener.listen) == "127.0.0.1:2525"
 
 

@@ -31,10 +31,14 @@ def _store(cert_dir: Path, min_version: str = "1.2") -> CertificateStore:
 
 
 class MemoryClient:
-    def __init__(self, cert_dir: Path, server_name: str, **options: object) -> None:
+    def __init__(
+        self, cert_dir: Path, server_name: str, alpn: list[str] | None = None, **options: object
+    ) -> None:
         context = ssl.create_default_context(cafile=str(cert_dir / "ca.pem"))
         for name, value in options.items():
             setattr(context, name, value)
+        if alpn:
+            context.set_alpn_protocols(alpn)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname=server_name)
@@ -146,3 +150,22 @@ def test_missing_and_garbage_files_are_named(cert_dir: Path, tmp_path: Path) -> 
     problems = caught.value.problems
     assert problems[0].startswith("tls.certificates[0].cert: file not found")
     assert problems[1].startswith("tls.certificates[1].cert: not a PEM certificate chain")
+
+
+@pytest.mark.parametrize(
+    ("listener_alpn", "client_alpn", "selected"),
+    [
+        (("xmpp-client",), ["xmpp-client"], "xmpp-client"),
+        (("xmpp-client",), ["h2", "xmpp-client"], "xmpp-client"),
+        (("xmpp-client",), ["h2"], None),
+        ((), ["xmpp-client"], None),
+    ],
+)
+def test_alpn_offered_per_listener(
+    cert_dir: Path, listener_alpn: tuple[str, ...], client_alpn: list[str], selected: str | None
+) -> None:
+    pump = TLSPump(_store(cert_dir).default, listener_alpn)
+    client = MemoryClient(cert_dir, "localhost", client_alpn)
+    _handshake(client, pump)
+    assert client.tls.selected_alpn_protocol() == selected
+    assert pump.info().alpn == selected

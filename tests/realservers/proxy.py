@@ -48,11 +48,13 @@ class ProxyProcess:
         return self.process.returncode
 
 
-def listener(name: str, backend_port: int, **options: Any) -> dict[str, Any]:
+def listener(
+    name: str, backend_port: int, protocol: str = "smtp", **options: Any
+) -> dict[str, Any]:
     """A listener entry on a free loopback port (``listen`` is filled in by start_proxy)."""
     entry: dict[str, Any] = {
         "name": name,
-        "protocol": "smtp",
+        "protocol": protocol,
         "hostname": "proxy.test",
         "backend": {"address": f"127.0.0.1:{backend_port}"},
     }
