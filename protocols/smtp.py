@@ -329,6 +329,9 @@ class SMTPMachine(ProxyMachine):
         #: The client's HELO or EHLO before TLS, as (verb, name).
         self._helo: tuple[bytes, bytes] | None = None
         self._tls = False
+        #: The backend's last reply was a 334 challenge: the next client line
+        #: is the SASL response.
+        self._sasl_exchange = False
         self._client_spoke = False
         #: Octets of a refused BDAT's chunk still to drop.
         self._drop = 0
@@ -465,6 +468,13 @@ class SMTPMachine(ProxyMachine):
         # as we do.
         if not line.endswith(_CRLF) or b"\r" in line[:-2]:
             self._answer(_BARE_IN_COMMAND)
+            return
+        if self._sasl_exchange:
+            # RFC 4954 section 4: after a 334 the client's line is a SASL
+            # response (base64, "*" or empty), not a command.
+            self._sasl_exchange = False
+            self._send_backend(line)
+            self._owed.append(_Owed(b"AUTH"))
             return
         verb, _, arg = line[:-2].strip().partition(b" ")
         verb, arg = verb.upper(), arg.strip()
@@ -666,6 +676,7 @@ class SMTPMachine(ProxyMachine):
         if owed.verb == b"QUIT":
             self._end("client quit", clean=True)
             return
+        self._sasl_exchange = owed.verb == b"AUTH" and reply.code == 334
         for local in owed.then:
             self._outbox.push(SendToClient(local))
         if owed.verb == b"DATA":

@@ -719,6 +719,29 @@ def test_second_starttls_refused() -> None:
     )
 
 
+def test_sasl_responses_after_334_are_not_commands() -> None:
+    """RFC 4954 section 4: an empty line or base64 that spells a verb is a
+    SASL response while the backend is challenging, and goes through."""
+    machine = relaying()
+    run(
+        machine,
+        Client(b"AUTH LOGIN\r\n"),
+        SendToBackend(b"AUTH LOGIN\r\n"),
+        Backend(b"334 VXNlcm5hbWU6\r\n"),
+        SendToClient(b"334 VXNlcm5hbWU6\r\n"),
+        Client(b"STARTTLS\r\n"),
+        SendToBackend(b"STARTTLS\r\n"),
+        Backend(b"334 UGFzc3dvcmQ6\r\n"),
+        SendToClient(b"334 UGFzc3dvcmQ6\r\n"),
+        Client(b"\r\n"),
+        SendToBackend(b"\r\n"),
+        Backend(b"535 5.7.8 Error: authentication failed\r\n"),
+        SendToClient(b"535 5.7.8 Error: authentication failed\r\n"),
+        Client(b"STARTTLS\r\n"),
+        SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
+    )
+
+
 def test_client_xclient_refused() -> None:
     machine = SMTPMachine(settings(require_tls=False), PEER)
     run(
