@@ -195,6 +195,9 @@ class ListenerConfig(_Model):
     #: ALPN protocols to offer on implicit TLS; ``null`` = protocol default
     #: (``xmpp-client`` / ``xmpp-server`` for XMPP direct TLS, none otherwise).
     alpn: tuple[str, ...] | None = None
+    #: L4 load balancers (CIDRs) whose connections start with a PROXY v1/v2
+    #: header naming the real client. Nobody else's header is honoured.
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     smtp: SMTPOptions = SMTPOptions()
@@ -224,6 +227,15 @@ class ListenerConfig(_Model):
     @property
     def session_idle(self) -> float:
         return self.timeouts.session_idle or DEFAULT_SESSION_IDLE[self.protocol]
+
+    def trusts(self, address: str) -> bool:
+        """Whether a connection from ``address`` comes through a trusted balancer."""
+        if not self.trusted_proxies:
+            return False
+        client = ipaddress.ip_address(address)
+        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+            client = client.ipv4_mapped
+        return any(client in network for network in self.trusted_proxies)
 
     @property
     def max_line_length(self) -> int:

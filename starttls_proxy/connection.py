@@ -23,6 +23,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
+from protocols import proxy_header
 from protocols._base import (
     CloseConnection,
     OpenBackend,
@@ -160,15 +161,13 @@ class ChannelEndpoint(Endpoint):
 
 
 class Session:
-    def __init__(self, runtime: ListenerRuntime, endpoint: Endpoint) -> None:
-        assert endpoint.transport is not None
+    def __init__(self, runtime: ListenerRuntime, endpoint: Endpoint, peer: Peer) -> None:
+        """``peer``: the socket's addresses, or those a trusted load balancer
+        announced in its PROXY header."""
         self.runtime = runtime
         self.loop = asyncio.get_running_loop()
         self.started = time.monotonic()
-        transport = endpoint.transport
-        client_host, client_port = transport.get_extra_info("peername")[:2]
-        local_host, local_port = transport.get_extra_info("sockname")[:2]
-        self.peer = Peer(client_host, client_port, local_host, local_port)
+        self.peer = peer
         self.machine = runtime.new_machine(self.peer)
         self.phase = Phase.PRE_TLS
         self.client: Endpoint | None = endpoint
@@ -454,11 +453,18 @@ class Session:
 
 
 class ClientEndpoint(Endpoint):
-    """What a listener creates per accepted connection."""
+    """What a listener creates per accepted connection.
+
+    A connection from one of the listener's ``trusted_proxies`` must start
+    with a PROXY header (an L4 load balancer in front of several instances);
+    the session starts once it is read, with the addresses it announces.
+    """
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         super().__init__(None, Side.CLIENT)
         self.runtime = runtime
+        self._socket_peer: Peer | None = None
+        self._header_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -470,4 +476,56 @@ class ClientEndpoint(Endpoint):
             self.transport.write(runtime.spec.machine.busy_reply(runtime.config.hostname))
             self.close_lingering()
             return
-        self.session = Session(runtime, self)
+        client_host, client_port = transport.get_extra_info("peername")[:2]
+        local_host, local_port = transport.get_extra_info("sockname")[:2]
+        peer = Peer(client_host, client_port, local_host, local_port)
+        if runtime.config.trusts(client_host):
+            self._socket_peer = peer
+            self.held = bytearray()
+            self._header_deadline = asyncio.get_running_loop().call_later(
+                runtime.config.timeouts.pre_tls_idle, self._refuse, "no PROXY header in time"
+            )
+            return
+        self.session = Session(runtime, self, peer)
+
+    def data_received(self, data: bytes) -> None:
+        if self._socket_peer is None:
+            super().data_received(data)
+            return
+        assert self.held is not None
+        self.held += data
+        try:
+            header = proxy_header.parse(bytes(self.held))
+        except proxy_header.ProxyHeaderError as error:
+            self._refuse(str(error))
+            return
+        if header is None:
+            return
+        peer, self._socket_peer = self._socket_peer, None
+        if header.addresses is not None:
+            peer = Peer(*header.addresses)
+        rest, self.held = bytes(self.held[header.length :]), None
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        self.session = Session(self.runtime, self, peer)
+        if rest:
+            # Through the endpoint: an implicit-TLS session is holding already.
+            self.data_received(rest)
+
+    def _refuse(self, reason: str) -> None:
+        assert self._socket_peer is not None
+        log.warning(
+            "%s: %s:%s: %s; closing",
+            self.runtime.config.name,
+            self._socket_peer.client_address,
+            self._socket_peer.client_port,
+            reason,
+        )
+        metrics.PROXY_HEADER_REFUSED.labels(self.runtime.config.name).inc()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_deadline is not None:
+            self._header_deadline.cancel()
+        super().connection_lost(exc)

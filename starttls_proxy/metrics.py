@@ -23,6 +23,12 @@ REFUSED_BUSY = Counter(
     ["listener"],
     registry=REGISTRY,
 )
+PROXY_HEADER_REFUSED = Counter(
+    "starttls_proxy_inbound_proxy_header_refused_total",
+    "Connections from trusted_proxies closed for a missing or malformed PROXY header.",
+    ["listener"],
+    registry=REGISTRY,
+)
 DISCARDED_BYTES = Counter(
     "starttls_proxy_discarded_after_starttls_bytes_total",
     "Plaintext bytes a client sent after its TLS upgrade command (injection attempts).",

@@ -117,6 +117,12 @@ class _Side:
         self.sock = sock
         self.outgoing = bytearray()
         self.eof = False
+        #: The peer stopped reading: what we would send it is dropped.
+        self.write_closed = False
+
+    def queue(self, data: bytes) -> None:
+        if not self.write_closed:
+            self.outgoing += data
 
     def flush(self) -> None:
         try:
@@ -220,7 +226,13 @@ def _pump(client: _Side, channel: _Side, pump: TLSPump) -> int:
                 try:
                     side.flush()
                 except OSError:
-                    return EXIT_CLIENT_GONE if side is client else EXIT_OK
+                    if side is client:
+                        return EXIT_CLIENT_GONE
+                    # The main process closed the channel; what it sent
+                    # before (a final reply) is still to be read and
+                    # delivered, so keep going until its EOF.
+                    channel.write_closed = True
+                    channel.outgoing.clear()
             if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not side.eof:
                 status = _read(side, client, channel, pump)
                 if status is not None:
@@ -249,17 +261,17 @@ def _read(side: _Side, client: _Side, channel: _Side, pump: TLSPump) -> int | No
             client.eof = True
             return None
         try:
-            channel.outgoing += pump.receive_ciphertext(data)
+            channel.queue(pump.receive_ciphertext(data))
         except SSL.Error:
             return EXIT_TLS_ERROR
-        client.outgoing += pump.take_ciphertext()
+        client.queue(pump.take_ciphertext())
     elif data:
         pump.send_plaintext(data)
-        client.outgoing += pump.take_ciphertext()
+        client.queue(pump.take_ciphertext())
     else:
         channel.eof = True
         pump.close()
-        client.outgoing += pump.take_ciphertext()
+        client.queue(pump.take_ciphertext())
     return None
 
 

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import trustme
+from hypothesis import settings
+
+# Property tests are about correctness, not speed: the shared 2-core CI
+# machine must not turn a slow example into a failure.
+settings.register_profile("starttls-proxy", deadline=None)
+settings.load_profile("starttls-proxy")
 
 
 @pytest.fixture(scope="session")

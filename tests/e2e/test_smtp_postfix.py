@@ -7,7 +7,6 @@ Postfix's log proves which address it was told about.
 from __future__ import annotations
 
 import smtplib
-import socket
 import ssl
 import subprocess
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, message_body
 from tests.realservers.proxy import ProxyProcess, listener, start_proxy
@@ -248,43 +248,24 @@ def test_openssl_s_client_starttls(
     assert "backend.test" in post_tls  # the EHLO reply came from Postfix
 
 
-def _raw_client(proxy: ProxyProcess, name: str, source: str) -> socket.socket:
-    sock = socket.create_connection(
-        ("127.0.0.1", proxy.ports[name]), timeout=20, source_address=(source, 0)
-    )
-    return sock
-
-
-def _read_reply(sock: socket.socket | ssl.SSLSocket) -> bytes:
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return data
-        data += chunk
-        lines = data.split(b"\r\n")
-        if len(lines) > 1 and lines[-2][3:4] == b" ":
-            return data
-
-
 def test_starttls_pipelined_command_injection(
     proxy: ProxyProcess, postfix: PostfixInstance, test_certs: CertFiles
 ) -> None:
     """CVE-2011-0411: MAIL FROM pipelined after STARTTLS must never count."""
-    sock = _raw_client(proxy, "proxyv2", "127.0.0.12")
-    assert _read_reply(sock).startswith(b"220 ")
+    sock = proxy.connect("proxyv2", "127.0.0.12")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"EHLO client.test\r\nSTARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
-    replies = _read_reply(sock)
+    replies = read_smtp_reply(sock)
     while not replies.endswith(b"Ready to start TLS\r\n"):
-        replies += _read_reply(sock)
+        replies += read_smtp_reply(sock)
     tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
     tls.sendall(b"EHLO client.test\r\n")
-    assert _read_reply(tls).startswith(b"250-")
+    assert read_smtp_reply(tls).startswith(b"250-")
     # Had the injected MAIL FROM reached Postfix, RCPT would be accepted.
     tls.sendall(b"RCPT TO:<bob@example.test>\r\n")
-    assert _read_reply(tls).startswith(b"503")
+    assert read_smtp_reply(tls).startswith(b"503")
     tls.sendall(b"QUIT\r\n")
-    assert _read_reply(tls).startswith(b"221")
+    assert read_smtp_reply(tls).startswith(b"221")
     tls.close()
     assert "injected@evil.test" not in postfix.maillog()
     proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
@@ -293,10 +274,10 @@ def test_starttls_pipelined_command_injection(
 def test_starttls_injection_across_packets_before_client_hello(
     proxy: ProxyProcess, postfix: PostfixInstance
 ) -> None:
-    sock = _raw_client(proxy, "proxyv2", "127.0.0.13")
-    assert _read_reply(sock).startswith(b"220 ")
+    sock = proxy.connect("proxyv2", "127.0.0.13")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"STARTTLS\r\n")
-    assert _read_reply(sock).startswith(b"220 2.0.0")
+    assert read_smtp_reply(sock).startswith(b"220 2.0.0")
     sock.sendall(b"MAIL FROM:<across@evil.test>\r\n")
     sock.settimeout(10)
     assert sock.recv(4096) == b""  # closed, no reply
@@ -306,14 +287,14 @@ def test_starttls_injection_across_packets_before_client_hello(
 
 
 def test_require_tls_refuses_plaintext_mail(proxy: ProxyProcess) -> None:
-    sock = _raw_client(proxy, "proxyv2", "127.0.0.14")
-    assert _read_reply(sock).startswith(b"220 proxy.test")
+    sock = proxy.connect("proxyv2", "127.0.0.14")
+    assert read_smtp_reply(sock).startswith(b"220 proxy.test")
     sock.sendall(b"EHLO client.test\r\n")
-    assert b"STARTTLS" in _read_reply(sock)
+    assert b"STARTTLS" in read_smtp_reply(sock)
     sock.sendall(b"MAIL FROM:<alice@client.test>\r\n")
-    assert _read_reply(sock) == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+    assert read_smtp_reply(sock) == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
     sock.sendall(b"QUIT\r\n")
-    assert _read_reply(sock).startswith(b"221")
+    assert read_smtp_reply(sock).startswith(b"221")
     sock.close()
 
 
@@ -329,36 +310,36 @@ def test_plaintext_relay_without_require_tls(proxy: ProxyProcess, postfix: Postf
 
 
 def test_stopped_backend_gives_421(proxy: ProxyProcess, test_certs: CertFiles) -> None:
-    sock = _raw_client(proxy, "dead", "127.0.0.16")
-    assert _read_reply(sock).startswith(b"220 ")
+    sock = proxy.connect("dead", "127.0.0.16")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"EHLO client.test\r\n")
-    assert _read_reply(sock).startswith(b"250-")
+    assert read_smtp_reply(sock).startswith(b"250-")
     sock.sendall(b"STARTTLS\r\n")
-    assert _read_reply(sock).startswith(b"220 ")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
     tls.sendall(b"EHLO client.test\r\n")
-    assert _read_reply(tls).startswith(b"421 4.3.0")
+    assert read_smtp_reply(tls).startswith(b"421 4.3.0")
     assert tls.recv(4096) == b""
     tls.close()
 
 
 def test_tls_client_hello_before_starttls(proxy: ProxyProcess, test_certs: CertFiles) -> None:
-    sock = _raw_client(proxy, "proxyv2", "127.0.0.17")
-    assert _read_reply(sock).startswith(b"220 ")
+    sock = proxy.connect("proxyv2", "127.0.0.17")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     with pytest.raises((ssl.SSLError, ConnectionResetError)):
         test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
     sock.close()
 
 
 def test_client_disconnects_mid_handshake(proxy: ProxyProcess, test_certs: CertFiles) -> None:
-    sock = _raw_client(proxy, "proxyv2", "127.0.0.18")
-    assert _read_reply(sock).startswith(b"220 ")
+    sock = proxy.connect("proxyv2", "127.0.0.18")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"STARTTLS\r\n")
-    assert _read_reply(sock).startswith(b"220 ")
+    assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's first bytes
     sock.close()
     proxy.wait_for_log("client closed during the handshake")
     # The proxy is unaffected.
-    again = _raw_client(proxy, "proxyv2", "127.0.0.18")
-    assert _read_reply(again).startswith(b"220 ")
+    again = proxy.connect("proxyv2", "127.0.0.18")
+    assert read_smtp_reply(again).startswith(b"220 ")
     again.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +25,12 @@ class ProxyProcess:
     log_path: Path
     #: listener name -> port on 127.0.0.1
     ports: dict[str, int]
+
+    def connect(self, listener_name: str, source: str = "127.0.0.1") -> socket.socket:
+        """A plain TCP connection to a listener, from a chosen loopback address."""
+        return socket.create_connection(
+            ("127.0.0.1", self.ports[listener_name]), timeout=20, source_address=(source, 0)
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -1,0 +1,107 @@
+"""Inbound PROXY protocol headers from a trusted L4 load balancer.
+
+Theory of operation
+-------------------
+When several proxy instances stand behind an L4 balancer (HAProxy, IPVS, a
+cloud NLB), every connection arrives from the balancer's address; the
+balancer puts the real client's addresses in a PROXY header before the first
+byte of the client's stream (HAProxy's proxy-protocol.txt: version 1, section
+2.1, a text line of at most 107 bytes; version 2, section 2.2, a binary block
+announced by a 12-byte signature). ``parse`` takes the bytes received so far
+and says whether a complete header is there, where it ends and which
+addresses it carries. ``LOCAL`` (v2) and ``UNKNOWN`` (v1) headers mean "use
+the connection's own addresses" (health checks).
+
+Only connections from ``trusted_proxies`` are parsed at all; the driver never
+honours a header from anyone else.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+V1_PREFIX = b"PROXY "
+#: Section 2.1: "a receiver may reject an incomplete line which does not
+#: contain the CRLF sequence in the first 107 characters".
+V1_MAX_LENGTH = 107
+#: A v2 header is 16 bytes plus its announced length; TLVs make it longer
+#: than addresses alone, but nothing legitimate comes near this.
+V2_MAX_LENGTH = 16 + 4096
+
+_AF_INET, _AF_INET6 = 0x1, 0x2
+_COMMAND_LOCAL, _COMMAND_PROXY = 0x0, 0x1
+
+
+class ProxyHeaderError(Exception):
+    """The bytes are not a valid PROXY header."""
+
+
+@dataclass(frozen=True)
+class ProxyHeader:
+    #: Octets the header took, the client's stream starts after them.
+    length: int
+    #: (client address, client port, proxy-facing address, port), or None
+    #: for LOCAL / UNKNOWN headers.
+    addresses: tuple[str, int, str, int] | None
+
+
+def parse(data: bytes) -> ProxyHeader | None:
+    """A complete header at the start of ``data``, or ``None`` for "need more".
+
+    Raises ``ProxyHeaderError`` as soon as the bytes cannot become a header.
+    """
+    if data[:12] == V2_SIGNATURE[: len(data[:12])]:
+        return _parse_v2(data) if len(data) >= 12 else None
+    if data[:6] == V1_PREFIX[: len(data[:6])]:
+        return _parse_v1(data) if len(data) >= 6 else None
+    raise ProxyHeaderError("no PROXY header where one is required")
+
+
+def _parse_v1(data: bytes) -> ProxyHeader | None:
+    end = data.find(b"\r\n", 0, V1_MAX_LENGTH)
+    if end < 0:
+        if len(data) >= V1_MAX_LENGTH:
+            raise ProxyHeaderError("PROXY v1 line longer than 107 bytes")
+        return None
+    fields = data[:end].decode("ascii", "replace").split(" ")
+    if fields[1:2] == ["UNKNOWN"]:
+        return ProxyHeader(end + 2, None)
+    if len(fields) != 6 or fields[1] not in ("TCP4", "TCP6"):
+        raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}")
+    try:
+        source, destination = ipaddress.ip_address(fields[2]), ipaddress.ip_address(fields[3])
+        ports = int(fields[4]), int(fields[5])
+    except ValueError:
+        raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}") from None
+    if source.version != (4 if fields[1] == "TCP4" else 6) or not all(
+        0 <= port < 65536 for port in ports
+    ):
+        raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}")
+    return ProxyHeader(end + 2, (str(source), ports[0], str(destination), ports[1]))
+
+
+def _parse_v2(data: bytes) -> ProxyHeader | None:
+    if len(data) < 16:
+        return None
+    version_command, family_protocol, length = struct.unpack_from("!BBH", data, 12)
+    if version_command >> 4 != 2 or version_command & 0xF not in (_COMMAND_LOCAL, _COMMAND_PROXY):
+        raise ProxyHeaderError(f"unsupported PROXY v2 version/command {version_command:#x}")
+    if 16 + length > V2_MAX_LENGTH:
+        raise ProxyHeaderError(f"PROXY v2 header of {16 + length} bytes is too long")
+    if len(data) < 16 + length:
+        return None
+    total = 16 + length
+    family = family_protocol >> 4
+    if version_command & 0xF == _COMMAND_LOCAL or family not in (_AF_INET, _AF_INET6):
+        return ProxyHeader(total, None)
+    size = 4 if family == _AF_INET else 16
+    if length < 2 * size + 4:
+        raise ProxyHeaderError("PROXY v2 address block too short")
+    body = data[16:total]
+    make = ipaddress.IPv4Address if family == _AF_INET else ipaddress.IPv6Address
+    source, destination = make(body[:size]), make(body[size : 2 * size])
+    source_port, destination_port = struct.unpack_from("!HH", body, 2 * size)
+    return ProxyHeader(total, (str(source), source_port, str(destination), destination_port))
