@@ -169,7 +169,10 @@ class Session:
         self.started = time.monotonic()
         self.peer = peer
         self.machine = runtime.new_machine(self.peer)
-        self.phase = Phase.PRE_TLS
+        self._labels = (runtime.config.name, runtime.config.protocol.value)
+        self._phase = Phase.PRE_TLS
+        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).inc()
+        self._handshake_started = 0.0
         self.client: Endpoint | None = endpoint
         self.backend: Endpoint | None = None
         self.tls: TLSInfo | None = None
@@ -186,6 +189,17 @@ class Session:
         runtime.sessions.add(self)
         self._arm_timer()
         self._run_commands()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).dec()
+        if phase is not Phase.CLOSED:
+            metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()
+        self._phase = phase
 
     # ------------------------------------------------------------------
     # Inputs from transports.
@@ -204,6 +218,7 @@ class Session:
     def connection_lost(self, endpoint: Endpoint) -> None:
         if self.phase is Phase.HANDSHAKE and endpoint is self._pending_channel:
             # Killed by its handshake deadline, or crashed.
+            metrics.HANDSHAKES.labels(*self._labels, "worker_ended").inc()
             self.close("the TLS worker ended without a handshake report")
             return
         if self.phase is Phase.CLOSED or endpoint not in (self.client, self.backend):
@@ -218,18 +233,23 @@ class Session:
     def tls_report(self, report: dict[str, object], channel: ChannelEndpoint) -> None:
         if self.phase is not Phase.HANDSHAKE:
             return
-        labels = (self.runtime.config.name, self.runtime.config.protocol.value)
         if not report.get("ok"):
-            metrics.HANDSHAKES.labels(*labels, "failed").inc()
+            metrics.HANDSHAKES.labels(*self._labels, "failed").inc()
             self.close(f"TLS handshake failed: {report.get('reason')}")
             return
-        metrics.HANDSHAKES.labels(*labels, "ok").inc()
+        metrics.HANDSHAKES.labels(*self._labels, "ok").inc()
+        metrics.HANDSHAKE_SECONDS.labels(*self._labels).observe(
+            time.monotonic() - self._handshake_started
+        )
         self.tls = TLSInfo(
             version=str(report["version"]),
             cipher=str(report["cipher"]),
             server_name=str(report["server_name"]) if report.get("server_name") else None,
             alpn=str(report["alpn"]) if report.get("alpn") else None,
         )
+        metrics.TLS_SESSIONS.labels(
+            self.runtime.config.name, self.tls.version, self.tls.cipher
+        ).inc()
         self.client = channel
         self.phase = Phase.TLS
         self.machine.tls_established(self.tls)
@@ -317,6 +337,7 @@ class Session:
         endpoint.held = bytearray()
         endpoint.transport.pause_reading()
         self.phase = Phase.HANDSHAKE
+        self._handshake_started = time.monotonic()
         self._last_activity = self.loop.time()
         self._arm_timer()
         self._start_task(self._hand_off(endpoint, endpoint.transport, server_name_hint))
@@ -408,6 +429,7 @@ class Session:
             self._arm_timer()
             return
         if self.phase is Phase.HANDSHAKE:
+            metrics.HANDSHAKES.labels(*self._labels, "timeout").inc()
             self.close("TLS handshake timed out")
             return
         self.machine.timed_out()
@@ -434,9 +456,8 @@ class Session:
                 endpoint.transport.close()
         self.runtime.sessions.discard(self)
         config = self.runtime.config
-        metrics.SESSIONS_CLOSED.labels(
-            config.name, config.protocol.value, "clean" if clean else "other"
-        ).inc()
+        metrics.SESSIONS_CLOSED.labels(*self._labels, "clean" if clean else "other").inc()
+        metrics.SESSION_SECONDS.labels(*self._labels).observe(time.monotonic() - self.started)
         log.info(
             "%s: %s:%s closed after %.3fs: %s; tls=%s cipher=%s sni=%s in=%d out=%d",
             config.name,

@@ -7,7 +7,7 @@ so their number is bounded.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -35,9 +35,41 @@ DISCARDED_BYTES = Counter(
     ["listener", "protocol"],
     registry=REGISTRY,
 )
+SESSIONS_ACTIVE = Gauge(
+    "starttls_proxy_sessions_active",
+    "Sessions open now, by phase (plaintext, handshake, tls, plaintext-relay).",
+    ["listener", "protocol", "phase"],
+    registry=REGISTRY,
+)
+HANDSHAKE_SECONDS = Histogram(
+    "starttls_proxy_tls_handshake_seconds",
+    "From the upgrade (or accept, for implicit TLS) to the worker's handshake report.",
+    ["listener", "protocol"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+SESSION_SECONDS = Histogram(
+    "starttls_proxy_session_duration_seconds",
+    "Whole sessions, accept to close.",
+    ["listener", "protocol"],
+    buckets=(0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+TLS_SESSIONS = Counter(
+    "starttls_proxy_tls_sessions_total",
+    "Established TLS sessions by protocol version and cipher suite.",
+    ["listener", "version", "cipher"],
+    registry=REGISTRY,
+)
+CERTIFICATE_NOT_AFTER = Gauge(
+    "starttls_proxy_certificate_not_after_seconds",
+    "Expiry of each configured certificate (Unix time), for renewal alerts.",
+    ["certificate"],
+    registry=REGISTRY,
+)
 HANDSHAKES = Counter(
     "starttls_proxy_tls_handshakes_total",
-    "TLS handshakes by result.",
+    "STARTTLS upgrades / implicit-TLS handshakes by result (ok, failed, timeout, worker_ended).",
     ["listener", "protocol", "result"],
     registry=REGISTRY,
 )

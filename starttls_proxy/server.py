@@ -11,6 +11,7 @@ import logging
 import signal
 import socket
 
+from cryptography import x509
 from prometheus_client import generate_latest
 
 from protocols import PROTOCOLS, ProtocolSpec
@@ -171,11 +172,25 @@ def _count_worker_exit(pid: int, status: int) -> None:
         log.warning("TLS worker %d ended abnormally (status %d)", pid, status)
 
 
+def publish_certificate_expiry(config: Config) -> None:
+    """Export each certificate's notAfter; only the public part is read here."""
+    for entry in config.tls.certificates:
+        try:
+            leaf = x509.load_pem_x509_certificate(entry.cert.read_bytes())
+        except (OSError, ValueError) as error:
+            log.warning("cannot read %s for its expiry date: %s", entry.cert, error)
+            continue
+        metrics.CERTIFICATE_NOT_AFTER.labels(str(entry.cert)).set(
+            leaf.not_valid_after_utc.timestamp()
+        )
+
+
 class Server:
     def __init__(self, config: Config, helper: TLSHelper) -> None:
         self.config = config
         self.helper = helper
         self.listeners = [ListenerRuntime(listener, helper) for listener in config.listeners]
+        publish_certificate_expiry(config)
         self._stopping = asyncio.Event()
 
     async def serve(self) -> None:

@@ -1,0 +1,97 @@
+"""Prometheus metrics, scraped over HTTP from the real proxy after real sessions."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.net import free_port
+from tests.realservers.postfix import PostfixInstance
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory,
+    postfix: PostfixInstance,
+    test_certs: CertFiles,
+    metrics_port: int,
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy-metrics"),
+        [(test_certs.cert, test_certs.key)],
+        [listener("m", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+    yield process
+    assert process.stop() == 0
+
+
+Sample = tuple[str, frozenset[tuple[str, str]]]
+
+
+def _scrape(port: int) -> dict[Sample, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            name, _, labels = series.partition("{")
+            pairs = frozenset(re.findall(r'(\w+)="([^"]*)"', labels))
+            samples[name, pairs] = float(value)
+    return samples
+
+
+def _value(samples: dict[Sample, float], name: str, **labels: str) -> float:
+    """The one sample of ``name`` whose labels include ``labels``."""
+    wanted = set(labels.items())
+    found = [v for (n, pairs), v in samples.items() if n == name and wanted <= pairs]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def test_metrics_count_real_sessions(
+    proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
+) -> None:
+    sock = proxy.connect("m", "127.0.0.30")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"STARTTLS\r\nRSET\r\n")
+    read_until(sock, b"Ready to start TLS\r\n")
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(tls).startswith(b"250-")
+    tls.sendall(b"QUIT\r\n")
+    assert read_smtp_reply(tls).startswith(b"221")
+    tls.close()
+    proxy.wait_for_log("127.0.0.30")
+    proxy.wait_for_log("closed after")
+
+    samples = _scrape(metrics_port)
+    ours = {"listener": "m", "protocol": "smtp"}
+    assert _value(samples, "starttls_proxy_connections_accepted_total", **ours) == 1
+    assert _value(samples, "starttls_proxy_tls_handshakes_total", **ours, result="ok") == 1
+    assert _value(samples, "starttls_proxy_discarded_after_starttls_bytes_total", **ours) == 6
+    assert _value(samples, "starttls_proxy_tls_handshake_seconds_count", **ours) == 1
+    assert _value(samples, "starttls_proxy_sessions_closed_total", **ours, end="clean") == 1
+    assert (
+        _value(samples, "starttls_proxy_tls_sessions_total", listener="m", version="TLSv1.3") == 1
+    )
+    for phase in ("plaintext", "handshake", "tls"):
+        assert _value(samples, "starttls_proxy_sessions_active", **ours, phase=phase) == 0
+    certificate = str(test_certs.cert)
+    expiry = _value(
+        samples, "starttls_proxy_certificate_not_after_seconds", certificate=certificate
+    )
+    assert expiry > 1.7e9
+    assert _value(samples, "starttls_proxy_backend_connect_seconds_count", listener="m") == 1
