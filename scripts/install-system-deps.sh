@@ -22,6 +22,10 @@ PACKAGES=(
     iproute2             # ss
     util-linux           # script (gives postfix a tty so errors reach stderr)
     ca-certificates
+    prometheus           # promtool check rules (deploy/prometheus/alerts.yml)
+    dovecot-core         # IMAP/POP3 backend started by tests/realservers/dovecot.py
+    dovecot-imapd
+    dovecot-pop3d
 )
 
 # python3-venv only where the interpreter cannot create virtual environments.

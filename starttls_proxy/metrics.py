@@ -91,6 +91,17 @@ SESSIONS_CLOSED = Counter(
     ["listener", "protocol", "end"],
     registry=REGISTRY,
 )
+CONFIG_RELOADS = Counter(
+    "starttls_proxy_config_reloads_total",
+    "SIGHUP reloads of the configuration and certificates, by result (ok, failed).",
+    ["result"],
+    registry=REGISTRY,
+)
+LAST_RELOAD_SUCCESS = Gauge(
+    "starttls_proxy_config_last_reload_success_timestamp_seconds",
+    "When the configuration in service was loaded (start-up or last good reload).",
+    registry=REGISTRY,
+)
 WORKER_EXITS = Counter(
     "starttls_proxy_worker_exits_total",
     "TLS worker processes that ended, by exit reason.",
