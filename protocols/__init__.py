@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols._base import CapabilityProbe, ProxyMachine
+from protocols.pop3 import POP3CapabilityProbe, POP3Machine
 from protocols.smtp import SMTPCapabilityProbe, SMTPMachine
 
 
@@ -25,6 +26,18 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
         machine=SMTPMachine,
         probe=SMTPCapabilityProbe,
         fallback_capabilities=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
+    ),
+    "pop3": ProtocolSpec(
+        machine=POP3Machine,
+        probe=POP3CapabilityProbe,
+        fallback_capabilities=(
+            "TOP",
+            "UIDL",
+            "USER",
+            "PIPELINING",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+        ),
     ),
 }
 

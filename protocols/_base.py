@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import abc
 import enum
+import functools
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 
 class Side(enum.Enum):
@@ -254,6 +255,39 @@ def transition(
         return table[(state, input_)]
     except KeyError:
         raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
+
+
+class Guarded(Protocol):
+    """What ``event`` needs from a machine."""
+
+    @property
+    def finished(self) -> bool:
+        """The session has ended: inputs are ignored from now on."""
+
+    def violated(self, reason: str) -> None:
+        """End the session after a ``ProtocolViolation``."""
+
+
+GuardedT = TypeVar("GuardedT", bound=Guarded)
+_P = ParamSpec("_P")
+
+
+def event(
+    method: Callable[Concatenate[GuardedT, _P], None],
+) -> Callable[Concatenate[GuardedT, _P], None]:
+    """Marks a machine's public input: ignored once the session has ended,
+    and turning a ``ProtocolViolation`` into the machine's error ending."""
+
+    @functools.wraps(method)
+    def guarded(machine: GuardedT, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
+        if machine.finished:
+            return
+        try:
+            method(machine, *args, **kwargs)
+        except ProtocolViolation as violation:
+            machine.violated(str(violation))
+
+    return guarded
 
 
 @dataclass

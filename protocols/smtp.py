@@ -42,12 +42,11 @@ chunk of a refused BDAT is consumed all the same.
 from __future__ import annotations
 
 import enum
-import functools
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Concatenate, Final, ParamSpec
+from typing import Final
 
 from protocols._base import (
     BackendIdentity,
@@ -67,6 +66,7 @@ from protocols._base import (
     StartTLS,
     TLSInfo,
     TLSMode,
+    event,
     transition,
 )
 
@@ -292,27 +292,6 @@ class _Owed:
     then: list[bytes] = field(default_factory=list)
 
 
-_P = ParamSpec("_P")
-
-
-def _event(
-    method: Callable[Concatenate[SMTPMachine, _P], None],
-) -> Callable[Concatenate[SMTPMachine, _P], None]:
-    """A public input: ignored once the session has ended, and turning a
-    ``ProtocolViolation`` into a 421 and the ERROR state."""
-
-    @functools.wraps(method)
-    def guarded(machine: SMTPMachine, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
-        if machine.state in _FINISHED:
-            return
-        try:
-            method(machine, *args, **kwargs)
-        except ProtocolViolation as violation:
-            machine._end(str(violation), reply=machine._unavailable, input_=Input.VIOLATION)
-
-    return guarded
-
-
 class SMTPMachine(ProxyMachine):
     """One SMTP session; see the module docstring."""
 
@@ -358,7 +337,7 @@ class SMTPMachine(ProxyMachine):
     # ------------------------------------------------------------------
     # Inputs.
 
-    @_event
+    @event
     def receive_data(self, side: Side, data: bytes) -> None:
         if side is Side.BACKEND:
             self._replies.feed(data)
@@ -376,7 +355,7 @@ class SMTPMachine(ProxyMachine):
             self._client.feed(data)
             self._pump_client()
 
-    @_event
+    @event
     def receive_eof(self, side: Side) -> None:
         if side is Side.CLIENT:
             self._end("client closed")
@@ -385,21 +364,21 @@ class SMTPMachine(ProxyMachine):
         else:
             self._end("backend closed", reply=self._unavailable)
 
-    @_event
+    @event
     def tls_established(self, info: TLSInfo) -> None:
         self._go(Input.TLS_ESTABLISHED)
         self._tls = True
         self._outbox.push(OpenBackend())
 
-    @_event
+    @event
     def backend_connected(self) -> None:
         self._go(Input.BACKEND_CONNECTED)
 
-    @_event
+    @event
     def backend_failed(self, reason: str) -> None:
         self._end(reason, reply=self._unavailable)
 
-    @_event
+    @event
     def timed_out(self) -> None:
         self._end("idle timeout", reply=b"421 4.4.2 %s Error: timeout exceeded\r\n" % self._host)
 
@@ -410,6 +389,14 @@ class SMTPMachine(ProxyMachine):
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
         return b"421 4.7.0 %s Error: too many connections\r\n" % hostname.encode()
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _FINISHED
+
+    def violated(self, reason: str) -> None:
+        """A violation ends the session with a 421."""
+        self._end(reason, reply=self._unavailable, input_=Input.VIOLATION)
 
     # ------------------------------------------------------------------
     # Shared helpers.

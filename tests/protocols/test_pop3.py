@@ -1,0 +1,1092 @@
+"""Tests of the POP3 machine and probe, mostly written as transcripts.
+
+``run(machine, ...)`` takes events (what happens on the wire) and the exact
+commands expected after each, in order; ``outputs(machine, ...)`` gives what
+a series of events made the machine send, for the sessions where only the
+bytes matter and not how they were cut into commands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols import PROTOCOLS
+from protocols._base import (
+    BackendIdentity,
+    CloseConnection,
+    Command,
+    OpenBackend,
+    Peer,
+    ProtocolViolation,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    StartTLS,
+    TLSInfo,
+    TLSMode,
+    transition,
+)
+from protocols.pop3 import (
+    TRANSITIONS,
+    Input,
+    POP3CapabilityProbe,
+    POP3Machine,
+    State,
+)
+
+# --------------------------------------------------------------------------
+# Transcript helpers.
+
+
+@dataclasses.dataclass(frozen=True)
+class Bytes:
+    """Bytes arriving from one side."""
+
+    side: Side
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """Any other input: the name of the machine's method and its arguments."""
+
+    method: str
+    args: tuple[object, ...] = ()
+
+
+Event = Bytes | Call
+
+
+def client(data: bytes) -> Bytes:
+    return Bytes(Side.CLIENT, data)
+
+
+def backend(data: bytes) -> Bytes:
+    return Bytes(Side.BACKEND, data)
+
+
+def failed(reason: str) -> Call:
+    return Call("backend_failed", (reason,))
+
+
+def eof(side: Side) -> Call:
+    return Call("receive_eof", (side,))
+
+
+TLS = Call("tls_established", (TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),))
+CONNECTED = Call("backend_connected")
+TIMEOUT = Call("timed_out")
+
+
+def apply(machine: POP3Machine, event: Event) -> None:
+    if isinstance(event, Bytes):
+        machine.receive_data(event.side, event.data)
+    else:
+        getattr(machine, event.method)(*event.args)
+
+
+def drain(machine: POP3Machine) -> list[Command]:
+    commands = []
+    while (command := machine.next_command()) is not None:
+        commands.append(command)
+    return commands
+
+
+def run(machine: POP3Machine, *steps: Event | Command) -> None:
+    """Apply events; each command step must be the next command queued."""
+    for index, step in enumerate(steps):
+        if isinstance(step, Bytes | Call):
+            assert drain(machine) == [], f"unexpected commands before step {index}: {step}"
+            apply(machine, step)
+        else:
+            assert machine.next_command() == step, f"step {index}"
+    assert drain(machine) == [], "unexpected commands at the end"
+
+
+def outputs(machine: POP3Machine, *events: Event) -> tuple[bytes, bytes, list[Command]]:
+    """What the events made the machine send to each side, and its other
+    commands."""
+    commands = []
+    for event in events:
+        apply(machine, event)
+        commands += drain(machine)
+    to_client = b"".join(c.data for c in commands if isinstance(c, SendToClient))
+    to_backend = b"".join(c.data for c in commands if isinstance(c, SendToBackend))
+    others: list[Command] = [c for c in commands if not isinstance(c, SendToClient | SendToBackend)]
+    return to_client, to_backend, others
+
+
+HOST = "proxy.example"
+CAPABILITIES = (
+    "CAPA",
+    "TOP",
+    "UIDL",
+    "RESP-CODES",
+    "PIPELINING",
+    "AUTH-RESP-CODE",
+    "STLS",
+    "USER",
+    "SASL PLAIN LOGIN SCRAM-SHA-256-PLUS",
+)
+PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 110)
+
+
+def settings(**overrides: object) -> SessionSettings:
+    base = SessionSettings(
+        hostname=HOST, tls_mode=TLSMode.STARTTLS, require_tls=True, capabilities=CAPABILITIES
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+GREETING = SendToClient(b"+OK proxy.example POP3 starttls-proxy ready\r\n")
+TLS_READY = SendToClient(b"+OK Begin TLS negotiation\r\n")
+UNAVAILABLE = SendToClient(b"-ERR [SYS/TEMP] proxy.example backend unavailable\r\n")
+AUTH_NEEDS_TLS = SendToClient(b"-ERR [AUTH] Authentication requires TLS: use STLS first\r\n")
+TLS_FIRST = SendToClient(b"-ERR TLS required: use STLS first\r\n")
+TLS_ACTIVE = SendToClient(b"-ERR TLS already active\r\n")
+LINE_TOO_LONG = SendToClient(b"-ERR line too long\r\n")
+NOT_PERMITTED = SendToClient(b"-ERR command not permitted\r\n")
+BAD_LINE = SendToClient(b"-ERR bare CR or LF received\r\n")
+PRE_TLS_CAPA = SendToClient(
+    b"+OK Capability list follows\r\n"
+    b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
+    b"STLS\r\n.\r\n"
+)
+# As Dovecot 2.3 sends them to a peer in its login_trusted_networks.
+DOVECOT_GREETING = b"+OK [XCLIENT] Dovecot (Debian) ready.\r\n"
+BACKEND_GREETING = b"+OK Dovecot (Debian) ready.\r\n"
+BACKEND_CAPA = (
+    b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
+    b"STLS\r\nUSER\r\nSASL PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n.\r\n"
+)
+RELAYED_CAPA = (
+    b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
+    b"USER\r\nSASL PLAIN LOGIN\r\n.\r\n"
+)
+#: A message as RETR sends it: dot-stuffed, with lines that look like
+#: commands and status lines, and a dot at the end of a line.
+MESSAGE = (
+    b"Subject: one\r\n\r\nhello.\r\n"
+    b"..dotted line\r\n...two\r\n..\r\n"
+    b"STLS\r\n+OK fake\r\n-ERR fake\r\n+ ZmFrZQ==\r\nCAPA\r\n\r\n"
+    b"\xe9t\xe9 \xff\x00 8-bit\r\n.\r\n"
+)
+QUIT_STEPS: tuple[Event | Command, ...] = (
+    client(b"QUIT\r\n"),
+    SendToBackend(b"QUIT\r\n"),
+    backend(b"+OK Logging out.\r\n"),
+    SendToClient(b"+OK Logging out.\r\n"),
+    CloseConnection("client quit", clean=True),
+)
+AUTH_PLAIN = b"AGFsaWNlAGFsaWNlcHc="
+
+
+def relaying(**overrides: object) -> POP3Machine:
+    """A machine past STLS, with the backend greeted and nothing owed."""
+    machine = POP3Machine(settings(**overrides), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"STLS\r\n"),
+        TLS_READY,
+        StartTLS(b""),
+        TLS,
+        OpenBackend(),
+        CONNECTED,
+        backend(BACKEND_GREETING),
+    )
+    assert machine.state is State.RELAY
+    return machine
+
+
+def logged_in() -> POP3Machine:
+    machine = relaying()
+    run(
+        machine,
+        client(b"USER alice\r\nPASS alicepw\r\n"),
+        SendToBackend(b"USER alice\r\n"),
+        SendToBackend(b"PASS alicepw\r\n"),
+        backend(b"+OK\r\n+OK Logged in.\r\n"),
+        SendToClient(b"+OK\r\n"),
+        SendToClient(b"+OK Logged in.\r\n"),
+    )
+    return machine
+
+
+# --------------------------------------------------------------------------
+# Whole sessions.
+
+
+def test_full_stls_session() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"capa\r\n"),
+        PRE_TLS_CAPA,
+        client(b"STLS\r\n"),
+        TLS_READY,
+        StartTLS(b""),
+        TLS,
+        OpenBackend(),
+        CONNECTED,
+        backend(BACKEND_GREETING),
+        client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(BACKEND_CAPA),
+        SendToClient(RELAYED_CAPA),
+        client(b"USER alice\r\n"),
+        SendToBackend(b"USER alice\r\n"),
+        backend(b"+OK\r\n"),
+        SendToClient(b"+OK\r\n"),
+        client(b"PASS alicepw\r\n"),
+        SendToBackend(b"PASS alicepw\r\n"),
+        backend(b"+OK Logged in.\r\n"),
+        SendToClient(b"+OK Logged in.\r\n"),
+        client(b"STAT\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        backend(b"+OK 1 165\r\n"),
+        SendToClient(b"+OK 1 165\r\n"),
+        client(b"RETR 1\r\n"),
+        SendToBackend(b"RETR 1\r\n"),
+        backend(b"+OK 165 octets\r\n"),
+        SendToClient(b"+OK 165 octets\r\n"),
+        backend(MESSAGE),
+        SendToClient(MESSAGE),
+        client(b"DELE 1\r\n"),
+        SendToBackend(b"DELE 1\r\n"),
+        backend(b"+OK Marked to be deleted.\r\n"),
+        SendToClient(b"+OK Marked to be deleted.\r\n"),
+        *QUIT_STEPS,
+    )
+    assert machine.state is State.CLOSED
+    run(machine, client(b"NOOP\r\n"), backend(b"+OK late\r\n"), TIMEOUT, eof(Side.BACKEND))
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        (PEER, b"192.0.2.10 PORT=49152"),
+        (Peer("2001:db8::25", 50000, "::1", 110), b"2001:db8::25 PORT=50000"),
+    ],
+)
+def test_xclient_identity_exact_bytes(peer: Peer, address: bytes) -> None:
+    machine = POP3Machine(settings(identity=BackendIdentity.POP3_XCLIENT), peer)
+    run(
+        machine,
+        GREETING,
+        client(b"STLS\r\n"),
+        TLS_READY,
+        StartTLS(b""),
+        TLS,
+        OpenBackend(),
+        client(b"USER alice\r\n"),
+        CONNECTED,
+        backend(DOVECOT_GREETING),
+        SendToBackend(b"XCLIENT ADDR=%s CLIENT-TRANSPORT=TLS\r\n" % address),
+        client(b"PASS alicepw\r\n"),
+    )
+    assert machine.state is State.XCLIENT_REPLY
+    assert machine.unprocessed_client_bytes == len(b"USER alice\r\nPASS alicepw\r\n")
+    run(
+        machine,
+        backend(b"+OK Updated\r\n"),
+        SendToBackend(b"USER alice\r\n"),
+        SendToBackend(b"PASS alicepw\r\n"),
+        backend(b"+OK\r\n+OK Logged in.\r\n"),
+        SendToClient(b"+OK\r\n"),
+        SendToClient(b"+OK Logged in.\r\n"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("greeting", "xclient_reply", "reason"),
+    [
+        (
+            b"+OK Dovecot ready.\r\n",
+            None,
+            "backend does not offer XCLIENT to the proxy: add the proxy's address"
+            " to Dovecot's login_trusted_networks",
+        ),
+        (
+            DOVECOT_GREETING,
+            b"-ERR Invalid parameters\r\n",
+            "backend refused XCLIENT: -ERR Invalid parameters",
+        ),
+        (
+            b"-ERR [SYS/TEMP] go away\r\n",
+            None,
+            "backend refused the session: -ERR [SYS/TEMP] go away",
+        ),
+    ],
+)
+def test_xclient_failures_give_err(
+    greeting: bytes, xclient_reply: bytes | None, reason: str
+) -> None:
+    machine = POP3Machine(settings(identity=BackendIdentity.POP3_XCLIENT), PEER)
+    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
+    run(machine, CONNECTED)
+    machine.receive_data(Side.BACKEND, greeting)
+    if xclient_reply is not None:
+        assert machine.next_command() == SendToBackend(
+            b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=TLS\r\n"
+        )
+        machine.receive_data(Side.BACKEND, xclient_reply)
+    assert drain(machine) == [UNAVAILABLE, CloseConnection(reason)]
+    assert machine.state is State.ERROR
+
+
+def test_plaintext_relay() -> None:
+    machine = POP3Machine(settings(require_tls=False), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"CAPA\r\n"),
+        # Logins are offered, but no channel binding and no second STLS.
+        SendToClient(
+            b"+OK Capability list follows\r\n"
+            b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
+            b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n.\r\n"
+        ),
+        client(b"NOOP\r\nUSER alice\r\nPASS alicepw\r\n"),
+        SendToClient(b"+OK\r\n"),
+        OpenBackend(),
+        client(b"STAT\r\n"),
+        CONNECTED,
+        backend(BACKEND_GREETING),
+        SendToBackend(b"USER alice\r\n"),
+        SendToBackend(b"PASS alicepw\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        backend(b"+OK\r\n+OK Logged in.\r\n+OK 0 0\r\n"),
+        SendToClient(b"+OK\r\n"),
+        SendToClient(b"+OK Logged in.\r\n"),
+        SendToClient(b"+OK 0 0\r\n"),
+        client(b"STLS\r\n"),
+        SendToClient(b"-ERR TLS not available: session already started in plaintext\r\n"),
+        client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(BACKEND_CAPA),
+        SendToClient(RELAYED_CAPA),
+        *QUIT_STEPS,
+    )
+
+
+def test_plaintext_relay_with_xclient_says_insecure() -> None:
+    machine = POP3Machine(settings(require_tls=False, identity=BackendIdentity.POP3_XCLIENT), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"AUTH PLAIN\r\n"),
+        OpenBackend(),
+        CONNECTED,
+        backend(DOVECOT_GREETING),
+        SendToBackend(b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=insecure\r\n"),
+        backend(b"+OK Updated\r\n"),
+        SendToBackend(b"AUTH PLAIN\r\n"),
+    )
+    assert machine.state is State.AUTH_PENDING
+
+
+def test_implicit_mode_forwards_the_backend_greeting() -> None:
+    machine = POP3Machine(settings(tls_mode=TLSMode.IMPLICIT), PEER)
+    run(
+        machine,
+        StartTLS(b""),
+        TLS,
+        OpenBackend(),
+        client(b"CAPA\r\n"),
+        CONNECTED,
+        backend(b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"),
+        SendToClient(b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(BACKEND_CAPA),
+        SendToClient(RELAYED_CAPA),
+        client(b"STLS\r\n"),
+        TLS_ACTIVE,
+    )
+
+
+def test_implicit_mode_with_xclient_greets_after_the_identity() -> None:
+    settings_ = settings(tls_mode=TLSMode.IMPLICIT, identity=BackendIdentity.POP3_XCLIENT)
+    machine = POP3Machine(settings_, PEER)
+    run(
+        machine,
+        StartTLS(b""),
+        TLS,
+        OpenBackend(),
+        CONNECTED,
+        backend(DOVECOT_GREETING),
+        SendToBackend(b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=TLS\r\n"),
+        backend(b"+OK Updated\r\n"),
+        # Only the proxy may use XCLIENT: the client is not told about it.
+        SendToClient(b"+OK Dovecot (Debian) ready.\r\n"),
+    )
+
+
+def test_pipelined_retr_top_list_with_dot_stuffed_bodies() -> None:
+    machine = logged_in()
+    commands = b"LIST\r\nTOP 1 0\r\nRETR 1\r\nUIDL\r\nLIST 1\r\nUIDL 1\r\nRETR 9\r\nSTAT\r\n"
+    responses = (
+        b"+OK 2 messages:\r\n1 165\r\n2 24\r\n.\r\n"
+        b"+OK\r\nSubject: one\r\n\r\n.\r\n"
+        b"+OK 165 octets\r\n"
+        + MESSAGE
+        + b"+OK\r\n1 000000016b085f7c\r\n2 000000026b085f7c\r\n.\r\n"
+        b"+OK 1 165\r\n"
+        b"+OK 1 000000016b085f7c\r\n"
+        b"-ERR There's no message 9.\r\n"
+        b"+OK 2 189\r\n"
+    )
+    to_client, to_backend, others = outputs(machine, client(commands), backend(responses))
+    assert (to_client, to_backend, others) == (responses, commands, [])
+    assert machine.state is State.RELAY
+
+
+def test_bodies_stream_without_being_held() -> None:
+    machine = logged_in()
+    run(machine, client(b"RETR 1\r\n"), SendToBackend(b"RETR 1\r\n"))
+    stream = b"+OK 165 octets\r\n" + MESSAGE + b"+OK 1 165\r\n"
+    run(machine, client(b"LIST 1\r\n"), SendToBackend(b"LIST 1\r\n"))
+    forwarded = b""
+    for offset in range(0, len(stream), 7):
+        machine.receive_data(Side.BACKEND, stream[offset : offset + 7])
+        commands = drain(machine)
+        assert all(isinstance(c, SendToClient) for c in commands)
+        forwarded += b"".join(c.data for c in commands if isinstance(c, SendToClient))
+        # Status lines wait for their CRLF; body octets go at once.
+        if len(b"+OK 165 octets\r\n") <= offset + 7 <= len(stream) - len(b"+OK 1 165\r\n"):
+            assert forwarded == stream[: offset + 7]
+    assert forwarded == stream
+
+
+def test_auth_plain_with_continuation() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"AUTH PLAIN\r\n"),
+        SendToBackend(b"AUTH PLAIN\r\n"),
+        # The response waits for the backend's continuation.
+        client(AUTH_PLAIN + b"\r\nSTAT\r\n"),
+        backend(b"+ \r\n"),
+        SendToClient(b"+ \r\n"),
+        SendToBackend(AUTH_PLAIN + b"\r\n"),
+        backend(b"+OK Logged in.\r\n"),
+        SendToClient(b"+OK Logged in.\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        backend(b"+OK 1 165\r\n"),
+        SendToClient(b"+OK 1 165\r\n"),
+    )
+    assert machine.state is State.RELAY
+
+
+def test_auth_exchanges_with_initial_response_cancel_and_listing() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"AUTH LOGIN\r\n"),
+        SendToBackend(b"AUTH LOGIN\r\n"),
+        backend(b"+ VXNlcm5hbWU6\r\n"),
+        SendToClient(b"+ VXNlcm5hbWU6\r\n"),
+        # "STLS" here is the SASL response to the challenge, not a command.
+        client(b"STLS\r\n"),
+        SendToBackend(b"STLS\r\n"),
+        backend(b"+ UGFzc3dvcmQ6\r\n"),
+        SendToClient(b"+ UGFzc3dvcmQ6\r\n"),
+        client(b"*\r\n"),
+        SendToBackend(b"*\r\n"),
+        backend(b"-ERR Authentication aborted by client.\r\n"),
+        SendToClient(b"-ERR Authentication aborted by client.\r\n"),
+        client(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
+        SendToBackend(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
+        backend(b"-ERR [AUTH] Authentication failed.\r\n"),
+        SendToClient(b"-ERR [AUTH] Authentication failed.\r\n"),
+        client(b"AUTH\r\n"),
+        SendToBackend(b"AUTH\r\n"),
+        backend(b"+OK\r\nPLAIN\r\nSCRAM-SHA-1-PLUS\r\nLOGIN\r\n.\r\n"),
+        SendToClient(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"),
+    )
+    assert machine.state is State.RELAY
+
+
+def test_overlong_sasl_response_cancels_the_exchange() -> None:
+    machine = relaying(max_line_length=64)
+    run(
+        machine,
+        client(b"AUTH PLAIN\r\n"),
+        SendToBackend(b"AUTH PLAIN\r\n"),
+        backend(b"+ \r\n"),
+        SendToClient(b"+ \r\n"),
+        client(b"A" * 100 + b"\r\nSTAT\r\n"),
+        SendToBackend(b"*\r\n"),
+        backend(b"-ERR Authentication aborted by client.\r\n"),
+        SendToClient(b"-ERR Authentication aborted by client.\r\n"),
+        SendToBackend(b"STAT\r\n"),
+    )
+
+
+def test_pipelined_local_answers_keep_their_place() -> None:
+    machine = logged_in()
+    run(
+        machine,
+        client(b"RETR 1\r\nSTLS\r\nSTAT\r\nXCLIENT ADDR=203.0.113.1\r\nNOOP\r\n"),
+        SendToBackend(b"RETR 1\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        SendToBackend(b"NOOP\r\n"),
+        backend(b"+OK 165 octets\r\n" + MESSAGE[:20]),
+        SendToClient(b"+OK 165 octets\r\n"),
+        SendToClient(MESSAGE[:20]),
+        backend(MESSAGE[20:] + b"+OK 1 165\r\n"),
+        SendToClient(MESSAGE[20:]),
+        TLS_ACTIVE,
+        SendToClient(b"+OK 1 165\r\n"),
+        NOT_PERMITTED,
+        backend(b"+OK\r\n"),
+        SendToClient(b"+OK\r\n"),
+    )
+
+
+# --------------------------------------------------------------------------
+# The pre-TLS phase.
+
+
+def test_pre_tls_local_commands() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        client(
+            b"noop\r\n\r\n STAT\r\nSTLS now\r\nXCLIENT ADDR=203.0.113.1\r\nxoip 203.0.113.1\r\n"
+        ),
+        SendToClient(b"+OK\r\n"),
+        SendToClient(b"-ERR bad syntax\r\n"),
+        SendToClient(b"-ERR bad syntax\r\n"),
+        SendToClient(b"-ERR Syntax: STLS\r\n"),
+        NOT_PERMITTED,
+        NOT_PERMITTED,
+        client(b"bare LF\ncr\r in the middle\r\n"),
+        BAD_LINE,
+        BAD_LINE,
+        client(b"QUIT\r\nNOOP\r\n"),
+        SendToClient(b"+OK proxy.example closing connection\r\n"),
+        CloseConnection("client quit", clean=True),
+    )
+
+
+def test_require_tls_refuses_user_pass_apop_auth() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"USER alice\r\nPASS alicepw\r\nAPOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"),
+        AUTH_NEEDS_TLS,
+        AUTH_NEEDS_TLS,
+        AUTH_NEEDS_TLS,
+        client(b"AUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nauth\r\n"),
+        AUTH_NEEDS_TLS,
+        TLS_FIRST,
+        AUTH_NEEDS_TLS,
+        client(b"STAT\r\nRETR 1\r\nLIST\r\nFOO\r\n"),
+        TLS_FIRST,
+        TLS_FIRST,
+        TLS_FIRST,
+        TLS_FIRST,
+    )
+    assert machine.state is State.PRE_TLS
+
+
+def test_overlong_line_refused() -> None:
+    machine = POP3Machine(settings(max_line_length=64), PEER)
+    run(machine, GREETING, client(b"USER " + b"x" * 100), LINE_TOO_LONG)
+    run(machine, client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"+OK\r\n"))
+    machine = relaying(max_line_length=64)
+    run(
+        machine,
+        client(b"USER " + b"a" * 100 + b"\r\nSTLS\r\nUSER alice\r\n"),
+        LINE_TOO_LONG,
+        TLS_ACTIVE,
+        SendToBackend(b"USER alice\r\n"),
+    )
+
+
+def test_tls_client_hello_before_stls() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+        SendToClient(b"-ERR TLS handshake received before STLS\r\n"),
+        CloseConnection("TLS ClientHello before STLS"),
+    )
+    # Only the very first byte counts.
+    machine = POP3Machine(settings(), PEER)
+    run(machine, GREETING, client(b"NOOP\r\n"), SendToClient(b"+OK\r\n"))
+    run(machine, client(b"\x16\r\n"), TLS_FIRST)
+
+
+def test_second_stls_refused() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"STLS\r\n"),
+        TLS_ACTIVE,
+        client(b"stls\r\nNOOP\r\n"),
+        TLS_ACTIVE,
+        SendToBackend(b"NOOP\r\n"),
+    )
+    assert machine.state is State.RELAY
+
+
+def test_backend_failure_gives_err() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
+    run(machine, failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
+    assert machine.state is State.CLOSED
+    machine = POP3Machine(settings(require_tls=False), PEER)
+    run(machine, GREETING, client(b"USER alice\r\n"), OpenBackend())
+    run(machine, failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
+    machine = POP3Machine(settings(), PEER)
+    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
+    run(
+        machine,
+        CONNECTED,
+        backend(b"-ERR [SYS/TEMP] Service unavailable\r\n"),
+        UNAVAILABLE,
+        CloseConnection("backend refused the session: -ERR [SYS/TEMP] Service unavailable"),
+    )
+    assert machine.state is State.ERROR
+
+
+# --------------------------------------------------------------------------
+# Attacks.
+
+
+def test_stls_pipelined_command_injection() -> None:
+    machine = POP3Machine(settings(), PEER)
+    injected = b"USER u\r\nPASS p\r\n"
+    run(
+        machine,
+        GREETING,
+        client(b"STLS\r\n" + injected),
+        TLS_READY,
+        StartTLS(injected),
+        client(b"RETR 1\r\n"),
+    )
+    assert machine.unprocessed_client_bytes == 0
+    run(
+        machine,
+        TLS,
+        OpenBackend(),
+        CONNECTED,
+        backend(BACKEND_GREETING),
+        client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+    )
+
+
+def test_stls_inside_retr_body_is_not_a_command() -> None:
+    machine = logged_in()
+    body = b"STLS\r\n+ \r\nUSER mallory\r\n.\r\n"
+    to_client, to_backend, others = outputs(
+        machine, client(b"RETR 1\r\nNOOP\r\n"), backend(b"+OK\r\n" + body + b"+OK\r\n")
+    )
+    assert (to_client, to_backend, others) == (
+        b"+OK\r\n" + body + b"+OK\r\n",
+        b"RETR 1\r\nNOOP\r\n",
+        [],
+    )
+    assert machine.state is State.RELAY
+
+
+def test_stls_inside_top_body_is_not_a_command() -> None:
+    headers = b"Subject: STLS\r\nSTLS\r\n.STLS\r\n..\r\n\r\n"
+    stream = b"+OK\r\n" + headers + b".\r\n+OK 2 189\r\n"
+    for cut in range(len(stream) + 1):
+        machine = logged_in()
+        to_client, to_backend, others = outputs(
+            machine, client(b"TOP 1 0\r\nSTAT\r\n"), backend(stream[:cut]), backend(stream[cut:])
+        )
+        assert (to_client, to_backend, others) == (stream, b"TOP 1 0\r\nSTAT\r\n", [])
+
+
+def test_stls_in_multiline_capa_is_not_a_command() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"CAPA\r\nSTLS\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(b"+OK\r\nSTLS\r\nSASL SCRAM-SHA-256-PLUS\r\nTOP\r\n"),
+        backend(b".\r\n"),
+        # STLS is gone from the list, and the client's STLS is answered after it.
+        SendToClient(b"+OK\r\nTOP\r\n.\r\n"),
+        TLS_ACTIVE,
+    )
+    assert machine.state is State.RELAY
+
+
+def test_dot_stuffed_body_passes_byte_identical() -> None:
+    body = b"..\r\n...\r\n..x\r\n.\r.\n\r\n..\r\n.\r\n"
+    stream = b"+OK 26 octets\r\n" + body
+    for cut in range(len(stream) + 1):
+        machine = logged_in()
+        to_client, to_backend, _ = outputs(
+            machine, client(b"RETR 2\r\n"), backend(stream[:cut]), backend(stream[cut:])
+        )
+        assert to_client == stream
+        assert to_backend == b"RETR 2\r\n"
+        assert machine.state is State.RELAY
+
+
+def test_plus_mechanisms_stripped_after_tls() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(
+            b"+OK List follows\r\nSASL SCRAM-SHA-256-PLUS scram-sha-1-plus\r\n"
+            b"IMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"
+        ),
+        # Nothing is left of SASL: the line goes; dot-stuffing survives.
+        SendToClient(b"+OK List follows\r\nIMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"),
+        client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        backend(b"-ERR no CAPA here\r\n"),
+        SendToClient(b"-ERR no CAPA here\r\n"),
+    )
+
+
+# --------------------------------------------------------------------------
+# Endings and misbehaving peers.
+
+
+def test_timeout_busy_and_eof() -> None:
+    assert POP3Machine.busy_reply("mx.example") == (
+        b"-ERR [SYS/TEMP] mx.example too many connections\r\n"
+    )
+    timeout = SendToClient(b"-ERR proxy.example autologout: idle for too long\r\n")
+    run(POP3Machine(settings(), PEER), GREETING, TIMEOUT, timeout, CloseConnection("idle timeout"))
+    run(relaying(), eof(Side.CLIENT), CloseConnection("client closed"))
+    run(relaying(), eof(Side.BACKEND), CloseConnection("backend closed"))
+    run(
+        relaying(),
+        client(b"RETR 1\r\n"),
+        SendToBackend(b"RETR 1\r\n"),
+        backend(b"+OK\r\n"),
+        SendToClient(b"+OK\r\n"),
+        eof(Side.BACKEND),
+        UNAVAILABLE,
+        CloseConnection("backend closed"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        (b"hello\r\n", "malformed response from backend: b'hello\\r\\n'"),
+        (b"+OK ok\n", "malformed response from backend: b'+OK ok\\n'"),
+        (b"+OKAY\r\n", "malformed response from backend: b'+OKAY\\r\\n'"),
+        (b"+OK " + b"x" * 9000, "response line too long from backend"),
+        (b"+OK\r\n-ERR again\r\n", "unsolicited response from backend: -ERR again"),
+        (b"+ challenge\r\n", "unexpected continuation from backend: + challenge"),
+    ],
+)
+def test_misbehaving_backend_gives_err(response: bytes, reason: str) -> None:
+    machine = relaying()
+    run(machine, client(b"NOOP\r\n"), SendToBackend(b"NOOP\r\n"))
+    machine.receive_data(Side.BACKEND, response)
+    assert drain(machine)[-2:] == [UNAVAILABLE, CloseConnection(reason)]
+    assert machine.state is State.ERROR
+
+
+def test_malformed_capa_list_gives_err() -> None:
+    machine = relaying()
+    run(machine, client(b"CAPA\r\n"), SendToBackend(b"CAPA\r\n"))
+    machine.receive_data(Side.BACKEND, b"+OK\r\nTOP\nUIDL\r\n")
+    reason = "malformed list line from backend: b'TOP\\n'"
+    assert drain(machine) == [UNAVAILABLE, CloseConnection(reason)]
+
+
+def test_backend_answering_while_client_owes_a_sasl_response() -> None:
+    machine = relaying()
+    run(
+        machine,
+        client(b"AUTH PLAIN\r\n"),
+        SendToBackend(b"AUTH PLAIN\r\n"),
+        backend(b"+ \r\n"),
+        SendToClient(b"+ \r\n"),
+        backend(b"-ERR timeout\r\n"),
+        SendToClient(b"-ERR timeout\r\n"),
+        UNAVAILABLE,
+        CloseConnection("AUTH_DONE is not allowed in state SASL_RESPONSE"),
+    )
+
+
+def test_driver_misuse_is_a_violation() -> None:
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        CONNECTED,
+        UNAVAILABLE,
+        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
+    )
+    assert machine.state is State.ERROR
+    run(machine, TLS, client(b"NOOP\r\n"), eof(Side.CLIENT), failed("x"))
+    machine = POP3Machine(settings(), PEER)
+    run(
+        machine,
+        GREETING,
+        backend(b"+OK\r\n"),
+        UNAVAILABLE,
+        CloseConnection("backend response in state PRE_TLS"),
+    )
+
+
+# --------------------------------------------------------------------------
+# The transitions table.
+
+TERMINAL = (State.CLOSED, State.ERROR)
+
+
+@given(st.sampled_from(State), st.sampled_from(Input))
+def test_transitions_table(state: State, input_: Input) -> None:
+    try:
+        target = transition(TRANSITIONS, state, input_)
+    except ProtocolViolation:
+        assert (state, input_) not in TRANSITIONS
+        assert state in TERMINAL or input_ not in (Input.CLOSE, Input.VIOLATION)
+        return
+    assert state not in TERMINAL
+    if input_ is Input.CLOSE:
+        assert target is State.CLOSED
+    elif input_ is Input.VIOLATION:
+        assert target is State.ERROR
+    else:
+        assert target not in TERMINAL
+
+
+def test_every_state_is_reachable_and_every_input_used() -> None:
+    reached = {State.PRE_TLS, State.TLS_HANDSHAKE}
+    for _ in State:
+        reached |= {target for (source, _input), target in TRANSITIONS.items() if source in reached}
+    assert reached == set(State)
+    assert {input_ for _, input_ in TRANSITIONS} == set(Input)
+
+
+# --------------------------------------------------------------------------
+# Split invariance: the same bytes cut anywhere give the same session.
+
+TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
+    "stls": (
+        settings(identity=BackendIdentity.POP3_XCLIENT),
+        (
+            client(b"CAPA\r\nNOOP\r\n"),
+            client(b"STLS\r\n"),
+            client(b"USER evil\r\n"),
+            TLS,
+            CONNECTED,
+            backend(DOVECOT_GREETING),
+            backend(b"+OK Updated\r\n"),
+            client(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"),
+            backend(BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"),
+            backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
+            client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
+            backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+        ),
+    ),
+    "plaintext auth": (
+        settings(require_tls=False, max_line_length=100),
+        (
+            client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
+            CONNECTED,
+            backend(BACKEND_GREETING),
+            backend(b"+ \r\n"),
+            backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
+            client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
+            backend(b"+ VXNlcm5hbWU6\r\n"),
+            backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
+            client(b"QUIT\r\n"),
+            backend(b"+OK Logging out.\r\n"),
+        ),
+    ),
+    "pre-tls garbage": (
+        settings(max_line_length=100),
+        (
+            client(b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"),
+            client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+        ),
+    ),
+    "implicit": (
+        settings(tls_mode=TLSMode.IMPLICIT),
+        (
+            TLS,
+            client(b"CAPA\r\nTOP 1 0\r\n"),
+            CONNECTED,
+            backend(BACKEND_GREETING + BACKEND_CAPA),
+            backend(b"+OK\r\n..\r\n\r\n.\r\n"),
+            eof(Side.BACKEND),
+        ),
+    ),
+}
+
+
+def play(
+    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]]
+) -> tuple[bytes, bytes, list[Command]]:
+    """Feed ``events``, each data event cut at its ``cuts``; what came out."""
+    machine = POP3Machine(settings_, PEER)
+    pieces: list[Event] = []
+    for event, offsets in zip(events, cuts, strict=True):
+        if isinstance(event, Bytes):
+            bounds = [0, *sorted(offsets), len(event.data)]
+            pieces += [Bytes(event.side, event.data[a:b]) for a, b in itertools.pairwise(bounds)]
+        else:
+            pieces.append(event)
+    return outputs(machine, *pieces)
+
+
+def _length(event: Event) -> int:
+    return len(event.data) if isinstance(event, Bytes) else 0
+
+
+def test_transcripts_end_as_expected() -> None:
+    expected_ends = {
+        "stls": CloseConnection("client quit", clean=True),
+        "plaintext auth": CloseConnection("client quit", clean=True),
+        "pre-tls garbage": CloseConnection("client quit", clean=True),
+        "implicit": CloseConnection("backend closed"),
+    }
+    for name, (settings_, events) in TRANSCRIPTS.items():
+        to_client, to_backend, others = play(settings_, events, [[] for _ in events])
+        assert others[-1] == expected_ends[name]
+        assert b"evil" not in to_backend
+        assert b"PLUS" not in to_client
+        if name == "stls":
+            assert to_backend.startswith(b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=TLS")
+            assert MESSAGE in to_client
+            assert to_client.endswith(b"+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n")
+        if name == "plaintext auth":
+            assert b"*\r\nRETR 1\r\n" in to_backend
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_split_one_byte_at_a_time(name: str) -> None:
+    settings_, events = TRANSCRIPTS[name]
+    whole = play(settings_, events, [[] for _ in events])
+    bytewise = [list(range(1, _length(event))) for event in events]
+    assert play(settings_, events, bytewise) == whole
+
+
+@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
+def test_split_invariance(name: str, data: st.DataObject) -> None:
+    settings_, events = TRANSCRIPTS[name]
+    cuts = [
+        data.draw(st.lists(st.integers(0, _length(event)), max_size=6), label=repr(event)[:40])
+        for event in events
+    ]
+    assert play(settings_, events, cuts) == play(settings_, events, [[] for _ in events])
+
+
+# --------------------------------------------------------------------------
+# Fuzzing.
+
+
+@given(
+    st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n"]), max_size=40),
+    st.lists(st.integers(0, 60), max_size=6),
+)
+def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(pieces) + b"\r\n.\r\n+OK 1 2\r\n"
+    # The status line's CRLF counts: the body may end with its first line.
+    end = (b"\r\n" + stream).find(b"\r\n.\r\n") + len(b".\r\n")
+    machine = logged_in()
+    run(
+        machine,
+        client(b"RETR 1\r\nSTAT\r\n"),
+        SendToBackend(b"RETR 1\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        backend(b"+OK\r\n"),
+        SendToClient(b"+OK\r\n"),
+    )
+    bounds = [0, *sorted(min(cut, len(stream)) for cut in cuts), len(stream)]
+    to_client, _, others = outputs(
+        machine, *(backend(stream[a:b]) for a, b in itertools.pairwise(bounds))
+    )
+    if stream[end:] == b"+OK 1 2\r\n":
+        assert to_client == stream
+        assert others == []
+    else:
+        # The body ended early: what follows was not a well-formed response.
+        assert to_client.startswith(stream[:end])
+        assert machine.state is State.ERROR
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
+def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
+    machine = POP3Machine(settings(require_tls=require_tls, max_line_length=128), PEER)
+    for chunk in chunks:
+        machine.receive_data(Side.CLIENT, chunk)
+        for command in drain(machine):
+            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
+            assert not (require_tls and isinstance(command, OpenBackend))
+    assert machine.state is not State.ERROR
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
+def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
+    machine = relaying(max_line_length=128)
+    for chunk in chunks:
+        machine.receive_data(side, chunk)
+        drain(machine)
+    if side is Side.CLIENT:
+        assert machine.state is not State.ERROR
+
+
+# --------------------------------------------------------------------------
+# The probe and the registry.
+
+
+def test_probe() -> None:
+    probe = POP3CapabilityProbe(HOST)
+    assert probe.next_send() is None
+    probe.receive_data(b"+OK Dovecot ")
+    probe.receive_data(b"ready.\r\n")
+    assert probe.next_send() == b"CAPA\r\n"
+    assert probe.next_send() is None
+    probe.receive_data(b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nSASL PLAIN\r\n..odd\r\n")
+    assert probe.result is None
+    probe.receive_data(b".\r\n")
+    assert probe.result == ("CAPA", "TOP", "UIDL", "SASL PLAIN", ".odd")
+    assert probe.next_send() == b"QUIT\r\n"
+    assert probe.next_send() is None
+    assert probe.error is None
+
+
+@pytest.mark.parametrize(
+    ("greeting", "capa_reply", "error"),
+    [
+        (b"-ERR [SYS/TEMP] busy\r\n", b"", "backend refused the session: -ERR [SYS/TEMP] busy"),
+        (b"+OK\r\n", b"-ERR Unknown command.\r\n", "backend refused CAPA: -ERR Unknown command."),
+        (b"* OK IMAP4rev1\r\n", b"", "malformed response from backend: b'* OK IMAP4rev1\\r\\n'"),
+        (b"+OK\r\n", b"+OK\r\n" + b"x" * 9000, "response line too long from backend"),
+    ],
+)
+def test_probe_errors(greeting: bytes, capa_reply: bytes, error: str) -> None:
+    probe = POP3CapabilityProbe(HOST)
+    probe.receive_data(greeting)
+    probe.receive_data(capa_reply)
+    assert probe.error == error
+    assert probe.result is None
+
+
+def test_registered() -> None:
+    spec = PROTOCOLS["pop3"]
+    assert (spec.machine, spec.probe) == (POP3Machine, POP3CapabilityProbe)
+    assert "STLS" not in spec.fallback_capabilities
