@@ -14,7 +14,9 @@ import pytest
 import trustme
 
 from tests.realservers.certs import CertFiles, write_test_certs
-from tests.realservers.postfix import INSTALL_HINT, PostfixInstance, find_program, start_postfix
+from tests.realservers.daemons import INSTALL_HINT, find_program
+from tests.realservers.dovecot import DovecotInstance, start_dovecot
+from tests.realservers.postfix import PostfixInstance, start_postfix
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +59,22 @@ def postfix(
         yield instance
     finally:
         instance.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot(
+    tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[DovecotInstance]:
+    """A running Dovecot backend (IMAP and POP3, plain and PROXY listeners), stopped at the end.
+
+    Users alice/alicepw and bob/bobpw; shared by the whole session, so tests should find
+    their messages by a unique token rather than count them.
+    """
+    if find_program("dovecot") is None:
+        pytest.fail(f"Dovecot is not installed: {INSTALL_HINT}", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail("the end-to-end tests start Dovecot and must run as root", pytrace=False)
+    with start_dovecot(
+        tmp_path_factory.mktemp("dovecot"), test_certs.cert, test_certs.key
+    ) as instance:
+        yield instance

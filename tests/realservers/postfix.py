@@ -24,46 +24,41 @@ on receipt and writes a bare LF.  :func:`message_body` turns them back into CRLF
 from __future__ import annotations
 
 import contextlib
-import grp
 import os
 import pwd
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from typing import ClassVar
 
-from tests.realservers.fs import ensure_traversable, make_dirs
-from tests.realservers.net import free_port, wait_until
+from tests.realservers.daemons import (
+    INSTALL_HINT,
+    STOP_TIMEOUT,
+    Daemon,
+    distinct_free_ports,
+    find_program,
+    kill,
+    nobody_ids,
+    prepare_base,
+    read_log,
+    require_root,
+    run_command,
+    tail,
+    wait_for_text,
+)
 
 HOST = "127.0.0.1"
-INSTALL_HINT = "run `sudo scripts/install-system-deps.sh` to install it"
 
-#: Bounded waits (seconds).
-START_TIMEOUT = 15.0
-STOP_TIMEOUT = 10.0
-COMMAND_TIMEOUT = 60.0
 #: How often start_postfix() tries new ports when one was taken meanwhile.
 START_ATTEMPTS = 3
 
-_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def find_program(name: str) -> str | None:
-    """Locate ``name`` on ``$PATH`` or in the sbin directories (root's PATH may lack them)."""
-    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{_SBIN_PATH}")
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
 
 @dataclass
-class PostfixInstance:
+class PostfixInstance(Daemon):
     """A running standalone Postfix (see :func:`start_postfix`).
 
     Listeners, all on ``host`` (127.0.0.1):
@@ -83,6 +78,7 @@ class PostfixInstance:
     proxy_port: int
     tls_port: int
     host: str = HOST
+    name: ClassVar[str] = "Postfix"
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
@@ -127,32 +123,24 @@ class PostfixInstance:
             return None
         return int(text) if text.isdigit() else None
 
+    def _ready(self) -> bool:
+        """Up once the master has written its PID file, not merely bound the ports."""
+        return self.master_pid() is not None
+
     def maillog(self) -> str:
         """The whole maillog so far (empty before postlogd wrote anything).
 
         Logging goes through the postlogd service and lags the SMTP dialogue slightly;
         use :meth:`wait_for_log` to wait for a line.
         """
-        try:
-            return self.maillog_path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_log(self.maillog_path)
 
     def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
         """Poll until ``text`` occurs in the maillog; return the maillog.
 
         Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
         """
-        deadline = time.monotonic() + timeout
-        while True:
-            log = self.maillog()
-            if text in log:
-                return log
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{text!r} not in the Postfix maillog after {timeout} s; tail:\n{_tail(log)}"
-                )
-            time.sleep(0.05)
+        return wait_for_text(self.maillog, text, timeout, "the Postfix maillog")
 
     def delivered(self) -> list[bytes]:
         """Raw bytes of every file in the Maildir's ``new/``, oldest first (by mtime)."""
@@ -175,7 +163,7 @@ class PostfixInstance:
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"{len(messages)} of {count} messages delivered after {timeout} s; "
-                    f"maillog tail:\n{_tail(self.maillog())}"
+                    f"maillog tail:\n{tail(self.maillog())}"
                 )
             time.sleep(0.05)
 
@@ -189,20 +177,13 @@ class PostfixInstance:
 
     # -- life cycle --------------------------------------------------------------------
 
-    def stop(self) -> None:
-        """Stop Postfix and wait until its ports are closed; idempotent, bounded.
+    def _terminate(self) -> bool:
+        """Stop the master and reap ``start-fg``; return whether there was anything to stop.
 
         ``postfix -c DIR stop`` first; if the master is still there after
         :data:`STOP_TIMEOUT` seconds, SIGKILL to the master and to the process groups
         of the master and of ``start-fg``.
         """
-        if self._terminate():
-            ports_closed = wait_until(self.host, self.ports, listening=False, timeout=STOP_TIMEOUT)
-            if not ports_closed:
-                raise RuntimeError(f"Postfix in {self.directory} still listens on {self.ports}")
-
-    def _terminate(self) -> bool:
-        """Stop the master and reap ``start-fg``; return whether there was anything to stop."""
         process, self._process = self._process, None
         if process is None:
             return False
@@ -221,24 +202,13 @@ class PostfixInstance:
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(STOP_TIMEOUT)
         if master is not None and _is_postfix_master(master):
-            _kill(master, signal.SIGKILL, group=False)
-            _kill(master, signal.SIGKILL, group=True)
+            kill(master, signal.SIGKILL, group=False)
+            kill(master, signal.SIGKILL, group=True)
         if process.poll() is None:
-            _kill(process.pid, signal.SIGKILL, group=True)
+            kill(process.pid, signal.SIGKILL, group=True)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(STOP_TIMEOUT)
         return True
-
-    def __enter__(self) -> PostfixInstance:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _is_postfix_master(pid: int) -> bool:
@@ -247,16 +217,6 @@ def _is_postfix_master(pid: int) -> bool:
     except OSError:
         return False
     return exe.endswith("/master")
-
-
-def _kill(pid: int, sig: signal.Signals, *, group: bool) -> None:
-    try:
-        if group:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # -- configuration ---------------------------------------------------------------------
@@ -345,15 +305,6 @@ def _check_config_path(path: Path) -> str:
     return text
 
 
-def _distinct_free_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port(HOST)
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def _run_with_tty(command: list[str]) -> subprocess.CompletedProcess[str]:
     """Run ``command`` under ``script`` so that Postfix prints its errors to the tty.
 
@@ -363,15 +314,7 @@ def _run_with_tty(command: list[str]) -> subprocess.CompletedProcess[str]:
     script = find_program("script")
     if script is None:
         raise RuntimeError(f"`script` (util-linux) is not installed; {INSTALL_HINT}")
-    result = subprocess.run(
-        [script, "-qec", shlex.join(command), "/dev/null"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
+    result = run_command([script, "-qec", shlex.join(command), "/dev/null"])
     result.stdout = result.stdout.replace("\r\n", "\n")
     return result
 
@@ -384,21 +327,15 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
     files readable by root.  Raises :class:`RuntimeError` with Postfix's output when
     the configuration check or the start fails, or when not running as root.
     """
-    if os.geteuid() != 0:
-        raise RuntimeError("starting Postfix needs root (the master binds ports and chowns)")
+    require_root("Postfix")
     postfix = find_program("postfix")
     if postfix is None:
         raise RuntimeError(f"Postfix is not installed; {INSTALL_HINT}")
 
-    base = base.absolute()
-    make_dirs(base)
-    ensure_traversable(base)
-    for sub in ("conf", "queue", "data", "mail"):
-        make_dirs(base / sub)
-    nobody = pwd.getpwnam("nobody")
-    nogroup = grp.getgrnam("nogroup")
+    base = prepare_base(base, ("conf", "queue", "data", "mail"))
+    uid, gid = nobody_ids()
     os.chown(base / "data", pwd.getpwnam("postfix").pw_uid, -1)
-    os.chown(base / "mail", nobody.pw_uid, nogroup.gr_gid)
+    os.chown(base / "mail", uid, gid)
 
     conf = base / "conf"
     (conf / "main.cf").write_text(
@@ -407,13 +344,13 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
             host=HOST,
             cert=_check_config_path(cert.absolute()),
             key=_check_config_path(key.absolute()),
-            uid=nobody.pw_uid,
-            gid=nogroup.gr_gid,
+            uid=uid,
+            gid=gid,
         )
     )
     # free_port() races with other processes: retry with new ports if one got taken.
     for attempt in range(1, START_ATTEMPTS + 1):
-        plain, proxy, tls = _distinct_free_ports(3)
+        plain, proxy, tls = distinct_free_ports(3, HOST)
         (conf / "master.cf").write_text(
             _MASTER_CF.format(host=HOST, plain=plain, proxy=proxy, tls=tls)
         )
@@ -424,7 +361,11 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
             )
         instance = PostfixInstance(directory=base, plain_port=plain, proxy_port=proxy, tls_port=tls)
         log_start = len(instance.maillog())
-        error = _start(instance, postfix)
+        error = instance._launch(
+            [postfix, "-c", str(conf), "start-fg"],
+            instance.start_output_path,
+            instance.maillog,
+        )
         if error is None:
             return instance
         if (
@@ -433,39 +374,6 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
         ):
             raise RuntimeError(error)
     raise AssertionError("unreachable")
-
-
-def _start(instance: PostfixInstance, postfix: str) -> str | None:
-    """Run ``start-fg`` and wait until ready; on failure stop it and return why."""
-    with instance.start_output_path.open("wb") as output:
-        instance._process = subprocess.Popen(
-            [postfix, "-c", str(instance.conf_dir), "start-fg"],
-            stdin=subprocess.DEVNULL,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    process = instance._process
-    deadline = time.monotonic() + START_TIMEOUT
-    while process.poll() is None and time.monotonic() < deadline:
-        if instance.master_pid() is not None and wait_until(
-            instance.host, instance.ports, listening=True, timeout=0
-        ):
-            return None
-        time.sleep(0.05)
-
-    exit_status = process.poll()
-    instance._terminate()
-    reason = (
-        f"`postfix start-fg` exited with status {exit_status}"
-        if exit_status is not None
-        else f"not listening on {instance.ports} after {START_TIMEOUT} s"
-    )
-    return (
-        f"Postfix in {instance.directory} did not start: {reason}\n"
-        f"--- start-fg output ---\n{instance.start_output_path.read_text(errors='replace')}\n"
-        f"--- maillog tail ---\n{_tail(instance.maillog())}"
-    )
 
 
 # -- message helpers -------------------------------------------------------------------

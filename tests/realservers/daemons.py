@@ -1,0 +1,255 @@
+"""Process and log helpers shared by the real-server fixtures (Postfix, Dovecot, ...)."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import ClassVar, Self
+
+from tests.realservers.fs import ensure_traversable, make_dirs
+from tests.realservers.net import free_port, wait_until
+
+INSTALL_HINT = "run `sudo scripts/install-system-deps.sh` to install it"
+
+#: Bounded waits (seconds).
+START_TIMEOUT = 15.0
+STOP_TIMEOUT = 10.0
+COMMAND_TIMEOUT = 60.0
+
+_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def find_program(name: str) -> str | None:
+    """Locate ``name`` on ``$PATH`` or in the sbin directories (root's PATH may lack them)."""
+    return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{_SBIN_PATH}")
+
+
+def tail(text: str, lines: int = 40) -> str:
+    """The last ``lines`` lines of ``text`` (for error messages)."""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def kill(pid: int, sig: signal.Signals, *, group: bool) -> None:
+    """Send ``sig`` to process ``pid`` (or to process group ``pid``); ignore it if gone."""
+    try:
+        if group:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def require_root(name: str) -> None:
+    """Raise :class:`RuntimeError` unless running as root, which starting ``name`` needs."""
+    if os.geteuid() != 0:
+        raise RuntimeError(f"starting {name} needs root (its master binds ports and chowns)")
+
+
+def prepare_base(base: Path, subdirs: Iterable[str]) -> Path:
+    """Create ``base`` and ``subdirs`` below it (mode 755); return ``base`` made absolute.
+
+    The ancestors are made traversable: the daemons read their files as unprivileged users.
+    """
+    base = base.absolute()
+    make_dirs(base)
+    ensure_traversable(base)
+    for sub in subdirs:
+        make_dirs(base / sub)
+    return base
+
+
+def nobody_ids() -> tuple[int, int]:
+    """uid of ``nobody`` and gid of ``nogroup``, who own the test mailboxes."""
+    return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+
+
+def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (bounded by :data:`COMMAND_TIMEOUT`) and capture its text output."""
+    return subprocess.run(
+        command,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+
+
+def read_log(path: Path) -> str:
+    """The whole file at ``path``, or ``""`` while it does not exist yet."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def live_group_members(group: int) -> list[int]:
+    """PIDs of the processes in process group ``group``, zombies left out.
+
+    When a master exits first, its children's zombies wait for init to reap them, which
+    can take seconds; they hold no ports or files any more.
+    """
+    members: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # After "pid (command)": state, ppid, pgrp, ...
+        state, _, pgrp = stat.rpartition(")")[2].split()[:3]
+        if int(pgrp) == group and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def wait_for_group_exit(group: int, timeout: float) -> bool:
+    """Wait until process group ``group`` has no live member; ``False`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while live_group_members(group):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def distinct_free_ports(count: int, host: str) -> list[int]:
+    """``count`` different ports on ``host`` that were free a moment ago (see ``free_port``)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port(host)
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _poll(
+    read: Callable[[], str], pick: Callable[[str], str | None], timeout: float, wanted: str
+) -> str:
+    """Poll ``read()`` until ``pick`` finds something in its result; return what it found.
+
+    Raises :class:`TimeoutError` saying what was ``wanted``, with the tail of the last
+    result, after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        content = read()
+        found = pick(content)
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"no {wanted} after {timeout} s; tail:\n{tail(content)}")
+        time.sleep(0.05)
+
+
+def wait_for_text(read: Callable[[], str], text: str, timeout: float, what: str) -> str:
+    """Poll ``read()`` until its result contains ``text``; return that result.
+
+    ``what`` names the source in the :class:`TimeoutError` (e.g. "the Postfix maillog").
+    """
+    return _poll(
+        read, lambda content: content if text in content else None, timeout, f"{text!r} in {what}"
+    )
+
+
+def wait_for_line(read: Callable[[], str], parts: Sequence[str], timeout: float, what: str) -> str:
+    """Poll ``read()`` until one of its lines contains every string in ``parts``; return it."""
+
+    def pick(content: str) -> str | None:
+        lines = content.splitlines()
+        return next((line for line in lines if all(part in line for part in parts)), None)
+
+    return _poll(read, pick, timeout, f"line with {list(parts)!r} in {what}")
+
+
+class Daemon:
+    """Life cycle shared by the real-server instances (the subclasses are dataclasses).
+
+    A subclass provides ``directory``, ``host``, ``_process`` (the launched command, or
+    ``None`` when stopped), ``ports`` and ``_terminate()``, which ends the daemon and all
+    its processes and returns whether there was anything to end.
+    """
+
+    #: What the daemon is called in error messages.
+    name: ClassVar[str]
+    directory: Path
+    host: str
+    _process: subprocess.Popen[bytes] | None
+
+    @property
+    def ports(self) -> list[int]:
+        """All listener ports."""
+        raise NotImplementedError
+
+    def _terminate(self) -> bool:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        """Whether the daemon is up once its ports listen (a subclass may check more)."""
+        return True
+
+    def stop(self) -> None:
+        """Stop the daemon and wait until its ports are closed; idempotent, bounded."""
+        if self._terminate() and not wait_until(
+            self.host, self.ports, listening=False, timeout=STOP_TIMEOUT
+        ):
+            raise RuntimeError(f"{self.name} in {self.directory} still listens on {self.ports}")
+
+    def _launch(self, command: list[str], output_path: Path, log: Callable[[], str]) -> str | None:
+        """Run ``command`` until every port listens and :meth:`_ready`; else say why not.
+
+        The command runs in a session of its own (so its process group can be killed)
+        with stdout and stderr in ``output_path``.  After :data:`START_TIMEOUT` seconds,
+        or when it exits first, it is terminated and an explanation returned, with its
+        output and what ``log()`` gained meanwhile.
+        """
+        log_start = len(log())
+        with output_path.open("wb") as output:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        process = self._process
+        deadline = time.monotonic() + START_TIMEOUT
+        while process.poll() is None and time.monotonic() < deadline:
+            if wait_until(self.host, self.ports, listening=True, timeout=0) and self._ready():
+                return None
+            time.sleep(0.05)
+        exit_status = process.poll()
+        self._terminate()
+        reason = (
+            f"`{shlex.join(command)}` exited with status {exit_status}"
+            if exit_status is not None
+            else f"not ready on {self.ports} after {START_TIMEOUT} s"
+        )
+        return (
+            f"{self.name} in {self.directory} did not start: {reason}\n"
+            f"--- output ---\n{output_path.read_text(errors='replace')}\n"
+            f"--- log tail ---\n{tail(log()[log_start:])}"
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

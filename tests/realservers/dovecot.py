@@ -1,0 +1,335 @@
+"""A real Dovecot 2.3 (IMAP + POP3) instance on loopback, started and stopped by the tests.
+
+The instance lives entirely in one base directory (``dovecot -c BASE/dovecot.conf``);
+nothing under ``/etc/dovecot`` is read.  It follows ``real-servers.md`` section 3, with
+free ports instead of fixed ones::
+
+    BASE/dovecot.conf           configuration
+    BASE/users                  passwd-file with alice/alicepw and bob/bobpw (see USERS)
+    BASE/run/                   base_dir (master.pid, sockets)
+    BASE/state/                 state_dir
+    BASE/mail/USER/Maildir/     each user's mailbox, owned by nobody:nogroup
+    BASE/dovecot.log            log_path (everything Dovecot logs)
+    BASE/dovecot-fg.out         output of ``dovecot -F`` (errors before logging starts)
+
+One instance serves every case (see :class:`DovecotInstance` for the listeners).  Plaintext
+LOGIN needs a session Dovecot considers *secured* (``disable_plaintext_auth = yes``), and
+Dovecot 2.3 calls a session secured when any of these holds when the connection arrives:
+it is TLS (STARTTLS, or a PROXY v2 header with the PP2_TYPE_SSL TLV), the client address
+is in ``login_trusted_networks``, or the client address equals the local address.  With a
+PROXY header the client address is the header's source.  ``login_trusted_networks`` is
+therefore only :data:`TRUSTED_CLIENT` (127.0.0.1, where the proxy connects from): a
+``/8`` would also trust the source 127.0.0.5 of a PROXY header and let it log in without
+TLS.  Tests that want Dovecot's own TLS enforcement to matter must present a client
+address other than 127.0.0.1 (e.g. connect to the proxy from 127.0.0.5).
+
+Dovecot 2.3 ignores the ``x-client-transport`` ID field and the ``CLIENT-TRANSPORT``
+XCLIENT attribute: on the plain listeners the session is secured because the
+connection comes from a trusted network, whatever the transport claims.
+
+Starting needs root (the master binds, chowns and drops privileges).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from tests.realservers.daemons import (
+    INSTALL_HINT,
+    STOP_TIMEOUT,
+    Daemon,
+    distinct_free_ports,
+    find_program,
+    kill,
+    nobody_ids,
+    prepare_base,
+    read_log,
+    require_root,
+    run_command,
+    wait_for_group_exit,
+    wait_for_line,
+    wait_for_text,
+)
+
+HOST = "127.0.0.1"
+#: The only client address Dovecot trusts to send ID x-originating-ip / POP3 XCLIENT.
+TRUSTED_CLIENT = "127.0.0.1"
+#: Mail users (passwd-file, plaintext passwords): name -> password.
+USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
+
+#: How often start_dovecot() tries new ports when one was taken meanwhile.
+START_ATTEMPTS = 3
+
+
+@dataclass
+class DovecotInstance(Daemon):
+    """A running standalone Dovecot (see :func:`start_dovecot`).
+
+    Listeners, all on ``host`` (127.0.0.1), with ``disable_plaintext_auth = yes``
+    everywhere:
+
+    ``imap_port``, ``pop3_port``
+        Plain IMAP / POP3 without PROXY protocol.  Dovecot offers STARTTLS / STLS itself
+        (``ssl = yes``, for benchmarks).  Clients from :data:`TRUSTED_CLIENT` are in
+        ``login_trusted_networks``: their sessions count as secured, and they may
+        override the client address with IMAP ``ID ("x-originating-ip" ...)`` or POP3
+        ``XCLIENT ADDR=...``.
+    ``imap_proxy_port``, ``pop3_proxy_port``
+        ``haproxy = yes``: a PROXY v1 or v2 header is required first
+        (``haproxy_trusted_networks = 127.0.0.0/8``).  LOGIN / USER+PASS is refused
+        (IMAP advertises LOGINDISABLED) unless the header's source is 127.0.0.1 or a v2
+        header carries the PP2_TYPE_SSL TLV.
+    """
+
+    directory: Path
+    imap_port: int
+    imap_proxy_port: int
+    pop3_port: int
+    pop3_proxy_port: int
+    host: str = HOST
+    name: ClassVar[str] = "Dovecot"
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+
+    # -- paths -------------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        """The configuration file passed as ``dovecot -c``."""
+        return self.directory / "dovecot.conf"
+
+    @property
+    def log_path(self) -> Path:
+        """Dovecot's log file (``log_path``)."""
+        return self.directory / "dovecot.log"
+
+    @property
+    def start_output_path(self) -> Path:
+        """Where the output of ``dovecot -F`` goes."""
+        return self.directory / "dovecot-fg.out"
+
+    @property
+    def ports(self) -> list[int]:
+        """All listener ports."""
+        return [self.imap_port, self.imap_proxy_port, self.pop3_port, self.pop3_proxy_port]
+
+    def mailbox_path(self, user: str) -> Path:
+        """The Maildir of ``user`` (created by Dovecot at the user's first login)."""
+        if user not in USERS:
+            raise KeyError(f"no such Dovecot test user: {user!r}")
+        return self.directory / "mail" / user / "Maildir"
+
+    # -- observation -------------------------------------------------------------------
+
+    def master_pid(self) -> int | None:
+        """PID of the master (also its process group id); ``None`` when stopped."""
+        return None if self._process is None else self._process.pid
+
+    def log(self) -> str:
+        """The whole log so far (empty before Dovecot wrote anything).
+
+        Dovecot's log process writes lines slightly after the dialogue that caused them;
+        use :meth:`wait_for_log` to wait for a line.
+        """
+        return read_log(self.log_path)
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """Poll until ``text`` occurs in the log; return the log.
+
+        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
+        """
+        return wait_for_text(self.log, text, timeout, "the Dovecot log")
+
+    def wait_for_line(self, *parts: str, since: int = 0, timeout: float = 10.0) -> str:
+        """Poll until a line of ``log()[since:]`` contains every one of ``parts``; return it.
+
+        Take ``since = len(dovecot.log())`` before a dialogue to ignore older lines, e.g.
+        ``wait_for_line("imap-login: Info: Login: user=<alice>", "rip=127.0.0.5,", since=mark)``.
+        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
+        """
+        return wait_for_line(lambda: self.log()[since:], parts, timeout, "the Dovecot log")
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        """Whether both plain listeners greet, which Dovecot does once auth is up.
+
+        Stopping a Dovecot whose login processes still wait for the auth and stats
+        services takes seconds longer.
+        """
+        return all(_greets(self.host, port) for port in (self.imap_port, self.pop3_port))
+
+    def _terminate(self) -> bool:
+        """Stop the master and its children; return whether there was anything to stop.
+
+        SIGTERM to the master, which stops its children; anything of its process group
+        still alive after :data:`STOP_TIMEOUT` seconds gets SIGKILL.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return False
+        # The master runs in a session of its own (start_new_session), and its children
+        # stay in its process group: the group id stays taken while a member lives, so
+        # signalling the group never reaches an unrelated process.
+        group = process.pid
+        kill(group, signal.SIGTERM, group=False)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT)
+        if process.poll() is None or not wait_for_group_exit(group, STOP_TIMEOUT):
+            kill(group, signal.SIGKILL, group=True)
+            process.wait(STOP_TIMEOUT)
+            if not wait_for_group_exit(group, STOP_TIMEOUT):
+                raise RuntimeError(f"Dovecot processes of group {group} survive SIGKILL")
+        return True
+
+
+def _greets(host: str, port: int) -> bool:
+    """Whether a connection to ``host:port`` gets a positive IMAP or POP3 greeting."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0) as sock:
+            return sock.recv(4).startswith((b"* OK", b"+OK"))
+    except OSError:
+        return False
+
+
+# -- configuration ---------------------------------------------------------------------
+
+_DOVECOT_CONF = """\
+# Generated by tests/realservers/dovecot.py: standalone instance, loopback only.
+base_dir = {base}/run
+state_dir = {base}/state
+log_path = {base}/dovecot.log
+protocols = imap pop3
+listen = {host}
+default_internal_user = dovecot
+default_login_user = dovenull
+verbose_proctitle = no
+auth_verbose = yes
+ssl = yes
+ssl_cert = <{cert}
+ssl_key = <{key}
+ssl_dh = </usr/share/dovecot/dh.pem
+# LOGIN/PLAIN only on secured sessions: TLS (also the PROXY v2 SSL TLV), a trusted
+# client address, or client address == local address
+disable_plaintext_auth = yes
+auth_mechanisms = plain login
+# a /8 would trust the proxied source of every PROXY header on loopback too
+login_trusted_networks = {trusted}
+haproxy_trusted_networks = 127.0.0.0/8
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%n {base}/users
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%n {base}/users
+}}
+mail_location = maildir:~/Maildir
+"""
+
+#: Appended once for "imap" and once for "pop3".
+_PROTOCOL_CONF = """\
+# many test sessions of one user from one address (the default is 10)
+protocol {protocol} {{
+  mail_max_userip_connections = 1000
+}}
+# one long-lived login process serves many connections (the default forks per connection)
+service {protocol}-login {{
+  service_count = 0
+  process_min_avail = 2
+  inet_listener {protocol} {{
+    address = {host}
+    port = {port}
+  }}
+  inet_listener {protocol}s {{
+    port = 0
+  }}
+  inet_listener {protocol}_haproxy {{
+    address = {host}
+    port = {proxy_port}
+    haproxy = yes
+  }}
+}}
+"""
+
+
+def _check_config_path(path: Path) -> str:
+    text = str(path)
+    if re.search(r"[\s:#{}<$\"']", text):
+        raise ValueError(f"Dovecot cannot take this path in its configuration: {text!r}")
+    return text
+
+
+def _write_users(base: Path, uid: int, gid: int) -> None:
+    lines = [
+        f"{name}:{{PLAIN}}{password}:{uid}:{gid}::{base}/mail/{name}::\n"
+        for name, password in USERS.items()
+    ]
+    users = base / "users"
+    users.write_text("".join(lines))
+    users.chmod(0o644)
+
+
+def start_dovecot(base: Path, cert: Path, key: Path) -> DovecotInstance:
+    """Configure and start a Dovecot instance in ``base``; return once it accepts connections.
+
+    ``base`` is created if needed (mode 755, ancestors made traversable for Dovecot's
+    unprivileged users); ``cert`` (leaf plus chain) and ``key`` are PEM files readable
+    by root.  Raises :class:`RuntimeError` with Dovecot's output when the configuration
+    check or the start fails, or when not running as root.
+    """
+    require_root("Dovecot")
+    dovecot = find_program("dovecot")
+    doveconf = find_program("doveconf")
+    if dovecot is None or doveconf is None:
+        raise RuntimeError(f"Dovecot is not installed; {INSTALL_HINT}")
+
+    base = prepare_base(base, ("run", "state", "mail"))
+    uid, gid = nobody_ids()
+    os.chown(base / "mail", uid, gid)
+    _write_users(base, uid, gid)
+
+    # free_port() races with other processes: retry with new ports if one got taken.
+    for attempt in range(1, START_ATTEMPTS + 1):
+        imap, imap_proxy, pop3, pop3_proxy = distinct_free_ports(4, HOST)
+        instance = DovecotInstance(
+            directory=base,
+            imap_port=imap,
+            imap_proxy_port=imap_proxy,
+            pop3_port=pop3,
+            pop3_proxy_port=pop3_proxy,
+        )
+        instance.config_path.write_text(
+            _DOVECOT_CONF.format(
+                base=_check_config_path(base),
+                host=HOST,
+                cert=_check_config_path(cert.absolute()),
+                key=_check_config_path(key.absolute()),
+                trusted=TRUSTED_CLIENT,
+            )
+            + _PROTOCOL_CONF.format(protocol="imap", host=HOST, port=imap, proxy_port=imap_proxy)
+            + _PROTOCOL_CONF.format(protocol="pop3", host=HOST, port=pop3, proxy_port=pop3_proxy)
+        )
+        check = run_command([doveconf, "-c", str(instance.config_path), "-n"])
+        if check.returncode != 0:
+            raise RuntimeError(
+                f"`doveconf -c {instance.config_path} -n` failed (exit {check.returncode}):\n"
+                f"{check.stderr}"
+            )
+        error = instance._launch(
+            [dovecot, "-F", "-c", str(instance.config_path)],
+            instance.start_output_path,
+            instance.log,
+        )
+        if error is None:
+            return instance
+        if attempt == START_ATTEMPTS or "Address already in use" not in error:
+            raise RuntimeError(error)
+    raise AssertionError("unreachable")
