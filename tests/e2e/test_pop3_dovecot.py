@@ -1,0 +1,170 @@
+"""End to end: POP3 clients -> starttls-proxy -> a real Dovecot on loopback.
+
+Dovecot runs with ``disable_plaintext_auth = yes``; clients connect from
+127.0.0.x other than 127.0.0.1, so only the proxy's PROXY v2 SSL TLV (or
+its trusted XCLIENT) lets them log in.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import poplib
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_until
+from tests.realservers.dovecot import DovecotInstance
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+BODY = (
+    b"Hello through the proxy.\r\nSTLS\r\na1 STARTTLS\r\n.\r\n..two dots\r\ncaf\xc3\xa9 8-bit\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotInstance, test_certs: CertFiles
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy-pop3"),
+        [(test_certs.cert, test_certs.key)],
+        [
+            listener("proxyv2", dovecot.pop3_proxy_port, "pop3", backend={"identity": "proxy-v2"}),
+            listener("xclient", dovecot.pop3_port, "pop3", backend={"identity": "pop3-xclient"}),
+            listener(
+                "implicit",
+                dovecot.pop3_proxy_port,
+                "pop3",
+                tls="implicit",
+                backend={"identity": "proxy-v2"},
+            ),
+        ],
+    )
+    yield process
+    assert process.stop() == 0, process.log()[-3000:]
+    assert "Traceback" not in process.log()
+
+
+class SourcedPOP3(poplib.POP3):
+    """poplib.POP3 connecting from a chosen loopback address."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        self.source = source
+        super().__init__(host, port, timeout=20)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self.source, 0)
+        )
+
+
+def _message(token: str) -> bytes:
+    return (
+        f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n".encode()
+        + BODY
+    )
+
+
+def _store_for_bob(dovecot: DovecotInstance, token: str) -> bytes:
+    """Put a message into bob's INBOX straight through Dovecot (trusted 127.0.0.1)."""
+    message = _message(token)
+    with imaplib.IMAP4("127.0.0.1", dovecot.imap_port) as imap:
+        imap.login("bob", "bobpw")
+        imap.append("INBOX", None, None, message)
+    return message
+
+
+def _retrieve(client: poplib.POP3, token: str) -> bytes:
+    client.user("bob")
+    client.pass_("bobpw")
+    _, listing, _ = client.list()
+    for entry in listing:
+        number = int(entry.split()[0])
+        _, lines, _ = client.retr(number)
+        raw = b"\r\n".join(lines) + b"\r\n"
+        if f"Subject: {token}".encode() in raw:
+            return raw
+    raise AssertionError(f"message {token} not found")
+
+
+@pytest.mark.parametrize(("name", "source"), [("proxyv2", "127.0.0.40"), ("xclient", "127.0.0.41")])
+def test_poplib_stls_retr_byte_identical(
+    proxy: ProxyProcess,
+    dovecot: DovecotInstance,
+    test_certs: CertFiles,
+    name: str,
+    source: str,
+) -> None:
+    token = uuid.uuid4().hex
+    sent = _store_for_bob(dovecot, token)
+    since = len(dovecot.log())
+    client = SourcedPOP3("localhost", proxy.ports[name], source)
+    assert client.getwelcome().startswith(b"+OK proxy.test")  # the proxy's own greeting
+    with pytest.raises(poplib.error_proto, match="TLS"):
+        client.user("bob")  # no login before STLS
+    client.stls(context=test_certs.client_context())
+    assert "STLS" not in client.capa()
+    assert _retrieve(client, token) == sent
+    client.quit()
+    line = dovecot.wait_for_line("Login: user=<bob>", f"rip={source}", since=since)
+    assert "secured" in line
+
+
+def test_implicit_tls(proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles) -> None:
+    token = uuid.uuid4().hex
+    sent = _store_for_bob(dovecot, token)
+    client = poplib.POP3_SSL(
+        "localhost", proxy.ports["implicit"], context=test_certs.client_context(), timeout=20
+    )
+    assert _retrieve(client, token) == sent
+    client.quit()
+
+
+def test_curl_pop3_ssl_reqd(
+    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+) -> None:
+    token = uuid.uuid4().hex
+    _store_for_bob(dovecot, token)
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", str(test_certs.ca),
+         "--interface", "127.0.0.42", "-u", "bob:bobpw",
+         f"pop3://localhost:{proxy.ports['proxyv2']}/"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()  # the message list
+
+
+def test_openssl_s_client_starttls_pop3(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.ports['proxyv2']}",
+         "-starttls", "pop3", "-CAfile", str(test_certs.ca), "-verify_return_error",
+         "-servername", "localhost", "-crlf", "-quiet"],
+        input="CAPA\nQUIT\n", capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "+OK" in result.stdout, result.stdout + result.stderr
+    assert "STLS" not in result.stdout
+
+
+def test_stls_pipelined_command_injection(
+    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+) -> None:
+    since = len(dovecot.log())
+    sock = proxy.connect("proxyv2", "127.0.0.43")
+    read_until(sock, b"\r\n")
+    sock.sendall(b"STLS\r\nUSER bob\r\nPASS bobpw\r\n")
+    assert read_until(sock, b"\r\n").startswith(b"+OK")
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"STAT\r\n")
+    # Had the pipelined USER/PASS reached Dovecot, STAT would succeed.
+    assert read_until(tls, b"\r\n").startswith(b"-ERR")
+    tls.sendall(b"QUIT\r\n")
+    read_until(tls, b"\r\n")
+    tls.close()
+    proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
+    assert "user=<bob>" not in dovecot.log()[since:]
