@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from protocols._base import CapabilityProbe, ProxyMachine
+from protocols.imap import IMAPCapabilityProbe, IMAPMachine
 from protocols.pop3 import POP3CapabilityProbe, POP3Machine
 from protocols.smtp import SMTPCapabilityProbe, SMTPMachine
 
@@ -26,6 +27,11 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
         machine=SMTPMachine,
         probe=SMTPCapabilityProbe,
         fallback_capabilities=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
+    ),
+    "imap": ProtocolSpec(
+        machine=IMAPMachine,
+        probe=IMAPCapabilityProbe,
+        fallback_capabilities=("IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"),
     ),
     "pop3": ProtocolSpec(
         machine=POP3Machine,

@@ -1,0 +1,180 @@
+"""End to end: IMAP clients -> starttls-proxy -> a real Dovecot on loopback.
+
+Dovecot runs with ``disable_plaintext_auth = yes``; clients connect from
+127.0.0.x other than 127.0.0.1, so only the proxy's PROXY v2 SSL TLV (or
+its trusted ``ID`` from 127.0.0.1) lets them log in.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import re
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_until
+from tests.realservers.dovecot import DovecotInstance
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+BODY = (
+    b"Hello through the proxy.\r\n"
+    b"a1 STARTTLS\r\n"
+    b"* CAPABILITY IMAP4rev1 STARTTLS\r\n"
+    b".\r\n"
+    b"caf\xc3\xa9 8-bit {5}\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotInstance, test_certs: CertFiles
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy-imap"),
+        [(test_certs.cert, test_certs.key)],
+        [
+            listener("proxyv2", dovecot.imap_proxy_port, "imap", backend={"identity": "proxy-v2"}),
+            listener("imapid", dovecot.imap_port, "imap", backend={"identity": "imap-id"}),
+            listener(
+                "implicit",
+                dovecot.imap_proxy_port,
+                "imap",
+                tls="implicit",
+                backend={"identity": "proxy-v2"},
+            ),
+        ],
+    )
+    yield process
+    assert process.stop() == 0, process.log()[-3000:]
+    assert "Traceback" not in process.log()
+
+
+class SourcedIMAP4(imaplib.IMAP4):
+    """imaplib.IMAP4 connecting from a chosen loopback address."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        self.source = source
+        super().__init__(host, port, timeout=20)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self.source, 0)
+        )
+
+
+def _message(token: str) -> bytes:
+    return (
+        f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n".encode()
+        + BODY
+    )
+
+
+def _append_and_fetch(client: imaplib.IMAP4, token: str) -> bytes:
+    sent = _message(token)
+    status, _ = client.append("INBOX", None, None, sent)
+    assert status == "OK"
+    client.select("INBOX")
+    status, found = client.search(None, "SUBJECT", token)
+    assert status == "OK" and found[0], found
+    number = found[0].split()[-1]
+    status, data = client.fetch(number, "(BODY.PEEK[])")
+    assert status == "OK"
+    first = data[0]
+    assert isinstance(first, tuple)
+    return first[1]
+
+
+def _capabilities(client: imaplib.IMAP4) -> set[str]:
+    status, data = client.capability()
+    assert status == "OK"
+    return set(data[0].decode().split())
+
+
+@pytest.mark.parametrize(("name", "source"), [("proxyv2", "127.0.0.50"), ("imapid", "127.0.0.51")])
+def test_imaplib_starttls_append_fetch_byte_identical(
+    proxy: ProxyProcess,
+    dovecot: DovecotInstance,
+    test_certs: CertFiles,
+    name: str,
+    source: str,
+) -> None:
+    token = uuid.uuid4().hex
+    since = len(dovecot.log())
+    client = SourcedIMAP4("localhost", proxy.ports[name], source)
+    before = _capabilities(client)
+    assert {"STARTTLS", "LOGINDISABLED"} <= before
+    assert not any(atom.startswith("AUTH=") for atom in before)
+    with pytest.raises(imaplib.IMAP4.error):
+        client.login("alice", "alicepw")  # refused before STARTTLS
+    client.starttls(ssl_context=test_certs.client_context())
+    after = _capabilities(client)
+    assert not after & {"STARTTLS", "LOGINDISABLED"}
+    client.login("alice", "alicepw")
+    assert _append_and_fetch(client, token) == _message(token)
+    client.logout()
+    line = dovecot.wait_for_line("Login: user=<alice>", f"rip={source}", since=since)
+    assert "secured" in line
+
+
+def test_implicit_tls(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+    token = uuid.uuid4().hex
+    client = imaplib.IMAP4_SSL(
+        "localhost", proxy.ports["implicit"], ssl_context=test_certs.client_context(), timeout=20
+    )
+    assert "STARTTLS" not in _capabilities(client)
+    client.login("bob", "bobpw")
+    assert _append_and_fetch(client, token) == _message(token)
+    client.logout()
+
+
+def test_curl_imap_ssl_reqd(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+    result = subprocess.run(
+        ["curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", str(test_certs.ca),
+         "--interface", "127.0.0.52", "-u", "alice:alicepw",
+         f"imap://localhost:{proxy.ports['proxyv2']}/", "-X", "LIST \"\" *"],
+        capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert b"INBOX" in result.stdout
+
+
+def test_openssl_s_client_starttls_imap(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.ports['proxyv2']}",
+         "-starttls", "imap", "-CAfile", str(test_certs.ca), "-verify_return_error",
+         "-servername", "localhost", "-crlf", "-quiet"],
+        input="c1 CAPABILITY\nc2 LOGOUT\n", capture_output=True, text=True, timeout=30,
+        check=False,
+    )  # fmt: skip
+    assert "c1 OK" in result.stdout, result.stdout + result.stderr
+    capability_lines = re.findall(r"^\* CAPABILITY .*$", result.stdout, re.MULTILINE)
+    assert capability_lines
+    assert all("STARTTLS" not in line for line in capability_lines)
+
+
+def test_starttls_pipelined_command_injection(
+    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+) -> None:
+    since = len(dovecot.log())
+    sock = proxy.connect("proxyv2", "127.0.0.53")
+    read_until(sock, b"\r\n")
+    sock.sendall(b"a STARTTLS\r\nb LOGIN bob bobpw\r\n")
+    assert read_until(sock, b"\r\n").startswith(b"a OK")
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"c SELECT INBOX\r\n")
+    # Had the pipelined LOGIN reached Dovecot, SELECT would succeed.
+    replies = b""
+    while not re.search(rb"^c ", replies, re.MULTILINE):
+        chunk = tls.recv(4096)
+        assert chunk, replies
+        replies += chunk
+    assert re.search(rb"^c (NO|BAD) ", replies, re.MULTILINE), replies
+    tls.sendall(b"d LOGOUT\r\n")
+    tls.close()
+    proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
+    assert "user=<bob>" not in dovecot.log()[since:]

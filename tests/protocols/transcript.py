@@ -1,0 +1,187 @@
+"""Transcripts: protocol machine tests that read top to bottom.
+
+``run(machine, ...)`` takes events (what happens on the wire) and the exact
+commands expected after each, in order. ``play`` feeds events with their
+bytes cut at given offsets and returns what came out, for split-invariance
+tests, where only the bytes matter and not how they were cut into commands.
+``check_transition`` and ``reachable`` test a machine's transitions table.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+from protocols._base import (
+    Command,
+    ProtocolViolation,
+    ProxyMachine,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    TLSInfo,
+    TLSMode,
+    transition,
+)
+
+StateT = TypeVar("StateT", bound=enum.Enum)
+InputT = TypeVar("InputT", bound=enum.Enum)
+
+
+HOST = "proxy.example"
+
+
+def make_settings(capabilities: tuple[str, ...], /, **overrides: object) -> SessionSettings:
+    """Settings of a STARTTLS listener named ``HOST`` that requires TLS, with
+    ``capabilities`` unless ``overrides`` has others."""
+    base = SessionSettings(
+        hostname=HOST, tls_mode=TLSMode.STARTTLS, require_tls=True, capabilities=capabilities
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+class Event(abc.ABC):
+    """Something the driver reports to the machine."""
+
+    @abc.abstractmethod
+    def apply(self, machine: ProxyMachine) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Client(Event):
+    data: bytes
+
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.receive_data(Side.CLIENT, self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend(Event):
+    data: bytes
+
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.receive_data(Side.BACKEND, self.data)
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS(Event):
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Connected(Event):
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.backend_connected()
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed(Event):
+    reason: str
+
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.backend_failed(self.reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class EOF(Event):
+    side: Side
+
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.receive_eof(self.side)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeout(Event):
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.timed_out()
+
+
+def drain(machine: ProxyMachine) -> list[Command]:
+    commands = []
+    while (command := machine.next_command()) is not None:
+        commands.append(command)
+    return commands
+
+
+def run(machine: ProxyMachine, *steps: Event | Command) -> None:
+    """Apply events; each command step must be the next command queued."""
+    for index, step in enumerate(steps):
+        if isinstance(step, Event):
+            assert drain(machine) == [], f"unexpected commands before step {index}: {step}"
+            step.apply(machine)
+        else:
+            assert machine.next_command() == step, f"step {index}"
+    assert drain(machine) == [], "unexpected commands at the end"
+
+
+def backend_bytes(commands: Sequence[Command]) -> bytes:
+    return b"".join(c.data for c in commands if isinstance(c, SendToBackend))
+
+
+def client_bytes(commands: Sequence[Command]) -> bytes:
+    return b"".join(c.data for c in commands if isinstance(c, SendToClient))
+
+
+def length(event: Event) -> int:
+    """How many octets a data event carries (where it can be cut)."""
+    return len(event.data) if isinstance(event, Client | Backend) else 0
+
+
+def play(
+    machine: ProxyMachine, events: Sequence[Event], cuts: Sequence[Sequence[int]] | None = None
+) -> tuple[bytes, bytes, list[Command]]:
+    """Feed ``events``, each data event cut at its ``cuts``: the bytes sent to
+    the client, to the backend, and the other commands."""
+    commands: list[Command] = []
+    for event, offsets in zip(events, cuts or [[] for _ in events], strict=True):
+        if isinstance(event, Client | Backend):
+            bounds = [0, *sorted(offsets), len(event.data)]
+            for start, end in itertools.pairwise(bounds):
+                type(event)(event.data[start:end]).apply(machine)
+                commands += drain(machine)
+        else:
+            event.apply(machine)
+            commands += drain(machine)
+    others: list[Command] = [c for c in commands if not isinstance(c, SendToClient | SendToBackend)]
+    return client_bytes(commands), backend_bytes(commands), others
+
+
+def bytewise(events: Sequence[Event]) -> list[list[int]]:
+    """Cuts that feed every data event one octet at a time."""
+    return [list(range(1, length(event))) for event in events]
+
+
+def check_transition(
+    table: Mapping[tuple[StateT, InputT], StateT],
+    state: StateT,
+    input_: InputT,
+    endings: Mapping[InputT, StateT],
+) -> StateT | None:
+    """Check one cell of ``table``; ``endings`` maps each input that ends a
+    session (close, violation) to its final state, which it must reach from
+    every other state. The target state, or ``None`` for a missing entry."""
+    try:
+        target = transition(table, state, input_)
+    except ProtocolViolation:
+        assert (state, input_) not in table
+        assert state in endings.values() or input_ not in endings
+        return None
+    assert state not in endings.values()
+    assert input_ not in endings or target is endings[input_]
+    return target
+
+
+def reachable(
+    table: Mapping[tuple[StateT, InputT], StateT], start: Iterable[StateT]
+) -> set[StateT]:
+    """Every state ``table`` leads to from the states in ``start``."""
+    reached = set(start)
+    while more := {target for (source, _), target in table.items() if source in reached} - reached:
+        reached |= more
+    return reached
