@@ -22,6 +22,7 @@ PACKAGES=(
     iproute2             # ss
     util-linux           # script (gives postfix a tty so errors reach stderr)
     ca-certificates
+    libseccomp2          # seccomp filters of the TLS workers (pyseccomp loads it)
     prometheus           # promtool check rules (deploy/prometheus/alerts.yml)
     dovecot-core         # IMAP/POP3 backend started by tests/realservers/dovecot.py
     dovecot-imapd

@@ -1,15 +1,17 @@
-"""``starttls-proxy --config PATH [--check]``."""
+"""``starttls-proxy --config PATH [--check | --isolation-report]``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pwd
 import sys
 from pathlib import Path
 
 import uvloop
 
-from starttls_proxy.config import ConfigError, load_config
+from starttls_proxy.config import Config, ConfigError, load_config
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.server import Server
 
@@ -24,6 +26,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--check",
         action="store_true",
         help="validate the configuration and certificates, then exit (0 = usable)",
+    )
+    parser.add_argument(
+        "--isolation-report",
+        action="store_true",
+        help="probe every sandbox layer of the TLS workers for real, print a table, then exit "
+        "(0 = the configured isolation.mode can start)",
     )
     parser.add_argument(
         "--log-level",
@@ -50,18 +58,57 @@ def main(argv: list[str] | None = None) -> int:
             load_certificates(config.tls)
             print(f"{args.config}: OK")
             return 0
-        # Before the event loop exists: the helper is a fresh interpreter and
-        # the only process that ever reads the private keys.
-        helper = TLSHelper.start(config.tls)
+        if args.isolation_report:
+            return _isolation_report(config)
+        # Before the event loop exists: the keeper and the helper are fresh
+        # interpreters, and the helper is the only process that ever reads
+        # the private keys.
+        helper = TLSHelper.start(config.tls, config.isolation)
     except ConfigError as error:
         for problem in error.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return 2
+    server = Server(config, helper)
     try:
-        uvloop.run(Server(config, helper).serve())
+        uvloop.run(server.serve())
     finally:
         helper.stop()
-    return 0
+    return server.exit_status
+
+
+def _main_user_row(config: Config) -> tuple[str, bool, str]:
+    user = config.isolation.main_user
+    if user is None:
+        return "main_user", False, "off (isolation.main_user is null)"
+    if os.geteuid() != 0:
+        return "main_user", False, f"not root: the main process stays uid {os.geteuid()}"
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return "main_user", False, f"no such user: {user}"
+    return "main_user", True, f"the main process drops root for {user} once bound"
+
+
+def _isolation_report(config: Config) -> int:
+    """Probe each layer in a throwaway worker (as the helper does at start)."""
+    from starttls_proxy.sandbox import Sandbox
+
+    first, count = config.isolation.uid_range
+    sandbox, statuses = Sandbox.prepare(config.isolation, first + count - 1)
+    rows = [
+        ("clean_slate", True, "fresh helper process; only the worker's own descriptors"),
+        *((s.name, s.applied, s.detail) for s in statuses),
+        ("deadline", True, "handshake alarm whose handler is _exit"),
+        _main_user_row(config),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'layer':<{width}}  applied  detail  (isolation.mode: {config.isolation.mode.value})")
+    for name, applied, detail in rows:
+        print(f"{name:<{width}}  {'yes' if applied else 'NO':<7}  {detail}")
+    problems = sandbox.problems(statuses)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
@@ -271,10 +272,66 @@ class MetricsConfig(_Model):
         return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
 
 
+class IsolationMode(enum.Enum):
+    #: Refuse to start unless every enabled layer works on this machine.
+    STRICT = "strict"
+    #: Start with the layers that work and log the missing ones.
+    BEST_EFFORT = "best-effort"
+
+
+class IsolationLayers(_Model):
+    """One switch per sandbox layer of the TLS workers (for debugging)."""
+
+    #: Own network, IPC and UTS namespaces.
+    namespaces: bool = True
+    #: Own PID namespace (the worker is its PID 1).
+    pid_namespace: bool = True
+    #: chroot into an empty, unwritable directory.
+    chroot: bool = True
+    #: A UID and GID of ``uid_range`` per live worker (root only).
+    identity: bool = True
+    #: Not dumpable, no_new_privs, no core files, no fork, no new descriptors.
+    hardening: bool = True
+    #: ``memory_limit`` on the worker's address space.
+    memory_limit: bool = True
+    #: The seccomp-bpf allow-list.
+    seccomp: bool = True
+
+
+class IsolationConfig(_Model):
+    mode: IsolationMode = IsolationMode.STRICT
+    #: ``[first, count]``: UIDs (and equal GIDs) handed to live workers, one each.
+    uid_range: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200_000, 65_536)
+    #: Empty root-owned directory the workers are locked into (created 0555).
+    chroot: Path = Path("/run/starttls-proxy/empty")
+    #: Address space a worker may map beyond what it inherits from the helper.
+    memory_limit: ByteSize = ByteSize(64 * 1024 * 1024)
+    #: User the main process becomes once its sockets are bound; ``null`` = stay.
+    main_user: str | None = "nobody"
+    #: The TLS helper may die this many times within ``restart_window``
+    #: seconds; one more makes the proxy exit (status 3) instead of spinning.
+    max_helper_restarts: Annotated[int, Field(ge=0)] = 5
+    restart_window: Annotated[float, Field(gt=0)] = 60.0
+    layers: IsolationLayers = IsolationLayers()
+    #: TEST ONLY: every worker checks its own sandbox after entering it and
+    #: logs the result; a client whose SNI is ``forbidden-syscall.self-test``
+    #: makes its worker call a forbidden system call after the handshake.
+    self_test: bool = False
+
+    @field_validator("uid_range")
+    @classmethod
+    def _fits_in_uid_space(cls, value: tuple[int, int]) -> tuple[int, int]:
+        first, count = value
+        if first + count > 2**32 - 2:
+            raise ValueError("uid_range goes beyond the largest UID")
+        return value
+
+
 class Config(_Model):
     tls: TLSConfig
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     metrics: MetricsConfig = MetricsConfig()
+    isolation: IsolationConfig = IsolationConfig()
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> Config:

@@ -196,6 +196,14 @@ class Session:
 
     @phase.setter
     def phase(self, phase: Phase) -> None:
+        log.debug(
+            "%s: %s:%s %s -> %s",
+            self.runtime.config.name,
+            self.peer.client_address,
+            self.peer.client_port,
+            self._phase.value,
+            phase.value,
+        )
         metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).dec()
         if phase is not Phase.CLOSED:
             metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()

@@ -1,7 +1,10 @@
-"""Main-process side of the TLS helper: start it, hand it client sockets.
+"""Main-process side of the TLS helper: start it (through the keeper), hand
+it client sockets, follow its restarts.
 
-See ``zygote`` for the wire format. ``TLSHelper.start`` is blocking and runs
-before the event loop; ``spawn`` is called from the loop and never blocks.
+See ``keeper`` and ``zygote`` for the wire formats. ``TLSHelper.start`` is
+blocking and runs before the event loop (while the process may still be
+root: the keeper and the helper keep those privileges); ``spawn`` is called
+from the loop and never blocks.
 """
 
 from __future__ import annotations
@@ -13,16 +16,19 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 from collections.abc import Callable
 
-from starttls_proxy.config import ConfigError, TLSConfig
+from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
+from starttls_proxy.keeper import start_interpreter
 from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
 
 log = logging.getLogger(__name__)
 
-#: How long the helper may take to load certificates at start.
-STARTUP_TIMEOUT = 30.0
+#: How long the keeper may take to start the first helper (sandbox probe
+#: and certificates included).
+STARTUP_TIMEOUT = 60.0
+#: How long ``stop`` waits for the keeper (and through it the helper) to leave.
+STOP_TIMEOUT = 15.0
 MAX_MESSAGE = 64 * 1024
 
 
@@ -30,56 +36,130 @@ class HandoffError(Exception):
     """The TLS helper could not take the connection."""
 
 
+def _receive(sock: socket.socket) -> tuple[dict[str, object], list[int]]:
+    data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+    return (json.loads(data) if data else {}), fds
+
+
 class TLSHelper:
-    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
-        self.process = process
-        self.control = control
+    def __init__(self, keeper: subprocess.Popen[bytes], keeper_socket: socket.socket) -> None:
+        self.keeper = keeper
+        self.keeper_socket = keeper_socket
+        #: The current helper's control socket; ``None`` while it restarts.
+        self.control: socket.socket | None = None
+        self.helper_pid = 0
+        #: ``(layer, applied, detail)`` as the helper's probe found them.
+        self.layers: list[tuple[str, bool, str]] = []
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Called with (pid, status) when a worker exits.
         self.on_worker_exit: Callable[[int, int], None] = lambda pid, status: None
+        #: Called with a reason when no helper can be had any more.
+        self.on_fatal: Callable[[str], None] = lambda reason: None
 
     @classmethod
-    def start(cls, tls: TLSConfig) -> TLSHelper:
-        """Start the helper and wait until its certificates are loaded."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "starttls_proxy.zygote", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
+    def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
+        """Start the keeper and wait until the first helper is ready."""
+        keeper, ours = start_interpreter("starttls_proxy.keeper")
         ours.settimeout(STARTUP_TIMEOUT)
-        ours.send(json.dumps({"tls": tls.model_dump(mode="json")}).encode())
+        ours.send(
+            json.dumps(
+                {"tls": tls.model_dump(mode="json"), "isolation": isolation.model_dump(mode="json")}
+            ).encode()
+        )
         try:
-            reply = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
+            message, fds = _receive(ours)
         except TimeoutError:
-            process.kill()
+            keeper.kill()
+            keeper.wait()
             raise ConfigError(["tls: the TLS helper did not start in time"]) from None
-        if not reply.get("ready"):
-            process.wait(5)
-            raise ConfigError(reply.get("problems") or ["tls: the TLS helper failed to start"])
+        if "helper" not in message or len(fds) != 1:
+            keeper.wait(5)
+            problems = message.get("problems")
+            raise ConfigError(
+                [str(p) for p in problems]
+                if isinstance(problems, list)
+                else ["tls: the TLS helper failed to start"]
+            )
         ours.setblocking(False)
-        return cls(process, ours)
+        helper = cls(keeper, ours)
+        helper._adopt(message, fds[0])
+        return helper
+
+    def _adopt(self, message: dict[str, object], fd: int) -> None:
+        self.control = socket.socket(fileno=fd)
+        self.control.setblocking(False)
+        pid = message["helper"]
+        self.helper_pid = pid if isinstance(pid, int) else 0
+        layers = message.get("layers")
+        if isinstance(layers, list):
+            self.layers = [(str(name), bool(ok), str(detail)) for name, ok, detail in layers]
+        if self._loop is not None:
+            self._loop.add_reader(self.control.fileno(), self._on_helper_message)
+
+    def log_layers(self) -> None:
+        """The startup log line of the sandbox layers in force (and missing)."""
+        applied = [name for name, ok, _ in self.layers if ok]
+        log.info("TLS worker sandbox: clean slate, %s, handshake deadline", ", ".join(applied))
+        for name, ok, detail in self.layers:
+            if not ok:
+                log.warning("TLS worker sandbox: %s NOT applied: %s", name, detail)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        loop.add_reader(self.control.fileno(), self._on_message)
+        loop.add_reader(self.keeper_socket.fileno(), self._on_keeper_message)
+        if self.control is not None:
+            loop.add_reader(self.control.fileno(), self._on_helper_message)
 
-    def _on_message(self) -> None:
+    def _on_helper_message(self) -> None:
+        assert self.control is not None and self._loop is not None
         while True:
             try:
                 data = self.control.recv(MAX_MESSAGE)
             except BlockingIOError:
                 return
             if not data:
-                assert self._loop is not None
-                self._loop.remove_reader(self.control.fileno())
-                log.error("the TLS helper exited (status %s)", self.process.poll())
+                log.error("the TLS helper (pid %d) died; the keeper restarts it", self.helper_pid)
+                self._drop_control()
                 return
             message = json.loads(data)
             if "exited" in message:
                 self.on_worker_exit(message["exited"], message["status"])
+
+    def _on_keeper_message(self) -> None:
+        while True:
+            try:
+                message, fds = _receive(self.keeper_socket)
+            except BlockingIOError:
+                return
+            if not message:
+                self.on_fatal("the keeper process exited")
+                self._stop_reading_keeper()
+                return
+            if "helper" in message and len(fds) == 1:
+                self._drop_control()
+                self._adopt(message, fds[0])
+                log.info("the TLS helper runs again (pid %d)", self.helper_pid)
+            elif "exited" in message:
+                pid, status = message["exited"], message["status"]
+                assert isinstance(pid, int) and isinstance(status, int)
+                self.on_worker_exit(pid, status)
+            elif "fatal" in message:
+                self.on_fatal(str(message["fatal"]))
+                self._stop_reading_keeper()
+                return
+
+    def _drop_control(self) -> None:
+        if self.control is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.control.fileno())
+        self.control.close()
+        self.control = None
+
+    def _stop_reading_keeper(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.keeper_socket.fileno())
 
     def spawn(self, client: socket.socket, request: SpawnRequest) -> socket.socket:
         """Give ``client`` to a new worker; return the main end of its channel.
@@ -89,6 +169,8 @@ class TLSHelper:
         """
         if len(request.early) > MAX_EARLY_BYTES:
             raise HandoffError(f"{len(request.early)} bytes before the TLS handshake started")
+        if self.control is None:
+            raise HandoffError("the TLS helper is restarting")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         request = dataclasses.replace(request, id=next(self._ids))
         try:
@@ -102,14 +184,15 @@ class TLSHelper:
         return ours
 
     def stop(self) -> None:
-        """Close the control socket (the helper then exits) and reap it."""
-        if self.control.fileno() < 0:
+        """Close both sockets (the helper, then the keeper, leave) and reap the keeper."""
+        if self.keeper_socket.fileno() < 0:
             return
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.control.fileno())
-        self.control.close()
+        self._drop_control()
+        self._stop_reading_keeper()
+        self.keeper_socket.close()
         try:
-            self.process.wait(5)
+            self.keeper.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            # Once the main process has dropped root it may not signal the
+            # keeper: it is left to finish on its own.
+            log.warning("the keeper (pid %d) did not exit in time", self.keeper.pid)

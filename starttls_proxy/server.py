@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -20,6 +21,7 @@ from starttls_proxy import identity, metrics
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress
 from starttls_proxy.connection import ClientEndpoint, Session
 from starttls_proxy.handoff import TLSHelper
+from starttls_proxy.sandbox import EXIT_DEADLINE, EXIT_SANDBOX_FAILED, drop_privileges
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,
@@ -39,8 +41,12 @@ _EXIT_REASONS = {
     EXIT_NOT_TLS: "not_tls",
     EXIT_CLIENT_GONE: "client_gone",
     EXIT_TLS_ERROR: "tls_error",
-    -signal.SIGALRM: "timeout",
+    EXIT_DEADLINE: "timeout",
+    EXIT_SANDBOX_FAILED: "sandbox_failed",
+    -signal.SIGSYS: "seccomp",
 }
+#: Exit status of the proxy when no TLS helper can be had any more.
+EXIT_HELPER_LOST = 3
 
 
 class ProbeError(Exception):
@@ -168,8 +174,8 @@ async def _serve_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 def _count_worker_exit(pid: int, status: int) -> None:
     reason = _EXIT_REASONS.get(status, "crash")
     metrics.WORKER_EXITS.labels(reason).inc()
-    if reason == "crash":
-        log.warning("TLS worker %d ended abnormally (status %d)", pid, status)
+    if reason in ("crash", "seccomp", "sandbox_failed"):
+        log.warning("TLS worker %d ended abnormally (%s, status %d)", pid, reason, status)
 
 
 def publish_certificate_expiry(config: Config) -> None:
@@ -192,11 +198,29 @@ class Server:
         self.listeners = [ListenerRuntime(listener, helper) for listener in config.listeners]
         publish_certificate_expiry(config)
         self._stopping = asyncio.Event()
+        #: What the process exits with once ``serve`` returns.
+        self.exit_status = 0
+
+    def _helper_lost(self, reason: str) -> None:
+        log.critical("giving up: %s", reason)
+        self.exit_status = EXIT_HELPER_LOST
+        self._stopping.set()
+
+    def _drop_privileges(self) -> None:
+        """Leave root once every socket is bound (the keeper keeps what the helper needs)."""
+        user = self.config.isolation.main_user
+        if user is None or os.geteuid() != 0:
+            log.info("main process runs as uid %d", os.geteuid())
+            return
+        drop_privileges(user)
+        log.info("main process dropped root: now runs as %s (uid %d)", user, os.geteuid())
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self.helper.on_worker_exit = _count_worker_exit
+        self.helper.on_fatal = self._helper_lost
         self.helper.attach(loop)
+        self.helper.log_layers()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         probes = [asyncio.create_task(runtime.probe_forever()) for runtime in self.listeners]
@@ -228,6 +252,7 @@ class Server:
                 runtime.config.backend.address,
                 runtime.config.backend.identity.value,
             )
+        self._drop_privileges()
         log.info("ready")
         await self._stopping.wait()
         log.info("shutting down")

@@ -2,6 +2,8 @@
 
 It is forked by the TLS helper (``zygote``) with exactly two descriptors: the
 client's TCP socket and its end of a plaintext channel to the main process.
+``main`` arms the handshake deadline, reseeds OpenSSL's random generator and
+enters the sandbox (``sandbox``) before it reads a byte from the client.
 It does the handshake, sends one *report* frame on the channel (a 4-byte
 length and a JSON object: the TLS version, cipher and SNI, or the failure),
 then pumps decrypted bytes both ways until one side closes, and exits.
@@ -19,12 +21,16 @@ import os
 import select
 import signal
 import socket
+import sys
 import time
 import traceback
 
 from OpenSSL import SSL
+from OpenSSL._util import lib as _openssl
 
 from protocols._base import TLSInfo
+from starttls_proxy import selftest
+from starttls_proxy.sandbox import EXIT_SANDBOX_FAILED, Sandbox, arm_deadline
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,
@@ -184,7 +190,11 @@ def _handshake(client: socket.socket, pump: TLSPump, early: bytes) -> bytes:
 
 
 def run(
-    client: socket.socket, channel: socket.socket, context: SSL.Context, request: SpawnRequest
+    client: socket.socket,
+    channel: socket.socket,
+    context: SSL.Context,
+    request: SpawnRequest,
+    self_test: bool = False,
 ) -> int:
     """Serve one connection; return the process exit status."""
     client.setblocking(False)
@@ -196,6 +206,8 @@ def run(
         _send_all_blocking(channel, failure_report(failure.reason))
         return failure.status
     signal.alarm(0)  # the handshake deadline no longer applies
+    if self_test and pump.info().server_name == selftest.FORBIDDEN_SYSCALL_SNI:
+        selftest.forbidden_syscall()
     _send_all_blocking(channel, handshake_report(pump.info()) + first_plaintext)
     return _pump(_Side(client), _Side(channel), pump)
 
@@ -275,17 +287,58 @@ def _read(side: _Side, client: _Side, channel: _Side, pump: TLSPump) -> int | No
     return None
 
 
-def main(client_fd: int, channel_fd: int, context: SSL.Context, request: SpawnRequest) -> None:
-    """Entry point in the forked child; never returns."""
+def _reseed_rng() -> None:
+    """Mix fresh kernel randomness into OpenSSL's DRBG.
+
+    OpenSSL notices a fork by a change of PID, and every worker is PID 1 of
+    its namespace (the LibreSSL-on-Linux trap of the titus author's post):
+    never rely on it.
+    """
+    seed = os.getrandom(48)
+    _openssl.RAND_add(seed, len(seed), float(len(seed)))
+
+
+def main(
+    client_fd: int,
+    channel_fd: int,
+    context: SSL.Context,
+    request: SpawnRequest,
+    sandbox: Sandbox,
+    uid: int | None,
+    siblings: tuple[int, ...] = (),
+) -> None:
+    """Entry point in the forked child: enter the sandbox, serve; never returns.
+
+    ``siblings`` are the PIDs of the other live workers, for the self check.
+    """
     status = EXIT_TLS_ERROR
     try:
-        signal.signal(signal.SIGALRM, signal.SIG_DFL)
-        # Default action of SIGALRM terminates the process: a client cannot
-        # stretch the handshake by trickling bytes.
-        signal.alarm(max(1, round(request.handshake_timeout)))
-        client = socket.socket(fileno=client_fd)
-        channel = socket.socket(fileno=channel_fd)
-        status = run(client, channel, context, request)
+        # Armed first: a client cannot stretch the handshake by trickling
+        # bytes, and nothing it sends can cancel the alarm.
+        arm_deadline(request.handshake_timeout)
+        _reseed_rng()
+        report: dict[str, object] = {}
+        self_test = sandbox.config.self_test
+        keep = (
+            [client_fd, channel_fd, selftest.open_status()]
+            if self_test
+            else [client_fd, channel_fd]
+        )
+        try:
+            fds = sandbox.enter(
+                uid,
+                keep,
+                checkpoints=selftest.checkpoints(report) if self_test else None,
+            )
+        except Exception as error:
+            print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
+            status = EXIT_SANDBOX_FAILED
+            return
+        if self_test:
+            selftest.after_sandbox(report, fds[2], fds[0], siblings)
+        client = socket.socket(fileno=fds[0])
+        channel = socket.socket(fileno=fds[1])
+        status = run(client, channel, context, request, self_test)
     except BaseException:
         # Last words of a crashed worker go to the helper's stderr (the
         # proxy's log); the main process only sees the channel close.

@@ -1,27 +1,36 @@
-"""The TLS helper process: holds the TLS contexts and forks one worker per
-connection.
+"""The TLS helper process: holds the TLS contexts and forks one sandboxed
+worker per connection.
 
-The main process starts it as a fresh interpreter (``python -m
-starttls_proxy.zygote FD``) before its event loop runs, so the helper never
-inherits the main process's memory, and no fork ever happens inside a
-running event loop. It imports only what workers need, loads the
-certificates, freezes the garbage collector (so that forked workers keep
-sharing the pages copy-on-write), then serves requests on a SOCK_SEQPACKET
-control socket.
+The keeper (``keeper``) starts it as a fresh interpreter (``python -m
+starttls_proxy.zygote FD``), as root when the proxy was started as root, so
+the helper never inherits the main process's memory and no fork ever
+happens inside a running event loop. It first prepares the sandbox
+(``sandbox.Sandbox.prepare``: chroot directory, seccomp filter, a probe
+worker; all before any private key is read, so the probe never has one in
+memory), then loads the certificates, freezes the garbage collector (so
+that forked workers keep sharing the pages copy-on-write), and serves
+requests on a SOCK_SEQPACKET control socket whose other end the keeper has
+passed to the main process.
+
+The helper stays privileged: entering namespaces, chroot and a fresh UID per
+worker all need root. It talks only to the main process (which cannot make
+it parse anything but the JSON below) and never to a client.
 
 Wire format: one JSON object per datagram.
 
-* main -> helper, first: ``{"tls": <TLSConfig as JSON>}``
-* helper -> main: ``{"ready": true}`` or ``{"problems": ["tls.certificates[0].key: ..."]}``
-* main -> helper: ``{"spawn": ID, "handshake_timeout": S, "server_name_hint": NAME|null}``
-  with two descriptors attached (SCM_RIGHTS): the client socket and the
-  worker's end of the plaintext channel.
+* keeper -> helper, first: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``
+* helper -> keeper: ``{"ready": true, "layers": [[name, applied, detail], ...]}``
+  or ``{"problems": ["tls.certificates[0].key: ...", ...]}``
+* main -> helper: a ``SpawnRequest`` (see ``wire``) with two descriptors
+  attached (SCM_RIGHTS): the client socket and the worker's end of the
+  plaintext channel.
 * helper -> main: ``{"spawned": ID, "pid": PID}`` and later
   ``{"exited": PID, "status": CODE}`` (a negative code is the killing signal).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -29,8 +38,10 @@ import selectors
 import signal
 import socket
 import sys
+from pathlib import Path
 
-from starttls_proxy.config import ConfigError, TLSConfig
+from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
+from starttls_proxy.sandbox import Layer, Sandbox
 from starttls_proxy.tls_contexts import CertificateStore, load_certificates
 from starttls_proxy.wire import MAX_SPAWN_REQUEST, SpawnRequest
 from starttls_proxy.worker import main as worker_main
@@ -42,89 +53,176 @@ def _send(control: socket.socket, message: dict[str, object]) -> None:
     control.send(json.dumps(message).encode())
 
 
-def _close_all_fds_except(keep: list[int]) -> None:
-    """Close every descriptor above stderr that is not in ``keep``."""
-    low = 3
-    for fd in sorted(fd for fd in keep if fd >= low):
-        # Never call closerange(a, b) with b < a: CPython hands it to
-        # close_range(2) as an unsigned "up to the end".
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+def _real_uid(pid: int) -> int | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
 
 
-def _fork_worker(store: CertificateStore, request: SpawnRequest, fds: list[int]) -> int:
-    client_fd, channel_fd = fds
-    context = store.context_for(request.server_name_hint)
-    pid = os.fork()
-    if pid == 0:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        _close_all_fds_except([0, 1, 2, client_fd, channel_fd])
-        worker_main(client_fd, channel_fd, context, request)
-    os.close(client_fd)
-    os.close(channel_fd)
-    return pid
+class UidPool:
+    """The UIDs of ``isolation.uid_range``: one per live worker, never two.
+
+    A UID is free again once its worker has been reaped: the worker was PID
+    1 of its namespace, so nothing it could have started is left. Workers of
+    an earlier helper (which died) are not this helper's children; their
+    UIDs, found in /proc at start, stay taken until that process is gone.
+    """
+
+    def __init__(self, first: int, count: int) -> None:
+        self.uids = range(first, first + count)
+        self._cursor = 0
+        self._taken: set[int] = set()
+        self._by_pid: dict[int, int] = {}
+        #: uid -> pid of a process from before this helper.
+        self._inherited: dict[int, int] = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                uid = _real_uid(int(entry.name))
+                if uid is not None and uid in self.uids:
+                    self._inherited[uid] = int(entry.name)
+
+    def take(self) -> int | None:
+        """A free UID, round robin (so a UID is reused as late as possible)."""
+        for _ in range(len(self.uids)):
+            uid = self.uids[self._cursor]
+            self._cursor = (self._cursor + 1) % len(self.uids)
+            if uid in self._taken:
+                continue
+            holder = self._inherited.pop(uid, None)
+            if holder is not None and _real_uid(holder) == uid:
+                self._inherited[uid] = holder
+                continue
+            self._taken.add(uid)
+            return uid
+        return None
+
+    def bind(self, uid: int, pid: int) -> None:
+        self._by_pid[pid] = uid
+
+    def give_back(self, uid: int) -> None:
+        self._taken.discard(uid)
+
+    def release(self, pid: int) -> None:
+        uid = self._by_pid.pop(pid, None)
+        if uid is not None:
+            self._taken.discard(uid)
 
 
-def _reap(control: socket.socket) -> None:
-    while True:
+class Helper:
+    def __init__(
+        self, control: socket.socket, store: CertificateStore, sandbox: Sandbox, pool: UidPool
+    ) -> None:
+        self.control = control
+        self.store = store
+        self.sandbox = sandbox
+        self.pool = pool
+        self.identity = Layer.IDENTITY in sandbox.layers
+        self.workers: set[int] = set()
+
+    def fork_worker(self, request: SpawnRequest, fds: list[int]) -> int | None:
+        client_fd, channel_fd = fds
+        context = self.store.context_for(request.server_name_hint)
+        uid = self.pool.take() if self.identity else None
+        if self.identity and uid is None:
+            print("TLS helper: no free UID in isolation.uid_range", file=sys.stderr, flush=True)
+            for fd in fds:
+                os.close(fd)
+            return None
+        # The self check tries to reach the other live workers.
+        siblings = tuple(self.workers) if self.sandbox.config.self_test else ()
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
+            pid = self.sandbox.fork()
+        except OSError:
+            if uid is not None:
+                self.pool.give_back(uid)
+            raise
         if pid == 0:
-            return
-        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        _send(control, {"exited": pid, "status": code})
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            worker_main(client_fd, channel_fd, context, request, self.sandbox, uid, siblings)
+        self.workers.add(pid)
+        if uid is not None:
+            self.pool.bind(uid, pid)
+        os.close(client_fd)
+        os.close(channel_fd)
+        return pid
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.pool.release(pid)
+            self.workers.discard(pid)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            _send(self.control, {"exited": pid, "status": code})
+
+    def serve_forever(self) -> int:
+        wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_write)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        gc.freeze()
+        selector = selectors.DefaultSelector()
+        selector.register(self.control, selectors.EVENT_READ)
+        selector.register(wake_read, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj == wake_read:
+                    while True:
+                        try:
+                            os.read(wake_read, 512)
+                        except BlockingIOError:
+                            break
+                    self.reap()
+                    continue
+                try:
+                    message, fds, _, _ = socket.recv_fds(self.control, MAX_SPAWN_REQUEST, 2)
+                except InterruptedError:
+                    continue
+                if not message:
+                    return 0
+                request = SpawnRequest.decode(message)
+                if len(fds) != 2:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                pid = self.fork_worker(request, fds)
+                if pid is not None:
+                    _send(self.control, {"spawned": request.id, "pid": pid})
 
 
 def serve(control: socket.socket) -> int:
-    """Load the certificates, then fork workers until the main process leaves."""
+    """Prepare the sandbox, load the certificates, then fork workers until
+    the main process leaves."""
+    # Ctrl-C in a terminal reaches the whole process group: the main process
+    # decides when the helper ends (by closing the control socket).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     first = json.loads(control.recv(MAX_MESSAGE))
+    isolation = IsolationConfig.model_validate(first["isolation"])
+    pool = UidPool(*isolation.uid_range)
+    probe_uid = pool.take()
+    sandbox, statuses = Sandbox.prepare(isolation, probe_uid or 0)
+    if probe_uid is not None:
+        pool.give_back(probe_uid)
+    problems = sandbox.problems(statuses)
     try:
+        if problems:
+            raise ConfigError(problems)
         store = load_certificates(TLSConfig.model_validate(first["tls"]))
     except ConfigError as error:
         _send(control, {"problems": error.problems})
         return 1
-    _send(control, {"ready": True})
-
-    wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_write)
-    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    # Ctrl-C in a terminal reaches the whole process group: the main process
-    # decides when the helper ends (by closing the control socket).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    gc.freeze()
-
-    selector = selectors.DefaultSelector()
-    selector.register(control, selectors.EVENT_READ)
-    selector.register(wake_read, selectors.EVENT_READ)
-    while True:
-        for key, _ in selector.select():
-            if key.fileobj == wake_read:
-                while True:
-                    try:
-                        os.read(wake_read, 512)
-                    except BlockingIOError:
-                        break
-                _reap(control)
-                continue
-            try:
-                message, fds, _, _ = socket.recv_fds(control, MAX_SPAWN_REQUEST, 2)
-            except InterruptedError:
-                continue
-            if not message:
-                return 0
-            request = SpawnRequest.decode(message)
-            if len(fds) != 2:
-                for fd in fds:
-                    os.close(fd)
-                continue
-            pid = _fork_worker(store, request, fds)
-            _send(control, {"spawned": request.id, "pid": pid})
+    _send(control, {"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]})
+    return Helper(control, store, sandbox, pool).serve_forever()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Postfix's log proves which address it was told about.
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import ssl
 import subprocess
@@ -343,3 +344,27 @@ def test_client_disconnects_mid_handshake(proxy: ProxyProcess, test_certs: CertF
     again = proxy.connect("proxyv2", "127.0.0.18")
     assert read_smtp_reply(again).startswith(b"220 ")
     again.close()
+
+
+def test_credentials_never_logged(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+    """AUTH before TLS (refused) and after it (relayed): the proxy's debug
+    log holds neither the password nor its base64 form."""
+    secret = base64.b64encode(b"\0alice\0s3cret-Pa55")
+    sock = proxy.connect("xclient", "127.0.0.19")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"AUTH PLAIN " + secret + b"\r\n")
+    assert read_smtp_reply(sock).startswith(b"530 ")
+    sock.sendall(b"STARTTLS\r\n")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(tls).startswith(b"250-")
+    tls.sendall(b"AUTH PLAIN " + secret + b"\r\n")
+    assert read_smtp_reply(tls)[:1] in (b"5", b"2")
+    tls.sendall(b"QUIT\r\n")
+    assert read_smtp_reply(tls).startswith(b"221")
+    tls.close()
+    log = proxy.wait_for_log("127.0.0.19")
+    assert "DEBUG" in log  # the proxy runs at its most verbose level
+    assert "s3cret" not in log
+    assert secret.decode() not in log

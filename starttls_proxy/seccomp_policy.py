@@ -1,0 +1,161 @@
+"""The seccomp-bpf allow-list of a TLS worker.
+
+The filter is compiled once, in the TLS helper, with libseccomp (through
+``pyseccomp``, which binds the system's ``libseccomp.so.2`` with ctypes);
+every worker then only hands the finished BPF program to the kernel, so
+libseccomp's compiler never runs in a worker and costs nothing per
+connection.
+
+What a worker does once sandboxed is small and known: the handshake and the
+pump over its two sockets (``worker.run``), reading and writing, waiting in
+poll/select, the handshake alarm, memory management for Python and
+OpenSSL, fresh randomness for OpenSSL's DRBG, and exiting. The lists below
+come from ``strace -f`` of real workers (SMTP with STARTTLS and implicit
+TLS, TLS 1.2 and 1.3, 3 MB messages, handshake failures, clients that reset
+or leave without close_notify): after the filter is loaded they only ever
+called read/write, recvfrom/sendto, poll/pselect6, ioctl(FIONBIO),
+getsockname/getsockopt, getpid, getrandom, alarm, brk, shutdown and
+exit_group. The rest of the list covers other architectures, larger
+allocations and exits, and is kept that small on purpose.
+
+Anything else kills the whole worker (``SECCOMP_RET_KILL_PROCESS``; the helper
+sees it end by SIGSYS and the main process counts it as ``seccomp``), except
+a few calls that library code makes on error paths, which fail with EPERM
+instead: Python's traceback printer opens and stats source files, and
+``abort()`` signals itself. Calls an attacker would want first (socket,
+connect, fork/clone, execve, kill, ptrace, open) are in that EPERM set too
+rather than killing at once: they fail either way, and the test-only self
+check (``selftest``) can then show each of them failing from inside a real
+worker.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import tempfile
+
+#: What the handshake and the pump need.
+ALLOWED = (
+    # The two sockets (and stderr, for last words).
+    "read",
+    "write",
+    "recvfrom",
+    "sendto",
+    "shutdown",
+    "close",
+    "getsockopt",
+    # Python's socket(fileno=...) asks for the family.
+    "getsockname",
+    "getpeername",
+    # Waiting (select is pselect6 on x86_64, poll is ppoll on arm64).
+    "poll",
+    "ppoll",
+    "select",
+    "pselect6",
+    "restart_syscall",
+    "clock_gettime",
+    "gettimeofday",
+    # Cancelling the handshake alarm (setitimer where alarm is no system
+    # call). Its handler cannot be changed: rt_sigaction is not allowed.
+    "alarm",
+    "setitimer",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    # Memory for Python and OpenSSL, bounded by RLIMIT_AS; no mprotect, so
+    # no page is ever made executable.
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "madvise",
+    # OpenSSL: fresh randomness for its DRBG, its fork check (getpid).
+    "getrandom",
+    "getpid",
+    # The C library (single-threaded: locks are never contended).
+    "futex",
+    "gettid",
+    "exit",
+    "exit_group",
+)
+
+#: Calls that fail with EPERM instead of killing (see the module docstring).
+REFUSED = (
+    "open",
+    "openat",
+    "openat2",
+    "stat",
+    "lstat",
+    "fstat",
+    "newfstatat",
+    "statx",
+    "readlink",
+    "readlinkat",
+    "getcwd",
+    "socket",
+    "socketpair",
+    "connect",
+    "bind",
+    "listen",
+    "accept",
+    "accept4",
+    "fork",
+    "vfork",
+    "clone",
+    "clone3",
+    "execve",
+    "execveat",
+    "kill",
+    "tkill",
+    "tgkill",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+)
+
+#: ``ioctl`` only for FIONBIO, which Python's ``socket.setblocking`` uses;
+#: never TIOCSTI and friends on an inherited terminal.
+FIONBIO = 0x5421
+
+PR_SET_SECCOMP = 22
+PR_SET_NO_NEW_PRIVS = 38
+#: libseccomp's answer for a name it does not know.
+NR_SCMP_ERROR = -1
+SECCOMP_MODE_FILTER = 2
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
+
+
+def compile_filter() -> bytes:
+    """The BPF program for this machine's architecture (raw ``sock_filter``s).
+
+    Raises ``ImportError`` or ``OSError`` when libseccomp is not usable.
+    """
+    import pyseccomp  # type: ignore[import-untyped]
+
+    native = pyseccomp.system_arch()
+    selected = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
+    for action, names in ((pyseccomp.ALLOW, ALLOWED), (pyseccomp.ERRNO(errno.EPERM), REFUSED)):
+        for name in names:
+            if pyseccomp.resolve_syscall(native, name) == NR_SCMP_ERROR:
+                continue  # unknown to this libseccomp
+            selected.add_rule(action, name)
+    selected.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, FIONBIO))
+    with tempfile.TemporaryFile() as out:
+        selected.export_bpf(out)
+        out.seek(0)
+        program: bytes = out.read()
+    return program
+
+
+def load_filter(program: bytes, libc: ctypes.CDLL) -> None:
+    """Set no_new_privs (the kernel's condition for an unprivileged filter), install ``program``."""
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    if libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"seccomp: {errno.errorcode.get(code, code)}")
