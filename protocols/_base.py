@@ -355,6 +355,11 @@ class ProxyMachine(abc.ABC):
     def busy_reply(hostname: str) -> bytes:
         """What a client gets when the listener is at its connection limit."""
 
+    def shutting_down(self) -> None:
+        """The proxy is stopping: tell the client, where the protocol has the
+        words and the stream allows them, and close. This default only closes."""
+        self._outbox.push(CloseConnection("proxy shutting down"))
+
     def next_command(self) -> Command | None:
         """The next transport action, or ``None`` when the machine waits."""
         return self._outbox.pop()
@@ -372,9 +377,13 @@ class CapabilityProbe(abc.ABC):
         self.hostname = hostname
         self.result: tuple[str, ...] | None = None
         self.error: str | None = None
+        #: The next command for the backend: each waits for the answer to the
+        #: one before.
+        self._send: bytes | None = None
 
     @abc.abstractmethod
     def receive_data(self, data: bytes) -> None: ...
 
-    @abc.abstractmethod
-    def next_send(self) -> bytes | None: ...
+    def next_send(self) -> bytes | None:
+        send, self._send = self._send, None
+        return send

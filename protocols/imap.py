@@ -58,35 +58,28 @@ and need no other ordering.
 once the backend holds the start of its command, which IMAP cannot take
 back. ``max_reply_line_length`` bounds the backend lines the proxy must see
 whole; a larger literal from the backend ends the session.
+
+*Shutdown*: the client gets BYE [UNAVAILABLE] (RFC 5530 section 3), except
+in the middle of a literal or of a response relayed to it, where the
+connection just closes.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
 from protocols._base import (
     BackendIdentity,
-    CapabilityProbe,
-    CloseConnection,
-    LineBuffer,
     LineTooLong,
-    OpenBackend,
     Peer,
     ProtocolViolation,
-    ProxyMachine,
-    SendToBackend,
-    SendToClient,
     SessionSettings,
-    Side,
-    StartTLS,
-    TLSInfo,
     TLSMode,
-    event,
-    transition,
 )
+from protocols._line import LineMachine, LineProbe, clean_line, ending_transitions
 from protocols.imap_syntax import (
     ATOM,
     SASL_RESPONSE,
@@ -95,7 +88,6 @@ from protocols.imap_syntax import (
     Literal,
     ResponseReader,
     capability_atoms,
-    clean_line,
     literal_at_end,
     tag_of,
     untagged,
@@ -151,8 +143,6 @@ class Input(enum.Enum):
     VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
 
 
-_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
-_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
 _WAITING: Final = (State.CONTINUATION, State.SASL, State.IDLING)
 _RELAYING: Final = (State.RELAY, *_WAITING)
 
@@ -171,8 +161,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.CONTINUATION, Input.IDLE_ACCEPTED): State.IDLING,
     (State.IDLING, Input.DONE): State.RELAY,
     **{(state, Input.COMPLETED): State.RELAY for state in _WAITING},
-    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
-    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+    **ending_transitions(State, Input),
 }
 
 #: The tag of the proxy's own ID; sent before any client command, it cannot
@@ -191,7 +180,6 @@ _LOCAL_ANSWERS: Final[Mapping[bytes, bytes]] = {
     b"ID": _ID_ANSWER + b"%(tag)s OK ID completed\r\n",
 }
 _BARE: Final = b"Bare CR or LF received"
-_EARLY_TLS: Final = b"* BYE TLS handshake received before STARTTLS\r\n"
 
 
 class _Fate(enum.Enum):
@@ -226,13 +214,21 @@ class _Wait:
     literal: Literal | None
 
 
-class IMAPMachine(ProxyMachine):
+class IMAPMachine(LineMachine[State, Input]):
     """One IMAP session; see the module docstring."""
 
+    states = State
+    inputs = Input
+    transitions = TRANSITIONS
+    #: RFC 5530 section 3: UNAVAILABLE, a temporary failure.
+    unavailable_reply = b"* BYE [UNAVAILABLE] %s backend unavailable\r\n"
+    timeout_reply = b"* BYE %s Autologout; idle for too long\r\n"
+    busy_reply_template = b"* BYE [UNAVAILABLE] %s too many connections\r\n"
+    shutdown_reply = b"* BYE [UNAVAILABLE] %s Server shutting down\r\n"
+    early_tls_reply = b"* BYE TLS handshake received before STARTTLS\r\n"
+    upgrade_command = "STARTTLS"
+
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
-        super().__init__(settings, peer)
-        self._host = settings.hostname.encode()
-        self._unavailable = b"* BYE [UNAVAILABLE] %s backend unavailable\r\n" % self._host
         backend = [atom.encode() for atom in settings.capabilities]
         atoms = [
             *visible_capabilities(backend, tls=False, auth=not settings.require_tls),
@@ -240,11 +236,14 @@ class IMAPMachine(ProxyMachine):
         ]
         if settings.require_tls and b"LOGINDISABLED" not in map(bytes.upper, atoms):
             atoms.append(b"LOGINDISABLED")
-        self._capabilities = b" ".join(atoms)
-        self._client = LineBuffer(settings.max_line_length)
+        capabilities = b" ".join(atoms)
+        greeting = b"* OK [CAPABILITY %s] %s IMAP4 starttls-proxy ready\r\n" % (
+            capabilities,
+            settings.hostname.encode(),
+        )
+        super().__init__(settings, peer, greeting=greeting)
+        self._capabilities = capabilities
         self._responses = ResponseReader(settings.max_reply_line_length, settings.max_literal_size)
-        self._tls = False
-        self._client_spoke = False
         #: The command whose next line continues it, after a literal.
         self._command: _Command | None = None
         #: Octets of the current client literal still to forward or drop.
@@ -257,133 +256,55 @@ class IMAPMachine(ProxyMachine):
         #: Whether the rest of the backend response being read goes to the client.
         self._relay_rest = False
         self._bye = False
-        self._steps: Mapping[State, Callable[[], bool]] = {
+        self._steps = {
             State.PRE_TLS: self._command_step,
             State.RELAY: self._command_step,
             State.SASL: self._sasl_step,
             State.IDLING: self._idle_step,
         }
-        if settings.tls_mode is TLSMode.STARTTLS:
-            self.state = State.PRE_TLS
-            greeting = b"* OK [CAPABILITY %s] %s IMAP4 starttls-proxy ready\r\n"
-            self._outbox.push(SendToClient(greeting % (self._capabilities, self._host)))
-        else:
-            self.state = State.TLS_HANDSHAKE
-            self._outbox.push(StartTLS(b""))
 
-    # ------------------------------------------------------------------
-    # Inputs.
+    def _backend_data(self, data: bytes) -> None:
+        self._responses.feed(data)
+        while not self.finished and (piece := self._responses.pop()) is not None:
+            if isinstance(piece, Head):
+                self._relay_rest = False
+                self._response(piece)
+            elif self._relay_rest:
+                self._send_client(piece)
+            if self._responses.between_responses:
+                self._release_held()
 
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            self._responses.feed(data)
-            while self.state not in _FINISHED and (piece := self._responses.pop()) is not None:
-                if isinstance(piece, Head):
-                    self._relay_rest = False
-                    self._response(piece)
-                elif self._relay_rest:
-                    self._outbox.push(SendToClient(piece))
-                if self._responses.between_responses:
-                    self._release_held()
-        elif self.state is State.TLS_HANDSHAKE:
-            # Between STARTTLS and the handshake nothing from the client is
-            # interpreted (RFC 2595 section 3.1): not even buffered.
-            pass
-        elif self.state is State.PRE_TLS and not self._client_spoke and data[:1] == b"\x16":
-            # A TLS record header: an implicit-TLS client on a STARTTLS port.
-            self._end("TLS ClientHello before STARTTLS", reply=_EARLY_TLS)
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
-            self._pump_client()
-
-    @event
-    def receive_eof(self, side: Side) -> None:
-        if side is Side.CLIENT:
-            self._end("client closed")
-        elif self._bye:
+    def _backend_closed(self) -> None:
+        if self._bye:
             self._end("backend said BYE", clean=True)
         else:
             self._end("backend closed", reply=self._unavailable)
 
-    @event
-    def tls_established(self, info: TLSInfo) -> None:
-        self._go(Input.TLS_ESTABLISHED)
-        self._tls = True
-        self._outbox.push(OpenBackend())
-
-    @event
-    def backend_connected(self) -> None:
-        self._go(Input.BACKEND_CONNECTED)
-
-    @event
-    def backend_failed(self, reason: str) -> None:
-        self._end(reason, reply=self._unavailable)
-
-    @event
-    def timed_out(self) -> None:
-        self._end("idle timeout", reply=b"* BYE %s Autologout; idle for too long\r\n" % self._host)
-
     @property
-    def unprocessed_client_bytes(self) -> int:
-        return len(self._client)
+    def _mid_transfer(self) -> bool:
+        # A response partly relayed, or a client literal under way: its
+        # octets arriving, or announced non-synchronizing and held until the
+        # backend's "+".
+        wait = self._wait
+        return (
+            not self._responses.between_responses
+            or self._literal > 0
+            or (wait is not None and wait.literal is not None and wait.literal.nonsync)
+        )
 
-    @staticmethod
-    def busy_reply(hostname: str) -> bytes:
-        return b"* BYE [UNAVAILABLE] %s too many connections\r\n" % hostname.encode()
-
-    # ------------------------------------------------------------------
-    # What ``event`` needs.
-
-    @property
-    def finished(self) -> bool:
-        return self.state in _FINISHED
-
-    def violated(self, reason: str) -> None:
-        self._end(reason, reply=self._unavailable, input_=Input.VIOLATION)
-
-    # ------------------------------------------------------------------
-    # Shared helpers.
-
-    def _go(self, input_: Input) -> None:
-        self.state = transition(TRANSITIONS, self.state, input_)
-
-    def _end(
-        self,
-        reason: str,
-        *,
-        reply: bytes | None = None,
-        clean: bool = False,
-        input_: Input = Input.CLOSE,
-    ) -> None:
-        self._go(input_)
-        if reply is not None:
-            self._outbox.push(SendToClient(reply))
-        self._outbox.push(CloseConnection(reason, clean))
-
-    def _answer(self, answer: bytes) -> None:
-        """Send an answer of the proxy's own, between backend responses."""
+    def _answer(self, reply: bytes) -> None:
         if self._responses.between_responses:
-            self._outbox.push(SendToClient(answer))
+            self._send_client(reply)
         else:
-            self._held.append(answer)
+            self._held.append(reply)
 
     def _release_held(self) -> None:
         for answer in self._held:
-            self._outbox.push(SendToClient(answer))
+            self._send_client(answer)
         self._held.clear()
-
-    def _send_backend(self, data: bytes) -> None:
-        self._outbox.push(SendToBackend(data))
 
     # ------------------------------------------------------------------
     # The client's byte stream.
-
-    def _pump_client(self) -> None:
-        """Interpret held client bytes for as long as the state allows."""
-        while (step := self._steps.get(self.state)) is not None and step():
-            pass
 
     def _command_step(self) -> bool:
         command = self._command
@@ -421,18 +342,12 @@ class IMAPMachine(ProxyMachine):
             self._answer(refusal)
             fate = _Fate.DROP
         elif verb == b"STARTTLS":
-            self._answer(b"%s OK Begin TLS negotiation now\r\n" % tag)
-            self._outbox.push(StartTLS(self._client.pop_all()))
-            self._go(Input.CLIENT_STARTTLS)
+            self._upgrade(b"%s OK Begin TLS negotiation now\r\n" % tag)
             return
         elif verb == b"ID" or (self.state is State.PRE_TLS and verb in _PRE_TLS_LOCAL):
             fate = _Fate.LOCAL
         elif self.state is State.PRE_TLS:
-            # Hold this command and everything after it until the backend
-            # is ready to take them.
-            self._client.feed(line + self._client.pop_all())
-            self._outbox.push(OpenBackend())
-            self._go(Input.PLAINTEXT_RELAY)
+            self._start_plaintext_relay(line)
             return
         else:
             fate = _Fate.FORWARD
@@ -583,16 +498,12 @@ class IMAPMachine(ProxyMachine):
             # NO or BAD too: an untrusted proxy is the backend's to log.
             self._ready()
 
-    def _ready(self) -> None:
-        self._go(Input.BACKEND_READY)
-        self._pump_client()
-
     def _relay(self, head: Head) -> None:
         """Send a response on, its capability list filtered."""
         filtered = with_visible_capabilities(head.data, tls=self._tls)
         if filtered is not None and not head.whole:
             raise ProtocolViolation("capability list too long from backend")
-        self._outbox.push(SendToClient(head.data if filtered is None else filtered))
+        self._send_client(head.data if filtered is None else filtered)
         self._relay_rest = True
 
     def _relay_response(self, head: Head) -> None:
@@ -638,26 +549,13 @@ class IMAPMachine(ProxyMachine):
         self._pump_client()
 
 
-class IMAPCapabilityProbe(CapabilityProbe):
+class IMAPCapabilityProbe(LineProbe):
     """Reads the greeting's capabilities, or asks CAPABILITY, then logs out."""
 
     def __init__(self, hostname: str) -> None:
         super().__init__(hostname)
-        self._lines = LineBuffer(SessionSettings.max_reply_line_length)
         self._greeted = False
         self._atoms: list[bytes] | None = None
-        self._send: bytes | None = None
-
-    def receive_data(self, data: bytes) -> None:
-        self._lines.feed(data)
-        while self.result is None and self.error is None:
-            line = self._lines.pop_line()
-            if line is None:
-                return
-            if isinstance(line, LineTooLong):
-                self.error = "response line too long from backend"
-            else:
-                self._line(line)
 
     def _line(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").strip()
@@ -679,7 +577,3 @@ class IMAPCapabilityProbe(CapabilityProbe):
             return
         self.result = tuple(atom.decode("ascii", "replace") for atom in self._atoms)
         self._send = b"p2 LOGOUT\r\n"
-
-    def next_send(self) -> bytes | None:
-        send, self._send = self._send, None
-        return send

@@ -48,12 +48,6 @@ def literal_at_end(line: bytes) -> Literal | None:
     return None if match is None else Literal(int(match[1]), bool(match[2]))
 
 
-def clean_line(line: bytes) -> bool:
-    """A line is cut at its first LF, so the only CR allowed is the last but
-    one octet; anything else is a line end the backend may not see as we do."""
-    return line.endswith(b"\r\n") and b"\r" not in line[:-2]
-
-
 def tag_of(line: bytes) -> bytes:
     return line.partition(b" ")[0]
 

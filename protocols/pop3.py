@@ -37,37 +37,29 @@ and the SASL ``-PLUS`` mechanisms, whose channel binding (RFC 5056) cannot
 cross a terminated TLS session. AUTH (RFC 5034 section 4) holds the client's
 bytes until the backend answers: a "+" continuation makes the client's next
 line a SASL response, relayed verbatim ("*" included, which cancels).
+
+*Shutdown*: the client gets -ERR [SYS/TEMP] (RFC 3206 section 4), except
+while a multi-line response streams to it, where the connection just closes.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from protocols._base import (
     BackendIdentity,
-    CapabilityProbe,
-    CloseConnection,
     LineBuffer,
     LineTooLong,
-    OpenBackend,
     Peer,
     ProtocolViolation,
-    ProxyMachine,
-    SendToBackend,
-    SendToClient,
     SessionSettings,
-    Side,
-    StartTLS,
-    TLSInfo,
     TLSMode,
-    event,
-    transition,
 )
+from protocols._line import LineProbe, Owed, PipelinedMachine, clean_line, ending_transitions
 
 
 class State(enum.Enum):
@@ -100,7 +92,7 @@ class State(enum.Enum):
 class Input(enum.Enum):
     """What moves a POP3 session from one state to another."""
 
-    CLIENT_STLS = enum.auto()  #: The client issued an acceptable STLS.
+    CLIENT_STARTTLS = enum.auto()  #: The client issued an acceptable STLS.
     PLAINTEXT_RELAY = enum.auto()  #: Without ``require_tls``, a command needs the backend.
     TLS_ESTABLISHED = enum.auto()  #: The TLS worker finished the handshake.
     BACKEND_CONNECTED = enum.auto()  #: The driver connected the backend.
@@ -114,11 +106,8 @@ class Input(enum.Enum):
     VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
 
 
-_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
-_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
-
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
-    (State.PRE_TLS, Input.CLIENT_STLS): State.TLS_HANDSHAKE,
+    (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
     (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
     (State.TLS_HANDSHAKE, Input.TLS_ESTABLISHED): State.BACKEND_CONNECTING,
     (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
@@ -129,8 +118,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.AUTH_PENDING, Input.CHALLENGE): State.SASL_RESPONSE,
     (State.SASL_RESPONSE, Input.RESPONSE_SENT): State.AUTH_PENDING,
     (State.AUTH_PENDING, Input.AUTH_DONE): State.RELAY,
-    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
-    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+    **ending_transitions(State, Input),
 }
 
 _CRLF: Final = b"\r\n"
@@ -155,7 +143,6 @@ _IDENTITY_COMMANDS: Final = frozenset({b"XCLIENT", b"XOIP"})
 #: RFC 5034 section 4: the client's way to abandon an exchange.
 _CANCEL: Final = b"*\r\n"
 
-_LINE_TOO_LONG: Final = b"-ERR line too long\r\n"
 _BAD_LINE: Final = b"-ERR bare CR or LF received\r\n"
 _BAD_SYNTAX: Final = b"-ERR bad syntax\r\n"
 _NOT_PERMITTED: Final = b"-ERR command not permitted\r\n"
@@ -165,7 +152,6 @@ _STLS_SYNTAX: Final = b"-ERR Syntax: STLS\r\n"
 _TLS_READY: Final = b"+OK Begin TLS negotiation\r\n"
 _TLS_ACTIVE: Final = b"-ERR TLS already active\r\n"
 _TLS_UNAVAILABLE: Final = b"-ERR TLS not available: session already started in plaintext\r\n"
-_EARLY_TLS: Final = b"-ERR TLS handshake received before STLS\r\n"
 _NOOP: Final = b"+OK\r\n"
 _CAPA_STATUS: Final = b"+OK Capability list follows\r\n"
 
@@ -197,14 +183,10 @@ def _shape(verb: bytes, arg: bytes) -> _Shape:
 
 
 @dataclass
-class _Owed:
-    """A backend response the client is owed, then the proxy's own answers
-    to the commands pipelined after it, held so that answers keep command
-    order."""
+class _Owed(Owed):
+    """A response owed, and what it looks like."""
 
-    verb: bytes
     shape: _Shape
-    then: list[bytes] = field(default_factory=list)
 
 
 class _EndOfBody:
@@ -280,158 +262,51 @@ def _advertised(capabilities: Iterable[bytes], *, login: bool) -> list[bytes]:
     return kept
 
 
-class POP3Machine(ProxyMachine):
+class POP3Machine(PipelinedMachine[State, Input, _Owed]):
     """One POP3 session; see the module docstring."""
 
+    states = State
+    inputs = Input
+    transitions = TRANSITIONS
+    unavailable_reply = b"-ERR [SYS/TEMP] %s backend unavailable\r\n"
+    timeout_reply = b"-ERR %s autologout: idle for too long\r\n"
+    busy_reply_template = b"-ERR [SYS/TEMP] %s too many connections\r\n"
+    #: RFC 3206 section 4: SYS/TEMP, a problem that may go away.
+    shutdown_reply = b"-ERR [SYS/TEMP] %s Server shutting down\r\n"
+    early_tls_reply = b"-ERR TLS handshake received before STLS\r\n"
+    upgrade_command = "STLS"
+    line_too_long_reply = b"-ERR line too long\r\n"
+
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
-        super().__init__(settings, peer)
-        self._host = settings.hostname.encode()
-        self._unavailable = b"-ERR [SYS/TEMP] %s backend unavailable\r\n" % self._host
+        greeting = b"+OK %s POP3 starttls-proxy ready\r\n" % settings.hostname.encode()
+        super().__init__(settings, peer, greeting=greeting)
         self._capabilities = [line.encode() for line in settings.capabilities]
-        self._client = LineBuffer(settings.max_line_length)
         self._responses = LineBuffer(settings.max_reply_line_length)
-        #: Backend responses the client is owed, oldest first; the first may
-        #: be under way.
-        self._owed: deque[_Owed] = deque()
         self._greeting = b""
-        self._tls = False
-        self._client_spoke = False
         #: Set while a multi-line body streams to the client.
         self._body: _EndOfBody | None = None
         #: While a list to filter is read: its status line, then its items.
         self._listing: list[bytes] | None = None
-        self._steps: Mapping[State, Callable[[], bool]] = {
+        self._steps = {
             State.PRE_TLS: self._command_step,
             State.RELAY: self._command_step,
             State.SASL_RESPONSE: self._sasl_step,
         }
-        if settings.tls_mode is TLSMode.STARTTLS:
-            self.state = State.PRE_TLS
-            self._outbox.push(SendToClient(b"+OK %s POP3 starttls-proxy ready\r\n" % self._host))
-        else:
-            self.state = State.TLS_HANDSHAKE
-            self._outbox.push(StartTLS(b""))
 
-    # ------------------------------------------------------------------
-    # Inputs.
-
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            self._responses.feed(data)
-            self._pump_backend()
-        elif self.state is State.TLS_HANDSHAKE:
-            # Between STLS and the handshake nothing from the client is
-            # interpreted (CVE-2011-0411): not even buffered.
-            pass
-        elif self.state is State.PRE_TLS and not self._client_spoke and data[:1] == b"\x16":
-            # A TLS record header: an implicit-TLS client on a STARTTLS port.
-            self._end("TLS ClientHello before STLS", reply=_EARLY_TLS)
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
-            self._pump_client()
-
-    @event
-    def receive_eof(self, side: Side) -> None:
-        if side is Side.CLIENT:
-            self._end("client closed")
-        elif self.state is State.RELAY and not self._owed:
-            self._end("backend closed")
-        else:
-            self._end("backend closed", reply=self._unavailable)
-
-    @event
-    def tls_established(self, info: TLSInfo) -> None:
-        self._go(Input.TLS_ESTABLISHED)
-        self._tls = True
-        self._outbox.push(OpenBackend())
-
-    @event
-    def backend_connected(self) -> None:
-        self._go(Input.BACKEND_CONNECTED)
-
-    @event
-    def backend_failed(self, reason: str) -> None:
-        self._end(reason, reply=self._unavailable)
-
-    @event
-    def timed_out(self) -> None:
-        self._end("idle timeout", reply=b"-ERR %s autologout: idle for too long\r\n" % self._host)
+    def _backend_data(self, data: bytes) -> None:
+        self._responses.feed(data)
+        self._pump_backend()
 
     @property
-    def unprocessed_client_bytes(self) -> int:
-        return len(self._client)
-
-    @staticmethod
-    def busy_reply(hostname: str) -> bytes:
-        return b"-ERR [SYS/TEMP] %s too many connections\r\n" % hostname.encode()
-
-    # ------------------------------------------------------------------
-    # What ``event`` needs.
-
-    @property
-    def finished(self) -> bool:
-        return self.state in _FINISHED
-
-    def violated(self, reason: str) -> None:
-        self._end(reason, reply=self._unavailable, input_=Input.VIOLATION)
-
-    # ------------------------------------------------------------------
-    # Shared helpers.
-
-    def _go(self, input_: Input) -> None:
-        self.state = transition(TRANSITIONS, self.state, input_)
-
-    def _end(
-        self,
-        reason: str,
-        *,
-        reply: bytes | None = None,
-        clean: bool = False,
-        input_: Input = Input.CLOSE,
-    ) -> None:
-        self._go(input_)
-        if reply is not None:
-            self._outbox.push(SendToClient(reply))
-        self._outbox.push(CloseConnection(reason, clean))
-
-    def _answer(self, reply: bytes) -> None:
-        """Send an answer of the proxy's own, behind the backend responses owed."""
-        if self._owed:
-            self._owed[-1].then.append(reply)
-        else:
-            self._outbox.push(SendToClient(reply))
-
-    def _send_client(self, data: bytes) -> None:
-        self._outbox.push(SendToClient(data))
-
-    def _send_backend(self, data: bytes) -> None:
-        self._outbox.push(SendToBackend(data))
+    def _mid_transfer(self) -> bool:
+        # A list to filter is held whole, so the client has none of it yet.
+        return self._body is not None
 
     # ------------------------------------------------------------------
     # The client's byte stream.
 
-    def _pump_client(self) -> None:
-        """Interpret held client bytes for as long as the state allows."""
-        while (step := self._steps.get(self.state)) is not None and step():
-            pass
-
-    def _command_step(self) -> bool:
-        line = self._client.pop_line()
-        if line is None:
-            return False
-        if isinstance(line, LineTooLong):
-            self._answer(_LINE_TOO_LONG)
-        else:
-            self._command(line)
-        return True
-
     def _command(self, line: bytes) -> None:
-        # A line is cut at its first LF, so the only CR allowed is the last
-        # but one octet; anything else is a line end the backend may not see
-        # as we do.
-        if not line.endswith(_CRLF) or b"\r" in line[:-2]:
+        if not clean_line(line):
             self._answer(_BAD_LINE)
             return
         verb, _, arg = line[:-2].partition(b" ")
@@ -461,31 +336,20 @@ class POP3Machine(ProxyMachine):
         elif verb == b"QUIT":
             self._answer(b"+OK %s closing connection\r\n" % self._host)
             self._end("client quit", clean=True)
+        elif verb == b"STLS" and arg:
+            self._answer(_STLS_SYNTAX)
         elif verb == b"STLS":
-            self._stls(arg)
+            self._upgrade(_TLS_READY)
         elif self.settings.require_tls:
             self._answer(_AUTH_NEEDS_TLS if verb in _LOGIN_COMMANDS else _TLS_FIRST)
         else:
-            # Hold this command and everything after it until the backend
-            # is ready to take them.
-            held = line + self._client.pop_all()
-            self._client.feed(held)
-            self._outbox.push(OpenBackend())
-            self._go(Input.PLAINTEXT_RELAY)
-
-    def _stls(self, arg: bytes) -> None:
-        if arg:
-            self._answer(_STLS_SYNTAX)
-            return
-        self._answer(_TLS_READY)
-        self._outbox.push(StartTLS(self._client.pop_all()))
-        self._go(Input.CLIENT_STLS)
+            self._start_plaintext_relay(line)
 
     def _sasl_step(self) -> bool:
         line = self._client.pop_line()
         if line is None:
             return False
-        if isinstance(line, LineTooLong) or not line.endswith(_CRLF) or b"\r" in line[:-2]:
+        if isinstance(line, LineTooLong) or not clean_line(line):
             # The backend waits for a response that cannot be relayed:
             # cancel, and its -ERR answers the client.
             line = _CANCEL
@@ -497,7 +361,7 @@ class POP3Machine(ProxyMachine):
     # The backend's responses.
 
     def _pump_backend(self) -> None:
-        while self.state not in _FINISHED:
+        while not self.finished:
             if self._body is not None:
                 if not self._stream_body(self._body):
                     return
@@ -561,8 +425,7 @@ class POP3Machine(ProxyMachine):
             if greeting.startswith(_XCLIENT_GREETING):
                 greeting = _OK + b" " + greeting[len(_XCLIENT_GREETING) :]
             self._send_client(greeting)
-        self._go(Input.BACKEND_READY)
-        self._pump_client()
+        super()._ready()
 
     def _relay_line(self, line: bytes) -> None:
         if not self._owed:
@@ -599,40 +462,20 @@ class POP3Machine(ProxyMachine):
 
     def _complete(self) -> None:
         """The response at the head of the queue has been relayed whole."""
-        owed = self._owed.popleft()
-        if owed.verb == b"QUIT":
-            self._end("client quit", clean=True)
-            return
-        for answer in owed.then:
-            self._send_client(answer)
-        if owed.shape is _Shape.EXCHANGE:
+        owed = self._settle()
+        if owed is not None and owed.shape is _Shape.EXCHANGE:
             self._go(Input.AUTH_DONE)
             self._pump_client()
 
 
-class POP3CapabilityProbe(CapabilityProbe):
+class POP3CapabilityProbe(LineProbe):
     """Reads the greeting, sends CAPA, keeps its lines, says QUIT."""
 
     def __init__(self, hostname: str) -> None:
         super().__init__(hostname)
-        self._lines = LineBuffer(SessionSettings.max_reply_line_length)
         self._greeted = False
         #: The CAPA lines read so far, once its +OK has come.
         self._capabilities: list[str] | None = None
-        self._send: bytes | None = None
-
-    def receive_data(self, data: bytes) -> None:
-        self._lines.feed(data)
-        try:
-            while self.result is None and self.error is None:
-                line = self._lines.pop_line()
-                if line is None:
-                    return
-                if isinstance(line, LineTooLong):
-                    raise ProtocolViolation("response line too long from backend")
-                self._line(line)
-        except ProtocolViolation as violation:
-            self.error = str(violation)
 
     def _line(self, line: bytes) -> None:
         if self._capabilities is not None:
@@ -648,7 +491,3 @@ class POP3CapabilityProbe(CapabilityProbe):
         else:
             _require_ok(line, "backend refused CAPA")
             self._capabilities = []
-
-    def next_send(self) -> bytes | None:
-        send, self._send = self._send, None
-        return send

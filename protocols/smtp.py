@@ -37,38 +37,32 @@ smuggling exploits (the two ends disagree on where the message stops), so by
 default it ends the session, as in Postfix 3.9. A BDAT chunk (RFC 3030
 section 2) is exactly its announced octets, counted and never looked at; the
 chunk of a refused BDAT is consumed all the same.
+
+*Shutdown*: the client gets 421 (RFC 5321 section 3.8), except inside a DATA
+body or a BDAT chunk, where the connection just closes: the message is not
+accepted, and the client sends it again later.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from protocols._base import (
     BackendIdentity,
     BareLineEndings,
     CapabilityProbe,
-    CloseConnection,
     LineBuffer,
     LineTooLong,
-    OpenBackend,
     Peer,
     ProtocolViolation,
-    ProxyMachine,
-    SendToBackend,
-    SendToClient,
     SessionSettings,
-    Side,
-    StartTLS,
-    TLSInfo,
     TLSMode,
-    event,
-    transition,
 )
+from protocols._line import Owed, PipelinedMachine, clean_line, ending_transitions
 
 
 class State(enum.Enum):
@@ -123,9 +117,6 @@ class Input(enum.Enum):
     VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
 
 
-_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
-_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
-
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
     (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
@@ -144,8 +135,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.DATA_BODY, Input.END_OF_DATA): State.RELAY,
     (State.RELAY, Input.BDAT_SENT): State.BDAT_CHUNK,
     (State.BDAT_CHUNK, Input.END_OF_CHUNK): State.RELAY,
-    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
-    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+    **ending_transitions(State, Input),
 }
 
 _CRLF: Final = b"\r\n"
@@ -160,7 +150,6 @@ _REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([- ])([^\r\n]*))?\r\n")
 _PROXY_ONLY: Final = frozenset({b"STARTTLS", b"XCLIENT", b"XFORWARD"})
 _IDENTITY_COMMANDS: Final = frozenset({b"XCLIENT", b"XFORWARD"})
 
-_LINE_TOO_LONG: Final = b"500 5.5.0 Error: line too long\r\n"
 _BARE_IN_COMMAND: Final = b"500 5.5.2 Error: bare <CR> or <LF> received\r\n"
 _BAD_SYNTAX: Final = b"500 5.5.2 Error: bad syntax\r\n"
 _NOT_IMPLEMENTED: Final = b"502 5.5.1 Error: command not implemented\r\n"
@@ -170,7 +159,6 @@ _STARTTLS_SYNTAX: Final = b"501 5.5.4 Syntax: STARTTLS\r\n"
 _TLS_READY: Final = b"220 2.0.0 Ready to start TLS\r\n"
 _TLS_ACTIVE: Final = b"503 5.5.1 Error: TLS already active\r\n"
 _TLS_UNAVAILABLE: Final = b"454 4.7.0 TLS not available: session already started in plaintext\r\n"
-_EARLY_TLS: Final = b"500 5.5.1 Error: TLS handshake received before STARTTLS\r\n"
 _BYE: Final = b"221 2.0.0 Bye\r\n"
 #: Commands the proxy answers identically before TLS.
 _LOCAL_REPLIES: Final[Mapping[bytes, bytes]] = {
@@ -282,36 +270,33 @@ def _bdat_size(arg: bytes) -> int | None:
     return None
 
 
-@dataclass
-class _Owed:
-    """A backend reply the client is owed: the answer to ``verb`` (``.`` for
-    the end of a message), then the proxy's own replies to the commands the
-    client pipelined after it, held so that replies keep command order."""
+class SMTPMachine(PipelinedMachine[State, Input, Owed]):
+    """One SMTP session; see the module docstring. A reply owed for the end
+    of a message has the verb ``.``."""
 
-    verb: bytes
-    then: list[bytes] = field(default_factory=list)
-
-
-class SMTPMachine(ProxyMachine):
-    """One SMTP session; see the module docstring."""
+    states = State
+    inputs = Input
+    transitions = TRANSITIONS
+    unavailable_reply = b"421 4.3.0 %s Service not available\r\n"
+    timeout_reply = b"421 4.4.2 %s Error: timeout exceeded\r\n"
+    busy_reply_template = b"421 4.7.0 %s Error: too many connections\r\n"
+    #: RFC 5321 section 3.8.
+    shutdown_reply = b"421 4.3.2 %s Service shutting down\r\n"
+    early_tls_reply = b"500 5.5.1 Error: TLS handshake received before STARTTLS\r\n"
+    upgrade_command = "STARTTLS"
+    line_too_long_reply = b"500 5.5.0 Error: line too long\r\n"
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
-        super().__init__(settings, peer)
-        self._host = settings.hostname.encode()
-        self._unavailable = b"421 4.3.0 %s Service not available\r\n" % self._host
+        greeting = b"220 %s ESMTP starttls-proxy\r\n" % settings.hostname.encode()
+        super().__init__(settings, peer, greeting=greeting)
         self._extensions = [line.encode() for line in settings.capabilities]
         self._chunking = b"CHUNKING" in map(_keyword, self._extensions)
-        self._client = LineBuffer(settings.max_line_length)
         self._replies = ReplyReader(settings.max_reply_line_length)
-        #: Backend replies the client is owed, oldest first.
-        self._owed: deque[_Owed] = deque()
         #: The client's HELO or EHLO before TLS, as (verb, name).
         self._helo: tuple[bytes, bytes] | None = None
-        self._tls = False
         #: The backend's last reply was a 334 challenge: the next client line
         #: is the SASL response.
         self._sasl_exchange = False
-        self._client_spoke = False
         #: Octets of a refused BDAT's chunk still to drop.
         self._drop = 0
         #: Octets of a relayed BDAT's chunk still to forward.
@@ -321,139 +306,35 @@ class SMTPMachine(ProxyMachine):
         #: were never the body's.
         self._body_tail = b""
         self._body_virtual = 0
-        self._steps: Mapping[State, Callable[[], bool]] = {
+        self._steps = {
             State.PRE_TLS: self._command_step,
             State.RELAY: self._command_step,
             State.DATA_BODY: self._body_step,
             State.BDAT_CHUNK: self._chunk_step,
         }
-        if settings.tls_mode is TLSMode.STARTTLS:
-            self.state = State.PRE_TLS
-            self._outbox.push(SendToClient(b"220 %s ESMTP starttls-proxy\r\n" % self._host))
-        else:
-            self.state = State.TLS_HANDSHAKE
-            self._outbox.push(StartTLS(b""))
 
-    # ------------------------------------------------------------------
-    # Inputs.
-
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            self._replies.feed(data)
-            while self.state not in _FINISHED and (reply := self._replies.pop()) is not None:
-                self._backend_reply(reply)
-        elif self.state is State.TLS_HANDSHAKE:
-            # Between STARTTLS and the handshake nothing from the client is
-            # interpreted (RFC 3207 section 4.2): not even buffered.
-            pass
-        elif self.state is State.PRE_TLS and not self._client_spoke and data[:1] == b"\x16":
-            # A TLS record header: an implicit-TLS client on a STARTTLS port.
-            self._end("TLS ClientHello before STARTTLS", reply=_EARLY_TLS)
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
-            self._pump_client()
-
-    @event
-    def receive_eof(self, side: Side) -> None:
-        if side is Side.CLIENT:
-            self._end("client closed")
-        elif self.state is State.RELAY and not self._owed:
-            self._end("backend closed")
-        else:
-            self._end("backend closed", reply=self._unavailable)
-
-    @event
-    def tls_established(self, info: TLSInfo) -> None:
-        self._go(Input.TLS_ESTABLISHED)
-        self._tls = True
-        self._outbox.push(OpenBackend())
-
-    @event
-    def backend_connected(self) -> None:
-        self._go(Input.BACKEND_CONNECTED)
-
-    @event
-    def backend_failed(self, reason: str) -> None:
-        self._end(reason, reply=self._unavailable)
-
-    @event
-    def timed_out(self) -> None:
-        self._end("idle timeout", reply=b"421 4.4.2 %s Error: timeout exceeded\r\n" % self._host)
+    def _backend_data(self, data: bytes) -> None:
+        self._replies.feed(data)
+        while not self.finished and (reply := self._replies.pop()) is not None:
+            self._backend_reply(reply)
 
     @property
-    def unprocessed_client_bytes(self) -> int:
-        return len(self._client)
-
-    @staticmethod
-    def busy_reply(hostname: str) -> bytes:
-        return b"421 4.7.0 %s Error: too many connections\r\n" % hostname.encode()
-
-    @property
-    def finished(self) -> bool:
-        return self.state in _FINISHED
-
-    def violated(self, reason: str) -> None:
-        """A violation ends the session with a 421."""
-        self._end(reason, reply=self._unavailable, input_=Input.VIOLATION)
-
-    # ------------------------------------------------------------------
-    # Shared helpers.
-
-    def _go(self, input_: Input) -> None:
-        self.state = transition(TRANSITIONS, self.state, input_)
-
-    def _end(
-        self,
-        reason: str,
-        *,
-        reply: bytes | None = None,
-        clean: bool = False,
-        input_: Input = Input.CLOSE,
-    ) -> None:
-        self._go(input_)
-        if reply is not None:
-            self._outbox.push(SendToClient(reply))
-        self._outbox.push(CloseConnection(reason, clean))
-
-    def _answer(self, reply: bytes) -> None:
-        """Send a reply of the proxy's own, behind the backend replies owed."""
-        if self._owed:
-            self._owed[-1].then.append(reply)
-        else:
-            self._outbox.push(SendToClient(reply))
-
-    def _send_backend(self, data: bytes) -> None:
-        self._outbox.push(SendToBackend(data))
+    def _mid_transfer(self) -> bool:
+        # The chunk of a refused BDAT is on its way too.
+        return self.state in (State.DATA_BODY, State.BDAT_CHUNK) or self._drop > 0
 
     # ------------------------------------------------------------------
     # The client's byte stream.
-
-    def _pump_client(self) -> None:
-        """Interpret held client bytes for as long as the state allows."""
-        while (step := self._steps.get(self.state)) is not None and step():
-            pass
 
     def _command_step(self) -> bool:
         if self._drop:
             self._drop -= len(self._client.pop_bytes(self._drop))
             if self._drop:
                 return False
-        line = self._client.pop_line()
-        if line is None:
-            return False
-        if isinstance(line, LineTooLong):
-            self._answer(_LINE_TOO_LONG)
-        else:
-            self._command(line)
-        return True
+        return super()._command_step()
 
     def _command(self, line: bytes) -> None:
-        # A line is cut at its first LF, so the only CR allowed is the last
-        # but one octet; anything else is a line end the backend may not see
-        # as we do.
-        if not line.endswith(_CRLF) or b"\r" in line[:-2]:
+        if not clean_line(line):
             self._answer(_BARE_IN_COMMAND)
             return
         if self._sasl_exchange:
@@ -461,7 +342,7 @@ class SMTPMachine(ProxyMachine):
             # response (base64, "*" or empty), not a command.
             self._sasl_exchange = False
             self._send_backend(line)
-            self._owed.append(_Owed(b"AUTH"))
+            self._owed.append(Owed(b"AUTH"))
             return
         verb, _, arg = line[:-2].strip().partition(b" ")
         verb, arg = verb.upper(), arg.strip()
@@ -493,17 +374,14 @@ class SMTPMachine(ProxyMachine):
         elif verb == b"QUIT":
             self._answer(_BYE)
             self._end("client quit", clean=True)
+        elif verb == b"STARTTLS" and arg:
+            self._answer(_STARTTLS_SYNTAX)
         elif verb == b"STARTTLS":
-            self._starttls(arg)
+            self._upgrade(_TLS_READY)
         elif self.settings.require_tls:
             self._refuse(_TLS_FIRST, size)
         else:
-            # Hold this command and everything after it until the backend
-            # is ready to take them.
-            held = line + self._client.pop_all()
-            self._client.feed(held)
-            self._outbox.push(OpenBackend())
-            self._go(Input.PLAINTEXT_RELAY)
+            self._start_plaintext_relay(line)
 
     def _greet(self, verb: bytes, name: bytes) -> None:
         if not name:
@@ -516,14 +394,6 @@ class SMTPMachine(ProxyMachine):
             extensions = _advertised(self._extensions, auth=False)
             self._answer(_multiline(b"250", [self._host, *extensions, b"STARTTLS"]))
 
-    def _starttls(self, arg: bytes) -> None:
-        if arg:
-            self._answer(_STARTTLS_SYNTAX)
-            return
-        self._answer(_TLS_READY)
-        self._outbox.push(StartTLS(self._client.pop_all()))
-        self._go(Input.CLIENT_STARTTLS)
-
     def _relay_command(self, line: bytes, verb: bytes, size: int) -> None:
         if verb == b"STARTTLS":
             self._answer(_TLS_ACTIVE if self._tls else _TLS_UNAVAILABLE)
@@ -532,7 +402,7 @@ class SMTPMachine(ProxyMachine):
             self._refuse(_NOT_IMPLEMENTED, size)
         else:
             self._send_backend(line)
-            self._owed.append(_Owed(verb))
+            self._owed.append(Owed(verb))
             if verb == b"DATA":
                 self._go(Input.DATA_SENT)
             elif verb == b"BDAT":
@@ -581,7 +451,7 @@ class SMTPMachine(ProxyMachine):
             return False
         self._client.feed(self._body_tail)
         self._body_tail = b""
-        self._owed.append(_Owed(b"."))
+        self._owed.append(Owed(b"."))
         self._go(Input.END_OF_DATA)
         return True
 
@@ -638,7 +508,7 @@ class SMTPMachine(ProxyMachine):
         """The backend greeted its final client: the proxy."""
         if self.settings.tls_mode is TLSMode.IMPLICIT:
             # The client has not been greeted yet.
-            self._outbox.push(SendToClient(greeting.raw))
+            self._send_client(greeting.raw)
         if not self._tls and self._helo is not None:
             verb, name = self._helo
             self._send_backend(b"%s %s\r\n" % (verb, name))
@@ -646,27 +516,20 @@ class SMTPMachine(ProxyMachine):
         else:
             self._ready()
 
-    def _ready(self) -> None:
-        self._go(Input.BACKEND_READY)
-        self._pump_client()
-
     def _relay_reply(self, reply: Reply) -> None:
         if not self._owed:
             raise ProtocolViolation(f"unsolicited reply from backend: {reply.text}")
-        owed = self._owed.popleft()
-        if owed.verb == b"EHLO" and reply.code == 250:
+        verb = self._owed[0].verb
+        if verb == b"EHLO" and reply.code == 250:
             texts = reply.texts
             relayed = _multiline(b"250", [texts[0], *_advertised(texts[1:], auth=self._tls)])
-            self._outbox.push(SendToClient(relayed))
+            self._send_client(relayed)
         else:
-            self._outbox.push(SendToClient(reply.raw))
-        if owed.verb == b"QUIT":
-            self._end("client quit", clean=True)
+            self._send_client(reply.raw)
+        if self._settle() is None:
             return
-        self._sasl_exchange = owed.verb == b"AUTH" and reply.code == 334
-        for local in owed.then:
-            self._outbox.push(SendToClient(local))
-        if owed.verb == b"DATA":
+        self._sasl_exchange = verb == b"AUTH" and reply.code == 334
+        if verb == b"DATA":
             if reply.code == 354:
                 self._body_tail, self._body_virtual = _CRLF, len(_CRLF)
                 self._go(Input.DATA_ACCEPTED)
@@ -682,7 +545,6 @@ class SMTPCapabilityProbe(CapabilityProbe):
         super().__init__(hostname)
         self._replies = ReplyReader(SessionSettings.max_reply_line_length)
         self._greeted = False
-        self._send: bytes | None = None
 
     def receive_data(self, data: bytes) -> None:
         self._replies.feed(data)
@@ -705,7 +567,3 @@ class SMTPCapabilityProbe(CapabilityProbe):
             # The first line names the server; the others are extensions.
             self.result = tuple(text.decode("utf-8", "replace") for text in reply.texts[1:])
             self._send = b"QUIT\r\n"
-
-    def next_send(self) -> bytes | None:
-        send, self._send = self._send, None
-        return send

@@ -43,11 +43,14 @@ from tests.protocols.transcript import (
     Connected,
     Event,
     Failed,
+    ShuttingDown,
     Timeout,
     bytewise,
+    check_pre_tls_bytes,
     check_transition,
     drain,
-    length,
+    drawn_cuts,
+    feed,
     make_settings,
     play,
     reachable,
@@ -159,6 +162,51 @@ def relaying(**overrides: object) -> IMAPMachine:
     machine = connecting(**overrides)
     run(machine, Connected(), Backend(BACKEND_GREETING))
     assert machine.state is State.RELAY
+    return machine
+
+
+def idling() -> IMAPMachine:
+    """A relaying machine in IDLE."""
+    machine = relaying()
+    run(
+        machine,
+        Client(b"a1 IDLE\r\n"),
+        SendToBackend(b"a1 IDLE\r\n"),
+        Backend(b"+ idling\r\n"),
+        SendToClient(b"+ idling\r\n"),
+    )
+    return machine
+
+
+def appending() -> IMAPMachine:
+    """A relaying machine that has forwarded the first 20 octets of the
+    synchronizing literal of an APPEND."""
+    machine = relaying()
+    append = b"a7 APPEND INBOX (\\Seen) {%d}\r\n" % len(MESSAGE)
+    run(
+        machine,
+        Client(append),
+        SendToBackend(append),
+        Backend(b"+ OK\r\n"),
+        SendToClient(b"+ OK\r\n"),
+        Client(MESSAGE[:20]),
+        SendToBackend(MESSAGE[:20]),
+    )
+    return machine
+
+
+def fetching() -> IMAPMachine:
+    """A relaying machine that has relayed the first 10 octets of a FETCH
+    response's literal."""
+    machine = relaying()
+    run(
+        machine,
+        Client(b"a6 FETCH 1 BODY[]\r\n"),
+        SendToBackend(b"a6 FETCH 1 BODY[]\r\n"),
+        Backend(FETCH_HEAD + MESSAGE[:10]),
+        SendToClient(FETCH_HEAD),
+        SendToClient(MESSAGE[:10]),
+    )
     return machine
 
 
@@ -346,13 +394,9 @@ def test_pipelined_commands_with_local_answers() -> None:
 
 
 def test_idle_and_done() -> None:
-    machine = relaying()
+    machine = idling()
     run(
         machine,
-        Client(b"a1 IDLE\r\n"),
-        SendToBackend(b"a1 IDLE\r\n"),
-        Backend(b"+ idling\r\n"),
-        SendToClient(b"+ idling\r\n"),
         Backend(b"* 2 EXISTS\r\n"),
         SendToClient(b"* 2 EXISTS\r\n"),
         # Only DONE ends IDLE: forwarded, a command would end it unseen.
@@ -368,13 +412,9 @@ def test_idle_and_done() -> None:
 
 
 def test_idle_ended_by_the_backend() -> None:
-    machine = relaying()
+    machine = idling()
     run(
         machine,
-        Client(b"a1 IDLE\r\n"),
-        SendToBackend(b"a1 IDLE\r\n"),
-        Backend(b"+ idling\r\n"),
-        SendToClient(b"+ idling\r\n"),
         Backend(b"a1 OK Idle completed.\r\n"),
         SendToClient(b"a1 OK Idle completed.\r\n"),
         # The client's DONE crossed the tagged response: a command now.
@@ -440,16 +480,9 @@ def test_authenticate_with_continuations() -> None:
 
 
 def test_append_with_synchronizing_literal() -> None:
-    machine = relaying()
-    append = b"a7 APPEND INBOX (\\Seen) {%d}\r\n" % len(MESSAGE)
+    machine = appending()
     run(
         machine,
-        Client(append),
-        SendToBackend(append),
-        Backend(b"+ OK\r\n"),
-        SendToClient(b"+ OK\r\n"),
-        Client(MESSAGE[:20]),
-        SendToBackend(MESSAGE[:20]),
         Client(MESSAGE[20:] + b"\r\na8 NOOP\r\n"),
         SendToBackend(MESSAGE[20:]),
         SendToBackend(b"\r\n"),
@@ -503,14 +536,9 @@ def test_refused_non_synchronizing_literal_is_dropped() -> None:
 
 
 def test_local_answers_wait_for_the_end_of_a_relayed_response() -> None:
-    machine = relaying()
+    machine = fetching()
     run(
         machine,
-        Client(b"a6 FETCH 1 BODY[]\r\n"),
-        SendToBackend(b"a6 FETCH 1 BODY[]\r\n"),
-        Backend(FETCH_HEAD + MESSAGE[:10]),
-        SendToClient(FETCH_HEAD),
-        SendToClient(MESSAGE[:10]),
         Client(b"a7 STARTTLS\r\n"),
         Backend(MESSAGE[10:] + b")\r\n"),
         SendToClient(MESSAGE[10:]),
@@ -936,6 +964,59 @@ def test_timeout_busy_and_eof() -> None:
     )
 
 
+SHUTDOWN_BYE = SendToClient(b"* BYE [UNAVAILABLE] proxy.example Server shutting down\r\n")
+SHUTDOWN = CloseConnection("proxy shutting down")
+
+
+def test_shutdown_goodbye_before_tls_and_while_idling() -> None:
+    run(IMAPMachine(settings(), PEER), GREETING, ShuttingDown(), SHUTDOWN_BYE, SHUTDOWN)
+    machine = idling()
+    run(machine, ShuttingDown(), SHUTDOWN_BYE, SHUTDOWN)
+    assert machine.state is State.CLOSED
+    run(machine, ShuttingDown(), Backend(b"* 2 EXISTS\r\n"))
+
+
+def test_shutdown_goodbye_with_responses_owed() -> None:
+    machine = relaying()
+    run(
+        machine,
+        Client(b"a1 NOOP\r\na2 SELECT INBOX\r\n"),
+        SendToBackend(b"a1 NOOP\r\n"),
+        SendToBackend(b"a2 SELECT INBOX\r\n"),
+        Backend(b"a1 OK NOOP completed.\r\n"),
+        SendToClient(b"a1 OK NOOP completed.\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_BYE,
+        SHUTDOWN,
+    )
+
+
+def test_shutdown_goodbye_not_inside_a_literal() -> None:
+    run(appending(), ShuttingDown(), SHUTDOWN)
+    # A non-synchronizing literal is on its way before the backend's "+".
+    machine = relaying()
+    run(
+        machine,
+        Client(b"a7 APPEND INBOX {3+}\r\nab"),
+        SendToBackend(b"a7 APPEND INBOX {3}\r\n"),
+        ShuttingDown(),
+        SHUTDOWN,
+    )
+    # A response half relayed to the client.
+    run(fetching(), ShuttingDown(), SHUTDOWN)
+    # Between responses the goodbye is back.
+    machine = fetching()
+    run(
+        machine,
+        Backend(MESSAGE[10:] + b")\r\n"),
+        SendToClient(MESSAGE[10:]),
+        SendToClient(b")\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_BYE,
+        SHUTDOWN,
+    )
+
+
 def test_driver_misuse_is_a_violation() -> None:
     machine = IMAPMachine(settings(), PEER)
     run(
@@ -1062,11 +1143,7 @@ def test_split_one_byte_at_a_time(name: str) -> None:
 
 @given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
 def test_split_invariance(name: str, data: st.DataObject) -> None:
-    cuts = [
-        data.draw(st.lists(st.integers(0, length(event)), max_size=6), label=repr(event)[:40])
-        for event in TRANSCRIPTS[name][1]
-    ]
-    assert _outcome(name, cuts) == _outcome(name, None)
+    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
 
 
 # --------------------------------------------------------------------------
@@ -1083,11 +1160,7 @@ _PIECES = st.sampled_from(
 )
 def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
     machine = IMAPMachine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    for chunk in chunks:
-        machine.receive_data(Side.CLIENT, chunk)
-        for command in drain(machine):
-            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
-            assert not (require_tls and isinstance(command, OpenBackend))
+    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
 
 
 @given(
@@ -1096,9 +1169,7 @@ def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> No
 )
 def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
     machine = relaying(max_line_length=128, max_literal_size=50)
-    for chunk in chunks:
-        machine.receive_data(side, chunk)
-        drain(machine)
+    feed(machine, side, chunks)
     if side is Side.CLIENT:
         assert machine.state is not State.ERROR
 

@@ -1,14 +1,8 @@
-"""Tests of the POP3 machine and probe, mostly written as transcripts.
-
-``run(machine, ...)`` takes events (what happens on the wire) and the exact
-commands expected after each, in order; ``outputs(machine, ...)`` gives what
-a series of events made the machine send, for the sessions where only the
-bytes matter and not how they were cut into commands.
-"""
+"""Tests of the POP3 machine and probe, mostly written as transcripts (see
+``tests.protocols.transcript``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -23,15 +17,12 @@ from protocols._base import (
     Command,
     OpenBackend,
     Peer,
-    ProtocolViolation,
     SendToBackend,
     SendToClient,
     SessionSettings,
     Side,
     StartTLS,
-    TLSInfo,
     TLSMode,
-    transition,
 )
 from protocols.pop3 import (
     TRANSITIONS,
@@ -40,90 +31,29 @@ from protocols.pop3 import (
     POP3Machine,
     State,
 )
+from tests.protocols.transcript import (
+    EOF,
+    HOST,
+    TLS,
+    Backend,
+    Client,
+    Connected,
+    Event,
+    Failed,
+    ShuttingDown,
+    Timeout,
+    bytewise,
+    check_pre_tls_bytes,
+    check_transition,
+    drain,
+    drawn_cuts,
+    feed,
+    make_settings,
+    play,
+    reachable,
+    run,
+)
 
-# --------------------------------------------------------------------------
-# Transcript helpers.
-
-
-@dataclasses.dataclass(frozen=True)
-class Bytes:
-    """Bytes arriving from one side."""
-
-    side: Side
-    data: bytes
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """Any other input: the name of the machine's method and its arguments."""
-
-    method: str
-    args: tuple[object, ...] = ()
-
-
-Event = Bytes | Call
-
-
-def client(data: bytes) -> Bytes:
-    return Bytes(Side.CLIENT, data)
-
-
-def backend(data: bytes) -> Bytes:
-    return Bytes(Side.BACKEND, data)
-
-
-def failed(reason: str) -> Call:
-    return Call("backend_failed", (reason,))
-
-
-def eof(side: Side) -> Call:
-    return Call("receive_eof", (side,))
-
-
-TLS = Call("tls_established", (TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"),))
-CONNECTED = Call("backend_connected")
-TIMEOUT = Call("timed_out")
-
-
-def apply(machine: POP3Machine, event: Event) -> None:
-    if isinstance(event, Bytes):
-        machine.receive_data(event.side, event.data)
-    else:
-        getattr(machine, event.method)(*event.args)
-
-
-def drain(machine: POP3Machine) -> list[Command]:
-    commands = []
-    while (command := machine.next_command()) is not None:
-        commands.append(command)
-    return commands
-
-
-def run(machine: POP3Machine, *steps: Event | Command) -> None:
-    """Apply events; each command step must be the next command queued."""
-    for index, step in enumerate(steps):
-        if isinstance(step, Bytes | Call):
-            assert drain(machine) == [], f"unexpected commands before step {index}: {step}"
-            apply(machine, step)
-        else:
-            assert machine.next_command() == step, f"step {index}"
-    assert drain(machine) == [], "unexpected commands at the end"
-
-
-def outputs(machine: POP3Machine, *events: Event) -> tuple[bytes, bytes, list[Command]]:
-    """What the events made the machine send to each side, and its other
-    commands."""
-    commands = []
-    for event in events:
-        apply(machine, event)
-        commands += drain(machine)
-    to_client = b"".join(c.data for c in commands if isinstance(c, SendToClient))
-    to_backend = b"".join(c.data for c in commands if isinstance(c, SendToBackend))
-    others: list[Command] = [c for c in commands if not isinstance(c, SendToClient | SendToBackend)]
-    return to_client, to_backend, others
-
-
-HOST = "proxy.example"
 CAPABILITIES = (
     "CAPA",
     "TOP",
@@ -139,10 +69,7 @@ PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 110)
 
 
 def settings(**overrides: object) -> SessionSettings:
-    base = SessionSettings(
-        hostname=HOST, tls_mode=TLSMode.STARTTLS, require_tls=True, capabilities=CAPABILITIES
-    )
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+    return make_settings(CAPABILITIES, **overrides)
 
 
 GREETING = SendToClient(b"+OK proxy.example POP3 starttls-proxy ready\r\n")
@@ -179,9 +106,9 @@ MESSAGE = (
     b"\xe9t\xe9 \xff\x00 8-bit\r\n.\r\n"
 )
 QUIT_STEPS: tuple[Event | Command, ...] = (
-    client(b"QUIT\r\n"),
+    Client(b"QUIT\r\n"),
     SendToBackend(b"QUIT\r\n"),
-    backend(b"+OK Logging out.\r\n"),
+    Backend(b"+OK Logging out.\r\n"),
     SendToClient(b"+OK Logging out.\r\n"),
     CloseConnection("client quit", clean=True),
 )
@@ -194,13 +121,13 @@ def relaying(**overrides: object) -> POP3Machine:
     run(
         machine,
         GREETING,
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         TLS_READY,
         StartTLS(b""),
-        TLS,
+        TLS(),
         OpenBackend(),
-        CONNECTED,
-        backend(BACKEND_GREETING),
+        Connected(),
+        Backend(BACKEND_GREETING),
     )
     assert machine.state is State.RELAY
     return machine
@@ -210,10 +137,10 @@ def logged_in() -> POP3Machine:
     machine = relaying()
     run(
         machine,
-        client(b"USER alice\r\nPASS alicepw\r\n"),
+        Client(b"USER alice\r\nPASS alicepw\r\n"),
         SendToBackend(b"USER alice\r\n"),
         SendToBackend(b"PASS alicepw\r\n"),
-        backend(b"+OK\r\n+OK Logged in.\r\n"),
+        Backend(b"+OK\r\n+OK Logged in.\r\n"),
         SendToClient(b"+OK\r\n"),
         SendToClient(b"+OK Logged in.\r\n"),
     )
@@ -229,45 +156,45 @@ def test_full_stls_session() -> None:
     run(
         machine,
         GREETING,
-        client(b"capa\r\n"),
+        Client(b"capa\r\n"),
         PRE_TLS_CAPA,
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         TLS_READY,
         StartTLS(b""),
-        TLS,
+        TLS(),
         OpenBackend(),
-        CONNECTED,
-        backend(BACKEND_GREETING),
-        client(b"CAPA\r\n"),
+        Connected(),
+        Backend(BACKEND_GREETING),
+        Client(b"CAPA\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(BACKEND_CAPA),
+        Backend(BACKEND_CAPA),
         SendToClient(RELAYED_CAPA),
-        client(b"USER alice\r\n"),
+        Client(b"USER alice\r\n"),
         SendToBackend(b"USER alice\r\n"),
-        backend(b"+OK\r\n"),
+        Backend(b"+OK\r\n"),
         SendToClient(b"+OK\r\n"),
-        client(b"PASS alicepw\r\n"),
+        Client(b"PASS alicepw\r\n"),
         SendToBackend(b"PASS alicepw\r\n"),
-        backend(b"+OK Logged in.\r\n"),
+        Backend(b"+OK Logged in.\r\n"),
         SendToClient(b"+OK Logged in.\r\n"),
-        client(b"STAT\r\n"),
+        Client(b"STAT\r\n"),
         SendToBackend(b"STAT\r\n"),
-        backend(b"+OK 1 165\r\n"),
+        Backend(b"+OK 1 165\r\n"),
         SendToClient(b"+OK 1 165\r\n"),
-        client(b"RETR 1\r\n"),
+        Client(b"RETR 1\r\n"),
         SendToBackend(b"RETR 1\r\n"),
-        backend(b"+OK 165 octets\r\n"),
+        Backend(b"+OK 165 octets\r\n"),
         SendToClient(b"+OK 165 octets\r\n"),
-        backend(MESSAGE),
+        Backend(MESSAGE),
         SendToClient(MESSAGE),
-        client(b"DELE 1\r\n"),
+        Client(b"DELE 1\r\n"),
         SendToBackend(b"DELE 1\r\n"),
-        backend(b"+OK Marked to be deleted.\r\n"),
+        Backend(b"+OK Marked to be deleted.\r\n"),
         SendToClient(b"+OK Marked to be deleted.\r\n"),
         *QUIT_STEPS,
     )
     assert machine.state is State.CLOSED
-    run(machine, client(b"NOOP\r\n"), backend(b"+OK late\r\n"), TIMEOUT, eof(Side.BACKEND))
+    run(machine, Client(b"NOOP\r\n"), Backend(b"+OK late\r\n"), Timeout(), EOF(Side.BACKEND))
 
 
 @pytest.mark.parametrize(
@@ -282,25 +209,25 @@ def test_xclient_identity_exact_bytes(peer: Peer, address: bytes) -> None:
     run(
         machine,
         GREETING,
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         TLS_READY,
         StartTLS(b""),
-        TLS,
+        TLS(),
         OpenBackend(),
-        client(b"USER alice\r\n"),
-        CONNECTED,
-        backend(DOVECOT_GREETING),
+        Client(b"USER alice\r\n"),
+        Connected(),
+        Backend(DOVECOT_GREETING),
         SendToBackend(b"XCLIENT ADDR=%s CLIENT-TRANSPORT=TLS\r\n" % address),
-        client(b"PASS alicepw\r\n"),
+        Client(b"PASS alicepw\r\n"),
     )
     assert machine.state is State.XCLIENT_REPLY
     assert machine.unprocessed_client_bytes == len(b"USER alice\r\nPASS alicepw\r\n")
     run(
         machine,
-        backend(b"+OK Updated\r\n"),
+        Backend(b"+OK Updated\r\n"),
         SendToBackend(b"USER alice\r\n"),
         SendToBackend(b"PASS alicepw\r\n"),
-        backend(b"+OK\r\n+OK Logged in.\r\n"),
+        Backend(b"+OK\r\n+OK Logged in.\r\n"),
         SendToClient(b"+OK\r\n"),
         SendToClient(b"+OK Logged in.\r\n"),
     )
@@ -331,8 +258,8 @@ def test_xclient_failures_give_err(
     greeting: bytes, xclient_reply: bytes | None, reason: str
 ) -> None:
     machine = POP3Machine(settings(identity=BackendIdentity.POP3_XCLIENT), PEER)
-    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
-    run(machine, CONNECTED)
+    run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
+    run(machine, Connected())
     machine.receive_data(Side.BACKEND, greeting)
     if xclient_reply is not None:
         assert machine.next_command() == SendToBackend(
@@ -348,31 +275,31 @@ def test_plaintext_relay() -> None:
     run(
         machine,
         GREETING,
-        client(b"CAPA\r\n"),
+        Client(b"CAPA\r\n"),
         # Logins are offered, but no channel binding and no second STLS.
         SendToClient(
             b"+OK Capability list follows\r\n"
             b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
             b"USER\r\nSASL PLAIN LOGIN\r\nSTLS\r\n.\r\n"
         ),
-        client(b"NOOP\r\nUSER alice\r\nPASS alicepw\r\n"),
+        Client(b"NOOP\r\nUSER alice\r\nPASS alicepw\r\n"),
         SendToClient(b"+OK\r\n"),
         OpenBackend(),
-        client(b"STAT\r\n"),
-        CONNECTED,
-        backend(BACKEND_GREETING),
+        Client(b"STAT\r\n"),
+        Connected(),
+        Backend(BACKEND_GREETING),
         SendToBackend(b"USER alice\r\n"),
         SendToBackend(b"PASS alicepw\r\n"),
         SendToBackend(b"STAT\r\n"),
-        backend(b"+OK\r\n+OK Logged in.\r\n+OK 0 0\r\n"),
+        Backend(b"+OK\r\n+OK Logged in.\r\n+OK 0 0\r\n"),
         SendToClient(b"+OK\r\n"),
         SendToClient(b"+OK Logged in.\r\n"),
         SendToClient(b"+OK 0 0\r\n"),
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         SendToClient(b"-ERR TLS not available: session already started in plaintext\r\n"),
-        client(b"CAPA\r\n"),
+        Client(b"CAPA\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(BACKEND_CAPA),
+        Backend(BACKEND_CAPA),
         SendToClient(RELAYED_CAPA),
         *QUIT_STEPS,
     )
@@ -383,12 +310,12 @@ def test_plaintext_relay_with_xclient_says_insecure() -> None:
     run(
         machine,
         GREETING,
-        client(b"AUTH PLAIN\r\n"),
+        Client(b"AUTH PLAIN\r\n"),
         OpenBackend(),
-        CONNECTED,
-        backend(DOVECOT_GREETING),
+        Connected(),
+        Backend(DOVECOT_GREETING),
         SendToBackend(b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=insecure\r\n"),
-        backend(b"+OK Updated\r\n"),
+        Backend(b"+OK Updated\r\n"),
         SendToBackend(b"AUTH PLAIN\r\n"),
     )
     assert machine.state is State.AUTH_PENDING
@@ -399,16 +326,16 @@ def test_implicit_mode_forwards_the_backend_greeting() -> None:
     run(
         machine,
         StartTLS(b""),
-        TLS,
+        TLS(),
         OpenBackend(),
-        client(b"CAPA\r\n"),
-        CONNECTED,
-        backend(b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"),
+        Client(b"CAPA\r\n"),
+        Connected(),
+        Backend(b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"),
         SendToClient(b"+OK Dovecot ready. <1896.697170952@dbc.mtview.ca.us>\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(BACKEND_CAPA),
+        Backend(BACKEND_CAPA),
         SendToClient(RELAYED_CAPA),
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         TLS_ACTIVE,
     )
 
@@ -419,12 +346,12 @@ def test_implicit_mode_with_xclient_greets_after_the_identity() -> None:
     run(
         machine,
         StartTLS(b""),
-        TLS,
+        TLS(),
         OpenBackend(),
-        CONNECTED,
-        backend(DOVECOT_GREETING),
+        Connected(),
+        Backend(DOVECOT_GREETING),
         SendToBackend(b"XCLIENT ADDR=192.0.2.10 PORT=49152 CLIENT-TRANSPORT=TLS\r\n"),
-        backend(b"+OK Updated\r\n"),
+        Backend(b"+OK Updated\r\n"),
         # Only the proxy may use XCLIENT: the client is not told about it.
         SendToClient(b"+OK Dovecot (Debian) ready.\r\n"),
     )
@@ -444,16 +371,16 @@ def test_pipelined_retr_top_list_with_dot_stuffed_bodies() -> None:
         b"-ERR There's no message 9.\r\n"
         b"+OK 2 189\r\n"
     )
-    to_client, to_backend, others = outputs(machine, client(commands), backend(responses))
+    to_client, to_backend, others = play(machine, [Client(commands), Backend(responses)])
     assert (to_client, to_backend, others) == (responses, commands, [])
     assert machine.state is State.RELAY
 
 
 def test_bodies_stream_without_being_held() -> None:
     machine = logged_in()
-    run(machine, client(b"RETR 1\r\n"), SendToBackend(b"RETR 1\r\n"))
+    run(machine, Client(b"RETR 1\r\n"), SendToBackend(b"RETR 1\r\n"))
     stream = b"+OK 165 octets\r\n" + MESSAGE + b"+OK 1 165\r\n"
-    run(machine, client(b"LIST 1\r\n"), SendToBackend(b"LIST 1\r\n"))
+    run(machine, Client(b"LIST 1\r\n"), SendToBackend(b"LIST 1\r\n"))
     forwarded = b""
     for offset in range(0, len(stream), 7):
         machine.receive_data(Side.BACKEND, stream[offset : offset + 7])
@@ -470,17 +397,17 @@ def test_auth_plain_with_continuation() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"AUTH PLAIN\r\n"),
+        Client(b"AUTH PLAIN\r\n"),
         SendToBackend(b"AUTH PLAIN\r\n"),
         # The response waits for the backend's continuation.
-        client(AUTH_PLAIN + b"\r\nSTAT\r\n"),
-        backend(b"+ \r\n"),
+        Client(AUTH_PLAIN + b"\r\nSTAT\r\n"),
+        Backend(b"+ \r\n"),
         SendToClient(b"+ \r\n"),
         SendToBackend(AUTH_PLAIN + b"\r\n"),
-        backend(b"+OK Logged in.\r\n"),
+        Backend(b"+OK Logged in.\r\n"),
         SendToClient(b"+OK Logged in.\r\n"),
         SendToBackend(b"STAT\r\n"),
-        backend(b"+OK 1 165\r\n"),
+        Backend(b"+OK 1 165\r\n"),
         SendToClient(b"+OK 1 165\r\n"),
     )
     assert machine.state is State.RELAY
@@ -490,26 +417,26 @@ def test_auth_exchanges_with_initial_response_cancel_and_listing() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"AUTH LOGIN\r\n"),
+        Client(b"AUTH LOGIN\r\n"),
         SendToBackend(b"AUTH LOGIN\r\n"),
-        backend(b"+ VXNlcm5hbWU6\r\n"),
+        Backend(b"+ VXNlcm5hbWU6\r\n"),
         SendToClient(b"+ VXNlcm5hbWU6\r\n"),
         # "STLS" here is the SASL response to the challenge, not a command.
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         SendToBackend(b"STLS\r\n"),
-        backend(b"+ UGFzc3dvcmQ6\r\n"),
+        Backend(b"+ UGFzc3dvcmQ6\r\n"),
         SendToClient(b"+ UGFzc3dvcmQ6\r\n"),
-        client(b"*\r\n"),
+        Client(b"*\r\n"),
         SendToBackend(b"*\r\n"),
-        backend(b"-ERR Authentication aborted by client.\r\n"),
+        Backend(b"-ERR Authentication aborted by client.\r\n"),
         SendToClient(b"-ERR Authentication aborted by client.\r\n"),
-        client(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
+        Client(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
         SendToBackend(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
-        backend(b"-ERR [AUTH] Authentication failed.\r\n"),
+        Backend(b"-ERR [AUTH] Authentication failed.\r\n"),
         SendToClient(b"-ERR [AUTH] Authentication failed.\r\n"),
-        client(b"AUTH\r\n"),
+        Client(b"AUTH\r\n"),
         SendToBackend(b"AUTH\r\n"),
-        backend(b"+OK\r\nPLAIN\r\nSCRAM-SHA-1-PLUS\r\nLOGIN\r\n.\r\n"),
+        Backend(b"+OK\r\nPLAIN\r\nSCRAM-SHA-1-PLUS\r\nLOGIN\r\n.\r\n"),
         SendToClient(b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"),
     )
     assert machine.state is State.RELAY
@@ -519,13 +446,13 @@ def test_overlong_sasl_response_cancels_the_exchange() -> None:
     machine = relaying(max_line_length=64)
     run(
         machine,
-        client(b"AUTH PLAIN\r\n"),
+        Client(b"AUTH PLAIN\r\n"),
         SendToBackend(b"AUTH PLAIN\r\n"),
-        backend(b"+ \r\n"),
+        Backend(b"+ \r\n"),
         SendToClient(b"+ \r\n"),
-        client(b"A" * 100 + b"\r\nSTAT\r\n"),
+        Client(b"A" * 100 + b"\r\nSTAT\r\n"),
         SendToBackend(b"*\r\n"),
-        backend(b"-ERR Authentication aborted by client.\r\n"),
+        Backend(b"-ERR Authentication aborted by client.\r\n"),
         SendToClient(b"-ERR Authentication aborted by client.\r\n"),
         SendToBackend(b"STAT\r\n"),
     )
@@ -535,19 +462,19 @@ def test_pipelined_local_answers_keep_their_place() -> None:
     machine = logged_in()
     run(
         machine,
-        client(b"RETR 1\r\nSTLS\r\nSTAT\r\nXCLIENT ADDR=203.0.113.1\r\nNOOP\r\n"),
+        Client(b"RETR 1\r\nSTLS\r\nSTAT\r\nXCLIENT ADDR=203.0.113.1\r\nNOOP\r\n"),
         SendToBackend(b"RETR 1\r\n"),
         SendToBackend(b"STAT\r\n"),
         SendToBackend(b"NOOP\r\n"),
-        backend(b"+OK 165 octets\r\n" + MESSAGE[:20]),
+        Backend(b"+OK 165 octets\r\n" + MESSAGE[:20]),
         SendToClient(b"+OK 165 octets\r\n"),
         SendToClient(MESSAGE[:20]),
-        backend(MESSAGE[20:] + b"+OK 1 165\r\n"),
+        Backend(MESSAGE[20:] + b"+OK 1 165\r\n"),
         SendToClient(MESSAGE[20:]),
         TLS_ACTIVE,
         SendToClient(b"+OK 1 165\r\n"),
         NOT_PERMITTED,
-        backend(b"+OK\r\n"),
+        Backend(b"+OK\r\n"),
         SendToClient(b"+OK\r\n"),
     )
 
@@ -561,7 +488,7 @@ def test_pre_tls_local_commands() -> None:
     run(
         machine,
         GREETING,
-        client(
+        Client(
             b"noop\r\n\r\n STAT\r\nSTLS now\r\nXCLIENT ADDR=203.0.113.1\r\nxoip 203.0.113.1\r\n"
         ),
         SendToClient(b"+OK\r\n"),
@@ -570,10 +497,10 @@ def test_pre_tls_local_commands() -> None:
         SendToClient(b"-ERR Syntax: STLS\r\n"),
         NOT_PERMITTED,
         NOT_PERMITTED,
-        client(b"bare LF\ncr\r in the middle\r\n"),
+        Client(b"bare LF\ncr\r in the middle\r\n"),
         BAD_LINE,
         BAD_LINE,
-        client(b"QUIT\r\nNOOP\r\n"),
+        Client(b"QUIT\r\nNOOP\r\n"),
         SendToClient(b"+OK proxy.example closing connection\r\n"),
         CloseConnection("client quit", clean=True),
     )
@@ -584,15 +511,15 @@ def test_require_tls_refuses_user_pass_apop_auth() -> None:
     run(
         machine,
         GREETING,
-        client(b"USER alice\r\nPASS alicepw\r\nAPOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"),
+        Client(b"USER alice\r\nPASS alicepw\r\nAPOP alice c4c9334bac560ecc979e58001b3e22fb\r\n"),
         AUTH_NEEDS_TLS,
         AUTH_NEEDS_TLS,
         AUTH_NEEDS_TLS,
-        client(b"AUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nauth\r\n"),
+        Client(b"AUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nauth\r\n"),
         AUTH_NEEDS_TLS,
         TLS_FIRST,
         AUTH_NEEDS_TLS,
-        client(b"STAT\r\nRETR 1\r\nLIST\r\nFOO\r\n"),
+        Client(b"STAT\r\nRETR 1\r\nLIST\r\nFOO\r\n"),
         TLS_FIRST,
         TLS_FIRST,
         TLS_FIRST,
@@ -603,12 +530,12 @@ def test_require_tls_refuses_user_pass_apop_auth() -> None:
 
 def test_overlong_line_refused() -> None:
     machine = POP3Machine(settings(max_line_length=64), PEER)
-    run(machine, GREETING, client(b"USER " + b"x" * 100), LINE_TOO_LONG)
-    run(machine, client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"+OK\r\n"))
+    run(machine, GREETING, Client(b"USER " + b"x" * 100), LINE_TOO_LONG)
+    run(machine, Client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"+OK\r\n"))
     machine = relaying(max_line_length=64)
     run(
         machine,
-        client(b"USER " + b"a" * 100 + b"\r\nSTLS\r\nUSER alice\r\n"),
+        Client(b"USER " + b"a" * 100 + b"\r\nSTLS\r\nUSER alice\r\n"),
         LINE_TOO_LONG,
         TLS_ACTIVE,
         SendToBackend(b"USER alice\r\n"),
@@ -620,23 +547,23 @@ def test_tls_client_hello_before_stls() -> None:
     run(
         machine,
         GREETING,
-        client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
+        Client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
         SendToClient(b"-ERR TLS handshake received before STLS\r\n"),
         CloseConnection("TLS ClientHello before STLS"),
     )
     # Only the very first byte counts.
     machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, client(b"NOOP\r\n"), SendToClient(b"+OK\r\n"))
-    run(machine, client(b"\x16\r\n"), TLS_FIRST)
+    run(machine, GREETING, Client(b"NOOP\r\n"), SendToClient(b"+OK\r\n"))
+    run(machine, Client(b"\x16\r\n"), TLS_FIRST)
 
 
 def test_second_stls_refused() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"STLS\r\n"),
+        Client(b"STLS\r\n"),
         TLS_ACTIVE,
-        client(b"stls\r\nNOOP\r\n"),
+        Client(b"stls\r\nNOOP\r\n"),
         TLS_ACTIVE,
         SendToBackend(b"NOOP\r\n"),
     )
@@ -645,18 +572,18 @@ def test_second_stls_refused() -> None:
 
 def test_backend_failure_gives_err() -> None:
     machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
-    run(machine, failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
+    run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
+    run(machine, Failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
     assert machine.state is State.CLOSED
     machine = POP3Machine(settings(require_tls=False), PEER)
-    run(machine, GREETING, client(b"USER alice\r\n"), OpenBackend())
-    run(machine, failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
+    run(machine, GREETING, Client(b"USER alice\r\n"), OpenBackend())
+    run(machine, Failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
     machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS, OpenBackend())
+    run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
     run(
         machine,
-        CONNECTED,
-        backend(b"-ERR [SYS/TEMP] Service unavailable\r\n"),
+        Connected(),
+        Backend(b"-ERR [SYS/TEMP] Service unavailable\r\n"),
         UNAVAILABLE,
         CloseConnection("backend refused the session: -ERR [SYS/TEMP] Service unavailable"),
     )
@@ -673,19 +600,19 @@ def test_stls_pipelined_command_injection() -> None:
     run(
         machine,
         GREETING,
-        client(b"STLS\r\n" + injected),
+        Client(b"STLS\r\n" + injected),
         TLS_READY,
         StartTLS(injected),
-        client(b"RETR 1\r\n"),
+        Client(b"RETR 1\r\n"),
     )
     assert machine.unprocessed_client_bytes == 0
     run(
         machine,
-        TLS,
+        TLS(),
         OpenBackend(),
-        CONNECTED,
-        backend(BACKEND_GREETING),
-        client(b"CAPA\r\n"),
+        Connected(),
+        Backend(BACKEND_GREETING),
+        Client(b"CAPA\r\n"),
         SendToBackend(b"CAPA\r\n"),
     )
 
@@ -693,8 +620,8 @@ def test_stls_pipelined_command_injection() -> None:
 def test_stls_inside_retr_body_is_not_a_command() -> None:
     machine = logged_in()
     body = b"STLS\r\n+ \r\nUSER mallory\r\n.\r\n"
-    to_client, to_backend, others = outputs(
-        machine, client(b"RETR 1\r\nNOOP\r\n"), backend(b"+OK\r\n" + body + b"+OK\r\n")
+    to_client, to_backend, others = play(
+        machine, [Client(b"RETR 1\r\nNOOP\r\n"), Backend(b"+OK\r\n" + body + b"+OK\r\n")]
     )
     assert (to_client, to_backend, others) == (
         b"+OK\r\n" + body + b"+OK\r\n",
@@ -709,8 +636,8 @@ def test_stls_inside_top_body_is_not_a_command() -> None:
     stream = b"+OK\r\n" + headers + b".\r\n+OK 2 189\r\n"
     for cut in range(len(stream) + 1):
         machine = logged_in()
-        to_client, to_backend, others = outputs(
-            machine, client(b"TOP 1 0\r\nSTAT\r\n"), backend(stream[:cut]), backend(stream[cut:])
+        to_client, to_backend, others = play(
+            machine, [Client(b"TOP 1 0\r\nSTAT\r\n"), Backend(stream[:cut]), Backend(stream[cut:])]
         )
         assert (to_client, to_backend, others) == (stream, b"TOP 1 0\r\nSTAT\r\n", [])
 
@@ -719,10 +646,10 @@ def test_stls_in_multiline_capa_is_not_a_command() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"CAPA\r\nSTLS\r\n"),
+        Client(b"CAPA\r\nSTLS\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(b"+OK\r\nSTLS\r\nSASL SCRAM-SHA-256-PLUS\r\nTOP\r\n"),
-        backend(b".\r\n"),
+        Backend(b"+OK\r\nSTLS\r\nSASL SCRAM-SHA-256-PLUS\r\nTOP\r\n"),
+        Backend(b".\r\n"),
         # STLS is gone from the list, and the client's STLS is answered after it.
         SendToClient(b"+OK\r\nTOP\r\n.\r\n"),
         TLS_ACTIVE,
@@ -735,8 +662,8 @@ def test_dot_stuffed_body_passes_byte_identical() -> None:
     stream = b"+OK 26 octets\r\n" + body
     for cut in range(len(stream) + 1):
         machine = logged_in()
-        to_client, to_backend, _ = outputs(
-            machine, client(b"RETR 2\r\n"), backend(stream[:cut]), backend(stream[cut:])
+        to_client, to_backend, _ = play(
+            machine, [Client(b"RETR 2\r\n"), Backend(stream[:cut]), Backend(stream[cut:])]
         )
         assert to_client == stream
         assert to_backend == b"RETR 2\r\n"
@@ -747,17 +674,17 @@ def test_plus_mechanisms_stripped_after_tls() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"CAPA\r\n"),
+        Client(b"CAPA\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(
+        Backend(
             b"+OK List follows\r\nSASL SCRAM-SHA-256-PLUS scram-sha-1-plus\r\n"
             b"IMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"
         ),
         # Nothing is left of SASL: the line goes; dot-stuffing survives.
         SendToClient(b"+OK List follows\r\nIMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"),
-        client(b"CAPA\r\n"),
+        Client(b"CAPA\r\n"),
         SendToBackend(b"CAPA\r\n"),
-        backend(b"-ERR no CAPA here\r\n"),
+        Backend(b"-ERR no CAPA here\r\n"),
         SendToClient(b"-ERR no CAPA here\r\n"),
     )
 
@@ -771,18 +698,65 @@ def test_timeout_busy_and_eof() -> None:
         b"-ERR [SYS/TEMP] mx.example too many connections\r\n"
     )
     timeout = SendToClient(b"-ERR proxy.example autologout: idle for too long\r\n")
-    run(POP3Machine(settings(), PEER), GREETING, TIMEOUT, timeout, CloseConnection("idle timeout"))
-    run(relaying(), eof(Side.CLIENT), CloseConnection("client closed"))
-    run(relaying(), eof(Side.BACKEND), CloseConnection("backend closed"))
+    run(
+        POP3Machine(settings(), PEER), GREETING, Timeout(), timeout, CloseConnection("idle timeout")
+    )
+    run(relaying(), EOF(Side.CLIENT), CloseConnection("client closed"))
+    run(relaying(), EOF(Side.BACKEND), CloseConnection("backend closed"))
     run(
         relaying(),
-        client(b"RETR 1\r\n"),
+        Client(b"RETR 1\r\n"),
         SendToBackend(b"RETR 1\r\n"),
-        backend(b"+OK\r\n"),
+        Backend(b"+OK\r\n"),
         SendToClient(b"+OK\r\n"),
-        eof(Side.BACKEND),
+        EOF(Side.BACKEND),
         UNAVAILABLE,
         CloseConnection("backend closed"),
+    )
+
+
+SHUTDOWN_ERR = SendToClient(b"-ERR [SYS/TEMP] proxy.example Server shutting down\r\n")
+SHUTDOWN = CloseConnection("proxy shutting down")
+
+
+def test_shutdown_goodbye_before_tls_and_with_responses_owed() -> None:
+    run(POP3Machine(settings(), PEER), GREETING, ShuttingDown(), SHUTDOWN_ERR, SHUTDOWN)
+    machine = logged_in()
+    run(
+        machine,
+        Client(b"STAT\r\nLIST 1\r\nSTLS\r\n"),
+        SendToBackend(b"STAT\r\n"),
+        SendToBackend(b"LIST 1\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_ERR,
+        SHUTDOWN,
+    )
+    assert machine.state is State.CLOSED
+    run(machine, ShuttingDown(), Backend(b"+OK 1 165\r\n"))
+
+
+def test_shutdown_goodbye_not_inside_a_multiline_response() -> None:
+    machine = logged_in()
+    run(
+        machine,
+        Client(b"RETR 1\r\n"),
+        SendToBackend(b"RETR 1\r\n"),
+        Backend(b"+OK 165 octets\r\n" + MESSAGE[:30]),
+        SendToClient(b"+OK 165 octets\r\n"),
+        SendToClient(MESSAGE[:30]),
+        ShuttingDown(),
+        SHUTDOWN,
+    )
+    # A list to filter is held whole: the client has none of it yet.
+    machine = relaying()
+    run(
+        machine,
+        Client(b"CAPA\r\n"),
+        SendToBackend(b"CAPA\r\n"),
+        Backend(b"+OK\r\nTOP\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_ERR,
+        SHUTDOWN,
     )
 
 
@@ -799,7 +773,7 @@ def test_timeout_busy_and_eof() -> None:
 )
 def test_misbehaving_backend_gives_err(response: bytes, reason: str) -> None:
     machine = relaying()
-    run(machine, client(b"NOOP\r\n"), SendToBackend(b"NOOP\r\n"))
+    run(machine, Client(b"NOOP\r\n"), SendToBackend(b"NOOP\r\n"))
     machine.receive_data(Side.BACKEND, response)
     assert drain(machine)[-2:] == [UNAVAILABLE, CloseConnection(reason)]
     assert machine.state is State.ERROR
@@ -807,7 +781,7 @@ def test_misbehaving_backend_gives_err(response: bytes, reason: str) -> None:
 
 def test_malformed_capa_list_gives_err() -> None:
     machine = relaying()
-    run(machine, client(b"CAPA\r\n"), SendToBackend(b"CAPA\r\n"))
+    run(machine, Client(b"CAPA\r\n"), SendToBackend(b"CAPA\r\n"))
     machine.receive_data(Side.BACKEND, b"+OK\r\nTOP\nUIDL\r\n")
     reason = "malformed list line from backend: b'TOP\\n'"
     assert drain(machine) == [UNAVAILABLE, CloseConnection(reason)]
@@ -817,11 +791,11 @@ def test_backend_answering_while_client_owes_a_sasl_response() -> None:
     machine = relaying()
     run(
         machine,
-        client(b"AUTH PLAIN\r\n"),
+        Client(b"AUTH PLAIN\r\n"),
         SendToBackend(b"AUTH PLAIN\r\n"),
-        backend(b"+ \r\n"),
+        Backend(b"+ \r\n"),
         SendToClient(b"+ \r\n"),
-        backend(b"-ERR timeout\r\n"),
+        Backend(b"-ERR timeout\r\n"),
         SendToClient(b"-ERR timeout\r\n"),
         UNAVAILABLE,
         CloseConnection("AUTH_DONE is not allowed in state SASL_RESPONSE"),
@@ -833,17 +807,17 @@ def test_driver_misuse_is_a_violation() -> None:
     run(
         machine,
         GREETING,
-        CONNECTED,
+        Connected(),
         UNAVAILABLE,
         CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
     )
     assert machine.state is State.ERROR
-    run(machine, TLS, client(b"NOOP\r\n"), eof(Side.CLIENT), failed("x"))
+    run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
     machine = POP3Machine(settings(), PEER)
     run(
         machine,
         GREETING,
-        backend(b"+OK\r\n"),
+        Backend(b"+OK\r\n"),
         UNAVAILABLE,
         CloseConnection("backend response in state PRE_TLS"),
     )
@@ -852,31 +826,16 @@ def test_driver_misuse_is_a_violation() -> None:
 # --------------------------------------------------------------------------
 # The transitions table.
 
-TERMINAL = (State.CLOSED, State.ERROR)
+ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
 
 
 @given(st.sampled_from(State), st.sampled_from(Input))
 def test_transitions_table(state: State, input_: Input) -> None:
-    try:
-        target = transition(TRANSITIONS, state, input_)
-    except ProtocolViolation:
-        assert (state, input_) not in TRANSITIONS
-        assert state in TERMINAL or input_ not in (Input.CLOSE, Input.VIOLATION)
-        return
-    assert state not in TERMINAL
-    if input_ is Input.CLOSE:
-        assert target is State.CLOSED
-    elif input_ is Input.VIOLATION:
-        assert target is State.ERROR
-    else:
-        assert target not in TERMINAL
+    check_transition(TRANSITIONS, state, input_, ENDINGS)
 
 
 def test_every_state_is_reachable_and_every_input_used() -> None:
-    reached = {State.PRE_TLS, State.TLS_HANDSHAKE}
-    for _ in State:
-        reached |= {target for (source, _input), target in TRANSITIONS.items() if source in reached}
-    assert reached == set(State)
+    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
     assert {input_ for _, input_ in TRANSITIONS} == set(Input)
 
 
@@ -887,73 +846,59 @@ TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
     "stls": (
         settings(identity=BackendIdentity.POP3_XCLIENT),
         (
-            client(b"CAPA\r\nNOOP\r\n"),
-            client(b"STLS\r\n"),
-            client(b"USER evil\r\n"),
-            TLS,
-            CONNECTED,
-            backend(DOVECOT_GREETING),
-            backend(b"+OK Updated\r\n"),
-            client(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"),
-            backend(BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"),
-            backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
-            client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
-            backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+            Client(b"CAPA\r\nNOOP\r\n"),
+            Client(b"STLS\r\n"),
+            Client(b"USER evil\r\n"),
+            TLS(),
+            Connected(),
+            Backend(DOVECOT_GREETING),
+            Backend(b"+OK Updated\r\n"),
+            Client(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"),
+            Backend(BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"),
+            Backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
+            Client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
+            Backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
         ),
     ),
     "plaintext auth": (
         settings(require_tls=False, max_line_length=100),
         (
-            client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
-            CONNECTED,
-            backend(BACKEND_GREETING),
-            backend(b"+ \r\n"),
-            backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
-            client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
-            backend(b"+ VXNlcm5hbWU6\r\n"),
-            backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
-            client(b"QUIT\r\n"),
-            backend(b"+OK Logging out.\r\n"),
+            Client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
+            Connected(),
+            Backend(BACKEND_GREETING),
+            Backend(b"+ \r\n"),
+            Backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
+            Client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
+            Backend(b"+ VXNlcm5hbWU6\r\n"),
+            Backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
+            Client(b"QUIT\r\n"),
+            Backend(b"+OK Logging out.\r\n"),
         ),
     ),
     "pre-tls garbage": (
         settings(max_line_length=100),
         (
-            client(b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"),
-            client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+            Client(b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"),
+            Client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
         ),
     ),
     "implicit": (
         settings(tls_mode=TLSMode.IMPLICIT),
         (
-            TLS,
-            client(b"CAPA\r\nTOP 1 0\r\n"),
-            CONNECTED,
-            backend(BACKEND_GREETING + BACKEND_CAPA),
-            backend(b"+OK\r\n..\r\n\r\n.\r\n"),
-            eof(Side.BACKEND),
+            TLS(),
+            Client(b"CAPA\r\nTOP 1 0\r\n"),
+            Connected(),
+            Backend(BACKEND_GREETING + BACKEND_CAPA),
+            Backend(b"+OK\r\n..\r\n\r\n.\r\n"),
+            EOF(Side.BACKEND),
         ),
     ),
 }
 
 
-def play(
-    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]]
-) -> tuple[bytes, bytes, list[Command]]:
-    """Feed ``events``, each data event cut at its ``cuts``; what came out."""
-    machine = POP3Machine(settings_, PEER)
-    pieces: list[Event] = []
-    for event, offsets in zip(events, cuts, strict=True):
-        if isinstance(event, Bytes):
-            bounds = [0, *sorted(offsets), len(event.data)]
-            pieces += [Bytes(event.side, event.data[a:b]) for a, b in itertools.pairwise(bounds)]
-        else:
-            pieces.append(event)
-    return outputs(machine, *pieces)
-
-
-def _length(event: Event) -> int:
-    return len(event.data) if isinstance(event, Bytes) else 0
+def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
+    settings_, events = TRANSCRIPTS[name]
+    return play(POP3Machine(settings_, PEER), events, cuts)
 
 
 def test_transcripts_end_as_expected() -> None:
@@ -963,8 +908,8 @@ def test_transcripts_end_as_expected() -> None:
         "pre-tls garbage": CloseConnection("client quit", clean=True),
         "implicit": CloseConnection("backend closed"),
     }
-    for name, (settings_, events) in TRANSCRIPTS.items():
-        to_client, to_backend, others = play(settings_, events, [[] for _ in events])
+    for name in TRANSCRIPTS:
+        to_client, to_backend, others = _outcome(name, None)
         assert others[-1] == expected_ends[name]
         assert b"evil" not in to_backend
         assert b"PLUS" not in to_client
@@ -978,20 +923,12 @@ def test_transcripts_end_as_expected() -> None:
 
 @pytest.mark.parametrize("name", TRANSCRIPTS)
 def test_split_one_byte_at_a_time(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    whole = play(settings_, events, [[] for _ in events])
-    bytewise = [list(range(1, _length(event))) for event in events]
-    assert play(settings_, events, bytewise) == whole
+    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
 
 
 @given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
 def test_split_invariance(name: str, data: st.DataObject) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    cuts = [
-        data.draw(st.lists(st.integers(0, _length(event)), max_size=6), label=repr(event)[:40])
-        for event in events
-    ]
-    assert play(settings_, events, cuts) == play(settings_, events, [[] for _ in events])
+    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
 
 
 # --------------------------------------------------------------------------
@@ -1009,15 +946,15 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
     machine = logged_in()
     run(
         machine,
-        client(b"RETR 1\r\nSTAT\r\n"),
+        Client(b"RETR 1\r\nSTAT\r\n"),
         SendToBackend(b"RETR 1\r\n"),
         SendToBackend(b"STAT\r\n"),
-        backend(b"+OK\r\n"),
+        Backend(b"+OK\r\n"),
         SendToClient(b"+OK\r\n"),
     )
     bounds = [0, *sorted(min(cut, len(stream)) for cut in cuts), len(stream)]
-    to_client, _, others = outputs(
-        machine, *(backend(stream[a:b]) for a, b in itertools.pairwise(bounds))
+    to_client, _, others = play(
+        machine, [Backend(stream[a:b]) for a, b in itertools.pairwise(bounds)]
     )
     if stream[end:] == b"+OK 1 2\r\n":
         assert to_client == stream
@@ -1031,20 +968,14 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
 @given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
 def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
     machine = POP3Machine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    for chunk in chunks:
-        machine.receive_data(Side.CLIENT, chunk)
-        for command in drain(machine):
-            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
-            assert not (require_tls and isinstance(command, OpenBackend))
+    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
     assert machine.state is not State.ERROR
 
 
 @given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
 def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
     machine = relaying(max_line_length=128)
-    for chunk in chunks:
-        machine.receive_data(side, chunk)
-        drain(machine)
+    feed(machine, side, chunks)
     if side is Side.CLIENT:
         assert machine.state is not State.ERROR
 

@@ -1,14 +1,8 @@
-"""Tests of the SMTP machine and probe, written as transcripts.
-
-``run(machine, ...)`` takes events (what happens on the wire) and the exact
-commands expected after each, in order, so every test reads top to bottom
-like a conversation.
-"""
+"""Tests of the SMTP machine and probe, written as transcripts (see
+``tests.protocols.transcript``)."""
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -23,15 +17,12 @@ from protocols._base import (
     Command,
     OpenBackend,
     Peer,
-    ProtocolViolation,
     SendToBackend,
     SendToClient,
     SessionSettings,
     Side,
     StartTLS,
-    TLSInfo,
     TLSMode,
-    transition,
 )
 from protocols.smtp import (
     TRANSITIONS,
@@ -41,87 +32,30 @@ from protocols.smtp import (
     State,
     xtext,
 )
+from tests.protocols.transcript import (
+    EOF,
+    HOST,
+    TLS,
+    Backend,
+    Client,
+    Connected,
+    Event,
+    Failed,
+    ShuttingDown,
+    Timeout,
+    backend_bytes,
+    bytewise,
+    check_pre_tls_bytes,
+    check_transition,
+    drain,
+    drawn_cuts,
+    feed,
+    make_settings,
+    play,
+    reachable,
+    run,
+)
 
-# --------------------------------------------------------------------------
-# Transcript helpers.
-
-
-class Event(abc.ABC):
-    """Something the driver reports to the machine."""
-
-    @abc.abstractmethod
-    def apply(self, machine: SMTPMachine) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class Client(Event):
-    data: bytes
-
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.receive_data(Side.CLIENT, self.data)
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend(Event):
-    data: bytes
-
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.receive_data(Side.BACKEND, self.data)
-
-
-@dataclasses.dataclass(frozen=True)
-class TLS(Event):
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"))
-
-
-@dataclasses.dataclass(frozen=True)
-class Connected(Event):
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.backend_connected()
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed(Event):
-    reason: str
-
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.backend_failed(self.reason)
-
-
-@dataclasses.dataclass(frozen=True)
-class EOF(Event):
-    side: Side
-
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.receive_eof(self.side)
-
-
-@dataclasses.dataclass(frozen=True)
-class Timeout(Event):
-    def apply(self, machine: SMTPMachine) -> None:
-        machine.timed_out()
-
-
-def drain(machine: SMTPMachine) -> list[Command]:
-    commands = []
-    while (command := machine.next_command()) is not None:
-        commands.append(command)
-    return commands
-
-
-def run(machine: SMTPMachine, *steps: Event | Command) -> None:
-    """Apply events; each command step must be the next command queued."""
-    for index, step in enumerate(steps):
-        if isinstance(step, Event):
-            assert drain(machine) == [], f"unexpected commands before step {index}: {step}"
-            step.apply(machine)
-        else:
-            assert machine.next_command() == step, f"step {index}"
-    assert drain(machine) == [], "unexpected commands at the end"
-
-
-HOST = "proxy.example"
 CAPABILITIES = (
     "PIPELINING",
     "SIZE 10240000",
@@ -140,10 +74,7 @@ PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 25)
 
 
 def settings(**overrides: object) -> SessionSettings:
-    base = SessionSettings(
-        hostname=HOST, tls_mode=TLSMode.STARTTLS, require_tls=True, capabilities=CAPABILITIES
-    )
-    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+    return make_settings(CAPABILITIES, **overrides)
 
 
 GREETING = SendToClient(b"220 proxy.example ESMTP starttls-proxy\r\n")
@@ -225,14 +156,6 @@ def in_body(**overrides: object) -> SMTPMachine:
     )
     assert machine.state is State.DATA_BODY
     return machine
-
-
-def backend_bytes(commands: Sequence[Command]) -> bytes:
-    return b"".join(c.data for c in commands if isinstance(c, SendToBackend))
-
-
-def client_bytes(commands: Sequence[Command]) -> bytes:
-    return b"".join(c.data for c in commands if isinstance(c, SendToClient))
 
 
 # --------------------------------------------------------------------------
@@ -935,6 +858,68 @@ def test_timeout_busy_and_eof() -> None:
     run(machine, EOF(Side.BACKEND), UNAVAILABLE, CloseConnection("backend closed"))
 
 
+SHUTDOWN_421 = SendToClient(b"421 4.3.2 proxy.example Service shutting down\r\n")
+SHUTDOWN = CloseConnection("proxy shutting down")
+
+
+def test_shutdown_goodbye_before_tls_and_in_relay() -> None:
+    run(SMTPMachine(settings(), PEER), GREETING, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
+    machine = relaying()
+    run(machine, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
+    assert machine.state is State.CLOSED
+    run(machine, ShuttingDown(), Backend(b"250 2.0.0 Ok\r\n"))
+
+
+def test_shutdown_goodbye_with_replies_owed() -> None:
+    machine = relaying()
+    run(
+        machine,
+        Client(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nSTARTTLS\r\n"),
+        SendToBackend(b"MAIL FROM:<a@example.org>\r\n"),
+        SendToBackend(b"RCPT TO:<b@example.net>\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_421,
+        SHUTDOWN,
+    )
+    # DATA sent, 354 not yet come: the client waits for a reply.
+    machine = relaying()
+    run(
+        machine,
+        Client(b"DATA\r\n"),
+        SendToBackend(b"DATA\r\n"),
+        ShuttingDown(),
+        SHUTDOWN_421,
+        SHUTDOWN,
+    )
+
+
+def test_shutdown_goodbye_not_inside_a_message() -> None:
+    machine = in_body()
+    run(
+        machine,
+        Client(b"Subject: x\r\n\r\nhalf a mess"),
+        SendToBackend(b"Subject: x\r\n\r\nhalf a mess"),
+        ShuttingDown(),
+        SHUTDOWN,
+    )
+    machine = relaying()
+    run(
+        machine,
+        Client(b"BDAT 10 LAST\r\nabc"),
+        SendToBackend(b"BDAT 10 LAST\r\n"),
+        SendToBackend(b"abc"),
+        ShuttingDown(),
+        SHUTDOWN,
+    )
+    # The chunk of a refused BDAT is still coming too.
+    machine = relaying(capabilities=("PIPELINING",))
+    run(machine, Client(b"BDAT 10\r\nabc"), NOT_IMPLEMENTED, ShuttingDown(), SHUTDOWN)
+    # Once the message is through, the goodbye is back.
+    machine = in_body()
+    run(machine, Client(b"text\r\n.\r\n"), SendToBackend(b"text\r\n.\r\n"))
+    run(machine, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
+
+
 @pytest.mark.parametrize(
     ("reply", "reason"),
     [
@@ -970,33 +955,16 @@ def test_driver_misuse_is_a_violation() -> None:
 # --------------------------------------------------------------------------
 # The transitions table.
 
-TERMINAL = (State.CLOSED, State.ERROR)
+ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
 
 
 @given(st.sampled_from(State), st.sampled_from(Input))
 def test_transitions_table(state: State, input_: Input) -> None:
-    try:
-        target = transition(TRANSITIONS, state, input_)
-    except ProtocolViolation:
-        assert (state, input_) not in TRANSITIONS
-        assert state in TERMINAL or input_ not in (Input.CLOSE, Input.VIOLATION)
-        return
-    assert isinstance(target, State)
-    assert state not in TERMINAL
-    if input_ is Input.CLOSE:
-        assert target is State.CLOSED
-    if input_ is Input.VIOLATION:
-        assert target is State.ERROR
+    check_transition(TRANSITIONS, state, input_, ENDINGS)
 
 
 def test_every_state_is_reachable() -> None:
-    reached = {State.PRE_TLS, State.TLS_HANDSHAKE}
-    while True:
-        more = {target for (source, _), target in TRANSITIONS.items() if source in reached}
-        if more <= reached:
-            break
-        reached |= more
-    assert reached == set(State)
+    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
 
 
 # --------------------------------------------------------------------------
@@ -1059,31 +1027,14 @@ TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
 }
 
 
-def play(
-    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]]
-) -> tuple[bytes, bytes, list[Command]]:
-    """Feed ``events``, each data event cut at its ``cuts``; what came out."""
-    machine = SMTPMachine(settings_, PEER)
-    for event, offsets in zip(events, cuts, strict=True):
-        if isinstance(event, Client | Backend):
-            bounds = [0, *sorted(offsets), len(event.data)]
-            for start, end in itertools.pairwise(bounds):
-                type(event)(event.data[start:end]).apply(machine)
-        else:
-            event.apply(machine)
-    commands = drain(machine)
-    others: list[Command] = [c for c in commands if not isinstance(c, SendToClient | SendToBackend)]
-    return client_bytes(commands), backend_bytes(commands), others
-
-
-def _length(event: Event) -> int:
-    return len(event.data) if isinstance(event, Client | Backend) else 0
+def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
+    settings_, events = TRANSCRIPTS[name]
+    return play(SMTPMachine(settings_, PEER), events, cuts)
 
 
 @pytest.mark.parametrize("name", TRANSCRIPTS)
 def test_transcripts_end_as_expected(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    to_client, to_backend, others = play(settings_, events, [[] for _ in events])
+    to_client, to_backend, others = _outcome(name, None)
     assert isinstance(others[-1], CloseConnection)
     assert b"XCLIENT ADDR=203" not in to_backend
     if name == "starttls":
@@ -1096,20 +1047,12 @@ def test_transcripts_end_as_expected(name: str) -> None:
 
 @pytest.mark.parametrize("name", TRANSCRIPTS)
 def test_split_one_byte_at_a_time(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    whole = play(settings_, events, [[] for _ in events])
-    bytewise = [list(range(1, _length(event))) for event in events]
-    assert play(settings_, events, bytewise) == whole
+    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
 
 
 @given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
 def test_split_invariance(name: str, data: st.DataObject) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    cuts = [
-        data.draw(st.lists(st.integers(0, _length(event)), max_size=6), label=repr(event)[:40])
-        for event in events
-    ]
-    assert play(settings_, events, cuts) == play(settings_, events, [[] for _ in events])
+    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
 
 
 # --------------------------------------------------------------------------
@@ -1159,19 +1102,13 @@ def test_body_scanner_matches_one_shot_reference(
 @given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
 def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
     machine = SMTPMachine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    for chunk in chunks:
-        machine.receive_data(Side.CLIENT, chunk)
-        for command in drain(machine):
-            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
-            assert not (require_tls and isinstance(command, OpenBackend))
+    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
 
 
 @given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
 def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
     machine = relaying(max_line_length=128)
-    for chunk in chunks:
-        machine.receive_data(side, chunk)
-        drain(machine)
+    feed(machine, side, chunks)
     if side is Side.CLIENT:
         assert machine.state is not State.ERROR
 

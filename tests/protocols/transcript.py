@@ -1,37 +1,41 @@
 """Transcripts: protocol machine tests that read top to bottom.
 
 ``run(machine, ...)`` takes events (what happens on the wire) and the exact
-commands expected after each, in order. ``play`` feeds events with their
-bytes cut at given offsets and returns what came out, for split-invariance
-tests, where only the bytes matter and not how they were cut into commands.
-``check_transition`` and ``reachable`` test a machine's transitions table.
+commands expected after each, in order, so every test reads top to bottom
+like a conversation. ``play`` feeds events with their bytes cut at given
+offsets and returns what came out, for the tests where only the bytes matter
+and not how they were cut into commands (split invariance above all).
+``bytewise`` and ``drawn_cuts`` give the cuts, ``feed`` and
+``check_pre_tls_bytes`` serve the fuzz tests, and ``check_transition`` and
+``reachable`` test a machine's transitions table.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-import enum
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+
+from hypothesis import strategies as st
 
 from protocols._base import (
+    CloseConnection,
     Command,
+    InputT,
+    OpenBackend,
     ProtocolViolation,
     ProxyMachine,
     SendToBackend,
     SendToClient,
     SessionSettings,
     Side,
+    StartTLS,
+    StateT,
     TLSInfo,
     TLSMode,
     transition,
 )
-
-StateT = TypeVar("StateT", bound=enum.Enum)
-InputT = TypeVar("InputT", bound=enum.Enum)
-
 
 HOST = "proxy.example"
 
@@ -102,6 +106,12 @@ class Timeout(Event):
         machine.timed_out()
 
 
+@dataclasses.dataclass(frozen=True)
+class ShuttingDown(Event):
+    def apply(self, machine: ProxyMachine) -> None:
+        machine.shutting_down()
+
+
 def drain(machine: ProxyMachine) -> list[Command]:
     commands = []
     while (command := machine.next_command()) is not None:
@@ -126,6 +136,25 @@ def backend_bytes(commands: Sequence[Command]) -> bytes:
 
 def client_bytes(commands: Sequence[Command]) -> bytes:
     return b"".join(c.data for c in commands if isinstance(c, SendToClient))
+
+
+def feed(machine: ProxyMachine, side: Side, chunks: Iterable[bytes]) -> None:
+    """Feed ``chunks`` from ``side``, draining what they make the machine do."""
+    for chunk in chunks:
+        machine.receive_data(side, chunk)
+        drain(machine)
+
+
+def check_pre_tls_bytes(
+    machine: ProxyMachine, chunks: Iterable[bytes], *, require_tls: bool
+) -> None:
+    """Feed client ``chunks`` to a machine before TLS: whatever they hold, it
+    sends the backend nothing, and with ``require_tls`` opens none."""
+    for chunk in chunks:
+        machine.receive_data(Side.CLIENT, chunk)
+        for command in drain(machine):
+            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
+            assert not (require_tls and isinstance(command, OpenBackend))
 
 
 def length(event: Event) -> int:
@@ -157,6 +186,14 @@ def bytewise(events: Sequence[Event]) -> list[list[int]]:
     return [list(range(1, length(event))) for event in events]
 
 
+def drawn_cuts(data: st.DataObject, events: Sequence[Event]) -> list[list[int]]:
+    """Cuts drawn by hypothesis: up to six anywhere in each data event."""
+    return [
+        data.draw(st.lists(st.integers(0, length(event)), max_size=6), label=repr(event)[:40])
+        for event in events
+    ]
+
+
 def check_transition(
     table: Mapping[tuple[StateT, InputT], StateT],
     state: StateT,
@@ -165,15 +202,20 @@ def check_transition(
 ) -> StateT | None:
     """Check one cell of ``table``; ``endings`` maps each input that ends a
     session (close, violation) to its final state, which it must reach from
-    every other state. The target state, or ``None`` for a missing entry."""
+    every other state and the other inputs never reach. The target state, or
+    ``None`` for a missing entry."""
     try:
         target = transition(table, state, input_)
     except ProtocolViolation:
         assert (state, input_) not in table
         assert state in endings.values() or input_ not in endings
         return None
+    assert isinstance(target, type(state))
     assert state not in endings.values()
-    assert input_ not in endings or target is endings[input_]
+    if input_ in endings:
+        assert target is endings[input_]
+    else:
+        assert target not in endings.values()
     return target
 
 
