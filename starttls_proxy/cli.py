@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return 2
-    server = Server(config, helper)
+    server = Server(config, helper, args.config)
     try:
         uvloop.run(server.serve())
     finally:

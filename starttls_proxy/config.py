@@ -327,10 +327,17 @@ class IsolationConfig(_Model):
         return value
 
 
+class ShutdownConfig(_Model):
+    #: On SIGTERM/SIGINT, seconds to let sessions end by themselves before
+    #: each gets its protocol's goodbye (421, * BYE, -ERR, </stream:stream>).
+    drain_timeout: Annotated[float, Field(ge=0)] = 30.0
+
+
 class Config(_Model):
     tls: TLSConfig
     listeners: Annotated[list[ListenerConfig], Field(min_length=1)]
     metrics: MetricsConfig = MetricsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     isolation: IsolationConfig = IsolationConfig()
 
     @model_validator(mode="after")

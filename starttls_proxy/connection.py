@@ -446,6 +446,15 @@ class Session:
     # ------------------------------------------------------------------
     # The end.
 
+    def shut_down(self) -> None:
+        """The proxy stops: the protocol's goodbye (421, BYE, -ERR...), then close."""
+        if self.phase is Phase.HANDSHAKE or self.client is None:
+            self.close("proxy shutting down")
+            return
+        self.machine.shutting_down()
+        self._run_commands()
+        self.close("proxy shutting down")
+
     @property
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED

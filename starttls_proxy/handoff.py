@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 #: How long ``stop`` waits for the keeper (and through it the helper) to leave.
 STOP_TIMEOUT = 15.0
+#: A reload starts a whole new helper (sandbox probe, certificates).
+RELOAD_TIMEOUT = STARTUP_TIMEOUT
 MAX_MESSAGE = 64 * 1024
 
 
@@ -56,6 +58,8 @@ class TLSHelper:
         self.on_worker_exit: Callable[[int, int], None] = lambda pid, status: None
         #: Called with a reason when no helper can be had any more.
         self.on_fatal: Callable[[str], None] = lambda reason: None
+        #: The keeper's answer to a pending reload: the problems, [] if none.
+        self._reloaded: asyncio.Future[list[str]] | None = None
 
     @classmethod
     def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
@@ -139,7 +143,14 @@ class TLSHelper:
             if "helper" in message and len(fds) == 1:
                 self._drop_control()
                 self._adopt(message, fds[0])
-                log.info("the TLS helper runs again (pid %d)", self.helper_pid)
+                if message.get("reloaded") and self._reloaded is not None:
+                    self._reloaded.set_result([])
+                else:
+                    log.info("the TLS helper runs again (pid %d)", self.helper_pid)
+            elif "reload_failed" in message and self._reloaded is not None:
+                problems = message["reload_failed"]
+                assert isinstance(problems, list)
+                self._reloaded.set_result([str(problem) for problem in problems])
             elif "exited" in message:
                 pid, status = message["exited"], message["status"]
                 assert isinstance(pid, int) and isinstance(status, int)
@@ -148,6 +159,32 @@ class TLSHelper:
                 self.on_fatal(str(message["fatal"]))
                 self._stop_reading_keeper()
                 return
+
+    async def reload(self, tls: TLSConfig, isolation: IsolationConfig) -> list[str]:
+        """Have the keeper start a helper with new certificates; return the
+        problems that kept the old one in service ([] when the new one took over).
+
+        Workers already running keep their TLS sessions whatever happens.
+        """
+        assert self._loop is not None
+        self._reloaded = self._loop.create_future()
+        try:
+            self.keeper_socket.send(
+                json.dumps(
+                    {
+                        "reload": {
+                            "tls": tls.model_dump(mode="json"),
+                            "isolation": isolation.model_dump(mode="json"),
+                        }
+                    }
+                ).encode()
+            )
+            async with asyncio.timeout(RELOAD_TIMEOUT):
+                return await self._reloaded
+        except (OSError, TimeoutError) as error:
+            return [f"the keeper did not answer the reload: {error or 'timeout'}"]
+        finally:
+            self._reloaded = None
 
     def _drop_control(self) -> None:
         if self.control is None:

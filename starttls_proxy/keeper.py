@@ -33,6 +33,13 @@ datagram):
   configuration (the keeper then exits);
 * keeper -> main: ``{"exited": PID, "status": CODE}`` for a dead helper's workers;
 * keeper -> main: ``{"fatal": "..."}``, then the keeper exits.
+* main -> keeper: ``{"reload": {"tls": ..., "isolation": ...}}`` (SIGHUP): the
+  keeper starts a *new* helper with it; if that one loads every certificate
+  (mismatched pairs refused) it answers ``{"helper": PID, "layers": ...,
+  "reloaded": true}`` with the new control socket, and the old helper is
+  retired (it leaves when the main process closes its socket; its workers go
+  on serving their sessions). Otherwise it answers ``{"reload_failed":
+  [...]}`` and nothing changes.
 
 When the main process closes its socket, the keeper stops restarting and
 waits for the helper, which leaves once its own control socket is closed.
@@ -91,13 +98,15 @@ class Keeper:
         self.window = float(isolation["restart_window"])
         self.deaths: collections.deque[float] = collections.deque()
         self.helper: subprocess.Popen[bytes] | None = None
+        #: Helpers replaced by a reload: their exit is neither a death nor a worker's.
+        self.retired: set[int] = set()
 
-    def start_helper(self) -> None:
+    def start_helper(self, configuration: bytes | None = None, *, reloaded: bool = False) -> None:
         """Start a helper, wait until it is ready, hand its socket to the main process."""
         process, ours = start_interpreter("starttls_proxy.zygote")
         with ours:
             ours.settimeout(STARTUP_TIMEOUT)
-            ours.send(self.configuration)
+            ours.send(configuration or self.configuration)
             try:
                 reply = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
             except TimeoutError:
@@ -107,10 +116,30 @@ class Keeper:
                 process.wait(5)
                 raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])
             self.helper = process
-            _send(self.main, {"helper": process.pid, "layers": reply["layers"]}, [ours.fileno()])
+            _send(
+                self.main,
+                {"helper": process.pid, "layers": reply["layers"], "reloaded": reloaded},
+                [ours.fileno()],
+            )
+
+    def reload(self, configuration: bytes) -> None:
+        """Swap in a helper built from ``configuration``, or keep the old one."""
+        old = self.helper
+        try:
+            self.start_helper(configuration, reloaded=True)
+        except (HelperStartError, OSError) as error:
+            problems = error.problems if isinstance(error, HelperStartError) else [str(error)]
+            _send(self.main, {"reload_failed": problems})
+            return
+        self.configuration = configuration
+        if old is not None:
+            self.retired.add(old.pid)
 
     def on_child_exit(self, pid: int, code: int) -> bool:
         """Restart a dead helper or report a worker's exit; False to give up."""
+        if pid in self.retired:
+            self.retired.discard(pid)
+            return True
         if self.helper is None or pid != self.helper.pid:
             _send(self.main, {"exited": pid, "status": code})
             return True
@@ -147,8 +176,12 @@ class Keeper:
         while True:
             for key, _ in selector.select():
                 if key.fileobj is self.main:
-                    if not self.main.recv(MAX_MESSAGE):
+                    message = self.main.recv(MAX_MESSAGE)
+                    if not message:
                         return self._finish()
+                    request = json.loads(message)
+                    if "reload" in request:
+                        self.reload(json.dumps(request["reload"]).encode())
                     continue
                 while True:
                     try:

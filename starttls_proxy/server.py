@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+from pathlib import Path
 
 from cryptography import x509
 from prometheus_client import generate_latest
@@ -18,7 +19,7 @@ from prometheus_client import generate_latest
 from protocols import PROTOCOLS, ProtocolSpec
 from protocols._base import Peer, ProxyMachine, SessionSettings
 from starttls_proxy import identity, metrics
-from starttls_proxy.config import Config, ListenerConfig, SocketAddress
+from starttls_proxy.config import Config, ConfigError, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.connection import ClientEndpoint, Session
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.sandbox import EXIT_DEADLINE, EXIT_SANDBOX_FAILED, drop_privileges
@@ -192,12 +193,22 @@ def publish_certificate_expiry(config: Config) -> None:
 
 
 class Server:
-    def __init__(self, config: Config, helper: TLSHelper) -> None:
+    def __init__(self, config: Config, helper: TLSHelper, config_path: Path | None = None) -> None:
+        """``config_path``: where SIGHUP re-reads the configuration from."""
         self.config = config
+        self.config_path = config_path
         self.helper = helper
-        self.listeners = [ListenerRuntime(listener, helper) for listener in config.listeners]
+        #: The listeners by name; new connections look their runtime up here,
+        #: so a reload changes what new sessions get and nothing else.
+        self.runtimes = {
+            listener.name: ListenerRuntime(listener, helper) for listener in config.listeners
+        }
+        self._probes: dict[str, asyncio.Task[None]] = {}
         publish_certificate_expiry(config)
+        metrics.LAST_RELOAD_SUCCESS.set_to_current_time()
         self._stopping = asyncio.Event()
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
         #: What the process exits with once ``serve`` returns.
         self.exit_status = 0
 
@@ -215,6 +226,40 @@ class Server:
         drop_privileges(user)
         log.info("main process dropped root: now runs as %s (uid %d)", user, os.geteuid())
 
+    async def _bind(self, listener: ListenerConfig) -> asyncio.Server:
+        """A listening socket for ``listener``, not yet accepting."""
+        loop = asyncio.get_running_loop()
+        listen = listener.listen
+        return await loop.create_server(
+            lambda name=listener.name: ClientEndpoint(self.runtimes[name]),
+            listen.host,
+            listen.port,
+            family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,
+            reuse_address=True,
+            backlog=LISTEN_BACKLOG,
+            start_serving=False,
+        )
+
+    async def _open(self, runtime: ListenerRuntime, server: asyncio.Server) -> None:
+        runtime.server = server
+        await server.start_serving()
+        config = runtime.config
+        log.info(
+            "%s: %s %s on %s -> %s (identity %s)",
+            config.name,
+            config.protocol.value,
+            config.tls.value,
+            config.listen,
+            config.backend.address,
+            config.backend.identity.value,
+        )
+
+    def _start_probe(self, runtime: ListenerRuntime) -> None:
+        old = self._probes.pop(runtime.config.name, None)
+        if old is not None:
+            old.cancel()
+        self._probes[runtime.config.name] = asyncio.create_task(runtime.probe_forever())
+
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         self.helper.on_worker_exit = _count_worker_exit
@@ -223,46 +268,125 @@ class Server:
         self.helper.log_layers()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
-        probes = [asyncio.create_task(runtime.probe_forever()) for runtime in self.listeners]
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        for runtime in self.runtimes.values():
+            self._start_probe(runtime)
         # One probe round before accepting: clients should see the real list.
         await asyncio.wait(
-            [asyncio.create_task(runtime.probed.wait()) for runtime in self.listeners],
-            timeout=max(r.config.timeouts.backend_connect for r in self.listeners) + 1,
+            [asyncio.create_task(runtime.probed.wait()) for runtime in self.runtimes.values()],
+            timeout=max(r.config.timeouts.backend_connect for r in self.runtimes.values()) + 1,
         )
         metrics_server = None
         if self.config.metrics.listen is not None:
             address = self.config.metrics.listen
             metrics_server = await asyncio.start_server(_serve_metrics, address.host, address.port)
-        for runtime in self.listeners:
-            listen = runtime.config.listen
-            runtime.server = await loop.create_server(
-                lambda runtime=runtime: ClientEndpoint(runtime),
-                listen.host,
-                listen.port,
-                family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,
-                reuse_address=True,
-                backlog=LISTEN_BACKLOG,
-            )
-            log.info(
-                "%s: %s %s on %s -> %s (identity %s)",
-                runtime.config.name,
-                runtime.config.protocol.value,
-                runtime.config.tls.value,
-                listen,
-                runtime.config.backend.address,
-                runtime.config.backend.identity.value,
-            )
+        for runtime in self.runtimes.values():
+            await self._open(runtime, await self._bind(runtime.config))
         self._drop_privileges()
         log.info("ready")
         await self._stopping.wait()
-        log.info("shutting down")
-        for task in probes:
-            task.cancel()
-        for runtime in self.listeners:
-            if runtime.server is not None:
-                runtime.server.close()
-            for session in list(runtime.sessions):
-                session.close("proxy shutting down")
+        await self._shut_down()
         if metrics_server is not None:
             metrics_server.close()
         self.helper.stop()
+
+    def _on_sighup(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        """SIGHUP: new configuration and certificates for new connections.
+
+        All or nothing: an unreadable or invalid file, a certificate whose key
+        does not match, or a listen address that cannot be bound keeps the
+        running configuration in service. Sessions in progress are never
+        touched (their workers hold their own TLS state).
+        """
+        async with self._reloading:
+            try:
+                await self._reload()
+            except ConfigError as error:
+                metrics.CONFIG_RELOADS.labels("failed").inc()
+                log.error(
+                    "reload refused, the running configuration stays: %s",
+                    "; ".join(error.problems),
+                )
+                return
+            metrics.CONFIG_RELOADS.labels("ok").inc()
+            metrics.LAST_RELOAD_SUCCESS.set_to_current_time()
+            log.info("reloaded %s", self.config_path)
+
+    async def _reload(self) -> None:
+        if self.config_path is None:
+            raise ConfigError(["no configuration file to reload from"])
+        new = load_config(self.config_path)
+        changed = [
+            listener
+            for listener in new.listeners
+            if listener.name not in self.runtimes
+            or self.runtimes[listener.name].config.listen != listener.listen
+        ]
+        bound: dict[str, asyncio.Server] = {}
+        try:
+            for listener in changed:
+                try:
+                    bound[listener.name] = await self._bind(listener)
+                except OSError as error:
+                    raise ConfigError(
+                        [f"{listener.name}: cannot listen on {listener.listen}: {error}"]
+                    ) from None
+            problems = await self.helper.reload(new.tls, new.isolation)
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError:
+            for server in bound.values():
+                server.close()
+            raise
+        await self._apply(new, bound)
+
+    async def _apply(self, new: Config, bound: dict[str, asyncio.Server]) -> None:
+        for name in set(self.runtimes) - {listener.name for listener in new.listeners}:
+            runtime = self.runtimes.pop(name)
+            self._probes.pop(name).cancel()
+            if runtime.server is not None:
+                runtime.server.close()
+            log.info("%s: listener closed (its sessions go on)", name)
+        for listener in new.listeners:
+            old = self.runtimes.get(listener.name)
+            runtime = ListenerRuntime(listener, self.helper)
+            if old is not None:
+                # One set: max_connections keeps counting the old sessions.
+                runtime.sessions = old.sessions
+                runtime.server = old.server
+            self.runtimes[listener.name] = runtime
+            if listener.name in bound:
+                if old is not None and old.server is not None:
+                    old.server.close()
+                await self._open(runtime, bound[listener.name])
+            self._start_probe(runtime)
+        self.config = new
+        publish_certificate_expiry(new)
+
+    async def _shut_down(self) -> None:
+        """Stop accepting, let sessions finish, then say goodbye to the rest."""
+        drain = self.config.shutdown.drain_timeout
+        log.info("shutting down: waiting up to %gs for sessions to end", drain)
+        for task in self._probes.values():
+            task.cancel()
+        for runtime in self.runtimes.values():
+            if runtime.server is not None:
+                runtime.server.close()
+        deadline = asyncio.get_running_loop().time() + drain
+        while self._sessions() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        remaining = self._sessions()
+        if remaining:
+            log.info("closing %d sessions still open", len(remaining))
+        for session in remaining:
+            session.shut_down()
+        # Let the goodbyes reach the transports' buffers and the wire.
+        await asyncio.sleep(0.2)
+
+    def _sessions(self) -> list[Session]:
+        return [session for runtime in self.runtimes.values() for session in runtime.sessions]

@@ -246,6 +246,8 @@ local_header_rewrite_clients =
 # many test connections from 127.0.0.x: no anvil limits
 smtpd_client_connection_count_limit = 0
 smtpd_client_connection_rate_limit = 0
+# the reload test and the benchmarks hold hundreds of sessions open at once
+default_process_limit = 1000
 # no DNS at all (the resolver may be off-host or absent)
 smtpd_peername_lookup = no
 smtp_dns_support_level = disabled

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port
 
 READY_LINE = "starttls_proxy.server: ready"
@@ -80,7 +81,10 @@ def start_proxy(
     **top: Any,
 ) -> ProxyProcess:
     """Write a config, start the proxy, wait until it logs that it is ready."""
-    base.mkdir(parents=True, exist_ok=True)
+    # Like /etc/starttls-proxy in a deployment: the main process, once it has
+    # dropped root, must still read the configuration on SIGHUP.
+    make_dirs(base)
+    ensure_traversable(base)
     ports = {}
     for entry in listeners:
         ports[entry["name"]] = free_port()
@@ -92,6 +96,7 @@ def start_proxy(
     }
     config_path = base / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
+    config_path.chmod(0o644)
     log_path = base / "proxy.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(

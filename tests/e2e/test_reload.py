@@ -1,0 +1,154 @@
+"""Certificate renewal for real: SIGHUP with 100 sessions open.
+
+The renewal story of the SSLMate post: new files are put in place, the
+proxy is told to reload; sessions in progress finish on the old
+certificate, new connections get the new one, and a broken pair (key of
+another certificate) is refused while the good one stays in service.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import signal
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+import yaml
+from cryptography import x509
+
+from tests.realservers.certs import CertFiles, write_test_certs
+from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.net import free_port
+from tests.realservers.postfix import PostfixInstance
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+SESSIONS = 100
+
+
+@pytest.fixture(scope="module")
+def renewal(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> dict[str, CertFiles]:
+    base = tmp_path_factory.mktemp("renewal")
+    return {name: write_test_certs(base / name, test_ca) for name in ("old", "new", "other")}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, renewal: dict[str, CertFiles]) -> Path:
+    """Where the proxy's configuration points: the certificate in service."""
+    directory = tmp_path_factory.mktemp("live")
+    shutil.copy(renewal["old"].cert, directory / "cert.pem")
+    shutil.copy(renewal["old"].key, directory / "key.pem")
+    directory.chmod(0o755)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, live: Path
+) -> Iterator[ProxyProcess]:
+    process = start_proxy(
+        tmp_path_factory.mktemp("proxy-reload"),
+        [(live / "cert.pem", live / "key.pem")],
+        [listener("smtp", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+    )
+    yield process
+    assert process.stop() == 0
+    assert "Traceback" not in process.log()
+
+
+def _serial(pem_or_der: bytes) -> int:
+    return x509.load_der_x509_certificate(pem_or_der).serial_number
+
+
+def _serial_of_file(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def _upgraded(proxy: ProxyProcess, name: str, certs: CertFiles) -> ssl.SSLSocket:
+    sock = proxy.connect(name, "127.0.0.60")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"STARTTLS\r\n")
+    read_until(sock, b"Ready to start TLS\r\n")
+    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(tls).startswith(b"250-")
+    return tls
+
+
+def _served_serial(proxy: ProxyProcess, name: str, certs: CertFiles) -> int:
+    tls = _upgraded(proxy, name, certs)
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    tls.sendall(b"QUIT\r\n")
+    read_smtp_reply(tls)
+    tls.close()
+    return _serial(der)
+
+
+def _reload(proxy: ProxyProcess, expect: str) -> None:
+    """SIGHUP, then the outcome's log line: ``reloaded`` or ``reload refused``."""
+    mark = len(proxy.log())
+    proxy.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while not re.search(r"reloaded|reload refused", proxy.log()[mark:]):
+        assert time.monotonic() < deadline, proxy.log()[mark:]
+        time.sleep(0.05)
+    assert expect in proxy.log()[mark:], proxy.log()[mark:]
+
+
+def _install(live: Path, cert: Path, key: Path) -> None:
+    shutil.copy(cert, live / "cert.pem.new")
+    shutil.copy(key, live / "key.pem.new")
+    (live / "cert.pem.new").replace(live / "cert.pem")
+    (live / "key.pem.new").replace(live / "key.pem")
+
+
+def test_renewal_with_sessions_open(
+    proxy: ProxyProcess, renewal: dict[str, CertFiles], live: Path
+) -> None:
+    old, new, other = renewal["old"], renewal["new"], renewal["other"]
+    assert _served_serial(proxy, "smtp", old) == _serial_of_file(old.cert)
+    sessions = [_upgraded(proxy, "smtp", old) for _ in range(SESSIONS)]
+
+    _install(live, new.cert, new.key)
+    _reload(proxy, "reloaded")
+    assert _served_serial(proxy, "smtp", new) == _serial_of_file(new.cert)
+
+    # A broken pair: the new certificate with another one's key.
+    _install(live, new.cert, other.key)
+    _reload(proxy, "reload refused")
+    assert "does not match the certificate" in proxy.log()
+    assert _served_serial(proxy, "smtp", new) == _serial_of_file(new.cert)
+
+    # Every session opened before the reloads completes normally.
+    for tls in sessions:
+        tls.sendall(b"NOOP\r\n")
+        assert read_smtp_reply(tls).startswith(b"250")
+        tls.sendall(b"QUIT\r\n")
+        assert read_smtp_reply(tls).startswith(b"221")
+        tls.close()
+
+
+def test_reload_opens_and_closes_listeners(
+    proxy: ProxyProcess, renewal: dict[str, CertFiles], live: Path, postfix: PostfixInstance
+) -> None:
+    _install(live, renewal["new"].cert, renewal["new"].key)
+    config = yaml.safe_load(proxy.config_path.read_text())
+    added_port = free_port()
+    added = listener("added", postfix.proxy_port, backend={"identity": "proxy-v2"})
+    added["listen"] = f"127.0.0.1:{added_port}"
+    config["listeners"].append(added)
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    _reload(proxy, "reloaded")
+    proxy.ports["added"] = added_port
+    assert _served_serial(proxy, "added", renewal["new"]) == _serial_of_file(renewal["new"].cert)
+
+    config["listeners"] = [entry for entry in config["listeners"] if entry["name"] != "added"]
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    _reload(proxy, "reloaded")
+    with pytest.raises(ConnectionRefusedError):
+        proxy.connect("added")

@@ -1,0 +1,99 @@
+"""SIGTERM: stop accepting, let sessions finish, then a protocol goodbye; no process left."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.postfix import PostfixInstance
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+
+GOODBYE = b"421 4.3.2 proxy.test Service shutting down\r\n"
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _session(proxy: ProxyProcess, certs: CertFiles, tls: bool) -> socket.socket:
+    sock = proxy.connect("smtp", "127.0.0.70")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(sock).startswith(b"250-")
+    if not tls:
+        return sock
+    sock.sendall(b"STARTTLS\r\n")
+    read_until(sock, b"Ready to start TLS\r\n")
+    upgraded = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    upgraded.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(upgraded).startswith(b"250-")
+    return upgraded
+
+
+def test_sigterm_drains_then_says_goodbye(
+    tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles
+) -> None:
+    proxy = start_proxy(
+        tmp_path,
+        [(test_certs.cert, test_certs.key)],
+        [listener("smtp", postfix.proxy_port, require_tls=False, backend={"identity": "proxy-v2"})],
+        shutdown={"drain_timeout": 3},
+    )
+    try:
+        plaintext = _session(proxy, test_certs, tls=False)
+        upgraded = _session(proxy, test_certs, tls=True)
+        polite = _session(proxy, test_certs, tls=True)
+        processes = _descendants(proxy.process.pid)
+        assert len(processes) >= 4  # keeper, helper, two workers
+
+        proxy.process.send_signal(signal.SIGTERM)
+        proxy.wait_for_log("shutting down: waiting up to 3s")
+        with pytest.raises(OSError):
+            proxy.connect("smtp")  # no longer accepting
+        # A session may finish on its own during the drain.
+        polite.sendall(b"NOOP\r\n")
+        assert read_smtp_reply(polite).startswith(b"250")
+        polite.sendall(b"QUIT\r\n")
+        assert read_smtp_reply(polite).startswith(b"221")
+        polite.close()
+        # The others are told, in their protocol, once the drain is over.
+        assert read_until(plaintext, GOODBYE).endswith(GOODBYE)
+        assert read_until(upgraded, GOODBYE).endswith(GOODBYE)
+        plaintext.close()
+        upgraded.close()
+        assert proxy.process.wait(20) == 0
+    finally:
+        proxy.stop()
+    assert "Traceback" not in proxy.log()
+    # Workers finish their closing handshake with the client, then exit.
+    deadline = time.monotonic() + 10
+    while [pid for pid in processes if _alive(pid)]:
+        assert time.monotonic() < deadline, [pid for pid in processes if _alive(pid)]
+        time.sleep(0.1)
