@@ -12,6 +12,12 @@ from protocols._base import CapabilityProbe, ProxyMachine
 from protocols.imap import IMAPCapabilityProbe, IMAPMachine
 from protocols.pop3 import POP3CapabilityProbe, POP3Machine
 from protocols.smtp import SMTPCapabilityProbe, SMTPMachine
+from protocols.xmpp import (
+    XMPPClientMachine,
+    XMPPClientProbe,
+    XMPPServerMachine,
+    XMPPServerProbe,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +26,10 @@ class ProtocolSpec:
     probe: type[CapabilityProbe]
     #: A conservative list that every current server supports.
     fallback_capabilities: tuple[str, ...]
+    #: The probed capabilities only matter to sessions that may stay in
+    #: plaintext (XMPP synthesizes its pre-TLS features): with require_tls
+    #: the backend is not probed at all.
+    probe_only_for_plaintext: bool = False
 
 
 PROTOCOLS: dict[str, ProtocolSpec] = {
@@ -28,6 +38,8 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
         probe=SMTPCapabilityProbe,
         fallback_capabilities=("PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"),
     ),
+    # LITERAL+ holds whatever the backend offers (the machine sends every
+    # literal on as synchronizing) and ID is answered by the proxy.
     "imap": ProtocolSpec(
         machine=IMAPMachine,
         probe=IMAPCapabilityProbe,
@@ -44,6 +56,20 @@ PROTOCOLS: dict[str, ProtocolSpec] = {
             "RESP-CODES",
             "AUTH-RESP-CODE",
         ),
+    ),
+    # The proxy's pre-TLS features need nothing from the backend; its probed
+    # features are only shown to plaintext sessions.
+    "xmpp-client": ProtocolSpec(
+        machine=XMPPClientMachine,
+        probe=XMPPClientProbe,
+        fallback_capabilities=(),
+        probe_only_for_plaintext=True,
+    ),
+    "xmpp-server": ProtocolSpec(
+        machine=XMPPServerMachine,
+        probe=XMPPServerProbe,
+        fallback_capabilities=(),
+        probe_only_for_plaintext=True,
     ),
 }
 

@@ -27,6 +27,9 @@ PACKAGES=(
     dovecot-core         # IMAP/POP3 backend started by tests/realservers/dovecot.py
     dovecot-imapd
     dovecot-pop3d
+    prosody              # XMPP backend (plaintext) started by tests/realservers/prosody.py
+    ejabberd             # XMPP backend behind PROXY v2 (tests/realservers/ejabberd.py)
+    gnutls-bin           # gnutls-cli --starttls-proto=xmpp
 )
 
 # python3-venv only where the interpreter cannot create virtual environments.

@@ -114,7 +114,8 @@ class ListenerRuntime:
 
     async def probe_forever(self) -> None:
         """Keep the advertised capabilities equal to the backend's."""
-        if self.config.capabilities is not None:
+        unused = self.spec.probe_only_for_plaintext and self.config.require_tls
+        if self.config.capabilities is not None or unused:
             self.probed.set()
             return
         while True:

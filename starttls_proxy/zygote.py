@@ -30,6 +30,7 @@ Wire format: one JSON object per datagram.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -50,7 +51,10 @@ MAX_MESSAGE = 64 * 1024
 
 
 def _send(control: socket.socket, message: dict[str, object]) -> None:
-    control.send(json.dumps(message).encode())
+    # The main process may be gone (shutdown, or a reload retired this
+    # helper) while workers still exit: nobody is left to tell.
+    with contextlib.suppress(OSError):
+        control.send(json.dumps(message).encode())
 
 
 def _real_uid(pid: int) -> int | None:

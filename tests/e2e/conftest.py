@@ -16,7 +16,9 @@ import trustme
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import INSTALL_HINT, find_program
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
+from tests.realservers.ejabberd import EjabberdInstance, start_ejabberd
 from tests.realservers.postfix import PostfixInstance, start_postfix
+from tests.realservers.prosody import ProsodyInstance, start_prosody
 
 
 @pytest.fixture(scope="session")
@@ -76,5 +78,42 @@ def dovecot(
         pytest.fail("the end-to-end tests start Dovecot and must run as root", pytrace=False)
     with start_dovecot(
         tmp_path_factory.mktemp("dovecot"), test_certs.cert, test_certs.key
+    ) as instance:
+        yield instance
+
+
+# -- XMPP backends ---------------------------------------------------------------------
+
+
+def _require_xmpp_server(program: str, name: str) -> None:
+    if find_program(program) is None:
+        pytest.fail(f"{name} is not installed: {INSTALL_HINT}", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail(f"the end-to-end tests start {name} and must run as root", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def prosody(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProsodyInstance]:
+    """A running Prosody on 127.0.0.1 without TLS (a plaintext backend), stopped at the end.
+
+    Domain ``localhost``, users alice/alicepw and bob/bobpw; no PROXY protocol.
+    """
+    _require_xmpp_server("prosody", "Prosody")
+    with start_prosody(tmp_path_factory.mktemp("prosody")) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="session")
+def ejabberd(
+    tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[EjabberdInstance]:
+    """A running ejabberd on 127.0.0.1 offering STARTTLS itself, stopped at the end.
+
+    Domain ``localhost``, users alice/alicepw and bob/bobpw; ``proxy_port`` requires a
+    PROXY header.
+    """
+    _require_xmpp_server("ejabberdctl", "ejabberd")
+    with start_ejabberd(
+        tmp_path_factory.mktemp("ejabberd"), test_certs.cert, test_certs.key
     ) as instance:
         yield instance

@@ -1,0 +1,619 @@
+"""XMPP: STARTTLS and direct TLS termination in front of Prosody, ejabberd & co.
+
+Theory of operation
+-------------------
+*Before TLS* the proxy is the receiving entity (RFC 6120 section 4): it
+answers the client's stream header with its own (a fresh ``id``, ``from`` the
+domain the client asked for in ``to``, section 4.7) and stream features that
+offer STARTTLS (section 5.3), ``<required/>`` when the listener requires TLS.
+No backend exists yet. ``<starttls/>`` gets ``<proceed/>`` and the client goes
+to a TLS worker; bytes pipelined after it are handed back in
+``StartTLS.discarded``, never interpreted. The stream's ``to`` domain picks
+the certificate when the client sends no SNI. Everything else before TLS is
+refused: SASL ``<auth/>`` with ``<encryption-required/>`` (section 6.5.5),
+other elements with a ``<policy-violation/>`` stream error. A header in the
+wrong namespace, of another version or for a domain the listener does not
+serve gets ``<invalid-namespace/>``, ``<unsupported-version/>`` or
+``<host-unknown/>``, always after a stream header of the proxy's own
+(section 4.9.1.2). XML the stream may not carry (section 11.1) ends it
+before the parser sees it; see ``protocols._xmlstream``.
+
+*After TLS* the client restarts the stream (section 5.4.3.3); direct TLS
+(XEP-0368) starts here. Its new header is checked like the first, then the
+backend is connected and announced (PROXY header, by the driver), and the
+header is relayed: the backend sees it as the first stream. From then on both
+directions are relayed token by token, as received, and still parsed: the
+backend's ``<stream:features>`` lose what the proxy terminates (STARTTLS,
+stream compression, SASL ``-PLUS`` mechanisms and channel-binding types,
+whose binding (RFC 5056) cannot cross a terminated TLS session) and are the
+only element re-serialized. A second ``<starttls/>`` gets ``<failure/>`` and the
+stream ends (section 5.4.2.2). After SASL ``<success/>`` both sides restart
+their streams (section 6.4.6), and so do both parsers. Server-to-server
+streams (``jabber:server``, incoming) are relayed the same way; dialback
+(XEP-0220) and SASL EXTERNAL are ordinary elements to the relay.
+
+*Plaintext sessions* (``require_tls: false``): the pre-TLS features also list
+the backend's own, learned by the capability probe. The first element that
+needs the backend opens it; the proxy replays the client's stream header,
+swallows the backend's header and features (the client already has the
+proxy's), and relays the rest. Stream ids then differ between the two halves,
+which SASL does not mind but dialback does.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+import secrets
+from collections.abc import Mapping
+from typing import ClassVar, Final
+
+from lxml import etree
+
+from protocols._base import (
+    CapabilityProbe,
+    CloseConnection,
+    OpenBackend,
+    Peer,
+    ProtocolViolation,
+    ProxyMachine,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    StartTLS,
+    TLSInfo,
+    TLSMode,
+    event,
+    transition,
+)
+from protocols._xmlstream import (
+    NS_DIALBACK,
+    NS_STREAMS,
+    STREAM,
+    Limits,
+    StreamElement,
+    StreamEnd,
+    StreamErrorCondition,
+    StreamHeader,
+    Token,
+    XMLStreamError,
+    XMLStreamReader,
+    stream_error,
+    stream_header,
+)
+
+
+class State(enum.Enum):
+    """Where an XMPP session stands."""
+
+    #: Waiting for the client's initial stream header.
+    PRE_TLS_HEADER = enum.auto()
+    #: The proxy's header and features are out; waiting for ``<starttls/>``.
+    PRE_TLS = enum.auto()
+    #: ``<proceed/>`` sent (or direct TLS): waiting for the worker's handshake.
+    TLS_HANDSHAKE = enum.auto()
+    #: Under TLS, waiting for the client's restarted stream header.
+    TLS_HEADER = enum.auto()
+    #: ``OpenBackend`` queued, waiting for ``backend_connected``.
+    BACKEND_CONNECTING = enum.auto()
+    #: The client's header went to the backend; waiting for the backend's.
+    BACKEND_GREETING = enum.auto()
+    #: Both directions relayed, token by token.
+    RELAY = enum.auto()
+    #: The session ended; ``CloseConnection`` has been queued.
+    CLOSED = enum.auto()
+    #: An impossible input or a misbehaving backend ended the session.
+    ERROR = enum.auto()
+
+
+class Input(enum.Enum):
+    """What moves an XMPP session from one state to another."""
+
+    CLIENT_HEADER = enum.auto()  #: The client opened an acceptable stream.
+    CLIENT_STARTTLS = enum.auto()  #: The client sent ``<starttls/>`` before TLS.
+    PLAINTEXT_RELAY = enum.auto()  #: Without ``require_tls``, an element needs the backend.
+    TLS_ESTABLISHED = enum.auto()  #: The TLS worker finished the handshake.
+    BACKEND_CONNECTED = enum.auto()  #: The driver connected the backend.
+    BACKEND_READY = enum.auto()  #: The backend answered the stream header.
+    CLOSE = enum.auto()  #: The session ends (stream closed, timeout, refused client...).
+    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+
+
+_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
+_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
+
+TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
+    (State.PRE_TLS_HEADER, Input.CLIENT_HEADER): State.PRE_TLS,
+    (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
+    (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
+    (State.TLS_HANDSHAKE, Input.TLS_ESTABLISHED): State.TLS_HEADER,
+    (State.TLS_HEADER, Input.CLIENT_HEADER): State.BACKEND_CONNECTING,
+    (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
+    (State.BACKEND_GREETING, Input.BACKEND_READY): State.RELAY,
+    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
+    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+}
+
+#: States in which client tokens are interpreted; in the others they wait.
+_READS_CLIENT: Final = frozenset(
+    {State.PRE_TLS_HEADER, State.PRE_TLS, State.TLS_HEADER, State.RELAY}
+)
+
+JABBER_CLIENT: Final = "jabber:client"
+JABBER_SERVER: Final = "jabber:server"
+NS_TLS: Final = "urn:ietf:params:xml:ns:xmpp-tls"
+NS_SASL: Final = "urn:ietf:params:xml:ns:xmpp-sasl"
+NS_SASL2: Final = "urn:xmpp:sasl:2"
+NS_COMPRESS: Final = "http://jabber.org/protocol/compress"
+NS_COMPRESS_FEATURE: Final = "http://jabber.org/features/compress"
+NS_CHANNEL_BINDING: Final = "urn:xmpp:sasl-cb:0"
+
+FEATURES: Final = f"{{{NS_STREAMS}}}features"
+STREAM_ERROR: Final = f"{{{NS_STREAMS}}}error"
+STARTTLS: Final = f"{{{NS_TLS}}}starttls"
+SASL_AUTH: Final = f"{{{NS_SASL}}}auth"
+SASL_SUCCESS: Final = f"{{{NS_SASL}}}success"
+COMPRESS: Final = f"{{{NS_COMPRESS}}}compress"
+#: Features the proxy terminates or that cannot cross it.
+_TERMINATED_FEATURES: Final = frozenset(
+    {
+        STARTTLS,
+        f"{{{NS_COMPRESS_FEATURE}}}compression",
+        f"{{{NS_CHANNEL_BINDING}}}sasl-channel-binding",
+    }
+)
+#: Feature elements listing SASL mechanisms, one ``<mechanism>`` child each.
+_MECHANISM_LISTS: Final = frozenset({f"{{{NS_SASL}}}mechanisms", f"{{{NS_SASL2}}}authentication"})
+
+#: Backend stanzas come from other users and the server itself; the backend
+#: enforces its own limits on what clients send, so the proxy allows it more.
+BACKEND_LIMIT_FACTOR: Final = 4
+#: A stream header's ``to``: a domain (RFC 7622 section 3.2), loosely.
+_DOMAIN: Final = re.compile(r"[^\s@/<>&'\"]{1,1023}")
+#: A stream header's ``from``: a JID (RFC 7622 section 3), loosely.
+_ADDRESS: Final = re.compile(r"[^\s<>&'\"]{1,3071}")
+_VERSION: Final = re.compile(r"1\.[0-9]+")
+
+_PROCEED: Final = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+_TLS_FAILURE: Final = b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+_ENCRYPTION_REQUIRED: Final = (
+    b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>"
+)
+_COMPRESSION_FAILURE: Final = (
+    b"<failure xmlns='http://jabber.org/protocol/compress'><setup-failed/></failure>"
+)
+_REQUIRED_STARTTLS: Final = (
+    b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+)
+_OPTIONAL_STARTTLS: Final = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+
+
+def new_stream_id() -> str:
+    """A fresh, unpredictable stream id (RFC 6120 section 4.7.3)."""
+    return secrets.token_hex(8)
+
+
+def _busy_reply(content_namespace: str, hostname: str) -> bytes:
+    header = stream_header(content_namespace, sender=hostname, stream_id=new_stream_id())
+    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT)
+
+
+def _serialize(element: etree._Element) -> bytes:
+    """Exclusive canonical XML: only the namespace declarations it uses."""
+    return etree.tostring(element, method="c14n", exclusive=True)
+
+
+def strip_features(features: etree._Element) -> bool:
+    """Remove from ``features`` what the proxy terminates; True if anything went."""
+    changed = False
+    for child in list(features):
+        if child.tag in _TERMINATED_FEATURES:
+            features.remove(child)
+            changed = True
+        elif child.tag in _MECHANISM_LISTS:
+            for mechanism in list(child):
+                name = (mechanism.text or "").strip().upper()
+                if etree.QName(mechanism).localname == "mechanism" and name.endswith("-PLUS"):
+                    child.remove(mechanism)
+                    changed = True
+            if not any(etree.QName(node).localname == "mechanism" for node in child):
+                features.remove(child)
+    return changed
+
+
+_FRAGMENT_PARSER: Final = etree.XMLParser(
+    resolve_entities=False, no_network=True, load_dtd=False, huge_tree=False
+)
+
+
+@functools.lru_cache(maxsize=32)
+def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
+    """The proxy's own ``<stream:features>``: STARTTLS, and without
+    ``require_tls`` the backend's features (its capabilities, as XML)."""
+    if require_tls:
+        return b"<stream:features>%s</stream:features>" % _REQUIRED_STARTTLS
+    features = etree.Element(FEATURES, nsmap={"stream": NS_STREAMS})
+    for text in capabilities:
+        # Configured or probed fragments: one that does not parse is left out.
+        if "<!" in text or "<?" in text:
+            continue
+        try:
+            features.append(etree.fromstring(text.encode(), _FRAGMENT_PARSER))
+        except etree.XMLSyntaxError:
+            continue
+    strip_features(features)
+    own = b"".join(_serialize(child) for child in features)
+    return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
+
+
+class XMPPMachine(ProxyMachine):
+    """One XMPP session; see the module docstring. Use a subclass per stream type."""
+
+    #: The content namespace of the streams this listener accepts.
+    content_namespace: ClassVar[str]
+
+    def __init__(self, settings: SessionSettings, peer: Peer) -> None:
+        super().__init__(settings, peer)
+        limits = Limits(
+            settings.max_stanza_size, settings.max_xml_depth, settings.max_attribute_size
+        )
+        self._client = XMLStreamReader(limits)
+        self._backend = XMLStreamReader(limits.scaled(BACKEND_LIMIT_FACTOR))
+        self._domains = frozenset(_normalize_domain(domain) for domain in settings.domains)
+        #: The ``from`` of the proxy's own headers: the domain the client asked for.
+        self._domain = settings.hostname
+        #: The client's ``to``, as the certificate hint.
+        self._requested: str | None = None
+        #: The client's ``from``, the ``to`` of the proxy's header.
+        self._peer_address: str | None = None
+        self._dialback = False
+        #: The stream header the backend gets first.
+        self._client_header = b""
+        #: The client element that started a plaintext relay.
+        self._held: Token | None = None
+        #: Whether the client has a stream header for its current stream, and
+        #: the end tag that closes that stream.
+        self._client_stream_open = False
+        self._closing_tag = b"</stream:stream>"
+        self._client_stream_ended = False
+        self._tls = False
+        self._client_spoke = False
+        if settings.tls_mode is TLSMode.STARTTLS:
+            self.state = State.PRE_TLS_HEADER
+        else:
+            self.state = State.TLS_HANDSHAKE
+            self._outbox.push(StartTLS(b""))
+
+    # ------------------------------------------------------------------
+    # Inputs.
+
+    @event
+    def receive_data(self, side: Side, data: bytes) -> None:
+        if side is Side.BACKEND:
+            self._backend.feed(data)
+            self._pump_backend()
+        elif self.state is State.TLS_HANDSHAKE:
+            # Between <proceed/> and the handshake nothing from the client is
+            # interpreted (RFC 6120 section 5.4.3.3): not even buffered.
+            pass
+        elif self.state is State.PRE_TLS_HEADER and not self._client_spoke and data[:1] == b"\x16":
+            # A TLS record header: a direct-TLS client on a STARTTLS port.
+            self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
+        else:
+            self._client_spoke = self._client_spoke or bool(data)
+            self._client.feed(data)
+            self._pump_client()
+
+    @event
+    def receive_eof(self, side: Side) -> None:
+        if side is Side.CLIENT:
+            self._end("client closed")
+        elif self._client_stream_ended:
+            self._end("client closed the stream", clean=True)
+        else:
+            self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, "backend closed")
+
+    @event
+    def tls_established(self, info: TLSInfo) -> None:
+        self._go(Input.TLS_ESTABLISHED)
+        self._tls = True
+        self._pump_client()
+
+    @event
+    def backend_connected(self) -> None:
+        self._go(Input.BACKEND_CONNECTED)
+        self._send_backend(self._client_header)
+
+    @event
+    def backend_failed(self, reason: str) -> None:
+        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
+
+    @event
+    def timed_out(self) -> None:
+        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, "idle timeout")
+
+    @event
+    def shutting_down(self) -> None:
+        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down")
+
+    @property
+    def unprocessed_client_bytes(self) -> int:
+        # Elsewhere the reader takes everything, within its limits.
+        return 0 if self.state in _READS_CLIENT else self._client.buffered
+
+    @property
+    def finished(self) -> bool:
+        return self.state in _FINISHED
+
+    def violated(self, reason: str) -> None:
+        self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, reason, input_=Input.VIOLATION)
+
+    # ------------------------------------------------------------------
+    # Shared helpers.
+
+    def _go(self, input_: Input) -> None:
+        self.state = transition(TRANSITIONS, self.state, input_)
+
+    def _end(self, reason: str, *, clean: bool = False, input_: Input = Input.CLOSE) -> None:
+        self._go(input_)
+        self._outbox.push(CloseConnection(reason, clean))
+
+    def _send_client(self, data: bytes) -> None:
+        self._outbox.push(SendToClient(data))
+
+    def _send_backend(self, data: bytes) -> None:
+        self._outbox.push(SendToBackend(data))
+
+    def _own_header(self) -> bytes:
+        self._client_stream_open = True
+        self._closing_tag = b"</stream:stream>"
+        return stream_header(
+            self.content_namespace,
+            sender=self._domain,
+            recipient=self._peer_address,
+            stream_id=new_stream_id(),
+            dialback=self._dialback,
+        )
+
+    def _fail(
+        self, condition: StreamErrorCondition, reason: str, *, input_: Input = Input.CLOSE
+    ) -> None:
+        """End the session with a stream error, opening the client's stream
+        first if it has no header yet (RFC 6120 section 4.9.1.2)."""
+        header = b"" if self._client_stream_open else self._own_header()
+        self._send_client(header + stream_error(condition, self._closing_tag))
+        self._end(f"{reason} ({condition.value})", input_=input_)
+
+    def _check_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
+        """Remember who the client is and what it asks for; what is wrong with it."""
+        root = header.element
+        self._peer_address = _peer_address(root.get("from"))
+        to = root.get("to")
+        requested = _normalize_domain(to) if to is not None else None
+        if requested is not None and _DOMAIN.fullmatch(requested):
+            if self._domains and requested not in self._domains:
+                return StreamErrorCondition.HOST_UNKNOWN, f"unknown domain {requested!r}"
+            self._domain = self._requested = requested
+        elif to is not None:
+            return StreamErrorCondition.HOST_UNKNOWN, "malformed domain in 'to'"
+        self._dialback = root.nsmap.get("db") == NS_DIALBACK
+        if root.tag != STREAM:
+            return StreamErrorCondition.INVALID_NAMESPACE, f"stream root is {root.tag!r}"
+        if root.nsmap.get(None) != self.content_namespace:
+            return StreamErrorCondition.INVALID_NAMESPACE, "wrong content namespace"
+        version = root.get("version")
+        if version is None or not _VERSION.fullmatch(version):
+            return StreamErrorCondition.UNSUPPORTED_VERSION, f"stream version {version!r}"
+        return None
+
+    # ------------------------------------------------------------------
+    # The client's stream.
+
+    def _pump_client(self) -> None:
+        while self.state in _READS_CLIENT:
+            try:
+                token = self._client.next_token()
+            except XMLStreamError as error:
+                self._fail(error.condition, f"client: {error.reason}")
+                return
+            if token is None:
+                return
+            self._client_token(token)
+
+    def _client_token(self, token: Token) -> None:
+        if self.state is State.RELAY:
+            self._relay_client_token(token)
+        elif isinstance(token, StreamHeader):
+            self._client_header_token(token)
+        elif isinstance(token, StreamEnd):
+            self._send_client(self._closing_tag)
+            self._end("client closed the stream", clean=True)
+        elif isinstance(token, StreamElement):
+            self._pre_tls_element(token)
+
+    def _client_header_token(self, header: StreamHeader) -> None:
+        problem = self._check_header(header)
+        if problem is not None:
+            self._fail(*problem)
+            return
+        self._client_header = header.raw
+        if self.state is State.PRE_TLS_HEADER:
+            self._send_client(
+                self._own_header()
+                + pre_tls_features(self.settings.capabilities, self.settings.require_tls)
+            )
+        else:
+            self._outbox.push(OpenBackend())
+        self._go(Input.CLIENT_HEADER)
+
+    def _pre_tls_element(self, token: StreamElement) -> None:
+        tag = token.element.tag
+        if tag == STARTTLS:
+            self._send_client(_PROCEED)
+            self._outbox.push(StartTLS(self._client.discard(), server_name_hint=self._requested))
+            self._client_stream_open = False
+            self._go(Input.CLIENT_STARTTLS)
+        elif not self.settings.require_tls:
+            self._held = token
+            self._outbox.push(OpenBackend())
+            self._go(Input.PLAINTEXT_RELAY)
+        elif tag == SASL_AUTH:
+            self._send_client(_ENCRYPTION_REQUIRED)
+        else:
+            self._fail(StreamErrorCondition.POLICY_VIOLATION, f"{_name(tag)} before STARTTLS")
+
+    def _relay_client_token(self, token: Token) -> None:
+        if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
+            # RFC 6120 section 5.4.2.2: failure, then the stream ends.
+            self._send_client(_TLS_FAILURE + self._closing_tag)
+            reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"
+            self._end(reason)
+            return
+        if isinstance(token, StreamElement) and token.element.tag == COMPRESS:
+            # The proxy parses the stream: it cannot be compressed (XEP-0138).
+            self._send_client(_COMPRESSION_FAILURE)
+            return
+        if isinstance(token, StreamEnd):
+            self._client_stream_ended = True
+        self._send_backend(token.raw)
+
+    # ------------------------------------------------------------------
+    # The backend's stream.
+
+    def _pump_backend(self) -> None:
+        while self.state in (State.BACKEND_GREETING, State.RELAY):
+            try:
+                token = self._backend.next_token()
+            except XMLStreamError as error:
+                raise ProtocolViolation(f"backend: {error.reason}") from None
+            if token is None:
+                return
+            self._backend_token(token)
+
+    def _backend_token(self, token: Token) -> None:
+        if isinstance(token, StreamHeader):
+            if token.element.tag != STREAM:
+                raise ProtocolViolation(f"backend stream root is {token.element.tag!r}")
+            greeting = self.state is State.BACKEND_GREETING
+            # Plaintext relay: the client has the proxy's header already.
+            if self._tls or not greeting:
+                self._send_client(token.raw)
+                self._client_stream_open = True
+                prefix = token.element.prefix
+                self._closing_tag = b"</%s:stream>" % prefix.encode() if prefix else b"</stream>"
+            if self._tls and greeting:
+                self._ready()
+        elif isinstance(token, StreamElement):
+            self._backend_element(token)
+        elif isinstance(token, StreamEnd):
+            self._send_client(token.raw)
+            self._end("backend closed the stream", clean=self._client_stream_ended)
+        else:
+            self._send_client(token.raw)
+
+    def _backend_element(self, token: StreamElement) -> None:
+        element = token.element
+        if element.tag == FEATURES and self.state is State.BACKEND_GREETING:
+            # Plaintext relay: the client has the proxy's features already.
+            self._ready()
+        elif element.tag == FEATURES:
+            self._send_client(_serialize(element) if strip_features(element) else token.raw)
+        elif element.tag == SASL_SUCCESS:
+            self._send_client(token.raw)
+            self._client.restart()
+            self._backend.restart()
+            self._client_stream_open = False
+        else:
+            self._send_client(token.raw)
+
+    def _ready(self) -> None:
+        self._go(Input.BACKEND_READY)
+        held, self._held = self._held, None
+        if held is not None:
+            self._relay_client_token(held)
+        self._pump_client()
+
+
+def _normalize_domain(domain: str) -> str:
+    return domain.strip().rstrip(".").lower()
+
+
+def _peer_address(sender: str | None) -> str | None:
+    return sender if sender is not None and _ADDRESS.fullmatch(sender) else None
+
+
+def _name(tag: object) -> str:
+    return etree.QName(tag).localname if isinstance(tag, str) else "element"
+
+
+class XMPPClientMachine(XMPPMachine):
+    """``xmpp-client``: client-to-server streams (``jabber:client``, port 5222)."""
+
+    content_namespace = JABBER_CLIENT
+
+    @staticmethod
+    def busy_reply(hostname: str) -> bytes:
+        return _busy_reply(JABBER_CLIENT, hostname)
+
+
+class XMPPServerMachine(XMPPMachine):
+    """``xmpp-server``: incoming server-to-server streams (``jabber:server``, port 5269)."""
+
+    content_namespace = JABBER_SERVER
+
+    @staticmethod
+    def busy_reply(hostname: str) -> bytes:
+        return _busy_reply(JABBER_SERVER, hostname)
+
+
+class XMPPCapabilityProbe(CapabilityProbe):
+    """Opens a stream to the backend and keeps its pre-TLS features.
+
+    The result is one serialized child of ``<stream:features>`` per entry,
+    shown to plaintext clients (``require_tls: false``) next to the proxy's
+    STARTTLS. Use a subclass per stream type.
+    """
+
+    content_namespace: ClassVar[str]
+
+    def __init__(self, hostname: str) -> None:
+        super().__init__(hostname)
+        defaults = SessionSettings
+        limits = Limits(
+            defaults.max_stanza_size, defaults.max_xml_depth, defaults.max_attribute_size
+        )
+        self._reader = XMLStreamReader(limits.scaled(BACKEND_LIMIT_FACTOR))
+        self._send = stream_header(self.content_namespace, recipient=hostname)
+
+    def receive_data(self, data: bytes) -> None:
+        self._reader.feed(data)
+        try:
+            while self.result is None and self.error is None:
+                token = self._reader.next_token()
+                if token is None:
+                    return
+                self._token(token)
+        except XMLStreamError as error:
+            self.error = f"backend: {error.reason}"
+
+    def _token(self, token: Token) -> None:
+        if isinstance(token, StreamEnd):
+            self.error = "the backend closed the stream"
+        elif isinstance(token, StreamElement) and token.element.tag == FEATURES:
+            self.result = tuple(_serialize(child).decode() for child in token.element)
+            self._send = b"</stream:stream>"
+        elif isinstance(token, StreamElement) and token.element.tag == STREAM_ERROR:
+            conditions = [_name(child.tag) for child in token.element]
+            self.error = f"backend stream error: {' '.join(conditions)}"
+        elif isinstance(token, StreamElement):
+            self.error = f"unexpected {_name(token.element.tag)} from the backend"
+
+
+class XMPPClientProbe(XMPPCapabilityProbe):
+    content_namespace = JABBER_CLIENT
+
+
+class XMPPServerProbe(XMPPCapabilityProbe):
+    content_namespace = JABBER_SERVER

@@ -1,0 +1,1072 @@
+"""Tests of the XMPP machine, its XML stream reader and its probe, written as transcripts.
+
+``run(machine, ...)`` (see ``tests/protocols/transcript.py``) takes events and
+the exact commands expected after each. The proxy's stream ids are random;
+here they are all ``ID``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols import xmpp
+from protocols._base import (
+    CloseConnection,
+    Command,
+    OpenBackend,
+    Peer,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    StartTLS,
+    TLSMode,
+)
+from protocols._xmlstream import (
+    Limits,
+    StreamElement,
+    StreamEnd,
+    StreamErrorCondition,
+    StreamHeader,
+    Token,
+    Whitespace,
+    XMLStreamError,
+    XMLStreamReader,
+)
+from protocols.xmpp import (
+    TRANSITIONS,
+    Input,
+    State,
+    XMPPClientMachine,
+    XMPPClientProbe,
+    XMPPMachine,
+    XMPPServerMachine,
+    XMPPServerProbe,
+    new_stream_id,
+    pre_tls_features,
+)
+from tests.protocols.transcript import (
+    EOF,
+    TLS,
+    Backend,
+    Client,
+    Connected,
+    Event,
+    Failed,
+    ShuttingDown,
+    Timeout,
+    backend_bytes,
+    bytewise,
+    check_transition,
+    client_bytes,
+    drain,
+    drawn_cuts,
+    make_settings,
+    play,
+    reachable,
+    run,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fixed_stream_ids() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(xmpp, "new_stream_id", lambda: "ID")
+        yield
+
+
+PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 5222)
+HOST = "proxy.example"
+#: Small limits, so that the tests can cross them.
+LIMITS: dict[str, object] = {
+    "max_stanza_size": 8192,
+    "max_xml_depth": 16,
+    "max_attribute_size": 1024,
+}
+
+
+def settings(**overrides: object) -> SessionSettings:
+    return make_settings((), **{**LIMITS, **overrides})
+
+
+def client_header(to: str = "example.com", namespace: str = "jabber:client") -> bytes:
+    return (
+        b"<?xml version='1.0'?><stream:stream to='%s' xmlns='%s' "
+        b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
+        % (to.encode(), namespace.encode())
+    )
+
+
+def proxy_header(domain: str = "example.com", namespace: str = "jabber:client") -> bytes:
+    return (
+        b"<?xml version='1.0'?><stream:stream xmlns=\"%s\" "
+        b'xmlns:stream="http://etherx.jabber.org/streams" id="ID" from="%s" version="1.0">'
+        % (namespace.encode(), domain.encode())
+    )
+
+
+def error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
+    return (
+        b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
+        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>%s"
+        % (condition.encode(), closing)
+    )
+
+
+HEADER = client_header()
+REQUIRED_FEATURES = (
+    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
+    b"<required/></starttls></stream:features>"
+)
+STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+PROCEED = SendToClient(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+BACKEND_HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' id='b4ck3nd' from='example.com' "
+    b"version='1.0' xml:lang='en'>"
+)
+MECHANISMS = (
+    b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-1-PLUS</mechanism>"
+    b"<mechanism>PLAIN</mechanism><mechanism>SCRAM-SHA-1</mechanism></mechanisms>"
+)
+BACKEND_FEATURES = (
+    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+    + MECHANISMS
+    + b"<register xmlns='http://jabber.org/features/iq-register'/></stream:features>"
+)
+STRIPPED_FEATURES = (
+    b'<stream:features xmlns:stream="http://etherx.jabber.org/streams">'
+    b'<mechanisms xmlns="urn:ietf:params:xml:ns:xmpp-sasl"><mechanism>PLAIN</mechanism>'
+    b"<mechanism>SCRAM-SHA-1</mechanism></mechanisms>"
+    b'<register xmlns="http://jabber.org/features/iq-register"></register></stream:features>'
+)
+AUTH = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHB3</auth>"
+SUCCESS = b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
+BIND_FEATURES = (
+    b"<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></stream:features>"
+)
+#: A message whose body holds markup as text, CDATA and non-ASCII characters.
+MESSAGE = (
+    "<message to='bob@example.com' type='chat' id='m1'><body>&lt;starttls/&gt; "
+    "<![CDATA[<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>]]> caf\u00e9 \U0001f600"
+    "</body></message>"
+).encode()
+
+
+#: A STARTTLS listener's session up to the backend connection.
+TO_BACKEND: tuple[Event | Command, ...] = (
+    Client(HEADER),
+    SendToClient(proxy_header() + REQUIRED_FEATURES),
+    Client(STARTTLS),
+    PROCEED,
+    StartTLS(b"", server_name_hint="example.com"),
+    TLS(),
+    Client(HEADER),
+    OpenBackend(),
+)
+#: A direct-TLS listener's session up to the relayed stream header.
+DIRECT_TO_BACKEND: tuple[Event | Command, ...] = (
+    StartTLS(b""),
+    TLS(),
+    Client(HEADER),
+    OpenBackend(),
+    Connected(),
+    SendToBackend(HEADER),
+)
+
+
+def relaying(**overrides: object) -> XMPPMachine:
+    """A machine past STARTTLS and the backend's first features."""
+    machine = XMPPClientMachine(settings(**overrides), PEER)
+    run(
+        machine,
+        *TO_BACKEND,
+        Connected(),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER + BACKEND_FEATURES),
+        SendToClient(BACKEND_HEADER),
+        SendToClient(STRIPPED_FEATURES),
+    )
+    assert machine.state is State.RELAY
+    return machine
+
+
+def refused(machine: XMPPMachine, data: bytes) -> tuple[bytes, CloseConnection]:
+    """Feed ``data`` from the client; what the client got and how it ended."""
+    machine.receive_data(Side.CLIENT, data)
+    commands = drain(machine)
+    assert not any(isinstance(c, SendToBackend | OpenBackend | StartTLS) for c in commands)
+    assert isinstance(commands[-1], CloseConnection)
+    return client_bytes(commands), commands[-1]
+
+
+# --------------------------------------------------------------------------
+# Whole sessions.
+
+
+#: SASL success and the stream restart it calls for, relayed.
+SASL_RESTART: tuple[Event | Command, ...] = (
+    Client(AUTH),
+    SendToBackend(AUTH),
+    Backend(SUCCESS),
+    SendToClient(SUCCESS),
+    Client(HEADER),
+    SendToBackend(HEADER),
+)
+
+
+def test_full_starttls_session() -> None:
+    machine = relaying()
+    run(
+        machine,
+        *SASL_RESTART,
+        Backend(BACKEND_HEADER + BIND_FEATURES),
+        SendToClient(BACKEND_HEADER),
+        SendToClient(BIND_FEATURES),
+        Client(MESSAGE + b" "),
+        SendToBackend(MESSAGE),
+        SendToBackend(b" "),
+        Backend(MESSAGE),
+        SendToClient(MESSAGE),
+        Client(b"</stream:stream>"),
+        SendToBackend(b"</stream:stream>"),
+        Backend(b"</stream:stream>"),
+        SendToClient(b"</stream:stream>"),
+        CloseConnection("backend closed the stream", clean=True),
+    )
+    assert machine.state is State.CLOSED
+    run(machine, Client(b"<iq/>"), Backend(b"<iq/>"), Timeout(), EOF(Side.CLIENT))
+
+
+def test_direct_tls_session() -> None:
+    machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT), PEER)
+    run(
+        machine,
+        StartTLS(b""),
+        TLS(),
+        Client(HEADER),
+        OpenBackend(),
+        Client(b"<iq type='get' id='early'/>"),
+        Connected(),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER),
+        SendToClient(BACKEND_HEADER),
+        SendToBackend(b"<iq type='get' id='early'/>"),
+        Backend(BACKEND_FEATURES),
+        SendToClient(STRIPPED_FEATURES),
+        Client(STARTTLS + b"<iq/>"),
+        SendToClient(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:stream>"),
+        CloseConnection("STARTTLS under TLS"),
+    )
+
+
+def test_plaintext_session_shows_the_backend_features() -> None:
+    capabilities = (MECHANISMS.decode(), "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
+    machine = XMPPClientMachine(settings(require_tls=False, capabilities=capabilities), PEER)
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(
+            proxy_header() + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+            b'<mechanisms xmlns="urn:ietf:params:xml:ns:xmpp-sasl"><mechanism>PLAIN</mechanism>'
+            b"<mechanism>SCRAM-SHA-1</mechanism></mechanisms></stream:features>"
+        ),
+        Client(AUTH + b"<iq type='set' id='held'/>"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(HEADER),
+        # The client has the proxy's header and features: the backend's are swallowed.
+        Backend(BACKEND_HEADER + BACKEND_FEATURES),
+        SendToBackend(AUTH),
+        SendToBackend(b"<iq type='set' id='held'/>"),
+        Backend(SUCCESS),
+        SendToClient(SUCCESS),
+        Client(HEADER),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER + BACKEND_FEATURES),
+        SendToClient(BACKEND_HEADER),
+        SendToClient(STRIPPED_FEATURES),
+        Client(STARTTLS),
+        SendToClient(b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:stream>"),
+        CloseConnection("STARTTLS in a plaintext relay"),
+    )
+
+
+def test_plaintext_backend_refusal_is_relayed() -> None:
+    machine = XMPPClientMachine(settings(require_tls=False), PEER)
+    refusal = (
+        b"<stream:error><host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>"
+    )
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(
+            proxy_header()
+            + b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+            + b"</stream:features>"
+        ),
+        Client(AUTH),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER + refusal + b"</stream:stream>"),
+        SendToClient(refusal),
+        SendToClient(b"</stream:stream>"),
+        CloseConnection("backend closed the stream"),
+    )
+
+
+def test_server_to_server_stream_with_dialback() -> None:
+    header = (
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+        b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
+    )
+    db_result = (
+        b"<db:result from='remote.example' to='example.com'>"
+        b"b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3</db:result>"
+    )
+    machine = XMPPServerMachine(settings(), PEER)
+    run(
+        machine,
+        Client(header),
+        SendToClient(
+            b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
+            b'xmlns:stream="http://etherx.jabber.org/streams" '
+            b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
+            b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
+        ),
+        Client(STARTTLS),
+        PROCEED,
+        StartTLS(b"", server_name_hint="example.com"),
+        TLS(),
+        Client(header),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(header),
+        Backend(header.replace(b"from='remote.example' to='example.com'", b"id='s2s'")),
+        SendToClient(header.replace(b"from='remote.example' to='example.com'", b"id='s2s'")),
+        Backend(
+            b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+        ),
+        SendToClient(
+            b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+        ),
+        Client(db_result),
+        SendToBackend(db_result),
+    )
+
+
+def test_stream_ids_are_fresh() -> None:
+    ids = {new_stream_id() for _ in range(3)}
+    assert len(ids) == 3
+    assert all(len(stream_id) == 16 and int(stream_id, 16) >= 0 for stream_id in ids)
+
+
+# --------------------------------------------------------------------------
+# Stream headers before TLS.
+
+
+@pytest.mark.parametrize(
+    ("header", "domains", "condition", "domain"),
+    [
+        (client_header("Example.COM."), ("example.com",), None, "example.com"),
+        (client_header("other.example"), ("example.com",), "host-unknown", HOST),
+        (client_header("bad domain"), (), "host-unknown", HOST),
+        (client_header(namespace="jabber:server"), (), "invalid-namespace", "example.com"),
+        (
+            HEADER.replace(b"etherx.jabber.org/streams", b"example.org/x"),
+            (),
+            "invalid-namespace",
+            "example.com",
+        ),
+        (HEADER.replace(b" version='1.0'>", b">"), (), "unsupported-version", "example.com"),
+        (
+            HEADER.replace(b"version='1.0'>", b"version='2.0'>"),
+            (),
+            "unsupported-version",
+            "example.com",
+        ),
+        (HEADER.replace(b" to='example.com'", b""), ("example.com",), None, HOST),
+    ],
+)
+def test_stream_header_checks(
+    header: bytes, domains: tuple[str, ...], condition: str | None, domain: str
+) -> None:
+    machine = XMPPClientMachine(settings(domains=domains), PEER)
+    machine.receive_data(Side.CLIENT, header)
+    commands = drain(machine)
+    if condition is None:
+        assert commands == [SendToClient(proxy_header(domain) + REQUIRED_FEATURES)]
+        assert machine.state is State.PRE_TLS
+    else:
+        assert commands[0] == SendToClient(proxy_header(domain) + error(condition))
+        assert isinstance(commands[1], CloseConnection)
+        assert condition in commands[1].reason
+        assert machine.state is State.CLOSED
+
+
+def test_server_machine_refuses_client_streams() -> None:
+    machine = XMPPServerMachine(settings(), PEER)
+    data, close = refused(machine, HEADER)
+    assert data == proxy_header(namespace="jabber:server") + error("invalid-namespace")
+    assert close.reason == "wrong content namespace (invalid-namespace)"
+
+
+def test_starttls_without_to_gives_no_hint() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        Client(HEADER.replace(b" to='example.com'", b" from='alice@example.com'")),
+        SendToClient(
+            proxy_header(HOST).replace(b' version="1.0"', b' to="alice@example.com" version="1.0"')
+            + REQUIRED_FEATURES
+        ),
+        Client(b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'></starttls>"),
+        PROCEED,
+        StartTLS(b""),
+    )
+
+
+def test_sasl_before_tls_is_refused_then_tls_is_still_possible() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(proxy_header() + REQUIRED_FEATURES),
+        Client(AUTH + b"\n"),
+        SendToClient(
+            b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>"
+        ),
+        Client(STARTTLS),
+        PROCEED,
+        StartTLS(b"", server_name_hint="example.com"),
+    )
+
+
+def test_stanza_before_tls_is_a_policy_violation() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(machine, Client(HEADER), SendToClient(proxy_header() + REQUIRED_FEATURES))
+    data, close = refused(machine, b"<message to='bob@example.com'><body>hi</body></message>")
+    assert data == error("policy-violation")
+    assert close.reason == "message before STARTTLS (policy-violation)"
+
+
+def test_client_closes_before_tls() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(proxy_header() + REQUIRED_FEATURES),
+        Client(b" </stream:stream>"),
+        SendToClient(b"</stream:stream>"),
+        CloseConnection("client closed the stream", clean=True),
+    )
+
+
+def test_header_after_tls_is_checked_too() -> None:
+    machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT, domains=("example.com",)), PEER)
+    run(machine, StartTLS(b""), TLS())
+    data, close = refused(machine, client_header("elsewhere.example"))
+    assert data == proxy_header(HOST) + error("host-unknown")
+    assert "elsewhere.example" in close.reason
+
+
+# --------------------------------------------------------------------------
+# The relay.
+
+
+def test_features_stripping() -> None:
+    machine = relaying()
+    features = (
+        b"<stream:features>"
+        b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
+        b"<compression xmlns='http://jabber.org/features/compress'><method>zlib</method></compression>"
+        b"<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-exporter'/>"
+        b"</sasl-channel-binding>"
+        b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+        b"<mechanism>SCRAM-SHA-256-PLUS</mechanism></mechanisms>"
+        b"<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-1-PLUS</mechanism>"
+        b"<mechanism>SCRAM-SHA-1</mechanism></authentication>"
+        b"</stream:features>"
+    )
+    run(
+        machine,
+        *SASL_RESTART,
+        Backend(BACKEND_HEADER + features),
+        SendToClient(BACKEND_HEADER),
+        SendToClient(
+            b'<stream:features xmlns:stream="http://etherx.jabber.org/streams">'
+            b'<authentication xmlns="urn:xmpp:sasl:2"><mechanism>SCRAM-SHA-1</mechanism>'
+            b"</authentication></stream:features>"
+        ),
+        Client(
+            b"<compress xmlns='http://jabber.org/protocol/compress'><method>zlib</method></compress>"
+        ),
+        SendToClient(
+            b"<failure xmlns='http://jabber.org/protocol/compress'><setup-failed/></failure>"
+        ),
+    )
+
+
+def test_backend_prefix_is_used_to_close_the_stream() -> None:
+    machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT), PEER)
+    header = (
+        b"<s:stream xmlns='jabber:client' xmlns:s='http://etherx.jabber.org/streams' "
+        b"id='x' version='1.0'>"
+    )
+    run(
+        machine,
+        *DIRECT_TO_BACKEND,
+        Backend(header),
+        SendToClient(header),
+        Timeout(),
+        SendToClient(error("connection-timeout", b"</s:stream>")),
+        CloseConnection("idle timeout (connection-timeout)"),
+    )
+
+
+def test_endings() -> None:
+    assert XMPPClientMachine.busy_reply("busy.example").startswith(
+        b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:client\""
+    )
+    assert XMPPServerMachine.busy_reply("busy.example").endswith(error("resource-constraint"))
+    assert b'from="busy.example"' in XMPPServerMachine.busy_reply("busy.example")
+    run(
+        XMPPClientMachine(settings(), PEER),
+        Timeout(),
+        SendToClient(proxy_header(HOST) + error("connection-timeout")),
+        CloseConnection("idle timeout (connection-timeout)"),
+    )
+    run(relaying(), EOF(Side.CLIENT), CloseConnection("client closed"))
+    run(
+        relaying(),
+        ShuttingDown(),
+        SendToClient(error("system-shutdown")),
+        CloseConnection("proxy shutting down (system-shutdown)"),
+    )
+    run(
+        relaying(),
+        EOF(Side.BACKEND),
+        SendToClient(error("internal-server-error")),
+        CloseConnection("backend closed (internal-server-error)"),
+    )
+    machine = relaying()
+    run(
+        machine,
+        Client(b"</stream:stream>"),
+        SendToBackend(b"</stream:stream>"),
+        EOF(Side.BACKEND),
+        CloseConnection("client closed the stream", clean=True),
+    )
+
+
+def test_backend_unreachable() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        *TO_BACKEND,
+        Failed("backend 127.0.0.1:5222 unreachable: refused"),
+        SendToClient(proxy_header() + error("remote-connection-failed")),
+        CloseConnection("backend 127.0.0.1:5222 unreachable: refused (remote-connection-failed)"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"HTTP/1.1 400\r\n", "backend: the stream does not start with a tag"),
+        (b"<html>", "backend stream root is 'html'"),
+        (BACKEND_HEADER + b"<a>\xff</a>", "backend: not well-formed: Invalid bytes"),
+    ],
+)
+def test_misbehaving_backend(data: bytes, reason: str) -> None:
+    machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT), PEER)
+    run(machine, *DIRECT_TO_BACKEND)
+    machine.receive_data(Side.BACKEND, data)
+    commands = drain(machine)
+    assert client_bytes(commands).endswith(error("internal-server-error"))
+    assert isinstance(commands[-1], CloseConnection)
+    assert commands[-1].reason.startswith(reason)
+    assert machine.state is State.ERROR
+
+
+def test_held_client_bytes_are_reported_while_the_backend_connects() -> None:
+    machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT), PEER)
+    run(machine, StartTLS(b""), TLS(), Client(HEADER), OpenBackend(), Client(b"<iq/><presence"))
+    assert machine.unprocessed_client_bytes == len(b"<iq/><presence")
+    run(
+        machine,
+        Connected(),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER),
+        SendToClient(BACKEND_HEADER),
+        SendToBackend(b"<iq/>"),
+    )
+    assert machine.unprocessed_client_bytes == 0
+
+
+def test_driver_misuse_is_a_violation() -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        Connected(),
+        SendToClient(proxy_header(HOST) + error("internal-server-error")),
+        CloseConnection(
+            "BACKEND_CONNECTED is not allowed in state PRE_TLS_HEADER (internal-server-error)"
+        ),
+    )
+    assert machine.state is State.ERROR
+    run(machine, TLS(), Client(b"<iq/>"), EOF(Side.CLIENT), Failed("x"))
+
+
+# --------------------------------------------------------------------------
+# Named attacks: each is answered with its stream error, after a bounded
+# number of bytes, in bounded time, and nothing reaches a backend.
+
+BILLION_LAUGHS = (
+    b'<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + b"".join(
+        b'<!ENTITY lol%d "%s">' % (n, (b"&lol%d;" % (n - 1) if n > 1 else b"&lol;") * 10)
+        for n in range(1, 10)
+    )
+    + b"]><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' "
+    b"to='example.com' version='1.0'>&lol9;"
+)
+EXTERNAL_ENTITY = (
+    b'<?xml version="1.0"?><!DOCTYPE stream [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>' + HEADER
+)
+
+
+@pytest.mark.parametrize(
+    ("opening", "attack", "condition", "reason"),
+    [
+        (b"", BILLION_LAUGHS, "restricted-xml", "a DTD or entity declaration"),
+        (b"", EXTERNAL_ENTITY, "restricted-xml", "a DTD or entity declaration"),
+        (HEADER, b"<!DOCTYPE html>", "restricted-xml", "a DTD or entity declaration"),
+        (HEADER, b"<iq><!DOCTYPE x [<!ENTITY e 'e'>]>", "restricted-xml", "a DTD"),
+        (HEADER, b"<message><body>&xxe;</body></message>", "restricted-xml", "an entity reference"),
+        (HEADER, b"<message><body><!-- hi --></body></message>", "restricted-xml", "a comment"),
+        (b"<?xml-stylesheet href='x'?>", HEADER, "restricted-xml", "a processing instruction"),
+        (HEADER, b"<iq><?php x ?></iq>", "restricted-xml", "a processing instruction"),
+        (
+            b"",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+            "not-well-formed",
+            "TLS ClientHello",
+        ),
+        (HEADER, b"<message><body>\xff\xfe</body></message>", "not-well-formed", "not well-formed"),
+        (
+            HEADER,
+            b"<message><body>\xed\xa0\x80</body></message>",
+            "not-well-formed",
+            "not well-formed",
+        ),
+        (HEADER, b"<message><body>\xc0\xbc</body></message>", "not-well-formed", "not well-formed"),
+        (
+            b"",
+            HEADER.replace(b"example.com", b"ex\xffample.com"),
+            "not-well-formed",
+            "not well-formed",
+        ),
+        (HEADER, b"<message><x:body/></message>", "not-well-formed", "undeclared namespace prefix"),
+        (HEADER, b"<message></presence>", "not-well-formed", "not well-formed"),
+        (HEADER, b"hello", "bad-format", "text at the stream level"),
+        (b"", b"GET / HTTP/1.1\r\n", "not-well-formed", "does not start with a tag"),
+        (b"", b"<?xml version='1.0' encoding='ISO-8859-1'?>", "unsupported-encoding", "ISO-8859-1"),
+        (HEADER, b"<iq a='" + b"x" * 2000, "policy-violation", "attribute value longer than 1024"),
+        (HEADER, b"<iq>" + b"x" * 9000, "policy-violation", "element larger than 8192"),
+        (HEADER, b"<a>" * 100, "policy-violation", "elements nested deeper than 16"),
+    ],
+)
+def test_attacks_before_tls(opening: bytes, attack: bytes, condition: str, reason: str) -> None:
+    machine = XMPPClientMachine(settings(), PEER)
+    data, close = refused(machine, opening + attack)
+    assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
+    assert data.endswith(error(condition))
+    assert reason in close.reason
+    assert close.reason.endswith(f"({condition})")
+
+
+def test_attacks_after_tls_never_reach_the_backend() -> None:
+    for attack, condition in (
+        (b"<!DOCTYPE x [<!ENTITY e SYSTEM 'http://evil.example/'>]>", "restricted-xml"),
+        (b"<iq>" + b"<a>" * 10_000, "policy-violation"),
+        (b"<message><body>\x80</body></message>", "not-well-formed"),
+    ):
+        machine = relaying()
+        machine.receive_data(Side.CLIENT, attack)
+        commands = drain(machine)
+        assert backend_bytes(commands) == b""
+        assert commands == [SendToClient(error(condition)), commands[-1]]
+        assert isinstance(commands[-1], CloseConnection)
+
+
+def test_iq_pipelined_after_starttls_never_reaches_the_backend() -> None:
+    pipelined = b"<iq type='set' id='evil'><query xmlns='jabber:iq:roster'/></iq>"
+    machine = XMPPClientMachine(settings(), PEER)
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(proxy_header() + REQUIRED_FEATURES),
+        Client(STARTTLS + pipelined),
+        PROCEED,
+        StartTLS(pipelined, server_name_hint="example.com"),
+        Client(b"<iq type='set' id='evil2'/>"),
+        TLS(),
+        Client(HEADER),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(HEADER),
+        Backend(BACKEND_HEADER + BIND_FEATURES),
+        SendToClient(BACKEND_HEADER),
+        SendToClient(BIND_FEATURES),
+    )
+
+
+def test_billion_laughs_in_bounded_time() -> None:
+    started = time.monotonic()
+    machine = XMPPClientMachine(settings(), PEER)
+    data, _ = refused(machine, BILLION_LAUGHS)
+    assert data.endswith(error("restricted-xml"))
+    assert time.monotonic() - started < 0.5
+
+
+def test_ten_thousand_deep_nesting_is_cut_at_the_limit() -> None:
+    reader = XMLStreamReader(Limits(256 * 1024, 64, 64 * 1024))
+    reader.feed(HEADER)
+    assert isinstance(reader.next_token(), StreamHeader)
+    reader.feed(b"<iq>" + b"<a>" * 10_000)
+    started = time.monotonic()
+    with pytest.raises(XMLStreamError, match="nested deeper than 64") as caught:
+        reader.next_token()
+    assert caught.value.condition is StreamErrorCondition.POLICY_VIOLATION
+    assert time.monotonic() - started < 0.5
+
+
+def test_ten_megabyte_attribute_is_refused_after_the_limit() -> None:
+    limit = 64 * 1024
+    machine = XMPPClientMachine(
+        settings(max_attribute_size=limit, max_stanza_size=256 * 1024), PEER
+    )
+    run(machine, Client(HEADER), SendToClient(proxy_header() + REQUIRED_FEATURES))
+    chunk = b"A" * 16 * 1024
+    fed = 0
+    machine.receive_data(Side.CLIENT, b"<message to='")
+    while not (commands := drain(machine)):
+        machine.receive_data(Side.CLIENT, chunk)
+        fed += len(chunk)
+        assert fed < 10 * 1024 * 1024
+    assert fed <= limit + len(chunk)
+    assert commands[0] == SendToClient(error("policy-violation"))
+
+
+def test_limits_are_inclusive() -> None:
+    reader = XMLStreamReader(Limits(4096, 3, 40))
+    reader.feed(HEADER + b"<a b='%s'><c><d/></c></a>" % (b"x" * 40))
+    tokens = [reader.next_token(), reader.next_token()]
+    assert isinstance(tokens[1], StreamElement)
+    reader.feed(b"<a><c><d><e/></d></c></a>")
+    with pytest.raises(XMLStreamError, match="deeper than 3"):
+        reader.next_token()
+    reader = XMLStreamReader(Limits(4096, 3, 40))
+    reader.feed(HEADER + b"<a b='%s'/>" % (b"x" * 41))
+    assert isinstance(reader.next_token(), StreamHeader)
+    with pytest.raises(XMLStreamError, match="longer than 40"):
+        reader.next_token()
+
+
+# --------------------------------------------------------------------------
+# The transitions table.
+
+_ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
+
+
+@given(st.sampled_from(State), st.sampled_from(Input))
+def test_transitions_table(state: State, input_: Input) -> None:
+    check_transition(TRANSITIONS, state, input_, _ENDINGS)
+
+
+def test_every_state_is_reachable() -> None:
+    assert reachable(TRANSITIONS, {State.PRE_TLS_HEADER, State.TLS_HANDSHAKE}) == set(State)
+
+
+# --------------------------------------------------------------------------
+# Split invariance: the same bytes cut anywhere give the same session.
+
+TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
+    "starttls": (
+        settings(),
+        (
+            Client(b"\n" + HEADER + b" " + STARTTLS),
+            TLS(),
+            Client(HEADER),
+            Connected(),
+            Backend(BACKEND_HEADER + BACKEND_FEATURES),
+            Client(AUTH),
+            Backend(SUCCESS),
+            Client(
+                client_header()
+                + b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+            ),
+            Backend(
+                BACKEND_HEADER + BIND_FEATURES + "\n<iq type='result' id='b' a='>\u00e9'/>".encode()
+            ),
+            Client(MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"),
+            Backend(MESSAGE + b"</stream:stream>"),
+        ),
+    ),
+    "plaintext": (
+        settings(require_tls=False, capabilities=(MECHANISMS.decode(),)),
+        (
+            Client(HEADER + AUTH),
+            Connected(),
+            Backend(BACKEND_HEADER + BACKEND_FEATURES + SUCCESS),
+            Client(HEADER + MESSAGE),
+            Backend(BACKEND_HEADER + BIND_FEATURES + b"<a><![CDATA[</a>]]></a>"),
+            Client(b"</stream:stream>"),
+            Backend(b"</stream:stream>"),
+        ),
+    ),
+    "attack": (
+        settings(),
+        (Client(HEADER + "<message><body>\u00e9\u00e9".encode() + b"<a>" * 20),),
+    ),
+    "bad utf-8": (
+        settings(tls_mode=TLSMode.IMPLICIT),
+        (
+            TLS(),
+            Client(HEADER + "<message><body>caf\u00e9".encode() + b"\xe9</body></message>"),
+            Connected(),
+            Backend(BACKEND_HEADER),
+        ),
+    ),
+}
+
+
+def _play(
+    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]] | None = None
+) -> tuple[bytes, bytes, list[Command]]:
+    return play(XMPPClientMachine(settings_, PEER), events, cuts)
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_transcripts_end_as_expected(name: str) -> None:
+    settings_, events = TRANSCRIPTS[name]
+    to_client, to_backend, others = _play(settings_, events)
+    assert isinstance(others[-1], CloseConnection)
+    assert b"<iq/>" not in to_backend
+    if name in ("starttls", "plaintext"):
+        assert MESSAGE in to_backend
+        assert others[-1].clean
+    if name == "starttls":
+        assert to_backend.endswith(
+            MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"
+        )
+        assert to_client.endswith(MESSAGE + b"</stream:stream>")
+    if name == "attack":
+        assert to_client.endswith(error("policy-violation"))
+    if name == "bad utf-8":
+        assert to_client.endswith(error("not-well-formed"))
+
+
+@pytest.mark.parametrize("name", TRANSCRIPTS)
+def test_split_one_byte_at_a_time(name: str) -> None:
+    settings_, events = TRANSCRIPTS[name]
+    assert _play(settings_, events, bytewise(events)) == _play(settings_, events)
+
+
+@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
+def test_split_invariance(name: str, data: st.DataObject) -> None:
+    settings_, events = TRANSCRIPTS[name]
+    assert _play(settings_, events, drawn_cuts(data, events)) == _play(settings_, events)
+
+
+def _tokens(stream: bytes, cuts: Sequence[int]) -> list[tuple[str, bytes]] | str:
+    reader = XMLStreamReader(Limits(4096, 8, 512))
+    tokens: list[Token] = []
+    bounds = [0, *sorted(cuts), len(stream)]
+    try:
+        for start, end in itertools.pairwise(bounds):
+            reader.feed(stream[start:end])
+            while (token := reader.next_token()) is not None:
+                tokens.append(token)
+    except XMLStreamError as failure:
+        return failure.condition.value
+    # Whitespace may come in pieces; join neighbours to compare.
+    joined: list[tuple[str, bytes]] = []
+    for token in tokens:
+        kind = type(token).__name__
+        if joined and kind == joined[-1][0] == "Whitespace":
+            joined[-1] = (kind, joined[-1][1] + token.raw)
+        else:
+            joined.append((kind, token.raw))
+    return joined
+
+
+_PIECES = [
+    b"<a b='1>2'/>",
+    b'<a b="\xc3\xa9\xe2\x82\xac"></a>',
+    b"<m><![CDATA[<x>]]]]></m>",
+    b"<caf\xc3\xa9/>",
+    b"<n xmlns='urn:x'><o/>text &amp; &#x1F600;</n>",
+    b" ",
+    b"\r\n",
+    b"<a>\xf0\x9f\x98\x80</a>",
+    b"<a>\xf0\x9f\x98</a>",
+    b"<a><!-- c --></a>",
+    b"<a>",
+    b"</a>",
+    b"junk",
+]
+
+
+@given(st.lists(st.sampled_from(_PIECES), max_size=8), st.lists(st.integers(0, 200), max_size=8))
+def test_reader_split_invariance(pieces: list[bytes], cuts: list[int]) -> None:
+    stream = HEADER + b"".join(pieces)
+    whole = _tokens(stream, [])
+    assert _tokens(stream, [min(cut, len(stream)) for cut in cuts]) == whole
+    if isinstance(whole, list):
+        assert b"".join(raw for _, raw in whole) == stream[: sum(len(raw) for _, raw in whole)]
+
+
+def test_reader_tokens() -> None:
+    reader = XMLStreamReader(Limits(4096, 8, 512))
+    reader.feed(b"\n" + HEADER + b" <a/>\n</stream:stream>")
+    tokens = [reader.next_token() for _ in range(5)]
+    assert [type(token) for token in tokens] == [
+        StreamHeader,
+        Whitespace,
+        StreamElement,
+        Whitespace,
+        StreamEnd,
+    ]
+    assert isinstance(tokens[0], StreamHeader) and tokens[0].raw == HEADER
+    assert reader.next_token() is None
+    reader.feed(b"<a/>")
+    with pytest.raises(XMLStreamError, match="after the end of the stream"):
+        reader.next_token()
+
+
+def test_reader_restarts_and_discards() -> None:
+    reader = XMLStreamReader(Limits(4096, 8, 512))
+    reader.feed(HEADER + STARTTLS + b"<iq/><pres")
+    assert isinstance(reader.next_token(), StreamHeader)
+    assert isinstance(reader.next_token(), StreamElement)
+    assert reader.discard() == b"<iq/><pres"
+    reader.feed(HEADER + b"\n" + HEADER)
+    assert isinstance(reader.next_token(), StreamHeader)
+    assert isinstance(reader.next_token(), Whitespace)
+    reader.restart()
+    assert isinstance(reader.next_token(), StreamHeader)
+    assert reader.buffered == 0
+    reader.feed(b"<iq/>")
+    reader.restart()
+    with pytest.raises(XMLStreamError, match="closes the stream at once"):
+        reader.next_token()
+
+
+def test_reader_replaces_its_parser() -> None:
+    reader = XMLStreamReader(Limits(64 * 1024, 8, 64 * 1024))
+    reader.feed(HEADER)
+    assert isinstance(reader.next_token(), StreamHeader)
+    stanza = b"<message><body>%s</body></message>" % (b"x" * 60_000)
+    for index in range(40):
+        reader.feed(
+            stanza.replace(b"<body>", b"<body%d xmlns='urn:n%d'>" % (index, index)).replace(
+                b"</body>", b"</body%d>" % index
+            )
+        )
+        token = reader.next_token()
+        assert isinstance(token, StreamElement)
+        assert token.element[0].tag == f"{{urn:n{index}}}body{index}"
+
+
+# --------------------------------------------------------------------------
+# Fuzzing.
+
+
+@given(st.lists(st.binary(max_size=200), max_size=6), st.booleans())
+def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
+    machine = XMPPClientMachine(settings(require_tls=require_tls), PEER)
+    for chunk in [HEADER, *chunks]:
+        machine.receive_data(Side.CLIENT, chunk)
+        for command in drain(machine):
+            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
+            assert not (require_tls and isinstance(command, OpenBackend))
+    assert machine.state is not State.ERROR
+
+
+@given(st.lists(st.binary(max_size=200), max_size=6), st.sampled_from(Side))
+def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
+    machine = relaying()
+    for chunk in chunks:
+        machine.receive_data(side, chunk)
+        drain(machine)
+    if side is Side.CLIENT:
+        assert machine.state is not State.ERROR
+
+
+# --------------------------------------------------------------------------
+# Pieces.
+
+
+def test_pre_tls_features_skip_broken_capabilities() -> None:
+    features = pre_tls_features(
+        (
+            "<bad",
+            "<!DOCTYPE x>",
+            "<?pi?>",
+            "<register xmlns='http://jabber.org/features/iq-register'/>",
+        ),
+        False,
+    )
+    assert features == (
+        b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+        b'<register xmlns="http://jabber.org/features/iq-register"></register></stream:features>'
+    )
+
+
+def test_probe() -> None:
+    server_header = XMPPServerProbe("example.com").next_send()
+    assert server_header is not None and b'xmlns="jabber:server"' in server_header
+    probe = XMPPClientProbe("example.com")
+    sent = probe.next_send()
+    assert sent is not None and b'to="example.com"' in sent and b'xmlns="jabber:client"' in sent
+    assert probe.next_send() is None
+    probe.receive_data(BACKEND_HEADER + BACKEND_FEATURES[:40])
+    assert probe.result is None
+    probe.receive_data(BACKEND_FEATURES[40:])
+    assert probe.result == (
+        '<starttls xmlns="urn:ietf:params:xml:ns:xmpp-tls"></starttls>',
+        '<mechanisms xmlns="urn:ietf:params:xml:ns:xmpp-sasl">'
+        "<mechanism>SCRAM-SHA-1-PLUS</mechanism><mechanism>PLAIN</mechanism><mechanism>SCRAM-SHA-1</mechanism></mechanisms>",
+        '<register xmlns="http://jabber.org/features/iq-register"></register>',
+    )
+    assert probe.next_send() == b"</stream:stream>"
+    assert probe.error is None
+
+
+@pytest.mark.parametrize(
+    ("reply", "error_text"),
+    [
+        (
+            BACKEND_HEADER + b"<stream:error><host-unknown "
+            b"xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+            "backend stream error: host-unknown",
+        ),
+        (BACKEND_HEADER + b"</stream:stream>", "the backend closed the stream"),
+        (BACKEND_HEADER + b"<iq/>", "unexpected iq from the backend"),
+        (b"HTTP/1.1 400 Bad Request\r\n", "backend: the stream does not start with a tag"),
+    ],
+)
+def test_probe_errors(reply: bytes, error_text: str) -> None:
+    probe = XMPPClientProbe("example.com")
+    probe.receive_data(reply)
+    assert probe.error == error_text
+    assert probe.result is None
