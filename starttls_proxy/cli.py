@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import pwd
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import uvloop
 
+from starttls_proxy import logs
 from starttls_proxy.config import Config, ConfigError, load_config
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.server import Server
@@ -39,16 +39,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="stderr log level (default: info)",
     )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="stderr log lines as text or as one JSON object each (default: text)",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(args.log_level, args.log_format)
     try:
         config = load_config(args.config)
         if args.check:

@@ -208,6 +208,9 @@ class Session:
         if phase is not Phase.CLOSED:
             metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()
         self._phase = phase
+        if phase is not Phase.CLOSED:
+            # Each phase has its own idle limit (pre-TLS, handshake, session).
+            self._arm_timer()
 
     # ------------------------------------------------------------------
     # Inputs from transports.
@@ -487,7 +490,26 @@ class Session:
             self.tls.server_name if self.tls and self.tls.server_name else "-",
             self.bytes_from_client,
             self.bytes_from_backend,
+            extra={"session": self._summary(reason, clean)},
         )
+
+    def _summary(self, reason: str, clean: bool) -> dict[str, object]:
+        """The session's end, as fields (for ``--log-format json``)."""
+        return {
+            "event": "session_end",
+            "listener": self.runtime.config.name,
+            "protocol": self.runtime.config.protocol.value,
+            "client_address": self.peer.client_address,
+            "client_port": self.peer.client_port,
+            "outcome": reason,
+            "clean": clean,
+            "tls_version": self.tls.version if self.tls else None,
+            "cipher": self.tls.cipher if self.tls else None,
+            "sni": self.tls.server_name if self.tls else None,
+            "bytes_from_client": self.bytes_from_client,
+            "bytes_from_backend": self.bytes_from_backend,
+            "duration_seconds": round(time.monotonic() - self.started, 3),
+        }
 
 
 class ClientEndpoint(Endpoint):

@@ -18,6 +18,7 @@ import socket
 import subprocess
 from collections.abc import Callable
 
+from starttls_proxy import metrics
 from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
 from starttls_proxy.keeper import start_interpreter
 from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
@@ -104,6 +105,8 @@ class TLSHelper:
     def log_layers(self) -> None:
         """The startup log line of the sandbox layers in force (and missing)."""
         applied = [name for name, ok, _ in self.layers if ok]
+        for name, ok, _ in self.layers:
+            metrics.ISOLATION_LAYERS.labels(name).set(1 if ok else 0)
         log.info("TLS worker sandbox: clean slate, %s, handshake deadline", ", ".join(applied))
         for name, ok, detail in self.layers:
             if not ok:

@@ -102,6 +102,12 @@ LAST_RELOAD_SUCCESS = Gauge(
     "When the configuration in service was loaded (start-up or last good reload).",
     registry=REGISTRY,
 )
+ISOLATION_LAYERS = Gauge(
+    "starttls_proxy_isolation_layer_applied",
+    "1 for each sandbox layer in force for the TLS workers, 0 for one that is missing.",
+    ["layer"],
+    registry=REGISTRY,
+)
 WORKER_EXITS = Counter(
     "starttls_proxy_worker_exits_total",
     "TLS worker processes that ended, by exit reason.",

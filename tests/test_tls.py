@@ -11,6 +11,7 @@ import ssl
 from pathlib import Path
 
 import pytest
+import trustme
 from OpenSSL import SSL
 
 from starttls_proxy.config import CertificateConfig, ConfigError, TLSConfig
@@ -169,3 +170,25 @@ def test_alpn_offered_per_listener(
     _handshake(client, pump)
     assert client.tls.selected_alpn_protocol() == selected
     assert pump.info().alpn == selected
+
+
+def test_rsa_certificates_work_too(tmp_path: Path, ca: trustme.CA) -> None:
+    leaf = ca.issue_cert("rsa.example.test", key_type=trustme.KeyType.RSA)
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    store = load_certificates(
+        TLSConfig(
+            certificates=[CertificateConfig(cert=tmp_path / "cert.pem", key=tmp_path / "key.pem")]
+        )
+    )
+    for maximum in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        pump = TLSPump(store.default)
+        client = MemoryClient(tmp_path, "rsa.example.test", maximum_version=maximum)
+        _handshake(client, pump)
+        assert pump.info().version == (
+            "TLSv1.2" if maximum is ssl.TLSVersion.TLSv1_2 else "TLSv1.3"
+        )
+        assert pump.info().cipher.startswith(
+            "ECDHE-RSA-" if maximum is ssl.TLSVersion.TLSv1_2 else "TLS_"
+        )

@@ -12,13 +12,24 @@ from collections.abc import Iterator
 import pytest
 
 from tests.realservers.certs import CertFiles
+from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
 from tests.realservers.proxy import ProxyProcess, listener, start_proxy
 
 
 @pytest.fixture(scope="module")
+def silent_backend() -> Iterator[socket.socket]:
+    """A backend that accepts connections (in the kernel's backlog) and never speaks."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    yield sock
+    sock.close()
+
+
+@pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+    tmp_path_factory: pytest.TempPathFactory,
+    test_certs: CertFiles,
+    silent_backend: socket.socket,
 ) -> Iterator[ProxyProcess]:
     unused = free_port()
     process = start_proxy(
@@ -31,6 +42,12 @@ def proxy(
                 capabilities=["PIPELINING"],
                 timeouts={"pre_tls_idle": 1, "handshake": 1},
                 limits={"max_connections": 2, "max_line_length": 512},
+            ),
+            listener(
+                "silent",
+                silent_backend.getsockname()[1],
+                capabilities=["PIPELINING"],
+                timeouts={"session_idle": 1},
             ),
         ],
     )
@@ -88,3 +105,16 @@ def test_max_connections(proxy: ProxyProcess) -> None:
     assert _read_all(third) == b"421 4.7.0 proxy.test Error: too many connections\r\n"
     for sock in (first, second, third):
         sock.close()
+
+
+def test_backend_that_never_greets_times_out_with_421(
+    proxy: ProxyProcess, test_certs: CertFiles
+) -> None:
+    sock = proxy.connect("silent")
+    assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"STARTTLS\r\n")
+    assert read_smtp_reply(sock).startswith(b"220 2.0.0")
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(tls) == b"421 4.4.2 proxy.test Error: timeout exceeded\r\n"
+    tls.close()

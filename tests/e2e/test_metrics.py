@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,41 @@ def test_metrics_count_real_sessions(
     )
     assert expiry > 1.7e9
     assert _value(samples, "starttls_proxy_backend_connect_seconds_count", listener="m") == 1
+
+
+def test_isolation_layers_are_exported(proxy: ProxyProcess, metrics_port: int) -> None:
+    samples = _scrape(metrics_port)
+    for layer in ("namespaces", "pid_namespace", "chroot", "identity", "seccomp"):
+        assert _value(samples, "starttls_proxy_isolation_layer_applied", layer=layer) == 1
+
+
+def test_json_log_lines_describe_each_session(
+    tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles
+) -> None:
+    process = start_proxy(
+        tmp_path,
+        [(test_certs.cert, test_certs.key)],
+        [listener("j", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+        log_format="json",
+    )
+    try:
+        sock = process.connect("j", "127.0.0.31")
+        assert read_smtp_reply(sock).startswith(b"220 ")
+        sock.sendall(b"STARTTLS\r\n")
+        read_until(sock, b"Ready to start TLS\r\n")
+        tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+        tls.sendall(b"QUIT\r\n")
+        assert read_smtp_reply(tls).startswith(b"221")
+        tls.close()
+        process.wait_for_log('"event": "session_end"')
+    finally:
+        assert process.stop() == 0
+    entries = [json.loads(line) for line in process.log().splitlines()]
+    (end,) = [entry for entry in entries if entry.get("event") == "session_end"]
+    assert end["listener"] == "j"
+    assert end["client_address"] == "127.0.0.31"
+    assert end["tls_version"] == "TLSv1.3"
+    assert end["sni"] == "localhost"
+    assert end["clean"] is True
+    assert end["bytes_from_client"] > 0
+    assert {"time", "level", "logger", "message", "duration_seconds"} <= set(end)

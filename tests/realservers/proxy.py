@@ -17,6 +17,7 @@ from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port
 
 READY_LINE = "starttls_proxy.server: ready"
+READY_JSON = '"logger": "starttls_proxy.server", "message": "ready"'
 
 
 @dataclass
@@ -78,6 +79,7 @@ def start_proxy(
     base: Path,
     certificates: list[tuple[Path, Path]],
     listeners: list[dict[str, Any]],
+    log_format: str = "text",
     **top: Any,
 ) -> ProxyProcess:
     """Write a config, start the proxy, wait until it logs that it is ready."""
@@ -108,6 +110,8 @@ def start_proxy(
                 str(config_path),
                 "--log-level",
                 "debug",
+                "--log-format",
+                log_format,
             ],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
@@ -115,7 +119,8 @@ def start_proxy(
         )
     proxy = ProxyProcess(process, config_path, log_path, ports)
     deadline = time.monotonic() + 30
-    while READY_LINE not in proxy.log():
+    ready = READY_LINE if log_format == "text" else READY_JSON
+    while ready not in proxy.log():
         if process.poll() is not None or time.monotonic() > deadline:
             proxy.stop()
             raise RuntimeError(f"the proxy did not start:\n{proxy.log()[-3000:]}")
