@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv and install starttls-proxy into it (editable).
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
-# Idempotent: does nothing when pyproject.toml has not changed since the last run.
+# Idempotent: does nothing when neither pyproject.toml nor the build of the
+# key-reference provider (setup.py, starttls_proxy/provider/*.[ch]) changed since
+# the last run and the provider is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -16,9 +18,20 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
         exit 1
     fi
 fi
+# The key-reference provider (C) needs a compiler and the OpenSSL 3 headers.
+if ! command -v cc >/dev/null || [ ! -f /usr/include/openssl/core_dispatch.h ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev libssl-dev
+    else
+        echo "warning: no C compiler or OpenSSL headers: the key server cannot be used" \
+            "(sudo apt-get install gcc libssl-dev, or set isolation.key_server: false)" >&2
+    fi
+fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
-wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] | sha256sum | cut -d' ' -f1)"
+[ -f starttls_proxy/provider/keyref.so ] || rm -f "$stamp"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".$extras"

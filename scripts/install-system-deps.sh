@@ -23,6 +23,9 @@ PACKAGES=(
     util-linux           # script (gives postfix a tty so errors reach stderr)
     ca-certificates
     libseccomp2          # seccomp filters of the TLS workers (pyseccomp loads it)
+    gcc                  # builds the key-reference OpenSSL provider (pip install, setup.py)
+    libc6-dev            # C library headers (only recommended by gcc)
+    libssl-dev           # OpenSSL 3 headers for that provider (it links libc only)
     prometheus           # promtool check rules (deploy/prometheus/alerts.yml)
     dovecot-core         # IMAP/POP3 backend started by tests/realservers/dovecot.py
     dovecot-imapd

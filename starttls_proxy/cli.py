@@ -91,23 +91,48 @@ def _main_user_row(config: Config) -> tuple[str, bool, str]:
     return "main_user", True, f"the main process drops root for {user} once bound"
 
 
+def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[str]]:
+    """Whether the keys are in a key server, and its layers (probed: one is started)."""
+    from starttls_proxy import provider
+    from starttls_proxy.keeper import HelperStartError, KeyServerProcess
+
+    if not config.isolation.key_server:
+        detail = "off (isolation.key_server: false): the keys are in the TLS helper (weaker)"
+        return [("key_server", False, detail)], []
+    problem = provider.missing()
+    if problem is not None:
+        return [("key_server", False, problem)], [f"isolation.key_server: {problem}"]
+    try:
+        key_server = KeyServerProcess(config.isolation.model_dump(mode="json"), lambda counts: None)
+    except HelperStartError as error:
+        return [("key_server", False, "cannot start (see below)")], error.problems
+    key_server.stop()
+    rows = [("key_server", True, "private keys only in the key server; workers ask it to sign")]
+    rows += [
+        (f"key_server.{name}", bool(ok), str(detail)) for name, ok, detail in key_server.layers
+    ]
+    return rows, []
+
+
 def _isolation_report(config: Config) -> int:
     """Probe each layer in a throwaway worker (as the helper does at start)."""
     from starttls_proxy.sandbox import Sandbox
 
     first, count = config.isolation.uid_range
     sandbox, statuses = Sandbox.prepare(config.isolation, first + count - 1)
+    key_server_rows, key_server_problems = _key_server_rows(config)
     rows = [
         ("clean_slate", True, "fresh helper process; only the worker's own descriptors"),
         *((s.name, s.applied, s.detail) for s in statuses),
         ("deadline", True, "handshake alarm whose handler is _exit"),
         _main_user_row(config),
+        *key_server_rows,
     ]
     width = max(len(name) for name, _, _ in rows)
     print(f"{'layer':<{width}}  applied  detail  (isolation.mode: {config.isolation.mode.value})")
     for name, applied, detail in rows:
         print(f"{name:<{width}}  {'yes' if applied else 'NO':<7}  {detail}")
-    problems = sandbox.problems(statuses)
+    problems = sandbox.problems(statuses) + key_server_problems
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -313,6 +313,11 @@ class IsolationConfig(_Model):
     max_helper_restarts: Annotated[int, Field(ge=0)] = 5
     restart_window: Annotated[float, Field(gt=0)] = 60.0
     layers: IsolationLayers = IsolationLayers()
+    #: Keep the private keys in a key server process of their own (the last
+    #: UID of ``uid_range``, chroot, seccomp) that signs for the workers; with
+    #: ``false`` they are in the TLS helper's memory (weaker: a worker's
+    #: memory then holds them too).
+    key_server: bool = True
     #: TEST ONLY: every worker checks its own sandbox after entering it and
     #: logs the result; a client whose SNI is ``forbidden-syscall.self-test``
     #: makes its worker call a forbidden system call after the handshake.

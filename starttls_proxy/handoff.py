@@ -44,6 +44,10 @@ def _receive(sock: socket.socket) -> tuple[dict[str, object], list[int]]:
     return (json.loads(data) if data else {}), fds
 
 
+def _layer_rows(layers: list[list[object]]) -> list[tuple[str, bool, str]]:
+    return [(str(name), bool(ok), str(detail)) for name, ok, detail in layers]
+
+
 class TLSHelper:
     def __init__(self, keeper: subprocess.Popen[bytes], keeper_socket: socket.socket) -> None:
         self.keeper = keeper
@@ -53,6 +57,8 @@ class TLSHelper:
         self.helper_pid = 0
         #: ``(layer, applied, detail)`` as the helper's probe found them.
         self.layers: list[tuple[str, bool, str]] = []
+        #: The same for the key server; None when the helper holds the keys.
+        self.key_server_layers: list[tuple[str, bool, str]] | None = None
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Called with (pid, status) when a worker exits.
@@ -98,7 +104,11 @@ class TLSHelper:
         self.helper_pid = pid if isinstance(pid, int) else 0
         layers = message.get("layers")
         if isinstance(layers, list):
-            self.layers = [(str(name), bool(ok), str(detail)) for name, ok, detail in layers]
+            self.layers = _layer_rows(layers)
+        key_server_layers = message.get("key_server_layers")
+        self.key_server_layers = (
+            _layer_rows(key_server_layers) if isinstance(key_server_layers, list) else None
+        )
         if self._loop is not None:
             self._loop.add_reader(self.control.fileno(), self._on_helper_message)
 
@@ -111,6 +121,14 @@ class TLSHelper:
         for name, ok, detail in self.layers:
             if not ok:
                 log.warning("TLS worker sandbox: %s NOT applied: %s", name, detail)
+        if self.key_server_layers is None:
+            log.warning("private keys are in the TLS helper (isolation.key_server: false)")
+            return
+        applied = [name for name, ok, _ in self.key_server_layers if ok]
+        log.info("private keys in the key server: %s", ", ".join(applied) or "no sandbox layer")
+        for name, ok, detail in self.key_server_layers:
+            if not ok:
+                log.warning("key server sandbox: %s NOT applied: %s", name, detail)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -158,6 +176,11 @@ class TLSHelper:
                 pid, status = message["exited"], message["status"]
                 assert isinstance(pid, int) and isinstance(status, int)
                 self.on_worker_exit(pid, status)
+            elif "key_server" in message:
+                counts = message["key_server"]
+                assert isinstance(counts, dict)
+                for result, count in counts.items():
+                    metrics.KEY_SERVER_REQUESTS.labels(str(result)).inc(int(count))
             elif "fatal" in message:
                 self.on_fatal(str(message["fatal"]))
                 self._stop_reading_keeper()

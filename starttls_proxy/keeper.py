@@ -17,18 +17,28 @@ cannot steer. The keeper is that parent, and nothing more:
   helper, which keep serving their sessions (each talks to the main process
   over its own channel), become its children; it reaps them and reports
   their exits so that they are still counted;
-* more than ``isolation.max_helper_restarts`` helper deaths within
-  ``isolation.restart_window`` seconds make it give up and say so: the main
-  process then exits non-zero instead of spinning.
+* with ``isolation.key_server`` it also starts the key server
+  (``keyserver``) before the first helper, opens the configured key files
+  for it (the key server opens nothing; the keeper never reads them), has it
+  load them for every helper it starts, and gives that helper the key
+  references and a link to the key server. It sets ``OPENSSL_CONF`` (the
+  key-reference provider, ``provider``) for the helpers only. A dead key
+  server is restarted with the key files in service, then a fresh helper
+  takes over (the old one's link is dead; sessions go on);
+* more than ``isolation.max_helper_restarts`` deaths (of helpers or of the
+  key server) within ``isolation.restart_window`` seconds make it give up
+  and say so: the main process then exits non-zero instead of spinning.
 
 Wire format with the main process (SOCK_SEQPACKET, one JSON object per
 datagram):
 
 * main -> keeper, once: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``
   (passed on verbatim to every helper it starts);
-* keeper -> main: ``{"helper": PID, "layers": [[name, applied, detail], ...]}``
-  with the main's end of the helper's control socket attached, at start and
-  after every restart;
+* keeper -> main: ``{"helper": PID, "layers": [[name, applied, detail], ...],
+  "key_server_layers": [...] or null}`` with the main's end of the helper's
+  control socket attached, at start and after every restart;
+* keeper -> main: ``{"key_server": {"signed": N, "refused": N, "dropped": N}}``,
+  the key server's counts, as it reports them;
 * keeper -> main: ``{"problems": [...]}`` when the first helper refused the
   configuration (the keeper then exits);
 * keeper -> main: ``{"exited": PID, "status": CODE}`` for a dead helper's workers;
@@ -48,15 +58,23 @@ waits for the helper, which leaves once its own control socket is closed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from starttls_proxy import provider
 
 MAX_MESSAGE = 64 * 1024
 #: How long a helper may take to prepare the sandbox and load certificates.
@@ -72,7 +90,9 @@ class HelperStartError(Exception):
         self.problems = problems
 
 
-def start_interpreter(module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+def start_interpreter(
+    module: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], socket.socket]:
     """Exec ``python -m MODULE FD`` with one end of a new SOCK_SEQPACKET pair
     as FD; return the process and the other end."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -81,8 +101,119 @@ def start_interpreter(module: str) -> tuple[subprocess.Popen[bytes], socket.sock
             [sys.executable, "-m", module, str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             stdin=subprocess.DEVNULL,
+            env=env,
         )
     return process, ours
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def open_key_files(configuration: dict[str, Any]) -> list[int]:
+    """Open every configured key file (for the key server to read)."""
+    fds: list[int] = []
+    problems: list[str] = []
+    for index, entry in enumerate(configuration["tls"]["certificates"]):
+        where = f"tls.certificates[{index}].key"
+        try:
+            fds.append(os.open(entry["key"], os.O_RDONLY | os.O_CLOEXEC))
+        except FileNotFoundError:
+            problems.append(f"{where}: file not found: {entry['key']}")
+        except OSError as error:
+            problems.append(f"{where}: cannot open: {error.strerror}")
+    if problems:
+        _close_all(fds)
+        raise HelperStartError(problems)
+    return fds
+
+
+class KeyServerProcess:
+    """The keeper's side of the key server (see ``keyserver`` for the wire format)."""
+
+    def __init__(
+        self, isolation: dict[str, Any], on_counts: Callable[[dict[str, int]], None]
+    ) -> None:
+        self.isolation = isolation
+        self.on_counts = on_counts
+        self.process, self.control = self._start()
+
+    def _start(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        # The keeper's own environment: OPENSSL_CONF with the provider is
+        # only ever set for the helpers.
+        process, control = start_interpreter("starttls_proxy.keyserver")
+        control.settimeout(STARTUP_TIMEOUT)
+        try:
+            control.send(json.dumps({"isolation": self.isolation}).encode())
+            reply = json.loads(control.recv(MAX_MESSAGE) or b"{}")
+        except (OSError, TimeoutError):
+            reply = {"problems": ["the key server did not start in time"]}
+        if not reply.get("ready"):
+            control.close()
+            process.kill()
+            process.wait()
+            raise HelperStartError(reply.get("problems") or ["the key server failed to start"])
+        self.layers: list[list[object]] = reply["layers"]
+        return process, control
+
+    def restart(self) -> None:
+        self.control.close()
+        self.process, self.control = self._start()
+
+    def load(self, key_files: list[int]) -> tuple[list[str], socket.socket]:
+        """Have the key server read ``key_files`` (its copies); return the
+        key references and the helper's end of a link to those keys."""
+        helper_end, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        wheres = [f"tls.certificates[{index}].key" for index in range(len(key_files))]
+        try:
+            with ours:
+                message = json.dumps({"load": wheres}).encode()
+                socket.send_fds(self.control, [message], [ours.fileno(), *key_files])
+            reply = self.receive()
+        except (OSError, TimeoutError) as error:
+            helper_end.close()
+            raise HelperStartError([f"the key server did not answer: {error}"]) from None
+        if "references" not in reply:
+            helper_end.close()
+            raise HelperStartError(reply.get("problems") or ["the key server refused the keys"])
+        return reply["references"], helper_end
+
+    def receive(self) -> dict[str, Any]:
+        """The next answer of the key server; counts on the way are passed on."""
+        while True:
+            message = self.control.recv(MAX_MESSAGE)
+            if not message:
+                raise OSError("the key server closed its socket")
+            reply: dict[str, Any] = json.loads(message)
+            if "counts" not in reply:
+                return reply
+            self.on_counts(reply["counts"])
+
+    def read_counts(self) -> bool:
+        """Pass on what the key server sent (counts); False at its end."""
+        self.control.setblocking(False)
+        try:
+            while True:
+                message = self.control.recv(MAX_MESSAGE)
+                if not message:
+                    return False
+                counts = json.loads(message).get("counts")
+                if counts:
+                    self.on_counts(counts)
+        except BlockingIOError:
+            return True
+        finally:
+            self.control.settimeout(STARTUP_TIMEOUT)
+
+    def stop(self) -> None:
+        """Close its socket (it leaves) and wait for it."""
+        self.control.close()
+        try:
+            self.process.wait(EXIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def _send(main: socket.socket, message: dict[str, object], fds: list[int] | None = None) -> None:
@@ -100,13 +231,73 @@ class Keeper:
         self.helper: subprocess.Popen[bytes] | None = None
         #: Helpers replaced by a reload: their exit is neither a death nor a worker's.
         self.retired: set[int] = set()
+        self.key_server: KeyServerProcess | None = None
+        #: The key files of the configuration in service (a restarted key
+        #: server reads these, whatever the files' names point to now).
+        self.key_files: list[int] = []
+        #: Holds the helpers' OpenSSL configuration (the provider).
+        self.runtime: Path | None = None
 
     def start_helper(self, configuration: bytes | None = None, *, reloaded: bool = False) -> None:
-        """Start a helper, wait until it is ready, hand its socket to the main process."""
-        process, ours = start_interpreter("starttls_proxy.zygote")
+        """Start a helper, wait until it is ready, hand its socket to the main process.
+
+        ``configuration`` None: the one in service (a restart). With the key
+        server, it first loads the keys (their files opened here), and the
+        helper gets their references and a link to it.
+        """
+        settings = json.loads(configuration or self.configuration)
+        key_files: list[int] = []
+        link: socket.socket | None = None
+        try:
+            if settings["isolation"]["key_server"]:
+                key_server = self._key_server(settings["isolation"])
+                if configuration is None and self.key_files:
+                    key_files = [os.dup(fd) for fd in self.key_files]
+                else:
+                    key_files = open_key_files(settings)
+                settings["key_references"], link = key_server.load(key_files)
+            self._start_helper_process(settings, link, reloaded)
+        except BaseException:
+            _close_all(key_files)
+            raise
+        finally:
+            if link is not None:
+                link.close()
+        _close_all(self.key_files)
+        self.key_files = key_files
+
+    def _key_server(self, isolation: dict[str, Any]) -> KeyServerProcess:
+        if self.key_server is None:
+            problem = provider.missing()
+            if problem is not None:
+                raise HelperStartError([f"isolation.key_server: {problem}"])
+            self.key_server = KeyServerProcess(
+                isolation, lambda counts: _send(self.main, {"key_server": counts})
+            )
+        return self.key_server
+
+    def _helper_environment(self, settings: dict[str, Any]) -> dict[str, str] | None:
+        """OPENSSL_CONF with the provider, for a helper that loads key references."""
+        if "key_references" not in settings:
+            return None
+        if self.runtime is None:
+            self.runtime = Path(tempfile.mkdtemp(prefix="starttls-proxy-"))
+            provider.write_openssl_config(self.runtime)
+        return {**os.environ, "OPENSSL_CONF": str(self.runtime / "openssl.cnf")}
+
+    def _start_helper_process(
+        self, settings: dict[str, Any], link: socket.socket | None, reloaded: bool
+    ) -> None:
+        process, ours = start_interpreter(
+            "starttls_proxy.zygote", self._helper_environment(settings)
+        )
         with ours:
             ours.settimeout(STARTUP_TIMEOUT)
-            ours.send(configuration or self.configuration)
+            message = json.dumps(settings).encode()
+            if link is not None:
+                socket.send_fds(ours, [message], [link.fileno()])
+            else:
+                ours.send(message)
             try:
                 reply = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
             except TimeoutError:
@@ -116,9 +307,17 @@ class Keeper:
                 process.wait(5)
                 raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])
             self.helper = process
+            key_server_layers = (
+                self.key_server.layers if link is not None and self.key_server else None
+            )
             _send(
                 self.main,
-                {"helper": process.pid, "layers": reply["layers"], "reloaded": reloaded},
+                {
+                    "helper": process.pid,
+                    "layers": reply["layers"],
+                    "key_server_layers": key_server_layers,
+                    "reloaded": reloaded,
+                },
                 [ours.fileno()],
             )
 
@@ -136,27 +335,18 @@ class Keeper:
             self.retired.add(old.pid)
 
     def on_child_exit(self, pid: int, code: int) -> bool:
-        """Restart a dead helper or report a worker's exit; False to give up."""
+        """Restart a dead helper or key server, or report a worker's exit;
+        False to give up."""
         if pid in self.retired:
             self.retired.discard(pid)
             return True
+        if self.key_server is not None and pid == self.key_server.process.pid:
+            return self._restart_key_server(code)
         if self.helper is None or pid != self.helper.pid:
             _send(self.main, {"exited": pid, "status": code})
             return True
         self.helper = None
-        now = time.monotonic()
-        self.deaths.append(now)
-        while self.deaths and self.deaths[0] < now - self.window:
-            self.deaths.popleft()
-        if len(self.deaths) > self.max_restarts:
-            _send(
-                self.main,
-                {
-                    "fatal": f"the TLS helper died {len(self.deaths)} times within "
-                    f"{self.window:g} s (isolation.max_helper_restarts is "
-                    f"{self.max_restarts}); last status {code}"
-                },
-            )
+        if not self._may_restart("the TLS helper", code):
             return False
         print(f"keeper: the TLS helper died (status {code}); restarting it", file=sys.stderr)
         try:
@@ -166,6 +356,53 @@ class Keeper:
             return False
         return True
 
+    def _may_restart(self, what: str, code: int) -> bool:
+        """Count a death; past the budget tell the main process and say no."""
+        now = time.monotonic()
+        self.deaths.append(now)
+        while self.deaths and self.deaths[0] < now - self.window:
+            self.deaths.popleft()
+        if len(self.deaths) <= self.max_restarts:
+            return True
+        _send(
+            self.main,
+            {
+                "fatal": f"{what} died {len(self.deaths)} times within "
+                f"{self.window:g} s (isolation.max_helper_restarts is "
+                f"{self.max_restarts}); last status {code}"
+            },
+        )
+        return False
+
+    def _restart_key_server(self, code: int) -> bool:
+        """A new key server, then a new helper linked to it: the old helper's
+        link died with the key server (its workers' handshakes fail cleanly
+        meanwhile; established sessions need no signature)."""
+        assert self.key_server is not None
+        if not self._may_restart("the key server", code):
+            return False
+        print(f"keeper: the key server died (status {code}); restarting it", file=sys.stderr)
+        old = self.helper
+        try:
+            self.key_server.restart()
+            self.start_helper()
+        except (HelperStartError, OSError) as error:
+            _send(self.main, {"fatal": f"the key server could not be restarted: {error}"})
+            return False
+        if old is not None:
+            self.retired.add(old.pid)
+        return True
+
+    def _watch_key_server(self, selector: selectors.BaseSelector) -> None:
+        """Keep the key server's current socket (it changes on restart) in ``selector``."""
+        current = self.key_server.control if self.key_server is not None else None
+        for key in list(selector.get_map().values()):
+            if key.data == "key_server" and key.fileobj is not current:
+                selector.unregister(key.fileobj)
+        if current is not None and current.fileno() >= 0:
+            with contextlib.suppress(KeyError):
+                selector.register(current, selectors.EVENT_READ, "key_server")
+
     def run(self) -> int:
         wake_read, wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_write)
@@ -174,7 +411,13 @@ class Keeper:
         selector.register(self.main, selectors.EVENT_READ)
         selector.register(wake_read, selectors.EVENT_READ)
         while True:
+            self._watch_key_server(selector)
             for key, _ in selector.select():
+                if key.data == "key_server":
+                    assert self.key_server is not None
+                    if not self.key_server.read_counts():
+                        selector.unregister(key.fileobj)
+                    continue
                 if key.fileobj is self.main:
                     message = self.main.recv(MAX_MESSAGE)
                     if not message:
@@ -200,6 +443,15 @@ class Keeper:
                 self.helper.kill()
         return 0
 
+    def close(self) -> None:
+        """Stop the key server, forget the key files and the OpenSSL configuration."""
+        if self.key_server is not None:
+            self.key_server.stop()
+        _close_all(self.key_files)
+        self.key_files = []
+        if self.runtime is not None:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
 
 def _reap() -> list[tuple[int, int]]:
     exits: list[tuple[int, int]] = []
@@ -223,11 +475,14 @@ def serve(main: socket.socket) -> int:
         print("keeper: cannot become a child subreaper", file=sys.stderr)
     keeper = Keeper(main, main.recv(MAX_MESSAGE))
     try:
-        keeper.start_helper()
-    except HelperStartError as error:
-        _send(main, {"problems": error.problems})
-        return 1
-    return keeper.run()
+        try:
+            keeper.start_helper()
+        except HelperStartError as error:
+            _send(main, {"problems": error.problems})
+            return 1
+        return keeper.run()
+    finally:
+        keeper.close()
 
 
 if __name__ == "__main__":

@@ -108,6 +108,12 @@ ISOLATION_LAYERS = Gauge(
     ["layer"],
     registry=REGISTRY,
 )
+KEY_SERVER_REQUESTS = Counter(
+    "starttls_proxy_key_server_requests_total",
+    "Signature requests of TLS workers to the key server, by result (signed, refused, dropped).",
+    ["result"],
+    registry=REGISTRY,
+)
 WORKER_EXITS = Counter(
     "starttls_proxy_worker_exits_total",
     "TLS worker processes that ended, by exit reason.",

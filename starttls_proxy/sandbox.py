@@ -307,10 +307,10 @@ class Sandbox:
         root_fd = fds.pop() if self.root_fd is not None else None
         memory_limit = _address_space() + self.config.memory_limit
         steps: list[tuple[Layer, Callable[[], None]]] = [
-            (Layer.NAMESPACES, _unshare_namespaces),
+            (Layer.NAMESPACES, unshare_namespaces),
             (Layer.CHROOT, lambda: self._chroot(root_fd)),
-            (Layer.IDENTITY, lambda: _become(uid)),
-            (Layer.HARDENING, lambda: _harden(STANDARD_FDS + len(fds))),
+            (Layer.IDENTITY, lambda: become(uid)),
+            (Layer.HARDENING, lambda: harden(STANDARD_FDS + len(fds))),
             (Layer.MEMORY_LIMIT, lambda: _limit(resource.RLIMIT_AS, memory_limit)),
             (Layer.SECCOMP, lambda: seccomp_policy.load_filter(self.seccomp_program, LIBC)),
         ]
@@ -360,11 +360,11 @@ class Sandbox:
         return {Layer(name): reason for name, reason in json.loads(answer).items()}
 
 
-def _unshare_namespaces() -> None:
+def unshare_namespaces() -> None:
     check(LIBC.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare(net, ipc, uts)")
 
 
-def _become(uid: int | None) -> None:
+def become(uid: int | None) -> None:
     if uid is None:
         raise OSError(errno.EINVAL, "no UID left in isolation.uid_range")
     os.setgroups([])
@@ -376,11 +376,14 @@ def _limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def _harden(open_files: int) -> None:
+def harden(open_files: int | None) -> None:
+    """Not dumpable, no_new_privs, no core, no fork; exactly ``open_files``
+    descriptors unless None (the key server keeps receiving some)."""
     # After the UID change: changing UIDs resets "dumpable" to the
     # fs.suid_dumpable sysctl, which may be 1.
     prctl(PR_SET_DUMPABLE, 0)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NPROC, 0)
-    _limit(resource.RLIMIT_NOFILE, open_files)
+    if open_files is not None:
+        _limit(resource.RLIMIT_NOFILE, open_files)

@@ -79,6 +79,24 @@ ALLOWED = (
     "exit_group",
 )
 
+#: The key server (``keyserver``) once confined: what a worker needs but
+#: waiting with poll/select and the alarm (it waits in epoll), plus its
+#: epoll, descriptors arriving with SCM_RIGHTS (the workers' connections;
+#: the key files the keeper opened, read with pread).
+KEY_SERVER_ALLOWED = (
+    *(
+        name
+        for name in ALLOWED
+        if name not in {"shutdown", "poll", "ppoll", "select", "pselect6", "alarm", "setitimer"}
+    ),
+    "pread64",
+    "recvmsg",
+    "sendmsg",
+    "epoll_wait",
+    "epoll_pwait",
+    "epoll_ctl",
+)
+
 #: Calls that fail with EPERM instead of killing (see the module docstring).
 REFUSED = (
     "open",
@@ -128,8 +146,9 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-def compile_filter() -> bytes:
-    """The BPF program for this machine's architecture (raw ``sock_filter``s).
+def compile_filter(allowed: tuple[str, ...] = ALLOWED) -> bytes:
+    """The BPF program allowing ``allowed`` for this machine's architecture
+    (raw ``sock_filter``s).
 
     Raises ``ImportError`` or ``OSError`` when libseccomp is not usable.
     """
@@ -137,7 +156,7 @@ def compile_filter() -> bytes:
 
     native = pyseccomp.system_arch()
     selected = pyseccomp.SyscallFilter(pyseccomp.KILL_PROCESS)
-    for action, names in ((pyseccomp.ALLOW, ALLOWED), (pyseccomp.ERRNO(errno.EPERM), REFUSED)):
+    for action, names in ((pyseccomp.ALLOW, allowed), (pyseccomp.ERRNO(errno.EPERM), REFUSED)):
         for name in names:
             if pyseccomp.resolve_syscall(native, name) == NR_SCMP_ERROR:
                 continue  # unknown to this libseccomp

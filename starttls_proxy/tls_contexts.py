@@ -1,7 +1,8 @@
 """TLS server contexts: certificates loaded, checked and chosen by SNI.
 
 Only the TLS helper process (and ``--check``) calls this module: the main
-process never reads a private key.
+process never reads a private key. With ``isolation.key_server`` the helper
+does not either: it loads key references (``provider``) in their place.
 
 Policy: TLS 1.2 or newer, forward secrecy only (ECDHE suites for TLS 1.2; TLS
 1.3 suites are all ephemeral), key shares X25519 and P-256, RSA or ECDSA
@@ -15,12 +16,13 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
+from OpenSSL._util import exception_from_error_queue
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl
 
 from starttls_proxy.config import ConfigError, TLSConfig
+from starttls_proxy.keyserver import PrivateKey, read_private_key
 
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 KEY_SHARE_GROUPS = b"X25519:P-256"
@@ -62,10 +64,32 @@ def _names(leaf: x509.Certificate) -> tuple[str, ...]:
         return tuple(str(attribute.value).lower() for attribute in common)
 
 
-def load_certificate(cert: Path, key: Path, min_version: str, where: str) -> LoadedCertificate:
-    """Load one certificate and its key; refuse a pair that does not match."""
+def _use_key_reference(context: SSL.Context, reference: bytes) -> None:
+    """Load a key reference, which only the provider (OPENSSL_CONF) decodes.
+
+    Raises ``SSL.Error`` when the key does not match the certificate.
+    """
+    bio = _openssl.BIO_new_mem_buf(reference, len(reference))
+    key = _openssl.PEM_read_bio_PrivateKey(bio, _ffi.NULL, _ffi.NULL, _ffi.NULL)
+    _openssl.BIO_free(bio)
+    if key == _ffi.NULL:
+        _openssl.ERR_clear_error()
+        raise ConfigError(["the key-reference provider is not loaded (OPENSSL_CONF)"])
+    try:
+        if not _openssl.SSL_CTX_use_PrivateKey(context._context, key):
+            exception_from_error_queue(SSL.Error)
+    finally:
+        _openssl.EVP_PKEY_free(key)
+
+
+def load_certificate(
+    cert: Path, key: Path, min_version: str, where: str, reference: bytes | None = None
+) -> LoadedCertificate:
+    """Load one certificate and its key, or the key's ``reference`` (the key
+    server made it from ``key``); refuse a pair that does not match."""
     problems: list[str] = []
-    for label, path in (("cert", cert), ("key", key)):
+    files = (("cert", cert),) if reference is not None else (("cert", cert), ("key", key))
+    for label, path in files:
         if not path.is_file():
             problems.append(f"{where}.{label}: file not found: {path}")
     if problems:
@@ -77,15 +101,12 @@ def load_certificate(cert: Path, key: Path, min_version: str, where: str) -> Loa
     except (ValueError, SSL.Error, OSError) as error:
         raise ConfigError([f"{where}.cert: not a PEM certificate chain: {error}"]) from None
     try:
-        private_key = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as error:
-        raise ConfigError([f"{where}.key: not a usable PEM private key: {error}"]) from None
-    if not isinstance(private_key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError([f"{where}.key: only RSA and ECDSA keys are supported"])
-    try:
         # The same failsafe as `sslmate download`: never serve a pair that
         # does not belong together.
-        context.use_privatekey(private_key)
+        if reference is not None:
+            _use_key_reference(context, reference)
+        else:
+            context.use_privatekey(_read_key_file(key, f"{where}.key"))
         context.check_privatekey()
     except SSL.Error:
         raise ConfigError(
@@ -109,6 +130,14 @@ def _name_matches(pattern: str, name: str) -> bool:
     return False
 
 
+def _read_key_file(key: Path, where: str) -> PrivateKey:
+    try:
+        data = key.read_bytes()
+    except OSError as error:
+        raise ConfigError([f"{where}: cannot read: {error.strerror}"]) from None
+    return read_private_key(data, where)
+
+
 class CertificateStore:
     """All configured certificates; the first is the default."""
 
@@ -118,6 +147,13 @@ class CertificateStore:
         self.default.set_tlsext_servername_callback(self._on_server_name)
         for certificate in certificates:
             certificate.context.set_alpn_select_callback(_select_alpn)
+
+    def reachable_from(self, context: SSL.Context) -> list[int]:
+        """The certificates (indexes) a connection that starts on ``context``
+        may end up serving: SNI switches only away from the default."""
+        if context is self.default:
+            return list(range(len(self.certificates)))
+        return [i for i, c in enumerate(self.certificates) if c.context is context]
 
     def context_for(self, server_name: str | None) -> SSL.Context:
         if server_name:
@@ -146,15 +182,22 @@ def _select_alpn(
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def load_certificates(tls: TLSConfig) -> CertificateStore:
-    """Load every configured certificate, collecting all problems at once."""
+def load_certificates(tls: TLSConfig, references: list[bytes] | None = None) -> CertificateStore:
+    """Load every configured certificate, collecting all problems at once.
+
+    ``references``: the key server's references for the keys, in order.
+    """
     loaded: list[LoadedCertificate] = []
     problems: list[str] = []
     for index, entry in enumerate(tls.certificates):
         try:
             loaded.append(
                 load_certificate(
-                    entry.cert, entry.key, tls.min_version, f"tls.certificates[{index}]"
+                    entry.cert,
+                    entry.key,
+                    tls.min_version,
+                    f"tls.certificates[{index}]",
+                    references[index] if references is not None else None,
                 )
             )
         except ConfigError as error:

@@ -1,7 +1,9 @@
 """The TLS worker: one single-use process per connection.
 
 It is forked by the TLS helper (``zygote``) with exactly two descriptors: the
-client's TCP socket and its end of a plaintext channel to the main process.
+client's TCP socket and its end of a plaintext channel to the main process
+(with ``isolation.key_server``, a third: its own connection to the key
+server, which signs for it; the worker holds no private key).
 ``main`` arms the handshake deadline, reseeds OpenSSL's random generator and
 enters the sandbox (``sandbox``) before it reads a byte from the client.
 It does the handshake, sends one *report* frame on the channel (a 4-byte
@@ -24,6 +26,7 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl
@@ -306,10 +309,13 @@ def main(
     sandbox: Sandbox,
     uid: int | None,
     siblings: tuple[int, ...] = (),
+    key_server: tuple[int, Callable[[int], None]] | None = None,
 ) -> None:
     """Entry point in the forked child: enter the sandbox, serve; never returns.
 
     ``siblings`` are the PIDs of the other live workers, for the self check.
+    ``key_server``: this worker's connection to the key server and the
+    provider's function that makes it sign through it (``provider.Attachment``).
     """
     status = EXIT_TLS_ERROR
     try:
@@ -324,6 +330,8 @@ def main(
             if self_test
             else [client_fd, channel_fd]
         )
+        if key_server is not None:
+            keep.append(key_server[0])
         try:
             fds = sandbox.enter(
                 uid,
@@ -334,6 +342,8 @@ def main(
             print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
             status = EXIT_SANDBOX_FAILED
             return
+        if key_server is not None:
+            key_server[1](fds.pop())
         if self_test:
             selftest.after_sandbox(report, fds[2], fds[0], siblings)
         client = socket.socket(fileno=fds[0])

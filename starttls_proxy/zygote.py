@@ -16,9 +16,16 @@ The helper stays privileged: entering namespaces, chroot and a fresh UID per
 worker all need root. It talks only to the main process (which cannot make
 it parse anything but the JSON below) and never to a client.
 
+With ``isolation.key_server`` the helper reads no private key: the keeper
+passes it the key server's references for the keys (``provider``) and a
+link to the key server, through which it gives each worker a connection of
+its own, good for the certificates that worker may serve (``keyserver``).
+
 Wire format: one JSON object per datagram.
 
-* keeper -> helper, first: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``
+* keeper -> helper, first: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``,
+  with the key server: also ``"key_references": [PEM, ...]`` and the link
+  attached (SCM_RIGHTS)
 * helper -> keeper: ``{"ready": true, "layers": [[name, applied, detail], ...]}``
   or ``{"problems": ["tls.certificates[0].key: ...", ...]}``
 * main -> helper: a ``SpawnRequest`` (see ``wire``) with two descriptors
@@ -42,6 +49,8 @@ import sys
 from pathlib import Path
 
 from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
+from starttls_proxy.keyserver import Link
+from starttls_proxy.provider import Attachment
 from starttls_proxy.sandbox import Layer, Sandbox
 from starttls_proxy.tls_contexts import CertificateStore, load_certificates
 from starttls_proxy.wire import MAX_SPAWN_REQUEST, SpawnRequest
@@ -119,12 +128,20 @@ class UidPool:
 
 class Helper:
     def __init__(
-        self, control: socket.socket, store: CertificateStore, sandbox: Sandbox, pool: UidPool
+        self,
+        control: socket.socket,
+        store: CertificateStore,
+        sandbox: Sandbox,
+        pool: UidPool,
+        key_server: Link | None = None,
     ) -> None:
         self.control = control
         self.store = store
         self.sandbox = sandbox
         self.pool = pool
+        self.key_server = key_server
+        # Looked up now: a worker cannot load anything once sandboxed.
+        self.attach = Attachment() if key_server is not None else None
         self.identity = Layer.IDENTITY in sandbox.layers
         self.workers: set[int] = set()
 
@@ -139,22 +156,32 @@ class Helper:
             return None
         # The self check tries to reach the other live workers.
         siblings = tuple(self.workers) if self.sandbox.config.self_test else ()
+        key_server = None
+        if self.key_server is not None and self.attach is not None:
+            certificates = self.store.reachable_from(context)
+            key_server = (self.key_server.connection_for(certificates), self.attach)
         try:
             pid = self.sandbox.fork()
         except OSError:
             if uid is not None:
                 self.pool.give_back(uid)
+            if key_server is not None:
+                os.close(key_server[0])
             raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            worker_main(client_fd, channel_fd, context, request, self.sandbox, uid, siblings)
+            worker_main(
+                client_fd, channel_fd, context, request, self.sandbox, uid, siblings, key_server
+            )
         self.workers.add(pid)
         if uid is not None:
             self.pool.bind(uid, pid)
         os.close(client_fd)
         os.close(channel_fd)
+        if key_server is not None:
+            os.close(key_server[0])
         return pid
 
     def reap(self) -> None:
@@ -210,9 +237,14 @@ def serve(control: socket.socket) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the main process
     # decides when the helper ends (by closing the control socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    first = json.loads(control.recv(MAX_MESSAGE))
+    message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
+    first = json.loads(message)
     isolation = IsolationConfig.model_validate(first["isolation"])
-    pool = UidPool(*isolation.uid_range)
+    references = first.get("key_references")
+    link = Link(socket.socket(fileno=fds[0])) if references is not None and fds else None
+    first_uid, count = isolation.uid_range
+    # The key server has the last UID of the range.
+    pool = UidPool(first_uid, count - 1 if isolation.key_server else count)
     probe_uid = pool.take()
     sandbox, statuses = Sandbox.prepare(isolation, probe_uid or 0)
     if probe_uid is not None:
@@ -221,12 +253,17 @@ def serve(control: socket.socket) -> int:
     try:
         if problems:
             raise ConfigError(problems)
-        store = load_certificates(TLSConfig.model_validate(first["tls"]))
+        if references is not None and link is None:
+            raise ConfigError(["the keeper sent key references without a key server link"])
+        store = load_certificates(
+            TLSConfig.model_validate(first["tls"]),
+            [reference.encode() for reference in references] if references is not None else None,
+        )
     except ConfigError as error:
         _send(control, {"problems": error.problems})
         return 1
     _send(control, {"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]})
-    return Helper(control, store, sandbox, pool).serve_forever()
+    return Helper(control, store, sandbox, pool, link).serve_forever()
 
 
 if __name__ == "__main__":

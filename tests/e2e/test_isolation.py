@@ -27,13 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from OpenSSL import SSL
 
 from starttls_proxy.selftest import FORBIDDEN_SYSCALL_SNI, LOG_PREFIX
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.memory import memory_contains, private_key_patterns
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, listener, start_proxy
@@ -221,8 +220,9 @@ def test_self_check_inside_a_real_worker(proxy: ProxyProcess, test_certs: CertFi
     assert (root.st_uid, root.st_mode & 0o777) == (0, 0o555)
     rlimits = report["rlimits"]
     assert isinstance(rlimits, dict)
-    # stdio, client, channel and the self check's status file: nothing more.
-    assert (rlimits["core"], rlimits["nproc"], rlimits["nofile"]) == (0, 0, 6)
+    # stdio, client, channel, the self check's status file and the key
+    # server connection: nothing more.
+    assert (rlimits["core"], rlimits["nproc"], rlimits["nofile"]) == (0, 0, 7)
     assert report["dumpable"] == 0
     # The first worker was not disturbed.
     _still_works(first)
@@ -278,49 +278,19 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
         tls.close()
 
 
-def _private_key_patterns(key_path: Path) -> dict[str, bytes]:
-    """The key as PEM text and its private number, big- and little-endian
-    (OpenSSL keeps big numbers as little-endian words)."""
-    pem = key_path.read_bytes()
-    key = serialization.load_pem_private_key(pem, password=None)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        number, size = key.private_numbers().private_value, (key.curve.key_size + 7) // 8
-    else:
-        assert isinstance(key, rsa.RSAPrivateKey)
-        number, size = key.private_numbers().d, key.key_size // 8
-    body = b"".join(pem.splitlines()[1:-1])
-    return {
-        "pem": body[:48],
-        "scalar": number.to_bytes(size, "big"),
-        "scalar-le": number.to_bytes(size, "little"),
-    }
-
-
-def _memory_contains(pid: int, patterns: dict[str, bytes]) -> set[str]:
-    """Which patterns occur in the readable memory of ``pid`` (as root)."""
-    found = set()
-    with Path(f"/proc/{pid}/maps").open() as maps, Path(f"/proc/{pid}/mem").open("rb") as mem:
-        for line in maps:
-            addresses, permissions = line.split()[:2]
-            if not permissions.startswith("r"):
-                continue
-            start, end = (int(a, 16) for a in addresses.split("-"))
-            try:
-                mem.seek(start)
-                region = mem.read(end - start)
-            except (OSError, OverflowError):
-                continue  # [vvar] and the like
-            found |= {name for name, pattern in patterns.items() if pattern in region}
-    return found
-
-
 def test_private_key_never_in_the_main_process(proxy: ProxyProcess, test_certs: CertFiles) -> None:
     tls = _starttls(proxy, test_certs, "127.0.0.45")  # handshakes have happened
-    patterns = _private_key_patterns(test_certs.key)
-    # The scanner does find the key where it is: in the helper.
-    assert {"scalar", "scalar-le"} & _memory_contains(_helper(proxy), patterns)
-    assert _memory_contains(proxy.process.pid, patterns) == set()
-    assert _memory_contains(_keeper(proxy), patterns) == set()
+    patterns = private_key_patterns(test_certs.key)
+    # The scanner does find the key where it is: in the key server (see
+    # test_key_server for the workers and both key types).
+    (key_server,) = [
+        pid
+        for pid in _children(_keeper(proxy))
+        if b"starttls_proxy.keyserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert {"scalar", "scalar-le"} & memory_contains(key_server, patterns)
+    for pid in (proxy.process.pid, _keeper(proxy), _helper(proxy)):
+        assert memory_contains(pid, patterns) == set()
     _still_works(tls)
     tls.close()
 

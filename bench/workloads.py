@@ -1,0 +1,407 @@
+"""The four workloads, measured on one target and protocol at a time.
+
+1. **Session rate**: sessions back to back (connect, greeting, EHLO / CAPABILITY /
+   CAPA, STARTTLS, a full TLS 1.3 handshake, the same command inside TLS, QUIT /
+   LOGOUT) on 1, 16 and 64 concurrent lanes: sessions/s, p50 and p99 latency, the
+   greeting's p50 (stunnel's 200 ms wait shows there).
+2. **Bulk**: one 100 MB message through SMTP DATA, one 100 MB IMAP FETCH: MB/s
+   (10^6 bytes) from the first byte to the final reply.
+3. **Idle capacity**: N upgraded sessions held open (not logged in), memory measured
+   at each step: USS and PSS per session of the terminator's processes and of the
+   backend behind it, the busiest process's own USS/PSS, descriptors.
+4. **CPU per session**: user + system seconds of all the target's processes during
+   the rate windows, divided by the sessions completed (reaped children included).
+
+Server CPU is reported as a share of the server CPUs and generator CPU as a share of
+the generator CPUs: a row whose server share is well below 100 % while the generator
+is near 100 % was limited by the generator (the report marks it ``≥``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.clients import preflight
+from bench.loadgen import (
+    BulkJob,
+    CloseIdle,
+    Endpoint,
+    JobResult,
+    LoadGenerator,
+    OpenIdle,
+    RateJob,
+    split,
+)
+from bench.procfs import (
+    MachineCPU,
+    Memory,
+    machine_cpu,
+    meminfo,
+    session_holder,
+    total_memory,
+    tree_cpu_seconds,
+    tree_memory,
+)
+from bench.results import BULK, IDLE, IDLE_CURVE, RATE, SATURATION, Record
+from bench.stats import TIMES, percentile
+from bench.targets import PLAINTEXT, Run, Target
+
+#: Concurrency of the saturation probe (four times the highest of the rate workload).
+SATURATION_LANES = 256
+#: Concurrent lanes per generator process while opening idle sessions.
+IDLE_LANES = 32
+#: Seconds after connect() at which the backends end a session that has not logged in:
+#: Dovecot's login processes after 180 s whatever the client sends, Postfix's smtpd
+#: after ``smtpd_timeout`` (300 s) of silence.  Held sessions older than this (less a
+#: margin) are not checked: their end is the backend's doing, whoever terminates TLS.
+PRE_LOGIN_LIMIT = {"imap": 180.0, "pop3": 180.0, "smtp": 300.0}
+PRE_LOGIN_MARGIN = 10.0
+#: Sessions opened between two looks at the machine's free memory (the first chunk
+#: is smaller: it measures what a session costs).
+IDLE_CHUNK = 500
+FIRST_IDLE_CHUNK = 100
+#: Memory the idle workload leaves to the rest of the machine: the larger of these.
+MIN_MEMORY_RESERVE = 4 * 1024**3
+MEMORY_RESERVE_SHARE = 0.25
+#: Maildir file name of the bulk IMAP message (Dovecot reads its size from S=).
+BULK_MAILDIR_NAME = "1000000000.M1P1.bench,S={size}:2,S"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how hard each workload runs."""
+
+    quick: bool
+    concurrencies: tuple[int, ...]
+    rate_duration: float
+    warmup: float
+    max_sessions_per_point: int
+    bulk_size: int
+    bulk_repeats: int
+    idle_levels: tuple[int, ...]
+    settle: float
+
+
+FULL = Plan(
+    quick=False,
+    concurrencies=(1, 16, 64),
+    rate_duration=5.0,
+    warmup=1.0,
+    max_sessions_per_point=50_000,
+    bulk_size=100_000_000,
+    bulk_repeats=3,
+    idle_levels=(1000, 2500, 5000, 10_000),
+    settle=1.0,
+)
+QUICK = Plan(
+    quick=True,
+    concurrencies=(1, 16, 64),
+    rate_duration=0.5,
+    warmup=0.2,
+    max_sessions_per_point=5000,
+    bulk_size=10_000_000,
+    bulk_repeats=1,
+    idle_levels=(100, 300),
+    settle=0.3,
+)
+
+
+@dataclass
+class Bench:
+    """What the workloads need: the started targets, the generator, the plan."""
+
+    run: Run
+    generator: LoadGenerator
+    plan: Plan
+    server_cpus: int
+    generator_cpus: int
+    all_cpus: int
+    say: Callable[[str], None]
+
+
+def _errors_note(errors: Counter[str]) -> str:
+    if not errors:
+        return ""
+    shown = "; ".join(f"{count}{TIMES} {text}" for text, count in errors.most_common(3))
+    return f"errors: {shown}"
+
+
+def _merge(results: Sequence[JobResult]) -> JobResult:
+    merged = JobResult(started=min(r.started for r in results), ended=max(r.ended for r in results))
+    for result in results:
+        merged.cpu += result.cpu
+        merged.latencies += result.latencies
+        merged.greeting_latencies += result.greeting_latencies
+        merged.errors.update(result.errors)
+        merged.held += result.held
+        merged.transferred += result.transferred
+        merged.unchecked += result.unchecked
+    return merged
+
+
+class _CPU:
+    """CPU seconds of a target's terminator and backend, and of the machine, since construction."""
+
+    def __init__(self, bench: Bench, target: Target, protocol: str) -> None:
+        self.terminator = bench.run.terminator_roots(target, protocol)
+        self.backend = bench.run.backend_roots_behind(target, protocol)
+        self.start = (tree_cpu_seconds(self.terminator), tree_cpu_seconds(self.backend))
+        self.machine = machine_cpu()
+        self.started = time.monotonic()
+
+    def used(self) -> tuple[float, float]:
+        return (
+            tree_cpu_seconds(self.terminator) - self.start[0],
+            tree_cpu_seconds(self.backend) - self.start[1],
+        )
+
+    def machine_used(self) -> tuple[MachineCPU, float]:
+        """Machine CPU seconds used since construction, and the seconds elapsed."""
+        return machine_cpu() - self.machine, time.monotonic() - self.started
+
+
+def check(bench: Bench, target: Target, protocol: str) -> str | None:
+    """One fully verified session; ``None`` if it worked, else why not."""
+    endpoint = target.endpoints[protocol]
+    ca = bench.run.certs.ca if endpoint.starttls else None
+    try:
+        preflight(endpoint.host, endpoint.port, protocol, ca)
+    except Exception as error:  # every failure is a finding to report, not a crash
+        return f"not measured (preflight session failed: {type(error).__name__}: {error})"
+    return None
+
+
+def _rate_jobs(bench: Bench, endpoint: Endpoint, lanes: int, duration: float) -> list[RateJob]:
+    shares = [s for s in split(lanes, min(lanes, bench.generator.size)) if s]
+    budgets = split(bench.plan.max_sessions_per_point, len(shares))
+    return [RateJob(endpoint, s, duration, b) for s, b in zip(shares, budgets, strict=True)]
+
+
+def measure_rate(bench: Bench, target: Target, protocol: str) -> list[Record]:
+    return [
+        measure_rate_point(bench, target, protocol, lanes) for lanes in bench.plan.concurrencies
+    ]
+
+
+def measure_rate_point(
+    bench: Bench, target: Target, protocol: str, lanes: int, workload: str = RATE
+) -> Record:
+    """Sessions back to back on ``lanes`` lanes (after a warm-up), see the module docstring."""
+    endpoint = target.endpoints[protocol]
+    bench.generator.run(_rate_jobs(bench, endpoint, lanes, bench.plan.warmup))
+    cpu = _CPU(bench, target, protocol)
+    result = _merge(
+        bench.generator.run(_rate_jobs(bench, endpoint, lanes, bench.plan.rate_duration))
+    )
+    terminator_cpu, backend_cpu = cpu.used()
+    machine, elapsed = cpu.machine_used()
+    window = result.ended - result.started
+    accounted = terminator_cpu + backend_cpu + result.cpu + machine.kernel_threads
+    sessions = len(result.latencies)
+    record = Record(workload, bench.run.key_type, protocol, target.name, lanes)
+    record.note = _errors_note(result.errors)
+    if sessions:
+        record.values = {
+            "sessions": sessions,
+            "errors": sum(result.errors.values()),
+            "sessions_per_s": sessions / window,
+            "p50_ms": 1000 * percentile(result.latencies, 0.5),
+            "p99_ms": 1000 * percentile(result.latencies, 0.99),
+            "greeting_p50_ms": 1000 * percentile(result.greeting_latencies, 0.5),
+            "cpu_ms": 1000 * terminator_cpu / sessions,
+            "backend_cpu_ms": 1000 * backend_cpu / sessions,
+            "generator_cpu_ms": 1000 * result.cpu / sessions,
+            "server_busy": (terminator_cpu + backend_cpu) / window / bench.server_cpus,
+            "generator_busy": result.cpu / window / bench.generator_cpus,
+            # kernel threads that exit meanwhile take their time with them
+            "kernel_cpu_ms": 1000 * max(0.0, machine.kernel_threads) / sessions,
+            "other_busy": max(0.0, machine.busy - accounted) / elapsed / bench.all_cpus,
+            "steal": machine.steal / elapsed / bench.all_cpus,
+        }
+    bench.say(
+        f"  {workload} {protocol} {target.name} c={lanes}: {sessions} sessions, "
+        f"{record.get('sessions_per_s') or 0:.0f}/s {record.note}"
+    )
+    return record
+
+
+def saturation_probe(bench: Bench, rates: Sequence[Record]) -> Record | None:
+    """Run the fastest TLS target at :data:`SATURATION_LANES` lanes: can the generator fill it?
+
+    The fastest is the target (the plaintext floor aside) with the highest rate measured
+    for this key type; ``None`` when there is none.
+    """
+    candidates = [
+        r
+        for r in rates
+        if r.key_type == bench.run.key_type
+        and r.target != PLAINTEXT
+        and "sessions_per_s" in r.values
+    ]
+    if not candidates:
+        return None
+    fastest = max(candidates, key=lambda r: r.values["sessions_per_s"])
+    target = bench.run.targets[fastest.target]
+    return measure_rate_point(bench, target, fastest.protocol, SATURATION_LANES, SATURATION)
+
+
+def place_imap_message(mailbox: Path, message: bytes) -> None:
+    """Put ``message`` into the Maildir ``mailbox`` (``HOME/Maildir``) as its only message.
+
+    Everything created gets the owner of the mail root above ``HOME`` (the mail user).
+    """
+    home = mailbox.parent
+    owner = home.parent.stat()
+    for directory in (home, mailbox, *(mailbox / sub for sub in ("cur", "new", "tmp"))):
+        directory.mkdir(exist_ok=True)
+        os.chown(directory, owner.st_uid, owner.st_gid)
+    for old in (mailbox / "cur").iterdir():
+        old.unlink()
+    path = mailbox / "cur" / BULK_MAILDIR_NAME.format(size=len(message))
+    path.write_bytes(message)
+    os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def measure_bulk(bench: Bench, target: Target, protocol: str) -> Record:
+    endpoint = target.endpoints[protocol]
+    record = Record(BULK, bench.run.key_type, protocol, target.name, bench.plan.bulk_size)
+    seconds: list[float] = []
+    errors: Counter[str] = Counter()
+    cpu = _CPU(bench, target, protocol)
+    generator_cpu = 0.0
+    for _ in range(bench.plan.bulk_repeats):
+        (result,) = bench.generator.run([BulkJob(endpoint, bench.plan.bulk_size)])
+        errors.update(result.errors)
+        if result.latencies and result.transferred != bench.plan.bulk_size:
+            errors[f"moved {result.transferred} bytes, not {bench.plan.bulk_size}"] += 1
+            result.latencies.clear()
+        generator_cpu += result.cpu
+        seconds += result.latencies
+        if protocol == "smtp" and bench.run.postfix is not None and result.latencies:
+            bench.run.postfix.wait_for_delivery(1, timeout=120)
+            bench.run.postfix.clear_mailbox()
+    terminator_cpu, backend_cpu = cpu.used()
+    record.note = _errors_note(errors)
+    if seconds:
+        middle = percentile(seconds, 0.5)
+        record.values = {
+            "mb_per_s": bench.plan.bulk_size / middle / 1e6,
+            "seconds": middle,
+            "cpu_s": terminator_cpu / len(seconds),
+            "backend_cpu_s": backend_cpu / len(seconds),
+            "generator_cpu_s": generator_cpu / len(seconds),
+        }
+    bench.say(
+        f"  bulk {protocol} {target.name}: {record.get('mb_per_s') or 0:.0f} MB/s {record.note}"
+    )
+    return record
+
+
+def _memory(
+    bench: Bench, target: Target, protocol: str
+) -> tuple[dict[int, Memory], dict[int, Memory]]:
+    return (
+        tree_memory(bench.run.terminator_roots(target, protocol)),
+        tree_memory(bench.run.backend_roots_behind(target, protocol)),
+    )
+
+
+def _curve(
+    bench: Bench, target: Target, protocol: str, held: int
+) -> tuple[Record, dict[int, Memory], dict[int, Memory]]:
+    terminator, backend = _memory(bench, target, protocol)
+    total = total_memory(terminator)
+    values: dict[str, float] = {
+        "uss": total.uss,
+        "pss": total.pss,
+        "backend_uss": total_memory(backend).uss,
+        "fds": total.fds,
+        "processes": total.processes,
+    }
+    record = Record(IDLE_CURVE, bench.run.key_type, protocol, target.name, held, values)
+    return record, terminator, backend
+
+
+def _memory_left(start_available: int, held: int, more: int) -> bool:
+    """Whether ``more`` sessions fit while leaving the reserve to the rest of the machine.
+
+    Each session is assumed to cost what the sessions held so far cost on average (the
+    drop of MemAvailable since the workload began); the first chunk is small.
+    """
+    available = meminfo("MemAvailable")
+    reserve = max(MIN_MEMORY_RESERVE, MEMORY_RESERVE_SHARE * meminfo("MemTotal"))
+    per_session = max(0, start_available - available) / held if held else 0
+    return available - per_session * more > reserve
+
+
+def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
+    """Open sessions step by step up to the last level, measure memory at each, then close.
+
+    Sessions are opened in chunks, and no chunk is opened that would leave the machine
+    less than the memory reserve (the proxy's workers cost megabytes each).
+    """
+    endpoint = target.endpoints[protocol]
+    workers = bench.generator.size
+    time.sleep(bench.plan.settle)
+    point, base_terminator, base_backend = _curve(bench, target, protocol, 0)
+    curve = [point]
+    terminator, backend = base_terminator, base_backend
+    errors: Counter[str] = Counter()
+    held = 0
+    opening = 0.0
+    stopped = ""
+    start_available = meminfo("MemAvailable")
+    cpu = _CPU(bench, target, protocol)
+    for level in bench.plan.idle_levels:
+        while held < level and not stopped:
+            chunk = min(IDLE_CHUNK if held else FIRST_IDLE_CHUNK, level - held)
+            if not _memory_left(start_available, held, chunk):
+                stopped = f"stopped at {held} sessions to keep the memory reserve"
+                break
+            counts = split(chunk, workers)
+            jobs = [OpenIdle(endpoint, count, IDLE_LANES) if count else None for count in counts]
+            step = _merge(bench.generator.run(jobs))
+            errors.update(step.errors)
+            opening += step.ended - step.started
+            held += len(step.greeting_latencies)
+            if step.errors and not step.greeting_latencies:
+                stopped = f"stopped at {held} sessions: no new session succeeded"
+        time.sleep(bench.plan.settle)
+        point, terminator, backend = _curve(bench, target, protocol, held)
+        curve.append(point)
+        bench.say(f"  idle {protocol} {target.name}: {held} held {_errors_note(errors)} {stopped}")
+        if stopped:
+            break
+    open_cpu, open_backend_cpu = cpu.used()
+    max_age = PRE_LOGIN_LIMIT[protocol] - PRE_LOGIN_MARGIN
+    closing = _merge(bench.generator.run([CloseIdle(protocol, IDLE_LANES, max_age)] * workers))
+    record = Record(IDLE, bench.run.key_type, protocol, target.name, bench.plan.idle_levels[-1])
+    record.note = "; ".join(n for n in (stopped, _errors_note(errors + closing.errors)) if n)
+    if held:
+        extra = total_memory(terminator) - total_memory(base_terminator)
+        extra_backend = total_memory(backend) - total_memory(base_backend)
+        main = session_holder(base_terminator, terminator)
+        record.values = {
+            "held": held,
+            "open_errors": sum(errors.values()),
+            "close_errors": sum(closing.errors.values()),
+            "unchecked": closing.unchecked,
+            "uss_per_session": extra.uss / held,
+            "pss_per_session": extra.pss / held,
+            "backend_uss_per_session": extra_backend.uss / held,
+            "backend_pss_per_session": extra_backend.pss / held,
+            "main_uss": main.uss,
+            "main_pss": main.pss,
+            "fds": total_memory(terminator).fds,
+            "processes": len(terminator),
+            "opened_per_s": held / opening if opening else 0.0,
+            "open_cpu_ms": 1000 * open_cpu / held,
+            "open_backend_cpu_ms": 1000 * open_backend_cpu / held,
+        }
+    time.sleep(bench.plan.settle)
+    return [*curve, record]

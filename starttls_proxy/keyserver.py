@@ -1,0 +1,549 @@
+"""The key server: the only process of the proxy that holds private keys.
+
+Heartbleed leaked private keys because the process that parsed attacker
+bytes held them. Here the TLS workers hold key *references* (see
+``provider``) and ask this process for each signature, so a memory
+disclosure in a worker, in the TLS helper or in the main process finds no
+key. A compromised worker is at most a signing oracle, and a narrow one:
+for the certificates its own connection may use, for as many signatures as
+one handshake needs (one), over data shaped like a TLS handshake
+signature, for its lifetime.
+
+Process: the keeper starts it (``python -m starttls_proxy.keyserver FD``, a
+fresh interpreter, no OpenSSL provider) before any TLS helper and restarts
+it when it dies; it outlives helper restarts and reloads. Before it holds a
+key it confines itself (``confine``): network, IPC and UTS namespaces of
+its own, chroot into the workers' empty directory, the last UID of
+``isolation.uid_range`` with no groups, not dumpable, no_new_privs, no core,
+no fork, and a seccomp allow-list. It never opens a file: the keeper opens
+the configured key files and passes the descriptors, at start, on every
+helper start and on reload.
+
+Sockets (all SOCK_SEQPACKET: one message per datagram):
+
+* control, with the keeper (JSON):
+
+  - keeper -> key server, first: ``{"isolation": <IsolationConfig>}``; answer
+    ``{"ready": true, "layers": [[name, applied, detail], ...]}`` or
+    ``{"problems": [...]}`` (then it exits);
+  - keeper -> key server: ``{"load": ["tls.certificates[0].key", ...]}`` with
+    descriptors attached: a *link* (the key server's end of a new socket
+    pair whose other end goes to a TLS helper), then one key file per
+    certificate. Answer ``{"references": [PEM, ...]}`` or ``{"problems":
+    [...]}``. The keys stay as long as the link or a connection made
+    through it is open;
+  - key server -> keeper: ``{"counts": {"signed": N, "refused": N, "dropped": N}}``,
+    what happened since the last such message (at most one per
+    ``COUNTS_INTERVAL``).
+
+* link, with one TLS helper (JSON): ``{"certificates": [index, ...]}`` with
+  one descriptor attached: a worker's connection, which may use the keys of
+  those certificates and no other.
+
+* connection, with one worker (binary, the provider's ``signature.c``):
+  request ``version | scheme | digest | 0 | request id (u32) | key id (16) |
+  data``, answer ``version | status | 0 | 0 | request id | signature``.
+  A malformed request (sizes, codes) drops the connection without an
+  answer; a refused one (a key out of scope, one signature too many, data
+  that is no TLS handshake signature input) is answered with status 1,
+  then dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import enum
+import hashlib
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from starttls_proxy import seccomp_policy
+from starttls_proxy.config import ConfigError, IsolationConfig
+from starttls_proxy.sandbox import (
+    LIBC,
+    LayerStatus,
+    Sandbox,
+    become,
+    harden,
+    prepare_root_directory,
+    unshare_namespaces,
+)
+
+REFERENCE_LABEL = "STARTTLS-PROXY KEY REFERENCE"
+REFERENCE_MAGIC = b"STPK"
+REFERENCE_VERSION = 1
+KIND_EC, KIND_RSA = 1, 2
+KEY_ID_SIZE = 16
+#: cryptography's curve names -> the reference's curve codes.
+CURVES = {"secp256r1": 1, "secp384r1": 2, "secp521r1": 3}
+
+MAX_MESSAGE = 64 * 1024
+WIRE_VERSION = 1
+#: version, scheme (request) or status (answer), digest or 0, 0, request id.
+HEADER = struct.Struct(">BBBBI")
+#: More than any TLS handshake signature input (see ``looks_like_handshake``).
+MAX_DATA = 1024
+MAX_REQUEST = HEADER.size + KEY_ID_SIZE + MAX_DATA
+#: A full handshake makes one signature; a resumed one none.
+SIGNATURES_PER_CONNECTION = 1
+#: A PEM private key is a few KiB; more is not a key file.
+MAX_KEY_FILE = 1024 * 1024
+#: Seconds between two counts messages to the keeper.
+COUNTS_INTERVAL = 0.25
+STATUS_SIGNED, STATUS_REFUSED = 0, 1
+
+#: RFC 8446 section 4.4.3: what a TLS 1.3 server's CertificateVerify signs,
+#: followed by the transcript hash.
+TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
+TRANSCRIPT_HASH_SIZES = (32, 48, 64)
+#: RFC 8422 section 5.4: client random, server random, then ECParameters
+#: (curve_type named_curve, a 2-byte group) and the 1-byte-sized point.
+TLS12_RANDOMS = 64
+NAMED_CURVE = 3
+
+
+class Scheme(enum.IntEnum):
+    ECDSA = 1
+    RSA_PKCS1 = 2
+    RSA_PSS = 3
+
+
+class Digest(enum.IntEnum):
+    SHA256 = 1
+    SHA384 = 2
+    SHA512 = 3
+
+
+HASHES: dict[Digest, type[hashes.HashAlgorithm]] = {
+    Digest.SHA256: hashes.SHA256,
+    Digest.SHA384: hashes.SHA384,
+    Digest.SHA512: hashes.SHA512,
+}
+
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+
+def read_private_key(data: bytes, where: str) -> PrivateKey:
+    """Parse a PEM private key; raise ``ConfigError`` naming ``where``."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as error:
+        raise ConfigError([f"{where}: not a usable PEM private key: {error}"]) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError([f"{where}: only RSA and ECDSA keys are supported"])
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name not in CURVES:
+        raise ConfigError([f"{where}: only the curves P-256, P-384 and P-521 are supported"])
+    return key
+
+
+def key_id(public_key: PublicKey) -> bytes:
+    spki = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()[:KEY_ID_SIZE]
+
+
+def _sized(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def _unsigned(number: int) -> bytes:
+    return number.to_bytes((number.bit_length() + 7) // 8 or 1, "big")
+
+
+def encode_reference(key: PrivateKey) -> bytes:
+    """The key reference (PEM) of ``key``: public facts only.
+
+    Body (big-endian; parsed by the provider's ``key_parse_reference``):
+    ``"STPK"``, version 1, kind (1 EC, 2 RSA), key id (``key_id``), then for
+    EC the curve (1 P-256, 2 P-384, 3 P-521), the point size (u16) and the
+    uncompressed point; for RSA the modulus size (u16), the modulus, the
+    exponent size (u16) and the exponent.
+    """
+    public = key.public_key()
+    head = REFERENCE_MAGIC + bytes([REFERENCE_VERSION])
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        point = public.public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        body = (
+            head
+            + bytes([KIND_EC])
+            + key_id(public)
+            + bytes([CURVES[public.curve.name]])
+            + _sized(point)
+        )
+    else:
+        numbers = public.public_numbers()
+        body = (
+            head
+            + bytes([KIND_RSA])
+            + key_id(public)
+            + _sized(_unsigned(numbers.n))
+            + _sized(_unsigned(numbers.e))
+        )
+    lines = textwrap.wrap(base64.b64encode(body).decode("ascii"), 64)
+    pem = [f"-----BEGIN {REFERENCE_LABEL}-----", *lines, f"-----END {REFERENCE_LABEL}-----", ""]
+    return "\n".join(pem).encode()
+
+
+class MalformedRequestError(Exception):
+    """The request breaks the wire format: drop the connection, no answer."""
+
+
+class RefusedRequestError(Exception):
+    """A well-formed request this connection may not have answered."""
+
+
+def looks_like_handshake(data: bytes) -> bool:
+    """Whether ``data`` is what a TLS server signs in a handshake: a TLS 1.3
+    CertificateVerify input or a TLS 1.2 ECDHE ServerKeyExchange input.
+
+    Keeps the oracle of a compromised worker from signing anything else
+    (a certificate, a token) with the key.
+    """
+    if data.startswith(TLS13_SERVER_CONTEXT):
+        return len(data) - len(TLS13_SERVER_CONTEXT) in TRANSCRIPT_HASH_SIZES
+    params = data[TLS12_RANDOMS:]
+    return len(params) > 4 and params[0] == NAMED_CURVE and params[3] == len(params) - 4
+
+
+def sign(key: PrivateKey, scheme: Scheme, digest: Digest, data: bytes) -> bytes:
+    algorithm = HASHES[digest]()
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        if scheme is not Scheme.ECDSA:
+            raise RefusedRequestError(f"{scheme.name} with an EC key")
+        return key.sign(data, ec.ECDSA(algorithm))
+    if scheme is Scheme.ECDSA:
+        raise RefusedRequestError("ECDSA with an RSA key")
+    pad = (
+        padding.PKCS1v15()
+        if scheme is Scheme.RSA_PKCS1
+        else padding.PSS(padding.MGF1(algorithm), algorithm.digest_size)
+    )
+    return key.sign(data, pad, algorithm)
+
+
+@dataclass
+class KeyTable:
+    """The keys of one configuration, in certificate order."""
+
+    keys: list[PrivateKey]
+
+    def __post_init__(self) -> None:
+        self.ids = [key_id(key.public_key()) for key in self.keys]
+
+    def scope(self, certificates: list[int]) -> dict[bytes, PrivateKey]:
+        return {self.ids[index]: self.keys[index] for index in certificates}
+
+
+@dataclass
+class Connection:
+    """One worker's connection and what it may still ask for."""
+
+    keys: dict[bytes, PrivateKey]
+    signatures: int = 0
+
+    def answer(self, request: bytes) -> bytes:
+        """The answer to ``request``.
+
+        Raises ``MalformedRequestError`` or ``RefusedRequestError``.
+        """
+        if not HEADER.size + KEY_ID_SIZE < len(request) <= MAX_REQUEST:
+            raise MalformedRequestError(f"{len(request)} bytes")
+        version, scheme_code, digest_code, reserved, request_id = HEADER.unpack_from(request)
+        if version != WIRE_VERSION or reserved != 0:
+            raise MalformedRequestError("version or reserved byte")
+        try:
+            scheme, digest = Scheme(scheme_code), Digest(digest_code)
+        except ValueError:
+            raise MalformedRequestError(f"scheme {scheme_code}, digest {digest_code}") from None
+        key_id = request[HEADER.size : HEADER.size + KEY_ID_SIZE]
+        data = request[HEADER.size + KEY_ID_SIZE :]
+        key = self.keys.get(key_id)
+        if key is None:
+            raise RefusedRequestError(f"key {key_id.hex()} is not this connection's")
+        if self.signatures >= SIGNATURES_PER_CONNECTION:
+            raise RefusedRequestError("one signature per connection")
+        if not looks_like_handshake(data):
+            raise RefusedRequestError("not a TLS handshake signature input")
+        self.signatures += 1
+        signature = sign(key, scheme, digest, data)
+        return HEADER.pack(WIRE_VERSION, STATUS_SIGNED, 0, 0, request_id) + signature
+
+
+def refusal(request: bytes) -> bytes:
+    request_id = HEADER.unpack_from(request)[4]
+    return HEADER.pack(WIRE_VERSION, STATUS_REFUSED, 0, 0, request_id)
+
+
+class Link:
+    """The TLS helper's end of its link to the key server."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        # Never wait on the key server: a worker it cannot reach just fails
+        # its handshake.
+        sock.setblocking(False)
+
+    def connection_for(self, certificates: list[int]) -> int:
+        """A new connection for one worker, good for the keys of
+        ``certificates`` only; returns the worker's end (the caller closes
+        it). When the key server cannot be reached that end has no peer, and
+        the worker's signatures fail at once."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, contextlib.suppress(OSError):
+            message = json.dumps({"certificates": certificates}).encode()
+            socket.send_fds(self.sock, [message], [ours.fileno()])
+        return theirs.detach()
+
+
+# ----------------------------------------------------------------------
+# Confinement.
+
+
+def _chroot(isolation: IsolationConfig) -> None:
+    prepare_root_directory(isolation.chroot)
+    os.chroot(isolation.chroot)
+    os.chdir("/")
+
+
+def user_id(isolation: IsolationConfig) -> int:
+    """The key server's UID: the last of ``uid_range`` (workers never get it)."""
+    first, count = isolation.uid_range
+    return first + count - 1
+
+
+def _warm_up() -> None:
+    """Sign once before the seccomp filter: OpenSSL sets some things up on
+    first use (random generator, algorithm tables)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key.sign(b"warm-up", ec.ECDSA(hashes.SHA256()))
+
+
+def confine(isolation: IsolationConfig) -> list[LayerStatus]:
+    """Enter every enabled layer that works here; say which did."""
+    layers = isolation.layers
+    root = os.geteuid() == 0
+    program = b""
+    if layers.seccomp:
+        with contextlib.suppress(ImportError, RuntimeError, OSError):
+            program = seccomp_policy.compile_filter(seccomp_policy.KEY_SERVER_ALLOWED)
+    _warm_up()
+    uid = user_id(isolation)
+    steps = (
+        ("namespaces", layers.namespaces, root, unshare_namespaces, "no network, own IPC and UTS"),
+        ("chroot", layers.chroot, root, lambda: _chroot(isolation), f"chroot {isolation.chroot}"),
+        ("identity", layers.identity, root, lambda: become(uid), f"UID {uid}, no groups"),
+        ("hardening", layers.hardening, True, lambda: harden(None), "no dumps, no_new_privs"),
+        (
+            "seccomp",
+            layers.seccomp,
+            bool(program),
+            lambda: seccomp_policy.load_filter(program, LIBC),
+            "seccomp-bpf allow-list",
+        ),
+    )
+    statuses = []
+    for name, enabled, possible, step, description in steps:
+        if not enabled:
+            statuses.append(LayerStatus(name, False, "off (isolation.layers)"))
+            continue
+        if not possible:
+            reason = "libseccomp not usable" if name == "seccomp" else "needs root"
+            statuses.append(LayerStatus(name, False, f"key server: {reason}"))
+            continue
+        try:
+            step()
+        except OSError as error:
+            statuses.append(LayerStatus(name, False, f"key server: {error}"))
+            continue
+        statuses.append(LayerStatus(name, True, description))
+    return statuses
+
+
+# ----------------------------------------------------------------------
+# The server.
+
+
+def _read_key_file(fd: int, where: str) -> PrivateKey:
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+        if offset > MAX_KEY_FILE:
+            raise ConfigError([f"{where}: larger than {MAX_KEY_FILE} bytes: not a key file"])
+    return read_private_key(b"".join(chunks), where)
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class KeyServer:
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(control, selectors.EVENT_READ)
+        self.counts = dict.fromkeys(("signed", "refused", "dropped"), 0)
+        self.last_counts = time.monotonic()
+
+    def load(self, wheres: list[str], fds: list[int]) -> dict[str, object]:
+        """Read the keys whose descriptors came with a load request."""
+        link_fd, key_fds = fds[0], fds[1:]
+        keys: list[PrivateKey] = []
+        problems: list[str] = []
+        try:
+            if len(key_fds) != len(wheres):
+                raise ConfigError([f"{len(key_fds)} key files for {len(wheres)} certificates"])
+            for fd, where in zip(key_fds, wheres, strict=True):
+                try:
+                    keys.append(_read_key_file(fd, where))
+                except ConfigError as error:
+                    problems.extend(error.problems)
+                except OSError as error:
+                    problems.append(f"{where}: cannot read: {error.strerror}")
+        except ConfigError as error:
+            problems.extend(error.problems)
+        finally:
+            _close_all(key_fds)
+        if problems:
+            os.close(link_fd)
+            return {"problems": problems}
+        table = KeyTable(keys)
+        link = socket.socket(fileno=link_fd)
+        link.setblocking(False)
+        self.selector.register(link, selectors.EVENT_READ, table)
+        return {"references": [encode_reference(key).decode() for key in keys]}
+
+    def on_control(self) -> bool:
+        """Serve a keeper message; False once the keeper has left."""
+        try:
+            message, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, 256)
+        except ConnectionResetError:  # the keeper left with counts unread
+            return False
+        if not message:
+            _close_all(fds)
+            return False
+        request = json.loads(message)
+        if "load" in request and fds:
+            self.control.send(json.dumps(self.load(request["load"], fds)).encode())
+        else:
+            _close_all(fds)
+        return True
+
+    def on_link(self, link: socket.socket, table: KeyTable) -> None:
+        try:
+            message, fds, _, _ = socket.recv_fds(link, MAX_MESSAGE, 1)
+        except BlockingIOError:
+            return
+        if not message:
+            self._drop(link)
+            return
+        try:
+            certificates = json.loads(message)["certificates"]
+            if not fds or not all(0 <= index < len(table.keys) for index in certificates):
+                raise ValueError(certificates)
+        except (ValueError, KeyError, TypeError):
+            _close_all(fds)
+            return
+        connection = socket.socket(fileno=fds[0])
+        connection.setblocking(False)
+        self.selector.register(
+            connection, selectors.EVENT_READ, Connection(table.scope(certificates))
+        )
+
+    def on_connection(self, sock: socket.socket, connection: Connection) -> None:
+        try:
+            request = sock.recv(MAX_REQUEST + 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            request = b""
+        if not request:
+            self._drop(sock)
+            return
+        try:
+            answer = connection.answer(request)
+        except MalformedRequestError:
+            self.counts["dropped"] += 1
+            self._drop(sock)
+            return
+        except RefusedRequestError as refused:
+            print(f"key server: refused a worker's request: {refused}", file=sys.stderr, flush=True)
+            self.counts["refused"] += 1
+            with contextlib.suppress(OSError):
+                sock.send(refusal(request))
+            self._drop(sock)
+            return
+        self.counts["signed"] += 1
+        try:
+            sock.send(answer)
+        except OSError:
+            self._drop(sock)
+
+    def _drop(self, sock: socket.socket) -> None:
+        self.selector.unregister(sock)
+        sock.close()
+
+    def _report_counts(self) -> None:
+        if any(self.counts.values()):
+            with contextlib.suppress(OSError):
+                self.control.send(json.dumps({"counts": self.counts}).encode())
+            self.counts = dict.fromkeys(self.counts, 0)
+        self.last_counts = time.monotonic()
+
+    def serve_forever(self) -> int:
+        while True:
+            pending = any(self.counts.values())
+            for key, _ in self.selector.select(COUNTS_INTERVAL if pending else None):
+                if key.fileobj is self.control:
+                    if not self.on_control():
+                        return 0
+                elif isinstance(key.data, KeyTable):
+                    assert isinstance(key.fileobj, socket.socket)
+                    self.on_link(key.fileobj, key.data)
+                else:
+                    assert isinstance(key.fileobj, socket.socket)
+                    self.on_connection(key.fileobj, key.data)
+            if time.monotonic() - self.last_counts >= COUNTS_INTERVAL:
+                self._report_counts()
+
+
+def serve(control: socket.socket) -> int:
+    """Confine, report, then sign for the workers until the keeper leaves."""
+    # Ctrl-C reaches the whole process group: the keeper decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    isolation = IsolationConfig.model_validate(json.loads(control.recv(MAX_MESSAGE))["isolation"])
+    # Its epoll descriptor is made before the seccomp filter forbids that.
+    server = KeyServer(control)
+    statuses = confine(isolation)
+    problems = Sandbox(isolation).problems(statuses)
+    if problems:
+        control.send(json.dumps({"problems": problems}).encode())
+        return 1
+    control.send(
+        json.dumps({"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]}).encode()
+    )
+    return server.serve_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(serve(socket.socket(fileno=int(sys.argv[1]))))

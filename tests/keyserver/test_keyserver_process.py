@@ -1,0 +1,227 @@
+"""The key server as a real, confined process: what a worker's connection
+gets, what it is refused, and what only drops it.
+
+The requests are what the provider's ``signature.c`` sends; the signatures
+are checked with the public keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from starttls_proxy.keeper import HelperStartError, KeyServerProcess, open_key_files
+from starttls_proxy.keyserver import (
+    HEADER,
+    STATUS_REFUSED,
+    STATUS_SIGNED,
+    TLS13_SERVER_CONTEXT,
+    WIRE_VERSION,
+    Digest,
+    PrivateKey,
+    Scheme,
+    key_id,
+    read_private_key,
+    user_id,
+)
+from tests.keyserver.conftest import Keys, RunningKeyServer, isolation
+
+CONCURRENT_CONNECTIONS = 64
+
+
+def _key(path: Path) -> PrivateKey:
+    return read_private_key(path.read_bytes(), str(path))
+
+
+def _request(
+    key: PrivateKey, data: bytes, scheme: Scheme = Scheme.ECDSA, request_id: int = 7
+) -> bytes:
+    return (
+        HEADER.pack(WIRE_VERSION, scheme, Digest.SHA256, 0, request_id)
+        + key_id(key.public_key())
+        + data
+    )
+
+
+def tls13_input() -> bytes:
+    return TLS13_SERVER_CONTEXT + os.urandom(32)
+
+
+def tls12_input() -> bytes:
+    # Randoms, then named_curve x25519 (29) and a 32-byte share.
+    return os.urandom(64) + bytes([3, 0, 29, 32]) + os.urandom(32)
+
+
+def _ask(connection: socket.socket, request: bytes) -> bytes:
+    connection.settimeout(10)
+    connection.send(request)
+    return connection.recv(4096)
+
+
+def _verify(key: PrivateKey, scheme: Scheme, data: bytes, signature: bytes) -> None:
+    public = key.public_key()
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        public.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        return
+    assert isinstance(public, rsa.RSAPublicKey)
+    pad = (
+        padding.PKCS1v15()
+        if scheme is Scheme.RSA_PKCS1
+        else padding.PSS(padding.MGF1(hashes.SHA256()), 32)
+    )
+    public.verify(signature, data, pad, hashes.SHA256())
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+def _wait_for_count(key_server: RunningKeyServer, result: str, at_least: int) -> None:
+    deadline = time.monotonic() + 10
+    while key_server.total(result) < at_least:
+        assert time.monotonic() < deadline, key_server.counts
+        time.sleep(0.05)
+
+
+def test_the_key_server_is_confined(key_server: RunningKeyServer, key_server_root: Path) -> None:
+    pid = key_server.process.process.pid
+    status = _status(pid)
+    uid = user_id(isolation(key_server_root))
+    assert {int(u) for u in status["Uid"].split()} == {uid}
+    assert status["Groups"] == ""
+    assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
+    assert os.readlink(f"/proc/{pid}/root") == str(key_server_root / "empty")
+    assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
+    assert all(applied for _, applied, _ in key_server.process.layers)
+
+
+@pytest.mark.parametrize(
+    ("index", "scheme", "make_input"),
+    [
+        (0, Scheme.ECDSA, tls13_input),
+        (0, Scheme.ECDSA, tls12_input),
+        (1, Scheme.RSA_PSS, tls13_input),
+        (1, Scheme.RSA_PSS, tls12_input),
+        (1, Scheme.RSA_PKCS1, tls12_input),
+    ],
+)
+def test_signs_for_the_connection_s_certificate(
+    key_server: RunningKeyServer, keys: Keys, index: int, scheme: Scheme, make_input: object
+) -> None:
+    assert callable(make_input)
+    key = _key(keys.paths[index])
+    data = make_input()
+    signed = key_server.total("signed")
+    with key_server.connect([index]) as connection:
+        answer = _ask(connection, _request(key, data, scheme, request_id=0xDEADBEEF))
+    version, status, _, _, request_id = HEADER.unpack_from(answer)
+    assert (version, status, request_id) == (WIRE_VERSION, STATUS_SIGNED, 0xDEADBEEF)
+    _verify(key, scheme, data, answer[HEADER.size :])
+    _wait_for_count(key_server, "signed", signed + 1)
+
+
+def test_another_certificate_s_key_is_refused(key_server: RunningKeyServer, keys: Keys) -> None:
+    rsa_key = _key(keys.paths[1])
+    refused = key_server.total("refused")
+    with key_server.connect([0]) as connection:
+        answer = _ask(connection, _request(rsa_key, tls13_input(), Scheme.RSA_PSS))
+        assert HEADER.unpack_from(answer)[1] == STATUS_REFUSED
+        assert connection.recv(4096) == b""  # and the connection is over
+    _wait_for_count(key_server, "refused", refused + 1)
+
+
+def test_one_signature_per_connection(key_server: RunningKeyServer, keys: Keys) -> None:
+    key = _key(keys.paths[0])
+    with key_server.connect([0, 1]) as connection:
+        assert HEADER.unpack_from(_ask(connection, _request(key, tls13_input())))[1] == 0
+        second = _ask(connection, _request(key, tls13_input()))
+        assert HEADER.unpack_from(second)[1] == STATUS_REFUSED
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"a certificate to be signed",
+        b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(32),
+        TLS13_SERVER_CONTEXT + bytes(31),
+        bytes(64) + bytes([3, 0, 29, 33]) + bytes(32),
+    ],
+    ids=["arbitrary", "client-context", "short-hash", "bad-share-length"],
+)
+def test_only_handshake_signature_inputs_are_signed(
+    key_server: RunningKeyServer, keys: Keys, data: bytes
+) -> None:
+    key = _key(keys.paths[0])
+    with key_server.connect([0]) as connection:
+        assert HEADER.unpack_from(_ask(connection, _request(key, data)))[1] == STATUS_REFUSED
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x00",
+        b"GET / HTTP/1.1\r\n\r\n",
+        bytes(2000),
+        HEADER.pack(2, 1, 1, 0, 1) + bytes(16) + b"data",
+        HEADER.pack(1, 9, 1, 0, 1) + bytes(16) + b"data",
+        HEADER.pack(1, 1, 9, 0, 1) + bytes(16) + b"data",
+        HEADER.pack(1, 1, 1, 0, 1) + bytes(16),
+    ],
+    ids=["one-byte", "http", "oversized", "version", "scheme", "digest", "no-data"],
+)
+def test_garbage_drops_only_its_connection(
+    key_server: RunningKeyServer, keys: Keys, garbage: bytes
+) -> None:
+    key = _key(keys.paths[0])
+    dropped = key_server.total("dropped")
+    with key_server.connect([0]) as bystander, key_server.connect([0]) as victim:
+        assert _ask(victim, garbage) == b""
+        answer = _ask(bystander, _request(key, tls13_input()))
+        assert HEADER.unpack_from(answer)[1] == STATUS_SIGNED
+    _wait_for_count(key_server, "dropped", dropped + 1)
+    assert key_server.process.process.poll() is None
+
+
+def test_concurrent_connections_never_cross_replies(
+    key_server: RunningKeyServer, keys: Keys
+) -> None:
+    key = _key(keys.paths[0])
+    connections = [key_server.connect([0]) for _ in range(CONCURRENT_CONNECTIONS)]
+    inputs = [tls13_input() for _ in connections]
+    for number, (connection, data) in enumerate(zip(connections, inputs, strict=True)):
+        connection.send(_request(key, data, request_id=number))
+    for number, (connection, data) in enumerate(zip(connections, inputs, strict=True)):
+        connection.settimeout(10)
+        answer = connection.recv(4096)
+        assert HEADER.unpack_from(answer)[4] == number
+        _verify(key, Scheme.ECDSA, data, answer[HEADER.size :])
+        connection.close()
+
+
+def test_unusable_key_files_are_named(tmp_path: Path, keys: Keys) -> None:
+    not_a_key = tmp_path / "cert.pem"
+    not_a_key.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(HelperStartError) as missing:
+        open_key_files({"tls": {"certificates": [{"key": str(tmp_path / "absent.pem")}]}})
+    assert missing.value.problems == [
+        f"tls.certificates[0].key: file not found: {tmp_path / 'absent.pem'}"
+    ]
+    process = KeyServerProcess(isolation(tmp_path).model_dump(mode="json"), lambda counts: None)
+    files = open_key_files({"tls": {"certificates": [{"key": str(not_a_key)}]}})
+    try:
+        with pytest.raises(HelperStartError) as unusable:
+            process.load(files)
+    finally:
+        for fd in files:
+            os.close(fd)
+        process.stop()
+    assert unusable.value.problems[0].startswith(
+        "tls.certificates[0].key: not a usable PEM private key"
+    )
