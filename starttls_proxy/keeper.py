@@ -419,7 +419,11 @@ class Keeper:
                         selector.unregister(key.fileobj)
                     continue
                 if key.fileobj is self.main:
-                    message = self.main.recv(MAX_MESSAGE)
+                    try:
+                        message = self.main.recv(MAX_MESSAGE)
+                    except ConnectionResetError:
+                        # The main process left with our messages unread.
+                        message = b""
                     if not message:
                         return self._finish()
                     request = json.loads(message)
