@@ -282,7 +282,7 @@ class IsolationMode(enum.Enum):
 class IsolationLayers(_Model):
     """One switch per sandbox layer of the TLS workers (for debugging)."""
 
-    #: Own network, IPC and UTS namespaces.
+    #: Empty network, IPC and UTS namespaces (one set, shared by the workers).
     namespaces: bool = True
     #: Own PID namespace (the worker is its PID 1).
     pid_namespace: bool = True
@@ -306,6 +306,11 @@ class IsolationConfig(_Model):
     chroot: Path = Path("/run/starttls-proxy/empty")
     #: Address space a worker may map beyond what it inherits from the helper.
     memory_limit: ByteSize = ByteSize(64 * 1024 * 1024)
+    #: Workers forked ahead of time, waiting (chrooted, in the empty
+    #: namespaces, without a UID of their own yet) for a connection: the fork
+    #: leaves the upgrade's latency. Each holds a UID of ``uid_range`` and
+    #: about 1 MiB; 0 = fork per connection when it upgrades.
+    spare_workers: Annotated[int, Field(ge=0, le=256)] = 2
     #: User the main process becomes once its sockets are bound; ``null`` = stay.
     main_user: str | None = "nobody"
     #: The TLS helper may die this many times within ``restart_window``

@@ -12,9 +12,14 @@ this order:
 2. **pid_namespace**: the helper forks it as PID 1 of a PID namespace of its
    own, so nothing it could spawn outlives it, and a UID is free again the
    moment the worker is reaped (the "dynamic UIDs" titus never got);
-3. **namespaces**: new network, IPC and UTS namespaces (no interface, not
+3. **namespaces**: empty network, IPC and UTS namespaces (no interface, not
    even loopback: the two sockets it holds keep working, nothing new can
-   connect anywhere);
+   connect anywhere). The helper makes one set at start and every worker
+   joins it: a new network namespace per connection cost more CPU than the
+   TLS handshake (its teardown is slow kernel work), and what a private one
+   would add is kept by the other layers: a worker cannot make a socket
+   (seccomp, RLIMIT_NOFILE), so it cannot reach another worker's abstract
+   sockets either, and a UID of its own keeps it from the others' SysV IPC;
 4. **chroot** into an empty directory nobody can write, cwd ``/``;
 5. **identity**: no supplementary groups, then a UID and GID of its own from
    ``isolation.uid_range`` (the helper never hands one UID to two live
@@ -53,8 +58,10 @@ import os
 import pwd
 import resource
 import signal
+import socket
 import stat
 import tempfile
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +80,8 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+#: The namespaces all workers share, by their name in /proc/PID/ns.
+NAMESPACE_KINDS = {"net": CLONE_NEWNET, "ipc": CLONE_NEWIPC, "uts": CLONE_NEWUTS}
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
@@ -99,7 +108,7 @@ class Layer(enum.Enum):
 
 DESCRIPTIONS = {
     Layer.PID_NAMESPACE: "PID namespace of its own (worker is PID 1)",
-    Layer.NAMESPACES: "network, IPC and UTS namespaces",
+    Layer.NAMESPACES: "empty network, IPC and UTS namespaces (shared by the workers)",
     Layer.CHROOT: "chroot into an empty unwritable directory",
     Layer.IDENTITY: "UID/GID of its own, no groups",
     Layer.HARDENING: "no dumps, no_new_privs, no fork, no new descriptors",
@@ -150,7 +159,10 @@ def keep_only(keep: list[int]) -> list[int]:
     parked = [os.dup(fd) for fd in keep]
     for fd in parked:
         target = STANDARD_FDS + len(renumbered)
-        os.dup2(fd, target, inheritable=False)
+        if fd == target:  # dup3() refuses to copy a descriptor onto itself
+            os.set_inheritable(fd, False)
+        else:
+            os.dup2(fd, target, inheritable=False)
         renumbered.append(target)
     os.closerange(STANDARD_FDS + len(renumbered), os.sysconf("SC_OPEN_MAX"))
     return renumbered
@@ -205,6 +217,10 @@ class Sandbox:
         self.root_fd: int | None = None
         #: The helper's own PID namespace, to return to after each fork.
         self.own_pid_namespace: int | None = None
+        #: The empty network, IPC and UTS namespaces every worker joins.
+        self.shared_namespaces: list[int] = []
+        #: In a worker: RLIMIT_AS, set by ``enclose`` for ``confine``.
+        self.memory_ceiling = 0
 
     @classmethod
     def prepare(cls, config: IsolationConfig, probe_uid: int) -> tuple[Sandbox, list[LayerStatus]]:
@@ -263,6 +279,11 @@ class Sandbox:
                 prepare_root_directory(self.config.chroot)
             except OSError as error:
                 missing[Layer.CHROOT] = f"isolation.chroot: {error.strerror or error}"
+        if Layer.NAMESPACES in self.layers - missing.keys():
+            try:
+                self.shared_namespaces = _make_empty_namespaces()
+            except OSError as error:
+                missing[Layer.NAMESPACES] = str(error)
         if Layer.PID_NAMESPACE in self.layers - missing.keys():
             self.own_pid_namespace = os.open("/proc/self/ns/pid", os.O_RDONLY)
         if Layer.SECCOMP in self.layers:
@@ -303,17 +324,50 @@ class Sandbox:
         ``checkpoints`` run just before their layer (the self check's looks
         at the sandbox under construction).
         """
+        return self.confine(uid, self.enclose(keep, failures), failures, checkpoints)
+
+    def enclose(self, keep: list[int], failures: dict[Layer, str] | None = None) -> list[int]:
+        """What a spare worker does before it has a connection: close every
+        other descriptor, chroot. Returns ``keep`` renumbered."""
+        # Read while /proc is still in reach.
+        self.memory_ceiling = _address_space() + self.config.memory_limit
+        # Joined first: the descriptors of the namespaces are not kept.
+        self._enter_layers([(Layer.NAMESPACES, self._join_namespaces)], failures)
         fds = keep_only([*keep, self.root_fd] if self.root_fd is not None else keep)
         root_fd = fds.pop() if self.root_fd is not None else None
-        memory_limit = _address_space() + self.config.memory_limit
+        self._enter_layers([(Layer.CHROOT, lambda: self._chroot(root_fd))], failures)
+        return fds
+
+    def _join_namespaces(self) -> None:
+        for fd, kind in zip(self.shared_namespaces, NAMESPACE_KINDS.values(), strict=True):
+            check(LIBC.setns(fd, kind), "setns(net, ipc, uts)")
+
+    def confine(
+        self,
+        uid: int | None,
+        keep: list[int],
+        failures: dict[Layer, str] | None = None,
+        checkpoints: Mapping[Layer, Callable[[], None]] | None = None,
+    ) -> list[int]:
+        """The rest, once the connection's descriptors are in ``keep``: own
+        UID, hardening, limits, seccomp. Returns ``keep`` renumbered."""
+        fds = keep_only(keep)
+        memory_limit = self.memory_ceiling
         steps: list[tuple[Layer, Callable[[], None]]] = [
-            (Layer.NAMESPACES, unshare_namespaces),
-            (Layer.CHROOT, lambda: self._chroot(root_fd)),
             (Layer.IDENTITY, lambda: become(uid)),
             (Layer.HARDENING, lambda: harden(STANDARD_FDS + len(fds))),
             (Layer.MEMORY_LIMIT, lambda: _limit(resource.RLIMIT_AS, memory_limit)),
             (Layer.SECCOMP, lambda: seccomp_policy.load_filter(self.seccomp_program, LIBC)),
         ]
+        self._enter_layers(steps, failures, checkpoints)
+        return fds
+
+    def _enter_layers(
+        self,
+        steps: list[tuple[Layer, Callable[[], None]]],
+        failures: dict[Layer, str] | None,
+        checkpoints: Mapping[Layer, Callable[[], None]] | None = None,
+    ) -> None:
         for layer, step in steps:
             if checkpoints and layer in checkpoints:
                 checkpoints[layer]()
@@ -325,7 +379,6 @@ class Sandbox:
                 if failures is None:
                     raise
                 failures[layer] = str(error)
-        return fds
 
     def _chroot(self, root_fd: int | None) -> None:
         if root_fd is not None:
@@ -348,6 +401,8 @@ class Sandbox:
                 (report,) = self.enter(uid, [write_end], failures)
                 os.write(report, json.dumps({k.value: v for k, v in failures.items()}).encode())
                 status = 0
+            except BaseException:
+                traceback.print_exc()  # the proxy's log says why the probe failed
             finally:
                 os._exit(status)
         os.close(write_end)
@@ -362,6 +417,32 @@ class Sandbox:
 
 def unshare_namespaces() -> None:
     check(LIBC.unshare(CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare(net, ipc, uts)")
+
+
+def _make_empty_namespaces() -> list[int]:
+    """Descriptors of new network, IPC and UTS namespaces (``NAMESPACE_KINDS``
+    order), made by a throwaway child so that the caller stays where it is."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            ours.close()
+            unshare_namespaces()
+            fds = [os.open(f"/proc/self/ns/{name}", os.O_RDONLY) for name in NAMESPACE_KINDS]
+            socket.send_fds(theirs, [b""], fds)
+        except OSError as error:
+            theirs.send(str(error).encode())
+        finally:
+            os._exit(0)
+    theirs.close()
+    with ours:
+        message, fds, _, _ = socket.recv_fds(ours, 4096, len(NAMESPACE_KINDS))
+    os.waitpid(pid, 0)
+    if len(fds) != len(NAMESPACE_KINDS):
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPERM, message.decode(errors="replace") or "no namespaces")
+    return fds
 
 
 def become(uid: int | None) -> None:

@@ -28,6 +28,7 @@ from starttls_proxy.wire import (
     EXIT_HANDSHAKE_FAILED,
     EXIT_NOT_TLS,
     EXIT_OK,
+    EXIT_SPARE_UNUSED,
     EXIT_TLS_ERROR,
 )
 
@@ -174,6 +175,8 @@ async def _serve_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 def _count_worker_exit(pid: int, status: int) -> None:
+    if status == EXIT_SPARE_UNUSED:
+        return
     reason = _EXIT_REASONS.get(status, "crash")
     metrics.WORKER_EXITS.labels(reason).inc()
     if reason in ("crash", "seccomp", "sandbox_failed"):

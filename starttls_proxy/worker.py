@@ -1,11 +1,12 @@
 """The TLS worker: one single-use process per connection.
 
-It is forked by the TLS helper (``zygote``) with exactly two descriptors: the
-client's TCP socket and its end of a plaintext channel to the main process
-(with ``isolation.key_server``, a third: its own connection to the key
-server, which signs for it; the worker holds no private key).
-``main`` arms the handshake deadline, reseeds OpenSSL's random generator and
-enters the sandbox (``sandbox``) before it reads a byte from the client.
+It is forked by the TLS helper (``zygote``) ahead of time, as a spare that
+waits (``serve_spare``) for exactly two descriptors: the client's TCP socket
+and its end of a plaintext channel to the main process (with
+``isolation.key_server``, a third: its own connection to the key server,
+which signs for it; the worker holds no private key). Then it arms the
+handshake deadline, reseeds OpenSSL's random generator and enters the rest
+of the sandbox (``sandbox``) before it reads a byte from the client.
 It does the handshake, sends one *report* frame on the channel (a 4-byte
 length and a JSON object: the TLS version, cipher and SNI, or the failure),
 then pumps decrypted bytes both ways until one side closes, and exits.
@@ -34,12 +35,16 @@ from OpenSSL._util import lib as _openssl
 from protocols._base import TLSInfo
 from starttls_proxy import selftest
 from starttls_proxy.sandbox import EXIT_SANDBOX_FAILED, Sandbox, arm_deadline
+from starttls_proxy.tls_contexts import CertificateStore
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,
     EXIT_NOT_TLS,
     EXIT_OK,
+    EXIT_SPARE_UNUSED,
     EXIT_TLS_ERROR,
+    MAX_ASSIGNMENT,
+    Assignment,
     SpawnRequest,
     failure_report,
     handshake_report,
@@ -301,54 +306,62 @@ def _reseed_rng() -> None:
     _openssl.RAND_add(seed, len(seed), float(len(seed)))
 
 
-def main(
-    client_fd: int,
-    channel_fd: int,
-    context: SSL.Context,
-    request: SpawnRequest,
+def serve_spare(
+    assignment_fd: int,
+    store: CertificateStore,
     sandbox: Sandbox,
     uid: int | None,
-    siblings: tuple[int, ...] = (),
-    key_server: tuple[int, Callable[[int], None]] | None = None,
+    attach: Callable[[int], None] | None = None,
 ) -> None:
-    """Entry point in the forked child: enter the sandbox, serve; never returns.
+    """Entry point in the forked child: wait as a spare, then serve one
+    connection; never returns.
 
-    ``siblings`` are the PIDs of the other live workers, for the self check.
-    ``key_server``: this worker's connection to the key server and the
-    provider's function that makes it sign through it (``provider.Attachment``).
+    A spare enters the outer layers (``Sandbox.enclose``) while there is no
+    connection yet, then waits on ``assignment_fd`` for an ``Assignment``
+    with the connection's descriptors: the client socket, the plaintext
+    channel and, with the key server, its own connection to it, which
+    ``attach`` (``provider.Attachment``) makes OpenSSL sign through. It
+    confines itself before it reads a byte from the client.
     """
-    status = EXIT_TLS_ERROR
+    status = EXIT_SPARE_UNUSED
     try:
+        self_test = sandbox.config.self_test
+        keep = [assignment_fd, selftest.open_status()] if self_test else [assignment_fd]
+        try:
+            assignment_fd, *status_fd = sandbox.enclose(keep)
+        except Exception as error:
+            print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
+            status = EXIT_SANDBOX_FAILED
+            return
+        with socket.socket(fileno=assignment_fd) as assignment:
+            message, received, _, _ = socket.recv_fds(assignment, MAX_ASSIGNMENT, 3)
+        if not message:  # the helper is gone, or retired its spares
+            return
+        status = EXIT_TLS_ERROR
+        job = Assignment.decode(message)
         # Armed first: a client cannot stretch the handshake by trickling
         # bytes, and nothing it sends can cancel the alarm.
-        arm_deadline(request.handshake_timeout)
+        arm_deadline(job.request.handshake_timeout)
         _reseed_rng()
         report: dict[str, object] = {}
-        self_test = sandbox.config.self_test
-        keep = (
-            [client_fd, channel_fd, selftest.open_status()]
-            if self_test
-            else [client_fd, channel_fd]
-        )
-        if key_server is not None:
-            keep.append(key_server[0])
         try:
-            fds = sandbox.enter(
+            fds = sandbox.confine(
                 uid,
-                keep,
+                [*received[:2], *status_fd, *received[2:]],
                 checkpoints=selftest.checkpoints(report) if self_test else None,
             )
         except Exception as error:
             print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
             status = EXIT_SANDBOX_FAILED
             return
-        if key_server is not None:
-            key_server[1](fds.pop())
+        if attach is not None:
+            attach(fds.pop())
         if self_test:
-            selftest.after_sandbox(report, fds[2], fds[0], siblings)
+            selftest.after_sandbox(report, fds[2], fds[0], job.siblings)
         client = socket.socket(fileno=fds[0])
         channel = socket.socket(fileno=fds[1])
-        status = run(client, channel, context, request, self_test)
+        context = store.context_for(job.request.server_name_hint)
+        status = run(client, channel, context, job.request, self_test)
     except BaseException:
         # Last words of a crashed worker go to the helper's stderr (the
         # proxy's log); the main process only sees the channel close.

@@ -1,6 +1,12 @@
 """The TLS helper process: holds the TLS contexts and forks one sandboxed
 worker per connection.
 
+Workers are forked ahead of time (``isolation.spare_workers``): a spare
+enters the outer layers and waits for an ``Assignment`` (``wire``) on a
+socket of its own; a connection goes to the oldest spare, or to one forked
+for it when none waits. Replacements are forked only when no request is
+pending, so an upgrade never waits behind a fork it does not need.
+
 The keeper (``keeper``) starts it as a fresh interpreter (``python -m
 starttls_proxy.zygote FD``), as root when the proxy was started as root, so
 the helper never inherits the main process's memory and no fork ever
@@ -31,12 +37,15 @@ Wire format: one JSON object per datagram.
 * main -> helper: a ``SpawnRequest`` (see ``wire``) with two descriptors
   attached (SCM_RIGHTS): the client socket and the worker's end of the
   plaintext channel.
+* helper -> spare worker: an ``Assignment`` with the client socket, the
+  channel and, with the key server, the worker's connection to it.
 * helper -> main: ``{"spawned": ID, "pid": PID}`` and later
   ``{"exited": PID, "status": CODE}`` (a negative code is the killing signal).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -53,8 +62,8 @@ from starttls_proxy.keyserver import Link
 from starttls_proxy.provider import Attachment
 from starttls_proxy.sandbox import Layer, Sandbox
 from starttls_proxy.tls_contexts import CertificateStore, load_certificates
-from starttls_proxy.wire import MAX_SPAWN_REQUEST, SpawnRequest
-from starttls_proxy.worker import main as worker_main
+from starttls_proxy.wire import MAX_SPAWN_REQUEST, Assignment, SpawnRequest
+from starttls_proxy.worker import serve_spare
 
 MAX_MESSAGE = 64 * 1024
 
@@ -126,6 +135,16 @@ class UidPool:
             self._taken.discard(uid)
 
 
+@dataclasses.dataclass
+class Spare:
+    """A forked worker waiting (enclosed, see ``worker.serve_spare``) for a connection."""
+
+    pid: int
+    uid: int | None
+    #: The helper's end of its assignment socket.
+    assignment: socket.socket
+
+
 class Helper:
     def __init__(
         self,
@@ -143,46 +162,74 @@ class Helper:
         # Looked up now: a worker cannot load anything once sandboxed.
         self.attach = Attachment() if key_server is not None else None
         self.identity = Layer.IDENTITY in sandbox.layers
+        #: Every live child, spares included.
         self.workers: set[int] = set()
+        self.spares: collections.deque[Spare] = collections.deque()
 
-    def fork_worker(self, request: SpawnRequest, fds: list[int]) -> int | None:
-        client_fd, channel_fd = fds
-        context = self.store.context_for(request.server_name_hint)
+    def fork_spare(self) -> Spare | None:
+        """A new spare worker, or None when every UID is taken."""
         uid = self.pool.take() if self.identity else None
         if self.identity and uid is None:
             print("TLS helper: no free UID in isolation.uid_range", file=sys.stderr, flush=True)
-            for fd in fds:
-                os.close(fd)
             return None
-        # The self check tries to reach the other live workers.
-        siblings = tuple(self.workers) if self.sandbox.config.self_test else ()
-        key_server = None
-        if self.key_server is not None and self.attach is not None:
-            certificates = self.store.reachable_from(context)
-            key_server = (self.key_server.connection_for(certificates), self.attach)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             pid = self.sandbox.fork()
         except OSError:
             if uid is not None:
                 self.pool.give_back(uid)
-            if key_server is not None:
-                os.close(key_server[0])
+            ours.close()
+            theirs.close()
             raise
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            worker_main(
-                client_fd, channel_fd, context, request, self.sandbox, uid, siblings, key_server
-            )
+            serve_spare(theirs.fileno(), self.store, self.sandbox, uid, self.attach)
+        theirs.close()
         self.workers.add(pid)
         if uid is not None:
             self.pool.bind(uid, pid)
-        os.close(client_fd)
-        os.close(channel_fd)
-        if key_server is not None:
-            os.close(key_server[0])
-        return pid
+        return Spare(pid, uid, ours)
+
+    def top_up(self) -> None:
+        """Fork one spare if fewer than ``isolation.spare_workers`` wait."""
+        if len(self.spares) < self.sandbox.config.spare_workers:
+            spare = self.fork_spare()
+            if spare is not None:
+                self.spares.append(spare)
+
+    def assign(self, request: SpawnRequest, fds: list[int]) -> int | None:
+        """Give the connection in ``fds`` (client, channel) to a spare (forked
+        now if none waits); return the worker's PID, None if there is none."""
+        try:
+            while True:
+                spare = self.spares.popleft() if self.spares else self.fork_spare()
+                if spare is None:
+                    return None
+                with spare.assignment:
+                    if self._send_assignment(spare, request, fds):
+                        return spare.pid
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _send_assignment(self, spare: Spare, request: SpawnRequest, fds: list[int]) -> bool:
+        """False when the spare is gone (killed while it waited)."""
+        siblings = tuple(self.workers - {spare.pid}) if self.sandbox.config.self_test else ()
+        message = Assignment(request, siblings).encode()
+        key_server = []
+        if self.key_server is not None:
+            context = self.store.context_for(request.server_name_hint)
+            key_server = [self.key_server.connection_for(self.store.reachable_from(context))]
+        try:
+            socket.send_fds(spare.assignment, [message], [*fds, *key_server])
+        except OSError:
+            return False
+        finally:
+            for fd in key_server:
+                os.close(fd)
+        return True
 
     def reap(self) -> None:
         while True:
@@ -194,6 +241,13 @@ class Helper:
                 return
             self.pool.release(pid)
             self.workers.discard(pid)
+            waiting = [spare for spare in self.spares if spare.pid == pid]
+            for spare in waiting:
+                # Never served anyone: nothing to report.
+                self.spares.remove(spare)
+                spare.assignment.close()
+            if waiting:
+                continue
             code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             _send(self.control, {"exited": pid, "status": code})
 
@@ -206,7 +260,13 @@ class Helper:
         selector.register(self.control, selectors.EVENT_READ)
         selector.register(wake_read, selectors.EVENT_READ)
         while True:
-            for key, _ in selector.select():
+            # Spares are forked only when nothing else is waiting: a request
+            # never queues behind one.
+            spares_short = len(self.spares) < self.sandbox.config.spare_workers
+            events = selector.select(0 if spares_short else None)
+            if not events and spares_short:
+                self.top_up()
+            for key, _ in events:
                 if key.fileobj == wake_read:
                     while True:
                         try:
@@ -226,7 +286,7 @@ class Helper:
                     for fd in fds:
                         os.close(fd)
                     continue
-                pid = self.fork_worker(request, fds)
+                pid = self.assign(request, fds)
                 if pid is not None:
                     _send(self.control, {"spawned": request.id, "pid": pid})
 

@@ -110,7 +110,19 @@ def _is_helper(pid: int) -> bool:
 
 
 def _workers(proxy: ProxyProcess) -> set[int]:
-    return set(_children(_helper(proxy)))
+    """The helper's children that serve a connection (spares still wait as root)."""
+    return {pid for pid in _children(_helper(proxy)) if _uid(pid) in UIDS}
+
+
+def _spares(proxy: ProxyProcess) -> set[int]:
+    return {pid for pid in _children(_helper(proxy)) if _uid(pid) == 0}
+
+
+def _uid(pid: int) -> int | None:
+    try:
+        return int(_status(pid)["Uid"].split()[0])
+    except FileNotFoundError:  # ended meanwhile
+        return None
 
 
 def _new_worker(proxy: ProxyProcess, before: set[int]) -> int:
@@ -191,6 +203,13 @@ def _metric(port: int, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _metric_total(port: int, name: str) -> float:
+    """The sum of a metric over all its labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name))
+
+
 # ----------------------------------------------------------------------
 # From inside.
 
@@ -203,8 +222,11 @@ def test_self_check_inside_a_real_worker(proxy: ProxyProcess, test_certs: CertFi
     # What an attacker with code execution would try first, all refused.
     for action in ("open", "socket", "connect", "fork"):
         assert report[action] == "EPERM", (action, report)
-    assert report["kill"] == {str(first_worker): "EPERM"}
-    assert report["ptrace"] == {str(first_worker): "EPERM"}
+    # The other worker, and the spares waiting.
+    for attempt in ("kill", "ptrace"):
+        outcomes = report[attempt]
+        assert isinstance(outcomes, dict) and str(first_worker) in outcomes
+        assert set(outcomes.values()) == {"EPERM"}, (attempt, outcomes)
     status = report["status"]
     assert isinstance(status, dict)
     assert status["NoNewPrivs"] == "1"
@@ -261,9 +283,12 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
     uids = [int(status["Uid"].split()[0]) for status in statuses]
     assert uids[0] != uids[1]
     assert all(uid in UIDS for uid in uids)
-    for kind in ("net", "pid", "ipc", "uts"):
+    seen = {_namespace(main, "pid"), *(_namespace(worker, "pid") for worker in workers)}
+    assert len(seen) == 3  # the main process's and one per worker
+    for kind in ("net", "ipc", "uts"):
+        # One empty set, shared by the workers (see ``sandbox``).
         seen = {_namespace(main, kind), *(_namespace(worker, kind) for worker in workers)}
-        assert len(seen) == 3, kind  # the main process's and one per worker
+        assert len(seen) == 2, kind
     for worker, status in zip(workers, statuses, strict=True):
         assert status["NSpid"].split()[-1] == "1"
         assert status["NoNewPrivs"] == "1"
@@ -276,6 +301,38 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
     for tls, _ in sessions:
         _still_works(tls)
         tls.close()
+
+
+def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
+    proxy: ProxyProcess, test_certs: CertFiles
+) -> None:
+    """``isolation.spare_workers`` (2 by default) wait, forked ahead, chrooted
+    and in the workers' empty namespaces, holding nothing but their
+    assignment socket (and, in self-test mode, the status file)."""
+    spares = _wait_for_spares(proxy, 2)
+    main = proxy.process.pid
+    for spare in spares:
+        status = _status(spare)
+        assert os.readlink(f"/proc/{spare}/root") == str(CHROOT)
+        assert status["NSpid"].split()[-1] == "1"
+        assert sorted(int(fd) for fd in os.listdir(f"/proc/{spare}/fd")) == [0, 1, 2, 3, 4]
+        for kind in ("net", "ipc", "uts"):
+            assert _namespace(spare, kind) != _namespace(main, kind)
+    tls, worker = _session_with_worker(proxy, test_certs, "127.0.0.45")
+    assert worker in spares
+    for kind in ("net", "ipc", "uts"):
+        assert _namespace(worker, kind) == _namespace(next(iter(spares - {worker})), kind)
+    _still_works(tls)
+    tls.close()
+    assert len(_wait_for_spares(proxy, 2)) == 2
+
+
+def _wait_for_spares(proxy: ProxyProcess, count: int) -> set[int]:
+    deadline = time.monotonic() + 10
+    while len(spares := _spares(proxy)) != count:
+        assert time.monotonic() < deadline, f"spares: {spares}"
+        time.sleep(0.05)
+    return spares
 
 
 def test_private_key_never_in_the_main_process(proxy: ProxyProcess, test_certs: CertFiles) -> None:
@@ -385,12 +442,23 @@ def test_a_crashing_worker_takes_only_its_own_connection(
     proxy.wait_for_log(f"TLS worker {worker} ended abnormally (crash, status {expected})")
 
 
-def test_helper_restart_keeps_sessions(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+def test_helper_restart_keeps_sessions(
+    proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
+) -> None:
     established = _starttls(proxy, test_certs, "127.0.0.49")
     old_helper = _helper(proxy)
+    old_spares = _wait_for_spares(proxy, 2)
+    exits = _metric_total(metrics_port, "starttls_proxy_worker_exits_total")
     os.kill(old_helper, signal.SIGKILL)
     proxy.wait_for_log(f"the TLS helper (pid {old_helper}) died")
     proxy.wait_for_log("the TLS helper runs again")
+    # The dead helper's spares leave (the keeper reaps them) and are not
+    # counted as worker exits: they never served anyone.
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in old_spares):
+        assert time.monotonic() < deadline, "the dead helper's spares stayed"
+        time.sleep(0.05)
+    assert _metric_total(metrics_port, "starttls_proxy_worker_exits_total") == exits
     # The session's worker lives on (now a child of the keeper).
     _still_works(established)
     assert _helper(proxy) != old_helper

@@ -83,6 +83,18 @@ def test_every_layer_applies_as_root(tmp_path: Path) -> None:
     assert (root.stat().st_uid, root.stat().st_mode & 0o777) == (0, 0o555)
 
 
+def test_every_other_layer_applies_without_the_pid_namespace(tmp_path: Path) -> None:
+    """Regression: with only pid_namespace off, the probe worker once died
+    before reporting (dup3 onto the same descriptor) and took every layer."""
+    config = IsolationConfig.model_validate(
+        {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS, "layers": {"pid_namespace": False}}
+    )
+    _, statuses = Sandbox.prepare(config, TEST_UIDS[0])
+    assert [(s.name, s.applied) for s in statuses] == [
+        (layer.value, layer is not Layer.PID_NAMESPACE) for layer in Layer
+    ]
+
+
 def test_worker_identity_root_and_limits(tmp_path: Path) -> None:
     def look() -> Report:
         return {
