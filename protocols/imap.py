@@ -78,8 +78,9 @@ from protocols._base import (
     ProtocolViolation,
     SessionSettings,
     TLSMode,
+    ending_transitions,
 )
-from protocols._line import LineMachine, LineProbe, clean_line, ending_transitions
+from protocols._line import LineMachine, LineProbe, clean_line
 from protocols.imap_syntax import (
     ATOM,
     SASL_RESPONSE,

@@ -61,8 +61,9 @@ from protocols._base import (
     ProtocolViolation,
     SessionSettings,
     TLSMode,
+    ending_transitions,
 )
-from protocols._line import Owed, PipelinedMachine, clean_line, ending_transitions
+from protocols._line import Owed, PipelinedMachine, clean_line
 
 
 class State(enum.Enum):
