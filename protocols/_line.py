@@ -33,6 +33,22 @@ from protocols._base import (
 )
 
 
+def opening_transitions(
+    states: type[StateT], inputs: type[InputT]
+) -> dict[tuple[StateT, InputT], StateT]:
+    """The table entries for the steps ``LineMachine`` takes up to the
+    backend's greeting: from PRE_TLS the upgrade or a plaintext relay, the
+    backend opened once the handshake is done, then connected."""
+    pre_tls, handshake = states["PRE_TLS"], states["TLS_HANDSHAKE"]
+    connecting = states["BACKEND_CONNECTING"]
+    return {
+        (pre_tls, inputs["CLIENT_STARTTLS"]): handshake,
+        (pre_tls, inputs["PLAINTEXT_RELAY"]): connecting,
+        (handshake, inputs["TLS_ESTABLISHED"]): connecting,
+        (connecting, inputs["BACKEND_CONNECTED"]): states["BACKEND_GREETING"],
+    }
+
+
 def clean_line(line: bytes) -> bool:
     """A line is cut at its first LF, so the only CR allowed is the last but
     one octet; anything else is a line end the backend may not see as we do."""
@@ -55,9 +71,10 @@ class LineMachine(ProxyMachine[StateT, InputT]):
     A subclass sets ``states``, ``inputs``, ``transitions`` and its replies,
     and says what the backend's bytes and end mean. The steps all these
     protocols share go by name, so its ``State`` enum has PRE_TLS,
-    TLS_HANDSHAKE, RELAY, CLOSED and ERROR, and its ``Input`` enum
-    CLIENT_STARTTLS, PLAINTEXT_RELAY, TLS_ESTABLISHED, BACKEND_CONNECTED,
-    BACKEND_READY, CLOSE and VIOLATION.
+    TLS_HANDSHAKE, BACKEND_CONNECTING, BACKEND_GREETING, RELAY, CLOSED and
+    ERROR, and its ``Input`` enum CLIENT_STARTTLS, PLAINTEXT_RELAY,
+    TLS_ESTABLISHED, BACKEND_CONNECTED, BACKEND_READY, CLOSE and VIOLATION;
+    its table starts from ``opening_transitions`` and ``ending_transitions``.
     """
 
     # The protocol's replies, ``%s`` standing for the proxy's hostname.
