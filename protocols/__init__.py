@@ -7,6 +7,7 @@ probe, and the capabilities to advertise while no probe has succeeded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from protocols._base import CapabilityProbe, ProxyMachine
 from protocols.imap import IMAPCapabilityProbe, IMAPMachine
@@ -22,7 +23,7 @@ from protocols.xmpp import (
 
 @dataclass(frozen=True)
 class ProtocolSpec:
-    machine: type[ProxyMachine]
+    machine: type[ProxyMachine[Any, Any]]
     probe: type[CapabilityProbe]
     #: A conservative list that every current server supports.
     fallback_capabilities: tuple[str, ...]

@@ -24,7 +24,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 
 class Side(enum.Enum):
@@ -257,6 +257,19 @@ def transition(
         raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
 
 
+def ending_transitions(
+    states: type[StateT], inputs: type[InputT]
+) -> dict[tuple[StateT, InputT], StateT]:
+    """The table entries that let a session end from every live state: CLOSE
+    leads to CLOSED, VIOLATION to ERROR."""
+    closed, error = states["CLOSED"], states["ERROR"]
+    live = [state for state in states if state not in (closed, error)]
+    return {
+        **{(state, inputs["CLOSE"]): closed for state in live},
+        **{(state, inputs["VIOLATION"]): error for state in live},
+    }
+
+
 class Guarded(Protocol):
     """What ``event`` needs from a machine."""
 
@@ -307,17 +320,28 @@ class CommandQueue:
             yield self._commands.popleft()
 
 
-class ProxyMachine(abc.ABC):
+class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     """One proxied session of one protocol, from accept to close.
 
     The constructor queues the opening commands: the proxy's own greeting on
-    a STARTTLS listener, or ``StartTLS(b"")`` on an implicit-TLS listener.
+    a STARTTLS listener, or ``StartTLS(b"")`` on an implicit-TLS listener,
+    and sets the first ``state``.
+
+    A subclass sets ``states``, ``inputs`` and ``transitions``. The way out
+    of a session goes by name: its ``State`` enum has CLOSED and ERROR, its
+    ``Input`` enum CLOSE and VIOLATION (see ``ending_transitions``).
     """
+
+    states: type[StateT]
+    inputs: type[InputT]
+    transitions: Mapping[tuple[StateT, InputT], StateT]
+    state: StateT
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         self.settings = settings
         self.peer = peer
         self._outbox = CommandQueue()
+        self._ended = (self.states["CLOSED"], self.states["ERROR"])
 
     @abc.abstractmethod
     def receive_data(self, side: Side, data: bytes) -> None:
@@ -363,6 +387,37 @@ class ProxyMachine(abc.ABC):
     def next_command(self) -> Command | None:
         """The next transport action, or ``None`` when the machine waits."""
         return self._outbox.pop()
+
+    @property
+    def finished(self) -> bool:
+        """The session has ended (what ``event`` needs)."""
+        return self.state in self._ended
+
+    # ------------------------------------------------------------------
+    # Steps every protocol takes.
+
+    def _go(self, input_: InputT) -> None:
+        self.state = transition(self.transitions, self.state, input_)
+
+    def _end(
+        self,
+        reason: str,
+        *,
+        reply: bytes | None = None,
+        clean: bool = False,
+        violation: bool = False,
+    ) -> None:
+        """Send the client its last words, if any, and close both sides."""
+        self._go(self.inputs["VIOLATION" if violation else "CLOSE"])
+        if reply is not None:
+            self._send_client(reply)
+        self._outbox.push(CloseConnection(reason, clean))
+
+    def _send_client(self, data: bytes) -> None:
+        self._outbox.push(SendToClient(data))
+
+    def _send_backend(self, data: bytes) -> None:
+        self._outbox.push(SendToBackend(data))
 
 
 class CapabilityProbe(abc.ABC):

@@ -16,7 +16,6 @@ from typing import ClassVar, Generic, TypeVar
 
 from protocols._base import (
     CapabilityProbe,
-    CloseConnection,
     InputT,
     LineBuffer,
     LineTooLong,
@@ -24,8 +23,6 @@ from protocols._base import (
     Peer,
     ProtocolViolation,
     ProxyMachine,
-    SendToBackend,
-    SendToClient,
     SessionSettings,
     Side,
     StartTLS,
@@ -33,20 +30,22 @@ from protocols._base import (
     TLSInfo,
     TLSMode,
     event,
-    transition,
 )
 
 
-def ending_transitions(
+def opening_transitions(
     states: type[StateT], inputs: type[InputT]
 ) -> dict[tuple[StateT, InputT], StateT]:
-    """The table entries that let a session end from every live state: CLOSE
-    leads to CLOSED, VIOLATION to ERROR."""
-    closed, error = states["CLOSED"], states["ERROR"]
-    live = [state for state in states if state not in (closed, error)]
+    """The table entries for the steps ``LineMachine`` takes up to the
+    backend's greeting: from PRE_TLS the upgrade or a plaintext relay, the
+    backend opened once the handshake is done, then connected."""
+    pre_tls, handshake = states["PRE_TLS"], states["TLS_HANDSHAKE"]
+    connecting = states["BACKEND_CONNECTING"]
     return {
-        **{(state, inputs["CLOSE"]): closed for state in live},
-        **{(state, inputs["VIOLATION"]): error for state in live},
+        (pre_tls, inputs["CLIENT_STARTTLS"]): handshake,
+        (pre_tls, inputs["PLAINTEXT_RELAY"]): connecting,
+        (handshake, inputs["TLS_ESTABLISHED"]): connecting,
+        (connecting, inputs["BACKEND_CONNECTED"]): states["BACKEND_GREETING"],
     }
 
 
@@ -56,7 +55,7 @@ def clean_line(line: bytes) -> bool:
     return line.endswith(b"\r\n") and b"\r" not in line[:-2]
 
 
-class LineMachine(ProxyMachine, Generic[StateT, InputT]):
+class LineMachine(ProxyMachine[StateT, InputT]):
     """A session of a protocol of CRLF-terminated command lines, around the
     protocol's own dialogue.
 
@@ -72,14 +71,12 @@ class LineMachine(ProxyMachine, Generic[StateT, InputT]):
     A subclass sets ``states``, ``inputs``, ``transitions`` and its replies,
     and says what the backend's bytes and end mean. The steps all these
     protocols share go by name, so its ``State`` enum has PRE_TLS,
-    TLS_HANDSHAKE, RELAY, CLOSED and ERROR, and its ``Input`` enum
-    CLIENT_STARTTLS, PLAINTEXT_RELAY, TLS_ESTABLISHED, BACKEND_CONNECTED,
-    BACKEND_READY, CLOSE and VIOLATION.
+    TLS_HANDSHAKE, BACKEND_CONNECTING, BACKEND_GREETING, RELAY, CLOSED and
+    ERROR, and its ``Input`` enum CLIENT_STARTTLS, PLAINTEXT_RELAY,
+    TLS_ESTABLISHED, BACKEND_CONNECTED, BACKEND_READY, CLOSE and VIOLATION;
+    its table starts from ``opening_transitions`` and ``ending_transitions``.
     """
 
-    states: type[StateT]
-    inputs: type[InputT]
-    transitions: Mapping[tuple[StateT, InputT], StateT]
     # The protocol's replies, ``%s`` standing for the proxy's hostname.
     #: The backend failed or misbehaved: the session cannot go on.
     unavailable_reply: ClassVar[bytes]
@@ -96,7 +93,6 @@ class LineMachine(ProxyMachine, Generic[StateT, InputT]):
 
     def __init__(self, settings: SessionSettings, peer: Peer, *, greeting: bytes) -> None:
         super().__init__(settings, peer)
-        self._ended = (self.states["CLOSED"], self.states["ERROR"])
         self._host = settings.hostname.encode()
         self._unavailable = self.unavailable_reply % self._host
         self._client = LineBuffer(settings.max_line_length)
@@ -176,11 +172,7 @@ class LineMachine(ProxyMachine, Generic[StateT, InputT]):
         return cls.busy_reply_template % hostname.encode()
 
     # ------------------------------------------------------------------
-    # What ``event`` needs.
-
-    @property
-    def finished(self) -> bool:
-        return self.state in self._ended
+    # What ``event`` needs besides ``finished``.
 
     def violated(self, reason: str) -> None:
         self._end(reason, reply=self._unavailable, violation=True)
@@ -208,28 +200,6 @@ class LineMachine(ProxyMachine, Generic[StateT, InputT]):
 
     # ------------------------------------------------------------------
     # Shared steps.
-
-    def _go(self, input_: InputT) -> None:
-        self.state = transition(self.transitions, self.state, input_)
-
-    def _end(
-        self,
-        reason: str,
-        *,
-        reply: bytes | None = None,
-        clean: bool = False,
-        violation: bool = False,
-    ) -> None:
-        self._go(self.inputs["VIOLATION" if violation else "CLOSE"])
-        if reply is not None:
-            self._send_client(reply)
-        self._outbox.push(CloseConnection(reason, clean))
-
-    def _send_client(self, data: bytes) -> None:
-        self._outbox.push(SendToClient(data))
-
-    def _send_backend(self, data: bytes) -> None:
-        self._outbox.push(SendToBackend(data))
 
     def _pump_client(self) -> None:
         """Interpret held client bytes for as long as the state allows."""

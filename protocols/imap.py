@@ -78,8 +78,9 @@ from protocols._base import (
     ProtocolViolation,
     SessionSettings,
     TLSMode,
+    ending_transitions,
 )
-from protocols._line import LineMachine, LineProbe, clean_line, ending_transitions
+from protocols._line import LineMachine, LineProbe, clean_line, opening_transitions
 from protocols.imap_syntax import (
     ATOM,
     SASL_RESPONSE,
@@ -147,10 +148,7 @@ _WAITING: Final = (State.CONTINUATION, State.SASL, State.IDLING)
 _RELAYING: Final = (State.RELAY, *_WAITING)
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
-    (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
-    (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
-    (State.TLS_HANDSHAKE, Input.TLS_ESTABLISHED): State.BACKEND_CONNECTING,
-    (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
+    **opening_transitions(State, Input),
     (State.BACKEND_GREETING, Input.PROXY_ID): State.BACKEND_ID,
     (State.BACKEND_GREETING, Input.BACKEND_READY): State.RELAY,
     (State.BACKEND_ID, Input.BACKEND_READY): State.RELAY,

@@ -58,8 +58,9 @@ from protocols._base import (
     ProtocolViolation,
     SessionSettings,
     TLSMode,
+    ending_transitions,
 )
-from protocols._line import LineProbe, Owed, PipelinedMachine, clean_line, ending_transitions
+from protocols._line import LineProbe, Owed, PipelinedMachine, clean_line, opening_transitions
 
 
 class State(enum.Enum):
@@ -107,10 +108,7 @@ class Input(enum.Enum):
 
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
-    (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
-    (State.PRE_TLS, Input.PLAINTEXT_RELAY): State.BACKEND_CONNECTING,
-    (State.TLS_HANDSHAKE, Input.TLS_ESTABLISHED): State.BACKEND_CONNECTING,
-    (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
+    **opening_transitions(State, Input),
     (State.BACKEND_GREETING, Input.PROXY_XCLIENT): State.XCLIENT_REPLY,
     (State.BACKEND_GREETING, Input.BACKEND_READY): State.RELAY,
     (State.XCLIENT_REPLY, Input.BACKEND_READY): State.RELAY,

@@ -53,20 +53,17 @@ from lxml import etree
 
 from protocols._base import (
     CapabilityProbe,
-    CloseConnection,
     OpenBackend,
     Peer,
     ProtocolViolation,
     ProxyMachine,
-    SendToBackend,
-    SendToClient,
     SessionSettings,
     Side,
     StartTLS,
     TLSInfo,
     TLSMode,
+    ending_transitions,
     event,
-    transition,
 )
 from protocols._xmlstream import (
     NS_DIALBACK,
@@ -121,9 +118,6 @@ class Input(enum.Enum):
     VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
 
 
-_FINISHED: Final = frozenset({State.CLOSED, State.ERROR})
-_LIVE: Final = tuple(state for state in State if state not in _FINISHED)
-
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.PRE_TLS_HEADER, Input.CLIENT_HEADER): State.PRE_TLS,
     (State.PRE_TLS, Input.CLIENT_STARTTLS): State.TLS_HANDSHAKE,
@@ -132,8 +126,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
     (State.TLS_HEADER, Input.CLIENT_HEADER): State.BACKEND_CONNECTING,
     (State.BACKEND_CONNECTING, Input.BACKEND_CONNECTED): State.BACKEND_GREETING,
     (State.BACKEND_GREETING, Input.BACKEND_READY): State.RELAY,
-    **{(state, Input.CLOSE): State.CLOSED for state in _LIVE},
-    **{(state, Input.VIOLATION): State.ERROR for state in _LIVE},
+    **ending_transitions(State, Input),
 }
 
 #: States in which client tokens are interpreted; in the others they wait.
@@ -248,9 +241,12 @@ def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
     return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
 
 
-class XMPPMachine(ProxyMachine):
+class XMPPMachine(ProxyMachine[State, Input]):
     """One XMPP session; see the module docstring. Use a subclass per stream type."""
 
+    states = State
+    inputs = Input
+    transitions = TRANSITIONS
     #: The content namespace of the streams this listener accepts.
     content_namespace: ClassVar[str]
 
@@ -343,28 +339,11 @@ class XMPPMachine(ProxyMachine):
         # Elsewhere the reader takes everything, within its limits.
         return 0 if self.state in _READS_CLIENT else self._client.buffered
 
-    @property
-    def finished(self) -> bool:
-        return self.state in _FINISHED
-
     def violated(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, reason, input_=Input.VIOLATION)
+        self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, reason, violation=True)
 
     # ------------------------------------------------------------------
-    # Shared helpers.
-
-    def _go(self, input_: Input) -> None:
-        self.state = transition(TRANSITIONS, self.state, input_)
-
-    def _end(self, reason: str, *, clean: bool = False, input_: Input = Input.CLOSE) -> None:
-        self._go(input_)
-        self._outbox.push(CloseConnection(reason, clean))
-
-    def _send_client(self, data: bytes) -> None:
-        self._outbox.push(SendToClient(data))
-
-    def _send_backend(self, data: bytes) -> None:
-        self._outbox.push(SendToBackend(data))
+    # Stream headers and errors.
 
     def _own_header(self) -> bytes:
         self._client_stream_open = True
@@ -378,13 +357,13 @@ class XMPPMachine(ProxyMachine):
         )
 
     def _fail(
-        self, condition: StreamErrorCondition, reason: str, *, input_: Input = Input.CLOSE
+        self, condition: StreamErrorCondition, reason: str, *, violation: bool = False
     ) -> None:
         """End the session with a stream error, opening the client's stream
         first if it has no header yet (RFC 6120 section 4.9.1.2)."""
         header = b"" if self._client_stream_open else self._own_header()
-        self._send_client(header + stream_error(condition, self._closing_tag))
-        self._end(f"{reason} ({condition.value})", input_=input_)
+        reply = header + stream_error(condition, self._closing_tag)
+        self._end(f"{reason} ({condition.value})", reply=reply, violation=violation)
 
     def _check_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
         """Remember who the client is and what it asks for; what is wrong with it."""
@@ -428,8 +407,7 @@ class XMPPMachine(ProxyMachine):
         elif isinstance(token, StreamHeader):
             self._client_header_token(token)
         elif isinstance(token, StreamEnd):
-            self._send_client(self._closing_tag)
-            self._end("client closed the stream", clean=True)
+            self._end("client closed the stream", reply=self._closing_tag, clean=True)
         elif isinstance(token, StreamElement):
             self._pre_tls_element(token)
 
@@ -467,9 +445,8 @@ class XMPPMachine(ProxyMachine):
     def _relay_client_token(self, token: Token) -> None:
         if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
             # RFC 6120 section 5.4.2.2: failure, then the stream ends.
-            self._send_client(_TLS_FAILURE + self._closing_tag)
             reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"
-            self._end(reason)
+            self._end(reason, reply=_TLS_FAILURE + self._closing_tag)
             return
         if isinstance(token, StreamElement) and token.element.tag == COMPRESS:
             # The proxy parses the stream: it cannot be compressed (XEP-0138).
@@ -508,8 +485,7 @@ class XMPPMachine(ProxyMachine):
         elif isinstance(token, StreamElement):
             self._backend_element(token)
         elif isinstance(token, StreamEnd):
-            self._send_client(token.raw)
-            self._end("backend closed the stream", clean=self._client_stream_ended)
+            self._end("backend closed the stream", reply=token.raw, clean=self._client_stream_ended)
         else:
             self._send_client(token.raw)
 

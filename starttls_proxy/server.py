@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from prometheus_client import generate_latest
@@ -85,7 +86,7 @@ class ListenerRuntime:
             domains=config.domains,
         )
 
-    def new_machine(self, peer: Peer) -> ProxyMachine:
+    def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]:
         return self.spec.machine(self.settings, peer)
 
     async def probe(self) -> tuple[str, ...]:

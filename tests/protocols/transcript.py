@@ -16,6 +16,7 @@ import abc
 import dataclasses
 import itertools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from hypothesis import strategies as st
 
@@ -53,14 +54,14 @@ class Event(abc.ABC):
     """Something the driver reports to the machine."""
 
     @abc.abstractmethod
-    def apply(self, machine: ProxyMachine) -> None: ...
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class Client(Event):
     data: bytes
 
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.receive_data(Side.CLIENT, self.data)
 
 
@@ -68,19 +69,19 @@ class Client(Event):
 class Backend(Event):
     data: bytes
 
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.receive_data(Side.BACKEND, self.data)
 
 
 @dataclasses.dataclass(frozen=True)
 class TLS(Event):
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Connected(Event):
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.backend_connected()
 
 
@@ -88,7 +89,7 @@ class Connected(Event):
 class Failed(Event):
     reason: str
 
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.backend_failed(self.reason)
 
 
@@ -96,30 +97,30 @@ class Failed(Event):
 class EOF(Event):
     side: Side
 
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.receive_eof(self.side)
 
 
 @dataclasses.dataclass(frozen=True)
 class Timeout(Event):
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.timed_out()
 
 
 @dataclasses.dataclass(frozen=True)
 class ShuttingDown(Event):
-    def apply(self, machine: ProxyMachine) -> None:
+    def apply(self, machine: ProxyMachine[Any, Any]) -> None:
         machine.shutting_down()
 
 
-def drain(machine: ProxyMachine) -> list[Command]:
+def drain(machine: ProxyMachine[Any, Any]) -> list[Command]:
     commands = []
     while (command := machine.next_command()) is not None:
         commands.append(command)
     return commands
 
 
-def run(machine: ProxyMachine, *steps: Event | Command) -> None:
+def run(machine: ProxyMachine[Any, Any], *steps: Event | Command) -> None:
     """Apply events; each command step must be the next command queued."""
     for index, step in enumerate(steps):
         if isinstance(step, Event):
@@ -138,7 +139,7 @@ def client_bytes(commands: Sequence[Command]) -> bytes:
     return b"".join(c.data for c in commands if isinstance(c, SendToClient))
 
 
-def feed(machine: ProxyMachine, side: Side, chunks: Iterable[bytes]) -> None:
+def feed(machine: ProxyMachine[Any, Any], side: Side, chunks: Iterable[bytes]) -> None:
     """Feed ``chunks`` from ``side``, draining what they make the machine do."""
     for chunk in chunks:
         machine.receive_data(side, chunk)
@@ -146,7 +147,7 @@ def feed(machine: ProxyMachine, side: Side, chunks: Iterable[bytes]) -> None:
 
 
 def check_pre_tls_bytes(
-    machine: ProxyMachine, chunks: Iterable[bytes], *, require_tls: bool
+    machine: ProxyMachine[Any, Any], chunks: Iterable[bytes], *, require_tls: bool
 ) -> None:
     """Feed client ``chunks`` to a machine before TLS: whatever they hold, it
     sends the backend nothing, and with ``require_tls`` opens none."""
@@ -163,7 +164,9 @@ def length(event: Event) -> int:
 
 
 def play(
-    machine: ProxyMachine, events: Sequence[Event], cuts: Sequence[Sequence[int]] | None = None
+    machine: ProxyMachine[Any, Any],
+    events: Sequence[Event],
+    cuts: Sequence[Sequence[int]] | None = None,
 ) -> tuple[bytes, bytes, list[Command]]:
     """Feed ``events``, each data event cut at its ``cuts``: the bytes sent to
     the client, to the backend, and the other commands."""
