@@ -193,9 +193,13 @@ def _rest(sock: socket.socket) -> bytes:
     return data
 
 
-def _metric(port: int, name: str, **labels: str) -> float:
+def _metrics_text(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
+        return str(response.read().decode())
+
+
+def _metric(port: int, name: str, **labels: str) -> float:
+    text = _metrics_text(port)
     wanted = "".join(f'{key}="{value}"' for key, value in labels.items())
     for line in text.splitlines():
         if line.startswith(name + "{" + wanted + "}"):
@@ -205,9 +209,8 @@ def _metric(port: int, name: str, **labels: str) -> float:
 
 def _metric_total(port: int, name: str) -> float:
     """The sum of a metric over all its labels."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(name))
+    lines = _metrics_text(port).splitlines()
+    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith(name + "{"))
 
 
 # ----------------------------------------------------------------------
