@@ -11,6 +11,7 @@ certificates, no compression, no renegotiation.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +28,9 @@ from starttls_proxy.keyserver import PrivateKey, read_private_key
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 KEY_SHARE_GROUPS = b"X25519:P-256"
 _MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+#: A TLS 1.3 handshake takes two client flights; a few more rounds are slack.
+WARM_UP_FLIGHTS = 4
+WARM_UP_READ = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -163,12 +167,46 @@ class CertificateStore:
                     return certificate.context
         return self.default
 
+    def warm_up(self) -> None:
+        """One TLS 1.3 handshake per certificate, in memory, before any fork.
+
+        OpenSSL fetches its algorithms and fills its caches on first use;
+        done here, every worker inherits them instead of paying again (about
+        a millisecond of each handshake). With key references the helper has
+        no key-server connection, so the handshake fails at the signature,
+        once every algorithm a worker needs has been fetched (the provider's
+        signature method included), without a signature being counted.
+        """
+        client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        for certificate in self.certificates:
+            with contextlib.suppress(SSL.Error):
+                _handshake_in_memory(certificate.context, client_context)
+
     def _on_server_name(self, connection: SSL.Connection) -> None:
         raw = connection.get_servername()
         name = raw.decode("ascii", "replace") if raw else None
         context = self.context_for(name)
         if context is not connection.get_context():
             connection.set_context(context)
+
+
+def _handshake_in_memory(server_context: SSL.Context, client_context: SSL.Context) -> None:
+    server = SSL.Connection(server_context)
+    server.set_accept_state()
+    client = SSL.Connection(client_context)
+    client.set_connect_state()
+    for _ in range(WARM_UP_FLIGHTS):
+        done = True
+        for sender, receiver in ((client, server), (server, client)):
+            try:
+                sender.do_handshake()
+            except SSL.WantReadError:
+                done = False
+            with contextlib.suppress(SSL.WantReadError):
+                while True:
+                    receiver.bio_write(sender.bio_read(WARM_UP_READ))
+        if done:
+            return
 
 
 def _select_alpn(

@@ -323,6 +323,7 @@ def serve(control: socket.socket) -> int:
         _send(control, {"problems": error.problems})
         return 1
     _send(control, {"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]})
+    store.warm_up()
     return Helper(control, store, sandbox, pool, link).serve_forever()
 
 

@@ -87,10 +87,14 @@ def test_close_notify_from_client_is_seen(cert_dir: Path) -> None:
     ("server_name", "expected_serial_of"),
     [("other.example.test", 1), ("a.wild.example.test", 1), ("localhost", 0), ("nope.test", 0)],
 )
+@pytest.mark.parametrize("warmed_up", [False, True])
 def test_certificate_chosen_by_sni(
-    cert_dir: Path, server_name: str, expected_serial_of: int
+    cert_dir: Path, server_name: str, expected_serial_of: int, warmed_up: bool
 ) -> None:
+    """Also after the helper's warm-up handshakes (``CertificateStore.warm_up``)."""
     store = _store(cert_dir)
+    if warmed_up:
+        store.warm_up()
     pump = TLSPump(store.default)
     client = MemoryClient(cert_dir, server_name, check_hostname=False)
     _handshake(client, pump)
