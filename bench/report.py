@@ -489,6 +489,7 @@ METHOD = """\
 
 def write_report(results: Results, out: Path) -> None:
     """Write ``out`` (Markdown), and the PNGs and ``results.json`` into ``out`` minus ``.md``."""
+    from bench.history import before_after_section
     from bench.plots import memory_plot, rate_plot
 
     folder = out.with_suffix("")
@@ -498,4 +499,8 @@ def write_report(results: Results, out: Path) -> None:
         rate_plot(results, protocol, folder / f"rate-{protocol}.png")
     for protocol in results.protocols(IDLE):
         memory_plot(results, protocol, folder / f"memory-{protocol}.png")
-    out.write_text(render(results, folder.name))
+    report = render(results, folder.name)
+    before = folder / "before.json"
+    if before.exists():
+        report += "\n" + before_after_section(Results.load(before), results)
+    out.write_text(report)

@@ -12,6 +12,7 @@ import pytest
 
 from bench.auth_http import answer, parse_head
 from bench.clients import DIALOGUES, make_message
+from bench.history import before_after_section
 from bench.loadgen import split
 from bench.report import Figure, markdown_table, ratio_table, render
 from bench.results import BULK, IDLE, IDLE_CURVE, RATE, SATURATION, Record, Results
@@ -305,3 +306,31 @@ def test_results_round_trip_through_json(tmp_path: Path) -> None:
     assert loaded == results
     assert loaded.value(RATE, "ecdsa", "smtp", PROXY, 16, "sessions_per_s") == 120.0
     assert loaded.params(RATE) == [16]
+
+
+def _proxy_run(started: str, rate: float, uss: float) -> Results:
+    return Results(
+        machine={},
+        settings={"started": started},
+        records=[
+            Record(RATE, "ecdsa", "smtp", PROXY, 16, {"sessions_per_s": rate}),
+            Record(IDLE, "ecdsa", "imap", PROXY, 10_000, {"uss_per_session": uss}),
+            Record(RATE, "ecdsa", "smtp", STUNNEL, 16, {"sessions_per_s": 70.0}),
+        ],
+    )
+
+
+def test_before_and_after_compares_only_the_proxys_shared_figures() -> None:
+    before = _proxy_run("2026-11-26 18:16 UTC", 50.0, 3 * 2**20)
+    after = _proxy_run("2026-11-27 01:00 UTC", 75.0, 3 * 2**20)
+    section = before_after_section(before, after)
+    assert "the run of 2026-11-26 18:16 UTC" in section
+    assert (
+        f"| sessions/s, c=16 | SMTP | ECDSA P-256 | 50.0 | 75.0 | 1.50{TIMES} (better) |" in section
+    )
+    assert (
+        f"| USS per idle session | IMAP | ECDSA P-256 | 3.00 MiB | 3.00 MiB | 1.00{TIMES} (same) |"
+        in section
+    )
+    assert "70.0" not in section  # stunnel is not compared
+    assert before_after_section(Results({}, {}), after) == ""

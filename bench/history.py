@@ -1,0 +1,75 @@
+"""Before and after: the proxy's own figures next to those of an earlier run.
+
+The earlier run is ``before.json`` beside ``results.json`` (the run of the commit
+before an optimisation, kept by hand); the report shows each figure of
+starttls-proxy in both runs and their ratio.  Only the proxy is compared: the peers
+did not change between the runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from bench.report import KEY_LABELS, markdown_table
+from bench.results import BULK, IDLE, RATE, Results
+from bench.stats import format_number, format_ratio, ratio
+from bench.targets import PROXY
+
+#: (label, workload, param or None for any, value name, scale, unit, higher is better)
+FIGURES = (
+    ("sessions/s, c=1", RATE, 1, "sessions_per_s", 1.0, "", True),
+    ("sessions/s, c=16", RATE, 16, "sessions_per_s", 1.0, "", True),
+    ("sessions/s, c=64", RATE, 64, "sessions_per_s", 1.0, "", True),
+    ("p50 latency, c=1", RATE, 1, "p50_ms", 1.0, " ms", False),
+    ("CPU per session, c=16", RATE, 16, "cpu_ms", 1.0, " ms", False),
+    ("bulk throughput", BULK, None, "mb_per_s", 1.0, " MB/s", True),
+    ("USS per idle session", IDLE, None, "uss_per_session", 1 / 2**20, " MiB", False),
+    ("idle sessions held", IDLE, None, "held", 1.0, "", True),
+)
+
+
+#: Changes smaller than this are noise, not progress.
+SAME = 0.03
+
+
+def _verdict(change: float | None, higher_better: bool) -> str:
+    if change is None or abs(change - 1) < SAME:
+        return "same"
+    return "better" if (change > 1) == higher_better else "worse"
+
+
+def _rows(before: Results, after: Results) -> Iterator[list[str]]:
+    for key in after.key_types():
+        for label, workload, param, name, scale, unit, higher_better in FIGURES:
+            for protocol in after.protocols(workload):
+                old = before.value(workload, key, protocol, PROXY, param, name)
+                new = after.value(workload, key, protocol, PROXY, param, name)
+                if old is None or new is None:
+                    continue
+                change = ratio(new, old)
+                yield [
+                    label,
+                    protocol.upper(),
+                    KEY_LABELS.get(key, key),
+                    format_number(old * scale) + unit,
+                    format_number(new * scale) + unit,
+                    f"{format_ratio(change)} ({_verdict(change, higher_better)})",
+                ]
+
+
+def before_after_section(before: Results, after: Results) -> str:
+    """The report section; empty when the runs share no figure."""
+    rows = list(_rows(before, after))
+    if not rows:
+        return ""
+    started = before.settings.get("started", "an earlier run")
+    return (
+        "## Before and after the optimisations\n\n"
+        f"starttls-proxy in this run next to the run of {started} (`before.json`), "
+        "before the optimisations of issue 7: spare workers forked ahead of time, one "
+        "shared set of empty namespaces instead of a network namespace per connection, "
+        "a warm-up handshake in the TLS helper before it forks, and SMTP DATA judged for "
+        "bare CR/LF by counting instead of by regular expression.\n\n"
+        + markdown_table(["figure", "protocol", "key", "before", "after", "after / before"], rows)
+        + "\n"
+    )
