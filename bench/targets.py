@@ -251,6 +251,7 @@ def _start_terminators(
                 base / "proxy",
                 [(certs.cert, certs.key)],
                 [listener(p, plain_ports[p], p, limits=limits) for p in implemented],
+                log_level="info",
             ),
         )
         if proxy is not None:

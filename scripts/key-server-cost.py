@@ -168,6 +168,7 @@ def main() -> int:
             [(ec_certs.cert, ec_certs.key), (rsa_certs.cert, rsa_certs.key)],
             [listener("implicit", backend, tls="implicit", capabilities=["PIPELINING"])],
             isolation={"key_server": on},
+            log_level="info",
         )
         for on in (True, False)
     }

@@ -80,9 +80,13 @@ def start_proxy(
     certificates: list[tuple[Path, Path]],
     listeners: list[dict[str, Any]],
     log_format: str = "text",
+    log_level: str = "debug",
     **top: Any,
 ) -> ProxyProcess:
-    """Write a config, start the proxy, wait until it logs that it is ready."""
+    """Write a config, start the proxy, wait until it logs that it is ready.
+
+    Tests read the debug log; the benchmarks run at ``info``, as users do.
+    """
     # Like /etc/starttls-proxy in a deployment: the main process, once it has
     # dropped root, must still read the configuration on SIGHUP.
     make_dirs(base)
@@ -109,7 +113,7 @@ def start_proxy(
                 "--config",
                 str(config_path),
                 "--log-level",
-                "debug",
+                log_level,
                 "--log-format",
                 log_format,
             ],
