@@ -10,7 +10,7 @@ from pathlib import Path
 
 import uvloop
 
-from starttls_proxy import logs
+from starttls_proxy import logs, procname
 from starttls_proxy.config import Config, ConfigError, load_config
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.server import Server
@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.problems:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return 2
+    procname.name_process(procname.MAIN)
     server = Server(config, helper, args.config)
     try:
         uvloop.run(server.serve())

@@ -74,7 +74,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from starttls_proxy import provider
+from starttls_proxy import procname, provider
 
 MAX_MESSAGE = 64 * 1024
 #: How long a helper may take to prepare the sandbox and load certificates.
@@ -474,6 +474,7 @@ def _reap() -> list[tuple[int, int]]:
 def serve(main: socket.socket) -> int:
     # Ctrl-C reaches the whole process group; the main process decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procname.name_process(procname.KEEPER)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print("keeper: cannot become a child subreaper", file=sys.stderr)

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
-from starttls_proxy import seccomp_policy
+from starttls_proxy import procname, seccomp_policy
 from starttls_proxy.config import ConfigError, IsolationConfig
 from starttls_proxy.sandbox import (
     LIBC,
@@ -531,6 +531,7 @@ def serve(control: socket.socket) -> int:
     """Confine, report, then sign for the workers until the keeper leaves."""
     # Ctrl-C reaches the whole process group: the keeper decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procname.name_process(procname.KEY_SERVER)
     isolation = IsolationConfig.model_validate(json.loads(control.recv(MAX_MESSAGE))["isolation"])
     # Its epoll descriptor is made before the seccomp filter forbids that.
     server = KeyServer(control)

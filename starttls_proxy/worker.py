@@ -33,7 +33,7 @@ from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl
 
 from protocols._base import TLSInfo
-from starttls_proxy import selftest
+from starttls_proxy import procname, selftest
 from starttls_proxy.sandbox import EXIT_SANDBOX_FAILED, Sandbox, arm_deadline
 from starttls_proxy.tls_contexts import CertificateStore
 from starttls_proxy.wire import (
@@ -338,6 +338,7 @@ def serve_spare(
         if not message:  # the helper is gone, or retired its spares
             return
         status = EXIT_TLS_ERROR
+        procname.name_process(procname.WORKER)
         job = Assignment.decode(message)
         # Armed first: a client cannot stretch the handshake by trickling
         # bytes, and nothing it sends can cancel the alarm.

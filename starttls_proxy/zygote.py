@@ -57,6 +57,7 @@ import socket
 import sys
 from pathlib import Path
 
+from starttls_proxy import procname
 from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
 from starttls_proxy.keyserver import Link
 from starttls_proxy.provider import Attachment
@@ -185,6 +186,7 @@ class Helper:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            procname.name_process(procname.SPARE)
             serve_spare(theirs.fileno(), self.store, self.sandbox, uid, self.attach)
         theirs.close()
         self.workers.add(pid)
@@ -297,6 +299,7 @@ def serve(control: socket.socket) -> int:
     # Ctrl-C in a terminal reaches the whole process group: the main process
     # decides when the helper ends (by closing the control socket).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procname.name_process(procname.HELPER)
     message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
     first = json.loads(message)
     isolation = IsolationConfig.model_validate(first["isolation"])

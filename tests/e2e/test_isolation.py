@@ -292,7 +292,12 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
         # One empty set, shared by the workers (see ``sandbox``).
         seen = {_namespace(main, kind), *(_namespace(worker, kind) for worker in workers)}
         assert len(seen) == 2, kind
+    # Named for ps -e and top.
+    assert _status(main)["Name"] == "starttls-proxy"
+    assert _status(_keeper(proxy))["Name"] == "stp-keeper"
+    assert _status(_helper(proxy))["Name"] == "stp-helper"
     for worker, status in zip(workers, statuses, strict=True):
+        assert status["Name"] == "stp-worker"
         assert status["NSpid"].split()[-1] == "1"
         assert status["NoNewPrivs"] == "1"
         assert status["Seccomp"] == "2"
@@ -316,6 +321,7 @@ def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
     main = proxy.process.pid
     for spare in spares:
         status = _status(spare)
+        assert status["Name"] == "stp-spare"
         assert os.readlink(f"/proc/{spare}/root") == str(CHROOT)
         assert status["NSpid"].split()[-1] == "1"
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{spare}/fd")) == [0, 1, 2, 3, 4]
