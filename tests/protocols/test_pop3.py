@@ -34,6 +34,8 @@ from protocols.pop3 import (
 from tests.protocols.transcript import (
     EOF,
     HOST,
+    POP3,
+    SHUTDOWN,
     TLS,
     Backend,
     Client,
@@ -43,52 +45,30 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     bytewise,
-    check_pre_tls_bytes,
     check_transition,
     drain,
     drawn_cuts,
-    feed,
-    make_settings,
     play,
     reachable,
     run,
 )
 
-CAPABILITIES = (
-    "CAPA",
-    "TOP",
-    "UIDL",
-    "RESP-CODES",
-    "PIPELINING",
-    "AUTH-RESP-CODE",
-    "STLS",
-    "USER",
-    "SASL PLAIN LOGIN SCRAM-SHA-256-PLUS",
-)
-PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 110)
-
-
-def settings(**overrides: object) -> SessionSettings:
-    return make_settings(CAPABILITIES, **overrides)
-
-
-GREETING = SendToClient(b"+OK proxy.example POP3 starttls-proxy ready\r\n")
-TLS_READY = SendToClient(b"+OK Begin TLS negotiation\r\n")
+CAPABILITIES = POP3.capabilities
+PEER = POP3.peer
+settings = POP3.settings
+relaying = POP3.relaying
+GREETING = POP3.greeting
+TLS_READY = POP3.tls_ready
 UNAVAILABLE = SendToClient(b"-ERR [SYS/TEMP] proxy.example backend unavailable\r\n")
 AUTH_NEEDS_TLS = SendToClient(b"-ERR [AUTH] Authentication requires TLS: use STLS first\r\n")
-TLS_FIRST = SendToClient(b"-ERR TLS required: use STLS first\r\n")
-TLS_ACTIVE = SendToClient(b"-ERR TLS already active\r\n")
-LINE_TOO_LONG = SendToClient(b"-ERR line too long\r\n")
+TLS_FIRST = POP3.handshake_octet_line_reply
+TLS_ACTIVE = POP3.tls_active
 NOT_PERMITTED = SendToClient(b"-ERR command not permitted\r\n")
 BAD_LINE = SendToClient(b"-ERR bare CR or LF received\r\n")
-PRE_TLS_CAPA = SendToClient(
-    b"+OK Capability list follows\r\n"
-    b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
-    b"STLS\r\n.\r\n"
-)
+(PRE_TLS_CAPA,) = POP3.capability_reply
 # As Dovecot 2.3 sends them to a peer in its login_trusted_networks.
 DOVECOT_GREETING = b"+OK [XCLIENT] Dovecot (Debian) ready.\r\n"
-BACKEND_GREETING = b"+OK Dovecot (Debian) ready.\r\n"
+BACKEND_GREETING = POP3.backend_greeting
 BACKEND_CAPA = (
     b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
     b"STLS\r\nUSER\r\nSASL PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n.\r\n"
@@ -113,24 +93,6 @@ QUIT_STEPS: tuple[Event | Command, ...] = (
     CloseConnection("client quit", clean=True),
 )
 AUTH_PLAIN = b"AGFsaWNlAGFsaWNlcHc="
-
-
-def relaying(**overrides: object) -> POP3Machine:
-    """A machine past STLS, with the backend greeted and nothing owed."""
-    machine = POP3Machine(settings(**overrides), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-    )
-    assert machine.state is State.RELAY
-    return machine
 
 
 def logged_in() -> POP3Machine:
@@ -528,48 +490,6 @@ def test_require_tls_refuses_user_pass_apop_auth() -> None:
     assert machine.state is State.PRE_TLS
 
 
-def test_overlong_line_refused() -> None:
-    machine = POP3Machine(settings(max_line_length=64), PEER)
-    run(machine, GREETING, Client(b"USER " + b"x" * 100), LINE_TOO_LONG)
-    run(machine, Client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"+OK\r\n"))
-    machine = relaying(max_line_length=64)
-    run(
-        machine,
-        Client(b"USER " + b"a" * 100 + b"\r\nSTLS\r\nUSER alice\r\n"),
-        LINE_TOO_LONG,
-        TLS_ACTIVE,
-        SendToBackend(b"USER alice\r\n"),
-    )
-
-
-def test_tls_client_hello_before_stls() -> None:
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
-        SendToClient(b"-ERR TLS handshake received before STLS\r\n"),
-        CloseConnection("TLS ClientHello before STLS"),
-    )
-    # Only the very first byte counts.
-    machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, Client(b"NOOP\r\n"), SendToClient(b"+OK\r\n"))
-    run(machine, Client(b"\x16\r\n"), TLS_FIRST)
-
-
-def test_second_stls_refused() -> None:
-    machine = relaying()
-    run(
-        machine,
-        Client(b"STLS\r\n"),
-        TLS_ACTIVE,
-        Client(b"stls\r\nNOOP\r\n"),
-        TLS_ACTIVE,
-        SendToBackend(b"NOOP\r\n"),
-    )
-    assert machine.state is State.RELAY
-
-
 def test_backend_failure_gives_err() -> None:
     machine = POP3Machine(settings(), PEER)
     run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
@@ -592,29 +512,6 @@ def test_backend_failure_gives_err() -> None:
 
 # --------------------------------------------------------------------------
 # Attacks.
-
-
-def test_stls_pipelined_command_injection() -> None:
-    machine = POP3Machine(settings(), PEER)
-    injected = b"USER u\r\nPASS p\r\n"
-    run(
-        machine,
-        GREETING,
-        Client(b"STLS\r\n" + injected),
-        TLS_READY,
-        StartTLS(injected),
-        Client(b"RETR 1\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-    run(
-        machine,
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"CAPA\r\n"),
-        SendToBackend(b"CAPA\r\n"),
-    )
 
 
 def test_stls_inside_retr_body_is_not_a_command() -> None:
@@ -715,8 +612,7 @@ def test_timeout_busy_and_eof() -> None:
     )
 
 
-SHUTDOWN_ERR = SendToClient(b"-ERR [SYS/TEMP] proxy.example Server shutting down\r\n")
-SHUTDOWN = CloseConnection("proxy shutting down")
+SHUTDOWN_ERR = POP3.shutdown_goodbye
 
 
 def test_shutdown_goodbye_before_tls_and_with_responses_owed() -> None:
@@ -963,21 +859,6 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
         # The body ended early: what follows was not a well-formed response.
         assert to_client.startswith(stream[:end])
         assert machine.state is State.ERROR
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
-def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
-    machine = POP3Machine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
-    assert machine.state is not State.ERROR
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
-def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
-    machine = relaying(max_line_length=128)
-    feed(machine, side, chunks)
-    if side is Side.CLIENT:
-        assert machine.state is not State.ERROR
 
 
 # --------------------------------------------------------------------------

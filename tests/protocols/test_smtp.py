@@ -35,6 +35,8 @@ from protocols.smtp import (
 from tests.protocols.transcript import (
     EOF,
     HOST,
+    SHUTDOWN,
+    SMTP,
     TLS,
     Backend,
     Client,
@@ -45,59 +47,27 @@ from tests.protocols.transcript import (
     Timeout,
     backend_bytes,
     bytewise,
-    check_pre_tls_bytes,
     check_transition,
     drain,
     drawn_cuts,
-    feed,
-    make_settings,
     play,
     reachable,
     run,
 )
 
-CAPABILITIES = (
-    "PIPELINING",
-    "SIZE 10240000",
-    "VRFY",
-    "ETRN",
-    "STARTTLS",
-    "AUTH PLAIN LOGIN",
-    "ENHANCEDSTATUSCODES",
-    "8BITMIME",
-    "DSN",
-    "SMTPUTF8",
-    "CHUNKING",
-    "XCLIENT NAME ADDR PROTO HELO",
-)
-PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 25)
-
-
-def settings(**overrides: object) -> SessionSettings:
-    return make_settings(CAPABILITIES, **overrides)
-
-
-GREETING = SendToClient(b"220 proxy.example ESMTP starttls-proxy\r\n")
-PRE_TLS_EHLO = SendToClient(
-    b"250-proxy.example\r\n"
-    b"250-PIPELINING\r\n"
-    b"250-SIZE 10240000\r\n"
-    b"250-VRFY\r\n"
-    b"250-ETRN\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n"
-    b"250-8BITMIME\r\n"
-    b"250-DSN\r\n"
-    b"250-SMTPUTF8\r\n"
-    b"250-CHUNKING\r\n"
-    b"250 STARTTLS\r\n"
-)
-TLS_READY = SendToClient(b"220 2.0.0 Ready to start TLS\r\n")
+CAPABILITIES = SMTP.capabilities
+PEER = SMTP.peer
+settings = SMTP.settings
+relaying = SMTP.relaying
+GREETING = SMTP.greeting
+(PRE_TLS_EHLO,) = SMTP.capability_reply
+TLS_READY = SMTP.tls_ready
 UNAVAILABLE = SendToClient(b"421 4.3.0 proxy.example Service not available\r\n")
 TLS_FIRST = SendToClient(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
 NOT_IMPLEMENTED = SendToClient(b"502 5.5.1 Error: command not implemented\r\n")
 BAD_LINE = SendToClient(b"500 5.5.2 Error: bare <CR> or <LF> received\r\n")
 SMUGGLING = SendToClient(b"521 5.5.2 proxy.example Error: bare <CR> or <LF> received\r\n")
-BACKEND_GREETING = b"220 mx.backend.test ESMTP Postfix\r\n"
+BACKEND_GREETING = SMTP.backend_greeting
 BACKEND_EHLO = (
     b"250-mx.backend.test\r\n"
     b"250-PIPELINING\r\n"
@@ -124,24 +94,6 @@ QUIT_STEPS: tuple[Event | Command, ...] = (
     SendToClient(b"221 2.0.0 Bye\r\n"),
     CloseConnection("client quit", clean=True),
 )
-
-
-def relaying(**overrides: object) -> SMTPMachine:
-    """A machine past STARTTLS, with the backend greeted and nothing owed."""
-    machine = SMTPMachine(settings(**overrides), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-    )
-    assert machine.state is State.RELAY
-    return machine
 
 
 def in_body(**overrides: object) -> SMTPMachine:
@@ -571,36 +523,6 @@ def test_pre_tls_local_commands() -> None:
     )
 
 
-def test_overlong_command_line() -> None:
-    machine = SMTPMachine(settings(max_line_length=64), PEER)
-    too_long = SendToClient(b"500 5.5.0 Error: line too long\r\n")
-    run(machine, GREETING, Client(b"NOOP " + b"x" * 100), too_long)
-    run(machine, Client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"250 2.0.0 Ok\r\n"))
-    machine = relaying(max_line_length=64)
-    run(
-        machine,
-        Client(b"MAIL FROM:<" + b"a" * 100 + b">\r\nRSET\r\n"),
-        too_long,
-        SendToBackend(b"RSET\r\n"),
-    )
-
-
-def test_tls_client_hello_before_starttls() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
-        SendToClient(b"500 5.5.1 Error: TLS handshake received before STARTTLS\r\n"),
-        CloseConnection("TLS ClientHello before STARTTLS"),
-    )
-    # Only the very first byte counts.
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"NOOP\r\n"), SendToClient(b"250 2.0.0 Ok\r\n"))
-    run(machine, Client(b"\x16\r\n"), TLS_FIRST)
-    assert machine.state is State.PRE_TLS
-
-
 def test_require_tls_refuses_mail_rcpt_data_bdat_auth() -> None:
     machine = SMTPMachine(settings(), PEER)
     run(
@@ -629,17 +551,6 @@ def test_auth_never_offered_before_tls() -> None:
     machine = SMTPMachine(settings(capabilities=capabilities, require_tls=False), PEER)
     run(machine, GREETING, Client(b"EHLO client.example\r\n"), PRE_TLS_EHLO)
     run(machine, Client(b"AUTH LOGIN\r\n"), TLS_FIRST)
-
-
-def test_second_starttls_refused() -> None:
-    machine = relaying()
-    run(
-        machine,
-        Client(b"STARTTLS\r\n"),
-        SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
-        Client(b"NOOP\r\n"),
-        SendToBackend(b"NOOP\r\n"),
-    )
 
 
 def test_sasl_responses_after_334_are_not_commands() -> None:
@@ -708,49 +619,6 @@ def test_backend_refusing_the_session_gives_421() -> None:
 
 # --------------------------------------------------------------------------
 # Attacks.
-
-
-def test_starttls_pipelined_command_injection() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    injected = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\n"
-    run(
-        machine,
-        GREETING,
-        Client(b"EHLO client.example\r\nSTARTTLS\r\n" + injected),
-        PRE_TLS_EHLO,
-        TLS_READY,
-        StartTLS(injected),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"EHLO client.example\r\n"),
-        SendToBackend(b"EHLO client.example\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-
-
-def test_starttls_injection_across_packets_before_tls() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        Client(b"MAIL FROM:<evil@example.org>\r\n"),
-        Client(b"RCPT TO:<victim@example.net>\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-    run(
-        machine,
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"NOOP\r\n"),
-        SendToBackend(b"NOOP\r\n"),
-    )
 
 
 def test_starttls_inside_data_is_not_a_command() -> None:
@@ -858,16 +726,7 @@ def test_timeout_busy_and_eof() -> None:
     run(machine, EOF(Side.BACKEND), UNAVAILABLE, CloseConnection("backend closed"))
 
 
-SHUTDOWN_421 = SendToClient(b"421 4.3.2 proxy.example Service shutting down\r\n")
-SHUTDOWN = CloseConnection("proxy shutting down")
-
-
-def test_shutdown_goodbye_before_tls_and_in_relay() -> None:
-    run(SMTPMachine(settings(), PEER), GREETING, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
-    machine = relaying()
-    run(machine, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
-    assert machine.state is State.CLOSED
-    run(machine, ShuttingDown(), Backend(b"250 2.0.0 Ok\r\n"))
+SHUTDOWN_421 = SMTP.shutdown_goodbye
 
 
 def test_shutdown_goodbye_with_replies_owed() -> None:
@@ -1097,20 +956,6 @@ def test_body_scanner_matches_one_shot_reference(
         assert backend_bytes(commands).startswith(forwarded)
         assert SMUGGLING not in commands
         assert machine.state is State.RELAY
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
-def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
-    machine = SMTPMachine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
-def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
-    machine = relaying(max_line_length=128)
-    feed(machine, side, chunks)
-    if side is Side.CLIENT:
-        assert machine.state is not State.ERROR
 
 
 # --------------------------------------------------------------------------
