@@ -38,14 +38,17 @@ import re
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from tests.realservers.daemons import (
+    HOST,
     INSTALL_HINT,
     STOP_TIMEOUT,
+    USERS,
     Daemon,
+    InDirectory,
     distinct_free_ports,
     find_program,
     kill,
@@ -59,11 +62,9 @@ from tests.realservers.daemons import (
     wait_for_text,
 )
 
-HOST = "127.0.0.1"
 #: The only client address Dovecot trusts to send ID x-originating-ip / POP3 XCLIENT.
 TRUSTED_CLIENT = "127.0.0.1"
 #: Mail users (passwd-file, plaintext passwords): name -> password.
-USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
 
 #: How often start_dovecot() tries new ports when one was taken meanwhile.
 START_ATTEMPTS = 3
@@ -89,31 +90,22 @@ class DovecotInstance(Daemon):
         header carries the PP2_TYPE_SSL TLV.
     """
 
-    directory: Path
     imap_port: int
     imap_proxy_port: int
     pop3_port: int
     pop3_proxy_port: int
-    host: str = HOST
     name: ClassVar[str] = "Dovecot"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
 
-    @property
-    def config_path(self) -> Path:
-        """The configuration file passed as ``dovecot -c``."""
-        return self.directory / "dovecot.conf"
+    #: The configuration file passed as ``dovecot -c``.
+    config_path = InDirectory("dovecot.conf")
 
-    @property
-    def log_path(self) -> Path:
-        """Dovecot's log file (``log_path``)."""
-        return self.directory / "dovecot.log"
+    #: Dovecot's log file (``log_path``).
+    log_path = InDirectory("dovecot.log")
 
-    @property
-    def start_output_path(self) -> Path:
-        """Where the output of ``dovecot -F`` goes."""
-        return self.directory / "dovecot-fg.out"
+    #: Where the output of ``dovecot -F`` goes.
+    start_output_path = InDirectory("dovecot-fg.out")
 
     @property
     def ports(self) -> list[int]:
