@@ -6,8 +6,6 @@ response lines into the one ``SendToClient`` per line the machine emits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +19,6 @@ from protocols._base import (
     Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -47,13 +44,13 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    bytewise,
+    Transcripts,
     check_transition,
     drain,
-    drawn_cuts,
     play,
     reachable,
     run,
+    split_invariance_tests,
 )
 
 CAPABILITIES = IMAP.capabilities
@@ -979,69 +976,69 @@ def test_every_state_is_reachable() -> None:
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "starttls": (
-        settings(identity=BackendIdentity.IMAP_ID),
-        (
-            Client(b'a1 CAPABILITY\r\na2 ID ("name" {4}\r\n'),
-            Client(b"mutt)\r\na3 STARTTLS\r\n"),
-            TLS(),
-            Connected(),
-            Backend(BACKEND_GREETING + b'* ID ("name" {7}\r\nDovecot)\r\nstp0 OK ID done\r\n'),
-            Client(b"a4 LOGIN {5+}\r\nalice secret\r\na5 SELECT INBOX\r\n"),
-            Backend(b"+ OK\r\n" + LOGGED_IN + SELECTED),
-            Client(b"a6 APPEND INBOX {%d}\r\n" % len(MESSAGE)),
-            Backend(b"+ OK\r\n"),
-            Client(MESSAGE + b"\r\na7 STARTTLS\r\na8 IDLE\r\n"),
-            Backend(b"a6 OK appended\r\n+ idling\r\n* 2 EXISTS\r\n"),
-            Client(b"DONE\r\na9 UID FETCH 2 BODY[]\r\n"),
-            Backend(b"a8 OK done\r\n" + FETCH_HEAD + MESSAGE + b")\r\na9 OK fetched\r\n"),
-            Client(b"a10 LOGOUT\r\n"),
-            Backend(b"* BYE bye\r\na10 OK bye\r\n"),
-            EOF(Side.BACKEND),
+TRANSCRIPTS = Transcripts(
+    IMAP,
+    {
+        "starttls": (
+            settings(identity=BackendIdentity.IMAP_ID),
+            (
+                Client(b'a1 CAPABILITY\r\na2 ID ("name" {4}\r\n'),
+                Client(b"mutt)\r\na3 STARTTLS\r\n"),
+                TLS(),
+                Connected(),
+                Backend(BACKEND_GREETING + b'* ID ("name" {7}\r\nDovecot)\r\nstp0 OK ID done\r\n'),
+                Client(b"a4 LOGIN {5+}\r\nalice secret\r\na5 SELECT INBOX\r\n"),
+                Backend(b"+ OK\r\n" + LOGGED_IN + SELECTED),
+                Client(b"a6 APPEND INBOX {%d}\r\n" % len(MESSAGE)),
+                Backend(b"+ OK\r\n"),
+                Client(MESSAGE + b"\r\na7 STARTTLS\r\na8 IDLE\r\n"),
+                Backend(b"a6 OK appended\r\n+ idling\r\n* 2 EXISTS\r\n"),
+                Client(b"DONE\r\na9 UID FETCH 2 BODY[]\r\n"),
+                Backend(b"a8 OK done\r\n" + FETCH_HEAD + MESSAGE + b")\r\na9 OK fetched\r\n"),
+                Client(b"a10 LOGOUT\r\n"),
+                Backend(b"* BYE bye\r\na10 OK bye\r\n"),
+                EOF(Side.BACKEND),
+            ),
         ),
-    ),
-    "plaintext": (
-        settings(require_tls=False, max_line_length=100),
-        (
-            Client(b"a1 LOGIN alice secret\r\na2 STARTTLS\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING + LOGGED_IN.replace(b"a4", b"a1")),
-            Client(b"a3 AUTHENTICATE PLAIN\r\n" + b"x" * 300 + b"\r\na4 NOOP\r\n"),
-            Backend(b"+ \r\na3 NO no\r\n"),
-            Client(b"a5 APPEND x {7+}\r\na9 XY\r\n"),
-            Backend(b"a4 OK\r\na5 NO [TRYCREATE] no\r\n"),
+        "plaintext": (
+            settings(require_tls=False, max_line_length=100),
+            (
+                Client(b"a1 LOGIN alice secret\r\na2 STARTTLS\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING + LOGGED_IN.replace(b"a4", b"a1")),
+                Client(b"a3 AUTHENTICATE PLAIN\r\n" + b"x" * 300 + b"\r\na4 NOOP\r\n"),
+                Backend(b"+ \r\na3 NO no\r\n"),
+                Client(b"a5 APPEND x {7+}\r\na9 XY\r\n"),
+                Backend(b"a4 OK\r\na5 NO [TRYCREATE] no\r\n"),
+            ),
         ),
-    ),
-    "pre-tls garbage": (
-        settings(max_line_length=100),
-        (
-            Client(b"\r\n* NOOP\r\na1 NOOP\r\na2 LOGIN {3+}\r\nabc\r\na3 STARTTLS x\r\n"),
-            Client(b"A" * 250 + b"\r\na4 ID ({2}\r\nab)\r\na5 LOGIN x\rcr\r\na6 LOGOUT\r\n"),
+        "pre-tls garbage": (
+            settings(max_line_length=100),
+            (
+                Client(b"\r\n* NOOP\r\na1 NOOP\r\na2 LOGIN {3+}\r\nabc\r\na3 STARTTLS x\r\n"),
+                Client(b"A" * 250 + b"\r\na4 ID ({2}\r\nab)\r\na5 LOGIN x\rcr\r\na6 LOGOUT\r\n"),
+            ),
         ),
-    ),
-    "implicit": (
-        settings(tls_mode=TLSMode.IMPLICIT, max_reply_line_length=160),
-        (
-            TLS(),
-            Client(b"a1 SEARCH ALL\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Backend(b"* SEARCH" + b" 1234" * 40 + b"\r\n* 1 FETCH (" + b"X" * 200 + b" {3}\r\n"),
-            Backend(b"abc)\r\na1 OK\r\n"),
+        "implicit": (
+            settings(tls_mode=TLSMode.IMPLICIT, max_reply_line_length=160),
+            (
+                TLS(),
+                Client(b"a1 SEARCH ALL\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Backend(
+                    b"* SEARCH" + b" 1234" * 40 + b"\r\n* 1 FETCH (" + b"X" * 200 + b" {3}\r\n"
+                ),
+                Backend(b"abc)\r\na1 OK\r\n"),
+            ),
         ),
-    ),
-}
+    },
+)
 
 
-def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
-    settings_, events = TRANSCRIPTS[name]
-    return play(IMAPMachine(settings_, PEER), events, cuts)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS.sessions)
 def test_transcripts_end_as_expected(name: str) -> None:
-    to_client, to_backend, others = _outcome(name, None)
+    to_client, to_backend, others = TRANSCRIPTS.outcome(name)
     assert b"a7 STARTTLS" not in to_backend
     if name == "starttls":
         assert b"a4 LOGIN {5}\r\nalice secret\r\n" in to_backend
@@ -1058,14 +1055,7 @@ def test_transcripts_end_as_expected(name: str) -> None:
         assert to_client.endswith(b"abc)\r\na1 OK\r\n")
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 # --------------------------------------------------------------------------

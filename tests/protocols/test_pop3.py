@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -19,7 +18,6 @@ from protocols._base import (
     Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -44,13 +42,13 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    bytewise,
+    Transcripts,
     check_transition,
     drain,
-    drawn_cuts,
     play,
     reachable,
     run,
+    split_invariance_tests,
 )
 
 CAPABILITIES = POP3.capabilities
@@ -738,63 +736,67 @@ def test_every_state_is_reachable_and_every_input_used() -> None:
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "stls": (
-        settings(identity=BackendIdentity.POP3_XCLIENT),
-        (
-            Client(b"CAPA\r\nNOOP\r\n"),
-            Client(b"STLS\r\n"),
-            Client(b"USER evil\r\n"),
-            TLS(),
-            Connected(),
-            Backend(DOVECOT_GREETING),
-            Backend(b"+OK Updated\r\n"),
-            Client(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"),
-            Backend(BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"),
-            Backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
-            Client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
-            Backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+TRANSCRIPTS = Transcripts(
+    POP3,
+    {
+        "stls": (
+            settings(identity=BackendIdentity.POP3_XCLIENT),
+            (
+                Client(b"CAPA\r\nNOOP\r\n"),
+                Client(b"STLS\r\n"),
+                Client(b"USER evil\r\n"),
+                TLS(),
+                Connected(),
+                Backend(DOVECOT_GREETING),
+                Backend(b"+OK Updated\r\n"),
+                Client(
+                    b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"
+                ),
+                Backend(
+                    BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"
+                ),
+                Backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
+                Client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
+                Backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+            ),
         ),
-    ),
-    "plaintext auth": (
-        settings(require_tls=False, max_line_length=100),
-        (
-            Client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Backend(b"+ \r\n"),
-            Backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
-            Client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
-            Backend(b"+ VXNlcm5hbWU6\r\n"),
-            Backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
-            Client(b"QUIT\r\n"),
-            Backend(b"+OK Logging out.\r\n"),
+        "plaintext auth": (
+            settings(require_tls=False, max_line_length=100),
+            (
+                Client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Backend(b"+ \r\n"),
+                Backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
+                Client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
+                Backend(b"+ VXNlcm5hbWU6\r\n"),
+                Backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
+                Client(b"QUIT\r\n"),
+                Backend(b"+OK Logging out.\r\n"),
+            ),
         ),
-    ),
-    "pre-tls garbage": (
-        settings(max_line_length=100),
-        (
-            Client(b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"),
-            Client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+        "pre-tls garbage": (
+            settings(max_line_length=100),
+            (
+                Client(
+                    b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"
+                ),
+                Client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+            ),
         ),
-    ),
-    "implicit": (
-        settings(tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Client(b"CAPA\r\nTOP 1 0\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING + BACKEND_CAPA),
-            Backend(b"+OK\r\n..\r\n\r\n.\r\n"),
-            EOF(Side.BACKEND),
+        "implicit": (
+            settings(tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Client(b"CAPA\r\nTOP 1 0\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING + BACKEND_CAPA),
+                Backend(b"+OK\r\n..\r\n\r\n.\r\n"),
+                EOF(Side.BACKEND),
+            ),
         ),
-    ),
-}
-
-
-def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
-    settings_, events = TRANSCRIPTS[name]
-    return play(POP3Machine(settings_, PEER), events, cuts)
+    },
+)
 
 
 def test_transcripts_end_as_expected() -> None:
@@ -804,8 +806,8 @@ def test_transcripts_end_as_expected() -> None:
         "pre-tls garbage": CloseConnection("client quit", clean=True),
         "implicit": CloseConnection("backend closed"),
     }
-    for name in TRANSCRIPTS:
-        to_client, to_backend, others = _outcome(name, None)
+    for name in TRANSCRIPTS.sessions:
+        to_client, to_backend, others = TRANSCRIPTS.outcome(name)
         assert others[-1] == expected_ends[name]
         assert b"evil" not in to_backend
         assert b"PLUS" not in to_client
@@ -817,14 +819,7 @@ def test_transcripts_end_as_expected() -> None:
             assert b"*\r\nRETR 1\r\n" in to_backend
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 # --------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -19,7 +18,6 @@ from protocols._base import (
     Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -45,14 +43,13 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    Transcripts,
     backend_bytes,
-    bytewise,
     check_transition,
     drain,
-    drawn_cuts,
-    play,
     reachable,
     run,
+    split_invariance_tests,
 )
 
 CAPABILITIES = SMTP.capabilities
@@ -830,70 +827,72 @@ def test_every_state_is_reachable() -> None:
 # Split invariance: the same bytes cut anywhere give the same session.
 
 SPLIT_BODY = b"Subject: x\r\n\r\nSTARTTLS\r\n..stuffed\r\n\r\n\xe9\xff\r\n"
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "starttls": (
-        settings(),
-        (
-            Client(b"EHLO client.example\r\nNOOP\r\n"),
-            Client(b"STARTTLS\r\n"),
-            TLS(),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Client(b"EHLO client.example\r\n"),
-            Backend(BACKEND_EHLO),
-            Client(b"MAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"),
-            Backend(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"),
-            Client(SPLIT_BODY + b".\r\nMAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.net>\r\n"),
-            Backend(b"250-2.0.0 Ok:\r\n250 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
-            Client(b"BDAT 16\r\nSTARTTLS\r\nQUIT\r\nBDAT 0 LAST\r\nQUIT\r\n"),
-            Backend(b"250 2.0.0 16 octets\r\n250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+TRANSCRIPTS = Transcripts(
+    SMTP,
+    {
+        "starttls": (
+            settings(),
+            (
+                Client(b"EHLO client.example\r\nNOOP\r\n"),
+                Client(b"STARTTLS\r\n"),
+                TLS(),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Client(b"EHLO client.example\r\n"),
+                Backend(BACKEND_EHLO),
+                Client(
+                    b"MAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                ),
+                Backend(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"),
+                Client(
+                    SPLIT_BODY + b".\r\nMAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.net>\r\n"
+                ),
+                Backend(b"250-2.0.0 Ok:\r\n250 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
+                Client(b"BDAT 16\r\nSTARTTLS\r\nQUIT\r\nBDAT 0 LAST\r\nQUIT\r\n"),
+                Backend(b"250 2.0.0 16 octets\r\n250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+            ),
         ),
-    ),
-    "plaintext": (
-        settings(require_tls=False),
-        (
-            Client(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Backend(BACKEND_EHLO),
-            Backend(b"250 2.1.0 Ok\r\n"),
-            Client(b"x" * 3000 + b"\r\nEHLO client.example\r\n"),
-            Backend(BACKEND_EHLO),
-            Client(b"QUIT\r\n"),
-            Backend(b"221 2.0.0 Bye\r\n"),
+        "plaintext": (
+            settings(require_tls=False),
+            (
+                Client(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Backend(BACKEND_EHLO),
+                Backend(b"250 2.1.0 Ok\r\n"),
+                Client(b"x" * 3000 + b"\r\nEHLO client.example\r\n"),
+                Backend(BACKEND_EHLO),
+                Client(b"QUIT\r\n"),
+                Backend(b"221 2.0.0 Bye\r\n"),
+            ),
         ),
-    ),
-    "pre-tls garbage": (
-        settings(max_line_length=100),
-        (
-            Client(b"\r\nNOOP\r\nBDAT 13 LAST\r\nSTARTTLS\r\nxyzNOOP\nRSET\r\r\n"),
-            Client(b"A" * 250 + b"\r\nHELP\r\nAUTH LOGIN\r\nEHLO x\r\nQUIT\r\n"),
+        "pre-tls garbage": (
+            settings(max_line_length=100),
+            (
+                Client(b"\r\nNOOP\r\nBDAT 13 LAST\r\nSTARTTLS\r\nxyzNOOP\nRSET\r\r\n"),
+                Client(b"A" * 250 + b"\r\nHELP\r\nAUTH LOGIN\r\nEHLO x\r\nQUIT\r\n"),
+            ),
         ),
-    ),
-    "smuggling": (
-        settings(identity=BackendIdentity.XCLIENT, tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Connected(),
-            Backend(b"220 mx\r\n"),
-            Backend(b"250-mx\r\n250 XCLIENT ADDR NAME\r\n"),
-            Backend(b"220 mx\r\n"),
-            Client(b"DATA\r\n"),
-            Backend(b"354 go ahead\r\n"),
-            Client(b"text\r\n..\r\n.\r\r\n.\nMAIL FROM:<evil@example.org>\r\n.\r\n"),
+        "smuggling": (
+            settings(identity=BackendIdentity.XCLIENT, tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Connected(),
+                Backend(b"220 mx\r\n"),
+                Backend(b"250-mx\r\n250 XCLIENT ADDR NAME\r\n"),
+                Backend(b"220 mx\r\n"),
+                Client(b"DATA\r\n"),
+                Backend(b"354 go ahead\r\n"),
+                Client(b"text\r\n..\r\n.\r\r\n.\nMAIL FROM:<evil@example.org>\r\n.\r\n"),
+            ),
         ),
-    ),
-}
+    },
+)
 
 
-def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
-    settings_, events = TRANSCRIPTS[name]
-    return play(SMTPMachine(settings_, PEER), events, cuts)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS.sessions)
 def test_transcripts_end_as_expected(name: str) -> None:
-    to_client, to_backend, others = _outcome(name, None)
+    to_client, to_backend, others = TRANSCRIPTS.outcome(name)
     assert isinstance(others[-1], CloseConnection)
     assert b"XCLIENT ADDR=203" not in to_backend
     if name == "starttls":
@@ -904,14 +903,7 @@ def test_transcripts_end_as_expected(name: str) -> None:
         assert to_backend.endswith(b"DATA\r\ntext\r\n..\r\n.")
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 # --------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from protocols._base import (
     OpenBackend,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -66,17 +65,16 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    Transcripts,
     backend_bytes,
-    bytewise,
     check_transition,
     client_bytes,
     client_header,
     drain,
-    drawn_cuts,
-    play,
     proxy_header,
     reachable,
     run,
+    split_invariance_tests,
 )
 
 PEER = XMPP.peer
@@ -701,66 +699,64 @@ def test_every_state_is_reachable() -> None:
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "starttls": (
-        settings(),
-        (
-            Client(b"\n" + HEADER + b" " + STARTTLS),
-            TLS(),
-            Client(HEADER),
-            Connected(),
-            Backend(BACKEND_HEADER + BACKEND_FEATURES),
-            Client(AUTH),
-            Backend(SUCCESS),
-            Client(
-                client_header()
-                + b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+TRANSCRIPTS = Transcripts(
+    XMPP,
+    {
+        "starttls": (
+            settings(),
+            (
+                Client(b"\n" + HEADER + b" " + STARTTLS),
+                TLS(),
+                Client(HEADER),
+                Connected(),
+                Backend(BACKEND_HEADER + BACKEND_FEATURES),
+                Client(AUTH),
+                Backend(SUCCESS),
+                Client(
+                    client_header()
+                    + b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+                ),
+                Backend(
+                    BACKEND_HEADER
+                    + BIND_FEATURES
+                    + "\n<iq type='result' id='b' a='>\u00e9'/>".encode()
+                ),
+                Client(MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"),
+                Backend(MESSAGE + b"</stream:stream>"),
             ),
-            Backend(
-                BACKEND_HEADER + BIND_FEATURES + "\n<iq type='result' id='b' a='>\u00e9'/>".encode()
+        ),
+        "plaintext": (
+            settings(require_tls=False, capabilities=(MECHANISMS.decode(),)),
+            (
+                Client(HEADER + AUTH),
+                Connected(),
+                Backend(BACKEND_HEADER + BACKEND_FEATURES + SUCCESS),
+                Client(HEADER + MESSAGE),
+                Backend(BACKEND_HEADER + BIND_FEATURES + b"<a><![CDATA[</a>]]></a>"),
+                Client(b"</stream:stream>"),
+                Backend(b"</stream:stream>"),
             ),
-            Client(MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"),
-            Backend(MESSAGE + b"</stream:stream>"),
         ),
-    ),
-    "plaintext": (
-        settings(require_tls=False, capabilities=(MECHANISMS.decode(),)),
-        (
-            Client(HEADER + AUTH),
-            Connected(),
-            Backend(BACKEND_HEADER + BACKEND_FEATURES + SUCCESS),
-            Client(HEADER + MESSAGE),
-            Backend(BACKEND_HEADER + BIND_FEATURES + b"<a><![CDATA[</a>]]></a>"),
-            Client(b"</stream:stream>"),
-            Backend(b"</stream:stream>"),
+        "attack": (
+            settings(),
+            (Client(HEADER + "<message><body>\u00e9\u00e9".encode() + b"<a>" * 20),),
         ),
-    ),
-    "attack": (
-        settings(),
-        (Client(HEADER + "<message><body>\u00e9\u00e9".encode() + b"<a>" * 20),),
-    ),
-    "bad utf-8": (
-        settings(tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Client(HEADER + "<message><body>caf\u00e9".encode() + b"\xe9</body></message>"),
-            Connected(),
-            Backend(BACKEND_HEADER),
+        "bad utf-8": (
+            settings(tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Client(HEADER + "<message><body>caf\u00e9".encode() + b"\xe9</body></message>"),
+                Connected(),
+                Backend(BACKEND_HEADER),
+            ),
         ),
-    ),
-}
+    },
+)
 
 
-def _play(
-    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]] | None = None
-) -> tuple[bytes, bytes, list[Command]]:
-    return play(XMPPClientMachine(settings_, PEER), events, cuts)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS.sessions)
 def test_transcripts_end_as_expected(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    to_client, to_backend, others = _play(settings_, events)
+    to_client, to_backend, others = TRANSCRIPTS.outcome(name)
     assert isinstance(others[-1], CloseConnection)
     assert b"<iq/>" not in to_backend
     if name in ("starttls", "plaintext"):
@@ -777,16 +773,7 @@ def test_transcripts_end_as_expected(name: str) -> None:
         assert to_client.endswith(error("not-well-formed"))
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    assert _play(settings_, events, bytewise(events)) == _play(settings_, events)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    assert _play(settings_, events, drawn_cuts(data, events)) == _play(settings_, events)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 def _tokens(stream: bytes, cuts: Sequence[int]) -> list[tuple[str, bytes]] | str:

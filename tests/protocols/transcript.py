@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from enum import Enum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols._base import (
@@ -570,3 +572,41 @@ XMPP = Dialogue(
 
 LINE_DIALOGUES: tuple[LineDialogue[Any], ...] = (SMTP, POP3, IMAP)
 DIALOGUES: tuple[Dialogue[Any], ...] = (*LINE_DIALOGUES, XMPP)
+
+
+@dataclasses.dataclass(frozen=True)
+class Transcripts:
+    """Whole sessions of one protocol by name: the settings of the listener
+    and the events, for the tests where only the bytes matter."""
+
+    dialogue: Dialogue[Any]
+    sessions: Mapping[str, tuple[SessionSettings, tuple[Event, ...]]]
+
+    def outcome(
+        self, name: str, cuts: Sequence[Sequence[int]] | None = None
+    ) -> tuple[bytes, bytes, list[Command]]:
+        """What session ``name`` sends the client and the backend, and its
+        other commands, with its data cut at ``cuts`` (see ``play``)."""
+        settings, events = self.sessions[name]
+        return play(self.dialogue.machine(settings, self.dialogue.peer), events, cuts)
+
+
+def split_invariance_tests(
+    transcripts: Transcripts,
+) -> tuple[Callable[[str], None], Callable[..., None]]:
+    """The two split invariance tests of ``transcripts``, for a protocol's
+    test module to name ``test_split_one_byte_at_a_time`` and
+    ``test_split_invariance``: the same bytes cut anywhere give the same
+    session."""
+
+    @pytest.mark.parametrize("name", list(transcripts.sessions))
+    def one_byte_at_a_time(name: str) -> None:
+        events = transcripts.sessions[name][1]
+        assert transcripts.outcome(name, bytewise(events)) == transcripts.outcome(name)
+
+    @given(st.sampled_from(sorted(transcripts.sessions)), st.data())
+    def cut_anywhere(name: str, data: st.DataObject) -> None:
+        events = transcripts.sessions[name][1]
+        assert transcripts.outcome(name, drawn_cuts(data, events)) == transcripts.outcome(name)
+
+    return one_byte_at_a_time, cut_anywhere
