@@ -47,6 +47,7 @@ from tests.protocols.transcript import (
     Transcripts,
     check_transition,
     drain,
+    exchange,
     play,
     reachable,
     run,
@@ -137,10 +138,7 @@ def idling() -> IMAPMachine:
     machine = relaying()
     run(
         machine,
-        Client(b"a1 IDLE\r\n"),
-        SendToBackend(b"a1 IDLE\r\n"),
-        Backend(b"+ idling\r\n"),
-        SendToClient(b"+ idling\r\n"),
+        *exchange(b"a1 IDLE\r\n", b"+ idling\r\n"),
     )
     return machine
 
@@ -152,10 +150,7 @@ def appending() -> IMAPMachine:
     append = b"a7 APPEND INBOX (\\Seen) {%d}\r\n" % len(MESSAGE)
     run(
         machine,
-        Client(append),
-        SendToBackend(append),
-        Backend(b"+ OK\r\n"),
-        SendToClient(b"+ OK\r\n"),
+        *exchange(append, b"+ OK\r\n"),
         Client(MESSAGE[:20]),
         SendToBackend(MESSAGE[:20]),
     )
@@ -392,10 +387,7 @@ def test_idle_ended_by_the_backend() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"a1 IDLE\r\n"),
-        SendToBackend(b"a1 IDLE\r\n"),
-        Backend(b"a1 BAD IDLE disabled\r\n"),
-        SendToClient(b"a1 BAD IDLE disabled\r\n"),
+        *exchange(b"a1 IDLE\r\n", b"a1 BAD IDLE disabled\r\n"),
         Client(b"a2 NOOP\r\n"),
         SendToBackend(b"a2 NOOP\r\n"),
     )
@@ -417,10 +409,7 @@ def test_authenticate_with_continuations() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"a4 AUTHENTICATE PLAIN\r\n"),
-        SendToBackend(b"a4 AUTHENTICATE PLAIN\r\n"),
-        Backend(b"+ \r\n"),
-        SendToClient(b"+ \r\n"),
+        *exchange(b"a4 AUTHENTICATE PLAIN\r\n", b"+ \r\n"),
         Client(b"AGFsaWNlAHNlY3JldA==\r\n"),
         SendToBackend(b"AGFsaWNlAHNlY3JldA==\r\n"),
         Backend(LOGGED_IN),
@@ -430,14 +419,8 @@ def test_authenticate_with_continuations() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"a4 AUTHENTICATE LOGIN\r\n"),
-        SendToBackend(b"a4 AUTHENTICATE LOGIN\r\n"),
-        Backend(b"+ VXNlcm5hbWU6\r\n"),
-        SendToClient(b"+ VXNlcm5hbWU6\r\n"),
-        Client(b"YWxpY2U=\r\n"),
-        SendToBackend(b"YWxpY2U=\r\n"),
-        Backend(b"+ UGFzc3dvcmQ6\r\n"),
-        SendToClient(b"+ UGFzc3dvcmQ6\r\n"),
+        *exchange(b"a4 AUTHENTICATE LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
+        *exchange(b"YWxpY2U=\r\n", b"+ UGFzc3dvcmQ6\r\n"),
         Client(b"a5 COMPRESS DEFLATE\r\n"),
         SendToBackend(b"*\r\n"),
         Backend(b"a4 BAD Authentication aborted by client.\r\n"),
@@ -493,10 +476,9 @@ def test_refused_non_synchronizing_literal_is_dropped() -> None:
     # Refused with a synchronizing literal: the client sends none.
     run(
         machine,
-        Client(b"a9 APPEND nosuch {5}\r\n"),
-        SendToBackend(b"a9 APPEND nosuch {5}\r\n"),
-        Backend(b"a9 NO [TRYCREATE] Mailbox doesn't exist: nosuch\r\n"),
-        SendToClient(b"a9 NO [TRYCREATE] Mailbox doesn't exist: nosuch\r\n"),
+        *exchange(
+            b"a9 APPEND nosuch {5}\r\n", b"a9 NO [TRYCREATE] Mailbox doesn't exist: nosuch\r\n"
+        ),
         Client(b"a10 NOOP\r\n"),
         SendToBackend(b"a10 NOOP\r\n"),
     )
@@ -739,10 +721,7 @@ def test_oversize_literal_refused() -> None:
     machine = relaying(max_literal_size=100)
     run(
         machine,
-        Client(b"a1 APPEND INBOX {3}\r\n"),
-        SendToBackend(b"a1 APPEND INBOX {3}\r\n"),
-        Backend(b"+ OK\r\n"),
-        SendToClient(b"+ OK\r\n"),
+        *exchange(b"a1 APPEND INBOX {3}\r\n", b"+ OK\r\n"),
         Client(b"abc {101}\r\n"),
         SendToBackend(b"abc"),
         SendToClient(b"* BYE [TOOBIG] Literal too large\r\n"),
@@ -760,10 +739,7 @@ def test_overlong_line_after_a_literal_ends_the_session() -> None:
     machine = relaying(max_line_length=64)
     run(
         machine,
-        Client(b"a3 APPEND INBOX {1}\r\n"),
-        SendToBackend(b"a3 APPEND INBOX {1}\r\n"),
-        Backend(b"+ OK\r\n"),
-        SendToClient(b"+ OK\r\n"),
+        *exchange(b"a3 APPEND INBOX {1}\r\n", b"+ OK\r\n"),
         Client(b"x" + b"y" * 100),
         SendToBackend(b"x"),
         SendToClient(b"* BYE [TOOBIG] Line too long\r\n"),
@@ -830,10 +806,7 @@ def test_literal_announced_but_never_sent() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"a1 APPEND INBOX {1000000}\r\n"),
-        SendToBackend(b"a1 APPEND INBOX {1000000}\r\n"),
-        Backend(b"+ OK\r\n"),
-        SendToClient(b"+ OK\r\n"),
+        *exchange(b"a1 APPEND INBOX {1000000}\r\n", b"+ OK\r\n"),
         Client(b"x" * 10),
         SendToBackend(b"x" * 10),
     )

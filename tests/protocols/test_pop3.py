@@ -45,6 +45,7 @@ from tests.protocols.transcript import (
     Transcripts,
     check_transition,
     drain,
+    exchange,
     play,
     reachable,
     run,
@@ -84,10 +85,7 @@ MESSAGE = (
     b"\xe9t\xe9 \xff\x00 8-bit\r\n.\r\n"
 )
 QUIT_STEPS: tuple[Event | Command, ...] = (
-    Client(b"QUIT\r\n"),
-    SendToBackend(b"QUIT\r\n"),
-    Backend(b"+OK Logging out.\r\n"),
-    SendToClient(b"+OK Logging out.\r\n"),
+    *exchange(b"QUIT\r\n", b"+OK Logging out.\r\n"),
     CloseConnection("client quit", clean=True),
 )
 AUTH_PLAIN = b"AGFsaWNlAGFsaWNlcHc="
@@ -129,28 +127,13 @@ def test_full_stls_session() -> None:
         SendToBackend(b"CAPA\r\n"),
         Backend(BACKEND_CAPA),
         SendToClient(RELAYED_CAPA),
-        Client(b"USER alice\r\n"),
-        SendToBackend(b"USER alice\r\n"),
-        Backend(b"+OK\r\n"),
-        SendToClient(b"+OK\r\n"),
-        Client(b"PASS alicepw\r\n"),
-        SendToBackend(b"PASS alicepw\r\n"),
-        Backend(b"+OK Logged in.\r\n"),
-        SendToClient(b"+OK Logged in.\r\n"),
-        Client(b"STAT\r\n"),
-        SendToBackend(b"STAT\r\n"),
-        Backend(b"+OK 1 165\r\n"),
-        SendToClient(b"+OK 1 165\r\n"),
-        Client(b"RETR 1\r\n"),
-        SendToBackend(b"RETR 1\r\n"),
-        Backend(b"+OK 165 octets\r\n"),
-        SendToClient(b"+OK 165 octets\r\n"),
+        *exchange(b"USER alice\r\n", b"+OK\r\n"),
+        *exchange(b"PASS alicepw\r\n", b"+OK Logged in.\r\n"),
+        *exchange(b"STAT\r\n", b"+OK 1 165\r\n"),
+        *exchange(b"RETR 1\r\n", b"+OK 165 octets\r\n"),
         Backend(MESSAGE),
         SendToClient(MESSAGE),
-        Client(b"DELE 1\r\n"),
-        SendToBackend(b"DELE 1\r\n"),
-        Backend(b"+OK Marked to be deleted.\r\n"),
-        SendToClient(b"+OK Marked to be deleted.\r\n"),
+        *exchange(b"DELE 1\r\n", b"+OK Marked to be deleted.\r\n"),
         *QUIT_STEPS,
     )
     assert machine.state is State.CLOSED
@@ -377,23 +360,11 @@ def test_auth_exchanges_with_initial_response_cancel_and_listing() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH LOGIN\r\n"),
-        SendToBackend(b"AUTH LOGIN\r\n"),
-        Backend(b"+ VXNlcm5hbWU6\r\n"),
-        SendToClient(b"+ VXNlcm5hbWU6\r\n"),
+        *exchange(b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
         # "STLS" here is the SASL response to the challenge, not a command.
-        Client(b"STLS\r\n"),
-        SendToBackend(b"STLS\r\n"),
-        Backend(b"+ UGFzc3dvcmQ6\r\n"),
-        SendToClient(b"+ UGFzc3dvcmQ6\r\n"),
-        Client(b"*\r\n"),
-        SendToBackend(b"*\r\n"),
-        Backend(b"-ERR Authentication aborted by client.\r\n"),
-        SendToClient(b"-ERR Authentication aborted by client.\r\n"),
-        Client(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
-        SendToBackend(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
-        Backend(b"-ERR [AUTH] Authentication failed.\r\n"),
-        SendToClient(b"-ERR [AUTH] Authentication failed.\r\n"),
+        *exchange(b"STLS\r\n", b"+ UGFzc3dvcmQ6\r\n"),
+        *exchange(b"*\r\n", b"-ERR Authentication aborted by client.\r\n"),
+        *exchange(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n", b"-ERR [AUTH] Authentication failed.\r\n"),
         Client(b"AUTH\r\n"),
         SendToBackend(b"AUTH\r\n"),
         Backend(b"+OK\r\nPLAIN\r\nSCRAM-SHA-1-PLUS\r\nLOGIN\r\n.\r\n"),
@@ -406,10 +377,7 @@ def test_overlong_sasl_response_cancels_the_exchange() -> None:
     machine = relaying(max_line_length=64)
     run(
         machine,
-        Client(b"AUTH PLAIN\r\n"),
-        SendToBackend(b"AUTH PLAIN\r\n"),
-        Backend(b"+ \r\n"),
-        SendToClient(b"+ \r\n"),
+        *exchange(b"AUTH PLAIN\r\n", b"+ \r\n"),
         Client(b"A" * 100 + b"\r\nSTAT\r\n"),
         SendToBackend(b"*\r\n"),
         Backend(b"-ERR Authentication aborted by client.\r\n"),
@@ -577,10 +545,7 @@ def test_plus_mechanisms_stripped_after_tls() -> None:
         ),
         # Nothing is left of SASL: the line goes; dot-stuffing survives.
         SendToClient(b"+OK List follows\r\nIMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"),
-        Client(b"CAPA\r\n"),
-        SendToBackend(b"CAPA\r\n"),
-        Backend(b"-ERR no CAPA here\r\n"),
-        SendToClient(b"-ERR no CAPA here\r\n"),
+        *exchange(b"CAPA\r\n", b"-ERR no CAPA here\r\n"),
     )
 
 
@@ -600,10 +565,7 @@ def test_timeout_busy_and_eof() -> None:
     run(relaying(), EOF(Side.BACKEND), CloseConnection("backend closed"))
     run(
         relaying(),
-        Client(b"RETR 1\r\n"),
-        SendToBackend(b"RETR 1\r\n"),
-        Backend(b"+OK\r\n"),
-        SendToClient(b"+OK\r\n"),
+        *exchange(b"RETR 1\r\n", b"+OK\r\n"),
         EOF(Side.BACKEND),
         UNAVAILABLE,
         CloseConnection("backend closed"),
@@ -685,10 +647,7 @@ def test_backend_answering_while_client_owes_a_sasl_response() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH PLAIN\r\n"),
-        SendToBackend(b"AUTH PLAIN\r\n"),
-        Backend(b"+ \r\n"),
-        SendToClient(b"+ \r\n"),
+        *exchange(b"AUTH PLAIN\r\n", b"+ \r\n"),
         Backend(b"-ERR timeout\r\n"),
         SendToClient(b"-ERR timeout\r\n"),
         UNAVAILABLE,

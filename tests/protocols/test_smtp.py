@@ -47,6 +47,7 @@ from tests.protocols.transcript import (
     backend_bytes,
     check_transition,
     drain,
+    exchange,
     reachable,
     run,
     split_invariance_tests,
@@ -85,10 +86,7 @@ RELAYED_EHLO = (
     b"250 CHUNKING\r\n"
 )
 QUIT_STEPS: tuple[Event | Command, ...] = (
-    Client(b"QUIT\r\n"),
-    SendToBackend(b"QUIT\r\n"),
-    Backend(b"221 2.0.0 Bye\r\n"),
-    SendToClient(b"221 2.0.0 Bye\r\n"),
+    *exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n"),
     CloseConnection("client quit", clean=True),
 )
 
@@ -98,10 +96,7 @@ def in_body(**overrides: object) -> SMTPMachine:
     machine = relaying(**overrides)
     run(
         machine,
-        Client(b"DATA\r\n"),
-        SendToBackend(b"DATA\r\n"),
-        Backend(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        SendToClient(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        *exchange(b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
     )
     assert machine.state is State.DATA_BODY
     return machine
@@ -130,22 +125,10 @@ def test_full_starttls_session() -> None:
         SendToBackend(b"EHLO client.example\r\n"),
         Backend(BACKEND_EHLO),
         SendToClient(RELAYED_EHLO),
-        Client(b"MAIL FROM:<a@example.org>\r\n"),
-        SendToBackend(b"MAIL FROM:<a@example.org>\r\n"),
-        Backend(b"250 2.1.0 Ok\r\n"),
-        SendToClient(b"250 2.1.0 Ok\r\n"),
-        Client(b"RCPT TO:<b@example.net>\r\n"),
-        SendToBackend(b"RCPT TO:<b@example.net>\r\n"),
-        Backend(b"250 2.1.5 Ok\r\n"),
-        SendToClient(b"250 2.1.5 Ok\r\n"),
-        Client(b"DATA\r\n"),
-        SendToBackend(b"DATA\r\n"),
-        Backend(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        SendToClient(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        Client(body + b".\r\n"),
-        SendToBackend(body + b".\r\n"),
-        Backend(b"250 2.0.0 Ok: queued as 4ABC\r\n"),
-        SendToClient(b"250 2.0.0 Ok: queued as 4ABC\r\n"),
+        *exchange(b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Ok\r\n"),
+        *exchange(b"RCPT TO:<b@example.net>\r\n", b"250 2.1.5 Ok\r\n"),
+        *exchange(b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        *exchange(body + b".\r\n", b"250 2.0.0 Ok: queued as 4ABC\r\n"),
         *QUIT_STEPS,
     )
     assert machine.state is State.CLOSED
@@ -387,10 +370,7 @@ def test_bdat_in_relay() -> None:
         Client(b"BDAT 11 LAST\r\n.\r\n"),
         SendToBackend(b"BDAT 11 LAST\r\n"),
         SendToBackend(b".\r\n"),
-        Client(b"QUIT\r\n"),
-        SendToBackend(b"QUIT\r\n"),
-        Backend(b"250 2.0.0 Ok: 12 octets\r\n"),
-        SendToClient(b"250 2.0.0 Ok: 12 octets\r\n"),
+        *exchange(b"QUIT\r\n", b"250 2.0.0 Ok: 12 octets\r\n"),
     )
     assert machine.state is State.BDAT_CHUNK
     run(
@@ -484,10 +464,7 @@ def test_ehlo_reply_without_extensions_left() -> None:
         SendToBackend(b"EHLO x\r\n"),
         Backend(b"250-mx.backend.test\r\n250-AUTH SCRAM-SHA-256-PLUS\r\n250 STARTTLS\r\n"),
         SendToClient(b"250 mx.backend.test\r\n"),
-        Client(b"EHLO\r\n"),
-        SendToBackend(b"EHLO\r\n"),
-        Backend(b"501 5.5.4 Syntax: EHLO hostname\r\n"),
-        SendToClient(b"501 5.5.4 Syntax: EHLO hostname\r\n"),
+        *exchange(b"EHLO\r\n", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     )
 
 
@@ -556,18 +533,9 @@ def test_sasl_responses_after_334_are_not_commands() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH LOGIN\r\n"),
-        SendToBackend(b"AUTH LOGIN\r\n"),
-        Backend(b"334 VXNlcm5hbWU6\r\n"),
-        SendToClient(b"334 VXNlcm5hbWU6\r\n"),
-        Client(b"STARTTLS\r\n"),
-        SendToBackend(b"STARTTLS\r\n"),
-        Backend(b"334 UGFzc3dvcmQ6\r\n"),
-        SendToClient(b"334 UGFzc3dvcmQ6\r\n"),
-        Client(b"\r\n"),
-        SendToBackend(b"\r\n"),
-        Backend(b"535 5.7.8 Error: authentication failed\r\n"),
-        SendToClient(b"535 5.7.8 Error: authentication failed\r\n"),
+        *exchange(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n"),
+        *exchange(b"STARTTLS\r\n", b"334 UGFzc3dvcmQ6\r\n"),
+        *exchange(b"\r\n", b"535 5.7.8 Error: authentication failed\r\n"),
         Client(b"STARTTLS\r\n"),
         SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
     )

@@ -71,6 +71,7 @@ from tests.protocols.transcript import (
     client_bytes,
     client_header,
     drain,
+    exchange,
     proxy_header,
     reachable,
     run,
@@ -134,10 +135,7 @@ def refused(machine: XMPPMachine, data: bytes) -> tuple[bytes, CloseConnection]:
 
 #: SASL success and the stream restart it calls for, relayed.
 SASL_RESTART: tuple[Event | Command, ...] = (
-    Client(AUTH),
-    SendToBackend(AUTH),
-    Backend(SUCCESS),
-    SendToClient(SUCCESS),
+    *exchange(AUTH, SUCCESS),
     Client(HEADER),
     SendToBackend(HEADER),
 )
@@ -156,10 +154,7 @@ def test_full_starttls_session() -> None:
         SendToBackend(b" "),
         Backend(MESSAGE),
         SendToClient(MESSAGE),
-        Client(b"</stream:stream>"),
-        SendToBackend(b"</stream:stream>"),
-        Backend(b"</stream:stream>"),
-        SendToClient(b"</stream:stream>"),
+        *exchange(b"</stream:stream>", b"</stream:stream>"),
         CloseConnection("backend closed the stream", clean=True),
     )
     assert machine.state is State.CLOSED

@@ -144,6 +144,12 @@ def run(machine: ProxyMachine, *steps: Event | Command) -> None:
     assert drain(machine) == [], "unexpected commands at the end"
 
 
+def exchange(command: bytes, reply: bytes) -> tuple[Event | Command, ...]:
+    """Transcript steps: the client's ``command`` relayed to the backend, and
+    the backend's ``reply`` relayed back, both unchanged."""
+    return (Client(command), SendToBackend(command), Backend(reply), SendToClient(reply))
+
+
 def backend_bytes(commands: Sequence[Command]) -> bytes:
     return b"".join(c.data for c in commands if isinstance(c, SendToBackend))
 
