@@ -17,8 +17,10 @@ from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import INSTALL_HINT, find_program
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
 from tests.realservers.ejabberd import EjabberdInstance, start_ejabberd
+from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, start_postfix
 from tests.realservers.prosody import ProsodyInstance, start_prosody
+from tests.realservers.proxy import ProxyProcess, running_proxy
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +43,12 @@ def test_certs_other(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.
     return write_test_certs(
         tmp_path_factory.mktemp("certs-other"), test_ca, ("other.example.test",)
     )
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """A free port for the metrics endpoint of the module's proxy."""
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +88,23 @@ def dovecot(
         tmp_path_factory.mktemp("dovecot"), test_certs.cert, test_certs.key
     ) as instance:
         yield instance
+
+
+@pytest.fixture(scope="module")
+def dovecot_proxy(
+    tmp_path_factory: pytest.TempPathFactory,
+    dovecot: DovecotInstance,
+    test_certs: CertFiles,
+    dovecot_protocol: str,
+) -> Iterator[ProxyProcess]:
+    """The proxy in front of Dovecot for the module's ``dovecot_protocol``
+    (see ``DovecotInstance.proxy_listeners``)."""
+    with running_proxy(
+        tmp_path_factory.mktemp(f"proxy-{dovecot_protocol}"),
+        [(test_certs.cert, test_certs.key)],
+        dovecot.proxy_listeners(dovecot_protocol),
+    ) as process:
+        yield process
 
 
 # -- XMPP backends ---------------------------------------------------------------------

@@ -12,7 +12,7 @@ from starttls_proxy import identity
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy
 
 BALANCER = "127.0.0.20"
 STRANGER = "127.0.0.21"
@@ -22,7 +22,7 @@ STRANGER = "127.0.0.21"
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, test_certs: CertFiles
 ) -> Iterator[ProxyProcess]:
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy-inbound"),
         [(test_certs.cert, test_certs.key)],
         [
@@ -33,10 +33,8 @@ def proxy(
                 trusted_proxies=[f"{BALANCER}/32"],
             ),
         ],
-    )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
+    ) as process:
+        yield process
 
 
 def _through_balancer(proxy: ProxyProcess, source: str, header: bytes) -> socket.socket:

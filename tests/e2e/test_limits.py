@@ -14,7 +14,7 @@ import pytest
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def proxy(
     silent_backend: socket.socket,
 ) -> Iterator[ProxyProcess]:
     unused = free_port()
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy-limits"),
         [(test_certs.cert, test_certs.key)],
         [
@@ -50,10 +50,8 @@ def proxy(
                 timeouts={"session_idle": 1},
             ),
         ],
-    )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
+    ) as process:
+        yield process
 
 
 def _connect(proxy: ProxyProcess) -> socket.socket:

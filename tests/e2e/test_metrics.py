@@ -12,14 +12,8 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
-from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
-
-
-@pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy, start_proxy
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +23,13 @@ def proxy(
     test_certs: CertFiles,
     metrics_port: int,
 ) -> Iterator[ProxyProcess]:
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy-metrics"),
         [(test_certs.cert, test_certs.key)],
         [listener("m", postfix.proxy_port, backend={"identity": "proxy-v2"})],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
-    )
-    yield process
-    assert process.stop() == 0
+    ) as process:
+        yield process
 
 
 Sample = tuple[str, frozenset[tuple[str, str]]]

@@ -25,7 +25,7 @@ from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy
 
 SESSIONS = 100
 
@@ -50,14 +50,12 @@ def live(tmp_path_factory: pytest.TempPathFactory, renewal: dict[str, CertFiles]
 def proxy(
     tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, live: Path
 ) -> Iterator[ProxyProcess]:
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy-reload"),
         [(live / "cert.pem", live / "key.pem")],
         [listener("smtp", postfix.proxy_port, backend={"identity": "proxy-v2"})],
-    )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
+    ) as process:
+        yield process
 
 
 def _serial(pem_or_der: bytes) -> int:

@@ -20,7 +20,7 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, message_body
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy
 
 BODY = (
     "Hello through the proxy.\r\n"
@@ -37,7 +37,7 @@ def proxy(
     tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, test_certs: CertFiles
 ) -> Iterator[ProxyProcess]:
     dead_port = free_port()
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy"),
         [(test_certs.cert, test_certs.key)],
         [
@@ -58,10 +58,8 @@ def proxy(
                 timeouts={"backend_connect": 2},
             ),
         ],
-    )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
+    ) as process:
+        yield process
 
 
 def _message(subject: str) -> bytes:

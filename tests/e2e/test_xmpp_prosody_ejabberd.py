@@ -30,7 +30,7 @@ from starttls_proxy.identity import proxy_v2
 from tests.realservers.certs import CertFiles
 from tests.realservers.ejabberd import EjabberdInstance
 from tests.realservers.prosody import ProsodyInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, running_proxy
 
 DOMAIN = "localhost"
 #: Markup as text, an end of CDATA, non-ASCII and a character the serializer escapes.
@@ -60,7 +60,7 @@ def proxy(
 ) -> Iterator[ProxyProcess]:
     xmpp: dict[str, Any] = {"protocol": "xmpp-client", "hostname": DOMAIN}
     ejabberd_options = {**xmpp, "backend": {"identity": "proxy-v2"}, "capabilities": []}
-    process = start_proxy(
+    with running_proxy(
         tmp_path_factory.mktemp("proxy"),
         [(test_certs.cert, test_certs.key), (test_certs_other.cert, test_certs_other.key)],
         [
@@ -73,10 +73,8 @@ def proxy(
             listener("ejabberd", ejabberd.proxy_port, **ejabberd_options),
             listener("ejabberd-direct", ejabberd.proxy_port, tls="implicit", **ejabberd_options),
         ],
-    )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
+    ) as process:
+        yield process
 
 
 # --------------------------------------------------------------------------
