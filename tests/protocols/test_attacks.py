@@ -1,5 +1,5 @@
-"""Attacks and limits that every protocol must withstand the same way, as
-transcripts over the dialogues of ``tests.protocols.transcript``."""
+"""Attacks, limits and failures that every protocol must withstand the same
+way, as transcripts over the dialogues of ``tests.protocols.transcript``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols._base import SendToBackend, Side
+from protocols._base import CloseConnection, SendToBackend, Side
 from tests.protocols.transcript import (
     DIALOGUES,
     LINE_DIALOGUES,
@@ -17,7 +17,9 @@ from tests.protocols.transcript import (
     TLS,
     Backend,
     Client,
+    Connected,
     Dialogue,
+    Failed,
     LineDialogue,
     ShuttingDown,
     check_pre_tls_bytes,
@@ -123,6 +125,28 @@ def test_shutdown_goodbye_before_tls_and_in_relay(dialogue: LineDialogue[Any]) -
     assert machine.state.name == "CLOSED"
     # Once closed, the machine ignores the proxy's end and the backend.
     run(machine, ShuttingDown(), Backend(dialogue.backend_greeting))
+
+
+@line_protocols
+def test_backend_unreachable(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.connecting()
+    reason = "connection refused"
+    run(machine, Failed(reason), dialogue.unavailable, CloseConnection(reason))
+    assert machine.state.name == "CLOSED"
+
+
+@line_protocols
+def test_backend_refusing_the_session(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.connecting()
+    reason = f"backend refused the session: {dialogue.refusal.decode().rstrip()}"
+    run(
+        machine,
+        Connected(),
+        Backend(dialogue.refusal),
+        dialogue.unavailable,
+        CloseConnection(reason),
+    )
+    assert machine.state.name == "ERROR"
 
 
 def _fuzz_chunks(dialogue: Dialogue[Any]) -> st.SearchStrategy[list[bytes]]:

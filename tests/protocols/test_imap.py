@@ -57,6 +57,7 @@ from tests.protocols.transcript import (
 CAPABILITIES = IMAP.capabilities
 PEER = IMAP.peer
 settings = IMAP.settings
+connecting = IMAP.connecting
 relaying = IMAP.relaying
 
 
@@ -74,7 +75,7 @@ ID_COMMAND = SendToBackend(
     b' "x-connected-ip" "198.51.100.1" "x-connected-port" "143" "x-client-transport" "TLS")\r\n'
 )
 TIMEOUT_BYE = SendToClient(b"* BYE proxy.example Autologout; idle for too long\r\n")
-UNAVAILABLE = SendToClient(b"* BYE [UNAVAILABLE] proxy.example backend unavailable\r\n")
+UNAVAILABLE = IMAP.unavailable
 PRIVACY = b"NO [PRIVACYREQUIRED] TLS required: use STARTTLS first\r\n"
 BACKEND_GREETING = IMAP.backend_greeting
 LOGGED_IN = (
@@ -115,22 +116,6 @@ LOGOUT_STEPS: tuple[Event | Command, ...] = (
 
 def ready(tag: bytes) -> SendToClient:
     return SendToClient(b"%s OK Begin TLS negotiation now\r\n" % tag)
-
-
-def connecting(**overrides: object) -> IMAPMachine:
-    """A machine past STARTTLS that has just asked for the backend."""
-    machine = IMAPMachine(settings(**overrides), PEER)
-    greeting = GREETING if machine.settings.require_tls else OPEN_GREETING
-    run(
-        machine,
-        greeting,
-        Client(b"a1 STARTTLS\r\n"),
-        ready(b"a1"),
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-    )
-    return machine
 
 
 def idling() -> IMAPMachine:
@@ -777,17 +762,10 @@ def test_duplicate_tag_refused() -> None:
     assert machine.state is State.CONTINUATION
 
 
-def test_backend_failure_gives_bye() -> None:
-    machine = connecting()
-    run(machine, Failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
-    assert machine.state is State.CLOSED
-
-
 @pytest.mark.parametrize(
     ("greeting", "reason"),
     [
         (b"* PREAUTH [CAPABILITY IMAP4rev1] hi\r\n", "* PREAUTH [CAPABILITY IMAP4rev1] hi"),
-        (b"* BYE Too many connections\r\n", "* BYE Too many connections"),
         (b"+OK POP3 ready\r\n", "+OK POP3 ready"),
     ],
 )

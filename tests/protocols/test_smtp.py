@@ -60,7 +60,7 @@ relaying = SMTP.relaying
 GREETING = SMTP.greeting
 (PRE_TLS_EHLO,) = SMTP.capability_reply
 TLS_READY = SMTP.tls_ready
-UNAVAILABLE = SendToClient(b"421 4.3.0 proxy.example Service not available\r\n")
+UNAVAILABLE = SMTP.unavailable
 TLS_FIRST = SendToClient(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
 NOT_IMPLEMENTED = SendToClient(b"502 5.5.1 Error: command not implemented\r\n")
 BAD_LINE = SendToClient(b"500 5.5.2 Error: bare <CR> or <LF> received\r\n")
@@ -559,27 +559,10 @@ def test_client_xclient_refused() -> None:
     )
 
 
-def test_backend_failure_gives_421() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(machine, Failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
-    assert machine.state is State.CLOSED
+def test_backend_failure_in_plaintext_gives_421() -> None:
     machine = SMTPMachine(settings(require_tls=False), PEER)
     run(machine, GREETING, Client(b"MAIL FROM:<>\r\n"), OpenBackend())
     run(machine, Failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
-
-
-def test_backend_refusing_the_session_gives_421() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(
-        machine,
-        Connected(),
-        Backend(b"554 5.3.2 No service\r\n"),
-        UNAVAILABLE,
-        CloseConnection("backend refused the session: 554 5.3.2 No service"),
-    )
-    assert machine.state is State.ERROR
 
 
 # --------------------------------------------------------------------------

@@ -328,17 +328,16 @@ class Dialogue(Generic[MachineT]):
             *self.backend_greeting_relayed,
         )
 
+    def connecting(self, **overrides: object) -> MachineT:
+        """A machine past STARTTLS that has just asked for the backend."""
+        machine = self.new(**overrides)
+        run(machine, *self.opening(), *self.started_tls(), TLS(), *self.to_backend())
+        return machine
+
     def relaying(self, **overrides: object) -> MachineT:
         """A machine past STARTTLS, with the backend greeted and nothing owed."""
-        machine = self.new(**overrides)
-        run(
-            machine,
-            *self.opening(),
-            *self.started_tls(),
-            TLS(),
-            *self.to_backend(),
-            *self.backend_greeted(),
-        )
+        machine = self.connecting(**overrides)
+        run(machine, *self.backend_greeted())
         assert isinstance(machine, Stateful)
         assert machine.state.name == "RELAY"
         return machine
@@ -361,6 +360,10 @@ class LineDialogue(Dialogue[MachineT]):
     handshake_octet_line_reply: SendToClient
     tls_active: SendToClient
     shutdown_goodbye: SendToClient
+    #: What the client is told when the backend cannot serve it.
+    unavailable: SendToClient
+    #: A backend greeting that refuses the session.
+    refusal: bytes
 
 
 SHUTDOWN = CloseConnection("proxy shutting down")
@@ -416,6 +419,8 @@ SMTP = LineDialogue(
     handshake_octet_line_reply=SendToClient(b"530 5.7.0 Must issue a STARTTLS command first\r\n"),
     tls_active=SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
     shutdown_goodbye=SendToClient(b"421 4.3.2 proxy.example Service shutting down\r\n"),
+    unavailable=SendToClient(b"421 4.3.0 proxy.example Service not available\r\n"),
+    refusal=b"554 5.3.2 No service\r\n",
 )
 
 POP3 = LineDialogue(
@@ -458,6 +463,8 @@ POP3 = LineDialogue(
     handshake_octet_line_reply=SendToClient(b"-ERR TLS required: use STLS first\r\n"),
     tls_active=SendToClient(b"-ERR TLS already active\r\n"),
     shutdown_goodbye=SendToClient(b"-ERR [SYS/TEMP] proxy.example Server shutting down\r\n"),
+    unavailable=SendToClient(b"-ERR [SYS/TEMP] proxy.example backend unavailable\r\n"),
+    refusal=b"-ERR [SYS/TEMP] Service unavailable\r\n",
 )
 
 IMAP = LineDialogue(
@@ -509,6 +516,8 @@ IMAP = LineDialogue(
     handshake_octet_line_reply=SendToClient(b"* BAD Invalid tag\r\n"),
     tls_active=SendToClient(b"a1 BAD TLS already active\r\n"),
     shutdown_goodbye=SendToClient(b"* BYE [UNAVAILABLE] proxy.example Server shutting down\r\n"),
+    unavailable=SendToClient(b"* BYE [UNAVAILABLE] proxy.example backend unavailable\r\n"),
+    refusal=b"* BYE Too many connections\r\n",
 )
 
 
