@@ -7,8 +7,11 @@ system packages with ``sudo scripts/install-system-deps.sh``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -20,7 +23,7 @@ from tests.realservers.ejabberd import EjabberdInstance, start_ejabberd
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, start_postfix
 from tests.realservers.prosody import ProsodyInstance, start_prosody
-from tests.realservers.proxy import ProxyProcess, running_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, running_proxy
 
 
 @pytest.fixture(scope="session")
@@ -91,20 +94,32 @@ def dovecot(
 
 
 @pytest.fixture(scope="module")
+def module_proxy(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[StartProxy]:
+    """Starts proxies for the module's tests, by default with the ``test_certs``
+    certificate, and stops them once those tests are done (see ``running_proxy``)."""
+    with contextlib.ExitStack() as running:
+
+        def start(
+            listeners: list[dict[str, Any]],
+            certificates: list[tuple[Path, Path]] | None = None,
+            **options: Any,
+        ) -> ProxyProcess:
+            base = tmp_path_factory.mktemp(f"proxy-{request.module.__name__.rpartition('.')[2]}")
+            certificates = certificates or [(test_certs.cert, test_certs.key)]
+            return running.enter_context(running_proxy(base, certificates, listeners, **options))
+
+        yield start
+
+
+@pytest.fixture(scope="module")
 def dovecot_proxy(
-    tmp_path_factory: pytest.TempPathFactory,
-    dovecot: DovecotInstance,
-    test_certs: CertFiles,
-    dovecot_protocol: str,
-) -> Iterator[ProxyProcess]:
+    module_proxy: StartProxy, dovecot: DovecotInstance, dovecot_protocol: str
+) -> ProxyProcess:
     """The proxy in front of Dovecot for the module's ``dovecot_protocol``
     (see ``DovecotInstance.proxy_listeners``)."""
-    with running_proxy(
-        tmp_path_factory.mktemp(f"proxy-{dovecot_protocol}"),
-        [(test_certs.cert, test_certs.key)],
-        dovecot.proxy_listeners(dovecot_protocol),
-    ) as process:
-        yield process
+    return module_proxy(dovecot.proxy_listeners(dovecot_protocol))
 
 
 # -- XMPP backends ---------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,19 +11,15 @@ from starttls_proxy import identity
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, running_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 BALANCER = "127.0.0.20"
 STRANGER = "127.0.0.21"
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, test_certs: CertFiles
-) -> Iterator[ProxyProcess]:
-    with running_proxy(
-        tmp_path_factory.mktemp("proxy-inbound"),
-        [(test_certs.cert, test_certs.key)],
+def proxy(module_proxy: StartProxy, postfix: PostfixInstance) -> ProxyProcess:
+    return module_proxy(
         [
             listener(
                 "balanced",
@@ -33,8 +28,7 @@ def proxy(
                 trusted_proxies=[f"{BALANCER}/32"],
             ),
         ],
-    ) as process:
-        yield process
+    )
 
 
 def _through_balancer(proxy: ProxyProcess, source: str, header: bytes) -> socket.socket:

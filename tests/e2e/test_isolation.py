@@ -23,7 +23,6 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,12 @@ from OpenSSL import SSL
 
 from starttls_proxy.selftest import FORBIDDEN_SYSCALL_SNI, LOG_PREFIX
 from tests.realservers.certs import CertFiles
+from tests.realservers.daemons import process_table
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, running_proxy, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 CHROOT = Path("/run/starttls-proxy/empty")
 UIDS = range(200_000, 200_000 + 65_536)
@@ -49,22 +49,18 @@ LEAK_TEST_CONCURRENCY = 8
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
-    test_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    with running_proxy(
-        tmp_path_factory.mktemp("proxy-isolation"),
-        [(test_certs.cert, test_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [
             listener("relay", postfix.plain_port, backend={"identity": "xclient"}),
             listener("implicit", free_port(), tls="implicit", capabilities=["PIPELINING"]),
         ],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         isolation={"self_test": True},
-    ) as process:
-        yield process
+    )
 
 
 # ----------------------------------------------------------------------
@@ -406,16 +402,7 @@ def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: Ce
 
 
 def _zombies(parents: set[int]) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and int(fields[1]) in parents:
-                found.append(int(entry.name))
-    return found
+    return [p.pid for p in process_table() if p.state == "Z" and p.parent in parents]
 
 
 def _implicit_session(proxy: ProxyProcess, context: ssl.SSLContext) -> None:

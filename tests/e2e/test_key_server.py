@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, running_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 RSA_NAME = "rsa.example.test"
 SIMULTANEOUS_HANDSHAKES = 64
@@ -49,15 +48,13 @@ def rsa_certs(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> 
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
     test_certs: CertFiles,
     rsa_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    with running_proxy(
-        tmp_path_factory.mktemp("proxy-key-server"),
-        [(test_certs.cert, test_certs.key), (rsa_certs.cert, rsa_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [
             listener("relay", postfix.plain_port, backend={"identity": "xclient"}),
             listener(
@@ -66,8 +63,8 @@ def proxy(
         ],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         isolation={"key_server": True},
-    ) as process:
-        yield process
+        certificates=[(test_certs.cert, test_certs.key), (rsa_certs.cert, rsa_certs.key)],
+    )
 
 
 # ----------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,19 @@ import pytest
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, running_proxy, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
-    test_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    with running_proxy(
-        tmp_path_factory.mktemp("proxy-metrics"),
-        [(test_certs.cert, test_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [listener("m", postfix.proxy_port, backend={"identity": "proxy-v2"})],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
-    ) as process:
-        yield process
+    )
 
 
 Sample = tuple[str, frozenset[tuple[str, str]]]

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.realservers.certs import CertFiles
+from tests.realservers.daemons import process_table
 from tests.realservers.dialogue import read_smtp_reply, read_until, smtp_greeted, smtp_upgraded
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import listener, start_proxy
@@ -19,13 +20,8 @@ GOODBYE = b"421 4.3.2 proxy.test Service shutting down\r\n"
 
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for process in process_table():
+        children.setdefault(process.parent, []).append(process.pid)
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):

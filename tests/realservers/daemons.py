@@ -113,13 +113,20 @@ def read_log(path: Path) -> str:
         return ""
 
 
-def live_group_members(group: int) -> list[int]:
-    """PIDs of the processes in process group ``group``, zombies left out.
+@dataclass(frozen=True)
+class ProcessStat:
+    """What ``/proc/PID/stat`` says of a process."""
 
-    When a master exits first, its children's zombies wait for init to reap them, which
-    can take seconds; they hold no ports or files any more.
-    """
-    members: list[int] = []
+    pid: int
+    #: One letter: R running, S sleeping, Z zombie, ...
+    state: str
+    parent: int
+    group: int
+
+
+def process_table() -> list[ProcessStat]:
+    """Every process, from ``/proc`` (those that end meanwhile left out)."""
+    table: list[ProcessStat] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -128,10 +135,18 @@ def live_group_members(group: int) -> list[int]:
         except OSError:
             continue
         # After "pid (command)": state, ppid, pgrp, ...
-        state, _, pgrp = stat.rpartition(")")[2].split()[:3]
-        if int(pgrp) == group and state != "Z":
-            members.append(int(entry.name))
-    return members
+        state, parent, group = stat.rpartition(")")[2].split()[:3]
+        table.append(ProcessStat(int(entry.name), state, int(parent), int(group)))
+    return table
+
+
+def live_group_members(group: int) -> list[int]:
+    """PIDs of the processes in process group ``group``, zombies left out.
+
+    When a master exits first, its children's zombies wait for init to reap them, which
+    can take seconds; they hold no ports or files any more.
+    """
+    return [p.pid for p in process_table() if p.group == group and p.state != "Z"]
 
 
 def wait_for_group_exit(group: int, timeout: float) -> bool:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,9 @@ from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port
 
 READY_LINE = "starttls_proxy.server: ready"
+#: ``start(listeners, certificates=None, **options)``: see ``module_proxy`` in
+#: ``tests/e2e/conftest.py``.
+StartProxy = Callable[..., "ProxyProcess"]
 READY_JSON = '"logger": "starttls_proxy.server", "message": "ready"'
 
 
