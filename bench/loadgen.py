@@ -20,8 +20,6 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from types import TracebackType
-from typing import Self
 
 import uvloop
 
@@ -40,6 +38,7 @@ from bench.clients import (
     smtp_send,
     timed_session,
 )
+from tests.realservers.daemons import Stoppable
 
 #: Seconds a worker may take to start, and to finish a job beyond its own bound.
 WORKER_START_TIMEOUT = 30.0
@@ -287,7 +286,7 @@ def job_bound(job: Job) -> float:
     return SESSION_TIMEOUT * (sessions_per_lane + MAX_CONSECUTIVE_FAILURES) + JOB_GRACE
 
 
-class LoadGenerator:
+class LoadGenerator(Stoppable):
     """``processes`` worker processes pinned to ``cpus`` (all CPUs when empty)."""
 
     def __init__(self, processes: int, cpus: frozenset[int]) -> None:
@@ -305,7 +304,7 @@ class LoadGenerator:
                 if not conn.poll(WORKER_START_TIMEOUT) or conn.recv() != "ready":
                     raise RuntimeError("a load generator process did not start")
         except BaseException:
-            self.close()
+            self.stop()
             raise
 
     @property
@@ -330,7 +329,7 @@ class LoadGenerator:
             results.append(conn.recv())
         return results
 
-    def close(self) -> None:
+    def stop(self) -> None:
         for _, conn in self.workers:
             with contextlib.suppress(OSError):
                 conn.send(None)
@@ -341,14 +340,3 @@ class LoadGenerator:
                 process.join(5)
             conn.close()
         self.workers = []
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

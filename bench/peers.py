@@ -22,22 +22,22 @@ import resource
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import (
-    STOP_TIMEOUT,
+    HOST,
     Daemon,
     distinct_free_ports,
     find_program,
     kill,
     read_log,
+    stop_process,
 )
 from tests.realservers.fs import make_dirs
 
-HOST = "127.0.0.1"
 #: nginx's module directory on Debian (``libnginx-mod-mail``).
 NGINX_MAIL_MODULE = Path("/usr/lib/nginx/modules/ngx_mail_module.so")
 #: Pre-authentication timeout given to nginx (its default of 60 s would close the
@@ -49,12 +49,9 @@ NGINX_TIMEOUT = "300s"
 class ForegroundDaemon(Daemon):
     """A daemon that stays in the foreground and stops on SIGTERM (stunnel, nginx, auth_http)."""
 
-    directory: Path
-    host: str
     listen_ports: list[int]
     log_path: Path
     name: ClassVar[str] = "daemon"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ports(self) -> list[int]:
@@ -71,12 +68,7 @@ class ForegroundDaemon(Daemon):
         process, self._process = self._process, None
         if process is None:
             return False
-        kill(process.pid, signal.SIGTERM, group=False)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            kill(process.pid, signal.SIGKILL, group=True)
-            process.wait(STOP_TIMEOUT)
+        stop_process(process)
         # nginx's worker may outlive its master by a moment: its group goes too.
         kill(process.pid, signal.SIGKILL, group=True)
         return True

@@ -7,8 +7,11 @@ system packages with ``sudo scripts/install-system-deps.sh``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -17,8 +20,10 @@ from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import INSTALL_HINT, find_program
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
 from tests.realservers.ejabberd import EjabberdInstance, start_ejabberd
+from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, start_postfix
 from tests.realservers.prosody import ProsodyInstance, start_prosody
+from tests.realservers.proxy import ProxyProcess, StartProxy, running_proxy
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +46,12 @@ def test_certs_other(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.
     return write_test_certs(
         tmp_path_factory.mktemp("certs-other"), test_ca, ("other.example.test",)
     )
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """A free port for the metrics endpoint of the module's proxy."""
+    return free_port()
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +91,35 @@ def dovecot(
         tmp_path_factory.mktemp("dovecot"), test_certs.cert, test_certs.key
     ) as instance:
         yield instance
+
+
+@pytest.fixture(scope="module")
+def module_proxy(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, test_certs: CertFiles
+) -> Iterator[StartProxy]:
+    """Starts proxies for the module's tests, by default with the ``test_certs``
+    certificate, and stops them once those tests are done (see ``running_proxy``)."""
+    with contextlib.ExitStack() as running:
+
+        def start(
+            listeners: list[dict[str, Any]],
+            certificates: list[tuple[Path, Path]] | None = None,
+            **options: Any,
+        ) -> ProxyProcess:
+            base = tmp_path_factory.mktemp(f"proxy-{request.module.__name__.rpartition('.')[2]}")
+            certificates = certificates or [(test_certs.cert, test_certs.key)]
+            return running.enter_context(running_proxy(base, certificates, listeners, **options))
+
+        yield start
+
+
+@pytest.fixture(scope="module")
+def dovecot_proxy(
+    module_proxy: StartProxy, dovecot: DovecotInstance, dovecot_protocol: str
+) -> ProxyProcess:
+    """The proxy in front of Dovecot for the module's ``dovecot_protocol``
+    (see ``DovecotInstance.proxy_listeners``)."""
+    return module_proxy(dovecot.proxy_listeners(dovecot_protocol))
 
 
 # -- XMPP backends ---------------------------------------------------------------------

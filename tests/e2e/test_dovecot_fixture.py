@@ -21,8 +21,8 @@ from pathlib import Path
 from protocols._base import Peer, TLSInfo
 from starttls_proxy.identity import proxy_v2
 from tests.realservers.certs import CertFiles
-from tests.realservers.daemons import live_group_members
-from tests.realservers.dovecot import USERS, DovecotInstance, start_dovecot
+from tests.realservers.daemons import USERS, live_group_members
+from tests.realservers.dovecot import DovecotInstance, start_dovecot
 from tests.realservers.net import accepts_connections
 
 #: A body with lines a careless proxy might mangle: an IMAP command, a lone dot (POP3

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import imaplib
 import re
-import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_until
-from tests.realservers.dovecot import DovecotInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.dovecot import DovecotInstance, message_to_bob
+from tests.realservers.net import sourced
+from tests.realservers.proxy import ProxyProcess
 
 BODY = (
     b"Hello through the proxy.\r\n"
@@ -31,51 +30,12 @@ BODY = (
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotInstance, test_certs: CertFiles
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-imap"),
-        [(test_certs.cert, test_certs.key)],
-        [
-            listener("proxyv2", dovecot.imap_proxy_port, "imap", backend={"identity": "proxy-v2"}),
-            listener("imapid", dovecot.imap_port, "imap", backend={"identity": "imap-id"}),
-            listener(
-                "implicit",
-                dovecot.imap_proxy_port,
-                "imap",
-                tls="implicit",
-                backend={"identity": "proxy-v2"},
-            ),
-        ],
-    )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
-
-
-class SourcedIMAP4(imaplib.IMAP4):
-    """imaplib.IMAP4 connecting from a chosen loopback address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=20)
-
-    def _create_socket(self, timeout: float | None) -> socket.socket:
-        return socket.create_connection(
-            (self.host, self.port), timeout, source_address=(self.source, 0)
-        )
-
-
-def _message(token: str) -> bytes:
-    return (
-        f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n".encode()
-        + BODY
-    )
+def dovecot_protocol() -> str:
+    return "imap"
 
 
 def _append_and_fetch(client: imaplib.IMAP4, token: str) -> bytes:
-    sent = _message(token)
+    sent = message_to_bob(token, BODY)
     status, _ = client.append("INBOX", None, None, sent)
     assert status == "OK"
     client.select("INBOX")
@@ -97,7 +57,7 @@ def _capabilities(client: imaplib.IMAP4) -> set[str]:
 
 @pytest.mark.parametrize(("name", "source"), [("proxyv2", "127.0.0.50"), ("imapid", "127.0.0.51")])
 def test_imaplib_starttls_append_fetch_byte_identical(
-    proxy: ProxyProcess,
+    dovecot_proxy: ProxyProcess,
     dovecot: DovecotInstance,
     test_certs: CertFiles,
     name: str,
@@ -105,7 +65,7 @@ def test_imaplib_starttls_append_fetch_byte_identical(
 ) -> None:
     token = uuid.uuid4().hex
     since = len(dovecot.log())
-    client = SourcedIMAP4("localhost", proxy.ports[name], source)
+    client = sourced(imaplib.IMAP4, source)("localhost", dovecot_proxy.ports[name], timeout=20)
     before = _capabilities(client)
     assert {"STARTTLS", "LOGINDISABLED"} <= before
     assert not any(atom.startswith("AUTH=") for atom in before)
@@ -115,37 +75,40 @@ def test_imaplib_starttls_append_fetch_byte_identical(
     after = _capabilities(client)
     assert not after & {"STARTTLS", "LOGINDISABLED"}
     client.login("alice", "alicepw")
-    assert _append_and_fetch(client, token) == _message(token)
+    assert _append_and_fetch(client, token) == message_to_bob(token, BODY)
     client.logout()
     line = dovecot.wait_for_line("Login: user=<alice>", f"rip={source}", since=since)
     assert "secured" in line
 
 
-def test_implicit_tls(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+def test_implicit_tls(dovecot_proxy: ProxyProcess, test_certs: CertFiles) -> None:
     token = uuid.uuid4().hex
     client = imaplib.IMAP4_SSL(
-        "localhost", proxy.ports["implicit"], ssl_context=test_certs.client_context(), timeout=20
+        "localhost",
+        dovecot_proxy.ports["implicit"],
+        ssl_context=test_certs.client_context(),
+        timeout=20,
     )
     assert "STARTTLS" not in _capabilities(client)
     client.login("bob", "bobpw")
-    assert _append_and_fetch(client, token) == _message(token)
+    assert _append_and_fetch(client, token) == message_to_bob(token, BODY)
     client.logout()
 
 
-def test_curl_imap_ssl_reqd(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+def test_curl_imap_ssl_reqd(dovecot_proxy: ProxyProcess, test_certs: CertFiles) -> None:
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", str(test_certs.ca),
          "--interface", "127.0.0.52", "-u", "alice:alicepw",
-         f"imap://localhost:{proxy.ports['proxyv2']}/", "-X", "LIST \"\" *"],
+         f"imap://localhost:{dovecot_proxy.ports['proxyv2']}/", "-X", "LIST \"\" *"],
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert b"INBOX" in result.stdout
 
 
-def test_openssl_s_client_starttls_imap(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+def test_openssl_s_client_starttls_imap(dovecot_proxy: ProxyProcess, test_certs: CertFiles) -> None:
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.ports['proxyv2']}",
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{dovecot_proxy.ports['proxyv2']}",
          "-starttls", "imap", "-CAfile", str(test_certs.ca), "-verify_return_error",
          "-servername", "localhost", "-crlf", "-quiet"],
         input="c1 CAPABILITY\nc2 LOGOUT\n", capture_output=True, text=True, timeout=30,
@@ -158,10 +121,10 @@ def test_openssl_s_client_starttls_imap(proxy: ProxyProcess, test_certs: CertFil
 
 
 def test_starttls_pipelined_command_injection(
-    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+    dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
 ) -> None:
     since = len(dovecot.log())
-    sock = proxy.connect("proxyv2", "127.0.0.53")
+    sock = dovecot_proxy.connect("proxyv2", "127.0.0.53")
     read_until(sock, b"\r\n")
     sock.sendall(b"a STARTTLS\r\nb LOGIN bob bobpw\r\n")
     assert read_until(sock, b"\r\n").startswith(b"a OK")
@@ -176,5 +139,5 @@ def test_starttls_pipelined_command_injection(
     assert re.search(rb"^c (NO|BAD) ", replies, re.MULTILINE), replies
     tls.sendall(b"d LOGOUT\r\n")
     tls.close()
-    proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
+    dovecot_proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
     assert "user=<bob>" not in dovecot.log()[since:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,19 +11,15 @@ from starttls_proxy import identity
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 BALANCER = "127.0.0.20"
 STRANGER = "127.0.0.21"
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, test_certs: CertFiles
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-inbound"),
-        [(test_certs.cert, test_certs.key)],
+def proxy(module_proxy: StartProxy, postfix: PostfixInstance) -> ProxyProcess:
+    return module_proxy(
         [
             listener(
                 "balanced",
@@ -34,9 +29,6 @@ def proxy(
             ),
         ],
     )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
 
 
 def _through_balancer(proxy: ProxyProcess, source: str, header: bytes) -> socket.socket:

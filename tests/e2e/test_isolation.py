@@ -23,7 +23,6 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,11 +30,12 @@ from OpenSSL import SSL
 
 from starttls_proxy.selftest import FORBIDDEN_SYSCALL_SNI, LOG_PREFIX
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.daemons import process_table
+from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 CHROOT = Path("/run/starttls-proxy/empty")
 UIDS = range(200_000, 200_000 + 65_536)
@@ -48,20 +48,12 @@ LEAK_TEST_CONCURRENCY = 8
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
-    test_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-isolation"),
-        [(test_certs.cert, test_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [
             listener("relay", postfix.plain_port, backend={"identity": "xclient"}),
             listener("implicit", free_port(), tls="implicit", capabilities=["PIPELINING"]),
@@ -69,9 +61,6 @@ def proxy(
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         isolation={"self_test": True},
     )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
 
 
 # ----------------------------------------------------------------------
@@ -143,23 +132,11 @@ def _namespace(pid: int, kind: str) -> str:
 # Clients.
 
 
-def _starttls(proxy: ProxyProcess, certs: CertFiles, source: str) -> ssl.SSLSocket:
-    """An SMTP session on ``relay``, upgraded and greeted (EHLO answered)."""
-    sock = proxy.connect("relay", source)
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(tls).startswith(b"250-")
-    return tls
-
-
 def _session_with_worker(
     proxy: ProxyProcess, certs: CertFiles, source: str
 ) -> tuple[ssl.SSLSocket, int]:
     before = _workers(proxy)
-    tls = _starttls(proxy, certs, source)
+    tls = smtp_upgraded(proxy.connect("relay", source), certs)
     return tls, _new_worker(proxy, before)
 
 
@@ -345,7 +322,9 @@ def _wait_for_spares(proxy: ProxyProcess, count: int) -> set[int]:
 
 
 def test_private_key_never_in_the_main_process(proxy: ProxyProcess, test_certs: CertFiles) -> None:
-    tls = _starttls(proxy, test_certs, "127.0.0.45")  # handshakes have happened
+    tls = smtp_upgraded(
+        proxy.connect("relay", "127.0.0.45"), test_certs
+    )  # handshakes have happened
     patterns = private_key_patterns(test_certs.key)
     # The scanner does find the key where it is: in the key server (see
     # test_key_server for the workers and both key types).
@@ -425,7 +404,7 @@ def test_a_crashing_worker_takes_only_its_own_connection(
         pytest.fail("the SIGSEGV injection knows x86_64 registers only", pytrace=False)
     crashes = _metric(metrics_port, "starttls_proxy_worker_exits_total", reason="crash")
     victim, worker = _session_with_worker(proxy, test_certs, "127.0.0.46")
-    bystander = _starttls(proxy, test_certs, "127.0.0.47")
+    bystander = smtp_upgraded(proxy.connect("relay", "127.0.0.47"), test_certs)
     # The victim is mid-transfer: inside DATA, part of the message sent.
     victim.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
     replies = b""
@@ -454,7 +433,7 @@ def test_a_crashing_worker_takes_only_its_own_connection(
 def test_helper_restart_keeps_sessions(
     proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
 ) -> None:
-    established = _starttls(proxy, test_certs, "127.0.0.49")
+    established = smtp_upgraded(proxy.connect("relay", "127.0.0.49"), test_certs)
     old_helper = _helper(proxy)
     old_spares = _wait_for_spares(proxy, 2)
     exits = _metric_total(metrics_port, "starttls_proxy_worker_exits_total")
@@ -471,7 +450,7 @@ def test_helper_restart_keeps_sessions(
     # The session's worker lives on (now a child of the keeper).
     _still_works(established)
     assert _helper(proxy) != old_helper
-    fresh = _starttls(proxy, test_certs, "127.0.0.50")
+    fresh = smtp_upgraded(proxy.connect("relay", "127.0.0.50"), test_certs)
     _still_works(fresh)
     for tls in (established, fresh):
         tls.sendall(b"QUIT\r\n")
@@ -500,16 +479,7 @@ def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: Ce
 
 
 def _zombies(parents: set[int]) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if fields[0] == "Z" and int(fields[1]) in parents:
-                found.append(int(entry.name))
-    return found
+    return [p.pid for p in process_table() if p.state == "Z" and p.parent in parents]
 
 
 def _implicit_session(proxy: ProxyProcess, context: ssl.SSLContext) -> None:

@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,11 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.realservers.certs import CertFiles, write_test_certs
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
-from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 RSA_NAME = "rsa.example.test"
 SIMULTANEOUS_HANDSHAKES = 64
@@ -49,21 +47,14 @@ def rsa_certs(tmp_path_factory: pytest.TempPathFactory, test_ca: trustme.CA) -> 
 
 
 @pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
     test_certs: CertFiles,
     rsa_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-key-server"),
-        [(test_certs.cert, test_certs.key), (rsa_certs.cert, rsa_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [
             listener("relay", postfix.plain_port, backend={"identity": "xclient"}),
             listener(
@@ -72,10 +63,8 @@ def proxy(
         ],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
         isolation={"key_server": True},
+        certificates=[(test_certs.cert, test_certs.key), (rsa_certs.cert, rsa_certs.key)],
     )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
 
 
 # ----------------------------------------------------------------------
@@ -114,17 +103,6 @@ def _implicit(
     sock = proxy.connect("implicit")
     tls = context.wrap_socket(sock, server_hostname=name, **options)  # type: ignore[arg-type]
     assert read_smtp_reply(tls).startswith(b"220 ")
-    return tls
-
-
-def _starttls(proxy: ProxyProcess, certs: CertFiles) -> ssl.SSLSocket:
-    sock = proxy.connect("relay")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(tls).startswith(b"250")
     return tls
 
 
@@ -330,7 +308,7 @@ def test_the_provider_is_only_in_the_tls_helper_and_its_workers(
 def test_a_stopped_or_killed_key_server(
     proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
 ) -> None:
-    established = _starttls(proxy, test_certs)
+    established = smtp_upgraded(proxy.connect("relay"), test_certs)
     key_server = _key_server(proxy)
     context = _client_context(test_certs, ssl.TLSVersion.TLSv1_3)
     os.kill(key_server, signal.SIGSTOP)

@@ -14,7 +14,7 @@ import pytest
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +27,11 @@ def silent_backend() -> Iterator[socket.socket]:
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
-    test_certs: CertFiles,
+    module_proxy: StartProxy,
     silent_backend: socket.socket,
-) -> Iterator[ProxyProcess]:
+) -> ProxyProcess:
     unused = free_port()
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-limits"),
-        [(test_certs.cert, test_certs.key)],
+    return module_proxy(
         [
             listener(
                 "tight",
@@ -51,9 +48,6 @@ def proxy(
             ),
         ],
     )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
 
 
 def _connect(proxy: ProxyProcess) -> socket.socket:

@@ -5,38 +5,26 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
-from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
-
-
-@pytest.fixture(scope="module")
-def metrics_port() -> int:
-    return free_port()
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     postfix: PostfixInstance,
-    test_certs: CertFiles,
     metrics_port: int,
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-metrics"),
-        [(test_certs.cert, test_certs.key)],
+) -> ProxyProcess:
+    return module_proxy(
         [listener("m", postfix.proxy_port, backend={"identity": "proxy-v2"})],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
     )
-    yield process
-    assert process.stop() == 0
 
 
 Sample = tuple[str, frozenset[tuple[str, str]]]

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import imaplib
 import poplib
-import socket
 import subprocess
 import uuid
-from collections.abc import Iterator
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_until
-from tests.realservers.dovecot import DovecotInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.dovecot import DovecotInstance, message_to_bob
+from tests.realservers.net import sourced
+from tests.realservers.proxy import ProxyProcess
 
 BODY = (
     b"Hello through the proxy.\r\nSTLS\r\na1 STARTTLS\r\n.\r\n..two dots\r\ncaf\xc3\xa9 8-bit\r\n"
@@ -27,52 +26,13 @@ BODY = (
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, dovecot: DovecotInstance, test_certs: CertFiles
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-pop3"),
-        [(test_certs.cert, test_certs.key)],
-        [
-            listener("proxyv2", dovecot.pop3_proxy_port, "pop3", backend={"identity": "proxy-v2"}),
-            listener("xclient", dovecot.pop3_port, "pop3", backend={"identity": "pop3-xclient"}),
-            listener(
-                "implicit",
-                dovecot.pop3_proxy_port,
-                "pop3",
-                tls="implicit",
-                backend={"identity": "proxy-v2"},
-            ),
-        ],
-    )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
-
-
-class SourcedPOP3(poplib.POP3):
-    """poplib.POP3 connecting from a chosen loopback address."""
-
-    def __init__(self, host: str, port: int, source: str) -> None:
-        self.source = source
-        super().__init__(host, port, timeout=20)
-
-    def _create_socket(self, timeout: float) -> socket.socket:
-        return socket.create_connection(
-            (self.host, self.port), timeout, source_address=(self.source, 0)
-        )
-
-
-def _message(token: str) -> bytes:
-    return (
-        f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n".encode()
-        + BODY
-    )
+def dovecot_protocol() -> str:
+    return "pop3"
 
 
 def _store_for_bob(dovecot: DovecotInstance, token: str) -> bytes:
     """Put a message into bob's INBOX straight through Dovecot (trusted 127.0.0.1)."""
-    message = _message(token)
+    message = message_to_bob(token, BODY)
     with imaplib.IMAP4("127.0.0.1", dovecot.imap_port) as imap:
         imap.login("bob", "bobpw")
         imap.append("INBOX", None, None, message)
@@ -94,7 +54,7 @@ def _retrieve(client: poplib.POP3, token: str) -> bytes:
 
 @pytest.mark.parametrize(("name", "source"), [("proxyv2", "127.0.0.40"), ("xclient", "127.0.0.41")])
 def test_poplib_stls_retr_byte_identical(
-    proxy: ProxyProcess,
+    dovecot_proxy: ProxyProcess,
     dovecot: DovecotInstance,
     test_certs: CertFiles,
     name: str,
@@ -103,7 +63,7 @@ def test_poplib_stls_retr_byte_identical(
     token = uuid.uuid4().hex
     sent = _store_for_bob(dovecot, token)
     since = len(dovecot.log())
-    client = SourcedPOP3("localhost", proxy.ports[name], source)
+    client = sourced(poplib.POP3, source)("localhost", dovecot_proxy.ports[name], timeout=20)
     assert client.getwelcome().startswith(b"+OK proxy.test")  # the proxy's own greeting
     with pytest.raises(poplib.error_proto, match="TLS"):
         client.user("bob")  # no login before STLS
@@ -115,34 +75,39 @@ def test_poplib_stls_retr_byte_identical(
     assert "secured" in line
 
 
-def test_implicit_tls(proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles) -> None:
+def test_implicit_tls(
+    dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+) -> None:
     token = uuid.uuid4().hex
     sent = _store_for_bob(dovecot, token)
     client = poplib.POP3_SSL(
-        "localhost", proxy.ports["implicit"], context=test_certs.client_context(), timeout=20
+        "localhost",
+        dovecot_proxy.ports["implicit"],
+        context=test_certs.client_context(),
+        timeout=20,
     )
     assert _retrieve(client, token) == sent
     client.quit()
 
 
 def test_curl_pop3_ssl_reqd(
-    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+    dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
 ) -> None:
     token = uuid.uuid4().hex
     _store_for_bob(dovecot, token)
     result = subprocess.run(
         ["curl", "--silent", "--show-error", "--ssl-reqd", "--cacert", str(test_certs.ca),
          "--interface", "127.0.0.42", "-u", "bob:bobpw",
-         f"pop3://localhost:{proxy.ports['proxyv2']}/"],
+         f"pop3://localhost:{dovecot_proxy.ports['proxyv2']}/"],
         capture_output=True, timeout=60, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()  # the message list
 
 
-def test_openssl_s_client_starttls_pop3(proxy: ProxyProcess, test_certs: CertFiles) -> None:
+def test_openssl_s_client_starttls_pop3(dovecot_proxy: ProxyProcess, test_certs: CertFiles) -> None:
     result = subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.ports['proxyv2']}",
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{dovecot_proxy.ports['proxyv2']}",
          "-starttls", "pop3", "-CAfile", str(test_certs.ca), "-verify_return_error",
          "-servername", "localhost", "-crlf", "-quiet"],
         input="CAPA\nQUIT\n", capture_output=True, text=True, timeout=30, check=False,
@@ -152,10 +117,10 @@ def test_openssl_s_client_starttls_pop3(proxy: ProxyProcess, test_certs: CertFil
 
 
 def test_stls_pipelined_command_injection(
-    proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
+    dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
 ) -> None:
     since = len(dovecot.log())
-    sock = proxy.connect("proxyv2", "127.0.0.43")
+    sock = dovecot_proxy.connect("proxyv2", "127.0.0.43")
     read_until(sock, b"\r\n")
     sock.sendall(b"STLS\r\nUSER bob\r\nPASS bobpw\r\n")
     assert read_until(sock, b"\r\n").startswith(b"+OK")
@@ -166,5 +131,5 @@ def test_stls_pipelined_command_injection(
     tls.sendall(b"QUIT\r\n")
     read_until(tls, b"\r\n")
     tls.close()
-    proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
+    dovecot_proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
     assert "user=<bob>" not in dovecot.log()[since:]

@@ -13,7 +13,6 @@ import shutil
 import signal
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 SESSIONS = 100
 
@@ -47,17 +46,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, renewal: dict[str, CertFiles]
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, live: Path
-) -> Iterator[ProxyProcess]:
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy-reload"),
-        [(live / "cert.pem", live / "key.pem")],
+def proxy(module_proxy: StartProxy, postfix: PostfixInstance, live: Path) -> ProxyProcess:
+    return module_proxy(
         [listener("smtp", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+        certificates=[(live / "cert.pem", live / "key.pem")],
     )
-    yield process
-    assert process.stop() == 0
-    assert "Traceback" not in process.log()
 
 
 def _serial(pem_or_der: bytes) -> int:

@@ -3,29 +3,25 @@
 from __future__ import annotations
 
 import signal
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.daemons import process_table
+from tests.realservers.dialogue import read_smtp_reply, read_until, smtp_greeted, smtp_upgraded
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import listener, start_proxy
 
+SOURCE = "127.0.0.70"
 GOODBYE = b"421 4.3.2 proxy.test Service shutting down\r\n"
 
 
 def _descendants(pid: int) -> set[int]:
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for process in process_table():
+        children.setdefault(process.parent, []).append(process.pid)
     found, todo = set(), [pid]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -42,21 +38,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _session(proxy: ProxyProcess, certs: CertFiles, tls: bool) -> socket.socket:
-    sock = proxy.connect("smtp", "127.0.0.70")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(sock).startswith(b"250-")
-    if not tls:
-        return sock
-    sock.sendall(b"STARTTLS\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    upgraded = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    upgraded.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(upgraded).startswith(b"250-")
-    return upgraded
-
-
 def test_sigterm_drains_then_says_goodbye(
     tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles
 ) -> None:
@@ -67,9 +48,9 @@ def test_sigterm_drains_then_says_goodbye(
         shutdown={"drain_timeout": 3},
     )
     try:
-        plaintext = _session(proxy, test_certs, tls=False)
-        upgraded = _session(proxy, test_certs, tls=True)
-        polite = _session(proxy, test_certs, tls=True)
+        plaintext = smtp_greeted(proxy.connect("smtp", SOURCE))
+        upgraded = smtp_upgraded(proxy.connect("smtp", SOURCE), test_certs)
+        polite = smtp_upgraded(proxy.connect("smtp", SOURCE), test_certs)
         processes = _descendants(proxy.process.pid)
         assert len(processes) >= 4  # keeper, helper, two workers
 

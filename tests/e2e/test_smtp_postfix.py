@@ -11,7 +11,6 @@ import smtplib
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, message_body
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 BODY = (
     "Hello through the proxy.\r\n"
@@ -33,13 +32,9 @@ BODY = (
 
 
 @pytest.fixture(scope="module")
-def proxy(
-    tmp_path_factory: pytest.TempPathFactory, postfix: PostfixInstance, test_certs: CertFiles
-) -> Iterator[ProxyProcess]:
+def proxy(module_proxy: StartProxy, postfix: PostfixInstance) -> ProxyProcess:
     dead_port = free_port()
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy"),
-        [(test_certs.cert, test_certs.key)],
+    return module_proxy(
         [
             listener(
                 "xclient", postfix.plain_port, require_tls=False, backend={"identity": "xclient"}
@@ -59,9 +54,6 @@ def proxy(
             ),
         ],
     )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
 
 
 def _message(subject: str) -> bytes:

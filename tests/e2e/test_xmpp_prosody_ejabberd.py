@@ -18,7 +18,6 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from starttls_proxy.identity import proxy_v2
 from tests.realservers.certs import CertFiles
 from tests.realservers.ejabberd import EjabberdInstance
 from tests.realservers.prosody import ProsodyInstance
-from tests.realservers.proxy import ProxyProcess, listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
 DOMAIN = "localhost"
 #: Markup as text, an end of CDATA, non-ASCII and a character the serializer escapes.
@@ -52,17 +51,15 @@ STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 
 @pytest.fixture(scope="module")
 def proxy(
-    tmp_path_factory: pytest.TempPathFactory,
+    module_proxy: StartProxy,
     prosody: ProsodyInstance,
     ejabberd: EjabberdInstance,
     test_certs: CertFiles,
     test_certs_other: CertFiles,
-) -> Iterator[ProxyProcess]:
+) -> ProxyProcess:
     xmpp: dict[str, Any] = {"protocol": "xmpp-client", "hostname": DOMAIN}
     ejabberd_options = {**xmpp, "backend": {"identity": "proxy-v2"}, "capabilities": []}
-    process = start_proxy(
-        tmp_path_factory.mktemp("proxy"),
-        [(test_certs.cert, test_certs.key), (test_certs_other.cert, test_certs_other.key)],
+    return module_proxy(
         [
             listener("prosody", prosody.port, domains=[DOMAIN], **xmpp),
             listener("prosody-plain", prosody.port, require_tls=False, **xmpp),
@@ -73,10 +70,11 @@ def proxy(
             listener("ejabberd", ejabberd.proxy_port, **ejabberd_options),
             listener("ejabberd-direct", ejabberd.proxy_port, tls="implicit", **ejabberd_options),
         ],
+        certificates=[
+            (test_certs.cert, test_certs.key),
+            (test_certs_other.cert, test_certs_other.key),
+        ],
     )
-    yield process
-    assert process.stop() == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
 
 
 # --------------------------------------------------------------------------

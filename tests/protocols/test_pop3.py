@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -19,7 +18,6 @@ from protocols._base import (
     Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -34,6 +32,8 @@ from protocols.pop3 import (
 from tests.protocols.transcript import (
     EOF,
     HOST,
+    POP3,
+    SHUTDOWN,
     TLS,
     Backend,
     Client,
@@ -42,53 +42,32 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    bytewise,
-    check_pre_tls_bytes,
+    Transcripts,
     check_transition,
     drain,
-    drawn_cuts,
-    feed,
-    make_settings,
+    exchange,
     play,
     reachable,
     run,
+    split_invariance_tests,
 )
 
-CAPABILITIES = (
-    "CAPA",
-    "TOP",
-    "UIDL",
-    "RESP-CODES",
-    "PIPELINING",
-    "AUTH-RESP-CODE",
-    "STLS",
-    "USER",
-    "SASL PLAIN LOGIN SCRAM-SHA-256-PLUS",
-)
-PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 110)
-
-
-def settings(**overrides: object) -> SessionSettings:
-    return make_settings(CAPABILITIES, **overrides)
-
-
-GREETING = SendToClient(b"+OK proxy.example POP3 starttls-proxy ready\r\n")
-TLS_READY = SendToClient(b"+OK Begin TLS negotiation\r\n")
-UNAVAILABLE = SendToClient(b"-ERR [SYS/TEMP] proxy.example backend unavailable\r\n")
+CAPABILITIES = POP3.capabilities
+PEER = POP3.peer
+settings = POP3.settings
+relaying = POP3.relaying
+GREETING = POP3.greeting
+TLS_READY = POP3.tls_ready
+UNAVAILABLE = POP3.unavailable
 AUTH_NEEDS_TLS = SendToClient(b"-ERR [AUTH] Authentication requires TLS: use STLS first\r\n")
-TLS_FIRST = SendToClient(b"-ERR TLS required: use STLS first\r\n")
-TLS_ACTIVE = SendToClient(b"-ERR TLS already active\r\n")
-LINE_TOO_LONG = SendToClient(b"-ERR line too long\r\n")
+TLS_FIRST = POP3.handshake_octet_line_reply
+TLS_ACTIVE = POP3.tls_active
 NOT_PERMITTED = SendToClient(b"-ERR command not permitted\r\n")
 BAD_LINE = SendToClient(b"-ERR bare CR or LF received\r\n")
-PRE_TLS_CAPA = SendToClient(
-    b"+OK Capability list follows\r\n"
-    b"CAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
-    b"STLS\r\n.\r\n"
-)
+(PRE_TLS_CAPA,) = POP3.capability_reply
 # As Dovecot 2.3 sends them to a peer in its login_trusted_networks.
 DOVECOT_GREETING = b"+OK [XCLIENT] Dovecot (Debian) ready.\r\n"
-BACKEND_GREETING = b"+OK Dovecot (Debian) ready.\r\n"
+BACKEND_GREETING = POP3.backend_greeting
 BACKEND_CAPA = (
     b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nPIPELINING\r\nAUTH-RESP-CODE\r\n"
     b"STLS\r\nUSER\r\nSASL PLAIN LOGIN SCRAM-SHA-256-PLUS\r\n.\r\n"
@@ -106,31 +85,10 @@ MESSAGE = (
     b"\xe9t\xe9 \xff\x00 8-bit\r\n.\r\n"
 )
 QUIT_STEPS: tuple[Event | Command, ...] = (
-    Client(b"QUIT\r\n"),
-    SendToBackend(b"QUIT\r\n"),
-    Backend(b"+OK Logging out.\r\n"),
-    SendToClient(b"+OK Logging out.\r\n"),
+    *exchange(b"QUIT\r\n", b"+OK Logging out.\r\n"),
     CloseConnection("client quit", clean=True),
 )
 AUTH_PLAIN = b"AGFsaWNlAGFsaWNlcHc="
-
-
-def relaying(**overrides: object) -> POP3Machine:
-    """A machine past STLS, with the backend greeted and nothing owed."""
-    machine = POP3Machine(settings(**overrides), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-    )
-    assert machine.state is State.RELAY
-    return machine
 
 
 def logged_in() -> POP3Machine:
@@ -169,28 +127,13 @@ def test_full_stls_session() -> None:
         SendToBackend(b"CAPA\r\n"),
         Backend(BACKEND_CAPA),
         SendToClient(RELAYED_CAPA),
-        Client(b"USER alice\r\n"),
-        SendToBackend(b"USER alice\r\n"),
-        Backend(b"+OK\r\n"),
-        SendToClient(b"+OK\r\n"),
-        Client(b"PASS alicepw\r\n"),
-        SendToBackend(b"PASS alicepw\r\n"),
-        Backend(b"+OK Logged in.\r\n"),
-        SendToClient(b"+OK Logged in.\r\n"),
-        Client(b"STAT\r\n"),
-        SendToBackend(b"STAT\r\n"),
-        Backend(b"+OK 1 165\r\n"),
-        SendToClient(b"+OK 1 165\r\n"),
-        Client(b"RETR 1\r\n"),
-        SendToBackend(b"RETR 1\r\n"),
-        Backend(b"+OK 165 octets\r\n"),
-        SendToClient(b"+OK 165 octets\r\n"),
+        *exchange(b"USER alice\r\n", b"+OK\r\n"),
+        *exchange(b"PASS alicepw\r\n", b"+OK Logged in.\r\n"),
+        *exchange(b"STAT\r\n", b"+OK 1 165\r\n"),
+        *exchange(b"RETR 1\r\n", b"+OK 165 octets\r\n"),
         Backend(MESSAGE),
         SendToClient(MESSAGE),
-        Client(b"DELE 1\r\n"),
-        SendToBackend(b"DELE 1\r\n"),
-        Backend(b"+OK Marked to be deleted.\r\n"),
-        SendToClient(b"+OK Marked to be deleted.\r\n"),
+        *exchange(b"DELE 1\r\n", b"+OK Marked to be deleted.\r\n"),
         *QUIT_STEPS,
     )
     assert machine.state is State.CLOSED
@@ -417,23 +360,11 @@ def test_auth_exchanges_with_initial_response_cancel_and_listing() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH LOGIN\r\n"),
-        SendToBackend(b"AUTH LOGIN\r\n"),
-        Backend(b"+ VXNlcm5hbWU6\r\n"),
-        SendToClient(b"+ VXNlcm5hbWU6\r\n"),
+        *exchange(b"AUTH LOGIN\r\n", b"+ VXNlcm5hbWU6\r\n"),
         # "STLS" here is the SASL response to the challenge, not a command.
-        Client(b"STLS\r\n"),
-        SendToBackend(b"STLS\r\n"),
-        Backend(b"+ UGFzc3dvcmQ6\r\n"),
-        SendToClient(b"+ UGFzc3dvcmQ6\r\n"),
-        Client(b"*\r\n"),
-        SendToBackend(b"*\r\n"),
-        Backend(b"-ERR Authentication aborted by client.\r\n"),
-        SendToClient(b"-ERR Authentication aborted by client.\r\n"),
-        Client(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
-        SendToBackend(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n"),
-        Backend(b"-ERR [AUTH] Authentication failed.\r\n"),
-        SendToClient(b"-ERR [AUTH] Authentication failed.\r\n"),
+        *exchange(b"STLS\r\n", b"+ UGFzc3dvcmQ6\r\n"),
+        *exchange(b"*\r\n", b"-ERR Authentication aborted by client.\r\n"),
+        *exchange(b"AUTH PLAIN " + AUTH_PLAIN + b"\r\n", b"-ERR [AUTH] Authentication failed.\r\n"),
         Client(b"AUTH\r\n"),
         SendToBackend(b"AUTH\r\n"),
         Backend(b"+OK\r\nPLAIN\r\nSCRAM-SHA-1-PLUS\r\nLOGIN\r\n.\r\n"),
@@ -446,10 +377,7 @@ def test_overlong_sasl_response_cancels_the_exchange() -> None:
     machine = relaying(max_line_length=64)
     run(
         machine,
-        Client(b"AUTH PLAIN\r\n"),
-        SendToBackend(b"AUTH PLAIN\r\n"),
-        Backend(b"+ \r\n"),
-        SendToClient(b"+ \r\n"),
+        *exchange(b"AUTH PLAIN\r\n", b"+ \r\n"),
         Client(b"A" * 100 + b"\r\nSTAT\r\n"),
         SendToBackend(b"*\r\n"),
         Backend(b"-ERR Authentication aborted by client.\r\n"),
@@ -528,93 +456,14 @@ def test_require_tls_refuses_user_pass_apop_auth() -> None:
     assert machine.state is State.PRE_TLS
 
 
-def test_overlong_line_refused() -> None:
-    machine = POP3Machine(settings(max_line_length=64), PEER)
-    run(machine, GREETING, Client(b"USER " + b"x" * 100), LINE_TOO_LONG)
-    run(machine, Client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"+OK\r\n"))
-    machine = relaying(max_line_length=64)
-    run(
-        machine,
-        Client(b"USER " + b"a" * 100 + b"\r\nSTLS\r\nUSER alice\r\n"),
-        LINE_TOO_LONG,
-        TLS_ACTIVE,
-        SendToBackend(b"USER alice\r\n"),
-    )
-
-
-def test_tls_client_hello_before_stls() -> None:
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
-        SendToClient(b"-ERR TLS handshake received before STLS\r\n"),
-        CloseConnection("TLS ClientHello before STLS"),
-    )
-    # Only the very first byte counts.
-    machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, Client(b"NOOP\r\n"), SendToClient(b"+OK\r\n"))
-    run(machine, Client(b"\x16\r\n"), TLS_FIRST)
-
-
-def test_second_stls_refused() -> None:
-    machine = relaying()
-    run(
-        machine,
-        Client(b"STLS\r\n"),
-        TLS_ACTIVE,
-        Client(b"stls\r\nNOOP\r\n"),
-        TLS_ACTIVE,
-        SendToBackend(b"NOOP\r\n"),
-    )
-    assert machine.state is State.RELAY
-
-
-def test_backend_failure_gives_err() -> None:
-    machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(machine, Failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
-    assert machine.state is State.CLOSED
+def test_backend_failure_in_plaintext_gives_err() -> None:
     machine = POP3Machine(settings(require_tls=False), PEER)
     run(machine, GREETING, Client(b"USER alice\r\n"), OpenBackend())
     run(machine, Failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
-    machine = POP3Machine(settings(), PEER)
-    run(machine, GREETING, Client(b"STLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(
-        machine,
-        Connected(),
-        Backend(b"-ERR [SYS/TEMP] Service unavailable\r\n"),
-        UNAVAILABLE,
-        CloseConnection("backend refused the session: -ERR [SYS/TEMP] Service unavailable"),
-    )
-    assert machine.state is State.ERROR
 
 
 # --------------------------------------------------------------------------
 # Attacks.
-
-
-def test_stls_pipelined_command_injection() -> None:
-    machine = POP3Machine(settings(), PEER)
-    injected = b"USER u\r\nPASS p\r\n"
-    run(
-        machine,
-        GREETING,
-        Client(b"STLS\r\n" + injected),
-        TLS_READY,
-        StartTLS(injected),
-        Client(b"RETR 1\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-    run(
-        machine,
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"CAPA\r\n"),
-        SendToBackend(b"CAPA\r\n"),
-    )
 
 
 def test_stls_inside_retr_body_is_not_a_command() -> None:
@@ -682,10 +531,7 @@ def test_plus_mechanisms_stripped_after_tls() -> None:
         ),
         # Nothing is left of SASL: the line goes; dot-stuffing survives.
         SendToClient(b"+OK List follows\r\nIMPLEMENTATION Dovecot\r\n..odd\r\n.\r\n"),
-        Client(b"CAPA\r\n"),
-        SendToBackend(b"CAPA\r\n"),
-        Backend(b"-ERR no CAPA here\r\n"),
-        SendToClient(b"-ERR no CAPA here\r\n"),
+        *exchange(b"CAPA\r\n", b"-ERR no CAPA here\r\n"),
     )
 
 
@@ -705,18 +551,14 @@ def test_timeout_busy_and_eof() -> None:
     run(relaying(), EOF(Side.BACKEND), CloseConnection("backend closed"))
     run(
         relaying(),
-        Client(b"RETR 1\r\n"),
-        SendToBackend(b"RETR 1\r\n"),
-        Backend(b"+OK\r\n"),
-        SendToClient(b"+OK\r\n"),
+        *exchange(b"RETR 1\r\n", b"+OK\r\n"),
         EOF(Side.BACKEND),
         UNAVAILABLE,
         CloseConnection("backend closed"),
     )
 
 
-SHUTDOWN_ERR = SendToClient(b"-ERR [SYS/TEMP] proxy.example Server shutting down\r\n")
-SHUTDOWN = CloseConnection("proxy shutting down")
+SHUTDOWN_ERR = POP3.shutdown_goodbye
 
 
 def test_shutdown_goodbye_before_tls_and_with_responses_owed() -> None:
@@ -791,10 +633,7 @@ def test_backend_answering_while_client_owes_a_sasl_response() -> None:
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH PLAIN\r\n"),
-        SendToBackend(b"AUTH PLAIN\r\n"),
-        Backend(b"+ \r\n"),
-        SendToClient(b"+ \r\n"),
+        *exchange(b"AUTH PLAIN\r\n", b"+ \r\n"),
         Backend(b"-ERR timeout\r\n"),
         SendToClient(b"-ERR timeout\r\n"),
         UNAVAILABLE,
@@ -842,63 +681,67 @@ def test_every_state_is_reachable_and_every_input_used() -> None:
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "stls": (
-        settings(identity=BackendIdentity.POP3_XCLIENT),
-        (
-            Client(b"CAPA\r\nNOOP\r\n"),
-            Client(b"STLS\r\n"),
-            Client(b"USER evil\r\n"),
-            TLS(),
-            Connected(),
-            Backend(DOVECOT_GREETING),
-            Backend(b"+OK Updated\r\n"),
-            Client(b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"),
-            Backend(BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"),
-            Backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
-            Client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
-            Backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+TRANSCRIPTS = Transcripts(
+    POP3,
+    {
+        "stls": (
+            settings(identity=BackendIdentity.POP3_XCLIENT),
+            (
+                Client(b"CAPA\r\nNOOP\r\n"),
+                Client(b"STLS\r\n"),
+                Client(b"USER evil\r\n"),
+                TLS(),
+                Connected(),
+                Backend(DOVECOT_GREETING),
+                Backend(b"+OK Updated\r\n"),
+                Client(
+                    b"CAPA\r\nUSER alice\r\nPASS alicepw\r\nSTLS\r\nLIST\r\nRETR 1\r\nTOP 1 0\r\n"
+                ),
+                Backend(
+                    BACKEND_CAPA + b"+OK\r\n+OK Logged in.\r\n+OK 1 messages\r\n1 165\r\n.\r\n"
+                ),
+                Backend(b"+OK 165 octets\r\n" + MESSAGE + b"+OK\r\nSubject: one\r\n\r\n.\r\n"),
+                Client(b"AUTH\r\nUIDL\r\nQUIT\r\n"),
+                Backend(b"+OK\r\nPLAIN\r\nX-PLUS\r\n.\r\n+OK\r\n1 a\r\n.\r\n+OK Logging out.\r\n"),
+            ),
         ),
-    ),
-    "plaintext auth": (
-        settings(require_tls=False, max_line_length=100),
-        (
-            Client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Backend(b"+ \r\n"),
-            Backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
-            Client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
-            Backend(b"+ VXNlcm5hbWU6\r\n"),
-            Backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
-            Client(b"QUIT\r\n"),
-            Backend(b"+OK Logging out.\r\n"),
+        "plaintext auth": (
+            settings(require_tls=False, max_line_length=100),
+            (
+                Client(b"CAPA\r\nAUTH PLAIN\r\n" + AUTH_PLAIN + b"\r\nSTAT\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Backend(b"+ \r\n"),
+                Backend(b"+OK Logged in.\r\n+OK 0 0\r\n"),
+                Client(b"AUTH LOGIN\r\n" + b"x" * 300 + b"\r\nRETR 1\r\n"),
+                Backend(b"+ VXNlcm5hbWU6\r\n"),
+                Backend(b"-ERR aborted\r\n+OK\r\n" + MESSAGE),
+                Client(b"QUIT\r\n"),
+                Backend(b"+OK Logging out.\r\n"),
+            ),
         ),
-    ),
-    "pre-tls garbage": (
-        settings(max_line_length=100),
-        (
-            Client(b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"),
-            Client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+        "pre-tls garbage": (
+            settings(max_line_length=100),
+            (
+                Client(
+                    b"\r\nNOOP\r\nUSER x\r\nSTLS 1\r\nxyzNOOP\nRSET\r\r\nXCLIENT ADDR=1.2.3.4\r\n"
+                ),
+                Client(b"A" * 250 + b"\r\nCAPA\r\nAUTH\r\nQUIT\r\n"),
+            ),
         ),
-    ),
-    "implicit": (
-        settings(tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Client(b"CAPA\r\nTOP 1 0\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING + BACKEND_CAPA),
-            Backend(b"+OK\r\n..\r\n\r\n.\r\n"),
-            EOF(Side.BACKEND),
+        "implicit": (
+            settings(tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Client(b"CAPA\r\nTOP 1 0\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING + BACKEND_CAPA),
+                Backend(b"+OK\r\n..\r\n\r\n.\r\n"),
+                EOF(Side.BACKEND),
+            ),
         ),
-    ),
-}
-
-
-def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
-    settings_, events = TRANSCRIPTS[name]
-    return play(POP3Machine(settings_, PEER), events, cuts)
+    },
+)
 
 
 def test_transcripts_end_as_expected() -> None:
@@ -908,8 +751,8 @@ def test_transcripts_end_as_expected() -> None:
         "pre-tls garbage": CloseConnection("client quit", clean=True),
         "implicit": CloseConnection("backend closed"),
     }
-    for name in TRANSCRIPTS:
-        to_client, to_backend, others = _outcome(name, None)
+    for name in TRANSCRIPTS.sessions:
+        to_client, to_backend, others = TRANSCRIPTS.outcome(name)
         assert others[-1] == expected_ends[name]
         assert b"evil" not in to_backend
         assert b"PLUS" not in to_client
@@ -921,14 +764,7 @@ def test_transcripts_end_as_expected() -> None:
             assert b"*\r\nRETR 1\r\n" in to_backend
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 # --------------------------------------------------------------------------
@@ -963,21 +799,6 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
         # The body ended early: what follows was not a well-formed response.
         assert to_client.startswith(stream[:end])
         assert machine.state is State.ERROR
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
-def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
-    machine = POP3Machine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
-    assert machine.state is not State.ERROR
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
-def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
-    machine = relaying(max_line_length=128)
-    feed(machine, side, chunks)
-    if side is Side.CLIENT:
-        assert machine.state is not State.ERROR
 
 
 # --------------------------------------------------------------------------

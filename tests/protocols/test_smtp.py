@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
@@ -19,7 +18,6 @@ from protocols._base import (
     Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -35,6 +33,8 @@ from protocols.smtp import (
 from tests.protocols.transcript import (
     EOF,
     HOST,
+    SHUTDOWN,
+    SMTP,
     TLS,
     Backend,
     Client,
@@ -43,61 +43,29 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    Transcripts,
     backend_bytes,
-    bytewise,
-    check_pre_tls_bytes,
     check_transition,
     drain,
-    drawn_cuts,
-    feed,
-    make_settings,
-    play,
+    exchange,
     reachable,
     run,
+    split_invariance_tests,
 )
 
-CAPABILITIES = (
-    "PIPELINING",
-    "SIZE 10240000",
-    "VRFY",
-    "ETRN",
-    "STARTTLS",
-    "AUTH PLAIN LOGIN",
-    "ENHANCEDSTATUSCODES",
-    "8BITMIME",
-    "DSN",
-    "SMTPUTF8",
-    "CHUNKING",
-    "XCLIENT NAME ADDR PROTO HELO",
-)
-PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 25)
-
-
-def settings(**overrides: object) -> SessionSettings:
-    return make_settings(CAPABILITIES, **overrides)
-
-
-GREETING = SendToClient(b"220 proxy.example ESMTP starttls-proxy\r\n")
-PRE_TLS_EHLO = SendToClient(
-    b"250-proxy.example\r\n"
-    b"250-PIPELINING\r\n"
-    b"250-SIZE 10240000\r\n"
-    b"250-VRFY\r\n"
-    b"250-ETRN\r\n"
-    b"250-ENHANCEDSTATUSCODES\r\n"
-    b"250-8BITMIME\r\n"
-    b"250-DSN\r\n"
-    b"250-SMTPUTF8\r\n"
-    b"250-CHUNKING\r\n"
-    b"250 STARTTLS\r\n"
-)
-TLS_READY = SendToClient(b"220 2.0.0 Ready to start TLS\r\n")
-UNAVAILABLE = SendToClient(b"421 4.3.0 proxy.example Service not available\r\n")
+CAPABILITIES = SMTP.capabilities
+PEER = SMTP.peer
+settings = SMTP.settings
+relaying = SMTP.relaying
+GREETING = SMTP.greeting
+(PRE_TLS_EHLO,) = SMTP.capability_reply
+TLS_READY = SMTP.tls_ready
+UNAVAILABLE = SMTP.unavailable
 TLS_FIRST = SendToClient(b"530 5.7.0 Must issue a STARTTLS command first\r\n")
 NOT_IMPLEMENTED = SendToClient(b"502 5.5.1 Error: command not implemented\r\n")
 BAD_LINE = SendToClient(b"500 5.5.2 Error: bare <CR> or <LF> received\r\n")
 SMUGGLING = SendToClient(b"521 5.5.2 proxy.example Error: bare <CR> or <LF> received\r\n")
-BACKEND_GREETING = b"220 mx.backend.test ESMTP Postfix\r\n"
+BACKEND_GREETING = SMTP.backend_greeting
 BACKEND_EHLO = (
     b"250-mx.backend.test\r\n"
     b"250-PIPELINING\r\n"
@@ -118,30 +86,9 @@ RELAYED_EHLO = (
     b"250 CHUNKING\r\n"
 )
 QUIT_STEPS: tuple[Event | Command, ...] = (
-    Client(b"QUIT\r\n"),
-    SendToBackend(b"QUIT\r\n"),
-    Backend(b"221 2.0.0 Bye\r\n"),
-    SendToClient(b"221 2.0.0 Bye\r\n"),
+    *exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n"),
     CloseConnection("client quit", clean=True),
 )
-
-
-def relaying(**overrides: object) -> SMTPMachine:
-    """A machine past STARTTLS, with the backend greeted and nothing owed."""
-    machine = SMTPMachine(settings(**overrides), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-    )
-    assert machine.state is State.RELAY
-    return machine
 
 
 def in_body(**overrides: object) -> SMTPMachine:
@@ -149,10 +96,7 @@ def in_body(**overrides: object) -> SMTPMachine:
     machine = relaying(**overrides)
     run(
         machine,
-        Client(b"DATA\r\n"),
-        SendToBackend(b"DATA\r\n"),
-        Backend(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        SendToClient(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        *exchange(b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
     )
     assert machine.state is State.DATA_BODY
     return machine
@@ -181,22 +125,10 @@ def test_full_starttls_session() -> None:
         SendToBackend(b"EHLO client.example\r\n"),
         Backend(BACKEND_EHLO),
         SendToClient(RELAYED_EHLO),
-        Client(b"MAIL FROM:<a@example.org>\r\n"),
-        SendToBackend(b"MAIL FROM:<a@example.org>\r\n"),
-        Backend(b"250 2.1.0 Ok\r\n"),
-        SendToClient(b"250 2.1.0 Ok\r\n"),
-        Client(b"RCPT TO:<b@example.net>\r\n"),
-        SendToBackend(b"RCPT TO:<b@example.net>\r\n"),
-        Backend(b"250 2.1.5 Ok\r\n"),
-        SendToClient(b"250 2.1.5 Ok\r\n"),
-        Client(b"DATA\r\n"),
-        SendToBackend(b"DATA\r\n"),
-        Backend(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        SendToClient(b"354 End data with <CR><LF>.<CR><LF>\r\n"),
-        Client(body + b".\r\n"),
-        SendToBackend(body + b".\r\n"),
-        Backend(b"250 2.0.0 Ok: queued as 4ABC\r\n"),
-        SendToClient(b"250 2.0.0 Ok: queued as 4ABC\r\n"),
+        *exchange(b"MAIL FROM:<a@example.org>\r\n", b"250 2.1.0 Ok\r\n"),
+        *exchange(b"RCPT TO:<b@example.net>\r\n", b"250 2.1.5 Ok\r\n"),
+        *exchange(b"DATA\r\n", b"354 End data with <CR><LF>.<CR><LF>\r\n"),
+        *exchange(body + b".\r\n", b"250 2.0.0 Ok: queued as 4ABC\r\n"),
         *QUIT_STEPS,
     )
     assert machine.state is State.CLOSED
@@ -438,10 +370,7 @@ def test_bdat_in_relay() -> None:
         Client(b"BDAT 11 LAST\r\n.\r\n"),
         SendToBackend(b"BDAT 11 LAST\r\n"),
         SendToBackend(b".\r\n"),
-        Client(b"QUIT\r\n"),
-        SendToBackend(b"QUIT\r\n"),
-        Backend(b"250 2.0.0 Ok: 12 octets\r\n"),
-        SendToClient(b"250 2.0.0 Ok: 12 octets\r\n"),
+        *exchange(b"QUIT\r\n", b"250 2.0.0 Ok: 12 octets\r\n"),
     )
     assert machine.state is State.BDAT_CHUNK
     run(
@@ -535,10 +464,7 @@ def test_ehlo_reply_without_extensions_left() -> None:
         SendToBackend(b"EHLO x\r\n"),
         Backend(b"250-mx.backend.test\r\n250-AUTH SCRAM-SHA-256-PLUS\r\n250 STARTTLS\r\n"),
         SendToClient(b"250 mx.backend.test\r\n"),
-        Client(b"EHLO\r\n"),
-        SendToBackend(b"EHLO\r\n"),
-        Backend(b"501 5.5.4 Syntax: EHLO hostname\r\n"),
-        SendToClient(b"501 5.5.4 Syntax: EHLO hostname\r\n"),
+        *exchange(b"EHLO\r\n", b"501 5.5.4 Syntax: EHLO hostname\r\n"),
     )
 
 
@@ -571,36 +497,6 @@ def test_pre_tls_local_commands() -> None:
     )
 
 
-def test_overlong_command_line() -> None:
-    machine = SMTPMachine(settings(max_line_length=64), PEER)
-    too_long = SendToClient(b"500 5.5.0 Error: line too long\r\n")
-    run(machine, GREETING, Client(b"NOOP " + b"x" * 100), too_long)
-    run(machine, Client(b"x" * 100 + b"\r\nNOOP\r\n"), SendToClient(b"250 2.0.0 Ok\r\n"))
-    machine = relaying(max_line_length=64)
-    run(
-        machine,
-        Client(b"MAIL FROM:<" + b"a" * 100 + b">\r\nRSET\r\n"),
-        too_long,
-        SendToBackend(b"RSET\r\n"),
-    )
-
-
-def test_tls_client_hello_before_starttls() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
-        SendToClient(b"500 5.5.1 Error: TLS handshake received before STARTTLS\r\n"),
-        CloseConnection("TLS ClientHello before STARTTLS"),
-    )
-    # Only the very first byte counts.
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"NOOP\r\n"), SendToClient(b"250 2.0.0 Ok\r\n"))
-    run(machine, Client(b"\x16\r\n"), TLS_FIRST)
-    assert machine.state is State.PRE_TLS
-
-
 def test_require_tls_refuses_mail_rcpt_data_bdat_auth() -> None:
     machine = SMTPMachine(settings(), PEER)
     run(
@@ -631,35 +527,15 @@ def test_auth_never_offered_before_tls() -> None:
     run(machine, Client(b"AUTH LOGIN\r\n"), TLS_FIRST)
 
 
-def test_second_starttls_refused() -> None:
-    machine = relaying()
-    run(
-        machine,
-        Client(b"STARTTLS\r\n"),
-        SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
-        Client(b"NOOP\r\n"),
-        SendToBackend(b"NOOP\r\n"),
-    )
-
-
 def test_sasl_responses_after_334_are_not_commands() -> None:
     """RFC 4954 section 4: an empty line or base64 that spells a verb is a
     SASL response while the backend is challenging, and goes through."""
     machine = relaying()
     run(
         machine,
-        Client(b"AUTH LOGIN\r\n"),
-        SendToBackend(b"AUTH LOGIN\r\n"),
-        Backend(b"334 VXNlcm5hbWU6\r\n"),
-        SendToClient(b"334 VXNlcm5hbWU6\r\n"),
-        Client(b"STARTTLS\r\n"),
-        SendToBackend(b"STARTTLS\r\n"),
-        Backend(b"334 UGFzc3dvcmQ6\r\n"),
-        SendToClient(b"334 UGFzc3dvcmQ6\r\n"),
-        Client(b"\r\n"),
-        SendToBackend(b"\r\n"),
-        Backend(b"535 5.7.8 Error: authentication failed\r\n"),
-        SendToClient(b"535 5.7.8 Error: authentication failed\r\n"),
+        *exchange(b"AUTH LOGIN\r\n", b"334 VXNlcm5hbWU6\r\n"),
+        *exchange(b"STARTTLS\r\n", b"334 UGFzc3dvcmQ6\r\n"),
+        *exchange(b"\r\n", b"535 5.7.8 Error: authentication failed\r\n"),
         Client(b"STARTTLS\r\n"),
         SendToClient(b"503 5.5.1 Error: TLS already active\r\n"),
     )
@@ -683,74 +559,14 @@ def test_client_xclient_refused() -> None:
     )
 
 
-def test_backend_failure_gives_421() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(machine, Failed("connection refused"), UNAVAILABLE, CloseConnection("connection refused"))
-    assert machine.state is State.CLOSED
+def test_backend_failure_in_plaintext_gives_421() -> None:
     machine = SMTPMachine(settings(require_tls=False), PEER)
     run(machine, GREETING, Client(b"MAIL FROM:<>\r\n"), OpenBackend())
     run(machine, Failed("timed out"), UNAVAILABLE, CloseConnection("timed out"))
 
 
-def test_backend_refusing_the_session_gives_421() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(
-        machine,
-        Connected(),
-        Backend(b"554 5.3.2 No service\r\n"),
-        UNAVAILABLE,
-        CloseConnection("backend refused the session: 554 5.3.2 No service"),
-    )
-    assert machine.state is State.ERROR
-
-
 # --------------------------------------------------------------------------
 # Attacks.
-
-
-def test_starttls_pipelined_command_injection() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    injected = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\n"
-    run(
-        machine,
-        GREETING,
-        Client(b"EHLO client.example\r\nSTARTTLS\r\n" + injected),
-        PRE_TLS_EHLO,
-        TLS_READY,
-        StartTLS(injected),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"EHLO client.example\r\n"),
-        SendToBackend(b"EHLO client.example\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-
-
-def test_starttls_injection_across_packets_before_tls() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        Client(b"MAIL FROM:<evil@example.org>\r\n"),
-        Client(b"RCPT TO:<victim@example.net>\r\n"),
-    )
-    assert machine.unprocessed_client_bytes == 0
-    run(
-        machine,
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
-        Client(b"NOOP\r\n"),
-        SendToBackend(b"NOOP\r\n"),
-    )
 
 
 def test_starttls_inside_data_is_not_a_command() -> None:
@@ -858,16 +674,7 @@ def test_timeout_busy_and_eof() -> None:
     run(machine, EOF(Side.BACKEND), UNAVAILABLE, CloseConnection("backend closed"))
 
 
-SHUTDOWN_421 = SendToClient(b"421 4.3.2 proxy.example Service shutting down\r\n")
-SHUTDOWN = CloseConnection("proxy shutting down")
-
-
-def test_shutdown_goodbye_before_tls_and_in_relay() -> None:
-    run(SMTPMachine(settings(), PEER), GREETING, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
-    machine = relaying()
-    run(machine, ShuttingDown(), SHUTDOWN_421, SHUTDOWN)
-    assert machine.state is State.CLOSED
-    run(machine, ShuttingDown(), Backend(b"250 2.0.0 Ok\r\n"))
+SHUTDOWN_421 = SMTP.shutdown_goodbye
 
 
 def test_shutdown_goodbye_with_replies_owed() -> None:
@@ -971,70 +778,72 @@ def test_every_state_is_reachable() -> None:
 # Split invariance: the same bytes cut anywhere give the same session.
 
 SPLIT_BODY = b"Subject: x\r\n\r\nSTARTTLS\r\n..stuffed\r\n\r\n\xe9\xff\r\n"
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "starttls": (
-        settings(),
-        (
-            Client(b"EHLO client.example\r\nNOOP\r\n"),
-            Client(b"STARTTLS\r\n"),
-            TLS(),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Client(b"EHLO client.example\r\n"),
-            Backend(BACKEND_EHLO),
-            Client(b"MAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"),
-            Backend(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"),
-            Client(SPLIT_BODY + b".\r\nMAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.net>\r\n"),
-            Backend(b"250-2.0.0 Ok:\r\n250 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
-            Client(b"BDAT 16\r\nSTARTTLS\r\nQUIT\r\nBDAT 0 LAST\r\nQUIT\r\n"),
-            Backend(b"250 2.0.0 16 octets\r\n250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+TRANSCRIPTS = Transcripts(
+    SMTP,
+    {
+        "starttls": (
+            settings(),
+            (
+                Client(b"EHLO client.example\r\nNOOP\r\n"),
+                Client(b"STARTTLS\r\n"),
+                TLS(),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Client(b"EHLO client.example\r\n"),
+                Backend(BACKEND_EHLO),
+                Client(
+                    b"MAIL FROM:<a@example.org>\r\nSTARTTLS\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
+                ),
+                Backend(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n"),
+                Client(
+                    SPLIT_BODY + b".\r\nMAIL FROM:<c@example.org>\r\nRCPT TO:<d@example.net>\r\n"
+                ),
+                Backend(b"250-2.0.0 Ok:\r\n250 queued\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n"),
+                Client(b"BDAT 16\r\nSTARTTLS\r\nQUIT\r\nBDAT 0 LAST\r\nQUIT\r\n"),
+                Backend(b"250 2.0.0 16 octets\r\n250 2.0.0 queued\r\n221 2.0.0 Bye\r\n"),
+            ),
         ),
-    ),
-    "plaintext": (
-        settings(require_tls=False),
-        (
-            Client(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\n"),
-            Connected(),
-            Backend(BACKEND_GREETING),
-            Backend(BACKEND_EHLO),
-            Backend(b"250 2.1.0 Ok\r\n"),
-            Client(b"x" * 3000 + b"\r\nEHLO client.example\r\n"),
-            Backend(BACKEND_EHLO),
-            Client(b"QUIT\r\n"),
-            Backend(b"221 2.0.0 Bye\r\n"),
+        "plaintext": (
+            settings(require_tls=False),
+            (
+                Client(b"EHLO client.example\r\nMAIL FROM:<a@example.org>\r\nSTARTTLS\r\n"),
+                Connected(),
+                Backend(BACKEND_GREETING),
+                Backend(BACKEND_EHLO),
+                Backend(b"250 2.1.0 Ok\r\n"),
+                Client(b"x" * 3000 + b"\r\nEHLO client.example\r\n"),
+                Backend(BACKEND_EHLO),
+                Client(b"QUIT\r\n"),
+                Backend(b"221 2.0.0 Bye\r\n"),
+            ),
         ),
-    ),
-    "pre-tls garbage": (
-        settings(max_line_length=100),
-        (
-            Client(b"\r\nNOOP\r\nBDAT 13 LAST\r\nSTARTTLS\r\nxyzNOOP\nRSET\r\r\n"),
-            Client(b"A" * 250 + b"\r\nHELP\r\nAUTH LOGIN\r\nEHLO x\r\nQUIT\r\n"),
+        "pre-tls garbage": (
+            settings(max_line_length=100),
+            (
+                Client(b"\r\nNOOP\r\nBDAT 13 LAST\r\nSTARTTLS\r\nxyzNOOP\nRSET\r\r\n"),
+                Client(b"A" * 250 + b"\r\nHELP\r\nAUTH LOGIN\r\nEHLO x\r\nQUIT\r\n"),
+            ),
         ),
-    ),
-    "smuggling": (
-        settings(identity=BackendIdentity.XCLIENT, tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Connected(),
-            Backend(b"220 mx\r\n"),
-            Backend(b"250-mx\r\n250 XCLIENT ADDR NAME\r\n"),
-            Backend(b"220 mx\r\n"),
-            Client(b"DATA\r\n"),
-            Backend(b"354 go ahead\r\n"),
-            Client(b"text\r\n..\r\n.\r\r\n.\nMAIL FROM:<evil@example.org>\r\n.\r\n"),
+        "smuggling": (
+            settings(identity=BackendIdentity.XCLIENT, tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Connected(),
+                Backend(b"220 mx\r\n"),
+                Backend(b"250-mx\r\n250 XCLIENT ADDR NAME\r\n"),
+                Backend(b"220 mx\r\n"),
+                Client(b"DATA\r\n"),
+                Backend(b"354 go ahead\r\n"),
+                Client(b"text\r\n..\r\n.\r\r\n.\nMAIL FROM:<evil@example.org>\r\n.\r\n"),
+            ),
         ),
-    ),
-}
+    },
+)
 
 
-def _outcome(name: str, cuts: Sequence[Sequence[int]] | None) -> tuple[bytes, bytes, list[Command]]:
-    settings_, events = TRANSCRIPTS[name]
-    return play(SMTPMachine(settings_, PEER), events, cuts)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS.sessions)
 def test_transcripts_end_as_expected(name: str) -> None:
-    to_client, to_backend, others = _outcome(name, None)
+    to_client, to_backend, others = TRANSCRIPTS.outcome(name)
     assert isinstance(others[-1], CloseConnection)
     assert b"XCLIENT ADDR=203" not in to_backend
     if name == "starttls":
@@ -1045,14 +854,7 @@ def test_transcripts_end_as_expected(name: str) -> None:
         assert to_backend.endswith(b"DATA\r\ntext\r\n..\r\n.")
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    assert _outcome(name, bytewise(TRANSCRIPTS[name][1])) == _outcome(name, None)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    assert _outcome(name, drawn_cuts(data, TRANSCRIPTS[name][1])) == _outcome(name, None)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 # --------------------------------------------------------------------------
@@ -1097,20 +899,6 @@ def test_body_scanner_matches_one_shot_reference(
         assert backend_bytes(commands).startswith(forwarded)
         assert SMUGGLING not in commands
         assert machine.state is State.RELAY
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
-def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
-    machine = SMTPMachine(settings(require_tls=require_tls, max_line_length=128), PEER)
-    check_pre_tls_bytes(machine, chunks, require_tls=require_tls)
-
-
-@given(st.lists(st.binary(max_size=300), max_size=8), st.sampled_from(Side))
-def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
-    machine = relaying(max_line_length=128)
-    feed(machine, side, chunks)
-    if side is Side.CLIENT:
-        assert machine.state is not State.ERROR
 
 
 # --------------------------------------------------------------------------

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import xmpp
 from protocols._base import (
     CloseConnection,
     Command,
     OpenBackend,
-    Peer,
     SendToBackend,
     SendToClient,
-    SessionSettings,
     Side,
     StartTLS,
     TLSMode,
@@ -52,8 +49,15 @@ from protocols.xmpp import (
     pre_tls_features,
 )
 from tests.protocols.transcript import (
+    BACKEND_FEATURES,
+    BACKEND_HEADER,
     EOF,
+    HOST,
+    MECHANISMS,
+    REQUIRED_FEATURES,
+    STRIPPED_FEATURES,
     TLS,
+    XMPP,
     Backend,
     Client,
     Connected,
@@ -61,54 +65,22 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    Transcripts,
     backend_bytes,
-    bytewise,
     check_transition,
     client_bytes,
+    client_header,
     drain,
-    drawn_cuts,
-    make_settings,
-    play,
+    exchange,
+    proxy_header,
     reachable,
     run,
+    split_invariance_tests,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fixed_stream_ids() -> Iterator[None]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(xmpp, "new_stream_id", lambda: "ID")
-        yield
-
-
-PEER = Peer("192.0.2.10", 49152, "198.51.100.1", 5222)
-HOST = "proxy.example"
-#: Small limits, so that the tests can cross them.
-LIMITS: dict[str, object] = {
-    "max_stanza_size": 8192,
-    "max_xml_depth": 16,
-    "max_attribute_size": 1024,
-}
-
-
-def settings(**overrides: object) -> SessionSettings:
-    return make_settings((), **{**LIMITS, **overrides})
-
-
-def client_header(to: str = "example.com", namespace: str = "jabber:client") -> bytes:
-    return (
-        b"<?xml version='1.0'?><stream:stream to='%s' xmlns='%s' "
-        b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>"
-        % (to.encode(), namespace.encode())
-    )
-
-
-def proxy_header(domain: str = "example.com", namespace: str = "jabber:client") -> bytes:
-    return (
-        b"<?xml version='1.0'?><stream:stream xmlns=\"%s\" "
-        b'xmlns:stream="http://etherx.jabber.org/streams" id="ID" from="%s" version="1.0">'
-        % (namespace.encode(), domain.encode())
-    )
+PEER = XMPP.peer
+settings = XMPP.settings
+relaying = XMPP.relaying
 
 
 def error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
@@ -119,33 +91,9 @@ def error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
     )
 
 
-HEADER = client_header()
-REQUIRED_FEATURES = (
-    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'>"
-    b"<required/></starttls></stream:features>"
-)
-STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
-PROCEED = SendToClient(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-BACKEND_HEADER = (
-    b"<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
-    b"xmlns:stream='http://etherx.jabber.org/streams' id='b4ck3nd' from='example.com' "
-    b"version='1.0' xml:lang='en'>"
-)
-MECHANISMS = (
-    b"<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>SCRAM-SHA-1-PLUS</mechanism>"
-    b"<mechanism>PLAIN</mechanism><mechanism>SCRAM-SHA-1</mechanism></mechanisms>"
-)
-BACKEND_FEATURES = (
-    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
-    + MECHANISMS
-    + b"<register xmlns='http://jabber.org/features/iq-register'/></stream:features>"
-)
-STRIPPED_FEATURES = (
-    b'<stream:features xmlns:stream="http://etherx.jabber.org/streams">'
-    b'<mechanisms xmlns="urn:ietf:params:xml:ns:xmpp-sasl"><mechanism>PLAIN</mechanism>'
-    b"<mechanism>SCRAM-SHA-1</mechanism></mechanisms>"
-    b'<register xmlns="http://jabber.org/features/iq-register"></register></stream:features>'
-)
+HEADER = XMPP.client_opening
+STARTTLS = XMPP.starttls
+PROCEED = XMPP.tls_ready
 AUTH = b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>AGFsaWNlAHB3</auth>"
 SUCCESS = b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>"
 BIND_FEATURES = (
@@ -160,16 +108,7 @@ MESSAGE = (
 
 
 #: A STARTTLS listener's session up to the backend connection.
-TO_BACKEND: tuple[Event | Command, ...] = (
-    Client(HEADER),
-    SendToClient(proxy_header() + REQUIRED_FEATURES),
-    Client(STARTTLS),
-    PROCEED,
-    StartTLS(b"", server_name_hint="example.com"),
-    TLS(),
-    Client(HEADER),
-    OpenBackend(),
-)
+TO_BACKEND = (*XMPP.opening(), *XMPP.started_tls(), TLS(), *XMPP.to_backend())
 #: A direct-TLS listener's session up to the relayed stream header.
 DIRECT_TO_BACKEND: tuple[Event | Command, ...] = (
     StartTLS(b""),
@@ -179,22 +118,6 @@ DIRECT_TO_BACKEND: tuple[Event | Command, ...] = (
     Connected(),
     SendToBackend(HEADER),
 )
-
-
-def relaying(**overrides: object) -> XMPPMachine:
-    """A machine past STARTTLS and the backend's first features."""
-    machine = XMPPClientMachine(settings(**overrides), PEER)
-    run(
-        machine,
-        *TO_BACKEND,
-        Connected(),
-        SendToBackend(HEADER),
-        Backend(BACKEND_HEADER + BACKEND_FEATURES),
-        SendToClient(BACKEND_HEADER),
-        SendToClient(STRIPPED_FEATURES),
-    )
-    assert machine.state is State.RELAY
-    return machine
 
 
 def refused(machine: XMPPMachine, data: bytes) -> tuple[bytes, CloseConnection]:
@@ -212,10 +135,7 @@ def refused(machine: XMPPMachine, data: bytes) -> tuple[bytes, CloseConnection]:
 
 #: SASL success and the stream restart it calls for, relayed.
 SASL_RESTART: tuple[Event | Command, ...] = (
-    Client(AUTH),
-    SendToBackend(AUTH),
-    Backend(SUCCESS),
-    SendToClient(SUCCESS),
+    *exchange(AUTH, SUCCESS),
     Client(HEADER),
     SendToBackend(HEADER),
 )
@@ -234,10 +154,7 @@ def test_full_starttls_session() -> None:
         SendToBackend(b" "),
         Backend(MESSAGE),
         SendToClient(MESSAGE),
-        Client(b"</stream:stream>"),
-        SendToBackend(b"</stream:stream>"),
-        Backend(b"</stream:stream>"),
-        SendToClient(b"</stream:stream>"),
+        *exchange(b"</stream:stream>", b"</stream:stream>"),
         CloseConnection("backend closed the stream", clean=True),
     )
     assert machine.state is State.CLOSED
@@ -707,28 +624,6 @@ def test_attacks_after_tls_never_reach_the_backend() -> None:
         assert isinstance(commands[-1], CloseConnection)
 
 
-def test_iq_pipelined_after_starttls_never_reaches_the_backend() -> None:
-    pipelined = b"<iq type='set' id='evil'><query xmlns='jabber:iq:roster'/></iq>"
-    machine = XMPPClientMachine(settings(), PEER)
-    run(
-        machine,
-        Client(HEADER),
-        SendToClient(proxy_header() + REQUIRED_FEATURES),
-        Client(STARTTLS + pipelined),
-        PROCEED,
-        StartTLS(pipelined, server_name_hint="example.com"),
-        Client(b"<iq type='set' id='evil2'/>"),
-        TLS(),
-        Client(HEADER),
-        OpenBackend(),
-        Connected(),
-        SendToBackend(HEADER),
-        Backend(BACKEND_HEADER + BIND_FEATURES),
-        SendToClient(BACKEND_HEADER),
-        SendToClient(BIND_FEATURES),
-    )
-
-
 def test_billion_laughs_in_bounded_time() -> None:
     started = time.monotonic()
     machine = XMPPClientMachine(settings(), PEER)
@@ -799,66 +694,64 @@ def test_every_state_is_reachable() -> None:
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
-TRANSCRIPTS: dict[str, tuple[SessionSettings, tuple[Event, ...]]] = {
-    "starttls": (
-        settings(),
-        (
-            Client(b"\n" + HEADER + b" " + STARTTLS),
-            TLS(),
-            Client(HEADER),
-            Connected(),
-            Backend(BACKEND_HEADER + BACKEND_FEATURES),
-            Client(AUTH),
-            Backend(SUCCESS),
-            Client(
-                client_header()
-                + b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+TRANSCRIPTS = Transcripts(
+    XMPP,
+    {
+        "starttls": (
+            settings(),
+            (
+                Client(b"\n" + HEADER + b" " + STARTTLS),
+                TLS(),
+                Client(HEADER),
+                Connected(),
+                Backend(BACKEND_HEADER + BACKEND_FEATURES),
+                Client(AUTH),
+                Backend(SUCCESS),
+                Client(
+                    client_header()
+                    + b"<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
+                ),
+                Backend(
+                    BACKEND_HEADER
+                    + BIND_FEATURES
+                    + "\n<iq type='result' id='b' a='>\u00e9'/>".encode()
+                ),
+                Client(MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"),
+                Backend(MESSAGE + b"</stream:stream>"),
             ),
-            Backend(
-                BACKEND_HEADER + BIND_FEATURES + "\n<iq type='result' id='b' a='>\u00e9'/>".encode()
+        ),
+        "plaintext": (
+            settings(require_tls=False, capabilities=(MECHANISMS.decode(),)),
+            (
+                Client(HEADER + AUTH),
+                Connected(),
+                Backend(BACKEND_HEADER + BACKEND_FEATURES + SUCCESS),
+                Client(HEADER + MESSAGE),
+                Backend(BACKEND_HEADER + BIND_FEATURES + b"<a><![CDATA[</a>]]></a>"),
+                Client(b"</stream:stream>"),
+                Backend(b"</stream:stream>"),
             ),
-            Client(MESSAGE + b" \t\r\n" + MESSAGE.replace(b"m1", b"m2") + b"</stream:stream>"),
-            Backend(MESSAGE + b"</stream:stream>"),
         ),
-    ),
-    "plaintext": (
-        settings(require_tls=False, capabilities=(MECHANISMS.decode(),)),
-        (
-            Client(HEADER + AUTH),
-            Connected(),
-            Backend(BACKEND_HEADER + BACKEND_FEATURES + SUCCESS),
-            Client(HEADER + MESSAGE),
-            Backend(BACKEND_HEADER + BIND_FEATURES + b"<a><![CDATA[</a>]]></a>"),
-            Client(b"</stream:stream>"),
-            Backend(b"</stream:stream>"),
+        "attack": (
+            settings(),
+            (Client(HEADER + "<message><body>\u00e9\u00e9".encode() + b"<a>" * 20),),
         ),
-    ),
-    "attack": (
-        settings(),
-        (Client(HEADER + "<message><body>\u00e9\u00e9".encode() + b"<a>" * 20),),
-    ),
-    "bad utf-8": (
-        settings(tls_mode=TLSMode.IMPLICIT),
-        (
-            TLS(),
-            Client(HEADER + "<message><body>caf\u00e9".encode() + b"\xe9</body></message>"),
-            Connected(),
-            Backend(BACKEND_HEADER),
+        "bad utf-8": (
+            settings(tls_mode=TLSMode.IMPLICIT),
+            (
+                TLS(),
+                Client(HEADER + "<message><body>caf\u00e9".encode() + b"\xe9</body></message>"),
+                Connected(),
+                Backend(BACKEND_HEADER),
+            ),
         ),
-    ),
-}
+    },
+)
 
 
-def _play(
-    settings_: SessionSettings, events: Sequence[Event], cuts: Sequence[Sequence[int]] | None = None
-) -> tuple[bytes, bytes, list[Command]]:
-    return play(XMPPClientMachine(settings_, PEER), events, cuts)
-
-
-@pytest.mark.parametrize("name", TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS.sessions)
 def test_transcripts_end_as_expected(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    to_client, to_backend, others = _play(settings_, events)
+    to_client, to_backend, others = TRANSCRIPTS.outcome(name)
     assert isinstance(others[-1], CloseConnection)
     assert b"<iq/>" not in to_backend
     if name in ("starttls", "plaintext"):
@@ -875,16 +768,7 @@ def test_transcripts_end_as_expected(name: str) -> None:
         assert to_client.endswith(error("not-well-formed"))
 
 
-@pytest.mark.parametrize("name", TRANSCRIPTS)
-def test_split_one_byte_at_a_time(name: str) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    assert _play(settings_, events, bytewise(events)) == _play(settings_, events)
-
-
-@given(st.sampled_from(sorted(TRANSCRIPTS)), st.data())
-def test_split_invariance(name: str, data: st.DataObject) -> None:
-    settings_, events = TRANSCRIPTS[name]
-    assert _play(settings_, events, drawn_cuts(data, events)) == _play(settings_, events)
+test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
 
 
 def _tokens(stream: bytes, cuts: Sequence[int]) -> list[tuple[str, bytes]] | str:
@@ -985,31 +869,6 @@ def test_reader_replaces_its_parser() -> None:
         token = reader.next_token()
         assert isinstance(token, StreamElement)
         assert token.element[0].tag == f"{{urn:n{index}}}body{index}"
-
-
-# --------------------------------------------------------------------------
-# Fuzzing.
-
-
-@given(st.lists(st.binary(max_size=200), max_size=6), st.booleans())
-def test_fuzz_pre_tls_client_bytes(chunks: list[bytes], require_tls: bool) -> None:
-    machine = XMPPClientMachine(settings(require_tls=require_tls), PEER)
-    for chunk in [HEADER, *chunks]:
-        machine.receive_data(Side.CLIENT, chunk)
-        for command in drain(machine):
-            assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
-            assert not (require_tls and isinstance(command, OpenBackend))
-    assert machine.state is not State.ERROR
-
-
-@given(st.lists(st.binary(max_size=200), max_size=6), st.sampled_from(Side))
-def test_fuzz_relay_bytes(chunks: list[bytes], side: Side) -> None:
-    machine = relaying()
-    for chunk in chunks:
-        machine.receive_data(side, chunk)
-        drain(machine)
-    if side is Side.CLIENT:
-        assert machine.state is not State.ERROR
 
 
 # --------------------------------------------------------------------------

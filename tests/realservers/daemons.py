@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import abc
+import contextlib
 import grp
 import os
 import pwd
@@ -11,13 +13,18 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self
+from typing import ClassVar, Self, overload
 
 from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port, wait_until
 
+#: Where every test daemon listens.
+HOST = "127.0.0.1"
+#: Accounts on the mail and XMPP servers: name -> password.
+USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
 INSTALL_HINT = "run `sudo scripts/install-system-deps.sh` to install it"
 
 #: Bounded waits (seconds).
@@ -47,6 +54,18 @@ def kill(pid: int, sig: signal.Signals, *, group: bool) -> None:
             os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to ``process``; if it has not exited after :data:`STOP_TIMEOUT`
+    seconds, SIGKILL to its whole process group and wait as long again."""
+    kill(process.pid, signal.SIGTERM, group=False)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        kill(process.pid, signal.SIGKILL, group=True)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(STOP_TIMEOUT)
 
 
 def require_root(name: str) -> None:
@@ -94,13 +113,20 @@ def read_log(path: Path) -> str:
         return ""
 
 
-def live_group_members(group: int) -> list[int]:
-    """PIDs of the processes in process group ``group``, zombies left out.
+@dataclass(frozen=True)
+class ProcessStat:
+    """What ``/proc/PID/stat`` says of a process."""
 
-    When a master exits first, its children's zombies wait for init to reap them, which
-    can take seconds; they hold no ports or files any more.
-    """
-    members: list[int] = []
+    pid: int
+    #: One letter: R running, S sleeping, Z zombie, ...
+    state: str
+    parent: int
+    group: int
+
+
+def process_table() -> list[ProcessStat]:
+    """Every process, from ``/proc`` (those that end meanwhile left out)."""
+    table: list[ProcessStat] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -109,10 +135,18 @@ def live_group_members(group: int) -> list[int]:
         except OSError:
             continue
         # After "pid (command)": state, ppid, pgrp, ...
-        state, _, pgrp = stat.rpartition(")")[2].split()[:3]
-        if int(pgrp) == group and state != "Z":
-            members.append(int(entry.name))
-    return members
+        state, parent, group = stat.rpartition(")")[2].split()[:3]
+        table.append(ProcessStat(int(entry.name), state, int(parent), int(group)))
+    return table
+
+
+def live_group_members(group: int) -> list[int]:
+    """PIDs of the processes in process group ``group``, zombies left out.
+
+    When a master exits first, its children's zombies wait for init to reap them, which
+    can take seconds; they hold no ports or files any more.
+    """
+    return [p.pid for p in process_table() if p.group == group and p.state != "Z"]
 
 
 def wait_for_group_exit(group: int, timeout: float) -> bool:
@@ -174,19 +208,55 @@ def wait_for_line(read: Callable[[], str], parts: Sequence[str], timeout: float,
     return _poll(read, pick, timeout, f"line with {list(parts)!r} in {what}")
 
 
-class Daemon:
+class Stoppable(abc.ABC):
+    """Something a ``with`` block stops when it ends."""
+
+    @abc.abstractmethod
+    def stop(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class InDirectory:
+    """A path below a daemon's ``directory``, read as an attribute of the daemon."""
+
+    def __init__(self, *parts: str) -> None:
+        self.parts = parts
+
+    @overload
+    def __get__(self, daemon: None, owner: type[Daemon]) -> Self: ...
+
+    @overload
+    def __get__(self, daemon: Daemon, owner: type[Daemon]) -> Path: ...
+
+    def __get__(self, daemon: Daemon | None, owner: type[Daemon]) -> Path | Self:
+        return self if daemon is None else daemon.directory.joinpath(*self.parts)
+
+
+@dataclass(kw_only=True)
+class Daemon(Stoppable):
     """Life cycle shared by the real-server instances (the subclasses are dataclasses).
 
-    A subclass provides ``directory``, ``host``, ``_process`` (the launched command, or
-    ``None`` when stopped), ``ports`` and ``_terminate()``, which ends the daemon and all
+    A subclass provides ``ports`` and ``_terminate()``, which ends the daemon and all
     its processes and returns whether there was anything to end.
     """
 
     #: What the daemon is called in error messages.
     name: ClassVar[str]
+    #: Where the daemon keeps its configuration, state and logs.
     directory: Path
-    host: str
-    _process: subprocess.Popen[bytes] | None
+    host: str = HOST
+    #: The launched command, or ``None`` when stopped.
+    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ports(self) -> list[int]:
@@ -242,14 +312,3 @@ class Daemon:
             f"--- output ---\n{output_path.read_text(errors='replace')}\n"
             f"--- log tail ---\n{tail(log()[log_start:])}"
         )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -38,14 +38,17 @@ import re
 import signal
 import socket
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from tests.realservers.daemons import (
+    HOST,
     INSTALL_HINT,
     STOP_TIMEOUT,
+    USERS,
     Daemon,
+    InDirectory,
     distinct_free_ports,
     find_program,
     kill,
@@ -58,12 +61,22 @@ from tests.realservers.daemons import (
     wait_for_line,
     wait_for_text,
 )
+from tests.realservers.proxy import listener
 
-HOST = "127.0.0.1"
 #: The only client address Dovecot trusts to send ID x-originating-ip / POP3 XCLIENT.
 TRUSTED_CLIENT = "127.0.0.1"
 #: Mail users (passwd-file, plaintext passwords): name -> password.
-USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
+
+
+def message_to_bob(token: str, body: bytes) -> bytes:
+    """A message from alice to bob whose subject is ``token``, to find it by."""
+    headers = f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n"
+    return headers.encode() + body
+
+
+#: Protocol -> the proxy listener that tells Dovecot who the client is with
+#: the protocol's own command (trusted from TRUSTED_CLIENT), and that identity.
+NATIVE_IDENTITY = {"imap": ("imapid", "imap-id"), "pop3": ("xclient", "pop3-xclient")}
 
 #: How often start_dovecot() tries new ports when one was taken meanwhile.
 START_ATTEMPTS = 3
@@ -89,36 +102,49 @@ class DovecotInstance(Daemon):
         header carries the PP2_TYPE_SSL TLV.
     """
 
-    directory: Path
     imap_port: int
     imap_proxy_port: int
     pop3_port: int
     pop3_proxy_port: int
-    host: str = HOST
     name: ClassVar[str] = "Dovecot"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
 
-    @property
-    def config_path(self) -> Path:
-        """The configuration file passed as ``dovecot -c``."""
-        return self.directory / "dovecot.conf"
+    #: The configuration file passed as ``dovecot -c``.
+    config_path = InDirectory("dovecot.conf")
 
-    @property
-    def log_path(self) -> Path:
-        """Dovecot's log file (``log_path``)."""
-        return self.directory / "dovecot.log"
+    #: Dovecot's log file (``log_path``).
+    log_path = InDirectory("dovecot.log")
 
-    @property
-    def start_output_path(self) -> Path:
-        """Where the output of ``dovecot -F`` goes."""
-        return self.directory / "dovecot-fg.out"
+    #: Where the output of ``dovecot -F`` goes.
+    start_output_path = InDirectory("dovecot-fg.out")
 
     @property
     def ports(self) -> list[int]:
         """All listener ports."""
         return [self.imap_port, self.imap_proxy_port, self.pop3_port, self.pop3_proxy_port]
+
+    def proxy_listeners(self, protocol: str) -> list[dict[str, Any]]:
+        """The proxy's listeners in front of this Dovecot for ``protocol``
+        (``imap`` or ``pop3``): ``proxyv2`` says who the client is in a PROXY v2
+        header, the one named in :data:`NATIVE_IDENTITY` in the protocol's own
+        command, and ``implicit`` is TLS from the first byte, with PROXY v2."""
+        port, proxy_port = self.protocol_ports[protocol]
+        native_name, native_identity = NATIVE_IDENTITY[protocol]
+        proxy_v2 = {"identity": "proxy-v2"}
+        return [
+            listener("proxyv2", proxy_port, protocol, backend=proxy_v2),
+            listener(native_name, port, protocol, backend={"identity": native_identity}),
+            listener("implicit", proxy_port, protocol, tls="implicit", backend=proxy_v2),
+        ]
+
+    @property
+    def protocol_ports(self) -> dict[str, tuple[int, int]]:
+        """Protocol -> its plain port and its PROXY port."""
+        return {
+            "imap": (self.imap_port, self.imap_proxy_port),
+            "pop3": (self.pop3_port, self.pop3_proxy_port),
+        }
 
     def mailbox_path(self, user: str) -> Path:
         """The Maildir of ``user`` (created by Dovecot at the user's first login)."""

@@ -32,9 +32,12 @@ from typing import ClassVar
 
 from tests.realservers.daemons import (
     COMMAND_TIMEOUT,
+    HOST,
     INSTALL_HINT,
     STOP_TIMEOUT,
+    USERS,
     Daemon,
+    InDirectory,
     distinct_free_ports,
     find_program,
     kill,
@@ -48,9 +51,7 @@ from tests.realservers.daemons import (
 )
 from tests.realservers.net import wait_until
 
-HOST = "127.0.0.1"
 DOMAIN = "localhost"
-USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
 EPMD_PORT = 4369
 
 
@@ -58,17 +59,12 @@ EPMD_PORT = 4369
 class EjabberdInstance(Daemon):
     """A running ejabberd (see :func:`start_ejabberd`)."""
 
-    directory: Path
     port: int
     proxy_port: int
-    host: str = HOST
     name: ClassVar[str] = "ejabberd"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
     _epmd: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "logs" / "ejabberd.log"
+    log_path = InDirectory("logs", "ejabberd.log")
 
     @property
     def ports(self) -> list[int]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import imaplib
+import poplib
 import socket
 import time
+from typing import TypeVar
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,3 +44,20 @@ def wait_until(host: str, ports: list[int], *, listening: bool, timeout: float) 
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.05)
+
+
+ClientT = TypeVar("ClientT", imaplib.IMAP4, poplib.POP3)
+
+
+def sourced(client_class: type[ClientT], source: str) -> type[ClientT]:
+    """``client_class`` (``imaplib.IMAP4`` or ``poplib.POP3``), connecting from
+    the loopback address ``source`` instead of the kernel's choice."""
+
+    def create_socket(client: ClientT, timeout: float | None) -> socket.socket:
+        return socket.create_connection(
+            (client.host, client.port), timeout, source_address=(source, 0)
+        )
+
+    name = f"{client_class.__name__}From{source}"
+    subclass: type[ClientT] = type(name, (client_class,), {"_create_socket": create_socket})
+    return subclass

@@ -31,14 +31,16 @@ import shlex
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from tests.realservers.daemons import (
+    HOST,
     INSTALL_HINT,
     STOP_TIMEOUT,
     Daemon,
+    InDirectory,
     distinct_free_ports,
     find_program,
     kill,
@@ -50,8 +52,6 @@ from tests.realservers.daemons import (
     tail,
     wait_for_text,
 )
-
-HOST = "127.0.0.1"
 
 #: How often start_postfix() tries new ports when one was taken meanwhile.
 START_ATTEMPTS = 3
@@ -73,40 +73,27 @@ class PostfixInstance(Daemon):
         smtpd offering STARTTLS itself with the given certificate (for benchmarks).
     """
 
-    directory: Path
     plain_port: int
     proxy_port: int
     tls_port: int
-    host: str = HOST
     name: ClassVar[str] = "Postfix"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     # -- paths -------------------------------------------------------------------------
 
-    @property
-    def conf_dir(self) -> Path:
-        """The configuration directory passed as ``postfix -c``."""
-        return self.directory / "conf"
+    #: The configuration directory passed as ``postfix -c``.
+    conf_dir = InDirectory("conf")
 
-    @property
-    def maildir(self) -> Path:
-        """The Maildir that receives every message for ``@example.test``."""
-        return self.directory / "mail" / "inbox"
+    #: The Maildir that receives every message for ``@example.test``.
+    maildir = InDirectory("mail", "inbox")
 
-    @property
-    def maillog_path(self) -> Path:
-        """Postfix's log file (``maillog_file``)."""
-        return self.directory / "maillog"
+    #: Postfix's log file (``maillog_file``).
+    maillog_path = InDirectory("maillog")
 
-    @property
-    def start_output_path(self) -> Path:
-        """Where the output of ``postfix start-fg`` goes."""
-        return self.directory / "start-fg.out"
+    #: Where the output of ``postfix start-fg`` goes.
+    start_output_path = InDirectory("start-fg.out")
 
-    @property
-    def master_pid_path(self) -> Path:
-        """The master's PID file."""
-        return self.directory / "queue" / "pid" / "master.pid"
+    #: The master's PID file.
+    master_pid_path = InDirectory("queue", "pid", "master.pid")
 
     @property
     def ports(self) -> list[int]:

@@ -16,35 +16,32 @@ the ``prosody`` user (``setpriv`` exec()s, so the launched PID is Prosody's).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
-import signal
-import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from tests.realservers.daemons import (
+    HOST,
     INSTALL_HINT,
-    STOP_TIMEOUT,
+    USERS,
     Daemon,
+    InDirectory,
     find_program,
-    kill,
     prepare_base,
     read_log,
     require_root,
     run_command,
+    stop_process,
     wait_for_text,
 )
 from tests.realservers.net import free_port
 
-HOST = "127.0.0.1"
 #: The XMPP domain served.
 DOMAIN = "localhost"
 #: Accounts on :data:`DOMAIN`: name -> password.
-USERS: dict[str, str] = {"alice": "alicepw", "bob": "bobpw"}
 START_ATTEMPTS = 3
 
 
@@ -52,19 +49,12 @@ START_ATTEMPTS = 3
 class ProsodyInstance(Daemon):
     """A running Prosody (see :func:`start_prosody`); ``port`` is its plaintext c2s port."""
 
-    directory: Path
     port: int
-    host: str = HOST
     name: ClassVar[str] = "Prosody"
-    _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
-    @property
-    def config_path(self) -> Path:
-        return self.directory / "prosody.cfg.lua"
+    config_path = InDirectory("prosody.cfg.lua")
 
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "prosody.log"
+    log_path = InDirectory("prosody.log")
 
     @property
     def ports(self) -> list[int]:
@@ -81,13 +71,7 @@ class ProsodyInstance(Daemon):
         process, self._process = self._process, None
         if process is None:
             return False
-        kill(process.pid, signal.SIGTERM, group=False)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            kill(process.pid, signal.SIGKILL, group=True)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(STOP_TIMEOUT)
+        stop_process(process)
         return True
 
 

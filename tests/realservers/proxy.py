@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,9 @@ from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port
 
 READY_LINE = "starttls_proxy.server: ready"
+#: ``start(listeners, certificates=None, **options)``: see ``module_proxy`` in
+#: ``tests/e2e/conftest.py``.
+StartProxy = Callable[..., "ProxyProcess"]
 READY_JSON = '"logger": "starttls_proxy.server", "message": "ready"'
 
 
@@ -130,3 +135,21 @@ def start_proxy(
             raise RuntimeError(f"the proxy did not start:\n{proxy.log()[-3000:]}")
         time.sleep(0.05)
     return proxy
+
+
+@contextlib.contextmanager
+def running_proxy(
+    base: Path,
+    certificates: list[tuple[Path, Path]],
+    listeners: list[dict[str, Any]],
+    **options: Any,
+) -> Iterator[ProxyProcess]:
+    """:func:`start_proxy`, stopped when the block ends: it must then exit with
+    status 0 and have logged no traceback."""
+    process = start_proxy(base, certificates, listeners, **options)
+    try:
+        yield process
+    finally:
+        status = process.stop()
+    assert status == 0, process.log()[-3000:]
+    assert "Traceback" not in process.log()

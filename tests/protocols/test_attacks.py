@@ -1,0 +1,176 @@
+"""Attacks, limits and failures that every protocol must withstand the same
+way, as transcripts over the dialogues of ``tests.protocols.transcript``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocols._base import CloseConnection, SendToBackend, Side
+from tests.protocols.transcript import (
+    DIALOGUES,
+    LINE_DIALOGUES,
+    SHUTDOWN,
+    TLS,
+    Backend,
+    Client,
+    Connected,
+    Dialogue,
+    Failed,
+    LineDialogue,
+    ShuttingDown,
+    check_pre_tls_bytes,
+    feed,
+    run,
+)
+
+every_protocol = pytest.mark.parametrize("dialogue", DIALOGUES, ids=lambda d: d.name)
+line_protocols = pytest.mark.parametrize("dialogue", LINE_DIALOGUES, ids=lambda d: d.name)
+
+CLIENT_HELLO_START = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+
+
+def _check_only_commands_after_tls_relayed(dialogue: Dialogue[Any], machine: Any) -> None:
+    """The handshake ends, the backend greets: the first command relayed is
+    one the client sent over TLS."""
+    run(
+        machine,
+        TLS(),
+        *dialogue.to_backend(),
+        *dialogue.backend_greeted(),
+        Client(dialogue.relayed),
+        SendToBackend(dialogue.relayed),
+    )
+
+
+@every_protocol
+def test_starttls_pipelined_command_injection(dialogue: Dialogue[Any]) -> None:
+    """Commands behind STARTTLS in the same packet, or sent before the
+    handshake is done, are plaintext an attacker could have injected: they
+    are dropped, never run after the handshake."""
+    machine = dialogue.new()
+    run(
+        machine,
+        *dialogue.opening(),
+        Client(dialogue.capability),
+        *dialogue.capability_reply,
+        *dialogue.started_tls(pipelined=dialogue.injected),
+        Client(dialogue.injected),
+    )
+    assert machine.unprocessed_client_bytes == 0
+    _check_only_commands_after_tls_relayed(dialogue, machine)
+
+
+@every_protocol
+def test_starttls_injection_across_packets_before_tls(dialogue: Dialogue[Any]) -> None:
+    machine = dialogue.new()
+    run(machine, *dialogue.opening(), *dialogue.started_tls(), Client(dialogue.injected))
+    assert machine.unprocessed_client_bytes == 0
+    _check_only_commands_after_tls_relayed(dialogue, machine)
+
+
+@line_protocols
+def test_tls_client_hello_before_starttls(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.new()
+    run(machine, *dialogue.opening(), Client(CLIENT_HELLO_START), *dialogue.client_hello_refused)
+    # Only the very first byte counts.
+    machine = dialogue.new()
+    run(machine, *dialogue.opening(), Client(dialogue.local), dialogue.local_reply)
+    run(machine, Client(b"\x16\r\n"), dialogue.handshake_octet_line_reply)
+    assert machine.state.name == "PRE_TLS"
+
+
+@line_protocols
+def test_overlong_command_line(dialogue: LineDialogue[Any]) -> None:
+    """A line over the limit is refused, and what follows its end is read
+    as commands again, before TLS and in the relay."""
+    machine = dialogue.new(max_line_length=64)
+    overlong = dialogue.local.removesuffix(b"\r\n") + b" " + b"x" * 100
+    run(machine, *dialogue.opening(), Client(overlong), dialogue.line_too_long)
+    run(machine, Client(b"x" * 100 + b"\r\n" + dialogue.local), dialogue.local_reply)
+    machine = dialogue.relaying(max_line_length=64)
+    overlong = dialogue.relayed.removesuffix(b"\r\n") + b" " + b"a" * 100 + b"\r\n"
+    run(
+        machine,
+        Client(overlong + dialogue.starttls + dialogue.relayed),
+        dialogue.line_too_long,
+        dialogue.tls_active,
+        SendToBackend(dialogue.relayed),
+    )
+
+
+@line_protocols
+def test_second_starttls_refused(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.relaying()
+    run(
+        machine,
+        Client(dialogue.starttls),
+        dialogue.tls_active,
+        Client(dialogue.starttls.lower() + dialogue.relayed),
+        dialogue.tls_active,
+        SendToBackend(dialogue.relayed),
+    )
+    assert machine.state.name == "RELAY"
+
+
+@line_protocols
+def test_shutdown_goodbye_before_tls_and_in_relay(dialogue: LineDialogue[Any]) -> None:
+    goodbye = (dialogue.shutdown_goodbye, SHUTDOWN)
+    run(dialogue.new(), *dialogue.opening(), ShuttingDown(), *goodbye)
+    machine = dialogue.relaying()
+    run(machine, ShuttingDown(), *goodbye)
+    assert machine.state.name == "CLOSED"
+    # Once closed, the machine ignores the proxy's end and the backend.
+    run(machine, ShuttingDown(), Backend(dialogue.backend_greeting))
+
+
+@line_protocols
+def test_backend_unreachable(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.connecting()
+    reason = "connection refused"
+    run(machine, Failed(reason), dialogue.unavailable, CloseConnection(reason))
+    assert machine.state.name == "CLOSED"
+
+
+@line_protocols
+def test_backend_refusing_the_session(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.connecting()
+    reason = f"backend refused the session: {dialogue.refusal.decode().rstrip()}"
+    run(
+        machine,
+        Connected(),
+        Backend(dialogue.refusal),
+        dialogue.unavailable,
+        CloseConnection(reason),
+    )
+    assert machine.state.name == "ERROR"
+
+
+def _fuzz_chunks(dialogue: Dialogue[Any]) -> st.SearchStrategy[list[bytes]]:
+    """Up to eight chunks of random octets or runs of the protocol's words."""
+    words = st.lists(st.sampled_from(dialogue.words)).map(b"".join)
+    return st.lists(st.binary(max_size=300) | words, max_size=8)
+
+
+@every_protocol
+@given(data=st.data(), require_tls=st.booleans())
+def test_fuzz_pre_tls_client_bytes(
+    dialogue: Dialogue[Any], data: st.DataObject, require_tls: bool
+) -> None:
+    machine = dialogue.new(require_tls=require_tls, max_line_length=128)
+    chunks = data.draw(_fuzz_chunks(dialogue))
+    opening = [dialogue.client_opening] if dialogue.client_opening else []
+    check_pre_tls_bytes(machine, [*opening, *chunks], require_tls=require_tls)
+    assert machine.state.name != "ERROR"
+
+
+@every_protocol
+@given(data=st.data(), side=st.sampled_from(Side))
+def test_fuzz_relay_bytes(dialogue: Dialogue[Any], data: st.DataObject, side: Side) -> None:
+    machine = dialogue.relaying(max_line_length=128, max_literal_size=50)
+    feed(machine, side, data.draw(_fuzz_chunks(dialogue)))
+    if side is Side.CLIENT:
+        assert machine.state.name != "ERROR"
