@@ -481,7 +481,9 @@ METHOD = """\
   Dovecot ends sessions that have not logged in 180 s after they connected, Postfix
   after 300 s of silence, whoever terminates TLS in front of it (*unchecked*).  Sessions
   are opened in chunks while at least a quarter of the memory (4 GiB or more) stays
-  free.
+  free, and for 150 s at most (IMAP, POP3; SMTP: 270 s): a session the backend has
+  ended looks held to the client but no longer costs memory, so every session
+  measured must still be alive.
 - **Ratios**: each figure of starttls-proxy divided by the same figure of each peer in
   the same run.  `≥` marks rates where the generator, not the target, was the limit.
 """

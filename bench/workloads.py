@@ -61,6 +61,9 @@ IDLE_LANES = 32
 #: margin) are not checked: their end is the backend's doing, whoever terminates TLS.
 PRE_LOGIN_LIMIT = {"imap": 180.0, "pop3": 180.0, "smtp": 300.0}
 PRE_LOGIN_MARGIN = 10.0
+#: Opening stops this long before the first session reaches the pre-login limit:
+#: time to sample the memory of every process while all sessions are still alive.
+MEASURING_TIME = 20.0
 #: Sessions opened between two looks at the machine's free memory (the first chunk
 #: is smaller: it measures what a session costs).
 IDLE_CHUNK = 500
@@ -357,11 +360,21 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
     stopped = ""
     start_available = meminfo("MemAvailable")
     cpu = _CPU(bench, target, protocol)
+    max_age = PRE_LOGIN_LIMIT[protocol] - PRE_LOGIN_MARGIN
+    # A session the backend has dropped still looks held to the client, but its
+    # memory is gone: every session measured must be younger than the limit.
+    opening_deadline = time.monotonic() + max_age - MEASURING_TIME
     for level in bench.plan.idle_levels:
         while held < level and not stopped:
             chunk = min(IDLE_CHUNK if held else FIRST_IDLE_CHUNK, level - held)
             if not _memory_left(start_available, held, chunk):
                 stopped = f"stopped at {held} sessions to keep the memory reserve"
+                break
+            if time.monotonic() > opening_deadline:
+                stopped = (
+                    f"stopped at {held} sessions: the first would soon reach the backend's "
+                    f"{PRE_LOGIN_LIMIT[protocol]:.0f} s pre-login limit"
+                )
                 break
             counts = split(chunk, workers)
             jobs = [OpenIdle(endpoint, count, IDLE_LANES) if count else None for count in counts]
@@ -378,7 +391,6 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
         if stopped:
             break
     open_cpu, open_backend_cpu = cpu.used()
-    max_age = PRE_LOGIN_LIMIT[protocol] - PRE_LOGIN_MARGIN
     closing = _merge(bench.generator.run([CloseIdle(protocol, IDLE_LANES, max_age)] * workers))
     record = Record(IDLE, bench.run.key_type, protocol, target.name, bench.plan.idle_levels[-1])
     record.note = "; ".join(n for n in (stopped, _errors_note(errors + closing.errors)) if n)
