@@ -10,17 +10,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols._base import CloseConnection, SendToBackend, Side
-from tests.protocols.transcript import (
+from tests.protocols.dialogues import (
     DIALOGUES,
     LINE_DIALOGUES,
     SHUTDOWN,
+    Dialogue,
+    LineDialogue,
+)
+from tests.protocols.transcript import (
     TLS,
     Backend,
     Client,
     Connected,
-    Dialogue,
     Failed,
-    LineDialogue,
     ShuttingDown,
     check_pre_tls_bytes,
     feed,

@@ -31,11 +31,15 @@ from protocols.imap import (
     State,
 )
 from protocols.imap_syntax import Head, ResponseReader
+from tests.protocols.dialogues import (
+    IMAP,
+    SHUTDOWN,
+    Transcripts,
+    split_invariance_tests,
+)
 from tests.protocols.transcript import (
     EOF,
     HOST,
-    IMAP,
-    SHUTDOWN,
     TLS,
     Backend,
     Client,
@@ -44,14 +48,12 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    Transcripts,
     check_transition,
     drain,
     exchange,
     play,
     reachable,
     run,
-    split_invariance_tests,
 )
 
 CAPABILITIES = IMAP.capabilities

@@ -29,11 +29,15 @@ from protocols.pop3 import (
     POP3Machine,
     State,
 )
+from tests.protocols.dialogues import (
+    POP3,
+    SHUTDOWN,
+    Transcripts,
+    split_invariance_tests,
+)
 from tests.protocols.transcript import (
     EOF,
     HOST,
-    POP3,
-    SHUTDOWN,
     TLS,
     Backend,
     Client,
@@ -42,14 +46,12 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    Transcripts,
     check_transition,
     drain,
     exchange,
     play,
     reachable,
     run,
-    split_invariance_tests,
 )
 
 CAPABILITIES = POP3.capabilities

@@ -30,11 +30,15 @@ from protocols.smtp import (
     State,
     xtext,
 )
+from tests.protocols.dialogues import (
+    SHUTDOWN,
+    SMTP,
+    Transcripts,
+    split_invariance_tests,
+)
 from tests.protocols.transcript import (
     EOF,
     HOST,
-    SHUTDOWN,
-    SMTP,
     TLS,
     Backend,
     Client,
@@ -43,14 +47,12 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    Transcripts,
     backend_bytes,
     check_transition,
     drain,
     exchange,
     reachable,
     run,
-    split_invariance_tests,
 )
 
 CAPABILITIES = SMTP.capabilities

@@ -48,16 +48,22 @@ from protocols.xmpp import (
     new_stream_id,
     pre_tls_features,
 )
-from tests.protocols.transcript import (
+from tests.protocols.dialogues import (
     BACKEND_FEATURES,
     BACKEND_HEADER,
-    EOF,
-    HOST,
     MECHANISMS,
     REQUIRED_FEATURES,
     STRIPPED_FEATURES,
-    TLS,
     XMPP,
+    Transcripts,
+    client_header,
+    proxy_header,
+    split_invariance_tests,
+)
+from tests.protocols.transcript import (
+    EOF,
+    HOST,
+    TLS,
     Backend,
     Client,
     Connected,
@@ -65,17 +71,13 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    Transcripts,
     backend_bytes,
     check_transition,
     client_bytes,
-    client_header,
     drain,
     exchange,
-    proxy_header,
     reachable,
     run,
-    split_invariance_tests,
 )
 
 PEER = XMPP.peer
