@@ -47,6 +47,23 @@ def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
     assert listener.session_idle == 300.0
     assert listener.max_line_length == 2048
     assert str(listener.listen) == "127.0.0.1:2525"
+    assert config.isolation.spare_workers == 2
+
+
+@pytest.mark.parametrize(
+    ("spare_workers", "expected"),
+    [
+        (-1, "isolation.spare_workers: Input should be greater than or equal to 0"),
+        (257, "isolation.spare_workers: Input should be less than or equal to 256"),
+    ],
+)
+def test_spare_workers_are_bounded(
+    cert_dir: Path, tmp_path: Path, spare_workers: int, expected: str
+) -> None:
+    document = {**_minimal(cert_dir), "isolation": {"spare_workers": spare_workers}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, yaml.safe_dump(document)))
+    assert any(problem.startswith(expected) for problem in caught.value.problems), caught.value
 
 
 @pytest.mark.parametrize(

@@ -478,6 +478,29 @@ def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: Ce
     assert re.search(r"CRITICAL .*giving up: the TLS helper died 2 times within 60 s", proxy.log())
 
 
+def test_without_spare_workers_each_upgrade_forks_its_own(
+    tmp_path: Path, test_certs: CertFiles, postfix: PostfixInstance
+) -> None:
+    """``isolation.spare_workers: 0``: nothing waits; the upgrade forks the worker."""
+    proxy = start_proxy(
+        tmp_path,
+        [(test_certs.cert, test_certs.key)],
+        [listener("relay", postfix.plain_port, backend={"identity": "xclient"})],
+        isolation={"spare_workers": 0},
+    )
+    try:
+        time.sleep(0.5)  # time enough for spares to appear, were any wanted
+        assert _children(_helper(proxy)) == []
+        tls = smtp_upgraded(proxy.connect("relay", "127.0.0.52"), test_certs)
+        (worker,) = _children(_helper(proxy))
+        assert _status(worker)["Name"] == "stp-worker"
+        _still_works(tls)
+        tls.close()
+    finally:
+        assert proxy.stop() == 0, proxy.log()[-3000:]
+    assert "Traceback" not in proxy.log()
+
+
 def _zombies(parents: set[int]) -> list[int]:
     return [p.pid for p in process_table() if p.state == "Z" and p.parent in parents]
 
