@@ -309,7 +309,7 @@ class IsolationConfig(_Model):
     #: Workers forked ahead of time, waiting (chrooted, in the empty
     #: namespaces, without a UID of their own yet) for a connection: the fork
     #: leaves the upgrade's latency. Each holds a UID of ``uid_range`` and
-    #: about 1 MiB; 0 = fork per connection when it upgrades.
+    #: about 1.5 MiB of private memory; 0 = fork per connection when it upgrades.
     spare_workers: Annotated[int, Field(ge=0, le=256)] = 2
     #: User the main process becomes once its sockets are bound; ``null`` = stay.
     main_user: str | None = "nobody"

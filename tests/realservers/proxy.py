@@ -151,5 +151,6 @@ def running_proxy(
         yield process
     finally:
         status = process.stop()
-    assert status == 0, process.log()[-3000:]
-    assert "Traceback" not in process.log()
+    log = process.log()
+    assert status == 0, log[-3000:]
+    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 1500) :][:4000]
