@@ -306,9 +306,9 @@ class IsolationConfig(_Model):
     chroot: Path = Path("/run/starttls-proxy/empty")
     #: Address space a worker may map beyond what it inherits from the helper.
     memory_limit: ByteSize = ByteSize(64 * 1024 * 1024)
-    #: Workers forked ahead of time, waiting (chrooted, in the empty
-    #: namespaces, without a UID of their own yet) for a connection: the fork
-    #: leaves the upgrade's latency. Each holds a UID of ``uid_range`` and
+    #: Workers forked ahead of time, waiting (sandboxed but for the descriptor
+    #: limit and seccomp) for a connection: the fork leaves the upgrade's
+    #: latency. Each holds a UID of ``uid_range`` and
     #: about 1.5 MiB of private memory; 0 = fork per connection when it upgrades.
     spare_workers: Annotated[int, Field(ge=0, le=256)] = 2
     #: User the main process becomes once its sockets are bound; ``null`` = stay.

@@ -350,7 +350,7 @@ def confine(isolation: IsolationConfig) -> list[LayerStatus]:
         ("namespaces", layers.namespaces, root, unshare_namespaces, "no network, own IPC and UTS"),
         ("chroot", layers.chroot, root, lambda: _chroot(isolation), f"chroot {isolation.chroot}"),
         ("identity", layers.identity, root, lambda: become(uid), f"UID {uid}, no groups"),
-        ("hardening", layers.hardening, True, lambda: harden(None), "no dumps, no_new_privs"),
+        ("hardening", layers.hardening, True, harden, "no dumps, no_new_privs"),
         (
             "seccomp",
             layers.seccomp,

@@ -3,12 +3,15 @@
 Threat model: a bug in the TLS stack (a Heartbleed-class disclosure, or code
 execution) in one worker must expose at most the attacker's own connection.
 Every worker is a fresh fork of the TLS helper (``zygote``) that serves one
-connection and exits; before it reads a byte from the client it enters, in
-this order:
+connection and exits. Forked ahead of time as a spare, it enters layers 1-7
+(``Sandbox.enclose``) while it waits for a connection; with the
+connection's descriptors it sets RLIMIT_NOFILE and loads the seccomp filter
+(``Sandbox.confine``), before it reads a byte from the client. In order:
 
 1. **clean slate** (always): the helper was exec'd fresh and holds only the
-   TLS contexts; the worker closes every descriptor but stdin/out/err, the
-   client socket and its plaintext channel (renumbered 3 and 4);
+   TLS contexts; the worker closes every descriptor but stdin/out/err and
+   its assignment socket, then, once the connection came through it, all
+   but the client socket and its plaintext channel (renumbered 3 and 4);
 2. **pid_namespace**: the helper forks it as PID 1 of a PID namespace of its
    own, so nothing it could spawn outlives it, and a UID is free again the
    moment the worker is reaped (the "dynamic UIDs" titus never got);
@@ -25,7 +28,8 @@ this order:
    ``isolation.uid_range`` (the helper never hands one UID to two live
    workers), so workers cannot signal or trace one another;
 6. **hardening**: not dumpable, no_new_privs, RLIMIT_CORE 0, RLIMIT_NPROC 0,
-   RLIMIT_NOFILE exactly the descriptors it holds (none can be opened);
+   and, with the connection, RLIMIT_NOFILE exactly the descriptors it holds
+   (none can be opened);
 7. **memory_limit**: RLIMIT_AS at what it inherited plus
    ``isolation.memory_limit``;
 8. **seccomp**: the allow-list of ``seccomp_policy``.
@@ -62,7 +66,7 @@ import socket
 import stat
 import tempfile
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,8 +223,6 @@ class Sandbox:
         self.own_pid_namespace: int | None = None
         #: The empty network, IPC and UTS namespaces every worker joins.
         self.shared_namespaces: list[int] = []
-        #: In a worker: RLIMIT_AS, set by ``enclose`` for ``confine``.
-        self.memory_ceiling = 0
 
     @classmethod
     def prepare(cls, config: IsolationConfig, probe_uid: int) -> tuple[Sandbox, list[LayerStatus]]:
@@ -316,26 +318,40 @@ class Sandbox:
         uid: int | None,
         keep: list[int],
         failures: dict[Layer, str] | None = None,
-        checkpoints: Mapping[Layer, Callable[[], None]] | None = None,
+        checkpoints: dict[Layer, Callable[[], None]] | None = None,
     ) -> list[int]:
         """Enter every planned layer (in the forked child); return ``keep`` renumbered.
 
         A layer that fails raises, unless ``failures`` collects the error.
-        ``checkpoints`` run just before their layer (the self check's looks
-        at the sandbox under construction).
+        ``checkpoints`` run just before their layer, once (the self check's
+        looks at the sandbox under construction).
         """
-        return self.confine(uid, self.enclose(keep, failures), failures, checkpoints)
+        return self.confine(self.enclose(uid, keep, failures, checkpoints), failures, checkpoints)
 
-    def enclose(self, keep: list[int], failures: dict[Layer, str] | None = None) -> list[int]:
-        """What a spare worker does before it has a connection: close every
-        other descriptor, chroot. Returns ``keep`` renumbered."""
+    def enclose(
+        self,
+        uid: int | None,
+        keep: list[int],
+        failures: dict[Layer, str] | None = None,
+        checkpoints: dict[Layer, Callable[[], None]] | None = None,
+    ) -> list[int]:
+        """What a spare worker does before it has a connection: every layer
+        but the descriptor limit and seccomp (the connection's descriptors
+        are still to come, through a system call seccomp does not allow).
+        Returns ``keep`` renumbered."""
         # Read while /proc is still in reach.
-        self.memory_ceiling = _address_space() + self.config.memory_limit
+        memory_limit = _address_space() + self.config.memory_limit
         # Joined first: the descriptors of the namespaces are not kept.
         self._enter_layers([(Layer.NAMESPACES, self._join_namespaces)], failures)
         fds = keep_only([*keep, self.root_fd] if self.root_fd is not None else keep)
         root_fd = fds.pop() if self.root_fd is not None else None
-        self._enter_layers([(Layer.CHROOT, lambda: self._chroot(root_fd))], failures)
+        steps: list[tuple[Layer, Callable[[], None]]] = [
+            (Layer.CHROOT, lambda: self._chroot(root_fd)),
+            (Layer.IDENTITY, lambda: become(uid)),
+            (Layer.HARDENING, harden),
+            (Layer.MEMORY_LIMIT, lambda: _limit(resource.RLIMIT_AS, memory_limit)),
+        ]
+        self._enter_layers(steps, failures, checkpoints)
         return fds
 
     def _join_namespaces(self) -> None:
@@ -344,19 +360,15 @@ class Sandbox:
 
     def confine(
         self,
-        uid: int | None,
         keep: list[int],
         failures: dict[Layer, str] | None = None,
-        checkpoints: Mapping[Layer, Callable[[], None]] | None = None,
+        checkpoints: dict[Layer, Callable[[], None]] | None = None,
     ) -> list[int]:
-        """The rest, once the connection's descriptors are in ``keep``: own
-        UID, hardening, limits, seccomp. Returns ``keep`` renumbered."""
+        """The rest, once the connection's descriptors are in ``keep``: no
+        descriptor beyond them, then seccomp. Returns ``keep`` renumbered."""
         fds = keep_only(keep)
-        memory_limit = self.memory_ceiling
         steps: list[tuple[Layer, Callable[[], None]]] = [
-            (Layer.IDENTITY, lambda: become(uid)),
-            (Layer.HARDENING, lambda: harden(STANDARD_FDS + len(fds))),
-            (Layer.MEMORY_LIMIT, lambda: _limit(resource.RLIMIT_AS, memory_limit)),
+            (Layer.HARDENING, lambda: _limit(resource.RLIMIT_NOFILE, STANDARD_FDS + len(fds))),
             (Layer.SECCOMP, lambda: seccomp_policy.load_filter(self.seccomp_program, LIBC)),
         ]
         self._enter_layers(steps, failures, checkpoints)
@@ -366,11 +378,11 @@ class Sandbox:
         self,
         steps: list[tuple[Layer, Callable[[], None]]],
         failures: dict[Layer, str] | None,
-        checkpoints: Mapping[Layer, Callable[[], None]] | None = None,
+        checkpoints: dict[Layer, Callable[[], None]] | None = None,
     ) -> None:
         for layer, step in steps:
             if checkpoints and layer in checkpoints:
-                checkpoints[layer]()
+                checkpoints.pop(layer)()
             if layer not in self.layers:
                 continue
             try:
@@ -457,14 +469,13 @@ def _limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def harden(open_files: int | None) -> None:
-    """Not dumpable, no_new_privs, no core, no fork; exactly ``open_files``
-    descriptors unless None (the key server keeps receiving some)."""
+def harden() -> None:
+    """Not dumpable, no_new_privs, no core, no fork. (RLIMIT_NOFILE comes
+    later, with the connection: ``Sandbox.confine``; the key server keeps
+    receiving descriptors.)"""
     # After the UID change: changing UIDs resets "dumpable" to the
     # fs.suid_dumpable sysctl, which may be 1.
     prctl(PR_SET_DUMPABLE, 0)
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NPROC, 0)
-    if open_files is not None:
-        _limit(resource.RLIMIT_NOFILE, open_files)

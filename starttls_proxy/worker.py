@@ -327,8 +327,10 @@ def serve_spare(
     try:
         self_test = sandbox.config.self_test
         keep = [assignment_fd, selftest.open_status()] if self_test else [assignment_fd]
+        report: dict[str, object] = {}
+        checkpoints = selftest.checkpoints(report) if self_test else None
         try:
-            assignment_fd, *status_fd = sandbox.enclose(keep)
+            assignment_fd, *status_fd = sandbox.enclose(uid, keep, checkpoints=checkpoints)
         except Exception as error:
             print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
             status = EXIT_SANDBOX_FAILED
@@ -344,12 +346,9 @@ def serve_spare(
         # bytes, and nothing it sends can cancel the alarm.
         arm_deadline(job.request.handshake_timeout)
         _reseed_rng()
-        report: dict[str, object] = {}
         try:
             fds = sandbox.confine(
-                uid,
-                [*received[:2], *status_fd, *received[2:]],
-                checkpoints=selftest.checkpoints(report) if self_test else None,
+                [*received[:2], *status_fd, *received[2:]], checkpoints=checkpoints
             )
         except Exception as error:
             print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)

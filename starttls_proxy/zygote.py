@@ -166,6 +166,8 @@ class Helper:
         #: Every live child, spares included.
         self.workers: set[int] = set()
         self.spares: collections.deque[Spare] = collections.deque()
+        #: A spare died before it was given a connection (see ``reap``).
+        self.spares_failing = False
 
     def fork_spare(self) -> Spare | None:
         """A new spare worker, or None when every UID is taken."""
@@ -196,7 +198,7 @@ class Helper:
 
     def top_up(self) -> None:
         """Fork one spare if fewer than ``isolation.spare_workers`` wait."""
-        if len(self.spares) < self.sandbox.config.spare_workers:
+        if len(self.spares) < self.sandbox.config.spare_workers and not self.spares_failing:
             spare = self.fork_spare()
             if spare is not None:
                 self.spares.append(spare)
@@ -204,6 +206,7 @@ class Helper:
     def assign(self, request: SpawnRequest, fds: list[int]) -> int | None:
         """Give the connection in ``fds`` (client, channel) to a spare (forked
         now if none waits); return the worker's PID, None if there is none."""
+        self.spares_failing = False
         try:
             while True:
                 spare = self.spares.popleft() if self.spares else self.fork_spare()
@@ -243,14 +246,15 @@ class Helper:
                 return
             self.pool.release(pid)
             self.workers.discard(pid)
+            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             waiting = [spare for spare in self.spares if spare.pid == pid]
             for spare in waiting:
-                # Never served anyone: nothing to report.
                 self.spares.remove(spare)
                 spare.assignment.close()
-            if waiting:
-                continue
-            code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+                # A spare that could not enter its sandbox is reported, and no
+                # other is forked ahead until the next connection: a layer
+                # that fails must not turn into a fork loop.
+                self.spares_failing = True
             _send(self.control, {"exited": pid, "status": code})
 
     def serve_forever(self) -> int:
@@ -264,7 +268,9 @@ class Helper:
         while True:
             # Spares are forked only when nothing else is waiting: a request
             # never queues behind one.
-            spares_short = len(self.spares) < self.sandbox.config.spare_workers
+            spares_short = (
+                len(self.spares) < self.sandbox.config.spare_workers and not self.spares_failing
+            )
             events = selector.select(0 if spares_short else None)
             if not events and spares_short:
                 self.top_up()

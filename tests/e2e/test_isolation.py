@@ -12,6 +12,7 @@ workers (one UID each, PID 1 of their own namespaces).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import json
 import os
@@ -99,19 +100,22 @@ def _is_helper(pid: int) -> bool:
 
 
 def _workers(proxy: ProxyProcess) -> set[int]:
-    """The helper's children that serve a connection (spares still wait as root)."""
-    return {pid for pid in _children(_helper(proxy)) if _uid(pid) in UIDS}
+    """The helper's children that serve a connection."""
+    return _children_named(proxy, "stp-worker")
 
 
 def _spares(proxy: ProxyProcess) -> set[int]:
-    return {pid for pid in _children(_helper(proxy)) if _uid(pid) == 0}
+    """The helper's children still waiting for one."""
+    return _children_named(proxy, "stp-spare")
 
 
-def _uid(pid: int) -> int | None:
-    try:
-        return int(_status(pid)["Uid"].split()[0])
-    except FileNotFoundError:  # ended meanwhile
-        return None
+def _children_named(proxy: ProxyProcess, name: str) -> set[int]:
+    found = set()
+    for pid in _children(_helper(proxy)):
+        with contextlib.suppress(FileNotFoundError):  # ended meanwhile
+            if _status(pid)["Name"] == name:
+                found.add(pid)
+    return found
 
 
 def _new_worker(proxy: ProxyProcess, before: set[int]) -> int:
@@ -291,21 +295,28 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
 def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
     proxy: ProxyProcess, test_certs: CertFiles
 ) -> None:
-    """``isolation.spare_workers`` (2 by default) wait, forked ahead, chrooted
-    and in the workers' empty namespaces, holding nothing but their
-    assignment socket (and, in self-test mode, the status file)."""
+    """``isolation.spare_workers`` (2 by default) wait, forked ahead, chrooted,
+    in the workers' empty namespaces, with a UID of their own, not dumpable
+    and with no_new_privs, holding nothing but their assignment socket (and,
+    in self-test mode, the status file); seccomp comes with the connection."""
     spares = _wait_for_spares(proxy, 2)
     main = proxy.process.pid
+    spare_uids = set()
     for spare in spares:
         status = _status(spare)
         assert status["Name"] == "stp-spare"
+        spare_uids.add(int(status["Uid"].split()[0]))
+        assert status["NoNewPrivs"] == "1"
+        assert status["Seccomp"] == "0"
         assert os.readlink(f"/proc/{spare}/root") == str(CHROOT)
         assert status["NSpid"].split()[-1] == "1"
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{spare}/fd")) == [0, 1, 2, 3, 4]
         for kind in ("net", "ipc", "uts"):
             assert _namespace(spare, kind) != _namespace(main, kind)
+    assert len(spare_uids) == 2 and spare_uids <= set(UIDS)
     tls, worker = _session_with_worker(proxy, test_certs, "127.0.0.45")
     assert worker in spares
+    assert _status(worker)["Seccomp"] == "2"
     for kind in ("net", "ipc", "uts"):
         assert _namespace(worker, kind) == _namespace(next(iter(spares - {worker})), kind)
     _still_works(tls)
