@@ -306,6 +306,18 @@ def _reseed_rng() -> None:
     _openssl.RAND_add(seed, len(seed), float(len(seed)))
 
 
+class _SandboxError(Exception):
+    """A layer of the sandbox could not be entered."""
+
+
+def _entered(layers: Callable[[], list[int]]) -> list[int]:
+    """``layers()`` (``Sandbox.enclose`` or ``confine``); its failure as a ``_SandboxError``."""
+    try:
+        return layers()
+    except Exception as error:
+        raise _SandboxError(str(error)) from None
+
+
 def serve_spare(
     assignment_fd: int,
     store: CertificateStore,
@@ -329,12 +341,9 @@ def serve_spare(
         keep = [assignment_fd, selftest.open_status()] if self_test else [assignment_fd]
         report: dict[str, object] = {}
         checkpoints = selftest.checkpoints(report) if self_test else None
-        try:
-            assignment_fd, *status_fd = sandbox.enclose(uid, keep, checkpoints=checkpoints)
-        except Exception as error:
-            print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
-            status = EXIT_SANDBOX_FAILED
-            return
+        assignment_fd, *status_fd = _entered(
+            lambda: sandbox.enclose(uid, keep, checkpoints=checkpoints)
+        )
         with socket.socket(fileno=assignment_fd) as assignment:
             message, received, _, _ = socket.recv_fds(assignment, MAX_ASSIGNMENT, 3)
         if not message:  # the helper is gone, or retired its spares
@@ -346,14 +355,11 @@ def serve_spare(
         # bytes, and nothing it sends can cancel the alarm.
         arm_deadline(job.request.handshake_timeout)
         _reseed_rng()
-        try:
-            fds = sandbox.confine(
+        fds = _entered(
+            lambda: sandbox.confine(
                 [*received[:2], *status_fd, *received[2:]], checkpoints=checkpoints
             )
-        except Exception as error:
-            print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
-            status = EXIT_SANDBOX_FAILED
-            return
+        )
         if attach is not None:
             attach(fds.pop())
         if self_test:
@@ -362,6 +368,9 @@ def serve_spare(
         channel = socket.socket(fileno=fds[1])
         context = store.context_for(job.request.server_name_hint)
         status = run(client, channel, context, job.request, self_test)
+    except _SandboxError as error:
+        print(f"TLS worker: cannot enter its sandbox: {error}", file=sys.stderr, flush=True)
+        status = EXIT_SANDBOX_FAILED
     except BaseException:
         # Last words of a crashed worker go to the helper's stderr (the
         # proxy's log); the main process only sees the channel close.

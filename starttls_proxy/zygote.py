@@ -141,7 +141,6 @@ class Spare:
     """A forked worker waiting (enclosed, see ``worker.serve_spare``) for a connection."""
 
     pid: int
-    uid: int | None
     #: The helper's end of its assignment socket.
     assignment: socket.socket
 
@@ -194,11 +193,16 @@ class Helper:
         self.workers.add(pid)
         if uid is not None:
             self.pool.bind(uid, pid)
-        return Spare(pid, uid, ours)
+        return Spare(pid, ours)
+
+    @property
+    def spares_short(self) -> bool:
+        """Fewer than ``isolation.spare_workers`` wait (and none just failed)."""
+        return len(self.spares) < self.sandbox.config.spare_workers and not self.spares_failing
 
     def top_up(self) -> None:
-        """Fork one spare if fewer than ``isolation.spare_workers`` wait."""
-        if len(self.spares) < self.sandbox.config.spare_workers and not self.spares_failing:
+        """Fork one spare if ``spares_short``."""
+        if self.spares_short:
             spare = self.fork_spare()
             if spare is not None:
                 self.spares.append(spare)
@@ -268,11 +272,8 @@ class Helper:
         while True:
             # Spares are forked only when nothing else is waiting: a request
             # never queues behind one.
-            spares_short = (
-                len(self.spares) < self.sandbox.config.spare_workers and not self.spares_failing
-            )
-            events = selector.select(0 if spares_short else None)
-            if not events and spares_short:
+            events = selector.select(0 if self.spares_short else None)
+            if not events:
                 self.top_up()
             for key, _ in events:
                 if key.fileobj == wake_read:
