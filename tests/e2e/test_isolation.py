@@ -23,7 +23,6 @@ import smtplib
 import socket
 import ssl
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,9 +33,16 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import process_table
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
+from tests.realservers.metrics import scrape, total
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
-from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
+from tests.realservers.proxy import (
+    ProxyProcess,
+    StartProxy,
+    listener,
+    running_proxy,
+    start_proxy,
+)
 
 CHROOT = Path("/run/starttls-proxy/empty")
 UIDS = range(200_000, 200_000 + 65_536)
@@ -174,24 +180,9 @@ def _rest(sock: socket.socket) -> bytes:
     return data
 
 
-def _metrics_text(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return str(response.read().decode())
-
-
-def _metric(port: int, name: str, **labels: str) -> float:
-    text = _metrics_text(port)
-    wanted = "".join(f'{key}="{value}"' for key, value in labels.items())
-    for line in text.splitlines():
-        if line.startswith(name + "{" + wanted + "}"):
-            return float(line.rpartition(" ")[2])
-    return 0.0
-
-
-def _metric_total(port: int, name: str) -> float:
-    """The sum of a metric over all its labels."""
-    lines = _metrics_text(port).splitlines()
-    return sum(float(line.rpartition(" ")[2]) for line in lines if line.startswith(name + "{"))
+def _worker_exits(port: int, **labels: str) -> float:
+    """Worker exits counted so far (of the ``reason`` given, or of any)."""
+    return total(scrape(port), "starttls_proxy_worker_exits_total", **labels)
 
 
 # ----------------------------------------------------------------------
@@ -239,7 +230,7 @@ def test_self_check_inside_a_real_worker(proxy: ProxyProcess, test_certs: CertFi
 def test_forbidden_syscall_kills_the_worker_and_is_counted(
     proxy: ProxyProcess, metrics_port: int
 ) -> None:
-    before = _metric(metrics_port, "starttls_proxy_worker_exits_total", reason="seccomp")
+    before = _worker_exits(metrics_port, reason="seccomp")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -249,7 +240,7 @@ def test_forbidden_syscall_kills_the_worker_and_is_counted(
     assert _rest(tls) == b""
     tls.close()
     deadline = time.monotonic() + 10
-    while _metric(metrics_port, "starttls_proxy_worker_exits_total", reason="seccomp") <= before:
+    while _worker_exits(metrics_port, reason="seccomp") <= before:
         assert time.monotonic() < deadline, "the seccomp kill was not counted"
         time.sleep(0.1)
     proxy.wait_for_log("ended abnormally (seccomp, status -31)")
@@ -413,7 +404,7 @@ def test_a_crashing_worker_takes_only_its_own_connection(
 ) -> None:
     if crash == "sigsegv" and platform.machine() != "x86_64":
         pytest.fail("the SIGSEGV injection knows x86_64 registers only", pytrace=False)
-    crashes = _metric(metrics_port, "starttls_proxy_worker_exits_total", reason="crash")
+    crashes = _worker_exits(metrics_port, reason="crash")
     victim, worker = _session_with_worker(proxy, test_certs, "127.0.0.46")
     bystander = smtp_upgraded(proxy.connect("relay", "127.0.0.47"), test_certs)
     # The victim is mid-transfer: inside DATA, part of the message sent.
@@ -434,7 +425,7 @@ def test_a_crashing_worker_takes_only_its_own_connection(
     bystander.close()
     _send_mail(proxy, test_certs, "127.0.0.48", f"after-{crash}")
     deadline = time.monotonic() + 10
-    while _metric(metrics_port, "starttls_proxy_worker_exits_total", reason="crash") <= crashes:
+    while _worker_exits(metrics_port, reason="crash") <= crashes:
         assert time.monotonic() < deadline, "the crash was not counted"
         time.sleep(0.1)
     expected = -signal.SIGKILL if crash == "sigkill" else -signal.SIGSEGV
@@ -447,7 +438,7 @@ def test_helper_restart_keeps_sessions(
     established = smtp_upgraded(proxy.connect("relay", "127.0.0.49"), test_certs)
     old_helper = _helper(proxy)
     old_spares = _wait_for_spares(proxy, 2)
-    exits = _metric_total(metrics_port, "starttls_proxy_worker_exits_total")
+    exits = _worker_exits(metrics_port)
     os.kill(old_helper, signal.SIGKILL)
     proxy.wait_for_log(f"the TLS helper (pid {old_helper}) died")
     proxy.wait_for_log("the TLS helper runs again")
@@ -457,7 +448,7 @@ def test_helper_restart_keeps_sessions(
     while any(Path(f"/proc/{pid}").exists() for pid in old_spares):
         assert time.monotonic() < deadline, "the dead helper's spares stayed"
         time.sleep(0.05)
-    assert _metric_total(metrics_port, "starttls_proxy_worker_exits_total") == exits
+    assert _worker_exits(metrics_port) == exits
     # The session's worker lives on (now a child of the keeper).
     _still_works(established)
     assert _helper(proxy) != old_helper
@@ -493,13 +484,12 @@ def test_without_spare_workers_each_upgrade_forks_its_own(
     tmp_path: Path, test_certs: CertFiles, postfix: PostfixInstance
 ) -> None:
     """``isolation.spare_workers: 0``: nothing waits; the upgrade forks the worker."""
-    proxy = start_proxy(
+    with running_proxy(
         tmp_path,
         [(test_certs.cert, test_certs.key)],
         [listener("relay", postfix.plain_port, backend={"identity": "xclient"})],
         isolation={"spare_workers": 0},
-    )
-    try:
+    ) as proxy:
         time.sleep(0.5)  # time enough for spares to appear, were any wanted
         assert _children(_helper(proxy)) == []
         tls = smtp_upgraded(proxy.connect("relay", "127.0.0.52"), test_certs)
@@ -507,9 +497,6 @@ def test_without_spare_workers_each_upgrade_forks_its_own(
         assert _status(worker)["Name"] == "stp-worker"
         _still_works(tls)
         tls.close()
-    finally:
-        assert proxy.stop() == 0, proxy.log()[-3000:]
-    assert "Traceback" not in proxy.log()
 
 
 def _zombies(parents: set[int]) -> list[int]:

@@ -16,7 +16,6 @@ import signal
 import ssl
 import subprocess
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,11 +23,11 @@ import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
+from tests.realservers.metrics import scrape, total
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
@@ -73,13 +72,7 @@ def proxy(
 
 def _signatures(port: int) -> float:
     """The key server's signatures so far, as the main process exports them."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == SIGNED and sample.labels == {"result": "signed"}:
-                return sample.value
-    return 0.0
+    return total(scrape(port), SIGNED, result="signed")
 
 
 def _wait_for_signatures(port: int, expected: float) -> None:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import re
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.metrics import only, scrape
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
@@ -25,30 +24,6 @@ def proxy(
         [listener("m", postfix.proxy_port, backend={"identity": "proxy-v2"})],
         metrics={"listen": f"127.0.0.1:{metrics_port}"},
     )
-
-
-Sample = tuple[str, frozenset[tuple[str, str]]]
-
-
-def _scrape(port: int) -> dict[Sample, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            name, _, labels = series.partition("{")
-            pairs = frozenset(re.findall(r'(\w+)="([^"]*)"', labels))
-            samples[name, pairs] = float(value)
-    return samples
-
-
-def _value(samples: dict[Sample, float], name: str, **labels: str) -> float:
-    """The one sample of ``name`` whose labels include ``labels``."""
-    wanted = set(labels.items())
-    found = [v for (n, pairs), v in samples.items() if n == name and wanted <= pairs]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
 
 
 def test_metrics_count_real_sessions(
@@ -67,30 +42,26 @@ def test_metrics_count_real_sessions(
     proxy.wait_for_log("127.0.0.30")
     proxy.wait_for_log("closed after")
 
-    samples = _scrape(metrics_port)
+    samples = scrape(metrics_port)
     ours = {"listener": "m", "protocol": "smtp"}
-    assert _value(samples, "starttls_proxy_connections_accepted_total", **ours) == 1
-    assert _value(samples, "starttls_proxy_tls_handshakes_total", **ours, result="ok") == 1
-    assert _value(samples, "starttls_proxy_discarded_after_starttls_bytes_total", **ours) == 6
-    assert _value(samples, "starttls_proxy_tls_handshake_seconds_count", **ours) == 1
-    assert _value(samples, "starttls_proxy_sessions_closed_total", **ours, end="clean") == 1
-    assert (
-        _value(samples, "starttls_proxy_tls_sessions_total", listener="m", version="TLSv1.3") == 1
-    )
+    assert only(samples, "starttls_proxy_connections_accepted_total", **ours) == 1
+    assert only(samples, "starttls_proxy_tls_handshakes_total", **ours, result="ok") == 1
+    assert only(samples, "starttls_proxy_discarded_after_starttls_bytes_total", **ours) == 6
+    assert only(samples, "starttls_proxy_tls_handshake_seconds_count", **ours) == 1
+    assert only(samples, "starttls_proxy_sessions_closed_total", **ours, end="clean") == 1
+    assert only(samples, "starttls_proxy_tls_sessions_total", listener="m", version="TLSv1.3") == 1
     for phase in ("plaintext", "handshake", "tls"):
-        assert _value(samples, "starttls_proxy_sessions_active", **ours, phase=phase) == 0
+        assert only(samples, "starttls_proxy_sessions_active", **ours, phase=phase) == 0
     certificate = str(test_certs.cert)
-    expiry = _value(
-        samples, "starttls_proxy_certificate_not_after_seconds", certificate=certificate
-    )
+    expiry = only(samples, "starttls_proxy_certificate_not_after_seconds", certificate=certificate)
     assert expiry > 1.7e9
-    assert _value(samples, "starttls_proxy_backend_connect_seconds_count", listener="m") == 1
+    assert only(samples, "starttls_proxy_backend_connect_seconds_count", listener="m") == 1
 
 
 def test_isolation_layers_are_exported(proxy: ProxyProcess, metrics_port: int) -> None:
-    samples = _scrape(metrics_port)
+    samples = scrape(metrics_port)
     for layer in ("namespaces", "pid_namespace", "chroot", "identity", "seccomp"):
-        assert _value(samples, "starttls_proxy_isolation_layer_applied", layer=layer) == 1
+        assert only(samples, "starttls_proxy_isolation_layer_applied", layer=layer) == 1
 
 
 def test_json_log_lines_describe_each_session(
