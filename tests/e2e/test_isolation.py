@@ -12,7 +12,6 @@ workers (one UID each, PID 1 of their own namespaces).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import ctypes
 import json
 import os
@@ -29,6 +28,7 @@ import pytest
 from OpenSSL import SSL
 
 from starttls_proxy.selftest import FORBIDDEN_SYSCALL_SNI, LOG_PREFIX
+from tests.realservers import processes
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import process_table
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
@@ -74,54 +74,14 @@ def proxy(
 # The process tree, seen through /proc.
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += [int(c) for c in (task / "children").read_text().split()]
-    return children
-
-
-def _status(pid: int) -> dict[str, str]:
-    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    return {key: value.strip() for key, _, value in (line.partition(":") for line in lines)}
-
-
-def _keeper(proxy: ProxyProcess) -> int:
-    (keeper,) = _children(proxy.process.pid)
-    return keeper
-
-
-def _helper(proxy: ProxyProcess) -> int:
-    (helper,) = [pid for pid in _children(_keeper(proxy)) if _is_helper(pid)]
-    return helper
-
-
-def _is_helper(pid: int) -> bool:
-    # The keeper's other children are workers of a dead helper: same command
-    # line, but each in a PID namespace of its own.
-    return (
-        b"starttls_proxy.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        and len(_status(pid)["NSpid"].split()) == 1
-    )
-
-
 def _workers(proxy: ProxyProcess) -> set[int]:
     """The helper's children that serve a connection."""
-    return _children_named(proxy, "stp-worker")
+    return processes.helper_children_named(proxy, "stp-worker")
 
 
 def _spares(proxy: ProxyProcess) -> set[int]:
     """The helper's children still waiting for one."""
-    return _children_named(proxy, "stp-spare")
-
-
-def _children_named(proxy: ProxyProcess, name: str) -> set[int]:
-    found = set()
-    for pid in _children(_helper(proxy)):
-        with contextlib.suppress(FileNotFoundError):  # ended meanwhile
-            if _status(pid)["Name"] == name:
-                found.add(pid)
-    return found
+    return processes.helper_children_named(proxy, "stp-spare")
 
 
 def _new_worker(proxy: ProxyProcess, before: set[int]) -> int:
@@ -132,10 +92,6 @@ def _new_worker(proxy: ProxyProcess, before: set[int]) -> int:
             return new.pop()
         time.sleep(0.02)
     raise AssertionError(f"no single new worker: {_workers(proxy) - before}")
-
-
-def _namespace(pid: int, kind: str) -> str:
-    return os.readlink(f"/proc/{pid}/ns/{kind}")
 
 
 # ----------------------------------------------------------------------
@@ -254,20 +210,26 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
     sessions = [_session_with_worker(proxy, test_certs, f"127.0.0.{n}") for n in (43, 44)]
     main = proxy.process.pid
     workers = [worker for _, worker in sessions]
-    statuses = [_status(worker) for worker in workers]
+    statuses = [processes.status(worker) for worker in workers]
     uids = [int(status["Uid"].split()[0]) for status in statuses]
     assert uids[0] != uids[1]
     assert all(uid in UIDS for uid in uids)
-    seen = {_namespace(main, "pid"), *(_namespace(worker, "pid") for worker in workers)}
+    seen = {
+        processes.namespace(main, "pid"),
+        *(processes.namespace(worker, "pid") for worker in workers),
+    }
     assert len(seen) == 3  # the main process's and one per worker
     for kind in ("net", "ipc", "uts"):
         # One empty set, shared by the workers (see ``sandbox``).
-        seen = {_namespace(main, kind), *(_namespace(worker, kind) for worker in workers)}
+        seen = {
+            processes.namespace(main, kind),
+            *(processes.namespace(worker, kind) for worker in workers),
+        }
         assert len(seen) == 2, kind
     # Named for ps -e and top.
-    assert _status(main)["Name"] == "starttls-proxy"
-    assert _status(_keeper(proxy))["Name"] == "stp-keeper"
-    assert _status(_helper(proxy))["Name"] == "stp-helper"
+    assert processes.status(main)["Name"] == "starttls-proxy"
+    assert processes.status(processes.keeper(proxy))["Name"] == "stp-keeper"
+    assert processes.status(processes.helper(proxy))["Name"] == "stp-helper"
     for worker, status in zip(workers, statuses, strict=True):
         assert status["Name"] == "stp-worker"
         assert status["NSpid"].split()[-1] == "1"
@@ -276,8 +238,8 @@ def test_workers_seen_from_outside(proxy: ProxyProcess, test_certs: CertFiles) -
         assert os.readlink(f"/proc/{worker}/root") == str(CHROOT)
     # The main process dropped root once its sockets were bound; the keeper
     # and the helper kept it.
-    assert _status(main)["Uid"].split()[0] == "65534"
-    assert _status(_helper(proxy))["Uid"].split()[0] == "0"
+    assert processes.status(main)["Uid"].split()[0] == "65534"
+    assert processes.status(processes.helper(proxy))["Uid"].split()[0] == "0"
     for tls, _ in sessions:
         _still_works(tls)
         tls.close()
@@ -294,7 +256,7 @@ def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
     main = proxy.process.pid
     spare_uids = set()
     for spare in spares:
-        status = _status(spare)
+        status = processes.status(spare)
         assert status["Name"] == "stp-spare"
         spare_uids.add(int(status["Uid"].split()[0]))
         assert status["NoNewPrivs"] == "1"
@@ -303,13 +265,15 @@ def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
         assert status["NSpid"].split()[-1] == "1"
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{spare}/fd")) == [0, 1, 2, 3, 4]
         for kind in ("net", "ipc", "uts"):
-            assert _namespace(spare, kind) != _namespace(main, kind)
+            assert processes.namespace(spare, kind) != processes.namespace(main, kind)
     assert len(spare_uids) == 2 and spare_uids <= set(UIDS)
     tls, worker = _session_with_worker(proxy, test_certs, "127.0.0.45")
     assert worker in spares
-    assert _status(worker)["Seccomp"] == "2"
+    assert processes.status(worker)["Seccomp"] == "2"
     for kind in ("net", "ipc", "uts"):
-        assert _namespace(worker, kind) == _namespace(next(iter(spares - {worker})), kind)
+        assert processes.namespace(worker, kind) == processes.namespace(
+            next(iter(spares - {worker})), kind
+        )
     _still_works(tls)
     tls.close()
     assert len(_wait_for_spares(proxy, 2)) == 2
@@ -330,13 +294,8 @@ def test_private_key_never_in_the_main_process(proxy: ProxyProcess, test_certs: 
     patterns = private_key_patterns(test_certs.key)
     # The scanner does find the key where it is: in the key server (see
     # test_key_server for the workers and both key types).
-    (key_server,) = [
-        pid
-        for pid in _children(_keeper(proxy))
-        if b"starttls_proxy.keyserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    ]
-    assert {"scalar", "scalar-le"} & memory_contains(key_server, patterns)
-    for pid in (proxy.process.pid, _keeper(proxy), _helper(proxy)):
+    assert {"scalar", "scalar-le"} & memory_contains(processes.key_server(proxy), patterns)
+    for pid in (proxy.process.pid, processes.keeper(proxy), processes.helper(proxy)):
         assert memory_contains(pid, patterns) == set()
     _still_works(tls)
     tls.close()
@@ -436,7 +395,7 @@ def test_helper_restart_keeps_sessions(
     proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
 ) -> None:
     established = smtp_upgraded(proxy.connect("relay", "127.0.0.49"), test_certs)
-    old_helper = _helper(proxy)
+    old_helper = processes.helper(proxy)
     old_spares = _wait_for_spares(proxy, 2)
     exits = _worker_exits(metrics_port)
     os.kill(old_helper, signal.SIGKILL)
@@ -451,7 +410,7 @@ def test_helper_restart_keeps_sessions(
     assert _worker_exits(metrics_port) == exits
     # The session's worker lives on (now a child of the keeper).
     _still_works(established)
-    assert _helper(proxy) != old_helper
+    assert processes.helper(proxy) != old_helper
     fresh = smtp_upgraded(proxy.connect("relay", "127.0.0.50"), test_certs)
     _still_works(fresh)
     for tls in (established, fresh):
@@ -469,7 +428,7 @@ def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: Ce
     )
     try:
         for death in range(2):
-            helper = _helper(proxy)
+            helper = processes.helper(proxy)
             os.kill(helper, signal.SIGKILL)
             proxy.wait_for_log(f"the TLS helper (pid {helper}) died")
             if death == 0:
@@ -491,10 +450,10 @@ def test_without_spare_workers_each_upgrade_forks_its_own(
         isolation={"spare_workers": 0},
     ) as proxy:
         time.sleep(0.5)  # time enough for spares to appear, were any wanted
-        assert _children(_helper(proxy)) == []
+        assert processes.children(processes.helper(proxy)) == []
         tls = smtp_upgraded(proxy.connect("relay", "127.0.0.52"), test_certs)
-        (worker,) = _children(_helper(proxy))
-        assert _status(worker)["Name"] == "stp-worker"
+        (worker,) = processes.children(processes.helper(proxy))
+        assert processes.status(worker)["Name"] == "stp-worker"
         _still_works(tls)
         tls.close()
 
@@ -518,7 +477,7 @@ def _implicit_session(proxy: ProxyProcess, context: ssl.SSLContext) -> None:
 @pytest.mark.timeout(1800)
 def test_no_zombies_and_no_leaked_descriptors(proxy: ProxyProcess, test_certs: CertFiles) -> None:
     main = proxy.process.pid
-    parents = {main, _keeper(proxy), _helper(proxy)}
+    parents = {main, processes.keeper(proxy), processes.helper(proxy)}
     descriptors = len(os.listdir(f"/proc/{main}/fd"))
     context = test_certs.client_context()
     with concurrent.futures.ThreadPoolExecutor(LEAK_TEST_CONCURRENCY) as pool:

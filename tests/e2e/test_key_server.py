@@ -24,6 +24,7 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from tests.realservers import processes
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
@@ -104,45 +105,16 @@ def _still_works(tls: ssl.SSLSocket) -> None:
     assert read_smtp_reply(tls).startswith(b"250")
 
 
-def _children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
-
-
-def _command_line(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
 def _processes(proxy: ProxyProcess) -> dict[str, list[int]]:
-    """main, keeper, key server, helper and live workers, by role."""
-    main = proxy.process.pid
-    (keeper,) = _children(main)
-    below_keeper = _children(keeper)
-    key_servers = [p for p in below_keeper if b"starttls_proxy.keyserver" in _command_line(p)]
-    # The helper is in the keeper's PID namespace; workers of an earlier
-    # helper (adopted by the keeper) are each in their own.
-    helpers = [
-        p
-        for p in below_keeper
-        if b"starttls_proxy.zygote" in _command_line(p)
-        and os.readlink(f"/proc/{p}/ns/pid") == os.readlink(f"/proc/{keeper}/ns/pid")
-    ]
-    workers = [worker for helper in helpers for worker in _children(helper)]
+    """main, keeper, key server, helper and its live children, by role."""
+    helpers = processes.helpers(proxy)
     return {
-        "main": [main],
-        "keeper": [keeper],
-        "key server": key_servers,
+        "main": [proxy.process.pid],
+        "keeper": [processes.keeper(proxy)],
+        "key server": processes.key_servers(proxy),
         "helper": helpers,
-        "workers": workers,
+        "workers": [child for helper in helpers for child in processes.children(helper)],
     }
-
-
-def _key_server(proxy: ProxyProcess) -> int:
-    (pid,) = _processes(proxy)["key server"]
-    return pid
 
 
 # ----------------------------------------------------------------------
@@ -302,7 +274,7 @@ def test_a_stopped_or_killed_key_server(
     proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
 ) -> None:
     established = smtp_upgraded(proxy.connect("relay"), test_certs)
-    key_server = _key_server(proxy)
+    key_server = processes.key_server(proxy)
     context = _client_context(test_certs, ssl.TLSVersion.TLSv1_3)
     os.kill(key_server, signal.SIGSTOP)
     try:
@@ -315,7 +287,7 @@ def test_a_stopped_or_killed_key_server(
         os.kill(key_server, signal.SIGKILL)
     proxy.wait_for_log("keeper: the key server died (status -9)")
     proxy.wait_for_log("the TLS helper runs again")
-    assert _key_server(proxy) != key_server
+    assert processes.key_server(proxy) != key_server
     before = _signatures(metrics_port)
     fresh = _implicit(proxy, context, "localhost")
     _wait_for_signatures(metrics_port, before + 1)
@@ -333,7 +305,7 @@ def test_handshakes_fail_cleanly_while_the_key_server_is_dead(
     workers have no key server: they answer with an alert, at once."""
     context = _client_context(test_certs, ssl.TLSVersion.TLSv1_3)
     mark = len(proxy.log())
-    os.kill(_key_server(proxy), signal.SIGKILL)
+    os.kill(processes.key_server(proxy), signal.SIGKILL)
     outcomes = []
     while "the TLS helper runs again" not in proxy.log()[mark:]:
         started = time.monotonic()
