@@ -178,67 +178,6 @@ Command = SendToClient | SendToBackend | OpenBackend | StartTLS | CloseConnectio
 # Shared machinery.
 
 
-class LineBuffer:
-    """Accumulates bytes and hands out complete CRLF-terminated lines.
-
-    ``pop_line`` returns ``None`` until a full line is there. A line longer
-    than ``limit`` is reported once as ``LineTooLong`` and its remainder, up
-    to the next LF, is swallowed so that the stream stays in sync.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._buffer = bytearray()
-        self._discarding = False
-
-    def __len__(self) -> int:
-        return len(self._buffer)
-
-    def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def pop_line(self) -> bytes | LineTooLong | None:
-        """Next line including its terminator, ``LineTooLong``, or ``None``."""
-        newline = self._buffer.find(b"\n", 0, self.limit)
-        if self._discarding:
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                self._buffer.clear()
-                return None
-            del self._buffer[: newline + 1]
-            self._discarding = False
-            return self.pop_line()
-        if newline < 0:
-            if len(self._buffer) >= self.limit:
-                self._discarding = True
-                return LINE_TOO_LONG
-            return None
-        line = bytes(self._buffer[: newline + 1])
-        del self._buffer[: newline + 1]
-        return line
-
-    def pop_bytes(self, count: int) -> bytes:
-        """Take up to ``count`` raw bytes (a literal, a BDAT chunk)."""
-        chunk = bytes(self._buffer[:count])
-        del self._buffer[:count]
-        return chunk
-
-    def pop_all(self) -> bytes:
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
-
-
-class LineTooLong:
-    """Sentinel for a line that exceeded the buffer's limit."""
-
-    def __repr__(self) -> str:
-        return "LINE_TOO_LONG"
-
-
-LINE_TOO_LONG = LineTooLong()
-
-
 StateT = TypeVar("StateT", bound=enum.Enum)
 InputT = TypeVar("InputT", bound=enum.Enum)
 

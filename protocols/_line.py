@@ -17,8 +17,6 @@ from typing import ClassVar, Generic, TypeVar
 from protocols._base import (
     CapabilityProbe,
     InputT,
-    LineBuffer,
-    LineTooLong,
     OpenBackend,
     Peer,
     ProtocolViolation,
@@ -31,6 +29,7 @@ from protocols._base import (
     TLSMode,
     event,
 )
+from protocols._buffers import LineBuffer, LineTooLong
 
 
 def opening_transitions(

@@ -73,13 +73,13 @@ from typing import Final
 
 from protocols._base import (
     BackendIdentity,
-    LineTooLong,
     Peer,
     ProtocolViolation,
     SessionSettings,
     TLSMode,
     ending_transitions,
 )
+from protocols._buffers import LineTooLong
 from protocols._line import LineMachine, LineProbe, clean_line, opening_transitions
 from protocols.imap_syntax import (
     ATOM,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from protocols._base import ProtocolViolation
+from protocols._buffers import ByteQueue
 
 #: A literal announced at the end of a line (``~{n}`` of RFC 3516 included).
 #: More digits than any size limit needs make no literal at all.
@@ -110,7 +111,7 @@ class ResponseReader:
     def __init__(self, line_limit: int, literal_limit: int) -> None:
         self._limit = max(line_limit, 2 * _TAIL)
         self._literal_limit = literal_limit
-        self._buffer = bytearray()
+        self._queue = ByteQueue()
         #: A head was returned and its response has not ended yet.
         self._inside = False
         self._data_response = False
@@ -122,37 +123,32 @@ class ResponseReader:
         return not self._inside
 
     def feed(self, data: bytes) -> None:
-        self._buffer += data
-
-    def _take(self, count: int) -> bytes:
-        piece = bytes(self._buffer[:count])
-        del self._buffer[:count]
-        return piece
+        self._queue.feed(data)
 
     def pop(self) -> Head | bytes | None:
         if self._literal:
-            piece = self._take(self._literal)
+            piece = self._queue.take_up_to(self._literal)
             self._literal -= len(piece)
             return piece or None
         if not self._inside:
-            newline = self._buffer.find(b"\n", 0, self._limit)
-            if newline < 0 and len(self._buffer) < self._limit:
+            newline = self._queue.find(b"\n", self._limit)
+            if newline < 0 and len(self._queue) < self._limit:
                 return None
             self._inside = True
-            word = untagged(bytes(self._buffer[: self._limit]))
+            word = untagged(self._queue.peek(newline + 1 if newline >= 0 else self._limit))
             self._data_response = word is not None and word not in _NO_LITERALS
             if newline < 0:
-                return Head(self._take(self._limit - _TAIL), whole=False)
-            line = self._take(newline + 1)
+                return Head(self._queue.take(self._limit - _TAIL), whole=False)
+            line = self._queue.take(newline + 1)
             self._line_end(line)
             return Head(line, whole=True)
-        newline = self._buffer.find(b"\n")
+        newline = self._queue.find(b"\n")
         if newline >= 0:
-            piece = self._take(newline + 1)
+            piece = self._queue.take(newline + 1)
             self._line_end(piece)
             return piece
-        if len(self._buffer) > _TAIL:
-            return self._take(len(self._buffer) - _TAIL)
+        if len(self._queue) > _TAIL:
+            return self._queue.take(len(self._queue) - _TAIL)
         return None
 
     def _line_end(self, line: bytes) -> None:

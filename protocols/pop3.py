@@ -52,14 +52,13 @@ from typing import Final
 
 from protocols._base import (
     BackendIdentity,
-    LineBuffer,
-    LineTooLong,
     Peer,
     ProtocolViolation,
     SessionSettings,
     TLSMode,
     ending_transitions,
 )
+from protocols._buffers import LineBuffer, LineTooLong
 from protocols._line import LineProbe, Owed, PipelinedMachine, clean_line, opening_transitions
 
 

@@ -55,14 +55,13 @@ from protocols._base import (
     BackendIdentity,
     BareLineEndings,
     CapabilityProbe,
-    LineBuffer,
-    LineTooLong,
     Peer,
     ProtocolViolation,
     SessionSettings,
     TLSMode,
     ending_transitions,
 )
+from protocols._buffers import LineBuffer, LineTooLong
 from protocols._line import Owed, PipelinedMachine, clean_line, opening_transitions
 
 
