@@ -52,8 +52,8 @@ from starttls_proxy.wire import (
 
 #: Each direction buffers at most this much before the worker stops reading
 #: the other side (back pressure instead of unbounded memory).
-BUFFER_LIMIT = 256 * 1024
-READ_SIZE = 64 * 1024
+BUFFER_LIMIT = 1024 * 1024
+READ_SIZE = 256 * 1024
 #: How long a closing worker waits for the client's FIN after its own.
 LINGER_TIMEOUT = 2.0
 #: First byte of a TLS handshake record (RFC 8446 section 5.1, ContentType 22).
@@ -85,16 +85,16 @@ class TLSPump:
             except SSL.WantReadError:
                 return b""
             self.handshake_done = True
-        plaintext = bytearray()
+        plaintext: list[bytes] = []
         while True:
             try:
-                plaintext += self.connection.recv(READ_SIZE)
+                plaintext.append(self.connection.recv(READ_SIZE))
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
                 self.closed_by_client = True
                 break
-        return bytes(plaintext)
+        return b"".join(plaintext)
 
     def send_plaintext(self, data: bytes) -> None:
         self.connection.sendall(data)
@@ -106,12 +106,15 @@ class TLSPump:
 
     def take_ciphertext(self) -> bytes:
         """Everything OpenSSL wants sent to the client right now."""
-        out = bytearray()
+        # One read usually takes all: a READ_SIZE chunk of plaintext grows
+        # by a record header and tag per 16 KiB record. (A one-element join
+        # returns that element, uncopied.)
+        out: list[bytes] = []
         while True:
             try:
-                out += self.connection.bio_read(READ_SIZE)
+                out.append(self.connection.bio_read(2 * READ_SIZE))
             except SSL.WantReadError:
-                return bytes(out)
+                return b"".join(out)
 
     def info(self) -> TLSInfo:
         name = self.connection.get_servername()
@@ -135,8 +138,18 @@ class _Side:
         self.write_closed = False
 
     def queue(self, data: bytes) -> None:
-        if not self.write_closed:
-            self.outgoing += data
+        """Send ``data`` now as far as the socket takes it, keep the rest."""
+        if self.write_closed or not data:
+            return
+        if not self.outgoing:
+            try:
+                data = data[self.sock.send(data) :]
+            except BlockingIOError:
+                pass
+            except OSError:
+                # Reported by the next flush, where the poll loop handles it.
+                pass
+        self.outgoing += data
 
     def flush(self) -> None:
         try:
