@@ -7,6 +7,7 @@ else: start-up (probe the backends, bind), the main wait, and shut-down.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -288,6 +289,10 @@ class Server:
         for runtime in self.runtimes.values():
             await self._open(runtime, await self._bind(runtime.config))
         self._drop_privileges()
+        # What start-up made (modules, configuration, metrics) lives as long
+        # as the process: kept out of the collector's way, each full
+        # collection only walks what sessions made.
+        gc.freeze()
         log.info("ready")
         await self._stopping.wait()
         await self._shut_down()
