@@ -1,9 +1,10 @@
 """Before and after: the proxy's own figures next to those of an earlier run.
 
 The earlier run is ``before.json`` beside ``results.json`` (the run of the commit
-before an optimisation, kept by hand); the report shows each figure of
-starttls-proxy in both runs and their ratio.  Only the proxy is compared: the peers
-did not change between the runs.
+before an optimisation, kept by hand), and ``before.md`` says what changed since
+(kept with it, so the report never names changes that its baseline does not
+precede); the report shows each figure of starttls-proxy in both runs and their
+ratio.  Only the proxy is compared: the peers did not change between the runs.
 """
 
 from __future__ import annotations
@@ -57,19 +58,19 @@ def _rows(before: Results, after: Results) -> Iterator[list[str]]:
                 ]
 
 
-def before_after_section(before: Results, after: Results) -> str:
-    """The report section; empty when the runs share no figure."""
+def before_after_section(before: Results, after: Results, changes: str) -> str:
+    """The report section; empty when the runs share no figure.
+
+    ``changes``: Markdown, what changed between the runs.
+    """
     rows = list(_rows(before, after))
     if not rows:
         return ""
     started = before.settings.get("started", "an earlier run")
     return (
         "## Before and after the optimisations\n\n"
-        f"starttls-proxy in this run next to the run of {started} (`before.json`), "
-        "before the optimisations of issue 7: spare workers forked ahead of time, one "
-        "shared set of empty namespaces instead of a network namespace per connection, "
-        "a warm-up handshake in the TLS helper before it forks, and SMTP DATA judged for "
-        "bare CR/LF by counting instead of by regular expression.\n\n"
+        f"starttls-proxy in this run next to the run of {started} (`before.json`). "
+        f"Changed since:\n\n{changes.strip()}\n\n"
         + markdown_table(["figure", "protocol", "key", "before", "after", "after / before"], rows)
         + "\n"
     )

@@ -502,7 +502,7 @@ def write_report(results: Results, out: Path) -> None:
     for protocol in results.protocols(IDLE):
         memory_plot(results, protocol, folder / f"memory-{protocol}.png")
     report = render(results, folder.name)
-    before = folder / "before.json"
-    if before.exists():
-        report += "\n" + before_after_section(Results.load(before), results)
+    before, changes = folder / "before.json", folder / "before.md"
+    if before.exists() and changes.exists():
+        report += "\n" + before_after_section(Results.load(before), results, changes.read_text())
     out.write_text(report)

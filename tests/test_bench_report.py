@@ -323,8 +323,9 @@ def _proxy_run(started: str, rate: float, uss: float) -> Results:
 def test_before_and_after_compares_only_the_proxys_shared_figures() -> None:
     before = _proxy_run("2026-11-26 18:16 UTC", 50.0, 3 * 2**20)
     after = _proxy_run("2026-11-27 01:00 UTC", 75.0, 3 * 2**20)
-    section = before_after_section(before, after)
+    section = before_after_section(before, after, "- spare workers\n")
     assert "the run of 2026-11-26 18:16 UTC" in section
+    assert "Changed since:\n\n- spare workers\n\n|" in section
     assert (
         f"| sessions/s, c=16 | SMTP | ECDSA P-256 | 50.0 | 75.0 | 1.50{TIMES} (better) |" in section
     )
@@ -333,4 +334,4 @@ def test_before_and_after_compares_only_the_proxys_shared_figures() -> None:
         in section
     )
     assert "70.0" not in section  # stunnel is not compared
-    assert before_after_section(Results({}, {}), after) == ""
+    assert before_after_section(Results({}, {}), after, "- spare workers") == ""
