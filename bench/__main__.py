@@ -49,7 +49,7 @@ from bench.workloads import (
     place_imap_message,
     saturation_probe,
 )
-from protocols import PROTOCOLS
+from protocols.registry import PROTOCOLS
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = (RATE, BULK, IDLE)

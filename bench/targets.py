@@ -26,7 +26,7 @@ import trustme
 from bench.loadgen import Endpoint
 from bench.peers import start_auth_http, start_nginx, start_stunnel
 from bench.procfs import pin_tree
-from protocols import PROTOCOLS
+from protocols.registry import PROTOCOLS
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import HOST, find_program, run_command, wait_for_text
 from tests.realservers.dovecot import DovecotInstance, start_dovecot

@@ -11,9 +11,10 @@ from pathlib import Path
 import uvloop
 
 from starttls_proxy import logs, procname
-from starttls_proxy.config import Config, ConfigError, load_config
+from starttls_proxy.config import Config, load_config
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.server import Server
+from starttls_proxy.settings import ConfigError, encode
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,7 +105,7 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
     if problem is not None:
         return [("key_server", False, problem)], [f"isolation.key_server: {problem}"]
     try:
-        key_server = KeyServerProcess(config.isolation.model_dump(mode="json"), lambda counts: None)
+        key_server = KeyServerProcess(encode(config.isolation), lambda counts: None)
     except HelperStartError as error:
         return [("key_server", False, "cannot start (see below)")], error.problems
     key_server.stop()

@@ -1,5 +1,9 @@
 """The YAML configuration: one frozen pydantic model tree and one loader.
 
+The ``tls`` and ``isolation`` sections are plain dataclasses of ``settings``
+(the root processes read them without pydantic); pydantic validates them
+here like the rest.
+
 Everything is resolved at load time (addresses parsed, protocol defaults
 filled in) so the rest of the program never looks at raw strings. Problems
 are reported one per line, each naming its YAML path
@@ -8,16 +12,16 @@ are reported one per line, each naming its YAML path
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import yaml
 from pydantic import (
     BaseModel,
-    ByteSize,
     ConfigDict,
     Field,
     ValidationError,
@@ -25,16 +29,14 @@ from pydantic import (
     model_validator,
 )
 
-from protocols import PROTOCOLS
 from protocols._base import BackendIdentity, BareLineEndings, TLSMode
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; ``problems`` holds one line each."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = problems
+from protocols.registry import PROTOCOLS
+from starttls_proxy.settings import (
+    CertificateConfig,
+    ConfigError,
+    IsolationConfig,
+    TLSConfig,
+)
 
 
 class Protocol(enum.Enum):
@@ -249,19 +251,6 @@ class ListenerConfig(_Model):
         return DEFAULT_ALPN.get(self.protocol, ()) if self.tls is TLSMode.IMPLICIT else ()
 
 
-class CertificateConfig(_Model):
-    #: PEM chain, leaf first.
-    cert: Path
-    #: PEM private key matching the leaf. Only the TLS helper process reads it.
-    key: Path
-
-
-class TLSConfig(_Model):
-    #: The first certificate is the default; the others are chosen by SNI.
-    certificates: Annotated[list[CertificateConfig], Field(min_length=1)]
-    min_version: Literal["1.2", "1.3"] = "1.2"
-
-
 class MetricsConfig(_Model):
     #: ``host:port`` serving ``/metrics`` for Prometheus; ``null`` = off.
     listen: SocketAddress | None = None
@@ -270,71 +259,6 @@ class MetricsConfig(_Model):
     @classmethod
     def _parse_listen(cls, value: object) -> object:
         return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
-
-
-class IsolationMode(enum.Enum):
-    #: Refuse to start unless every enabled layer works on this machine.
-    STRICT = "strict"
-    #: Start with the layers that work and log the missing ones.
-    BEST_EFFORT = "best-effort"
-
-
-class IsolationLayers(_Model):
-    """One switch per sandbox layer of the TLS workers (for debugging)."""
-
-    #: Empty network, IPC and UTS namespaces (one set, shared by the workers).
-    namespaces: bool = True
-    #: Own PID namespace (the worker is its PID 1).
-    pid_namespace: bool = True
-    #: chroot into an empty, unwritable directory.
-    chroot: bool = True
-    #: A UID and GID of ``uid_range`` per live worker (root only).
-    identity: bool = True
-    #: Not dumpable, no_new_privs, no core files, no fork, no new descriptors.
-    hardening: bool = True
-    #: ``memory_limit`` on the worker's address space.
-    memory_limit: bool = True
-    #: The seccomp-bpf allow-list.
-    seccomp: bool = True
-
-
-class IsolationConfig(_Model):
-    mode: IsolationMode = IsolationMode.STRICT
-    #: ``[first, count]``: UIDs (and equal GIDs) handed to live workers, one each.
-    uid_range: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (200_000, 65_536)
-    #: Empty root-owned directory the workers are locked into (created 0555).
-    chroot: Path = Path("/run/starttls-proxy/empty")
-    #: Address space a worker may map beyond what it inherits from the helper.
-    memory_limit: ByteSize = ByteSize(64 * 1024 * 1024)
-    #: Workers forked ahead of time, waiting (sandboxed but for the descriptor
-    #: limit and seccomp) for a connection: the fork leaves the upgrade's
-    #: latency. Each holds a UID of ``uid_range`` and
-    #: about 1.5 MiB of private memory; 0 = fork per connection when it upgrades.
-    spare_workers: Annotated[int, Field(ge=0, le=256)] = 2
-    #: User the main process becomes once its sockets are bound; ``null`` = stay.
-    main_user: str | None = "nobody"
-    #: The TLS helper may die this many times within ``restart_window``
-    #: seconds; one more makes the proxy exit (status 3) instead of spinning.
-    max_helper_restarts: Annotated[int, Field(ge=0)] = 5
-    restart_window: Annotated[float, Field(gt=0)] = 60.0
-    layers: IsolationLayers = IsolationLayers()
-    #: Keep the private keys in a key server process of their own (the last
-    #: UID of ``uid_range``, chroot, seccomp) that signs for the workers; with
-    #: ``false`` they are in the TLS helper's memory (weaker: a worker's
-    #: memory then holds them too).
-    key_server: bool = True
-    #: TEST ONLY: every worker checks its own sandbox after entering it and
-    #: logs the result; a client whose SNI is ``forbidden-syscall.self-test``
-    #: makes its worker call a forbidden system call after the handshake.
-    self_test: bool = False
-
-    @field_validator("uid_range")
-    @classmethod
-    def _fits_in_uid_space(cls, value: tuple[int, int]) -> tuple[int, int]:
-        first, count = value
-        if first + count > 2**32 - 2:
-            raise ValueError("uid_range goes beyond the largest UID")
-        return value
 
 
 class ShutdownConfig(_Model):
@@ -393,5 +317,5 @@ def load_config(path: Path) -> Config:
         CertificateConfig(cert=base / c.cert, key=base / c.key) for c in config.tls.certificates
     ]
     return config.model_copy(
-        update={"tls": config.tls.model_copy(update={"certificates": certificates})}
+        update={"tls": dataclasses.replace(config.tls, certificates=certificates)}
     )

@@ -19,8 +19,8 @@ import subprocess
 from collections.abc import Callable
 
 from starttls_proxy import metrics
-from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
 from starttls_proxy.keeper import start_interpreter
+from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, encode
 from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,7 @@ class TLSHelper:
         """Start the keeper and wait until the first helper is ready."""
         keeper, ours = start_interpreter("starttls_proxy.keeper")
         ours.settimeout(STARTUP_TIMEOUT)
-        ours.send(
-            json.dumps(
-                {"tls": tls.model_dump(mode="json"), "isolation": isolation.model_dump(mode="json")}
-            ).encode()
-        )
+        ours.send(json.dumps({"tls": encode(tls), "isolation": encode(isolation)}).encode())
         try:
             message, fds = _receive(ours)
         except TimeoutError:
@@ -199,8 +195,8 @@ class TLSHelper:
                 json.dumps(
                     {
                         "reload": {
-                            "tls": tls.model_dump(mode="json"),
-                            "isolation": isolation.model_dump(mode="json"),
+                            "tls": encode(tls),
+                            "isolation": encode(isolation),
                         }
                     }
                 ).encode()

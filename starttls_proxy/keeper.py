@@ -8,7 +8,9 @@ cannot steer. The keeper is that parent, and nothing more:
 
 * the main process execs it fresh (``python -m starttls_proxy.keeper FD``)
   before its event loop exists, while still root; it imports no TLS code,
-  reads no key, and only ever parses the configuration message below;
+  reads no key, and only ever parses the configuration message below,
+  which it validates (``checked_configuration``: the helper and the key
+  server take it from the keeper without validating it again);
 * it starts the helper (``zygote``) with a new control socket, waits for
   its "ready", and passes the main process the other end of that socket
   over its own socket (SCM_RIGHTS); it does so again whenever the helper
@@ -33,7 +35,7 @@ Wire format with the main process (SOCK_SEQPACKET, one JSON object per
 datagram):
 
 * main -> keeper, once: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``
-  (passed on verbatim to every helper it starts);
+  (validated, then passed on to every helper it starts);
 * keeper -> main: ``{"helper": PID, "layers": [[name, applied, detail], ...],
   "key_server_layers": [...] or null}`` with the main's end of the helper's
   control socket attached, at start and after every restart;
@@ -75,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from starttls_proxy import procname, provider
+from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, checked, encode
 
 MAX_MESSAGE = 64 * 1024
 #: How long a helper may take to prepare the sandbox and load certificates.
@@ -220,13 +223,33 @@ def _send(main: socket.socket, message: dict[str, object], fds: list[int] | None
     socket.send_fds(main, [json.dumps(message).encode()], fds or [])
 
 
+def checked_configuration(message: bytes) -> dict[str, Any]:
+    """The main process's ``{"tls": ..., "isolation": ...}``, validated and
+    re-encoded; raise ``HelperStartError`` naming what is wrong.
+
+    The main process runs unprivileged and faces the network; what is built
+    from this message (the helper, the key server) runs as root and trusts
+    it (``settings.decode``), so it is checked here, at the boundary.
+    """
+    try:
+        sections = json.loads(message)
+        return {
+            "tls": encode(checked(TLSConfig, sections["tls"], "tls")),
+            "isolation": encode(checked(IsolationConfig, sections["isolation"], "isolation")),
+        }
+    except ConfigError as error:
+        raise HelperStartError(error.problems) from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise HelperStartError([f"unusable configuration message: {error!r}"]) from None
+
+
 class Keeper:
     def __init__(self, main: socket.socket, configuration: bytes) -> None:
         self.main = main
-        self.configuration = configuration
-        isolation = json.loads(configuration)["isolation"]
-        self.max_restarts = int(isolation["max_helper_restarts"])
-        self.window = float(isolation["restart_window"])
+        self.configuration = checked_configuration(configuration)
+        isolation = self.configuration["isolation"]
+        self.max_restarts: int = isolation["max_helper_restarts"]
+        self.window: float = isolation["restart_window"]
         self.deaths: collections.deque[float] = collections.deque()
         self.helper: subprocess.Popen[bytes] | None = None
         #: Helpers replaced by a reload: their exit is neither a death nor a worker's.
@@ -238,14 +261,16 @@ class Keeper:
         #: Holds the helpers' OpenSSL configuration (the provider).
         self.runtime: Path | None = None
 
-    def start_helper(self, configuration: bytes | None = None, *, reloaded: bool = False) -> None:
+    def start_helper(
+        self, configuration: dict[str, Any] | None = None, *, reloaded: bool = False
+    ) -> None:
         """Start a helper, wait until it is ready, hand its socket to the main process.
 
         ``configuration`` None: the one in service (a restart). With the key
         server, it first loads the keys (their files opened here), and the
         helper gets their references and a link to it.
         """
-        settings = json.loads(configuration or self.configuration)
+        settings = dict(configuration or self.configuration)
         key_files: list[int] = []
         link: socket.socket | None = None
         try:
@@ -325,12 +350,13 @@ class Keeper:
         """Swap in a helper built from ``configuration``, or keep the old one."""
         old = self.helper
         try:
-            self.start_helper(configuration, reloaded=True)
+            validated = checked_configuration(configuration)
+            self.start_helper(validated, reloaded=True)
         except (HelperStartError, OSError) as error:
             problems = error.problems if isinstance(error, HelperStartError) else [str(error)]
             _send(self.main, {"reload_failed": problems})
             return
-        self.configuration = configuration
+        self.configuration = validated
         if old is not None:
             self.retired.add(old.pid)
 
@@ -478,7 +504,11 @@ def serve(main: socket.socket) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print("keeper: cannot become a child subreaper", file=sys.stderr)
-    keeper = Keeper(main, main.recv(MAX_MESSAGE))
+    try:
+        keeper = Keeper(main, main.recv(MAX_MESSAGE))
+    except HelperStartError as error:
+        _send(main, {"problems": error.problems})
+        return 1
     try:
         try:
             keeper.start_helper()

@@ -71,7 +71,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from starttls_proxy import procname, seccomp_policy
-from starttls_proxy.config import ConfigError, IsolationConfig
 from starttls_proxy.sandbox import (
     LIBC,
     LayerStatus,
@@ -81,6 +80,7 @@ from starttls_proxy.sandbox import (
     prepare_root_directory,
     unshare_namespaces,
 )
+from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 
 REFERENCE_LABEL = "STARTTLS-PROXY KEY REFERENCE"
 REFERENCE_MAGIC = b"STPK"
@@ -532,7 +532,7 @@ def serve(control: socket.socket) -> int:
     # Ctrl-C reaches the whole process group: the keeper decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     procname.name_process(procname.KEY_SERVER)
-    isolation = IsolationConfig.model_validate(json.loads(control.recv(MAX_MESSAGE))["isolation"])
+    isolation = decode(IsolationConfig, json.loads(control.recv(MAX_MESSAGE))["isolation"])
     # Its epoll descriptor is made before the seccomp filter forbids that.
     server = KeyServer(control)
     statuses = confine(isolation)

@@ -71,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from starttls_proxy import seccomp_policy
-from starttls_proxy.config import IsolationConfig, IsolationMode
+from starttls_proxy.settings import IsolationConfig, IsolationMode
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)

@@ -18,13 +18,14 @@ from typing import Any
 from cryptography import x509
 from prometheus_client import generate_latest
 
-from protocols import PROTOCOLS, ProtocolSpec
 from protocols._base import Peer, ProxyMachine, SessionSettings
+from protocols.registry import PROTOCOLS, ProtocolSpec
 from starttls_proxy import identity, metrics
-from starttls_proxy.config import Config, ConfigError, ListenerConfig, SocketAddress, load_config
+from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.connection import ClientEndpoint, Session
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.sandbox import EXIT_DEADLINE, EXIT_SANDBOX_FAILED, drop_privileges
+from starttls_proxy.settings import ConfigError
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,

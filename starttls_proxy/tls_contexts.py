@@ -22,8 +22,8 @@ from OpenSSL._util import exception_from_error_queue
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl
 
-from starttls_proxy.config import ConfigError, TLSConfig
 from starttls_proxy.keyserver import PrivateKey, read_private_key
+from starttls_proxy.settings import ConfigError, TLSConfig
 
 TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 KEY_SHARE_GROUPS = b"X25519:P-256"

@@ -58,10 +58,10 @@ import sys
 from pathlib import Path
 
 from starttls_proxy import procname
-from starttls_proxy.config import ConfigError, IsolationConfig, TLSConfig
 from starttls_proxy.keyserver import Link
 from starttls_proxy.provider import Attachment
 from starttls_proxy.sandbox import Layer, Sandbox
+from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, decode
 from starttls_proxy.tls_contexts import CertificateStore, load_certificates
 from starttls_proxy.wire import MAX_SPAWN_REQUEST, Assignment, SpawnRequest
 from starttls_proxy.worker import serve_spare
@@ -309,7 +309,7 @@ def serve(control: socket.socket) -> int:
     procname.name_process(procname.HELPER)
     message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
     first = json.loads(message)
-    isolation = IsolationConfig.model_validate(first["isolation"])
+    isolation = decode(IsolationConfig, first["isolation"])
     references = first.get("key_references")
     link = Link(socket.socket(fileno=fds[0])) if references is not None and fds else None
     first_uid, count = isolation.uid_range
@@ -326,7 +326,7 @@ def serve(control: socket.socket) -> int:
         if references is not None and link is None:
             raise ConfigError(["the keeper sent key references without a key server link"])
         store = load_certificates(
-            TLSConfig.model_validate(first["tls"]),
+            decode(TLSConfig, first["tls"]),
             [reference.encode() for reference in references] if references is not None else None,
         )
     except ConfigError as error:

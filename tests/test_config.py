@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from starttls_proxy.cli import main
-from starttls_proxy.config import ConfigError, load_config
+from starttls_proxy.config import load_config
+from starttls_proxy.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ import pytest
 import trustme
 from OpenSSL import SSL
 
-from starttls_proxy.config import CertificateConfig, ConfigError, TLSConfig
+from starttls_proxy.settings import CertificateConfig, ConfigError, TLSConfig
 from starttls_proxy.tls_contexts import CertificateStore, load_certificates
 from starttls_proxy.worker import TLSPump
 

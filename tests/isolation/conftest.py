@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from starttls_proxy.config import IsolationConfig
 from starttls_proxy.sandbox import Sandbox
+from starttls_proxy.settings import IsolationConfig, checked
 
 #: Far from the proxy's default range, so a running proxy is never disturbed.
 TEST_UIDS = (300_000, 1_000)
@@ -25,8 +25,10 @@ def _as_root() -> None:
 
 def make_sandbox(directory: Path, **changes: object) -> Sandbox:
     """A prepared sandbox with an empty chroot under ``directory``."""
-    config = IsolationConfig.model_validate(
-        {"chroot": directory / "empty", "uid_range": TEST_UIDS, **changes}
+    config = checked(
+        IsolationConfig,
+        {"chroot": directory / "empty", "uid_range": TEST_UIDS, **changes},
+        "isolation",
     )
     sandbox, statuses = Sandbox.prepare(config, TEST_UIDS[0] + TEST_UIDS[1] - 1)
     assert not sandbox.problems(statuses), statuses

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 
-from starttls_proxy.config import IsolationConfig, TLSConfig
 from starttls_proxy.sandbox import (
     EXIT_DEADLINE,
     PR_SET_DUMPABLE,
@@ -31,6 +30,7 @@ from starttls_proxy.sandbox import (
     arm_deadline,
     prctl,
 )
+from starttls_proxy.settings import IsolationConfig, TLSConfig, checked
 from starttls_proxy.tls_contexts import load_certificates
 from starttls_proxy.worker import TLSPump
 from tests.isolation.conftest import TEST_UIDS, make_sandbox
@@ -75,7 +75,9 @@ def _fork_and_leave() -> None:
 
 
 def test_every_layer_applies_as_root(tmp_path: Path) -> None:
-    config = IsolationConfig.model_validate({"chroot": tmp_path / "empty", "uid_range": TEST_UIDS})
+    config = checked(
+        IsolationConfig, {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS}, "isolation"
+    )
     sandbox, statuses = Sandbox.prepare(config, TEST_UIDS[0])
     assert [(s.name, s.applied) for s in statuses] == [(layer.value, True) for layer in Layer]
     assert sandbox.problems(statuses) == []
@@ -86,8 +88,10 @@ def test_every_layer_applies_as_root(tmp_path: Path) -> None:
 def test_every_other_layer_applies_without_the_pid_namespace(tmp_path: Path) -> None:
     """Regression: with only pid_namespace off, the probe worker once died
     before reporting (dup3 onto the same descriptor) and took every layer."""
-    config = IsolationConfig.model_validate(
-        {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS, "layers": {"pid_namespace": False}}
+    config = checked(
+        IsolationConfig,
+        {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS, "layers": {"pid_namespace": False}},
+        "isolation",
     )
     _, statuses = Sandbox.prepare(config, TEST_UIDS[0])
     assert [(s.name, s.applied) for s in statuses] == [
@@ -189,8 +193,8 @@ def test_strict_mode_names_a_layer_that_cannot_apply(tmp_path: Path) -> None:
     occupied.mkdir()
     (occupied / "file").write_text("not empty")
     for mode, expected_problems in (("strict", 1), ("best-effort", 0)):
-        config = IsolationConfig.model_validate(
-            {"chroot": occupied, "uid_range": TEST_UIDS, "mode": mode}
+        config = checked(
+            IsolationConfig, {"chroot": occupied, "uid_range": TEST_UIDS, "mode": mode}, "isolation"
         )
         sandbox, statuses = Sandbox.prepare(config, TEST_UIDS[0])
         chroot = next(s for s in statuses if s.name == "chroot")
@@ -239,8 +243,10 @@ def test_openssl_reseeds_in_every_pid1_worker(cert_dir: Path, tmp_path: Path) ->
     forks (the state every worker inherits).
     """
     store = load_certificates(
-        TLSConfig.model_validate(
-            {"certificates": [{"cert": cert_dir / "cert.pem", "key": cert_dir / "key.pem"}]}
+        checked(
+            TLSConfig,
+            {"certificates": [{"cert": cert_dir / "cert.pem", "key": cert_dir / "key.pem"}]},
+            "tls",
         )
     )
     sandbox = make_sandbox(tmp_path, layers={"seccomp": False})

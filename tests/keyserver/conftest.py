@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import trustme
 
-from starttls_proxy.config import IsolationConfig
 from starttls_proxy.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.keyserver import Link
+from starttls_proxy.settings import IsolationConfig, checked, encode
 
 #: Far from the proxy's default range (and from tests/isolation's workers).
 TEST_UIDS = (310_000, 1_000)
@@ -68,8 +68,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
 
 
 def isolation(directory: Path) -> IsolationConfig:
-    return IsolationConfig.model_validate(
-        {"chroot": directory / "empty", "uid_range": TEST_UIDS, "key_server": True}
+    return checked(
+        IsolationConfig,
+        {"chroot": directory / "empty", "uid_range": TEST_UIDS, "key_server": True},
+        "isolation",
     )
 
 
@@ -82,7 +84,7 @@ def key_server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def key_server(key_server_root: Path, keys: Keys) -> Iterator[RunningKeyServer]:
     counts: list[dict[str, int]] = []
-    process = KeyServerProcess(isolation(key_server_root).model_dump(mode="json"), counts.append)
+    process = KeyServerProcess(encode(isolation(key_server_root)), counts.append)
     files = open_key_files({"tls": {"certificates": [{"key": str(p)} for p in keys.paths]}})
     try:
         references, link = process.load(files)

@@ -30,6 +30,7 @@ from starttls_proxy.keyserver import (
     read_private_key,
     user_id,
 )
+from starttls_proxy.settings import encode
 from tests.keyserver.conftest import Keys, RunningKeyServer, isolation
 
 CONCURRENT_CONNECTIONS = 64
@@ -213,7 +214,7 @@ def test_unusable_key_files_are_named(tmp_path: Path, keys: Keys) -> None:
     assert missing.value.problems == [
         f"tls.certificates[0].key: file not found: {tmp_path / 'absent.pem'}"
     ]
-    process = KeyServerProcess(isolation(tmp_path).model_dump(mode="json"), lambda counts: None)
+    process = KeyServerProcess(encode(isolation(tmp_path)), lambda counts: None)
     files = open_key_files({"tls": {"certificates": [{"key": str(not_a_key)}]}})
     try:
         with pytest.raises(HelperStartError) as unusable:

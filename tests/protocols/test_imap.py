@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import PROTOCOLS
 from protocols._base import (
     BackendIdentity,
     CloseConnection,
@@ -31,6 +30,7 @@ from protocols.imap import (
     State,
 )
 from protocols.imap_syntax import Head, ResponseReader
+from protocols.registry import PROTOCOLS
 from tests.protocols.dialogues import (
     IMAP,
     SHUTDOWN,

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols import PROTOCOLS
 from protocols._base import (
     BackendIdentity,
     CloseConnection,
@@ -29,6 +28,7 @@ from protocols.pop3 import (
     POP3Machine,
     State,
 )
+from protocols.registry import PROTOCOLS
 from tests.protocols.dialogues import (
     POP3,
     SHUTDOWN,
