@@ -220,7 +220,11 @@ class KeyServerProcess:
 
 
 def _send(main: socket.socket, message: dict[str, object], fds: list[int] | None = None) -> None:
-    socket.send_fds(main, [json.dumps(message).encode()], fds or [])
+    # A main process that has left (it is shutting down) is noticed by
+    # ``Keeper.run`` when its socket reads EOF; what it would have been told
+    # (the key server's last counts, a worker's exit) no longer matters.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        socket.send_fds(main, [json.dumps(message).encode()], fds or [])
 
 
 def checked_configuration(message: bytes) -> dict[str, Any]:
