@@ -23,8 +23,6 @@ from protocols._base import (
     TLSMode,
 )
 from protocols.pop3 import (
-    TRANSITIONS,
-    Input,
     POP3CapabilityProbe,
     POP3Machine,
     State,
@@ -46,11 +44,9 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    check_transition,
     drain,
     exchange,
     play,
-    reachable,
     run,
 )
 
@@ -662,22 +658,6 @@ def test_driver_misuse_is_a_violation() -> None:
         UNAVAILABLE,
         CloseConnection("backend response in state PRE_TLS"),
     )
-
-
-# --------------------------------------------------------------------------
-# The transitions table.
-
-ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, ENDINGS)
-
-
-def test_every_state_is_reachable_and_every_input_used() -> None:
-    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
-    assert {input_ for _, input_ in TRANSITIONS} == set(Input)
 
 
 # --------------------------------------------------------------------------

@@ -23,8 +23,6 @@ from protocols._base import (
     TLSMode,
 )
 from protocols.smtp import (
-    TRANSITIONS,
-    Input,
     SMTPCapabilityProbe,
     SMTPMachine,
     State,
@@ -48,10 +46,8 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
-    check_transition,
     drain,
     exchange,
-    reachable,
     run,
 )
 
@@ -759,21 +755,6 @@ def test_driver_misuse_is_a_violation() -> None:
     )
     assert machine.state is State.ERROR
     run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-
-
-# --------------------------------------------------------------------------
-# The transitions table.
-
-ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, ENDINGS)
-
-
-def test_every_state_is_reachable() -> None:
-    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
 
 
 # --------------------------------------------------------------------------

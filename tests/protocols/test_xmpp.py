@@ -37,8 +37,6 @@ from protocols._xmlstream import (
     XMLStreamReader,
 )
 from protocols.xmpp import (
-    TRANSITIONS,
-    Input,
     State,
     XMPPClientMachine,
     XMPPClientProbe,
@@ -72,11 +70,9 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
-    check_transition,
     client_bytes,
     drain,
     exchange,
-    reachable,
     run,
 )
 
@@ -676,21 +672,6 @@ def test_limits_are_inclusive() -> None:
     assert isinstance(reader.next_token(), StreamHeader)
     with pytest.raises(XMLStreamError, match="longer than 40"):
         reader.next_token()
-
-
-# --------------------------------------------------------------------------
-# The transitions table.
-
-_ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, _ENDINGS)
-
-
-def test_every_state_is_reachable() -> None:
-    assert reachable(TRANSITIONS, {State.PRE_TLS_HEADER, State.TLS_HANDSHAKE}) == set(State)
 
 
 # --------------------------------------------------------------------------
