@@ -885,26 +885,6 @@ def test_shutdown_goodbye_not_inside_a_literal() -> None:
     )
 
 
-def test_driver_misuse_is_a_violation() -> None:
-    machine = IMAPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Connected(),
-        UNAVAILABLE,
-        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
-    )
-    assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"a NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-    machine = IMAPMachine(settings(), PEER)
-    drain(machine)
-    machine.receive_data(Side.BACKEND, b"* OK hello\r\n")
-    assert ending(machine) == [
-        UNAVAILABLE,
-        CloseConnection("backend response in state PRE_TLS"),
-    ]
-
-
 # --------------------------------------------------------------------------
 # The transitions table.
 

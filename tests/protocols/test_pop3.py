@@ -639,27 +639,6 @@ def test_backend_answering_while_client_owes_a_sasl_response() -> None:
     )
 
 
-def test_driver_misuse_is_a_violation() -> None:
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Connected(),
-        UNAVAILABLE,
-        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
-    )
-    assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Backend(b"+OK\r\n"),
-        UNAVAILABLE,
-        CloseConnection("backend response in state PRE_TLS"),
-    )
-
-
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 

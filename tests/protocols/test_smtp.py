@@ -744,19 +744,6 @@ def test_misbehaving_backend_gives_421(reply: bytes, reason: str) -> None:
     assert machine.state is State.ERROR
 
 
-def test_driver_misuse_is_a_violation() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Connected(),
-        UNAVAILABLE,
-        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
-    )
-    assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-
-
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
