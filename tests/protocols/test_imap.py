@@ -46,6 +46,7 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    check_probe_error,
     drain,
     exchange,
     play,
@@ -1029,7 +1030,4 @@ def test_probe_asks_capability() -> None:
     ],
 )
 def test_probe_errors(data: bytes, error: str) -> None:
-    probe = IMAPCapabilityProbe(HOST)
-    probe.receive_data(data)
-    assert probe.error == error
-    assert probe.result is None
+    check_probe_error(IMAPCapabilityProbe(HOST), [data], error)

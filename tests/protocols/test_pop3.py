@@ -44,6 +44,7 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
+    check_probe_error,
     drain,
     exchange,
     play,
@@ -766,22 +767,6 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
 # The probe and the registry.
 
 
-def test_probe() -> None:
-    probe = POP3CapabilityProbe(HOST)
-    assert probe.next_send() is None
-    probe.receive_data(b"+OK Dovecot ")
-    probe.receive_data(b"ready.\r\n")
-    assert probe.next_send() == b"CAPA\r\n"
-    assert probe.next_send() is None
-    probe.receive_data(b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nSASL PLAIN\r\n..odd\r\n")
-    assert probe.result is None
-    probe.receive_data(b".\r\n")
-    assert probe.result == ("CAPA", "TOP", "UIDL", "SASL PLAIN", ".odd")
-    assert probe.next_send() == b"QUIT\r\n"
-    assert probe.next_send() is None
-    assert probe.error is None
-
-
 @pytest.mark.parametrize(
     ("greeting", "capa_reply", "error"),
     [
@@ -792,11 +777,7 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(greeting: bytes, capa_reply: bytes, error: str) -> None:
-    probe = POP3CapabilityProbe(HOST)
-    probe.receive_data(greeting)
-    probe.receive_data(capa_reply)
-    assert probe.error == error
-    assert probe.result is None
+    check_probe_error(POP3CapabilityProbe(HOST), [greeting, capa_reply], error)
 
 
 def test_registered() -> None:

@@ -46,6 +46,7 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
+    check_probe_error,
     drain,
     exchange,
     run,
@@ -879,22 +880,6 @@ def test_xtext() -> None:
     assert xtext(b"a+b=c d\x7f\xff~!") == b"a+2Bb+3Dc+20d+7F+FF~!"
 
 
-def test_probe() -> None:
-    probe = SMTPCapabilityProbe(HOST)
-    assert probe.next_send() is None
-    probe.receive_data(b"220-mx.backend.test ESMTP\r\n220 ")
-    probe.receive_data(b"Postfix\r\n")
-    assert probe.next_send() == b"EHLO proxy.example\r\n"
-    assert probe.next_send() is None
-    probe.receive_data(b"250-mx.backend.test\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n")
-    assert probe.result is None
-    probe.receive_data(b"250 XCLIENT NAME ADDR\r\n")
-    assert probe.result == ("PIPELINING", "AUTH PLAIN", "XCLIENT NAME ADDR")
-    assert probe.next_send() == b"QUIT\r\n"
-    assert probe.next_send() is None
-    assert probe.error is None
-
-
 @pytest.mark.parametrize(
     ("greeting", "ehlo_reply", "error"),
     [
@@ -908,8 +893,4 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(greeting: bytes, ehlo_reply: bytes, error: str) -> None:
-    probe = SMTPCapabilityProbe(HOST)
-    probe.receive_data(greeting)
-    probe.receive_data(ehlo_reply)
-    assert probe.error == error
-    assert probe.result is None
+    check_probe_error(SMTPCapabilityProbe(HOST), [greeting, ehlo_reply], error)

@@ -70,6 +70,7 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
+    check_probe_error,
     client_bytes,
     drain,
     exchange,
@@ -908,7 +909,4 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(reply: bytes, error_text: str) -> None:
-    probe = XMPPClientProbe("example.com")
-    probe.receive_data(reply)
-    assert probe.error == error_text
-    assert probe.result is None
+    check_probe_error(XMPPClientProbe("example.com"), [reply], error_text)
