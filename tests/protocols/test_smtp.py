@@ -84,6 +84,8 @@ RELAYED_EHLO = (
     b"250-AUTH PLAIN LOGIN\r\n"
     b"250 CHUNKING\r\n"
 )
+#: STARTTLS, the handshake and the backend connection, up to its greeting.
+TO_BACKEND_GREETING = (*SMTP.started_tls(), TLS(), *SMTP.to_backend(), *SMTP.backend_greeted())
 QUIT_STEPS: tuple[Event | Command, ...] = (
     *exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n"),
     CloseConnection("client quit", clean=True),
@@ -142,13 +144,7 @@ def test_xclient_identity_with_odd_helo_name_and_ipv6() -> None:
         GREETING,
         Client(b"EHLO h\xe9lo+x=y\r\n"),
         PRE_TLS_EHLO,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
+        *TO_BACKEND_GREETING,
         SendToBackend(b"EHLO proxy.example\r\n"),
         Backend(
             b"250-mx.backend.test\r\n250-PIPELINING\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n"
@@ -172,13 +168,7 @@ def test_xclient_sends_only_the_attributes_the_backend_lists() -> None:
         GREETING,
         Client(b"HELO old.example\r\n"),
         SendToClient(b"250 proxy.example\r\n"),
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
+        *TO_BACKEND_GREETING,
         SendToBackend(b"EHLO proxy.example\r\n"),
         Backend(b"250-mx.backend.test\r\n250 XCLIENT NAME ADDR PROTO HELO\r\n"),
         SendToBackend(
@@ -205,8 +195,7 @@ def test_xclient_failures_give_421(
     ehlo_reply: bytes, xclient_reply: bytes | None, reason: str
 ) -> None:
     machine = SMTPMachine(settings(identity=BackendIdentity.XCLIENT), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(machine, Connected(), Backend(BACKEND_GREETING), SendToBackend(b"EHLO proxy.example\r\n"))
+    run(machine, GREETING, *TO_BACKEND_GREETING, SendToBackend(b"EHLO proxy.example\r\n"))
     machine.receive_data(Side.BACKEND, ehlo_reply)
     if xclient_reply is not None:
         assert machine.next_command() == SendToBackend(b"XCLIENT ADDR=192.0.2.10\r\n")
