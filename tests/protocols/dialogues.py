@@ -159,6 +159,8 @@ class LineDialogue(Dialogue[MachineT]):
     unavailable: SendToClient
     #: A backend greeting that refuses the session.
     refusal: bytes
+    #: What the protocol calls what the backend sends back to a command.
+    answer: str
 
 
 SHUTDOWN = CloseConnection("proxy shutting down")
@@ -216,6 +218,7 @@ SMTP = LineDialogue(
     shutdown_goodbye=SendToClient(b"421 4.3.2 proxy.example Service shutting down\r\n"),
     unavailable=SendToClient(b"421 4.3.0 proxy.example Service not available\r\n"),
     refusal=b"554 5.3.2 No service\r\n",
+    answer="reply",
 )
 
 POP3 = LineDialogue(
@@ -260,6 +263,7 @@ POP3 = LineDialogue(
     shutdown_goodbye=SendToClient(b"-ERR [SYS/TEMP] proxy.example Server shutting down\r\n"),
     unavailable=SendToClient(b"-ERR [SYS/TEMP] proxy.example backend unavailable\r\n"),
     refusal=b"-ERR [SYS/TEMP] Service unavailable\r\n",
+    answer="response",
 )
 
 IMAP = LineDialogue(
@@ -313,6 +317,7 @@ IMAP = LineDialogue(
     shutdown_goodbye=SendToClient(b"* BYE [UNAVAILABLE] proxy.example Server shutting down\r\n"),
     unavailable=SendToClient(b"* BYE [UNAVAILABLE] proxy.example backend unavailable\r\n"),
     refusal=b"* BYE Too many connections\r\n",
+    answer="response",
 )
 
 

@@ -18,6 +18,7 @@ from tests.protocols.dialogues import (
     LineDialogue,
 )
 from tests.protocols.transcript import (
+    EOF,
     TLS,
     Backend,
     Client,
@@ -149,6 +150,26 @@ def test_backend_refusing_the_session(dialogue: LineDialogue[Any]) -> None:
         CloseConnection(reason),
     )
     assert machine.state.name == "ERROR"
+
+
+@line_protocols
+def test_driver_misuse_is_a_violation(dialogue: LineDialogue[Any]) -> None:
+    machine = dialogue.new()
+    reason = "BACKEND_CONNECTED is not allowed in state PRE_TLS"
+    run(machine, *dialogue.opening(), Connected(), dialogue.unavailable, CloseConnection(reason))
+    assert machine.state.name == "ERROR"
+    # Once failed, the machine ignores all that comes.
+    run(machine, TLS(), Client(dialogue.local), EOF(Side.CLIENT), Failed("x"))
+    # A backend that speaks before there is one.
+    machine = dialogue.new()
+    reason = f"backend {dialogue.answer} in state PRE_TLS"
+    run(
+        machine,
+        *dialogue.opening(),
+        Backend(dialogue.backend_greeting),
+        dialogue.unavailable,
+        CloseConnection(reason),
+    )
 
 
 def _fuzz_chunks(dialogue: Dialogue[Any]) -> st.SearchStrategy[list[bytes]]:

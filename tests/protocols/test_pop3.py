@@ -22,8 +22,6 @@ from protocols._base import (
     TLSMode,
 )
 from protocols.pop3 import (
-    TRANSITIONS,
-    Input,
     POP3CapabilityProbe,
     POP3Machine,
     State,
@@ -46,11 +44,10 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     Timeout,
-    check_transition,
+    check_probe_error,
     drain,
     exchange,
     play,
-    reachable,
     run,
 )
 
@@ -643,43 +640,6 @@ def test_backend_answering_while_client_owes_a_sasl_response() -> None:
     )
 
 
-def test_driver_misuse_is_a_violation() -> None:
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Connected(),
-        UNAVAILABLE,
-        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
-    )
-    assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-    machine = POP3Machine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Backend(b"+OK\r\n"),
-        UNAVAILABLE,
-        CloseConnection("backend response in state PRE_TLS"),
-    )
-
-
-# --------------------------------------------------------------------------
-# The transitions table.
-
-ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, ENDINGS)
-
-
-def test_every_state_is_reachable_and_every_input_used() -> None:
-    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
-    assert {input_ for _, input_ in TRANSITIONS} == set(Input)
-
-
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
@@ -807,22 +767,6 @@ def test_body_end_matches_one_shot_reference(pieces: list[bytes], cuts: list[int
 # The probe and the registry.
 
 
-def test_probe() -> None:
-    probe = POP3CapabilityProbe(HOST)
-    assert probe.next_send() is None
-    probe.receive_data(b"+OK Dovecot ")
-    probe.receive_data(b"ready.\r\n")
-    assert probe.next_send() == b"CAPA\r\n"
-    assert probe.next_send() is None
-    probe.receive_data(b"+OK\r\nCAPA\r\nTOP\r\nUIDL\r\nSASL PLAIN\r\n..odd\r\n")
-    assert probe.result is None
-    probe.receive_data(b".\r\n")
-    assert probe.result == ("CAPA", "TOP", "UIDL", "SASL PLAIN", ".odd")
-    assert probe.next_send() == b"QUIT\r\n"
-    assert probe.next_send() is None
-    assert probe.error is None
-
-
 @pytest.mark.parametrize(
     ("greeting", "capa_reply", "error"),
     [
@@ -833,11 +777,7 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(greeting: bytes, capa_reply: bytes, error: str) -> None:
-    probe = POP3CapabilityProbe(HOST)
-    probe.receive_data(greeting)
-    probe.receive_data(capa_reply)
-    assert probe.error == error
-    assert probe.result is None
+    check_probe_error(POP3CapabilityProbe(HOST), [greeting, capa_reply], error)
 
 
 def test_registered() -> None:

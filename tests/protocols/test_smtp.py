@@ -23,8 +23,6 @@ from protocols._base import (
     TLSMode,
 )
 from protocols.smtp import (
-    TRANSITIONS,
-    Input,
     SMTPCapabilityProbe,
     SMTPMachine,
     State,
@@ -48,10 +46,9 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
-    check_transition,
+    check_probe_error,
     drain,
     exchange,
-    reachable,
     run,
 )
 
@@ -87,6 +84,8 @@ RELAYED_EHLO = (
     b"250-AUTH PLAIN LOGIN\r\n"
     b"250 CHUNKING\r\n"
 )
+#: STARTTLS, the handshake and the backend connection, up to its greeting.
+TO_BACKEND_GREETING = (*SMTP.started_tls(), TLS(), *SMTP.to_backend(), *SMTP.backend_greeted())
 QUIT_STEPS: tuple[Event | Command, ...] = (
     *exchange(b"QUIT\r\n", b"221 2.0.0 Bye\r\n"),
     CloseConnection("client quit", clean=True),
@@ -145,13 +144,7 @@ def test_xclient_identity_with_odd_helo_name_and_ipv6() -> None:
         GREETING,
         Client(b"EHLO h\xe9lo+x=y\r\n"),
         PRE_TLS_EHLO,
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
+        *TO_BACKEND_GREETING,
         SendToBackend(b"EHLO proxy.example\r\n"),
         Backend(
             b"250-mx.backend.test\r\n250-PIPELINING\r\n250 XCLIENT NAME ADDR PORT PROTO HELO\r\n"
@@ -175,13 +168,7 @@ def test_xclient_sends_only_the_attributes_the_backend_lists() -> None:
         GREETING,
         Client(b"HELO old.example\r\n"),
         SendToClient(b"250 proxy.example\r\n"),
-        Client(b"STARTTLS\r\n"),
-        TLS_READY,
-        StartTLS(b""),
-        TLS(),
-        OpenBackend(),
-        Connected(),
-        Backend(BACKEND_GREETING),
+        *TO_BACKEND_GREETING,
         SendToBackend(b"EHLO proxy.example\r\n"),
         Backend(b"250-mx.backend.test\r\n250 XCLIENT NAME ADDR PROTO HELO\r\n"),
         SendToBackend(
@@ -208,8 +195,7 @@ def test_xclient_failures_give_421(
     ehlo_reply: bytes, xclient_reply: bytes | None, reason: str
 ) -> None:
     machine = SMTPMachine(settings(identity=BackendIdentity.XCLIENT), PEER)
-    run(machine, GREETING, Client(b"STARTTLS\r\n"), TLS_READY, StartTLS(b""), TLS(), OpenBackend())
-    run(machine, Connected(), Backend(BACKEND_GREETING), SendToBackend(b"EHLO proxy.example\r\n"))
+    run(machine, GREETING, *TO_BACKEND_GREETING, SendToBackend(b"EHLO proxy.example\r\n"))
     machine.receive_data(Side.BACKEND, ehlo_reply)
     if xclient_reply is not None:
         assert machine.next_command() == SendToBackend(b"XCLIENT ADDR=192.0.2.10\r\n")
@@ -748,34 +734,6 @@ def test_misbehaving_backend_gives_421(reply: bytes, reason: str) -> None:
     assert machine.state is State.ERROR
 
 
-def test_driver_misuse_is_a_violation() -> None:
-    machine = SMTPMachine(settings(), PEER)
-    run(
-        machine,
-        GREETING,
-        Connected(),
-        UNAVAILABLE,
-        CloseConnection("BACKEND_CONNECTED is not allowed in state PRE_TLS"),
-    )
-    assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"NOOP\r\n"), EOF(Side.CLIENT), Failed("x"))
-
-
-# --------------------------------------------------------------------------
-# The transitions table.
-
-ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, ENDINGS)
-
-
-def test_every_state_is_reachable() -> None:
-    assert reachable(TRANSITIONS, [State.PRE_TLS, State.TLS_HANDSHAKE]) == set(State)
-
-
 # --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
@@ -911,22 +869,6 @@ def test_xtext() -> None:
     assert xtext(b"a+b=c d\x7f\xff~!") == b"a+2Bb+3Dc+20d+7F+FF~!"
 
 
-def test_probe() -> None:
-    probe = SMTPCapabilityProbe(HOST)
-    assert probe.next_send() is None
-    probe.receive_data(b"220-mx.backend.test ESMTP\r\n220 ")
-    probe.receive_data(b"Postfix\r\n")
-    assert probe.next_send() == b"EHLO proxy.example\r\n"
-    assert probe.next_send() is None
-    probe.receive_data(b"250-mx.backend.test\r\n250-PIPELINING\r\n250-AUTH PLAIN\r\n")
-    assert probe.result is None
-    probe.receive_data(b"250 XCLIENT NAME ADDR\r\n")
-    assert probe.result == ("PIPELINING", "AUTH PLAIN", "XCLIENT NAME ADDR")
-    assert probe.next_send() == b"QUIT\r\n"
-    assert probe.next_send() is None
-    assert probe.error is None
-
-
 @pytest.mark.parametrize(
     ("greeting", "ehlo_reply", "error"),
     [
@@ -940,8 +882,4 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(greeting: bytes, ehlo_reply: bytes, error: str) -> None:
-    probe = SMTPCapabilityProbe(HOST)
-    probe.receive_data(greeting)
-    probe.receive_data(ehlo_reply)
-    assert probe.error == error
-    assert probe.result is None
+    check_probe_error(SMTPCapabilityProbe(HOST), [greeting, ehlo_reply], error)

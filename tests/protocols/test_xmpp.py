@@ -37,8 +37,6 @@ from protocols._xmlstream import (
     XMLStreamReader,
 )
 from protocols.xmpp import (
-    TRANSITIONS,
-    Input,
     State,
     XMPPClientMachine,
     XMPPClientProbe,
@@ -72,11 +70,10 @@ from tests.protocols.transcript import (
     ShuttingDown,
     Timeout,
     backend_bytes,
-    check_transition,
+    check_probe_error,
     client_bytes,
     drain,
     exchange,
-    reachable,
     run,
 )
 
@@ -679,21 +676,6 @@ def test_limits_are_inclusive() -> None:
 
 
 # --------------------------------------------------------------------------
-# The transitions table.
-
-_ENDINGS = {Input.CLOSE: State.CLOSED, Input.VIOLATION: State.ERROR}
-
-
-@given(st.sampled_from(State), st.sampled_from(Input))
-def test_transitions_table(state: State, input_: Input) -> None:
-    check_transition(TRANSITIONS, state, input_, _ENDINGS)
-
-
-def test_every_state_is_reachable() -> None:
-    assert reachable(TRANSITIONS, {State.PRE_TLS_HEADER, State.TLS_HANDSHAKE}) == set(State)
-
-
-# --------------------------------------------------------------------------
 # Split invariance: the same bytes cut anywhere give the same session.
 
 TRANSCRIPTS = Transcripts(
@@ -927,7 +909,4 @@ def test_probe() -> None:
     ],
 )
 def test_probe_errors(reply: bytes, error_text: str) -> None:
-    probe = XMPPClientProbe("example.com")
-    probe.receive_data(reply)
-    assert probe.error == error_text
-    assert probe.result is None
+    check_probe_error(XMPPClientProbe("example.com"), [reply], error_text)

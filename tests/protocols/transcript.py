@@ -6,7 +6,8 @@ like a conversation. ``play`` feeds events with their bytes cut at given
 offsets and returns what came out, for the tests where only the bytes matter
 and not how they were cut into commands (split invariance above all).
 ``bytewise`` and ``drawn_cuts`` give the cuts, ``feed`` and
-``check_pre_tls_bytes`` serve the fuzz tests, and ``check_transition`` and
+``check_pre_tls_bytes`` serve the fuzz tests, ``check_probe_error`` the
+probes' failures, and ``check_transition`` and
 ``reachable`` test a machine's transitions table.
 
 The dialogues of the four protocols are in ``dialogues``.
@@ -23,6 +24,7 @@ from typing import Any
 from hypothesis import strategies as st
 
 from protocols._base import (
+    CapabilityProbe,
     CloseConnection,
     Command,
     InputT,
@@ -164,6 +166,14 @@ def check_pre_tls_bytes(
         for command in drain(machine):
             assert isinstance(command, SendToClient | StartTLS | OpenBackend | CloseConnection)
             assert not (require_tls and isinstance(command, OpenBackend))
+
+
+def check_probe_error(probe: CapabilityProbe, received: Iterable[bytes], error: str) -> None:
+    """Feed ``received`` to ``probe``: it reports ``error`` and no result."""
+    for data in received:
+        probe.receive_data(data)
+    assert probe.error == error
+    assert probe.result is None
 
 
 def length(event: Event) -> int:
