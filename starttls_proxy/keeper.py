@@ -502,9 +502,7 @@ def _reap() -> list[tuple[int, int]]:
 
 
 def serve(main: socket.socket) -> int:
-    # Ctrl-C reaches the whole process group; the main process decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    procname.name_process(procname.KEEPER)
+    procname.name_subordinate(procname.KEEPER)
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         print("keeper: cannot become a child subreaper", file=sys.stderr)

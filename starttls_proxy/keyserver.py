@@ -59,7 +59,6 @@ import hashlib
 import json
 import os
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -529,9 +528,7 @@ class KeyServer:
 
 def serve(control: socket.socket) -> int:
     """Confine, report, then sign for the workers until the keeper leaves."""
-    # Ctrl-C reaches the whole process group: the keeper decides.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    procname.name_process(procname.KEY_SERVER)
+    procname.name_subordinate(procname.KEY_SERVER)
     isolation = decode(IsolationConfig, json.loads(control.recv(MAX_MESSAGE))["isolation"])
     # Its epoll descriptor is made before the seccomp filter forbids that.
     server = KeyServer(control)

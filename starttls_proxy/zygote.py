@@ -186,7 +186,8 @@ class Helper:
         if pid == 0:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # GROUP_STOP_SIGNALS stay ignored, as in the helper: a worker
+            # ends when the main process closes its channel, after the drain.
             procname.name_process(procname.SPARE)
             serve_spare(theirs.fileno(), self.store, self.sandbox, uid, self.attach)
         theirs.close()
@@ -303,10 +304,7 @@ class Helper:
 def serve(control: socket.socket) -> int:
     """Prepare the sandbox, load the certificates, then fork workers until
     the main process leaves."""
-    # Ctrl-C in a terminal reaches the whole process group: the main process
-    # decides when the helper ends (by closing the control socket).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    procname.name_process(procname.HELPER)
+    procname.name_subordinate(procname.HELPER)
     message, fds, _, _ = socket.recv_fds(control, MAX_MESSAGE, 1)
     first = json.loads(message)
     isolation = decode(IsolationConfig, first["isolation"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,9 +39,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.parametrize("to_the_group", [False, True], ids=["main-process", "process-group"])
 def test_sigterm_drains_then_says_goodbye(
-    tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles
+    tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles, to_the_group: bool
 ) -> None:
+    """SIGTERM to the main process (systemd with KillMode=mixed) or to every
+    process of the proxy at once (timeout(1), ``kill -- -PGID``, systemd's
+    default KillMode): the same drain, the same goodbyes, the same exit."""
     proxy = start_proxy(
         tmp_path,
         [(test_certs.cert, test_certs.key)],
@@ -54,7 +59,10 @@ def test_sigterm_drains_then_says_goodbye(
         processes = _descendants(proxy.process.pid)
         assert len(processes) >= 4  # keeper, helper, two workers
 
-        proxy.process.send_signal(signal.SIGTERM)
+        if to_the_group:
+            os.killpg(proxy.process.pid, signal.SIGTERM)
+        else:
+            proxy.process.send_signal(signal.SIGTERM)
         proxy.wait_for_log("shutting down: waiting up to 3s")
         with pytest.raises(OSError):
             proxy.connect("smtp")  # no longer accepting
@@ -72,7 +80,9 @@ def test_sigterm_drains_then_says_goodbye(
         assert proxy.process.wait(20) == 0
     finally:
         proxy.stop()
-    assert "Traceback" not in proxy.log()
+    log = proxy.log()
+    assert "Traceback" not in log
+    assert not [line for line in log.splitlines() if " ERROR " in line or " CRITICAL " in line]
     # Workers finish their closing handshake with the client, then exit.
     deadline = time.monotonic() + 10
     while [pid for pid in processes if _alive(pid)]:

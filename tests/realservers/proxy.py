@@ -125,6 +125,9 @@ def start_proxy(
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            # A process group of its own, as under a supervisor: tests may
+            # signal the whole group without reaching pytest.
+            start_new_session=True,
         )
     proxy = ProxyProcess(process, config_path, log_path, ports)
     deadline = time.monotonic() + 30
