@@ -142,13 +142,10 @@ class _Side:
         if self.write_closed or not data:
             return
         if not self.outgoing:
-            try:
+            # A full socket (BlockingIOError) keeps it all; a broken one is
+            # reported by the next flush, where the poll loop handles it.
+            with contextlib.suppress(OSError):
                 data = data[self.sock.send(data) :]
-            except BlockingIOError:
-                pass
-            except OSError:
-                # Reported by the next flush, where the poll loop handles it.
-                pass
         self.outgoing += data
 
     def flush(self) -> None:
