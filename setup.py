@@ -1,11 +1,16 @@
-"""Build glue: compile the key-reference OpenSSL provider with the system's C compiler.
+"""Build glue: compile the key server's two C parts with the system's C compiler.
 
-The project metadata is in pyproject.toml; this file only adds the
-provider (``starttls_proxy/provider/*.c``), a plain shared object that
-OpenSSL dlopen()s and Python never imports. It needs a C compiler and
-OpenSSL 3 headers (Debian: gcc, libssl-dev) and links the C library only.
-The build is optional: without a compiler the package still installs, and
-the proxy then refuses ``isolation.key_server: true`` with a message naming
+The project metadata is in pyproject.toml; this file only adds
+
+* the key-reference OpenSSL provider (``starttls_proxy/provider/*.c``), a
+  plain shared object that OpenSSL dlopen()s in the TLS workers and Python
+  never imports; it links the C library only;
+* the key server's request loop (``starttls_proxy/_keyservice.c``), a
+  Python extension linked with the system's libcrypto.
+
+Both need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
+The build is optional: without them the package still installs, and the
+proxy then refuses ``isolation.key_server: true`` with a message naming
 what is missing (``starttls_proxy.provider.missing``).
 """
 
@@ -17,24 +22,39 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SOURCES = sorted(str(path) for path in Path("starttls_proxy/provider").glob("*.c"))
+C_FLAGS = ["-std=c11", "-Wall", "-Wextra"]
 
 
 class BuildProvider(build_ext):
-    """Name the object ``keyref.so``: it is an OpenSSL module, not a Python extension."""
+    """Name the provider ``keyref.so``: it is an OpenSSL module, not a Python extension."""
 
     def get_ext_filename(self, fullname: str) -> str:
-        return str(Path(*fullname.split("."))) + ".so"
+        if fullname == PROVIDER:
+            return str(Path(*fullname.split("."))) + ".so"
+        return super().get_ext_filename(fullname)
+
+
+PROVIDER = "starttls_proxy.provider.keyref"
 
 
 setup(
     ext_modules=[
         Extension(
-            "starttls_proxy.provider.keyref",
+            PROVIDER,
             sources=SOURCES,
-            depends=["starttls_proxy/provider/keyref.h"],
-            extra_compile_args=["-std=c11", "-fvisibility=hidden", "-Wall", "-Wextra"],
+            depends=["starttls_proxy/provider/keyref.h", "starttls_proxy/provider/wire.h"],
+            extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
             optional=True,
-        )
+        ),
+        Extension(
+            "starttls_proxy._keyservice",
+            sources=["starttls_proxy/_keyservice.c"],
+            depends=["starttls_proxy/provider/wire.h"],
+            include_dirs=["starttls_proxy"],
+            libraries=["crypto"],
+            extra_compile_args=C_FLAGS,
+            optional=True,
+        ),
     ],
     cmdclass={"build_ext": BuildProvider},
 )

@@ -2,8 +2,8 @@
 # Create .venv and install starttls-proxy into it (editable).
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
-# key-reference provider (setup.py, starttls_proxy/provider/*.[ch]) changed since
-# the last run and the provider is built.
+# key server's C parts (setup.py, starttls_proxy/provider/*.[ch],
+# starttls_proxy/_keyservice.c) changed since the last run and both are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -30,8 +30,9 @@ if ! command -v cc >/dev/null || [ ! -f /usr/include/openssl/core_dispatch.h ]; 
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
-wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] | sha256sum | cut -d' ' -f1)"
-[ -f starttls_proxy/provider/keyref.so ] || rm -f "$stamp"
+wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] starttls_proxy/_keyservice.c | sha256sum | cut -d' ' -f1)"
+[ -f starttls_proxy/provider/keyref.so ] && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
+    || rm -f "$stamp"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".$extras"

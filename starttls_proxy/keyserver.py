@@ -36,17 +36,18 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
     what happened since the last such message (at most one per
     ``COUNTS_INTERVAL``).
 
-* link, with one TLS helper (JSON): ``{"certificates": [index, ...]}`` with
-  one descriptor attached: a worker's connection, which may use the keys of
-  those certificates and no other.
+* link, with one TLS helper (binary, ``Link``): a count and that many
+  certificate indexes (u16 each) with one descriptor attached: a worker's
+  connection, which may use the keys of those certificates and no other.
 
-* connection, with one worker (binary, the provider's ``signature.c``):
-  request ``version | scheme | digest | 0 | request id (u32) | key id (16) |
-  data``, answer ``version | status | 0 | 0 | request id | signature``.
-  A malformed request (sizes, codes) drops the connection without an
-  answer; a refused one (a key out of scope, one signature too many, data
-  that is no TLS handshake signature input) is answered with status 1,
-  then dropped.
+* connection, with one worker (binary, ``provider/wire.h``): one signature
+  request, one answer.
+
+Links and connections are served by ``_keyservice`` (C, linked with the
+system's libcrypto): each session wakes this process twice while its
+handshake waits, and a Python loop cost 0.6-0.9 ms of a cold interpreter
+each time. This module keeps what happens once: confinement, the keeper's
+messages, reading keys.
 """
 
 from __future__ import annotations
@@ -58,16 +59,14 @@ import enum
 import hashlib
 import json
 import os
-import selectors
 import socket
 import struct
 import sys
 import textwrap
-import time
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from starttls_proxy import procname, seccomp_policy
 from starttls_proxy.sandbox import (
@@ -81,6 +80,9 @@ from starttls_proxy.sandbox import (
 )
 from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 
+if TYPE_CHECKING:
+    from starttls_proxy._keyservice import Service
+
 REFERENCE_LABEL = "STARTTLS-PROXY KEY REFERENCE"
 REFERENCE_MAGIC = b"STPK"
 REFERENCE_VERSION = 1
@@ -90,28 +92,26 @@ KEY_ID_SIZE = 16
 CURVES = {"secp256r1": 1, "secp384r1": 2, "secp521r1": 3}
 
 MAX_MESSAGE = 64 * 1024
-WIRE_VERSION = 1
-#: version, scheme (request) or status (answer), digest or 0, 0, request id.
-HEADER = struct.Struct(">BBBBI")
-#: More than any TLS handshake signature input (see ``looks_like_handshake``).
-MAX_DATA = 1024
-MAX_REQUEST = HEADER.size + KEY_ID_SIZE + MAX_DATA
-#: A full handshake makes one signature; a resumed one none.
-SIGNATURES_PER_CONNECTION = 1
 #: A PEM private key is a few KiB; more is not a key file.
 MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
 COUNTS_INTERVAL = 0.25
-STATUS_SIGNED, STATUS_REFUSED = 0, 1
 
+# The wire format of a worker's connection (``provider/wire.h``), for the
+# tests and scripts that speak it.
+WIRE_VERSION = 1
+#: version, scheme (request) or status (answer), digest or 0, 0, request id.
+HEADER = struct.Struct(">BBBBI")
+#: The most data a request may carry (``MAX_DATA_SIZE``).
+MAX_DATA = 1024
+MAX_REQUEST = HEADER.size + KEY_ID_SIZE + MAX_DATA
+STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: RFC 8446 section 4.4.3: what a TLS 1.3 server's CertificateVerify signs,
 #: followed by the transcript hash.
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
-TRANSCRIPT_HASH_SIZES = (32, 48, 64)
-#: RFC 8422 section 5.4: client random, server random, then ECParameters
-#: (curve_type named_curve, a 2-byte group) and the 1-byte-sized point.
-TLS12_RANDOMS = 64
-NAMED_CURVE = 3
+#: The most certificate indexes one link message may carry
+#: (``MAX_CERTIFICATES`` in ``_keyservice.c``).
+MAX_CERTIFICATES = 4096
 
 
 class Scheme(enum.IntEnum):
@@ -124,13 +124,6 @@ class Digest(enum.IntEnum):
     SHA256 = 1
     SHA384 = 2
     SHA512 = 3
-
-
-HASHES: dict[Digest, type[hashes.HashAlgorithm]] = {
-    Digest.SHA256: hashes.SHA256,
-    Digest.SHA384: hashes.SHA384,
-    Digest.SHA512: hashes.SHA512,
-}
 
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
@@ -201,96 +194,6 @@ def encode_reference(key: PrivateKey) -> bytes:
     return "\n".join(pem).encode()
 
 
-class MalformedRequestError(Exception):
-    """The request breaks the wire format: drop the connection, no answer."""
-
-
-class RefusedRequestError(Exception):
-    """A well-formed request this connection may not have answered."""
-
-
-def looks_like_handshake(data: bytes) -> bool:
-    """Whether ``data`` is what a TLS server signs in a handshake: a TLS 1.3
-    CertificateVerify input or a TLS 1.2 ECDHE ServerKeyExchange input.
-
-    Keeps the oracle of a compromised worker from signing anything else
-    (a certificate, a token) with the key.
-    """
-    if data.startswith(TLS13_SERVER_CONTEXT):
-        return len(data) - len(TLS13_SERVER_CONTEXT) in TRANSCRIPT_HASH_SIZES
-    params = data[TLS12_RANDOMS:]
-    return len(params) > 4 and params[0] == NAMED_CURVE and params[3] == len(params) - 4
-
-
-def sign(key: PrivateKey, scheme: Scheme, digest: Digest, data: bytes) -> bytes:
-    algorithm = HASHES[digest]()
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        if scheme is not Scheme.ECDSA:
-            raise RefusedRequestError(f"{scheme.name} with an EC key")
-        return key.sign(data, ec.ECDSA(algorithm))
-    if scheme is Scheme.ECDSA:
-        raise RefusedRequestError("ECDSA with an RSA key")
-    pad = (
-        padding.PKCS1v15()
-        if scheme is Scheme.RSA_PKCS1
-        else padding.PSS(padding.MGF1(algorithm), algorithm.digest_size)
-    )
-    return key.sign(data, pad, algorithm)
-
-
-@dataclass
-class KeyTable:
-    """The keys of one configuration, in certificate order."""
-
-    keys: list[PrivateKey]
-
-    def __post_init__(self) -> None:
-        self.ids = [key_id(key.public_key()) for key in self.keys]
-
-    def scope(self, certificates: list[int]) -> dict[bytes, PrivateKey]:
-        return {self.ids[index]: self.keys[index] for index in certificates}
-
-
-@dataclass
-class Connection:
-    """One worker's connection and what it may still ask for."""
-
-    keys: dict[bytes, PrivateKey]
-    signatures: int = 0
-
-    def answer(self, request: bytes) -> bytes:
-        """The answer to ``request``.
-
-        Raises ``MalformedRequestError`` or ``RefusedRequestError``.
-        """
-        if not HEADER.size + KEY_ID_SIZE < len(request) <= MAX_REQUEST:
-            raise MalformedRequestError(f"{len(request)} bytes")
-        version, scheme_code, digest_code, reserved, request_id = HEADER.unpack_from(request)
-        if version != WIRE_VERSION or reserved != 0:
-            raise MalformedRequestError("version or reserved byte")
-        try:
-            scheme, digest = Scheme(scheme_code), Digest(digest_code)
-        except ValueError:
-            raise MalformedRequestError(f"scheme {scheme_code}, digest {digest_code}") from None
-        key_id = request[HEADER.size : HEADER.size + KEY_ID_SIZE]
-        data = request[HEADER.size + KEY_ID_SIZE :]
-        key = self.keys.get(key_id)
-        if key is None:
-            raise RefusedRequestError(f"key {key_id.hex()} is not this connection's")
-        if self.signatures >= SIGNATURES_PER_CONNECTION:
-            raise RefusedRequestError("one signature per connection")
-        if not looks_like_handshake(data):
-            raise RefusedRequestError("not a TLS handshake signature input")
-        self.signatures += 1
-        signature = sign(key, scheme, digest, data)
-        return HEADER.pack(WIRE_VERSION, STATUS_SIGNED, 0, 0, request_id) + signature
-
-
-def refusal(request: bytes) -> bytes:
-    request_id = HEADER.unpack_from(request)[4]
-    return HEADER.pack(WIRE_VERSION, STATUS_REFUSED, 0, 0, request_id)
-
-
 class Link:
     """The TLS helper's end of its link to the key server."""
 
@@ -305,9 +208,11 @@ class Link:
         ``certificates`` only; returns the worker's end (the caller closes
         it). When the key server cannot be reached that end has no peer, and
         the worker's signatures fail at once."""
+        if len(certificates) > MAX_CERTIFICATES:
+            raise ValueError(f"{len(certificates)} certificates: at most {MAX_CERTIFICATES}")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, contextlib.suppress(OSError):
-            message = json.dumps({"certificates": certificates}).encode()
+            message = struct.pack(f">H{len(certificates)}H", len(certificates), *certificates)
             socket.send_fds(self.sock, [message], [ours.fileno()])
         return theirs.detach()
 
@@ -329,8 +234,11 @@ def user_id(isolation: IsolationConfig) -> int:
 
 
 def _warm_up() -> None:
-    """Sign once before the seccomp filter: OpenSSL sets some things up on
-    first use (random generator, algorithm tables)."""
+    """Use both OpenSSLs once before the seccomp filter: they set some things
+    up on first use (random generator, algorithm tables, configuration)."""
+    from starttls_proxy import _keyservice
+
+    _keyservice.warm_up()
     key = ec.generate_private_key(ec.SECP256R1())
     key.sign(b"warm-up", ec.ECDSA(hashes.SHA256()))
 
@@ -397,12 +305,9 @@ def _close_all(fds: list[int]) -> None:
 
 
 class KeyServer:
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, service: Service) -> None:
         self.control = control
-        self.selector = selectors.DefaultSelector()
-        self.selector.register(control, selectors.EVENT_READ)
-        self.counts = dict.fromkeys(("signed", "refused", "dropped"), 0)
-        self.last_counts = time.monotonic()
+        self.service = service
 
     def load(self, wheres: list[str], fds: list[int]) -> dict[str, object]:
         """Read the keys whose descriptors came with a load request."""
@@ -426,10 +331,16 @@ class KeyServer:
         if problems:
             os.close(link_fd)
             return {"problems": problems}
-        table = KeyTable(keys)
-        link = socket.socket(fileno=link_fd)
-        link.setblocking(False)
-        self.selector.register(link, selectors.EVENT_READ, table)
+        der = serialization.Encoding.DER, serialization.PrivateFormat.PKCS8
+        plain = serialization.NoEncryption()
+        try:
+            self.service.add_link(
+                link_fd,
+                [(key_id(key.public_key()), key.private_bytes(*der, plain)) for key in keys],
+            )
+        except (ValueError, OSError) as error:  # libcrypto refused what cryptography read
+            os.close(link_fd)
+            return {"problems": [f"the key server's libcrypto: {error}"]}
         return {"references": [encode_reference(key).decode() for key in keys]}
 
     def on_control(self) -> bool:
@@ -448,90 +359,28 @@ class KeyServer:
             _close_all(fds)
         return True
 
-    def on_link(self, link: socket.socket, table: KeyTable) -> None:
-        try:
-            message, fds, _, _ = socket.recv_fds(link, MAX_MESSAGE, 1)
-        except BlockingIOError:
-            return
-        if not message:
-            self._drop(link)
-            return
-        try:
-            certificates = json.loads(message)["certificates"]
-            if not fds or not all(0 <= index < len(table.keys) for index in certificates):
-                raise ValueError(certificates)
-        except (ValueError, KeyError, TypeError):
-            _close_all(fds)
-            return
-        connection = socket.socket(fileno=fds[0])
-        connection.setblocking(False)
-        self.selector.register(
-            connection, selectors.EVENT_READ, Connection(table.scope(certificates))
-        )
-
-    def on_connection(self, sock: socket.socket, connection: Connection) -> None:
-        try:
-            request = sock.recv(MAX_REQUEST + 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            request = b""
-        if not request:
-            self._drop(sock)
-            return
-        try:
-            answer = connection.answer(request)
-        except MalformedRequestError:
-            self.counts["dropped"] += 1
-            self._drop(sock)
-            return
-        except RefusedRequestError as refused:
-            print(f"key server: refused a worker's request: {refused}", file=sys.stderr, flush=True)
-            self.counts["refused"] += 1
-            with contextlib.suppress(OSError):
-                sock.send(refusal(request))
-            self._drop(sock)
-            return
-        self.counts["signed"] += 1
-        try:
-            sock.send(answer)
-        except OSError:
-            self._drop(sock)
-
-    def _drop(self, sock: socket.socket) -> None:
-        self.selector.unregister(sock)
-        sock.close()
-
-    def _report_counts(self) -> None:
-        if any(self.counts.values()):
-            with contextlib.suppress(OSError):
-                self.control.send(json.dumps({"counts": self.counts}).encode())
-            self.counts = dict.fromkeys(self.counts, 0)
-        self.last_counts = time.monotonic()
+    def report_counts(self) -> None:
+        names = ("signed", "refused", "dropped")
+        counts = dict(zip(names, self.service.take_counts(), strict=True))
+        with contextlib.suppress(OSError):
+            self.control.send(json.dumps({"counts": counts}).encode())
 
     def serve_forever(self) -> int:
         while True:
-            pending = any(self.counts.values())
-            for key, _ in self.selector.select(COUNTS_INTERVAL if pending else None):
-                if key.fileobj is self.control:
-                    if not self.on_control():
-                        return 0
-                elif isinstance(key.data, KeyTable):
-                    assert isinstance(key.fileobj, socket.socket)
-                    self.on_link(key.fileobj, key.data)
-                else:
-                    assert isinstance(key.fileobj, socket.socket)
-                    self.on_connection(key.fileobj, key.data)
-            if time.monotonic() - self.last_counts >= COUNTS_INTERVAL:
-                self._report_counts()
+            if not self.service.serve(COUNTS_INTERVAL):
+                self.report_counts()
+            elif not self.on_control():
+                return 0
 
 
 def serve(control: socket.socket) -> int:
     """Confine, report, then sign for the workers until the keeper leaves."""
     procname.name_subordinate(procname.KEY_SERVER)
     isolation = decode(IsolationConfig, json.loads(control.recv(MAX_MESSAGE))["isolation"])
+    from starttls_proxy._keyservice import Service
+
     # Its epoll descriptor is made before the seccomp filter forbids that.
-    server = KeyServer(control)
+    server = KeyServer(control, Service(control.fileno()))
     statuses = confine(isolation)
     problems = Sandbox(isolation).problems(statuses)
     if problems:

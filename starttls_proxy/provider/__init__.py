@@ -17,6 +17,7 @@ proxy ever maps it. This module imports no cryptography (the keeper uses it).
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 from pathlib import Path
 
 #: The shared object ``setup.py`` builds next to this file.
@@ -26,11 +27,16 @@ PROVIDER_NAME = "starttls_keyref"
 
 
 def missing() -> str | None:
-    """Why the provider cannot be used here, or None."""
+    """Why the key server cannot be used here (its C parts are not built), or None."""
     if not LIBRARY.is_file():
         return (
             f"the key-reference provider {LIBRARY} is not built: reinstall with "
             "`pip install -e .` (needs gcc and libssl-dev)"
+        )
+    if importlib.util.find_spec("starttls_proxy._keyservice") is None:
+        return (
+            "the key server's request loop (starttls_proxy._keyservice) is not built: "
+            "reinstall with `pip install -e .` (needs gcc and libssl-dev)"
         )
     return None
 

@@ -22,20 +22,17 @@
 
 #include <openssl/core.h>
 
+#include "wire.h"
+
 #define KEYREF_PEM_LABEL "STARTTLS-PROXY KEY REFERENCE"
 #define KEYREF_MAGIC "STPK"
 #define KEYREF_VERSION 1
-#define KEY_ID_SIZE 16
 /* An RSA modulus of up to 8192 bits; an uncompressed P-521 point is 133. */
 #define MAX_PUBLIC_SIZE 1024
 #define MAX_EXPONENT_SIZE 8
 
 enum key_kind { KIND_EC = 1, KIND_RSA = 2 };
 enum curve { CURVE_P256 = 1, CURVE_P384 = 2, CURVE_P521 = 3 };
-
-/* Codes shared with the key server (keyserver.py: Scheme, Digest). */
-enum scheme { SCHEME_ECDSA = 1, SCHEME_RSA_PKCS1 = 2, SCHEME_RSA_PSS = 3 };
-enum digest { DIGEST_SHA256 = 1, DIGEST_SHA384 = 2, DIGEST_SHA512 = 3 };
 
 struct key {
     enum key_kind kind;

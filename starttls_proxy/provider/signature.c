@@ -15,10 +15,7 @@
  * TIMEOUT_MS; every failure just fails the signature (libssl then ends the
  * handshake with an alert).
  *
- * Wire format (one datagram each way; integers big-endian; keyserver.py
- * is the other side):
- *   request:  version | scheme | digest | 0 | request id (u32) | key id (16) | data
- *   response: version | status (0 = signed) | 0 | 0 | request id (u32) | signature
+ * The wire format is in wire.h; the other side is starttls_proxy/_keyservice.c.
  */
 #define _GNU_SOURCE /* clock_gettime, ssize_t */
 #include <errno.h>
@@ -38,12 +35,6 @@
 
 #include "keyref.h"
 
-#define WIRE_VERSION 1
-#define HEADER_SIZE 8
-#define REQUEST_HEADER_SIZE (HEADER_SIZE + KEY_ID_SIZE)
-/* TLS 1.3 CertificateVerify input is 98 bytes plus a hash, TLS 1.2
- * ServerKeyExchange input 68 plus an ECDHE share: far below this. */
-#define MAX_DATA_SIZE 1024
 #define TIMEOUT_MS 3000
 #define PAD_PKCS1 1
 #define PAD_PSS 6
@@ -271,7 +262,7 @@ static int remote_sign(const struct signature_context *context, const unsigned c
                        size_t capacity)
 {
     unsigned char request[REQUEST_HEADER_SIZE + MAX_DATA_SIZE];
-    unsigned char reply[HEADER_SIZE + MAX_PUBLIC_SIZE + 1];
+    unsigned char reply[HEADER_SIZE + MAX_SIGNATURE_SIZE + 1];
     uint32_t id = ++last_request_id;
     ssize_t got;
 
@@ -306,7 +297,7 @@ static int remote_sign(const struct signature_context *context, const unsigned c
         report(context, "malformed answer from the key server");
         return 0;
     }
-    if (reply[1] != 0 || (size_t)got - HEADER_SIZE > capacity) {
+    if (reply[1] != STATUS_SIGNED || (size_t)got - HEADER_SIZE > capacity) {
         report(context, "the key server refused to sign");
         return 0;
     }

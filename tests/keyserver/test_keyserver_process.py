@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from starttls_proxy.keeper import HelperStartError, KeyServerProcess, open_key_files
 from starttls_proxy.keyserver import (
     HEADER,
+    KEY_ID_SIZE,
+    MAX_DATA,
+    MAX_REQUEST,
     STATUS_REFUSED,
     STATUS_SIGNED,
     TLS13_SERVER_CONTEXT,
@@ -147,21 +153,111 @@ def test_one_signature_per_connection(key_server: RunningKeyServer, keys: Keys) 
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "status"),
     [
-        b"a certificate to be signed",
-        b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(32),
-        TLS13_SERVER_CONTEXT + bytes(31),
-        bytes(64) + bytes([3, 0, 29, 33]) + bytes(32),
+        (TLS13_SERVER_CONTEXT + bytes(32), STATUS_SIGNED),
+        (TLS13_SERVER_CONTEXT + bytes(48), STATUS_SIGNED),
+        (TLS13_SERVER_CONTEXT + bytes(64), STATUS_SIGNED),
+        (bytes(64) + bytes([3, 0, 23, 65]) + bytes(65), STATUS_SIGNED),
+        (b"a certificate to be signed", STATUS_REFUSED),
+        (b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(32), STATUS_REFUSED),
+        (b"-" + TLS13_SERVER_CONTEXT[1:] + bytes(32), STATUS_REFUSED),
+        (TLS13_SERVER_CONTEXT + bytes(31), STATUS_REFUSED),
+        (TLS13_SERVER_CONTEXT + bytes(33), STATUS_REFUSED),
+        (bytes(64) + bytes([3, 0, 29, 33]) + bytes(32), STATUS_REFUSED),
+        (bytes(64) + bytes([1, 0, 23, 65]) + bytes(65), STATUS_REFUSED),
+        (bytes(64) + bytes([3, 0, 23, 0]), STATUS_REFUSED),
     ],
-    ids=["arbitrary", "client-context", "short-hash", "bad-share-length"],
+    ids=[
+        "tls13-sha256",
+        "tls13-sha384",
+        "tls13-sha512",
+        "tls12-p256-share",
+        "arbitrary",
+        "client-context",
+        "not-spaces",
+        "short-hash",
+        "long-hash",
+        "bad-share-length",
+        "explicit-curve",
+        "no-share",
+    ],
 )
 def test_only_handshake_signature_inputs_are_signed(
-    key_server: RunningKeyServer, keys: Keys, data: bytes
+    key_server: RunningKeyServer, keys: Keys, data: bytes, status: int
 ) -> None:
     key = _key(keys.paths[0])
     with key_server.connect([0]) as connection:
-        assert HEADER.unpack_from(_ask(connection, _request(key, data)))[1] == STATUS_REFUSED
+        assert HEADER.unpack_from(_ask(connection, _request(key, data)))[1] == status
+
+
+@pytest.mark.parametrize(
+    ("index", "scheme"),
+    [(0, Scheme.RSA_PSS), (0, Scheme.RSA_PKCS1), (1, Scheme.ECDSA)],
+    ids=["pss-with-ec", "pkcs1-with-ec", "ecdsa-with-rsa"],
+)
+def test_a_scheme_that_does_not_fit_the_key_is_refused(
+    key_server: RunningKeyServer, keys: Keys, index: int, scheme: Scheme
+) -> None:
+    key = _key(keys.paths[index])
+    with key_server.connect([index]) as connection:
+        answer = _ask(connection, _request(key, tls13_input(), scheme))
+        assert HEADER.unpack_from(answer)[1] == STATUS_REFUSED
+
+
+def _signs(key_server: RunningKeyServer, key: PrivateKey) -> bool:
+    """Whether a new connection of the link still gets a signature."""
+    with key_server.connect([0]) as connection:
+        status: int = HEADER.unpack_from(_ask(connection, _request(key, tls13_input())))[1]
+        return status == STATUS_SIGNED
+
+
+#: Requests shaped like the real ones (right version, a real key id) with
+#: any codes and data, and plain bytes.
+REQUESTS = st.one_of(
+    st.binary(max_size=MAX_REQUEST + 16),
+    st.builds(
+        lambda codes, key, data: HEADER.pack(WIRE_VERSION, *codes, 7) + key + data,
+        st.tuples(st.integers(0, 4), st.integers(0, 4), st.sampled_from([0, 0, 1])),
+        st.sampled_from([b"", bytes(KEY_ID_SIZE)]),
+        st.binary(max_size=MAX_DATA + 2),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(request=REQUESTS)
+def test_any_request_is_answered_or_dropped_and_the_server_lives_on(
+    key_server: RunningKeyServer, keys: Keys, request: bytes
+) -> None:
+    with key_server.connect([0, 1]) as connection:
+        answer = _ask(connection, request)
+    if answer:
+        assert answer == HEADER.pack(WIRE_VERSION, STATUS_REFUSED, 0, 0, 7)
+    assert _signs(key_server, _key(keys.paths[0]))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        struct.pack(">HH", 1, 2),  # no such certificate
+        struct.pack(">HH", 2, 0),  # fewer indexes than counted
+        struct.pack(">HHH", 1, 0, 0),  # more
+        b"\x00",
+        b'{"certificates": [0]}',
+    ],
+    ids=["out-of-range", "short", "long", "odd", "json"],
+)
+def test_a_malformed_link_message_gets_no_connection(
+    key_server: RunningKeyServer, keys: Keys, message: bytes
+) -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        socket.send_fds(key_server.link.sock, [message], [ours.fileno()])
+        ours.close()
+        theirs.settimeout(10)
+        assert theirs.recv(1) == b""  # the key server closed its end unserved
+    assert _signs(key_server, _key(keys.paths[0]))
 
 
 @pytest.mark.parametrize(

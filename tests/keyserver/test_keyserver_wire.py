@@ -1,63 +1,15 @@
-"""The key server's request parsing and its key references, without a process."""
+"""The key server's key references, without a process (requests: test_keyserver_process)."""
 
 from __future__ import annotations
 
 import base64
 import struct
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from hypothesis import given
-from hypothesis import strategies as st
 
-from starttls_proxy.keyserver import (
-    HEADER,
-    KEY_ID_SIZE,
-    MAX_REQUEST,
-    TLS13_SERVER_CONTEXT,
-    Connection,
-    MalformedRequestError,
-    RefusedRequestError,
-    encode_reference,
-    key_id,
-    looks_like_handshake,
-)
+from starttls_proxy.keyserver import encode_reference, key_id
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
-
-
-@given(st.binary(max_size=MAX_REQUEST + 16))
-def test_any_bytes_are_answered_or_dropped_never_crash(request: bytes) -> None:
-    connection = Connection({key_id(EC_KEY.public_key()): EC_KEY})
-    try:
-        answer = connection.answer(request)
-    except (MalformedRequestError, RefusedRequestError):
-        return
-    assert answer[:1] == b"\x01" and answer[4:8] == request[4:8]
-
-
-@given(st.binary(min_size=1, max_size=64))
-def test_a_request_for_an_unknown_key_is_refused(data: bytes) -> None:
-    connection = Connection({key_id(EC_KEY.public_key()): EC_KEY})
-    request = HEADER.pack(1, 1, 1, 0, 1) + bytes(KEY_ID_SIZE) + TLS13_SERVER_CONTEXT + data
-    with pytest.raises(RefusedRequestError, match="is not this connection's"):
-        connection.answer(request)
-
-
-@pytest.mark.parametrize(
-    ("data", "expected"),
-    [
-        (TLS13_SERVER_CONTEXT + bytes(32), True),
-        (TLS13_SERVER_CONTEXT + bytes(48), True),
-        (TLS13_SERVER_CONTEXT + bytes(33), False),
-        (bytes(64) + bytes([3, 0, 23, 65]) + bytes(65), True),
-        (bytes(64) + bytes([3, 0, 23, 65]) + bytes(64), False),
-        (bytes(64) + bytes([1, 0, 23, 65]) + bytes(65), False),
-        (b"", False),
-    ],
-)
-def test_handshake_signature_inputs(data: bytes, expected: bool) -> None:
-    assert looks_like_handshake(data) is expected
 
 
 def _reference_body(pem: bytes) -> bytes:
