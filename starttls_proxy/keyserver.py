@@ -203,17 +203,23 @@ class Link:
         # its handshake.
         sock.setblocking(False)
 
-    def connection_for(self, certificates: list[int]) -> int:
-        """A new connection for one worker, good for the keys of
-        ``certificates`` only; returns the worker's end (the caller closes
-        it). When the key server cannot be reached that end has no peer, and
-        the worker's signatures fail at once."""
+    def grant(self, connection: socket.socket, certificates: list[int]) -> None:
+        """Hand the key server its end of a worker's ``connection``, good for
+        the keys of ``certificates`` only, and close ours. When the key server
+        cannot be reached the worker's end has no peer, and its signatures
+        fail at once. Requests the worker sends before the key server took
+        its end wait in the socket."""
         if len(certificates) > MAX_CERTIFICATES:
             raise ValueError(f"{len(certificates)} certificates: at most {MAX_CERTIFICATES}")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with ours, contextlib.suppress(OSError):
+        with connection, contextlib.suppress(OSError):
             message = struct.pack(f">H{len(certificates)}H", len(certificates), *certificates)
-            socket.send_fds(self.sock, [message], [ours.fileno()])
+            socket.send_fds(self.sock, [message], [connection.fileno()])
+
+    def connection_for(self, certificates: list[int]) -> int:
+        """A new connection for one worker (see ``grant``); returns the
+        worker's end, which the caller closes."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.grant(ours, certificates)
         return theirs.detach()
 
 
