@@ -29,7 +29,8 @@ class BuildProvider(build_ext):
     """Name the provider ``keyref.so``: it is an OpenSSL module, not a Python extension."""
 
     def get_ext_filename(self, fullname: str) -> str:
-        if fullname == PROVIDER:
+        # Called with the full dotted name, and with its last part alone.
+        if fullname in (PROVIDER, PROVIDER.rpartition(".")[2]):
             return str(Path(*fullname.split("."))) + ".so"
         return super().get_ext_filename(fullname)
 
