@@ -6,7 +6,8 @@ Starts the real proxy twice (``isolation.key_server`` true, then false) with
 an implicit-TLS SMTP listener in front of a tiny local backend that only
 greets, then for an ECDSA P-256 and an RSA-2048 certificate measures
 
-* latency: sequential TLS 1.3 handshakes, connect to handshake done (p50, p90),
+* latency: sequential TLS 1.3 handshakes, connect to handshake done (p50, p90,
+  and the median of the on-off differences of neighbouring handshakes),
   back to back and ``PAUSE`` apart;
 * rate: sessions per second (connect, handshake, greeting, close) from
   ``--concurrency`` client threads.
@@ -91,9 +92,11 @@ def _percentiles(values: list[float]) -> tuple[float, float]:
 
 def _latencies(
     proxies: dict[bool, ProxyProcess], certs: CertFiles, name: str, samples: int, pause: float
-) -> dict[bool, tuple[float, float]]:
+) -> tuple[dict[bool, tuple[float, float]], float]:
     """Sequential handshakes, alternating between the proxies (same background
-    load), ``pause`` seconds apart."""
+    load), ``pause`` seconds apart: (p50, p90) of each, and the median of the
+    differences of neighbouring pairs (drifts in the machine's speed cancel
+    out of those)."""
     context = certs.client_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     seen: dict[bool, list[float]] = {on: [] for on in proxies}
@@ -103,7 +106,8 @@ def _latencies(
             handshake = _session(proxy, context, name)
             if round_number >= 20:  # the first ones warm up
                 seen[on].append(handshake)
-    return {on: _percentiles(values) for on, values in seen.items()}
+    paired = statistics.median(a - b for a, b in zip(seen[True], seen[False], strict=True))
+    return {on: _percentiles(values) for on, values in seen.items()}, paired * 1000
 
 
 def _rate(proxy: ProxyProcess, certs: CertFiles, name: str, seconds: float, threads: int) -> float:
@@ -188,10 +192,11 @@ def main() -> int:
                 ("ecdsa-p256", ec_certs, "localhost"),
                 ("rsa-2048", rsa_certs, "rsa.test"),
             ):
-                seen = _latencies(proxies, certs, name, args.samples, pause)
+                seen, paired = _latencies(proxies, certs, name, args.samples, pause)
                 for index, percentile in enumerate(("p50", "p90")):
                     on, off = seen[True][index], seen[False][index]
                     print(f"  {label:<10} {percentile}  {on:8.2f} {off:8.2f}  ({on - off:+.2f})")
+                print(f"  {label:<10} median of paired differences  {paired:+.2f}")
         print(f"session rate, concurrency {args.concurrency} (sessions/s)   key_server on    off")
         for label, certs, name in (
             ("ecdsa-p256", ec_certs, "localhost"),
