@@ -1,5 +1,7 @@
 """The helper's spare workers: a spare that dies before it is given a
-connection is reported, and no more are forked ahead until one is needed."""
+connection is reported, and no more are forked ahead until one is needed;
+the replacement of a spare handed out waits until its handshake is under
+way, unless none is left."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from typing import Any, cast
 
 from starttls_proxy.sandbox import EXIT_SANDBOX_FAILED, Layer, Sandbox
 from starttls_proxy.tls_contexts import CertificateStore
-from starttls_proxy.zygote import Helper, UidPool
+from starttls_proxy.zygote import TOP_UP_DELAY, Helper, Spare, UidPool
 
 
 @dataclass
@@ -62,3 +64,21 @@ def test_a_spare_that_fails_is_reported_and_stops_the_forking_ahead() -> None:
     assert not helper.spares and not helper.workers  # no fork loop
     helper.control.close()
     main.close()
+
+
+def test_the_replacement_of_a_spare_waits_unless_none_is_left() -> None:
+    helper, main = _helper()
+    with main, helper.control:
+        assert helper.top_up_timeout() == 0.0  # no spare at all: fork now
+        helper.spares.extend(Spare(pid, helper.control) for pid in (1, 2))
+        assert helper.top_up_timeout() is None  # all there: nothing to wait for
+        helper.spares.pop()
+        helper.handed_out()
+        due = helper.top_up_at
+        timeout = helper.top_up_timeout()
+        assert timeout is not None and 0.0 < timeout <= TOP_UP_DELAY
+        helper.handed_out()
+        assert helper.top_up_at == due  # a second assignment does not push it
+        helper.top_up_at = time.monotonic() - 1
+        assert helper.top_up_timeout() == 0.0
+        helper.spares.clear()
