@@ -6,7 +6,7 @@
  * Why C: each session wakes the key server twice (a new connection, then
  * its one signature) in a process that was idle, so its caches are cold. A
  * Python loop spent 0.6-0.9 ms of CPU per session there for a signature of
- * 30 us, on the handshake's critical path (scripts/key-server-cost.py).
+ * 30 us, on the handshake's critical path (bench/key_server.py).
  *
  * Descriptors, all in one epoll set:
  *   control     the keeper's socket; never read here: serve() returns when

@@ -1,6 +1,7 @@
 """What the key server costs: handshake latency and session rate, key server on vs off.
 
-usage (as root, from the repository): python scripts/key-server-cost.py [--seconds S]
+usage (as root, from the repository): .venv/bin/python -m bench.key_server [--samples N]
+[--seconds S] [--concurrency C]
 
 Starts the real proxy twice (``isolation.key_server`` true, then false) with
 an implicit-TLS SMTP listener in front of a tiny local backend that only
@@ -31,8 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import trustme
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from starttls_proxy.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.keyserver import (
