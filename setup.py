@@ -5,7 +5,7 @@ The project metadata is in pyproject.toml; this file only adds
 * the key-reference OpenSSL provider (``starttls_proxy/provider/*.c``), a
   plain shared object that OpenSSL dlopen()s in the TLS workers and Python
   never imports; it links the C library only;
-* the key server's request loop (``starttls_proxy/_keyservice.c``), a
+* the key server's request loop (``starttls_proxy/keyservice/*.c``), a
   Python extension linked with the system's libcrypto.
 
 Both need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
@@ -21,7 +21,11 @@ from pathlib import Path
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-SOURCES = sorted(str(path) for path in Path("starttls_proxy/provider").glob("*.c"))
+
+def sources(directory: str) -> list[str]:
+    return sorted(str(path) for path in Path(directory).glob("*.c"))
+
+
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra"]
 
 
@@ -42,16 +46,15 @@ setup(
     ext_modules=[
         Extension(
             PROVIDER,
-            sources=SOURCES,
+            sources=sources("starttls_proxy/provider"),
             depends=["starttls_proxy/provider/keyref.h", "starttls_proxy/provider/wire.h"],
             extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
             optional=True,
         ),
         Extension(
             "starttls_proxy._keyservice",
-            sources=["starttls_proxy/_keyservice.c"],
-            depends=["starttls_proxy/provider/wire.h"],
-            include_dirs=["starttls_proxy"],
+            sources=sources("starttls_proxy/keyservice"),
+            depends=["starttls_proxy/keyservice/signing.h", "starttls_proxy/provider/wire.h"],
             libraries=["crypto"],
             extra_compile_args=C_FLAGS,
             optional=True,

@@ -3,7 +3,7 @@
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
 # key server's C parts (setup.py, starttls_proxy/provider/*.[ch],
-# starttls_proxy/_keyservice.c) changed since the last run and both are built.
+# starttls_proxy/keyservice/*.[ch]) changed since the last run and both are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -30,7 +30,7 @@ if ! command -v cc >/dev/null || [ ! -f /usr/include/openssl/core_dispatch.h ]; 
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
-wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] starttls_proxy/_keyservice.c | sha256sum | cut -d' ' -f1)"
+wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] starttls_proxy/keyservice/*.[ch] | sha256sum | cut -d' ' -f1)"
 [ -f starttls_proxy/provider/keyref.so ] && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
     || rm -f "$stamp"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then

@@ -110,7 +110,7 @@ STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: followed by the transcript hash.
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
 #: The most certificate indexes one link message may carry
-#: (``MAX_CERTIFICATES`` in ``_keyservice.c``).
+#: (``MAX_CERTIFICATES`` in ``keyservice/service.c``).
 MAX_CERTIFICATES = 4096
 
 

@@ -1,6 +1,6 @@
 /*
  * The wire format between a TLS worker (the provider's signature.c) and the
- * key server (starttls_proxy/_keyservice.c): one SOCK_SEQPACKET datagram
+ * key server (starttls_proxy/keyservice/signing.c): one SOCK_SEQPACKET datagram
  * each way, integers big-endian.
  *
  *   request:  version | scheme | digest | 0 | request id (u32) | key id (16) | data

@@ -21,9 +21,9 @@
  *               second signature, data that is no TLS handshake signature
  *               input) is answered with STATUS_REFUSED, then dropped.
  *
- * The keys of one add_link (a table) live while the link or a connection
- * made through it is open: a reload retires a helper without cutting the
- * handshakes its workers are in.
+ * What a request gets is decided in signing.c. The keys of one add_link (a
+ * table) live while the link or a connection made through it is open: a
+ * reload retires a helper without cutting the handshakes its workers are in.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -39,35 +39,13 @@
 #include <unistd.h>
 
 #include <openssl/evp.h>
-#include <openssl/rsa.h>
 #include <openssl/x509.h>
 
-#include "provider/wire.h"
+#include "signing.h"
 
-/* A full handshake makes one signature; a resumed one none. */
-#define SIGNATURES_PER_CONNECTION 1
 /* Certificate indexes in one link datagram. */
 #define MAX_CERTIFICATES 4096
 #define EVENTS_PER_WAIT 64
-
-/* RFC 8446 section 4.4.3: 64 spaces, this context string and a zero byte,
- * then the transcript hash. */
-#define TLS13_CONTEXT "TLS 1.3, server CertificateVerify"
-#define TLS13_PREFIX_SIZE (64 + sizeof(TLS13_CONTEXT))
-/* RFC 8422 section 5.4: client and server random, then ECParameters
- * (named_curve, a 2-byte group) and the 1-byte-sized ECDHE point. */
-#define TLS12_RANDOMS 64
-#define NAMED_CURVE 3
-
-struct key {
-    unsigned char id[KEY_ID_SIZE];
-    EVP_PKEY *pkey;
-    /* Signing contexts by scheme and digest (their codes - 1), made on first
-     * use: libcrypto looks algorithms up by name, which cost a cold key
-     * server ~0.1 ms per signature; with a context made, a request only
-     * hashes and signs. */
-    EVP_PKEY_CTX *signers[SCHEME_RSA_PSS][DIGEST_SHA512];
-};
 
 struct table {
     size_t references;
@@ -82,8 +60,9 @@ struct endpoint {
     int fd;
     struct endpoint *previous, *next;
     struct table *table;
-    unsigned signatures;
-    /* Connections: allowed[i] for table->keys[i]. */
+    /* Connections: what they may still ask for (scope.allowed points to
+     * allowed, one flag per key of the table). */
+    struct scope scope;
     bool allowed[];
 };
 
@@ -96,22 +75,12 @@ typedef struct {
     struct timespec last_report;
 } Service;
 
-enum outcome { SIGNED, REFUSED, MALFORMED };
-
 static double seconds_since(const struct timespec *then)
 {
     struct timespec now;
 
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (double)(now.tv_sec - then->tv_sec) + (double)(now.tv_nsec - then->tv_nsec) / 1e9;
-}
-
-static void key_clear(struct key *key)
-{
-    for (int scheme = 0; scheme < SCHEME_RSA_PSS; scheme++)
-        for (int digest = 0; digest < DIGEST_SHA512; digest++)
-            EVP_PKEY_CTX_free(key->signers[scheme][digest]);
-    EVP_PKEY_free(key->pkey);
 }
 
 static void table_release(struct table *table)
@@ -135,6 +104,8 @@ static struct endpoint *endpoint_add(Service *service, enum endpoint_kind kind, 
     endpoint->kind = kind;
     endpoint->fd = fd;
     endpoint->table = table;
+    if (kind == ENDPOINT_CONNECTION)
+        endpoint->scope = (struct scope){table->keys, endpoint->allowed, table->count, 0};
     event.data.ptr = endpoint;
     if (epoll_ctl(service->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0) {
         free(endpoint);
@@ -167,144 +138,11 @@ static void endpoint_drop(Service *service, struct endpoint *endpoint)
     free(endpoint);
 }
 
-static bool looks_like_handshake(const unsigned char *data, size_t size)
-{
-    bool tls13 = size >= TLS13_PREFIX_SIZE
-                 && memcmp(data + 64, TLS13_CONTEXT, sizeof(TLS13_CONTEXT)) == 0;
-
-    for (size_t i = 0; tls13 && i < 64; i++)
-        tls13 = data[i] == ' ';
-    if (tls13) {
-        size_t hash = size - TLS13_PREFIX_SIZE;
-        return hash == 32 || hash == 48 || hash == 64;
-    }
-    if (size <= TLS12_RANDOMS + 4)
-        return false;
-    data += TLS12_RANDOMS;
-    size -= TLS12_RANDOMS;
-    return data[0] == NAMED_CURVE && data[3] == size - 4;
-}
-
-/* Fetched once: an EVP_MD from EVP_sha256() and friends is looked up
- * again by every operation that uses it. */
-static const EVP_MD *digest_named(int digest)
-{
-    static const char *const names[DIGEST_SHA512] = {"SHA2-256", "SHA2-384", "SHA2-512"};
-    static EVP_MD *fetched[DIGEST_SHA512];
-
-    if (digest < DIGEST_SHA256 || digest > DIGEST_SHA512)
-        return NULL;
-    if (fetched[digest - 1] == NULL)
-        fetched[digest - 1] = EVP_MD_fetch(NULL, names[digest - 1], NULL);
-    return fetched[digest - 1];
-}
-
-static EVP_PKEY_CTX *signer(struct key *key, int scheme, int digest)
-{
-    EVP_PKEY_CTX **slot = &key->signers[scheme - 1][digest - 1];
-    const EVP_MD *md = digest_named(digest);
-    EVP_PKEY_CTX *context;
-    int ok;
-
-    if (*slot != NULL || md == NULL)
-        return *slot;
-    context = EVP_PKEY_CTX_new_from_pkey(NULL, key->pkey, NULL);
-    ok = context != NULL && EVP_PKEY_sign_init(context) == 1
-         && EVP_PKEY_CTX_set_signature_md(context, md) == 1;
-    if (ok && scheme != SCHEME_ECDSA)
-        ok = EVP_PKEY_CTX_set_rsa_padding(context, scheme == SCHEME_RSA_PSS ? RSA_PKCS1_PSS_PADDING
-                                                                            : RSA_PKCS1_PADDING)
-             == 1;
-    /* TLS uses a PSS salt as long as the digest, MGF1 with the same digest
-     * (RFC 8446 section 4.2.3). */
-    if (ok && scheme == SCHEME_RSA_PSS)
-        ok = EVP_PKEY_CTX_set_rsa_pss_saltlen(context, RSA_PSS_SALTLEN_DIGEST) == 1
-             && EVP_PKEY_CTX_set_rsa_mgf1_md(context, md) == 1;
-    if (!ok) {
-        EVP_PKEY_CTX_free(context);
-        return NULL;
-    }
-    return *slot = context;
-}
-
-/* Sign into signature (MAX_SIGNATURE_SIZE bytes); returns the size or 0.
- * EVP_PKEY_sign may be called again on a context with the same parameters,
- * and each call draws a fresh ECDSA nonce. */
-static size_t sign(struct key *key, int scheme, int digest, const unsigned char *data, size_t size,
-                   unsigned char *signature)
-{
-    unsigned char hash[EVP_MAX_MD_SIZE];
-    unsigned int hash_size;
-    size_t signature_size = MAX_SIGNATURE_SIZE;
-    EVP_PKEY_CTX *context = EVP_PKEY_get_size(key->pkey) <= MAX_SIGNATURE_SIZE
-                                ? signer(key, scheme, digest)
-                                : NULL;
-
-    if (context == NULL || EVP_Digest(data, size, hash, &hash_size, digest_named(digest), NULL) != 1
-        || EVP_PKEY_sign(context, signature, &signature_size, hash, hash_size) != 1)
-        return 0;
-    return signature_size;
-}
-
-/* The answer to one request (in answer, *answer_size bytes); why it was
- * refused in reason. */
-static enum outcome answer_request(struct endpoint *connection, const unsigned char *request,
-                                   size_t size, unsigned char *answer, size_t *answer_size,
-                                   char *reason, size_t reason_size)
-{
-    int scheme = request[1], digest = request[2];
-    const unsigned char *id = request + HEADER_SIZE;
-    const unsigned char *data = request + REQUEST_HEADER_SIZE;
-    size_t data_size = size - REQUEST_HEADER_SIZE;
-    struct table *table = connection->table;
-    struct key *key = NULL;
-    size_t signature_size;
-
-    if (size <= REQUEST_HEADER_SIZE || size > REQUEST_HEADER_SIZE + MAX_DATA_SIZE
-        || request[0] != WIRE_VERSION || request[3] != 0 || scheme < SCHEME_ECDSA
-        || scheme > SCHEME_RSA_PSS || digest < DIGEST_SHA256 || digest > DIGEST_SHA512)
-        return MALFORMED;
-    memcpy(answer, request, HEADER_SIZE);
-    answer[1] = STATUS_REFUSED;
-    answer[2] = 0;
-    *answer_size = HEADER_SIZE;
-    for (size_t i = 0; i < table->count && key == NULL; i++)
-        if (connection->allowed[i] && memcmp(table->keys[i].id, id, KEY_ID_SIZE) == 0)
-            key = &table->keys[i];
-    if (key == NULL) {
-        int used = snprintf(reason, reason_size, "key ");
-        for (int i = 0; i < KEY_ID_SIZE; i++)
-            used += snprintf(reason + used, reason_size - (size_t)used, "%02x", id[i]);
-        snprintf(reason + used, reason_size - (size_t)used, " is not this connection's");
-        return REFUSED;
-    }
-    if (connection->signatures >= SIGNATURES_PER_CONNECTION) {
-        snprintf(reason, reason_size, "one signature per connection");
-        return REFUSED;
-    }
-    if (!looks_like_handshake(data, data_size)) {
-        snprintf(reason, reason_size, "not a TLS handshake signature input");
-        return REFUSED;
-    }
-    connection->signatures++;
-    if ((scheme == SCHEME_ECDSA) != (EVP_PKEY_get_base_id(key->pkey) == EVP_PKEY_EC)) {
-        snprintf(reason, reason_size, "scheme %d does not fit the key", scheme);
-        return REFUSED;
-    }
-    signature_size = sign(key, scheme, digest, data, data_size, answer + HEADER_SIZE);
-    if (signature_size == 0) {
-        snprintf(reason, reason_size, "libcrypto could not sign");
-        return REFUSED;
-    }
-    answer[1] = STATUS_SIGNED;
-    *answer_size = HEADER_SIZE + signature_size;
-    return SIGNED;
-}
-
 static void on_connection(Service *service, struct endpoint *connection)
 {
-    unsigned char request[REQUEST_HEADER_SIZE + MAX_DATA_SIZE + 1];
-    unsigned char answer[HEADER_SIZE + MAX_SIGNATURE_SIZE];
+    /* One byte more than a request may have: a longer one reads as too long. */
+    unsigned char request[REQUEST_CAPACITY + 1];
+    unsigned char answer[ANSWER_CAPACITY];
     char reason[128];
     size_t answer_size = 0;
     ssize_t got = recv(connection->fd, request, sizeof(request), MSG_DONTWAIT);
@@ -315,7 +153,7 @@ static void on_connection(Service *service, struct endpoint *connection)
         endpoint_drop(service, connection);
         return;
     }
-    switch (answer_request(connection, request, (size_t)got, answer, &answer_size, reason,
+    switch (answer_request(&connection->scope, request, (size_t)got, answer, &answer_size, reason,
                            sizeof(reason))) {
     case MALFORMED:
         service->dropped_count++;
