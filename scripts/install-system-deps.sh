@@ -33,6 +33,7 @@ PACKAGES=(
     prosody              # XMPP backend (plaintext) started by tests/realservers/prosody.py
     ejabberd             # XMPP backend behind PROXY v2 (tests/realservers/ejabberd.py)
     gnutls-bin           # gnutls-cli --starttls-proto=xmpp
+    systemd              # systemd-socket-activate (socket activation test)
 )
 
 # python3-venv only where the interpreter cannot create virtual environments.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import socket
 import sys
 from pathlib import Path
 
 import uvloop
 
 from starttls_proxy import logs, procname
+from starttls_proxy.activation import PassedSockets
 from starttls_proxy.config import Config, load_config
 from starttls_proxy.handoff import TLSHelper
 from starttls_proxy.server import Server
@@ -52,6 +54,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logs.configure(args.log_level, args.log_format)
+    # Taken first, whatever the mode: nothing started from here may see them.
+    sockets = PassedSockets.take_from_environment()
     try:
         config = load_config(args.config)
         if args.check:
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.isolation_report:
             return _isolation_report(config)
+        passed = _match_passed_sockets(config, sockets)
         # Before the event loop exists: the keeper and the helper are fresh
         # interpreters, and the helper is the only process that ever reads
         # the private keys.
@@ -72,12 +77,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.config}: {problem}", file=sys.stderr)
         return 2
     procname.name_process(procname.MAIN)
-    server = Server(config, helper, args.config)
+    server = Server(config, helper, args.config, passed)
     try:
         uvloop.run(server.serve())
     finally:
         helper.stop()
     return server.exit_status
+
+
+def _match_passed_sockets(config: Config, sockets: PassedSockets) -> dict[str, socket.socket]:
+    """The service manager's sockets by listener name; raises ``ConfigError``
+    when one matches no listener."""
+    passed = {}
+    for listener in config.listeners:
+        sock = sockets.take(listener.listen)
+        if sock is not None:
+            passed[listener.name] = sock
+    problems = sockets.leftover_problems()
+    if problems:
+        raise ConfigError(problems)
+    return passed
 
 
 def _main_user_row(config: Config) -> tuple[str, bool, str]:

@@ -200,11 +200,20 @@ def publish_certificate_expiry(config: Config) -> None:
 
 
 class Server:
-    def __init__(self, config: Config, helper: TLSHelper, config_path: Path | None = None) -> None:
-        """``config_path``: where SIGHUP re-reads the configuration from."""
+    def __init__(
+        self,
+        config: Config,
+        helper: TLSHelper,
+        config_path: Path | None = None,
+        passed: dict[str, socket.socket] | None = None,
+    ) -> None:
+        """``config_path``: where SIGHUP re-reads the configuration from;
+        ``passed``: listening sockets from the service manager, by listener
+        name (``activation``)."""
         self.config = config
         self.config_path = config_path
         self.helper = helper
+        self.passed = dict(passed or {})
         #: The listeners by name; new connections look their runtime up here,
         #: so a reload changes what new sessions get and nothing else.
         self.runtimes = {
@@ -234,11 +243,23 @@ class Server:
         log.info("main process dropped root: now runs as %s (uid %d)", user, os.geteuid())
 
     async def _bind(self, listener: ListenerConfig) -> asyncio.Server:
-        """A listening socket for ``listener``, not yet accepting."""
+        """A listening socket for ``listener`` (the service manager's, if it
+        passed one), not yet accepting."""
         loop = asyncio.get_running_loop()
         listen = listener.listen
+        name = listener.name
+
+        def endpoint() -> ClientEndpoint:
+            return ClientEndpoint(self.runtimes[name])
+
+        passed = self.passed.pop(name, None)
+        if passed is not None:
+            log.info("%s: serving the socket the service manager passed", name)
+            return await loop.create_server(
+                endpoint, sock=passed, backlog=LISTEN_BACKLOG, start_serving=False
+            )
         return await loop.create_server(
-            lambda name=listener.name: ClientEndpoint(self.runtimes[name]),
+            endpoint,
             listen.host,
             listen.port,
             family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,

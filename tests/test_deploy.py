@@ -1,4 +1,5 @@
-"""The deployment files: Prometheus rules parse and name metrics that exist."""
+"""The deployment files: Prometheus rules parse and name metrics that exist;
+the systemd units fit the proxy."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from starttls_proxy import metrics
+from starttls_proxy.config import SocketAddress
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -57,3 +59,16 @@ def test_systemd_unit_reloads_with_sighup() -> None:
     # The workers' sandbox needs namespaces and UID changes from the helper.
     directives = {line.partition("=")[0] for line in unit.splitlines() if "=" in line}
     assert not directives & {"RestrictNamespaces", "User", "PrivateUsers"}
+
+
+def test_systemd_socket_unit_passes_listen_addresses_to_the_service() -> None:
+    unit = (DEPLOY / "systemd" / "starttls-proxy.socket").read_text()
+    assert "Service=starttls-proxy.service" in unit
+    streams = [
+        line.removeprefix("ListenStream=")
+        for line in unit.splitlines()
+        if line.startswith("ListenStream=")
+    ]
+    assert streams
+    for stream in streams:
+        SocketAddress.parse(stream, allow_unix=False)  # what a listener's `listen` takes

@@ -86,11 +86,15 @@ def start_proxy(
     listeners: list[dict[str, Any]],
     log_format: str = "text",
     log_level: str = "debug",
+    launcher: tuple[str, ...] = (),
     **top: Any,
 ) -> ProxyProcess:
     """Write a config, start the proxy, wait until it logs that it is ready.
 
     Tests read the debug log; the benchmarks run at ``info``, as users do.
+    ``launcher``: a command that runs the proxy's (``systemd-socket-activate
+    -l ADDRESS``, which starts it only on the first connection: then this
+    returns at once).
     """
     # Like /etc/starttls-proxy in a deployment: the main process, once it has
     # dropped root, must still read the configuration on SIGHUP.
@@ -112,6 +116,7 @@ def start_proxy(
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
             [
+                *launcher,
                 sys.executable,
                 "-m",
                 "starttls_proxy",
@@ -130,6 +135,8 @@ def start_proxy(
             start_new_session=True,
         )
     proxy = ProxyProcess(process, config_path, log_path, ports)
+    if launcher:
+        return proxy
     deadline = time.monotonic() + 30
     ready = READY_LINE if log_format == "text" else READY_JSON
     while ready not in proxy.log():

@@ -1,0 +1,36 @@
+"""Matching the sockets a service manager passes to the listeners
+(``activation``; the real thing runs in tests/e2e/test_socket_activation.py)."""
+
+from __future__ import annotations
+
+import socket
+
+from starttls_proxy.activation import PassedSockets
+from starttls_proxy.config import SocketAddress
+from tests.realservers.net import free_port
+
+
+def test_sockets_are_matched_by_address_whatever_its_spelling() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as first:
+        second_port = free_port()
+        passed = PassedSockets([first])
+        port = first.getsockname()[1]
+        assert passed.take(SocketAddress(host="127.0.0.2", port=port)) is None
+        assert passed.take(SocketAddress(host="127.0.0.1", port=second_port)) is None
+        assert passed.take(SocketAddress(host="::ffff:127.0.0.1", port=port)) is first
+        assert passed.leftover_problems() == []
+
+
+def test_a_socket_no_listener_takes_is_named() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as stray:
+        port = stray.getsockname()[1]
+        assert PassedSockets([stray]).leftover_problems() == [
+            f"the service manager passed a socket on 127.0.0.1:{port} that matches no "
+            "listener's listen address"
+        ]
+
+
+def test_variables_for_another_process_are_dropped_and_ignored() -> None:
+    environ = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b", "PATH": "/bin"}
+    assert PassedSockets.take_from_environment(environ).sockets == []
+    assert environ == {"PATH": "/bin"}
