@@ -46,12 +46,14 @@ def _describe(sock: socket.socket) -> str:
 class PassedSockets:
     """The listening sockets the service manager passed, until listeners take them."""
 
-    def __init__(self, sockets: list[socket.socket]) -> None:
+    def __init__(self, sockets: list[socket.socket], problems: list[str] | None = None) -> None:
         self.sockets = sockets
+        #: Passed descriptors that are no sockets.
+        self.problems = problems or []
 
     @classmethod
     def take_from_environment(
-        cls, environ: MutableMapping[str, str] | None = None
+        cls, environ: MutableMapping[str, str] | None = None, first_fd: int = FIRST_FD
     ) -> PassedSockets:
         """The sockets passed to this process; the variables are removed, so
         that no process started from here takes them for its own."""
@@ -61,11 +63,14 @@ class PassedSockets:
             environ.pop(name, None)
         if pid != str(os.getpid()) or not count.isdigit():
             return cls([])
-        sockets = []
-        for fd in range(FIRST_FD, FIRST_FD + int(count)):
-            os.set_inheritable(fd, False)
-            sockets.append(socket.socket(fileno=fd))
-        return cls(sockets)
+        sockets, problems = [], []
+        for fd in range(first_fd, first_fd + int(count)):
+            try:
+                os.set_inheritable(fd, False)
+                sockets.append(socket.socket(fileno=fd))
+            except OSError as error:
+                problems.append(f"the service manager passed descriptor {fd}: {error.strerror}")
+        return cls(sockets, problems)
 
     def take(self, address: SocketAddress) -> socket.socket | None:
         """The passed TCP socket listening on ``address``, or None."""
@@ -91,8 +96,8 @@ class PassedSockets:
         return None
 
     def leftover_problems(self) -> list[str]:
-        """One line per passed socket no listener took."""
-        return [
+        """One line per passed descriptor no listener took."""
+        return self.problems + [
             f"the service manager passed a socket on {_describe(sock)} that matches no "
             "listener's listen address"
             for sock in self.sockets

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
-from starttls_proxy.activation import PassedSockets
+from starttls_proxy.activation import FIRST_FD, PassedSockets
 from starttls_proxy.config import SocketAddress
 from tests.realservers.net import free_port
 
@@ -34,3 +35,21 @@ def test_variables_for_another_process_are_dropped_and_ignored() -> None:
     environ = {"LISTEN_PID": "1", "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a:b", "PATH": "/bin"}
     assert PassedSockets.take_from_environment(environ).sockets == []
     assert environ == {"PATH": "/bin"}
+
+
+def test_a_passed_descriptor_that_is_no_socket_is_named() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        # Passed "as systemd would": LISTEN_PID is this process.
+        target = FIRST_FD + 200
+        os.dup2(read_end, target)
+        environ = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"}
+        passed = PassedSockets.take_from_environment(environ, first_fd=target)
+        assert passed.sockets == []
+        assert passed.leftover_problems() == [
+            f"the service manager passed descriptor {target}: Socket operation on non-socket"
+        ]
+    finally:
+        os.close(target)
+        os.close(read_end)
+        os.close(write_end)
