@@ -35,14 +35,11 @@ import trustme
 
 from starttls_proxy.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.keyserver import (
-    HEADER,
     TLS13_SERVER_CONTEXT,
-    WIRE_VERSION,
-    Digest,
     Link,
     Scheme,
-    key_id,
     read_private_key,
+    signature_request,
 )
 from starttls_proxy.settings import IsolationConfig, checked, encode
 from tests.realservers.certs import CertFiles, write_test_certs
@@ -148,12 +145,8 @@ def _round_trips(samples: int) -> dict[str, tuple[float, float]]:
         times = []
         for _ in range(samples):
             with socket.socket(fileno=link.connection_for([index])) as connection:
-                request = (
-                    HEADER.pack(WIRE_VERSION, scheme, Digest.SHA256, 0, 1)
-                    + key_id(key.public_key())
-                    + TLS13_SERVER_CONTEXT
-                    + os.urandom(32)
-                )
+                data = TLS13_SERVER_CONTEXT + os.urandom(32)
+                request = signature_request(key.public_key(), data, scheme, 1)
                 started = time.perf_counter()
                 connection.send(request)
                 connection.recv(4096)

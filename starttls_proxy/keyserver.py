@@ -150,6 +150,14 @@ def key_id(public_key: PublicKey) -> bytes:
     return hashlib.sha256(spki).digest()[:KEY_ID_SIZE]
 
 
+def signature_request(
+    key: PublicKey, data: bytes, scheme: Scheme, request_id: int, digest: Digest = Digest.SHA256
+) -> bytes:
+    """A worker's request to sign ``data`` (``provider/wire.h``), as tests and
+    benchmarks make it; in a worker, the provider makes it."""
+    return HEADER.pack(WIRE_VERSION, scheme, digest, 0, request_id) + key_id(key) + data
+
+
 def _sized(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 

@@ -29,11 +29,10 @@ from starttls_proxy.keyserver import (
     STATUS_SIGNED,
     TLS13_SERVER_CONTEXT,
     WIRE_VERSION,
-    Digest,
     PrivateKey,
     Scheme,
-    key_id,
     read_private_key,
+    signature_request,
     user_id,
 )
 from starttls_proxy.settings import encode
@@ -49,11 +48,7 @@ def _key(path: Path) -> PrivateKey:
 def _request(
     key: PrivateKey, data: bytes, scheme: Scheme = Scheme.ECDSA, request_id: int = 7
 ) -> bytes:
-    return (
-        HEADER.pack(WIRE_VERSION, scheme, Digest.SHA256, 0, request_id)
-        + key_id(key.public_key())
-        + data
-    )
+    return signature_request(key.public_key(), data, scheme, request_id)
 
 
 def tls13_input() -> bytes:

@@ -17,10 +17,10 @@ from starttls_proxy.keyserver import (
     STATUS_SIGNED,
     TLS13_SERVER_CONTEXT,
     WIRE_VERSION,
-    Digest,
     Link,
     Scheme,
     key_id,
+    signature_request,
 )
 
 KEY = ec.generate_private_key(ec.SECP256R1())
@@ -42,9 +42,8 @@ def test_serves_a_link_signs_and_counts() -> None:
         service = Service(control.fileno())
         service.add_link(link_theirs.detach(), [(key_id(KEY.public_key()), DER)])
         data = TLS13_SERVER_CONTEXT + os.urandom(32)
-        request = HEADER.pack(WIRE_VERSION, Scheme.ECDSA, Digest.SHA256, 0, 9)
         with socket.socket(fileno=Link(link_ours).connection_for([0])) as worker:
-            worker.send(request + key_id(KEY.public_key()) + data)
+            worker.send(signature_request(KEY.public_key(), data, Scheme.ECDSA, 9))
             # Serves the link message, then the request; returns once the
             # count has waited the interval.
             assert service.serve(0.01) is False
