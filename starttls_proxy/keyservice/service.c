@@ -221,10 +221,9 @@ static void on_link(Service *service, struct endpoint *link)
         connection->allowed[indexes[i] << 8 | indexes[i + 1]] = true;
 }
 
-static bool counts_due(Service *service, double interval)
+static bool counts_pending(const Service *service)
 {
-    return (service->signed_count || service->refused_count || service->dropped_count)
-           && seconds_since(&service->last_report) >= interval;
+    return service->signed_count || service->refused_count || service->dropped_count;
 }
 
 static bool initialised(Service *service)
@@ -328,9 +327,8 @@ static PyObject *Service_serve(Service *self, PyObject *args)
         return NULL;
     for (;;) {
         bool control_ready = false;
-        bool pending = self->signed_count || self->refused_count || self->dropped_count;
         double left = interval - seconds_since(&self->last_report);
-        int timeout = !pending ? -1 : left <= 0 ? 0 : (int)(left * 1000) + 1;
+        int timeout = !counts_pending(self) ? -1 : left <= 0 ? 0 : (int)(left * 1000) + 1;
         int ready;
 
         Py_BEGIN_ALLOW_THREADS;
@@ -349,7 +347,7 @@ static PyObject *Service_serve(Service *self, PyObject *args)
             else
                 on_connection(self, endpoint);
         }
-        if (counts_due(self, interval))
+        if (counts_pending(self) && seconds_since(&self->last_report) >= interval)
             Py_RETURN_FALSE;
         if (control_ready)
             Py_RETURN_TRUE;
