@@ -40,7 +40,7 @@ def _describe(sock: socket.socket) -> str:
         host, port = sock.getsockname()[:2]
     except (OSError, ValueError):
         return f"descriptor {sock.fileno()}"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(SocketAddress(host=host, port=port))
 
 
 class PassedSockets:
