@@ -1,6 +1,11 @@
-"""Build glue: compile the key server's two C parts with the system's C compiler.
+"""Build glue: compile the C parts with the system's C compiler.
 
 The project metadata is in pyproject.toml; this file only adds
+
+* the TLS helper (``starttls_proxy/tlshelper/*.c``), an executable linked
+  with the system's libssl that the keeper execs and every TLS worker is a
+  fork of; built with warnings as errors and the hardening flags, since a
+  memory bug there is a security bug;
 
 * the key-reference OpenSSL provider (``starttls_proxy/provider/*.c``), a
   plain shared object that OpenSSL dlopen()s in the TLS workers and Python
@@ -8,9 +13,9 @@ The project metadata is in pyproject.toml; this file only adds
 * the key server's request loop (``starttls_proxy/keyservice/*.c``), a
   Python extension linked with the system's libcrypto.
 
-Both need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
-The build is optional: without them the package still installs, and the
-proxy then refuses ``isolation.key_server: true`` with a message naming
+All need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
+The TLS helper is required; the key server's parts are optional: without
+them the proxy refuses ``isolation.key_server: true`` with a message naming
 what is missing (``starttls_proxy.provider.missing``).
 """
 
@@ -27,23 +32,64 @@ def sources(directory: str) -> list[str]:
 
 
 C_FLAGS = ["-std=c11", "-Wall", "-Wextra"]
+#: The TLS helper faces what a client sends: stricter still.
+HELPER_FLAGS = [
+    *C_FLAGS,
+    "-Werror",
+    "-Wshadow",
+    "-Wconversion",
+    "-Wno-sign-conversion",
+    "-O2",
+    "-fstack-protector-strong",
+    "-D_FORTIFY_SOURCE=2",
+    "-fPIE",
+]
+HELPER_LINK_FLAGS = ["-pie", "-Wl,-z,relro,-z,now"]
 
 
-class BuildProvider(build_ext):
-    """Name the provider ``keyref.so``: it is an OpenSSL module, not a Python extension."""
+class BuildNative(build_ext):
+    """Name the provider ``keyref.so`` (an OpenSSL module, not a Python
+    extension) and link the TLS helper as an executable."""
 
     def get_ext_filename(self, fullname: str) -> str:
-        # Called with the full dotted name, and with its last part alone.
-        if fullname in (PROVIDER, PROVIDER.rpartition(".")[2]):
-            return str(Path(*fullname.split("."))) + ".so"
+        # Called with the full dotted name, and with its last part alone
+        # (then joined to the package's directory).
+        for name, suffix in ((PROVIDER, ".so"), (HELPER, "")):
+            if fullname == name:
+                return str(Path(*name.split("."))) + suffix
+            if fullname == name.rpartition(".")[2]:
+                return fullname + suffix
         return super().get_ext_filename(fullname)
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != HELPER:
+            super().build_extension(ext)
+            return
+        objects = self.compiler.compile(
+            ext.sources, output_dir=self.build_temp, extra_postargs=ext.extra_compile_args
+        )
+        self.compiler.link_executable(
+            objects,
+            self.get_ext_fullpath(ext.name),
+            libraries=ext.libraries,
+            extra_postargs=ext.extra_link_args,
+        )
 
 
 PROVIDER = "starttls_proxy.provider.keyref"
+HELPER = "starttls_proxy.tlshelper.stp-helper"
 
 
 setup(
     ext_modules=[
+        Extension(
+            HELPER,
+            sources=sources("starttls_proxy/tlshelper"),
+            depends=[str(p) for p in Path("starttls_proxy/tlshelper").glob("*.h")],
+            libraries=["ssl", "crypto"],
+            extra_compile_args=HELPER_FLAGS,
+            extra_link_args=HELPER_LINK_FLAGS,
+        ),
         Extension(
             PROVIDER,
             sources=sources("starttls_proxy/provider"),
@@ -60,5 +106,5 @@ setup(
             optional=True,
         ),
     ],
-    cmdclass={"build_ext": BuildProvider},
+    cmdclass={"build_ext": BuildNative},
 )

@@ -2,8 +2,8 @@
 # Create .venv and install starttls-proxy into it (editable).
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
-# key server's C parts (setup.py, starttls_proxy/provider/*.[ch],
-# starttls_proxy/keyservice/*.[ch]) changed since the last run and both are built.
+# C parts (setup.py, starttls_proxy/tlshelper/*.[ch], starttls_proxy/provider/*.[ch],
+# starttls_proxy/keyservice/*.[ch]) changed since the last run and all are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -18,20 +18,23 @@ if ! "$python" -m venv --help >/dev/null 2>&1 || ! "$python" -c 'import ensurepi
         exit 1
     fi
 fi
-# The key-reference provider (C) needs a compiler and the OpenSSL 3 headers.
+# The TLS helper and the key-reference provider (C) need a compiler and the OpenSSL 3 headers.
 if ! command -v cc >/dev/null || [ ! -f /usr/include/openssl/core_dispatch.h ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get update -q
         DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev libssl-dev
     else
-        echo "warning: no C compiler or OpenSSL headers: the key server cannot be used" \
-            "(sudo apt-get install gcc libssl-dev, or set isolation.key_server: false)" >&2
+        echo "error: no C compiler or OpenSSL headers, which the TLS helper needs" \
+            "(sudo apt-get install gcc libssl-dev)" >&2
+        exit 1
     fi
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
-wanted="$(cat pyproject.toml setup.py starttls_proxy/provider/*.[ch] starttls_proxy/keyservice/*.[ch] | sha256sum | cut -d' ' -f1)"
-[ -f starttls_proxy/provider/keyref.so ] && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
+wanted="$(cat pyproject.toml setup.py starttls_proxy/tlshelper/*.[ch] starttls_proxy/provider/*.[ch] \
+    starttls_proxy/keyservice/*.[ch] | sha256sum | cut -d' ' -f1)"
+[ -x starttls_proxy/tlshelper/stp-helper ] && [ -f starttls_proxy/provider/keyref.so ] \
+    && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
     || rm -f "$stamp"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     .venv/bin/python -m pip install -q --upgrade pip

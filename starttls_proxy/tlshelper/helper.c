@@ -1,0 +1,508 @@
+/*
+ * The TLS helper: holds the TLS contexts and forks one sandboxed worker per
+ * connection. No Python runs here: every worker is a fork of this small
+ * process, and a fork copies (and its exit tears down) the page tables of
+ * everything the parent holds.
+ *
+ * The keeper execs it (`stp-helper FD`), as root when the proxy was started
+ * as root, so it never inherits the main process's memory and no fork ever
+ * happens inside an event loop. It reads the keeper's description (wire.h),
+ * prepares the sandbox (sandbox.c: namespaces, a probe worker; all before
+ * any key or key reference is loaded), loads the certificates (contexts.c),
+ * answers "ready" with the layers in force, and serves spawn requests from
+ * the main process on its control socket.
+ *
+ * Workers are forked ahead of time (isolation.spare_workers): a spare
+ * encloses itself and waits for an assignment on a socket of its own; a
+ * connection goes to the oldest spare, or to one forked for it when none
+ * waits. Replacements are forked only when no request is pending, and
+ * TOP_UP_DELAY_MS after a spare was handed out (unless none is left): a
+ * fork and the new spare's sandbox set-up would otherwise compete for the
+ * CPU with the handshake just assigned.
+ *
+ * With the key server the helper holds no private key, only references
+ * (the provider decodes them): for each worker it makes a connection to
+ * the key server, good for the certificates that worker may serve.
+ *
+ * The helper stays root: entering namespaces, chroot and a fresh UID per
+ * worker all need it. It talks only to the keeper and the main process,
+ * and parses nothing from either without checking every length.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/ssl.h>
+
+#include "helper.h"
+
+#define TOP_UP_DELAY_MS 10
+#define MAX_SPARES 256
+
+struct spare {
+    pid_t pid;
+    int assignment; /* the helper's end of its assignment socket */
+};
+
+static struct {
+    const struct settings *settings;
+    int control;
+    int key_server; /* the link, or -1 */
+    /* Workers get a UID of their own (pool.c). */
+    bool identity;
+    struct spare spares[MAX_SPARES];
+    size_t spare_count;
+    /* A spare died before it was given a connection. */
+    bool spares_failing;
+    /* When the replacement of the spare last handed out may be forked. */
+    long long top_up_at;
+} helper = {.key_server = -1};
+
+void process_name(const char *name)
+{
+    prctl(PR_SET_NAME, name, 0, 0, 0);
+}
+
+static long long now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+static void tell(const char *message, size_t size)
+{
+    /* The main process may be gone (shutdown, or a reload retired this
+     * helper) while workers still exit: nobody is left to tell. */
+    (void)!send(helper.control, message, size, MSG_NOSIGNAL);
+}
+
+static bool fork_spare(struct spare *spare)
+{
+    uid_t uid = helper.identity ? take_uid() : 0;
+    if (helper.identity && uid == 0) {
+        fprintf(stderr, "TLS helper: no free UID in isolation.uid_range\n");
+        return false;
+    }
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+        perror("TLS helper: socketpair");
+        give_back_uid(uid);
+        return false;
+    }
+    pid_t pid = fork_worker();
+    if (pid == 0) {
+        sigset_t none;
+        sigemptyset(&none);
+        sigprocmask(SIG_SETMASK, &none, NULL);
+        /* SIGINT and SIGTERM stay ignored, as in the helper: a worker ends
+         * when the main process closes its channel, after the drain. */
+        process_name("stp-spare");
+        serve_spare(helper.settings, pair[1], uid);
+    }
+    close(pair[1]);
+    if (pid < 0 || !add_worker(pid, uid)) {
+        perror("TLS helper: fork");
+        close(pair[0]);
+        give_back_uid(uid);
+        return false;
+    }
+    *spare = (struct spare){pid, pair[0]};
+    return true;
+}
+
+static bool spares_short(void)
+{
+    return helper.spare_count < helper.settings->spare_workers && !helper.spares_failing;
+}
+
+/* How long the loop may wait for messages before top_up (-1: forever). */
+static int top_up_timeout(void)
+{
+    if (!spares_short())
+        return -1;
+    if (helper.spare_count == 0)
+        return 0;
+    long long left = helper.top_up_at - now_ms();
+    return left > 0 ? (int)left : 0;
+}
+
+static void top_up(void)
+{
+    if (spares_short() && fork_spare(&helper.spares[helper.spare_count]))
+        helper.spare_count++;
+}
+
+static void take_spare(size_t index)
+{
+    memmove(&helper.spares[index], &helper.spares[index + 1],
+            (helper.spare_count - index - 1) * sizeof *helper.spares);
+    helper.spare_count--;
+}
+
+static bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size_t count,
+                          int flags)
+{
+    char control[CMSG_SPACE(3 * sizeof(int))] = {0};
+    struct iovec vector = {(void *)data, size};
+    struct msghdr header = {.msg_iov = &vector, .msg_iovlen = 1};
+    if (count > 0) {
+        header.msg_control = control;
+        header.msg_controllen = CMSG_SPACE(count * sizeof(int));
+        struct cmsghdr *c = CMSG_FIRSTHDR(&header);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(count * sizeof(int));
+        memcpy(CMSG_DATA(c), fds, count * sizeof(int));
+    }
+    return sendmsg(sock, &header, flags | MSG_NOSIGNAL) == (ssize_t)size;
+}
+
+/*
+ * Hand the key server its end of a worker's connection, good for the keys
+ * of the certificates it may serve. When the key server cannot be reached
+ * the worker's end has no peer and its signatures fail at once. Never
+ * waits: a request the worker sends first waits in the socket.
+ */
+static void grant(int connection, const struct spawn_request *request)
+{
+    uint16_t indexes[MAX_CERTIFICATES];
+    size_t count = reachable_from(helper.settings,
+                                  context_for(helper.settings, request->server_name_hint), indexes);
+    uint8_t message[2 + 2 * MAX_CERTIFICATES];
+    message[0] = (uint8_t)(count >> 8);
+    message[1] = (uint8_t)count;
+    for (size_t i = 0; i < count; i++) {
+        message[2 + 2 * i] = (uint8_t)(indexes[i] >> 8);
+        message[3 + 2 * i] = (uint8_t)indexes[i];
+    }
+    send_with_fds(helper.key_server, message, 2 + 2 * count, &connection, 1, MSG_DONTWAIT);
+}
+
+/* The assignment: the request as it came, then the other live workers
+ * (which the self check tries to reach). */
+static size_t assignment_message(uint8_t *out, const uint8_t *request, size_t size, pid_t spare)
+{
+    memcpy(out, request, size);
+    static uint32_t siblings[MAX_SIBLINGS];
+    size_t count = helper.settings->self_test ? live_workers(spare, siblings, MAX_SIBLINGS) : 0;
+    uint8_t *pids = out + size + 2;
+    for (size_t i = 0; i < count; i++) {
+        pids[4 * i] = (uint8_t)(siblings[i] >> 24);
+        pids[4 * i + 1] = (uint8_t)(siblings[i] >> 16);
+        pids[4 * i + 2] = (uint8_t)(siblings[i] >> 8);
+        pids[4 * i + 3] = (uint8_t)siblings[i];
+    }
+    out[size] = (uint8_t)(count >> 8);
+    out[size + 1] = (uint8_t)count;
+    return size + 2 + 4 * count;
+}
+
+/* Give the connection (client, channel) to a spare (forked now if none
+ * waits); the worker's PID, or 0 when there is none. */
+static pid_t assign(const uint8_t *request_bytes, const struct spawn_request *request,
+                    const int fds[2])
+{
+    static uint8_t message[MAX_ASSIGNMENT];
+    helper.spares_failing = false;
+    for (;;) {
+        struct spare spare;
+        if (helper.spare_count > 0) {
+            spare = helper.spares[0];
+            take_spare(0);
+        } else if (!fork_spare(&spare)) {
+            return 0;
+        }
+        size_t size = assignment_message(message, request_bytes, request->size, spare.pid);
+        bool sent;
+        if (helper.key_server < 0) {
+            sent = send_with_fds(spare.assignment, message, size, fds, 2, 0);
+        } else {
+            int pair[2];
+            if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
+                close(spare.assignment);
+                return 0;
+            }
+            int all[3] = {fds[0], fds[1], pair[1]};
+            sent = send_with_fds(spare.assignment, message, size, all, 3, 0);
+            close(pair[1]);
+            /* Only now: the worker starts on its ClientHello meanwhile. */
+            if (sent)
+                grant(pair[0], request);
+            close(pair[0]);
+        }
+        close(spare.assignment);
+        if (sent) {
+            long long now = now_ms();
+            if (helper.top_up_at <= now)
+                helper.top_up_at = now + TOP_UP_DELAY_MS;
+            return spare.pid;
+        }
+        /* The spare is gone (killed while it waited): the next one. */
+    }
+}
+
+static void reap(void)
+{
+    int status;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        remove_worker(pid);
+        int code = WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+        for (size_t i = 0; i < helper.spare_count; i++) {
+            if (helper.spares[i].pid == pid) {
+                close(helper.spares[i].assignment);
+                take_spare(i);
+                /* A spare that could not enter its sandbox is reported, and
+                 * no other is forked ahead until the next connection: a
+                 * layer that fails must not turn into a fork loop. */
+                helper.spares_failing = true;
+                break;
+            }
+        }
+        char message[64];
+        int size = snprintf(message, sizeof message, "{\"exited\": %d, \"status\": %d}", (int)pid,
+                            code);
+        tell(message, (size_t)size);
+    }
+}
+
+/* One spawn request; false when the main process has left (`hung_up`:
+ * poll said so; on a SOCK_SEQPACKET socket an empty datagram reads like
+ * the end, and only the hang-up tells them apart). */
+static bool serve_request(bool hung_up)
+{
+    static uint8_t message[MAX_SPAWN_REQUEST + 1];
+    int fds[2] = {-1, -1};
+    char control[CMSG_SPACE(sizeof fds)];
+    struct iovec vector = {message, sizeof message};
+    struct msghdr header = {
+        .msg_iov = &vector, .msg_iovlen = 1, .msg_control = control,
+        .msg_controllen = sizeof control};
+    ssize_t size = recvmsg(helper.control, &header, MSG_CMSG_CLOEXEC);
+    if (size < 0)
+        return errno == EINTR || errno == EAGAIN;
+    size_t fd_count = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); c != NULL; c = CMSG_NXTHDR(&header, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            int received[2];
+            memcpy(received, CMSG_DATA(c), (count < 2 ? count : 2) * sizeof(int));
+            for (size_t i = 0; i < count && i < 2; i++)
+                fds[fd_count++] = received[i];
+        }
+    }
+    if (size == 0 && fd_count == 0)
+        return !hung_up;
+    struct spawn_request request;
+    pid_t pid = 0;
+    if (fd_count == 2 && !(header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) &&
+        parse_spawn_request(message, (size_t)size, &request) && request.size == (size_t)size)
+        pid = assign(message, &request, fds);
+    else
+        fprintf(stderr, "TLS helper: a malformed spawn request (%zd bytes, %zu descriptors)\n",
+                size, fd_count);
+    for (size_t i = 0; i < fd_count; i++)
+        close(fds[i]);
+    if (pid > 0) {
+        char reply[64];
+        int length = snprintf(reply, sizeof reply, "{\"spawned\": %u, \"pid\": %d}", request.id,
+                              (int)pid);
+        tell(reply, (size_t)length);
+    }
+    return true;
+}
+
+static int serve_forever(int children)
+{
+    for (;;) {
+        struct pollfd fds[2] = {{.fd = helper.control, .events = POLLIN},
+                                {.fd = children, .events = POLLIN}};
+        int ready = poll(fds, 2, top_up_timeout());
+        if (ready < 0 && errno != EINTR)
+            return 1;
+        if (ready == 0)
+            top_up();
+        if (fds[1].revents & POLLIN) {
+            struct signalfd_siginfo info;
+            while (read(children, &info, sizeof info) == (ssize_t)sizeof info) {
+            }
+            reap();
+        }
+        if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
+            if (!serve_request(fds[0].revents & POLLHUP))
+                return 0;
+        }
+    }
+}
+
+/* ---------------------------------------------------------- start-up */
+
+static void send_problems(const struct problems *problems)
+{
+    static char buffer[MAX_PROBLEMS * PROBLEM_SIZE * 6 + 64];
+    struct json out = {buffer, sizeof buffer, 0, false};
+    json_raw(&out, "{\"problems\": [");
+    for (size_t i = 0; i < problems->count; i++) {
+        if (i > 0)
+            json_raw(&out, ", ");
+        json_string(&out, problems->lines[i]);
+    }
+    json_raw(&out, "]}");
+    tell(buffer, out.used);
+}
+
+static void send_ready(const struct layer_status statuses[LAYER_COUNT])
+{
+    char buffer[LAYER_COUNT * PROBLEM_SIZE * 6 + 512];
+    struct json out = {buffer, sizeof buffer, 0, false};
+    json_raw(&out, "{\"ready\": true, \"layers\": [");
+    for (size_t i = 0; i < LAYER_COUNT; i++) {
+        json_raw(&out, i ? ", [" : "[");
+        json_string(&out, LAYER_NAMES[i]);
+        json_raw(&out, statuses[i].applied ? ", true, " : ", false, ");
+        json_string(&out, statuses[i].detail);
+        json_raw(&out, "]");
+    }
+    json_raw(&out, "]}");
+    tell(buffer, out.used);
+}
+
+/* The keeper's first message: "D", the description's memfd and, with the
+ * key server, the link. The description stays in memory for good. */
+static uint8_t *receive_description(size_t *size, struct problems *problems)
+{
+    char tag[2];
+    int fds[2] = {-1, -1};
+    char control[CMSG_SPACE(sizeof fds)];
+    struct iovec vector = {tag, sizeof tag};
+    struct msghdr header = {
+        .msg_iov = &vector, .msg_iovlen = 1, .msg_control = control,
+        .msg_controllen = sizeof control};
+    ssize_t got = recvmsg(helper.control, &header, MSG_CMSG_CLOEXEC);
+    size_t count = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); got > 0 && c != NULL;
+         c = CMSG_NXTHDR(&header, c)) {
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            memcpy(fds, CMSG_DATA(c), (count < 2 ? count : 2) * sizeof(int));
+        }
+    }
+    if (got != 1 || tag[0] != 'D' || count < 1 || count > 2 ||
+        (header.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+        problem(problems, "the keeper's first message is not a description");
+        return NULL;
+    }
+    helper.key_server = count == 2 ? fds[1] : -1;
+    struct stat info;
+    uint8_t *data = NULL;
+    if (fstat(fds[0], &info) != 0 || info.st_size <= 0 || info.st_size > MAX_DESCRIPTION ||
+        (data = malloc((size_t)info.st_size + 1)) == NULL) {
+        problem(problems, "the description is unreadable or too large");
+        close(fds[0]);
+        return NULL;
+    }
+    *size = (size_t)info.st_size;
+    size_t done = 0;
+    while (done < *size) {
+        ssize_t n = pread(fds[0], data + done, *size - done, (off_t)done);
+        if (n <= 0) {
+            problem(problems, "the description could not be read");
+            free(data);
+            close(fds[0]);
+            return NULL;
+        }
+        done += (size_t)n;
+    }
+    close(fds[0]);
+    return data;
+}
+
+static int start(void)
+{
+    static struct settings settings;
+    static struct problems problems;
+    size_t size = 0;
+    uint8_t *description = receive_description(&size, &problems);
+    if (description == NULL || !read_description(description, size, &settings, &problems)) {
+        send_problems(&problems);
+        return 1;
+    }
+    helper.settings = &settings;
+    if (!pool_init(settings.uid_first, settings.uid_count))
+        return 1;
+    uid_t probe_uid = take_uid();
+    struct layer_status statuses[LAYER_COUNT];
+    prepare_sandbox(&settings, probe_uid, statuses);
+    give_back_uid(probe_uid);
+    helper.identity = active_layers & (1u << LAYER_IDENTITY);
+    if (settings.probe_only) {
+        send_ready(statuses);
+        return 0;
+    }
+    if (settings.strict) {
+        for (size_t i = 0; i < LAYER_COUNT; i++) {
+            if (!statuses[i].applied && (settings.layers & (1u << i)))
+                problem(&problems,
+                        "isolation.layers.%s: cannot be applied (%.300s); set isolation.mode: "
+                        "best-effort or turn the layer off",
+                        LAYER_NAMES[i], statuses[i].detail);
+        }
+    }
+    if (problems.count == 0 && (settings.provider != NULL) != (helper.key_server >= 0))
+        problem(&problems, "the keeper sent key references without a key server link");
+    if (problems.count == 0)
+        load_certificates(&settings, &problems);
+    if (problems.count == 0 && settings.provider != NULL &&
+        !find_key_server_attachment(settings.provider))
+        problem(&problems, "the key-reference provider is not loaded (OPENSSL_CONF)");
+    if (problems.count > 0) {
+        send_problems(&problems);
+        return 1;
+    }
+    send_ready(statuses);
+    warm_up(&settings);
+    note_address_space();
+    sigset_t children;
+    sigemptyset(&children);
+    sigaddset(&children, SIGCHLD);
+    int signals = signalfd(-1, &children, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (signals < 0)
+        return 1;
+    reap(); /* whatever ended before the signalfd existed */
+    return serve_forever(signals);
+}
+
+int main(int argc, char **argv)
+{
+    char *end = NULL;
+    long fd = argc == 2 ? strtol(argv[1], &end, 10) : -1;
+    if (fd < 3 || fd > 1 << 20 || end == NULL || *end != '\0') {
+        fprintf(stderr, "usage: stp-helper CONTROL_FD (started by the keeper)\n");
+        return 2;
+    }
+    helper.control = (int)fd;
+    process_name("stp-helper");
+    /* A stop signal to the whole process group: the main process drains
+     * its sessions first, and this helper leaves after it. */
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    /* Children are reaped through a signalfd; blocked before any fork. */
+    sigset_t children;
+    sigemptyset(&children);
+    sigaddset(&children, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &children, NULL);
+    return start();
+}

@@ -1,0 +1,105 @@
+/*
+ * What the TLS helper (helper.c) and its workers (worker.c) read from other
+ * processes, and the exit codes they report. Python mirrors every value here
+ * in starttls_proxy/wire.py (the main process's side) and
+ * starttls_proxy/tls_description.py (the keeper's side); a test holds them
+ * in agreement. Integers are big-endian.
+ *
+ * The helper is exec'd by the keeper as `stp-helper FD`, FD being its end of
+ * a SOCK_SEQPACKET control socket.
+ *
+ * 1. keeper -> helper, once: a datagram "D" with one descriptor, a memfd
+ *    holding the *description* (below), and, with the key server, a second:
+ *    the helper's link to the key server.
+ *    helper -> keeper: {"ready": true, "layers": [[name, applied, detail], ...]}
+ *    or {"problems": ["tls.certificates[0].key: ...", ...]} (JSON). With
+ *    D_PROBE_ONLY it answers "ready" with the layers, whatever they are, and
+ *    exits.
+ *
+ * 2. The description: records of tag (u16), length (u32), value; the first is
+ *    DESCRIPTION_VERSION. An unknown tag, a repeated single record, a wrong
+ *    length or a missing record refuses the whole description.
+ *
+ * 3. main -> helper: a *spawn request* with two descriptors (the client
+ *    socket, the worker's end of its plaintext channel):
+ *        u32 id | u32 handshake timeout (ms) | u8 n | n bytes SNI hint |
+ *        u8 n | n bytes ALPN (wire format: u8-prefixed names) |
+ *        u16 n | n bytes early client data (at most MAX_EARLY_BYTES)
+ *    helper -> main: {"spawned": ID, "pid": PID}, later
+ *    {"exited": PID, "status": CODE} (a negative code is the killing signal).
+ *
+ * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
+ *    then u16 n | n u32 PIDs of the other live workers (self test only),
+ *    with the client socket, the channel and, with the key server, the
+ *    worker's own connection to it.
+ *
+ * 5. worker -> main, first on the channel: a *report*, u32 length and a
+ *    JSON object {"ok": true, "version", "cipher", "server_name", "alpn"}
+ *    or {"ok": false, "reason"}, then the client's plaintext.
+ */
+#ifndef STP_WIRE_H
+#define STP_WIRE_H
+
+#define DESCRIPTION_VERSION 1
+#define MAX_DESCRIPTION (4 * 1024 * 1024)
+
+enum description_tag {
+    D_VERSION = 1,          /* u32: DESCRIPTION_VERSION */
+    D_MIN_VERSION = 2,      /* u16: 0x0303 (TLS 1.2) or 0x0304 (TLS 1.3) */
+    D_TLS12_CIPHERS = 3,    /* string: OpenSSL cipher list for TLS 1.2 */
+    D_TLS13_SUITES = 4,     /* string: TLS 1.3 cipher suites */
+    D_GROUPS = 5,           /* string: key share groups */
+    D_CERTIFICATE = 6,      /* string: "tls.certificates[N]": starts one certificate */
+    D_CHAIN = 7,            /* PEM: leaf first */
+    D_CHAIN_PATH = 8,       /* string: the chain's file, for messages */
+    D_KEY = 9,              /* PEM: a key reference (key server) */
+    D_KEY_PATH = 10,        /* string: the key's file (no key server: read here) */
+    D_NAME = 11,            /* string, repeated: a DNS name (or *.wildcard) of the leaf */
+    D_UID_RANGE = 12,       /* u32 first | u32 count (the key server's UID excluded) */
+    D_CHROOT = 13,          /* string: the empty root directory (prepared by the keeper) */
+    D_MEMORY_LIMIT = 14,    /* u64: bytes of address space beyond the inherited */
+    D_SPARE_WORKERS = 15,   /* u32 */
+    D_LAYERS = 16,          /* u32: bit (1 << layer) per enabled layer (enum layer) */
+    D_STRICT = 17,          /* u8: 1 = refuse to start unless every enabled layer works */
+    D_SELF_TEST = 18,       /* u8: 1 = TEST ONLY self check in every worker */
+    D_SECCOMP = 19,         /* bytes: struct sock_filter[], the workers' filter */
+    D_SECCOMP_MISSING = 20, /* string: why there is no filter */
+    D_CHROOT_MISSING = 21,  /* string: why the chroot directory is not usable */
+    D_PROVIDER = 22,        /* string: path of the key-reference provider (keyref.so) */
+    D_PROBE_ONLY = 23,      /* u8: 1 = answer with the layers in force, then exit
+                             * (--isolation-report); no certificate is loaded */
+};
+
+/* The sandbox layers in the order a worker enters them (sandbox.Layer). */
+enum layer {
+    LAYER_PID_NAMESPACE,
+    LAYER_NAMESPACES,
+    LAYER_CHROOT,
+    LAYER_IDENTITY,
+    LAYER_HARDENING,
+    LAYER_MEMORY_LIMIT,
+    LAYER_SECCOMP,
+    LAYER_COUNT
+};
+
+/* Client bytes that may ride along with a spawn request (16 KiB record + header). */
+#define MAX_EARLY_BYTES (16 * 1024 + 5)
+#define SPAWN_FIXED_SIZE (4 + 4 + 1 + 1 + 2)
+#define MAX_SPAWN_REQUEST (SPAWN_FIXED_SIZE + 255 + 255 + MAX_EARLY_BYTES)
+/* The self check's sibling list is cut to this many PIDs. */
+#define MAX_SIBLINGS 1000
+#define MAX_ASSIGNMENT (MAX_SPAWN_REQUEST + 2 + 4 * MAX_SIBLINGS)
+#define MAX_REPORT_SIZE (64 * 1024)
+
+/* Worker exit codes (wire.py). */
+#define EXIT_OK 0
+#define EXIT_HANDSHAKE_FAILED 10
+#define EXIT_NOT_TLS 11
+#define EXIT_CLIENT_GONE 12
+#define EXIT_TLS_ERROR 13
+/* SIGALRM's number: the handshake deadline's _exit. */
+#define EXIT_DEADLINE 14
+#define EXIT_SANDBOX_FAILED 16
+#define EXIT_SPARE_UNUSED 17
+
+#endif
