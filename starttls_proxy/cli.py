@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.isolation_report:
             return _isolation_report(config)
         passed = _match_passed_sockets(config, sockets)
-        # Before the event loop exists: the keeper and the helper are fresh
-        # interpreters, and the helper is the only process that ever reads
-        # the private keys.
+        # Before the event loop exists: the keeper is a fresh interpreter
+        # and the helper a small C program it execs; the private keys are
+        # read by the key server (or, with key_server: false, the helper).
         helper = TLSHelper.start(config.tls, config.isolation)
     except ConfigError as error:
         for problem in error.problems:
@@ -115,7 +115,8 @@ def _main_user_row(config: Config) -> tuple[str, bool, str]:
 def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[str]]:
     """Whether the keys are in a key server, and its layers (probed: one is started)."""
     from starttls_proxy import provider
-    from starttls_proxy.keeper import HelperStartError, KeyServerProcess
+    from starttls_proxy.helper_start import HelperStartError
+    from starttls_proxy.keeper import KeyServerProcess
 
     if not config.isolation.key_server:
         detail = "off (isolation.key_server: false): the keys are in the TLS helper (weaker)"
@@ -137,10 +138,17 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
 
 def _isolation_report(config: Config) -> int:
     """Probe each layer in a throwaway worker (as the helper does at start)."""
-    from starttls_proxy.sandbox import Sandbox
+    from starttls_proxy.helper_start import HelperStartError, probe_layers
+    from starttls_proxy.sandbox import LayerStatus
+    from starttls_proxy.sandbox import problems as sandbox_problems
 
-    first, count = config.isolation.uid_range
-    sandbox, statuses = Sandbox.prepare(config.isolation, first + count - 1)
+    settings = {"tls": encode(config.tls), "isolation": encode(config.isolation)}
+    try:
+        statuses = [LayerStatus(str(n), bool(a), str(d)) for n, a, d in probe_layers(settings)]
+    except HelperStartError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return 1
     key_server_rows, key_server_problems = _key_server_rows(config)
     rows = [
         ("clean_slate", True, "fresh helper process; only the worker's own descriptors"),
@@ -153,7 +161,7 @@ def _isolation_report(config: Config) -> int:
     print(f"{'layer':<{width}}  applied  detail  (isolation.mode: {config.isolation.mode.value})")
     for name, applied, detail in rows:
         print(f"{name:<{width}}  {'yes' if applied else 'NO':<7}  {detail}")
-    problems = sandbox.problems(statuses) + key_server_problems
+    problems = sandbox_problems(config.isolation, statuses) + key_server_problems
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

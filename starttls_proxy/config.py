@@ -37,6 +37,7 @@ from starttls_proxy.settings import (
     IsolationConfig,
     TLSConfig,
 )
+from starttls_proxy.wire import MAX_HANDSHAKE_TIMEOUT, encode_alpn
 
 
 class Protocol(enum.Enum):
@@ -150,7 +151,7 @@ class Timeouts(_Model):
     #: A client that says nothing for this long before TLS is dropped.
     pre_tls_idle: Annotated[float, Field(gt=0)] = 300.0
     #: The whole TLS handshake, enforced by the worker and by the main process.
-    handshake: Annotated[float, Field(gt=0)] = 30.0
+    handshake: Annotated[float, Field(gt=0, le=MAX_HANDSHAKE_TIMEOUT)] = 30.0
     #: Connecting the backend and getting through its greeting.
     backend_connect: Annotated[float, Field(gt=0)] = 10.0
     #: A relayed session with no traffic either way; ``null`` = protocol default.
@@ -209,6 +210,15 @@ class ListenerConfig(_Model):
     @classmethod
     def _parse_listen(cls, value: object) -> object:
         return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
+
+    @field_validator("alpn")
+    @classmethod
+    def _alpn_fits(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        # Every spawn request carries the list: one that does not fit would
+        # fail each upgrade instead of the start.
+        if value is not None:
+            encode_alpn(value)
+        return value
 
     @field_validator("protocol")
     @classmethod

@@ -36,7 +36,7 @@ from protocols._base import (
 )
 from starttls_proxy import identity, metrics
 from starttls_proxy.handoff import HandoffError
-from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER, SpawnRequest
+from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER, SpawnRequest, usable_hint
 
 if TYPE_CHECKING:
     from starttls_proxy.server import ListenerRuntime
@@ -374,7 +374,7 @@ class Session:
         config = self.runtime.config
         request = SpawnRequest(
             handshake_timeout=config.timeouts.handshake,
-            server_name_hint=server_name_hint,
+            server_name_hint=usable_hint(server_name_hint),
             alpn=config.alpn_protocols,
             early=bytes(endpoint.held or b""),
         )

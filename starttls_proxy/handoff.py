@@ -1,7 +1,7 @@
 """Main-process side of the TLS helper: start it (through the keeper), hand
 it client sockets, follow its restarts.
 
-See ``keeper`` and ``zygote`` for the wire formats. ``TLSHelper.start`` is
+See ``keeper`` and ``wire`` (``tlshelper/wire.h``) for the wire formats. ``TLSHelper.start`` is
 blocking and runs before the event loop (while the process may still be
 root: the keeper and the helper keep those privileges); ``spawn`` is called
 from the loop and never blocks.
@@ -16,10 +16,11 @@ import json
 import logging
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 
 from starttls_proxy import metrics
-from starttls_proxy.keeper import start_interpreter
+from starttls_proxy._process import start_process
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, encode
 from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
 
@@ -59,7 +60,8 @@ class TLSHelper:
         self.layers: list[tuple[str, bool, str]] = []
         #: The same for the key server; None when the helper holds the keys.
         self.key_server_layers: list[tuple[str, bool, str]] | None = None
-        self._ids = itertools.count(1)
+        #: Spawn request ids are a u32 on the wire (only echoed, never looked up).
+        self._ids = itertools.cycle(range(1, 2**32))
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Called with (pid, status) when a worker exits.
         self.on_worker_exit: Callable[[int, int], None] = lambda pid, status: None
@@ -71,7 +73,7 @@ class TLSHelper:
     @classmethod
     def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
         """Start the keeper and wait until the first helper is ready."""
-        keeper, ours = start_interpreter("starttls_proxy.keeper")
+        keeper, ours = start_process([sys.executable, "-m", "starttls_proxy.keeper"])
         ours.settimeout(STARTUP_TIMEOUT)
         ours.send(json.dumps({"tls": encode(tls), "isolation": encode(isolation)}).encode())
         try:
@@ -230,10 +232,13 @@ class TLSHelper:
             raise HandoffError(f"{len(request.early)} bytes before the TLS handshake started")
         if self.control is None:
             raise HandoffError("the TLS helper is restarting")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        request = dataclasses.replace(request, id=next(self._ids))
         try:
-            socket.send_fds(self.control, [request.encode()], [client.fileno(), theirs.fileno()])
+            message = dataclasses.replace(request, id=next(self._ids)).encode()
+        except ValueError as error:
+            raise HandoffError(f"unusable spawn request: {error}") from None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            socket.send_fds(self.control, [message], [client.fileno(), theirs.fileno()])
         except OSError as error:
             ours.close()
             raise HandoffError(f"cannot reach the TLS helper: {error}") from None

@@ -7,14 +7,19 @@ helper therefore needs a privileged parent that the network-facing process
 cannot steer. The keeper is that parent, and nothing more:
 
 * the main process execs it fresh (``python -m starttls_proxy.keeper FD``)
-  before its event loop exists, while still root; it imports no TLS code,
-  reads no key, and only ever parses the configuration message below,
-  which it validates (``checked_configuration``: the helper and the key
-  server take it from the keeper without validating it again);
-* it starts the helper (``zygote``) with a new control socket, waits for
-  its "ready", and passes the main process the other end of that socket
-  over its own socket (SCM_RIGHTS); it does so again whenever the helper
-  dies, so the main process never needs privileges to get a new one;
+  before its event loop exists, while still root; it reads no key, imports
+  no TLS code but ``cryptography.x509`` (for the certificate chains), and
+  only ever parses the configuration message below, which it validates
+  (``checked_configuration``: the helper and the key server take it from
+  the keeper without validating it again);
+* it starts the helper (C, ``tlshelper/stp-helper FD``) with a new control
+  socket and hands it its *description* (``tls_description``): the
+  settings and the certificate chains, with what needs Python or a look at
+  this machine done beforehand (the chains checked, the workers' seccomp
+  filter compiled, the chroot directory prepared). It waits for the
+  helper's "ready" and passes the main process the other end of that
+  socket over its own socket (SCM_RIGHTS); it does so again whenever the
+  helper dies, so the main process never needs privileges to get a new one;
 * it is a child subreaper (PR_SET_CHILD_SUBREAPER): the workers of a dead
   helper, which keep serving their sessions (each talks to the main process
   over its own channel), become its children; it reaps them and reports
@@ -77,36 +82,22 @@ from pathlib import Path
 from typing import Any
 
 from starttls_proxy import procname, provider
-from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, checked, encode
+from starttls_proxy._process import EXIT_TIMEOUT, MAX_MESSAGE, STARTUP_TIMEOUT, start_process
+from starttls_proxy.helper_start import (
+    HelperStartError,
+    describe_helper,
+    launch_helper,
+    require_helper,
+)
+from starttls_proxy.settings import (
+    ConfigError,
+    IsolationConfig,
+    TLSConfig,
+    checked,
+    encode,
+)
 
-MAX_MESSAGE = 64 * 1024
-#: How long a helper may take to prepare the sandbox and load certificates.
-STARTUP_TIMEOUT = 30.0
-#: How long the keeper waits for the helper once the main process is gone.
-EXIT_TIMEOUT = 10.0
 PR_SET_CHILD_SUBREAPER = 36
-
-
-class HelperStartError(Exception):
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
-
-
-def start_interpreter(
-    module: str, env: dict[str, str] | None = None
-) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Exec ``python -m MODULE FD`` with one end of a new SOCK_SEQPACKET pair
-    as FD; return the process and the other end."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with theirs:
-        process = subprocess.Popen(
-            [sys.executable, "-m", module, str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            env=env,
-        )
-    return process, ours
 
 
 def _close_all(fds: list[int]) -> None:
@@ -145,7 +136,7 @@ class KeyServerProcess:
     def _start(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
         # The keeper's own environment: OPENSSL_CONF with the provider is
         # only ever set for the helpers.
-        process, control = start_interpreter("starttls_proxy.keyserver")
+        process, control = start_process([sys.executable, "-m", "starttls_proxy.keyserver"])
         control.settimeout(STARTUP_TIMEOUT)
         try:
             control.send(json.dumps({"isolation": self.isolation}).encode())
@@ -274,8 +265,10 @@ class Keeper:
         server, it first loads the keys (their files opened here), and the
         helper gets their references and a link to it.
         """
-        settings = dict(configuration or self.configuration)
+        require_helper()
+        settings = configuration or self.configuration
         key_files: list[int] = []
+        references: list[str] | None = None
         link: socket.socket | None = None
         try:
             if settings["isolation"]["key_server"]:
@@ -284,8 +277,8 @@ class Keeper:
                     key_files = [os.dup(fd) for fd in self.key_files]
                 else:
                     key_files = open_key_files(settings)
-                settings["key_references"], link = key_server.load(key_files)
-            self._start_helper_process(settings, link, reloaded)
+                references, link = key_server.load(key_files)
+            self._start_helper_process(settings, references, link, reloaded)
         except BaseException:
             _close_all(key_files)
             raise
@@ -305,9 +298,9 @@ class Keeper:
             )
         return self.key_server
 
-    def _helper_environment(self, settings: dict[str, Any]) -> dict[str, str] | None:
+    def _helper_environment(self, key_references: bool) -> dict[str, str] | None:
         """OPENSSL_CONF with the provider, for a helper that loads key references."""
-        if "key_references" not in settings:
+        if not key_references:
             return None
         if self.runtime is None:
             self.runtime = Path(tempfile.mkdtemp(prefix="starttls-proxy-"))
@@ -315,23 +308,18 @@ class Keeper:
         return {**os.environ, "OPENSSL_CONF": str(self.runtime / "openssl.cnf")}
 
     def _start_helper_process(
-        self, settings: dict[str, Any], link: socket.socket | None, reloaded: bool
+        self,
+        settings: dict[str, Any],
+        references: list[str] | None,
+        link: socket.socket | None,
+        reloaded: bool,
     ) -> None:
-        process, ours = start_interpreter(
-            "starttls_proxy.zygote", self._helper_environment(settings)
+        process, ours, reply = launch_helper(
+            describe_helper(settings, references),
+            link,
+            self._helper_environment(references is not None),
         )
         with ours:
-            ours.settimeout(STARTUP_TIMEOUT)
-            message = json.dumps(settings).encode()
-            if link is not None:
-                socket.send_fds(ours, [message], [link.fileno()])
-            else:
-                ours.send(message)
-            try:
-                reply = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
-            except TimeoutError:
-                process.kill()
-                raise HelperStartError(["the TLS helper did not start in time"]) from None
             if not reply.get("ready"):
                 process.wait(5)
                 raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])

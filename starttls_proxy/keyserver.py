@@ -72,12 +72,12 @@ from starttls_proxy import procname, seccomp_policy
 from starttls_proxy.sandbox import (
     LIBC,
     LayerStatus,
-    Sandbox,
     become,
     harden,
     prepare_root_directory,
     unshare_namespaces,
 )
+from starttls_proxy.sandbox import problems as sandbox_problems
 from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 
 if TYPE_CHECKING:
@@ -264,7 +264,7 @@ def confine(isolation: IsolationConfig) -> list[LayerStatus]:
     program = b""
     if layers.seccomp:
         with contextlib.suppress(ImportError, RuntimeError, OSError):
-            program = seccomp_policy.compile_filter(seccomp_policy.KEY_SERVER_ALLOWED)
+            program = seccomp_policy.compile_filter(seccomp_policy.KEY_SERVER_ALLOWED, fionbio=True)
     _warm_up()
     uid = user_id(isolation)
     steps = (
@@ -396,7 +396,7 @@ def serve(control: socket.socket) -> int:
     # Its epoll descriptor is made before the seccomp filter forbids that.
     server = KeyServer(control, Service(control.fileno()))
     statuses = confine(isolation)
-    problems = Sandbox(isolation).problems(statuses)
+    problems = sandbox_problems(isolation, statuses)
     if problems:
         control.send(json.dumps({"problems": problems}).encode())
         return 1

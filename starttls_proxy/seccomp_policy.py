@@ -1,32 +1,35 @@
-"""The seccomp-bpf allow-list of a TLS worker.
+"""The seccomp-bpf allow-lists of the TLS workers and of the key server.
 
-The filter is compiled once, in the TLS helper, with libseccomp (through
-``pyseccomp``, which binds the system's ``libseccomp.so.2`` with ctypes);
-every worker then only hands the finished BPF program to the kernel, so
+Each filter is compiled with libseccomp (through ``pyseccomp``, which binds
+the system's ``libseccomp.so.2`` with ctypes) before anything is confined by
+it: the workers' by the keeper, once per TLS helper it starts, which hands
+the finished BPF program to the helper in its description
+(``tls_description``); the key server's by the key server itself, before it
+holds a key. A confined process only hands its program to the kernel, so
 libseccomp's compiler never runs in a worker and costs nothing per
 connection.
 
 What a worker does once sandboxed is small and known: the handshake and the
-pump over its two sockets (``worker.run``), reading and writing, waiting in
-poll/select, the handshake alarm, memory management for Python and
-OpenSSL, fresh randomness for OpenSSL's DRBG, and exiting. The lists below
-come from ``strace -f`` of real workers (SMTP with STARTTLS and implicit
-TLS, TLS 1.2 and 1.3, 3 MB messages, handshake failures, clients that reset
-or leave without close_notify): after the filter is loaded they only ever
-called read/write, recvfrom/sendto, poll/pselect6, ioctl(FIONBIO),
-getsockname/getsockopt, getpid, getrandom, alarm, brk, shutdown and
-exit_group. The rest of the list covers other architectures, larger
-allocations and exits, and is kept that small on purpose.
+pump over its two sockets (``tlshelper/worker.c``), reading and writing,
+waiting in poll, cancelling the handshake deadline, memory for OpenSSL,
+fresh randomness for OpenSSL's DRBG, and exiting. ``WORKER_ALLOWED`` is the
+list of what the C worker calls after its filter is loaded (``strace -f``
+of real workers: SMTP and IMAP, TLS 1.2 and 1.3, megabytes each way), plus
+the other spellings of the same calls on other architectures (ppoll where
+there is no poll) and the C library's own (futex, gettid, rt_sigreturn).
+It never calls ioctl, so the workers' filter has no ioctl rule at all;
+the key server's allows FIONBIO, which Python's ``socket.setblocking``
+uses.
 
-Anything else kills the whole worker (``SECCOMP_RET_KILL_PROCESS``; the helper
-sees it end by SIGSYS and the main process counts it as ``seccomp``), except
-a few calls that library code makes on error paths, which fail with EPERM
-instead: Python's traceback printer opens and stats source files, and
-``abort()`` signals itself. Calls an attacker would want first (socket,
-connect, fork/clone, execve, kill, ptrace, open) are in that EPERM set too
-rather than killing at once: they fail either way, and the test-only self
-check (``selftest``) can then show each of them failing from inside a real
-worker.
+Anything else kills the whole process (``SECCOMP_RET_KILL_PROCESS``; the
+helper sees a worker end by SIGSYS and the main process counts it as
+``seccomp``), except a few calls that library code makes on error paths,
+which fail with EPERM instead: Python's traceback printer (the key server)
+opens and stats source files, and ``abort()`` signals itself. Calls an
+attacker would want first (socket, connect, fork/clone, execve, kill,
+ptrace, open) are in that EPERM set too rather than killing at once: they
+fail either way, and the test-only self check can then show each of them
+failing from inside a real worker.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import ctypes
 import errno
 import tempfile
 
-#: What the handshake and the pump need.
-ALLOWED = (
+#: What the C worker calls once confined (see the module docstring).
+WORKER_ALLOWED = (
     # The two sockets (and stderr, for last words).
     "read",
     "write",
@@ -44,26 +47,22 @@ ALLOWED = (
     "sendto",
     "shutdown",
     "close",
-    "getsockopt",
-    # Python's socket(fileno=...) asks for the family.
-    "getsockname",
-    "getpeername",
-    # Waiting (select is pselect6 on x86_64, poll is ppoll on arm64).
+    # Waiting (poll is ppoll on arm64).
     "poll",
     "ppoll",
-    "select",
-    "pselect6",
     "restart_syscall",
     "clock_gettime",
     "gettimeofday",
-    # Cancelling the handshake alarm (setitimer where alarm is no system
-    # call). Its handler cannot be changed: rt_sigaction is not allowed.
-    "alarm",
+    # Cancelling the handshake deadline. Its handler cannot be changed:
+    # rt_sigaction is not allowed.
     "setitimer",
     "rt_sigreturn",
     "rt_sigprocmask",
-    # Memory for Python and OpenSSL, bounded by RLIMIT_AS; no mprotect, so
-    # no page is ever made executable.
+    # The sanitizers' runtime (scripts/test-sanitized.sh) asks for it at
+    # exit; it concerns the caller's own signal delivery only.
+    "sigaltstack",
+    # Memory for OpenSSL, bounded by RLIMIT_AS; no mprotect, so no page is
+    # ever made executable.
     "brk",
     "mmap",
     "munmap",
@@ -79,16 +78,37 @@ ALLOWED = (
     "exit_group",
 )
 
-#: The key server (``keyserver``) once confined: what a worker needs but
-#: waiting with poll/select and the alarm (it waits in epoll), plus its
-#: epoll, descriptors arriving with SCM_RIGHTS (the workers' connections;
-#: the key files the keeper opened, read with pread).
+#: The key server (``keyserver``) once confined: its sockets and, since it
+#: waits in epoll, neither poll/select nor the alarm; descriptors arriving
+#: with SCM_RIGHTS (the workers' connections; the key files the keeper
+#: opened, read with pread).
 KEY_SERVER_ALLOWED = (
-    *(
-        name
-        for name in ALLOWED
-        if name not in {"shutdown", "poll", "ppoll", "select", "pselect6", "alarm", "setitimer"}
-    ),
+    "read",
+    "write",
+    "recvfrom",
+    "sendto",
+    "close",
+    "getsockopt",
+    # Python's socket(fileno=...) asks for the family.
+    "getsockname",
+    "getpeername",
+    "restart_syscall",
+    "clock_gettime",
+    "gettimeofday",
+    "rt_sigreturn",
+    "rt_sigprocmask",
+    # Memory for Python and OpenSSL, bounded by RLIMIT_AS; no mprotect.
+    "brk",
+    "mmap",
+    "munmap",
+    "mremap",
+    "madvise",
+    "getrandom",
+    "getpid",
+    "futex",
+    "gettid",
+    "exit",
+    "exit_group",
     "pread64",
     "recvmsg",
     "sendmsg",
@@ -131,8 +151,9 @@ REFUSED = (
     "process_vm_writev",
 )
 
-#: ``ioctl`` only for FIONBIO, which Python's ``socket.setblocking`` uses;
-#: never TIOCSTI and friends on an inherited terminal.
+#: ``ioctl`` only for FIONBIO (``compile_filter(fionbio=True)``), which
+#: Python's ``socket.setblocking`` uses; never TIOCSTI and friends on an
+#: inherited terminal.
 FIONBIO = 0x5421
 
 PR_SET_SECCOMP = 22
@@ -146,9 +167,9 @@ class _SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-def compile_filter(allowed: tuple[str, ...] = ALLOWED) -> bytes:
-    """The BPF program allowing ``allowed`` for this machine's architecture
-    (raw ``sock_filter``s).
+def compile_filter(allowed: tuple[str, ...], *, fionbio: bool = False) -> bytes:
+    """The BPF program allowing ``allowed`` (and, with ``fionbio``, ioctl
+    FIONBIO) for this machine's architecture (raw ``sock_filter``s).
 
     Raises ``ImportError`` or ``OSError`` when libseccomp is not usable.
     """
@@ -161,7 +182,8 @@ def compile_filter(allowed: tuple[str, ...] = ALLOWED) -> bytes:
             if pyseccomp.resolve_syscall(native, name) == NR_SCMP_ERROR:
                 continue  # unknown to this libseccomp
             selected.add_rule(action, name)
-    selected.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, FIONBIO))
+    if fionbio:
+        selected.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, FIONBIO))
     with tempfile.TemporaryFile() as out:
         selected.export_bpf(out)
         out.seek(0)

@@ -24,13 +24,15 @@ from starttls_proxy import identity, metrics
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.connection import ClientEndpoint, Session
 from starttls_proxy.handoff import TLSHelper
-from starttls_proxy.sandbox import EXIT_DEADLINE, EXIT_SANDBOX_FAILED, drop_privileges
+from starttls_proxy.sandbox import drop_privileges
 from starttls_proxy.settings import ConfigError
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
+    EXIT_DEADLINE,
     EXIT_HANDSHAKE_FAILED,
     EXIT_NOT_TLS,
     EXIT_OK,
+    EXIT_SANDBOX_FAILED,
     EXIT_SPARE_UNUSED,
     EXIT_TLS_ERROR,
 )

@@ -1,36 +1,38 @@
-"""TLS server contexts: certificates loaded, checked and chosen by SNI.
+"""The TLS policy rendered with pyOpenSSL: certificates loaded, checked and
+chosen by SNI.
 
-Only the TLS helper process (and ``--check``) calls this module: the main
-process never reads a private key. With ``isolation.key_server`` the helper
-does not either: it loads key references (``provider``) in their place.
+The TLS helper (C, ``tlshelper/contexts.c``) serves the policy that
+``tls_description`` writes down once; this module builds the same
+contexts with pyOpenSSL, which stays the place where a certificate, its key
+and the policy are validated: ``starttls-proxy --check`` loads every
+configured pair here (refusing a key that does not match its
+certificate), and ``tests/tlshelper/test_handshakes.py`` holds the C
+helper and these contexts to the same handshake results. Only ``--check``
+reads private keys in this way; the running proxy never imports it.
 
-Policy: TLS 1.2 or newer, forward secrecy only (ECDHE suites for TLS 1.2; TLS
-1.3 suites are all ephemeral), key shares X25519 and P-256, RSA or ECDSA
-certificates, no compression, no renegotiation.
+Policy: that of ``tls_description``, RSA or ECDSA certificates, no
+compression, no renegotiation, no session cache.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
 from OpenSSL import SSL
-from OpenSSL._util import exception_from_error_queue
-from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl
 
 from starttls_proxy.keyserver import PrivateKey, read_private_key
 from starttls_proxy.settings import ConfigError, TLSConfig
+from starttls_proxy.tls_description import (
+    KEY_SHARE_GROUPS,
+    TLS12_CIPHERS,
+    TLS13_SUITES,
+    dns_names,
+)
 
-TLS12_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
-KEY_SHARE_GROUPS = b"X25519:P-256"
 _MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
-#: A TLS 1.3 handshake takes two client flights; a few more rounds are slack.
-WARM_UP_FLIGHTS = 4
-WARM_UP_READ = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,6 @@ class LoadedCertificate:
     context: SSL.Context
     #: DNS names the leaf is valid for (SAN, or CN when there is no SAN).
     names: tuple[str, ...]
-    not_after: datetime
     serial: int
 
 
@@ -48,10 +49,12 @@ def _new_context(min_version: str) -> SSL.Context:
     context.set_options(
         SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION
     )
-    context.set_cipher_list(TLS12_CIPHERS)
-    # pyOpenSSL only exposes a single ECDH curve; the group list needs the
-    # binding underneath it.
-    if not _openssl.SSL_CTX_set1_curves_list(context._context, KEY_SHARE_GROUPS):
+    context.set_cipher_list(TLS12_CIPHERS.encode())
+    # pyOpenSSL exposes neither the TLS 1.3 suites nor more than one ECDH
+    # curve; both need the binding underneath it.
+    if not _openssl.SSL_CTX_set_ciphersuites(context._context, TLS13_SUITES.encode()):
+        raise RuntimeError("OpenSSL refused the TLS 1.3 cipher suites")
+    if not _openssl.SSL_CTX_set1_curves_list(context._context, KEY_SHARE_GROUPS.encode()):
         raise RuntimeError("OpenSSL refused the key share groups")
     # Workers are single-use processes: a server-side session cache would die
     # with each one. Tickets (keys shared through the helper) still resume.
@@ -59,40 +62,10 @@ def _new_context(min_version: str) -> SSL.Context:
     return context
 
 
-def _names(leaf: x509.Certificate) -> tuple[str, ...]:
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
-    except x509.ExtensionNotFound:
-        common = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-        return tuple(str(attribute.value).lower() for attribute in common)
-
-
-def _use_key_reference(context: SSL.Context, reference: bytes) -> None:
-    """Load a key reference, which only the provider (OPENSSL_CONF) decodes.
-
-    Raises ``SSL.Error`` when the key does not match the certificate.
-    """
-    bio = _openssl.BIO_new_mem_buf(reference, len(reference))
-    key = _openssl.PEM_read_bio_PrivateKey(bio, _ffi.NULL, _ffi.NULL, _ffi.NULL)
-    _openssl.BIO_free(bio)
-    if key == _ffi.NULL:
-        _openssl.ERR_clear_error()
-        raise ConfigError(["the key-reference provider is not loaded (OPENSSL_CONF)"])
-    try:
-        if not _openssl.SSL_CTX_use_PrivateKey(context._context, key):
-            exception_from_error_queue(SSL.Error)
-    finally:
-        _openssl.EVP_PKEY_free(key)
-
-
-def load_certificate(
-    cert: Path, key: Path, min_version: str, where: str, reference: bytes | None = None
-) -> LoadedCertificate:
-    """Load one certificate and its key, or the key's ``reference`` (the key
-    server made it from ``key``); refuse a pair that does not match."""
+def load_certificate(cert: Path, key: Path, min_version: str, where: str) -> LoadedCertificate:
+    """Load one certificate and its key; refuse a pair that does not match."""
     problems: list[str] = []
-    files = (("cert", cert),) if reference is not None else (("cert", cert), ("key", key))
+    files = (("cert", cert), ("key", key))
     for label, path in files:
         if not path.is_file():
             problems.append(f"{where}.{label}: file not found: {path}")
@@ -107,10 +80,7 @@ def load_certificate(
     try:
         # The same failsafe as `sslmate download`: never serve a pair that
         # does not belong together.
-        if reference is not None:
-            _use_key_reference(context, reference)
-        else:
-            context.use_privatekey(_read_key_file(key, f"{where}.key"))
+        context.use_privatekey(_read_key_file(key, f"{where}.key"))
         context.check_privatekey()
     except SSL.Error:
         raise ConfigError(
@@ -118,8 +88,7 @@ def load_certificate(
         ) from None
     return LoadedCertificate(
         context=context,
-        names=_names(leaf),
-        not_after=leaf.not_valid_after_utc,
+        names=dns_names(leaf),
         serial=leaf.serial_number,
     )
 
@@ -152,13 +121,6 @@ class CertificateStore:
         for certificate in certificates:
             certificate.context.set_alpn_select_callback(_select_alpn)
 
-    def reachable_from(self, context: SSL.Context) -> list[int]:
-        """The certificates (indexes) a connection that starts on ``context``
-        may end up serving: SNI switches only away from the default."""
-        if context is self.default:
-            return list(range(len(self.certificates)))
-        return [i for i, c in enumerate(self.certificates) if c.context is context]
-
     def context_for(self, server_name: str | None) -> SSL.Context:
         if server_name:
             name = server_name.lower().rstrip(".")
@@ -167,46 +129,12 @@ class CertificateStore:
                     return certificate.context
         return self.default
 
-    def warm_up(self) -> None:
-        """One TLS 1.3 handshake per certificate, in memory, before any fork.
-
-        OpenSSL fetches its algorithms and fills its caches on first use;
-        done here, every worker inherits them instead of paying again (about
-        a millisecond of each handshake). With key references the helper has
-        no key-server connection, so the handshake fails at the signature,
-        once every algorithm a worker needs has been fetched (the provider's
-        signature method included), without a signature being counted.
-        """
-        client_context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        for certificate in self.certificates:
-            with contextlib.suppress(SSL.Error):
-                _handshake_in_memory(certificate.context, client_context)
-
     def _on_server_name(self, connection: SSL.Connection) -> None:
         raw = connection.get_servername()
         name = raw.decode("ascii", "replace") if raw else None
         context = self.context_for(name)
         if context is not connection.get_context():
             connection.set_context(context)
-
-
-def _handshake_in_memory(server_context: SSL.Context, client_context: SSL.Context) -> None:
-    server = SSL.Connection(server_context)
-    server.set_accept_state()
-    client = SSL.Connection(client_context)
-    client.set_connect_state()
-    for _ in range(WARM_UP_FLIGHTS):
-        done = True
-        for sender, receiver in ((client, server), (server, client)):
-            try:
-                sender.do_handshake()
-            except SSL.WantReadError:
-                done = False
-            with contextlib.suppress(SSL.WantReadError):
-                while True:
-                    receiver.bio_write(sender.bio_read(WARM_UP_READ))
-        if done:
-            return
 
 
 def _select_alpn(
@@ -220,11 +148,8 @@ def _select_alpn(
     return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
-def load_certificates(tls: TLSConfig, references: list[bytes] | None = None) -> CertificateStore:
-    """Load every configured certificate, collecting all problems at once.
-
-    ``references``: the key server's references for the keys, in order.
-    """
+def load_certificates(tls: TLSConfig) -> CertificateStore:
+    """Load every configured certificate, collecting all problems at once."""
     loaded: list[LoadedCertificate] = []
     problems: list[str] = []
     for index, entry in enumerate(tls.certificates):
@@ -235,7 +160,6 @@ def load_certificates(tls: TLSConfig, references: list[bytes] | None = None) -> 
                     entry.key,
                     tls.min_version,
                     f"tls.certificates[{index}]",
-                    references[index] if references is not None else None,
                 )
             )
         except ConfigError as error:

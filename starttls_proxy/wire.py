@@ -1,10 +1,14 @@
-"""What the main process, the TLS helper and the workers say to each other.
+"""What the main process and the TLS helper (C, ``tlshelper/``) say to each other.
 
-Kept free of TLS imports: the main process uses it and never loads OpenSSL.
+``tlshelper/wire.h`` is the reference; every value here mirrors it, and a
+test holds the two in agreement. Kept free of TLS imports: the main process
+uses it and never loads OpenSSL.
 
-* Spawn requests (main -> helper, with two descriptors; see ``zygote``).
-* Assignments (helper -> spare worker, with the same descriptors and, with
-  the key server, a third: see ``zygote``).
+* Spawn requests (main -> helper, with two descriptors): a fixed binary
+  layout rather than JSON, because the helper is C and the request comes
+  from the network-facing process: a parser that only copies
+  length-prefixed fields into buffers of known size leaves little to get
+  wrong. Integers are big-endian.
 * The worker's report: the first frame on its plaintext channel, a 4-byte
   length and a JSON object, ``{"ok": true, "version", "cipher",
   "server_name", "alpn"}`` or ``{"ok": false, "reason"}``.
@@ -13,17 +17,20 @@ Kept free of TLS imports: the main process uses it and never loads OpenSSL.
 
 from __future__ import annotations
 
-import json
 import struct
-from dataclasses import asdict, dataclass
-
-from protocols._base import TLSInfo
+from dataclasses import dataclass
 
 EXIT_OK = 0
 EXIT_HANDSHAKE_FAILED = 10
 EXIT_NOT_TLS = 11
 EXIT_CLIENT_GONE = 12
 EXIT_TLS_ERROR = 13
+#: Past the handshake deadline. The alarm's handler is ``_exit`` itself,
+#: which gets the signal's number (SIGALRM) as its status: a PID namespace's
+#: init ignores even the kernel's SIGALRM unless it has a handler.
+EXIT_DEADLINE = 14
+#: A worker that could not enter a layer it was meant to.
+EXIT_SANDBOX_FAILED = 16
 #: A spare worker that never got a connection (its helper left): not a
 #: worker exit worth counting.
 EXIT_SPARE_UNUSED = 17
@@ -31,15 +38,25 @@ EXIT_SPARE_UNUSED = 17
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).
 MAX_EARLY_BYTES = 16 * 1024 + 5
-#: Room for the JSON part of a spawn request.
-MAX_SPAWN_REQUEST = MAX_EARLY_BYTES + 4096
+#: id, handshake timeout (ms); then the hint, the ALPN list and the early
+#: bytes, each after its length (u8, u8, u16).
+_SPAWN_HEADER = struct.Struct("!II")
+SPAWN_FIXED_SIZE = _SPAWN_HEADER.size + 1 + 1 + 2
+#: A one-byte length: the most a server name hint or an ALPN list can be.
+MAX_SHORT_FIELD = 255
+MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 2 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
+#: The handshake timeout travels in milliseconds, as a u32.
+MAX_HANDSHAKE_TIMEOUT = (2**32 - 1) / 1000
 
-#: The self check's sibling list (test only) is cut to this many PIDs.
-MAX_SIBLINGS = 1000
-#: Room for an ``Assignment``.
-MAX_ASSIGNMENT = MAX_SPAWN_REQUEST + 16 * MAX_SIBLINGS
 REPORT_HEADER = struct.Struct("!I")
 MAX_REPORT_SIZE = 64 * 1024
+
+#: TEST ONLY (``isolation.self_test``): the start of the line each worker
+#: logs about its own sandbox.
+SELF_TEST_LOG_PREFIX = "starttls_proxy.selftest "
+#: TEST ONLY: a client sending this SNI makes its worker call a system call
+#: outside the allow-list after the handshake (the filter must kill it).
+FORBIDDEN_SYSCALL_SNI = "forbidden-syscall.self-test"
 
 
 @dataclass(frozen=True)
@@ -55,58 +72,114 @@ class SpawnRequest:
     #: Set by the sender, echoed in the helper's ``spawned`` answer.
     id: int = 0
 
+    def encode(self) -> bytes:
+        """The request as ``tlshelper/wire.h`` lays it out; ``ValueError`` if
+        a field does not fit in it."""
+        if not 0 <= self.id < 2**32:
+            raise ValueError(f"spawn request id {self.id}")
+        hint = (self.server_name_hint or "").encode("ascii")
+        if len(hint) > MAX_SHORT_FIELD:
+            raise ValueError(f"server name hint longer than {MAX_SHORT_FIELD} bytes")
+        alpn = encode_alpn(self.alpn)
+        if len(self.early) > MAX_EARLY_BYTES:
+            raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
+        if not 0 < self.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:
+            raise ValueError(f"handshake timeout of {self.handshake_timeout} s")
+        # At least 1 ms: 0 would read as "no deadline" to an alarm.
+        timeout = max(1, round(self.handshake_timeout * 1000))
+        return b"".join(
+            (
+                _SPAWN_HEADER.pack(self.id, timeout),
+                bytes((len(hint),)),
+                hint,
+                bytes((len(alpn),)),
+                alpn,
+                len(self.early).to_bytes(2, "big"),
+                self.early,
+            )
+        )
+
     @classmethod
     def decode(cls, message: bytes) -> SpawnRequest:
-        """JSON, a newline (JSON text never contains a raw one), early bytes."""
-        header, _, early = message.partition(b"\n")
-        fields = json.loads(header)
-        hint = fields.get("server_name_hint")
+        """The inverse of ``encode``; ``ValueError`` for anything it would not make."""
+        if len(message) > MAX_SPAWN_REQUEST:
+            raise ValueError("spawn request too long")
+        reader = _Reader(message)
+        request_id, timeout = _SPAWN_HEADER.unpack(reader.take(_SPAWN_HEADER.size))
+        hint = reader.field(1)
+        alpn = _alpn_names(reader.field(1))
+        early = reader.field(2)
+        if reader.offset != len(message):
+            raise ValueError("bytes after the spawn request")
+        if len(early) > MAX_EARLY_BYTES:
+            raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
+        if hint and usable_hint(hint.decode("latin-1")) is None:
+            raise ValueError("the server name hint is no host name")
         return cls(
-            id=int(fields["spawn"]),
-            handshake_timeout=float(fields["handshake_timeout"]),
-            server_name_hint=hint if isinstance(hint, str) else None,
-            alpn=tuple(str(name) for name in fields.get("alpn", ())),
+            id=request_id,
+            handshake_timeout=timeout / 1000,
+            server_name_hint=hint.decode("ascii") if hint else None,
+            alpn=alpn,
             early=early,
         )
 
-    def encode(self) -> bytes:
-        header = {
-            "spawn": self.id,
-            "handshake_timeout": self.handshake_timeout,
-            "server_name_hint": self.server_name_hint,
-            "alpn": list(self.alpn),
-        }
-        return json.dumps(header).encode() + b"\n" + self.early
+
+def usable_hint(name: str | None) -> str | None:
+    """``name`` as a ``SpawnRequest.server_name_hint``, or None when no
+    certificate name could match it anyway: certificates name hosts in
+    printable ASCII (A-labels), in at most 253 bytes, so nothing is lost
+    where the hint does not fit its field.
+
+    The hint comes from the client (XMPP's stream ``to``); without a usable
+    one the worker serves the default certificate, as for a name nothing
+    matches.
+    """
+    # The helper takes printable ASCII without spaces, as host names are.
+    if name is None or not name.isascii() or not name.isprintable() or " " in name:
+        return None
+    return name if len(name) <= MAX_SHORT_FIELD else None
 
 
-@dataclass(frozen=True)
-class Assignment:
-    """Helper -> spare worker: the connection it is to serve (its
-    descriptors ride along with SCM_RIGHTS)."""
-
-    request: SpawnRequest
-    #: The other live workers, which the self check tries to reach.
-    siblings: tuple[int, ...] = ()
-
-    @classmethod
-    def decode(cls, message: bytes) -> Assignment:
-        """The sibling PIDs as one JSON line, then the spawn request as it came."""
-        siblings, _, request = message.partition(b"\n")
-        return cls(SpawnRequest.decode(request), tuple(int(pid) for pid in json.loads(siblings)))
-
-    def encode(self) -> bytes:
-        siblings = list(self.siblings[:MAX_SIBLINGS])
-        return json.dumps(siblings).encode() + b"\n" + self.request.encode()
+def encode_alpn(names: tuple[str, ...]) -> bytes:
+    """ALPN protocol names in their wire format (RFC 7301 section 3.1), as
+    one spawn request field; ``ValueError`` when they do not fit."""
+    wire = b""
+    for name in names:
+        if not name or not name.isascii():
+            raise ValueError(f"ALPN protocol {name!r}: not a non-empty ASCII name")
+        wire += bytes((len(name),)) + name.encode("ascii")
+    if len(wire) > MAX_SHORT_FIELD:
+        raise ValueError(
+            f"ALPN protocols take {len(wire)} bytes on the wire, more than {MAX_SHORT_FIELD}"
+        )
+    return wire
 
 
-def _frame(report: dict[str, object]) -> bytes:
-    payload = json.dumps(report).encode()
-    return REPORT_HEADER.pack(len(payload)) + payload
+def _alpn_names(wire: bytes) -> tuple[str, ...]:
+    reader = _Reader(wire)
+    names = []
+    while reader.offset < len(wire):
+        name = reader.field(1)
+        if not name:
+            raise ValueError("empty ALPN protocol name")
+        names.append(name.decode("ascii"))
+    return tuple(names)
 
 
-def handshake_report(info: TLSInfo) -> bytes:
-    return _frame({"ok": True, **asdict(info)})
+class _Reader:
+    """Length-prefixed fields out of ``data``; ``ValueError`` where it ends early."""
 
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offset = 0
 
-def failure_report(reason: str) -> bytes:
-    return _frame({"ok": False, "reason": reason})
+    def take(self, size: int) -> bytes:
+        end = self.offset + size
+        if end > len(self.data):
+            raise ValueError("spawn request truncated")
+        chunk = self.data[self.offset : end]
+        self.offset = end
+        return chunk
+
+    def field(self, length_size: int) -> bytes:
+        return self.take(int.from_bytes(self.take(length_size), "big"))

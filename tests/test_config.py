@@ -87,6 +87,15 @@ def test_spare_workers_are_bounded(
             {"limits": {"max_line_length": 10}},
             "listeners[0].limits.max_line_length: Input should be greater than or equal to 512",
         ),
+        (
+            {"alpn": ["x" * 200, "y" * 100]},
+            "listeners[0].alpn: Value error, ALPN protocols take 302 bytes on the wire",
+        ),
+        ({"alpn": [""]}, "listeners[0].alpn: Value error, ALPN protocol ''"),
+        (
+            {"timeouts": {"handshake": 5e6}},
+            "listeners[0].timeouts.handshake: Input should be less than or equal to 4294967.295",
+        ),
     ],
 )
 def test_problems_name_their_yaml_path(

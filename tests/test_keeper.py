@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
+from pathlib import Path
+from typing import Any
 
-from starttls_proxy.keeper import Keeper
+import pytest
+
+from starttls_proxy import helper_start
+from starttls_proxy.helper_start import HELPER_MISSING, HelperStartError, describe_helper
+from starttls_proxy.keeper import Keeper, checked_configuration
+from starttls_proxy.tls_description import Tag, records
 
 TLS = {"certificates": [{"cert": "/etc/a/cert.pem", "key": "/etc/a/key.pem"}]}
 
@@ -20,3 +29,55 @@ def test_the_keeper_outlives_a_main_process_that_has_left() -> None:
     with ours:
         keeper = Keeper(ours, configuration)
         assert keeper.on_child_exit(pid=123_456, code=0)
+
+
+def _settings(cert_dir: Path, tmp_path: Path, **isolation: object) -> dict[str, Any]:
+    return checked_configuration(
+        json.dumps(
+            {
+                "tls": {
+                    "certificates": [
+                        {"cert": str(cert_dir / "cert.pem"), "key": str(cert_dir / "key.pem")},
+                        {"cert": str(tmp_path / "gone.pem"), "key": str(cert_dir / "key.pem")},
+                    ]
+                },
+                "isolation": {"chroot": str(tmp_path / "empty"), **isolation},
+            }
+        ).encode()
+    )
+
+
+def test_the_helper_is_described_with_what_the_keeper_prepared(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    settings = _settings(cert_dir, tmp_path, uid_range=[300_000, 10])
+    del settings["tls"]["certificates"][1]
+    found = dict(records(describe_helper(settings, ["reference"])))
+    # The last UID of the range is the key server's.
+    assert found[Tag.UID_RANGE] == struct.pack("!II", 300_000, 9)
+    assert found[Tag.KEY] == b"reference"
+    assert Tag.SECCOMP in found or Tag.SECCOMP_MISSING in found
+    if os.geteuid() == 0:
+        assert Tag.CHROOT_MISSING not in found
+        assert (tmp_path / "empty").stat().st_mode & 0o777 == 0o555
+
+
+def test_certificate_problems_stop_the_helper_before_it_starts(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(HelperStartError) as refused:
+        describe_helper(_settings(cert_dir, tmp_path, key_server=False), None)
+    assert refused.value.problems == [
+        f"tls.certificates[1].cert: file not found: {tmp_path / 'gone.pem'}"
+    ]
+
+
+def test_a_helper_that_is_not_built_is_named(
+    cert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(helper_start, "HELPER", tmp_path / "stp-helper")
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    configuration = json.dumps({"tls": TLS, "isolation": {"key_server": False}}).encode()
+    with ours, theirs, pytest.raises(HelperStartError) as refused:
+        Keeper(ours, configuration).start_helper()
+    assert refused.value.problems == [HELPER_MISSING]

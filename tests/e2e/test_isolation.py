@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.selftest import FORBIDDEN_SYSCALL_SNI, LOG_PREFIX
+from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, SELF_TEST_LOG_PREFIX
 from tests.realservers import processes
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import process_table
@@ -117,8 +117,8 @@ def _self_checks(proxy: ProxyProcess, pids: list[int]) -> dict[int, dict[str, ob
     while True:
         found = {}
         for line in proxy.log().splitlines():
-            if line.startswith(LOG_PREFIX):
-                report = json.loads(line.removeprefix(LOG_PREFIX))
+            if line.startswith(SELF_TEST_LOG_PREFIX):
+                report = json.loads(line.removeprefix(SELF_TEST_LOG_PREFIX))
                 found[int(report["status"]["NSpid"].split()[0])] = report
         if all(pid in found for pid in pids) or time.monotonic() > deadline:
             return {pid: found[pid] for pid in pids}

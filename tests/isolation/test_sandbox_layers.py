@@ -1,282 +1,357 @@
-"""Each sandbox layer, entered for real by forked children of the test process.
+"""Each sandbox layer, entered for real by workers of the real TLS helper.
 
-The children are forked by ``Sandbox.fork`` and enter ``Sandbox.enter``
-exactly as TLS workers do; what they find is sent back as JSON on a pipe
-(the only descriptor they keep).
+The C helper (``stp-helper``) is started as the keeper starts it and gets
+real loopback connections as the main process hands them over
+(``tests.tlshelper.harness``). What the helper finds out about the layers
+is its "ready" reply (a throwaway probe worker enters them all, as in
+production); what a worker finds inside its sandbox is the self check
+every worker runs with ``isolation.self_test`` (``tlshelper/selftest.c``:
+its identity, root, limits, and what open/socket/connect/fork/kill/ptrace
+return), read from the helper's stderr; how a worker ends is the exit
+status the helper reports for it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
-import os
-import resource
-import select
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
 
-from starttls_proxy.sandbox import (
-    EXIT_DEADLINE,
-    PR_SET_DUMPABLE,
-    Layer,
-    Sandbox,
-    arm_deadline,
-    prctl,
+from starttls_proxy.wire import EXIT_DEADLINE, EXIT_TLS_ERROR, FORBIDDEN_SYSCALL_SNI
+from tests.isolation.conftest import (
+    TEST_UIDS,
+    SelfTestLog,
+    handshake,
+    helper,
+    served,
+    worker_uid,
 )
-from starttls_proxy.settings import IsolationConfig, TLSConfig, checked
-from starttls_proxy.tls_contexts import load_certificates
-from starttls_proxy.worker import TLSPump
-from tests.isolation.conftest import TEST_UIDS, make_sandbox
+from tests.tlshelper.harness import Connection, RunningHelper
 
-Report = dict[str, object]
-
-
-def _in_worker(
-    sandbox: Sandbox,
-    body: Callable[[], Report],
-    prelude: Callable[[], None] = lambda: None,
-) -> tuple[Report | None, int]:
-    """Run ``prelude``, enter the sandbox, run ``body``; return its report and
-    the child's wait status."""
-    read_end, write_end = os.pipe()
-    pid = sandbox.fork()
-    if pid == 0:
-        try:
-            prelude()
-            (out,) = sandbox.enter(TEST_UIDS[0], [write_end])
-            os.write(out, json.dumps(body()).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        data = reader.read()
-    _, status = os.waitpid(pid, 0)
-    return (json.loads(data) if data else None), status
+#: The layers in the order a worker enters them (``tlshelper/wire.h``).
+LAYERS = (
+    "pid_namespace",
+    "namespaces",
+    "chroot",
+    "identity",
+    "hardening",
+    "memory_limit",
+    "seccomp",
+)
+OFF = "off (isolation.layers)"
+NOBODY = 65534
+MiB = 1024 * 1024
 
 
-def _errno_of(action: Callable[[], object]) -> str:
-    try:
-        action()
-    except OSError as error:
-        return errno.errorcode[error.errno or 0]
-    return "succeeded"
+def _applied(running: RunningHelper) -> dict[str, bool]:
+    return {name: applied for name, (applied, _) in running.layers.items()}
 
 
-def _fork_and_leave() -> None:
-    if os.fork() == 0:
-        os._exit(0)
+def _with_spares(running: RunningHelper, count: int = 2) -> list[int]:
+    """Wait until the helper has forked ``count`` spares ahead (its idle work)."""
+    deadline = time.monotonic() + 10
+    while len(children := running.children()) < count:
+        assert time.monotonic() < deadline, children
+        time.sleep(0.01)
+    return children
 
 
-def test_every_layer_applies_as_root(tmp_path: Path) -> None:
-    config = checked(
-        IsolationConfig, {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS}, "isolation"
-    )
-    sandbox, statuses = Sandbox.prepare(config, TEST_UIDS[0])
-    assert [(s.name, s.applied) for s in statuses] == [(layer.value, True) for layer in Layer]
-    assert sandbox.problems(statuses) == []
+def _vm_size(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmSize for {pid}")
+
+
+def test_every_layer_applies_as_root(tmp_path: Path, certificates: list[tuple[Path, Path]]) -> None:
+    with helper(tmp_path, certificates) as running:
+        assert running.reply["ready"] is True and "problems" not in running.reply
+        assert [(name, applied) for name, applied, _ in running.reply["layers"]] == [
+            (name, True) for name in LAYERS
+        ]
+    # The keeper made the empty root root-owned and unwritable.
     root = tmp_path / "empty"
     assert (root.stat().st_uid, root.stat().st_mode & 0o777) == (0, 0o555)
 
 
-def test_every_other_layer_applies_without_the_pid_namespace(tmp_path: Path) -> None:
+def test_every_other_layer_applies_without_the_pid_namespace(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
     """Regression: with only pid_namespace off, the probe worker once died
     before reporting (dup3 onto the same descriptor) and took every layer."""
-    config = checked(
-        IsolationConfig,
-        {"chroot": tmp_path / "empty", "uid_range": TEST_UIDS, "layers": {"pid_namespace": False}},
-        "isolation",
-    )
-    _, statuses = Sandbox.prepare(config, TEST_UIDS[0])
-    assert [(s.name, s.applied) for s in statuses] == [
-        (layer.value, layer is not Layer.PID_NAMESPACE) for layer in Layer
-    ]
+    with helper(tmp_path, certificates, layers={"pid_namespace": False}) as running:
+        assert _applied(running) == {name: name != "pid_namespace" for name in LAYERS}
+        assert running.layers["pid_namespace"] == (False, OFF)
+        served(running.spawn(), cert_dir)
 
 
-def test_worker_identity_root_and_limits(tmp_path: Path) -> None:
-    def look() -> Report:
-        return {
-            "pid": os.getpid(),
-            "uids": os.getresuid(),
-            "groups": os.getgroups(),
-            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE),
-            "nproc": resource.getrlimit(resource.RLIMIT_NPROC),
-        }
-
-    report, status = _in_worker(make_sandbox(tmp_path, layers={"seccomp": False}), look)
-    assert status == 0
-    assert report == {
-        "pid": 1,
-        "uids": [TEST_UIDS[0]] * 3,
+def test_worker_identity_root_and_limits(
+    tmp_path: Path,
+    certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    self_tests: SelfTestLog,
+) -> None:
+    memory_limit = 32 * MiB
+    with helper(tmp_path, certificates, self_test=True, memory_limit=memory_limit) as running:
+        connection = running.spawn()
+        with handshake(connection, cert_dir):
+            report = self_tests.of(connection.pid)
+            uid = worker_uid(connection.pid)
+            helper_size = _vm_size(running.process.pid)
+        connection.close()
+    first, count = TEST_UIDS
+    assert first <= uid < first + count
+    root = (tmp_path / "empty").stat()
+    assert {key: report[key] for key in ("pid", "uids", "gids", "groups", "root_entries")} == {
+        "pid": 1,  # PID 1 of a namespace of its own
+        "uids": [uid] * 3,  # the UID it has seen from outside, real, effective and saved
+        "gids": [uid] * 3,
         "groups": [],
-        "nofile": [4, 4],  # stdin, stdout, stderr and the pipe: nothing more
-        "nproc": [0, 0],
+        "root_entries": [],  # chrooted into the empty directory
     }
+    assert report["root_inode"] == [root.st_dev, root.st_ino]
+    assert report["status"]["NSpid"].split() == [str(connection.pid), "1"]
+    assert (report["dumpable"], report["no_new_privs"]) == (0, 1)
+    limits = report["rlimits"]
+    # stdin, stdout, stderr, the client, its channel and the self check's
+    # status file: nothing more.
+    assert (limits["nofile"], limits["nproc"], limits["core"]) == (6, 0, 0)
+    # The address space it inherited from the helper plus memory_limit.
+    assert abs(limits["as"] - memory_limit - helper_size) < 2 * MiB, (limits, helper_size)
 
 
-def test_other_layers_hold_without_seccomp(tmp_path: Path) -> None:
+def test_other_layers_hold_without_seccomp(
+    tmp_path: Path,
+    certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    self_tests: SelfTestLog,
+) -> None:
     """Defence in depth: with the filter off, chroot, rlimits and namespaces still stop."""
-    sandbox = make_sandbox(tmp_path, layers={"seccomp": False})
-    report, status = _in_worker(
-        sandbox,
-        lambda: {
-            "open": _errno_of(lambda: os.open("/etc/passwd", os.O_RDONLY)),
-            "socket": _errno_of(socket.socket),
-            "fork": _errno_of(_fork_and_leave),
-            "root": _errno_of(lambda: os.listdir("/")),
-            "kill_init": _errno_of(lambda: os.kill(-1, 0)),
-        },
-    )
-    assert status == 0
-    assert report == {
+    with helper(tmp_path, certificates, self_test=True, layers={"seccomp": False}) as running:
+        spares = _with_spares(running)
+        connection = running.spawn()
+        with handshake(connection, cert_dir):
+            report = self_tests.of(connection.pid)
+        connection.close()
+    assert report["status"]["Seccomp"] == "0"
+    assert {key: report[key] for key in ("open", "socket", "fork")} == {
         "open": "EMFILE",  # no descriptor left (and nothing in the empty root)
         "socket": "EMFILE",
-        "fork": "EAGAIN",
-        "root": "EMFILE",
-        "kill_init": "ESRCH",  # alone in its PID namespace
+        "fork": "EAGAIN",  # RLIMIT_NPROC 0
     }
+    # Its only socket is the client's, already connected.
+    assert report["connect"] == "EISCONN"
+    # The other spare waiting: not even visible from its PID namespace.
+    others = {str(pid) for pid in spares if pid != connection.pid}
+    assert others and others <= report["kill"].keys()
+    assert set(report["kill"].values()) == {"ESRCH"}
+    assert set(report["ptrace"].values()) == {"ESRCH"}
 
 
-def test_seccomp_refuses_and_kills(tmp_path: Path) -> None:
-    sandbox = make_sandbox(tmp_path)
-    report, status = _in_worker(
-        sandbox,
-        lambda: {
-            "socket": _errno_of(socket.socket),
-            "fork": _errno_of(_fork_and_leave),
-            "kill": _errno_of(lambda: os.kill(1, signal.SIGKILL)),
-        },
-    )
-    assert (report, status) == ({"socket": "EPERM", "fork": "EPERM", "kill": "EPERM"}, 0)
-    report, status = _in_worker(sandbox, lambda: {"uname": list(os.uname())})
-    assert report is None
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+def test_seccomp_refuses_and_kills(
+    tmp_path: Path,
+    certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    self_tests: SelfTestLog,
+) -> None:
+    with helper(tmp_path, certificates, self_test=True) as running:
+        _with_spares(running)
+        first = running.spawn()
+        with handshake(first, cert_dir):
+            second = running.spawn()
+            with handshake(second, cert_dir):
+                report = self_tests.of(second.pid)
+            second.close()
+        first.close()
+
+        # A system call outside the allow-list kills the worker.
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        doomed = running.spawn()
+        with context.wrap_socket(doomed.client, server_hostname=FORBIDDEN_SYSCALL_SNI) as tls:
+            assert running.exit_of(doomed.pid) == -signal.SIGSYS
+            with pytest.raises(EOFError):  # killed before it could report
+                doomed.report()
+            assert _rest(tls) == b""
+        doomed.close()
+    assert report["status"]["Seccomp"] == "2"
+    for action in ("open", "socket", "connect", "fork"):
+        assert report[action] == "EPERM", (action, report)
+    # The first worker (still serving) and the spares: neither signalled nor traced.
+    assert str(first.pid) in report["kill"]
+    for attempt in ("kill", "ptrace"):
+        assert set(report[attempt].values()) == {"EPERM"}, (attempt, report[attempt])
 
 
-def test_memory_limit_stops_a_large_allocation(tmp_path: Path) -> None:
-    sandbox = make_sandbox(tmp_path, memory_limit="16MiB")
-
-    def allocate() -> Report:
-        try:
-            blob = bytearray(64 * 1024 * 1024)
-        except MemoryError:
-            return {"allocated": False}
-        return {"allocated": len(blob) > 0}
-
-    assert _in_worker(sandbox, allocate) == ({"allocated": False}, 0)
+def _rest(sock: socket.socket) -> bytes:
+    """What the peer still sends before its end (a reset counts as an end)."""
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (ConnectionResetError, ssl.SSLError):
+        pass
+    return data
 
 
-def test_deadline_ends_a_pid_namespace_init(tmp_path: Path) -> None:
+def test_memory_limit_stops_a_large_allocation(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """Plaintext from the channel is encrypted into a buffer for the client
+    (``worker.c``); a client that reads nothing makes that buffer grow. A
+    worker may map only ``memory_limit`` beyond what it inherited: under
+    128 KiB, 64 KiB to encrypt is already too much and the worker fails;
+    under the default limit the same megabyte gets through."""
+    plaintext = bytes(range(256)) * 4096  # 1 MiB
+    with helper(tmp_path, certificates, memory_limit="128KiB") as running:
+        assert running.layers["memory_limit"][0]
+        connection = running.spawn()
+        with handshake(connection, cert_dir):
+            _send_until_refused(connection, plaintext)
+            assert running.exit_of(connection.pid) == EXIT_TLS_ERROR
+        connection.close()
+    with helper(tmp_path, certificates) as running:
+        connection = running.spawn()
+        with handshake(connection, cert_dir) as tls:
+            _send_until_refused(connection, plaintext)
+            received = b""
+            while len(received) < len(plaintext):
+                chunk = tls.recv(len(plaintext) - len(received))
+                assert chunk, len(received)
+                received += chunk
+            assert received == plaintext
+        connection.close()
+
+
+def _send_until_refused(connection: Connection, data: bytes) -> None:
+    """``data`` down the channel, 64 KiB at a time, while the worker takes it."""
+    connection.channel.settimeout(10)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for start in range(0, len(data), 65536):
+            connection.channel.sendall(data[start : start + 65536])
+
+
+def test_deadline_ends_a_pid_namespace_init(
+    tmp_path: Path, certificates: list[tuple[Path, Path]]
+) -> None:
     """SIGALRM's default action is ignored by a PID namespace's init: the
-    deadline must still end the worker."""
-    sandbox = make_sandbox(tmp_path)
-
-    def wait_past_deadline() -> Report:
-        select.select([], [], [], 5)
-        return {"survived": True}
-
-    started = time.monotonic()
-    report, status = _in_worker(sandbox, wait_past_deadline, prelude=lambda: arm_deadline(1))
-    assert report is None
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == EXIT_DEADLINE
-    assert time.monotonic() - started < 3
+    deadline must still end a worker whose client never sends a ClientHello."""
+    with helper(tmp_path, certificates) as running:
+        assert running.layers["pid_namespace"][0]
+        started = time.monotonic()
+        connection = running.spawn(handshake_timeout=1.0)
+        assert running.exit_of(connection.pid) == EXIT_DEADLINE
+        assert time.monotonic() - started < 3
+        connection.channel.settimeout(5)
+        assert connection.channel.recv(1) == b""  # no report: it ended at once
+        connection.close()
 
 
-def test_strict_mode_names_a_layer_that_cannot_apply(tmp_path: Path) -> None:
+def test_strict_mode_names_a_layer_that_cannot_apply(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "file").write_text("not empty")
-    for mode, expected_problems in (("strict", 1), ("best-effort", 0)):
-        config = checked(
-            IsolationConfig, {"chroot": occupied, "uid_range": TEST_UIDS, "mode": mode}, "isolation"
-        )
-        sandbox, statuses = Sandbox.prepare(config, TEST_UIDS[0])
-        chroot = next(s for s in statuses if s.name == "chroot")
-        assert not chroot.applied
-        assert "not empty" in chroot.detail
-        assert Layer.CHROOT not in sandbox.layers
-        problems = sandbox.problems(statuses)
-        assert len(problems) == expected_problems
-        if problems:
-            assert problems[0].startswith("isolation.layers.chroot: cannot be applied")
+    with helper(tmp_path, certificates, chroot=occupied, mode="strict") as running:
+        assert "ready" not in running.reply
+        (problem,) = running.reply["problems"]
+        assert problem.startswith("isolation.layers.chroot: cannot be applied")
+        assert "not empty" in problem
+    with helper(tmp_path, certificates, chroot=occupied, mode="best-effort") as running:
+        applied, detail = running.layers["chroot"]
+        assert not applied and "not empty" in detail
+        assert _applied(running) == {name: name != "chroot" for name in LAYERS}
+        served(running.spawn(), cert_dir)
 
 
-def test_best_effort_as_an_ordinary_user(tmp_path: Path) -> None:
-    """Without root: a user namespace still gives namespaces, chroot, hardening, seccomp."""
-    import pyseccomp  # type: ignore[import-untyped]  # noqa: F401  (imported while root can)
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgroups([])
-            os.setresgid(65534, 65534, 65534)
-            os.setresuid(65534, 65534, 65534)
-            # As any process an ordinary user starts (a UID change clears it).
-            prctl(PR_SET_DUMPABLE, 1)
-            config = IsolationConfig(mode="best-effort")  # type: ignore[arg-type]
-            _, statuses = Sandbox.prepare(config, TEST_UIDS[0])
-            answer = {s.name: [s.applied, s.detail] for s in statuses}
-            os.write(write_end, json.dumps(answer).encode())
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as reader:
-        statuses = json.loads(reader.read())
-    os.waitpid(pid, 0)
-    applied = {name for name, (ok, _) in statuses.items() if ok}
-    assert applied == {"namespaces", "chroot", "hardening", "memory_limit", "seccomp"}
-    assert statuses["identity"] == [False, "needs root"]
-    assert statuses["pid_namespace"] == [False, "needs root"]
+@pytest.fixture
+def readable_certificates(cert_dir: Path) -> Iterator[list[tuple[Path, Path]]]:
+    """The test certificate where an ordinary user can read it (pytest's
+    temporary directories are root's alone)."""
+    directory = Path(tempfile.mkdtemp(prefix="stp-isolation-"))
+    try:
+        directory.chmod(0o755)
+        for name in ("cert.pem", "key.pem"):
+            shutil.copy(cert_dir / name, directory / name)
+            (directory / name).chmod(0o644)
+        yield [(directory / "cert.pem", directory / "key.pem")]
+    finally:
+        shutil.rmtree(directory)
 
 
-def test_openssl_reseeds_in_every_pid1_worker(cert_dir: Path, tmp_path: Path) -> None:
-    """All workers are PID 1: their ServerHello randoms must still all differ.
+def test_best_effort_as_an_ordinary_user(
+    tmp_path: Path,
+    readable_certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    self_tests: SelfTestLog,
+) -> None:
+    """Without root: a user namespace still gives namespaces, chroot (into a
+    deleted directory), hardening, the memory limit and seccomp."""
+    with helper(
+        tmp_path, readable_certificates, user=NOBODY, mode="best-effort", self_test=True
+    ) as running:
+        applied = {name for name, is_applied in _applied(running).items() if is_applied}
+        assert applied == {"namespaces", "chroot", "hardening", "memory_limit", "seccomp"}
+        assert running.layers["identity"] == (False, "needs root")
+        assert running.layers["pid_namespace"] == (False, "needs root")
+        connection = running.spawn()
+        with handshake(connection, cert_dir):
+            report = self_tests.of(connection.pid)
+            assert worker_uid(connection.pid) == NOBODY
+        connection.close()
+    assert report["root_entries"] == []
+    assert (report["status"]["Seccomp"], report["status"]["NoNewPrivs"]) == ("2", "1")
+    assert report["socket"] == report["open"] == "EPERM"
 
-    The parent does a handshake first, so its DRBG is seeded before the
-    forks (the state every worker inherits).
-    """
-    store = load_certificates(
-        checked(
-            TLSConfig,
-            {"certificates": [{"cert": cert_dir / "cert.pem", "key": cert_dir / "key.pem"}]},
-            "tls",
-        )
-    )
-    sandbox = make_sandbox(tmp_path, layers={"seccomp": False})
 
-    # Made before the fork: the CA file is out of reach in the chroot.
-    client_context = ssl.create_default_context(cafile=str(cert_dir / "ca.pem"))
+def _server_random(connection: Connection, cert_dir: Path) -> bytes:
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.load_verify_locations(str(cert_dir / "ca.pem"))
+    context.set_verify(SSL.VERIFY_PEER)
+    connection.client.settimeout(None)  # pyOpenSSL wants a blocking socket
+    tls = SSL.Connection(context, connection.client)
+    tls.set_tlsext_host_name(b"localhost")
+    tls.set_connect_state()
+    tls.do_handshake()
+    random = tls.server_random()
+    assert random is not None
+    assert connection.report()["ok"]
+    tls.shutdown()
+    return random
 
-    def handshake() -> Report:
-        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        client = client_context.wrap_bio(incoming, outgoing, server_hostname="localhost")
-        pump = TLSPump(store.default)
-        while not pump.handshake_done:
-            with contextlib.suppress(ssl.SSLWantReadError):
-                client.do_handshake()
-            pump.receive_ciphertext(outgoing.read())
-            incoming.write(pump.take_ciphertext())
-        random = pump.connection.server_random()
-        assert random is not None
-        return {"random": random.hex()}
 
-    randoms = [handshake()["random"]]
-    for _ in range(20):
-        report, status = _in_worker(sandbox, handshake)
-        assert status == 0 and report is not None
-        randoms.append(report["random"])
+def test_openssl_reseeds_in_every_pid1_worker(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """All workers are PID 1 (OpenSSL's fork detection sees no new PID) and
+    forks of one helper whose generator was seeded by its warm-up handshake:
+    their ServerHello randoms must still all differ."""
+    randoms = []
+    with helper(tmp_path, certificates) as running:
+        assert running.layers["pid_namespace"][0]
+        for _ in range(20):
+            connection = running.spawn()
+            randoms.append(_server_random(connection, cert_dir))
+            connection.close()
     assert len(set(randoms)) == len(randoms)
 
 
-@pytest.mark.parametrize("layer", ["namespaces", "identity", "hardening"])
-def test_each_layer_can_be_switched_off(tmp_path: Path, layer: str) -> None:
-    sandbox = make_sandbox(tmp_path, layers={layer: False})
-    assert Layer(layer) not in sandbox.layers
-    assert len(sandbox.layers) == len(Layer) - 1
+@pytest.mark.parametrize("layer", LAYERS)
+def test_each_layer_can_be_switched_off(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path, layer: str
+) -> None:
+    with helper(tmp_path, certificates, layers={layer: False}) as running:
+        assert running.layers[layer] == (False, OFF)
+        assert _applied(running) == {name: name != layer for name in LAYERS}
+        served(running.spawn(), cert_dir)

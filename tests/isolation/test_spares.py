@@ -1,84 +1,79 @@
-"""The helper's spare workers: a spare that dies before it is given a
-connection is reported, and no more are forked ahead until one is needed;
-the replacement of a spare handed out waits until its handshake is under
-way, unless none is left."""
+"""The helper's spare workers, watched on the real TLS helper.
+
+A spare that dies before it is given a connection is reported like a
+worker, and no more are forked ahead until a connection comes (a layer that
+fails must not turn into a fork loop); that connection is still served and
+the spares come back. Without spares each connection forks its own worker.
+The helper's children are read from /proc (``stp-spare`` while one waits,
+``stp-worker`` once it serves); exits are what the helper reports.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
+import signal
 import time
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Callable
+from pathlib import Path
 
-from starttls_proxy.sandbox import EXIT_SANDBOX_FAILED, Layer, Sandbox
-from starttls_proxy.tls_contexts import CertificateStore
-from starttls_proxy.zygote import TOP_UP_DELAY, Helper, Spare, UidPool
+from starttls_proxy.wire import EXIT_OK
+from tests.isolation.conftest import helper, served
+from tests.tlshelper.harness import RunningHelper
 
-
-@dataclass
-class _Settings:
-    spare_workers: int = 2
-    self_test: bool = False
+#: Long enough for the helper's loop to fork ahead many times over, if it did.
+SETTLE = 0.3
 
 
-@dataclass
-class _BrokenSandbox:
-    """Forks children that fail at once, as a spare whose layer cannot be entered."""
-
-    config: _Settings = field(default_factory=_Settings)
-    layers: frozenset[Layer] = frozenset()
-
-    def fork(self) -> int:
-        pid = os.fork()
-        if pid == 0:
-            os._exit(EXIT_SANDBOX_FAILED)
-        return pid
+def _named(running: RunningHelper, name: str) -> list[int]:
+    found = []
+    for pid in running.children():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == name:
+                found.append(pid)
+        except FileNotFoundError:
+            pass  # it just ended
+    return found
 
 
-def _helper() -> tuple[Helper, socket.socket]:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    store = cast(CertificateStore, None)  # never reached: the children exit first
-    sandbox = cast(Sandbox, _BrokenSandbox())
-    return Helper(ours, store, sandbox, UidPool(410_000, 4)), theirs
-
-
-def _reap_all(helper: Helper) -> None:
+def _eventually(what: Callable[[], list[int]], count: int) -> list[int]:
     deadline = time.monotonic() + 10
-    while helper.workers:
-        assert time.monotonic() < deadline
-        helper.reap()
+    while len(found := what()) != count:
+        assert time.monotonic() < deadline, found
         time.sleep(0.01)
+    return found
 
 
-def test_a_spare_that_fails_is_reported_and_stops_the_forking_ahead() -> None:
-    helper, main = _helper()
-    helper.top_up()
-    (spare,) = helper.spares
-    _reap_all(helper)
-    message: dict[str, Any] = json.loads(main.recv(4096))
-    assert message == {"exited": spare.pid, "status": EXIT_SANDBOX_FAILED}
-    assert not helper.spares and helper.spares_failing
-    helper.top_up()
-    assert not helper.spares and not helper.workers  # no fork loop
-    helper.control.close()
-    main.close()
+def test_a_spare_that_dies_is_reported_and_stops_the_forking_ahead(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    with helper(tmp_path, certificates, spare_workers=2) as running:
+        first, second = _eventually(lambda: _named(running, "stp-spare"), 2)
+        os.kill(first, signal.SIGKILL)
+        assert running.exit_of(first) == -signal.SIGKILL
+        assert (first, -signal.SIGKILL) in running.exits  # {"exited": pid, "status": -9}
+        time.sleep(SETTLE)
+        assert running.children() == [second]  # no replacement forked ahead
+        # The next connection goes to the spare left, and is served.
+        connection = running.spawn()
+        assert connection.pid == second
+        served(connection, cert_dir)
+        # Then the helper forks ahead again.
+        _eventually(lambda: _named(running, "stp-spare"), 2)
 
 
-def test_the_replacement_of_a_spare_waits_unless_none_is_left() -> None:
-    helper, main = _helper()
-    with main, helper.control:
-        assert helper.top_up_timeout() == 0.0  # no spare at all: fork now
-        helper.spares.extend(Spare(pid, helper.control) for pid in (1, 2))
-        assert helper.top_up_timeout() is None  # all there: nothing to wait for
-        helper.spares.pop()
-        helper.handed_out()
-        due = helper.top_up_at
-        timeout = helper.top_up_timeout()
-        assert timeout is not None and 0.0 < timeout <= TOP_UP_DELAY
-        helper.handed_out()
-        assert helper.top_up_at == due  # a second assignment does not push it
-        helper.top_up_at = time.monotonic() - 1
-        assert helper.top_up_timeout() == 0.0
-        helper.spares.clear()
+def test_without_spares_each_connection_forks_its_own_worker(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    with helper(tmp_path, certificates, spare_workers=0) as running:
+        time.sleep(SETTLE)
+        assert running.children() == []
+        workers = []
+        for _ in range(3):
+            connection = running.spawn()
+            assert running.children() == [connection.pid]
+            served(connection, cert_dir)
+            assert running.exit_of(connection.pid) == EXIT_OK
+            workers.append(connection.pid)
+        assert len(set(workers)) == len(workers)
+        time.sleep(SETTLE)
+        assert running.children() == []

@@ -1,50 +1,107 @@
-"""The helper's per-worker UIDs: never two live workers with one UID."""
+"""The real helper's per-worker UIDs: never two live workers with one UID.
+
+A three-UID ``uid_range`` of its own (no spares, no key server) makes every
+assertion decisive: each worker's UID is read from /proc/PID/status once
+its handshake is done (it is in its sandbox then). Held connections keep
+workers alive; a worker is done with its UID once the helper reports its
+exit. A request the helper cannot give a UID to gets no worker: the client
+and the channel are closed, without a report.
+"""
 
 from __future__ import annotations
 
-import os
+import contextlib
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 
-from starttls_proxy.zygote import UidPool
+import pytest
 
-FIRST = 400_000
+from starttls_proxy.wire import SpawnRequest
+from tests.isolation.conftest import TEST_UIDS, handshake, helper, worker_uid
+from tests.tlshelper.harness import Connection, RunningHelper
 
-
-def test_each_live_worker_has_its_own_uid_and_reuse_comes_late() -> None:
-    pool = UidPool(FIRST, 3)
-    taken = [pool.take() for _ in range(3)]
-    assert taken == [FIRST, FIRST + 1, FIRST + 2]
-    assert pool.take() is None  # all live: nobody gets a shared one
-    for pid, uid in enumerate(taken, start=100):
-        assert uid is not None
-        pool.bind(uid, pid)
-    pool.release(101)
-    assert pool.take() == FIRST + 1
-    pool.release(100)
-    pool.release(102)
-    # Round robin: the most recently freed UID is not the next one handed out.
-    assert pool.take() == FIRST + 2
+#: Just past the other isolation tests' range: no worker of theirs holds one.
+FIRST = TEST_UIDS[0] + TEST_UIDS[1]
+COUNT = 3
+POOL = {FIRST + index for index in range(COUNT)}
 
 
-def test_a_uid_held_by_an_older_process_stays_taken() -> None:
-    """Workers of a helper that died keep their UIDs until they are gone."""
-    read_end, write_end = os.pipe()
-    ready_read, ready_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(write_end)
-        os.setresuid(FIRST + 1, FIRST + 1, FIRST + 1)
-        os.write(ready_write, b"!")
-        os.read(read_end, 1)
-        os._exit(0)
-    os.close(read_end)
-    os.close(ready_write)
-    assert os.read(ready_read, 1) == b"!"
-    os.close(ready_read)
+@contextlib.contextmanager
+def _live(running: RunningHelper, cert_dir: Path) -> Iterator[tuple[Connection, int]]:
+    """A worker kept alive by its TLS session, and its UID."""
+    connection = running.spawn()
+    with handshake(connection, cert_dir):
+        yield connection, worker_uid(connection.pid)
+    connection.close()
+    running.exit_of(connection.pid)
+
+
+def _refused(running: RunningHelper) -> None:
+    """A connection the helper cannot give a worker to: both ends closed, no report."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client = socket.create_connection(listener.getsockname(), timeout=10)
+        accepted, _ = listener.accept()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with client, ours:
+        with accepted, theirs:
+            request = SpawnRequest(handshake_timeout=10.0, id=10_000)
+            running.send_request(request.encode(), [accepted.fileno(), theirs.fileno()])
+        ours.settimeout(10)
+        assert ours.recv(1) == b""
+        assert client.recv(1) == b""
+    with pytest.raises(TimeoutError):
+        running.next_message(lambda message: "spawned" in message, timeout=0.3)
+
+
+def test_each_live_worker_has_its_own_uid_and_reuse_comes_late(
+    tmp_path: Path,
+    certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    with helper(tmp_path, certificates, uid_range=(FIRST, COUNT), spare_workers=0) as running:
+        with contextlib.ExitStack() as held:
+            uids = [held.enter_context(_live(running, cert_dir))[1] for _ in range(COUNT)]
+            assert set(uids) == POOL
+            # Every UID is in use: no shared one for a fourth connection.
+            live = sorted(running.children())
+            _refused(running)
+            assert sorted(running.children()) == live
+            assert "no free UID in isolation.uid_range" in capfd.readouterr().err
+        # One worker at a time, each gone before the next starts: a UID
+        # freed is not the next one handed out (round robin through the range).
+        sequential = []
+        for _ in range(COUNT):
+            connection = running.spawn()
+            with handshake(connection, cert_dir):
+                sequential.append(worker_uid(connection.pid))
+            connection.close()
+            running.exit_of(connection.pid)
+        assert set(sequential) == POOL
+
+
+def test_a_uid_held_by_an_older_process_stays_taken(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """Workers of a helper that died keep their UIDs until they are gone;
+    any process with a UID of the range at the helper's start counts."""
+    occupied = FIRST + 1
+    older = subprocess.Popen(["sleep", "60"], user=occupied, group=occupied, extra_groups=[])
     try:
-        pool = UidPool(FIRST, 2)
-        assert pool.take() == FIRST
-        assert pool.take() is None
+        with (
+            helper(tmp_path, certificates, uid_range=(FIRST, COUNT), spare_workers=0) as running,
+            contextlib.ExitStack() as held,
+        ):
+            uids = [held.enter_context(_live(running, cert_dir))[1] for _ in range(COUNT - 1)]
+            assert set(uids) == POOL - {occupied}
+            _refused(running)
+            older.kill()
+            older.wait()
+            # Gone: its UID is free again.
+            _, uid = held.enter_context(_live(running, cert_dir))
+            assert uid == occupied
     finally:
-        os.close(write_end)
-        os.waitpid(pid, 0)
-    assert pool.take() == FIRST + 1
+        older.kill()
+        older.wait()

@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy.keeper import HelperStartError, KeyServerProcess, open_key_files
+from starttls_proxy.helper_start import HelperStartError
+from starttls_proxy.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.keyserver import (
     HEADER,
     KEY_ID_SIZE,

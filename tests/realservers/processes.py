@@ -62,7 +62,7 @@ def helpers(proxy: ProxyProcess) -> list[int]:
     the_keeper = keeper(proxy)
 
     def in_keepers_pid_namespace(pid: int) -> bool:
-        # The keeper's other children that run the helper's module are
+        # The keeper's other children that run the helper's executable are
         # workers of a dead helper, each in a PID namespace of its own.
         with contextlib.suppress(*ENDED):
             return namespace(pid, "pid") == namespace(the_keeper, "pid")
@@ -71,7 +71,7 @@ def helpers(proxy: ProxyProcess) -> list[int]:
     return [
         pid
         for pid in children(the_keeper)
-        if _runs(pid, b"starttls_proxy.zygote") and in_keepers_pid_namespace(pid)
+        if _runs(pid, b"tlshelper/stp-helper") and in_keepers_pid_namespace(pid)
     ]
 
 

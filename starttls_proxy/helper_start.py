@@ -1,0 +1,145 @@
+"""The keeper's side of starting a TLS helper (C, ``tlshelper/stp-helper``).
+
+What needs Python or a look at this machine is done here, before the
+helper starts: the settings (validated by the keeper) and the certificate
+chains become its *description* (``tls_description``), the workers'
+seccomp filter is compiled (``seccomp_policy``) and the empty root
+directory prepared. The description goes to the helper in a memfd (chains
+can make it larger than a datagram); the helper answers "ready" with the
+sandbox layers in force, or the problems that keep it from serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from starttls_proxy import provider, seccomp_policy
+from starttls_proxy._process import (
+    EXIT_TIMEOUT,
+    MAX_MESSAGE,
+    STARTUP_TIMEOUT,
+    memfd,
+    start_process,
+)
+from starttls_proxy.sandbox import prepare_root_directory
+from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, decode
+from starttls_proxy.tls_description import describe
+
+#: The TLS helper, which ``setup.py`` builds.
+HELPER = Path(__file__).parent / "tlshelper" / "stp-helper"
+HELPER_MISSING = (
+    "tls: the TLS helper is not built: reinstall with `pip install -e .` (needs gcc and libssl-dev)"
+)
+
+
+class HelperStartError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def require_helper() -> None:
+    """Refuse, naming the fix, when the helper is not built (before
+    anything is started for it)."""
+    if not os.access(HELPER, os.X_OK):
+        raise HelperStartError([HELPER_MISSING])
+
+
+def launch_helper(
+    description: bytes,
+    link: socket.socket | None = None,
+    env: dict[str, str] | None = None,
+    *,
+    user: int | None = None,
+) -> tuple[subprocess.Popen[bytes], socket.socket, dict[str, Any]]:
+    """Exec the helper, hand it ``description`` (and the key server ``link``),
+    and wait for its first answer; return the process, its control socket
+    and that answer ("ready" or the problems)."""
+    with memfd(description) as description_fd:
+        process, ours = start_process([str(HELPER)], env, user=user)
+        try:
+            fds = [description_fd] if link is None else [description_fd, link.fileno()]
+            socket.send_fds(ours, [b"D"], fds)
+        except OSError:
+            ours.close()
+            process.kill()
+            process.wait()
+            raise
+    ours.settimeout(STARTUP_TIMEOUT)
+    try:
+        reply: dict[str, Any] = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
+    except OSError as error:
+        # TimeoutError, or a reset: it died with the description unread.
+        ours.close()
+        process.kill()
+        process.wait()
+        reason = "in time" if isinstance(error, TimeoutError) else f"({error})"
+        raise HelperStartError([f"the TLS helper did not start {reason}"]) from None
+    return process, ours, reply
+
+
+def probe_layers(settings: dict[str, Any]) -> list[list[Any]]:
+    """``[name, applied, detail]`` for each layer, as a helper started with
+    ``settings`` finds them (``--isolation-report``): it probes them as at
+    every start, answers and exits, without loading a certificate."""
+    require_helper()
+    process, control, reply = launch_helper(describe_helper(settings, None, probe_only=True))
+    control.close()
+    process.wait(EXIT_TIMEOUT)
+    if "layers" not in reply:
+        raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])
+    layers: list[list[Any]] = reply["layers"]
+    return layers
+
+
+def describe_helper(
+    settings: dict[str, Any], references: list[str] | None, *, probe_only: bool = False
+) -> bytes:
+    """What a helper is to know (``tls_description``), with what this
+    process prepares for it; ``HelperStartError`` naming every certificate
+    file that cannot be served."""
+    tls = decode(TLSConfig, settings["tls"])
+    isolation = decode(IsolationConfig, settings["isolation"])
+    seccomp_program: bytes | None = None
+    seccomp_missing: str | None = None
+    if isolation.layers.seccomp:
+        try:
+            seccomp_program = seccomp_policy.compile_filter(seccomp_policy.WORKER_ALLOWED)
+        except (ImportError, RuntimeError, OSError) as error:
+            seccomp_missing = f"libseccomp not usable: {error}"
+    first, count = isolation.uid_range
+    try:
+        return describe(
+            tls,
+            isolation,
+            key_references=None if references is None else [r.encode() for r in references],
+            provider=provider.LIBRARY if references is not None else None,
+            seccomp_program=seccomp_program,
+            seccomp_missing=seccomp_missing,
+            chroot_missing=_prepare_chroot(isolation),
+            # The last UID is the key server's (``keyserver.user_id``).
+            uid_range=(first, count - 1 if isolation.key_server else count),
+            probe_only=probe_only,
+        )
+    except ConfigError as error:
+        raise HelperStartError(error.problems) from None
+
+
+def _prepare_chroot(isolation: IsolationConfig) -> str | None:
+    """Why the workers' empty root directory is not usable, or None.
+
+    Only root can make it root-owned and unwritable; without root it is
+    left to the helper.
+    """
+    if not isolation.layers.chroot or os.geteuid() != 0:
+        return None
+    try:
+        prepare_root_directory(isolation.chroot)
+    except OSError as error:
+        return f"isolation.chroot: {error.strerror or error}"
+    return None

@@ -1,0 +1,184 @@
+"""The spawn request's binary layout, and ``wire`` in agreement with ``tlshelper/wire.h``."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from starttls_proxy import wire
+from starttls_proxy.wire import (
+    MAX_EARLY_BYTES,
+    MAX_SPAWN_REQUEST,
+    SpawnRequest,
+    encode_alpn,
+    usable_hint,
+)
+from tests import wire_h
+
+_ASCII_NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
+
+
+#: At most 6 * 40 bytes: always fits the list's one-byte length.
+_ALPN = st.lists(_ASCII_NAME.filter(lambda name: len(name) < 40), max_size=6).map(tuple)
+
+
+_REQUESTS = st.builds(
+    SpawnRequest,
+    # Whole milliseconds: what the wire carries.
+    handshake_timeout=st.integers(1, 2**32 - 1).map(lambda ms: ms / 1000),
+    server_name_hint=st.none() | _ASCII_NAME.filter(lambda name: len(name) <= 255),
+    alpn=_ALPN,
+    early=st.binary(max_size=MAX_EARLY_BYTES),
+    id=st.integers(0, 2**32 - 1),
+)
+
+
+def test_a_request_as_wire_h_lays_it_out() -> None:
+    request = SpawnRequest(
+        handshake_timeout=30.0,
+        server_name_hint="xmpp.example",
+        alpn=("xmpp-client", "h2"),
+        early=b"\x16\x03\x01",
+        id=7,
+    )
+    assert request.encode() == (
+        b"\x00\x00\x00\x07"
+        + struct.pack("!I", 30_000)
+        + b"\x0cxmpp.example"
+        + b"\x0f\x0bxmpp-client\x02h2"
+        + b"\x00\x03\x16\x03\x01"
+    )
+    assert SpawnRequest.decode(request.encode()) == request
+
+
+def test_the_smallest_request() -> None:
+    encoded = SpawnRequest(handshake_timeout=0.0004).encode()
+    assert len(encoded) == wire.SPAWN_FIXED_SIZE
+    # A timeout that rounds to nothing still has a deadline.
+    assert SpawnRequest.decode(encoded) == SpawnRequest(handshake_timeout=0.001)
+
+
+@given(_REQUESTS)
+def test_requests_survive_the_wire(request: SpawnRequest) -> None:
+    encoded = request.encode()
+    assert len(encoded) <= MAX_SPAWN_REQUEST
+    assert SpawnRequest.decode(encoded) == request
+
+
+@given(st.binary(max_size=600))
+@example(b"\x00" * wire.SPAWN_FIXED_SIZE)
+def test_decode_takes_only_what_encode_makes(message: bytes) -> None:
+    """Whatever the main process could be made to send: a request, or ValueError."""
+    try:
+        request = SpawnRequest.decode(message)
+    except ValueError:
+        return
+    # The one field encode normalises: a zero timeout becomes 1 ms.
+    if request.handshake_timeout:
+        assert request.encode() == message
+
+
+def test_every_truncation_is_refused() -> None:
+    encoded = SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03", id=1).encode()
+    for end in range(len(encoded)):
+        with pytest.raises(ValueError):
+            SpawnRequest.decode(encoded[:end])
+
+
+@pytest.mark.parametrize(
+    ("message", "why"),
+    [
+        (SpawnRequest(1.0).encode() + b"x", "bytes after"),
+        (b"\x00" * 8 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
+        (b"\x00" * 8 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
+        (b"\x00" * 8 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
+        (
+            b"\x00" * 8
+            + b"\x00\x00"
+            + struct.pack("!H", MAX_EARLY_BYTES + 1)
+            + b"\x16" * (MAX_EARLY_BYTES + 1),
+            "more early bytes than allowed",
+        ),
+        (b"\x00" * (MAX_SPAWN_REQUEST + 1), "longer than any request"),
+    ],
+)
+def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
+    with pytest.raises(ValueError):
+        SpawnRequest.decode(message)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        SpawnRequest(1.0, server_name_hint="x" * 256),
+        SpawnRequest(1.0, server_name_hint="münchen.example"),
+        SpawnRequest(1.0, alpn=("x" * 200, "y" * 100)),
+        SpawnRequest(1.0, alpn=("",)),
+        SpawnRequest(1.0, alpn=("ünicode",)),
+        SpawnRequest(1.0, early=b"\x16" * (MAX_EARLY_BYTES + 1)),
+        SpawnRequest(0.0),
+        SpawnRequest(5e6),
+        SpawnRequest(float("nan")),
+        SpawnRequest(1.0, id=2**32),
+        SpawnRequest(1.0, id=-1),
+    ],
+)
+def test_encode_refuses_what_does_not_fit(request_: SpawnRequest) -> None:
+    with pytest.raises(ValueError):
+        request_.encode()
+
+
+def test_the_longest_fields_fit() -> None:
+    request = SpawnRequest(
+        wire.MAX_HANDSHAKE_TIMEOUT,
+        server_name_hint="h" * 255,
+        alpn=("a" * 254,),
+        early=b"\x16" * MAX_EARLY_BYTES,
+        id=2**32 - 1,
+    )
+    assert len(request.encode()) == MAX_SPAWN_REQUEST
+    assert SpawnRequest.decode(request.encode()) == request
+
+
+def test_alpn_wire_format() -> None:
+    assert encode_alpn(()) == b""
+    assert encode_alpn(("xmpp-server",)) == b"\x0bxmpp-server"
+
+
+@pytest.mark.parametrize(
+    ("hint", "usable"),
+    [
+        (None, None),
+        ("xmpp.example", "xmpp.example"),
+        ("münchen.example", None),
+        ("a\x00b", None),
+        ("x" * 255, "x" * 255),
+        ("x" * 256, None),
+    ],
+)
+def test_only_hints_a_certificate_could_match_are_passed_on(
+    hint: str | None, usable: str | None
+) -> None:
+    assert usable_hint(hint) == usable
+
+
+def test_wire_agrees_with_wire_h() -> None:
+    defines = wire_h.defines()
+    for name in (
+        "MAX_EARLY_BYTES",
+        "SPAWN_FIXED_SIZE",
+        "MAX_SPAWN_REQUEST",
+        "MAX_REPORT_SIZE",
+        "EXIT_OK",
+        "EXIT_HANDSHAKE_FAILED",
+        "EXIT_NOT_TLS",
+        "EXIT_CLIENT_GONE",
+        "EXIT_TLS_ERROR",
+        "EXIT_DEADLINE",
+        "EXIT_SANDBOX_FAILED",
+        "EXIT_SPARE_UNUSED",
+    ):
+        assert getattr(wire, name) == defines[name], name

@@ -1,0 +1,236 @@
+"""The real TLS helper (``stp-helper``), started as the keeper starts it and
+driven as the main process drives it, without the rest of the proxy.
+
+``running_helper`` execs the built helper with a description made by the
+keeper's own code; ``RunningHelper.spawn`` hands it a real loopback TCP
+connection and a plaintext channel exactly as ``handoff.TLSHelper.spawn``
+does, and returns the client's end with the worker's PID. Root only: the
+helper enters namespaces, chroots and other UIDs for real.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starttls_proxy import helper_start
+from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
+from starttls_proxy.wire import SpawnRequest
+
+#: Far from the proxy's default range and from the other test suites'.
+TEST_UIDS = (320_000, 1_000)
+REPORT_HEADER = struct.Struct("!I")
+
+
+@dataclass
+class Connection:
+    """One connection handed to a worker."""
+
+    #: The client's end of the TCP connection (plain: the test wraps it).
+    client: socket.socket
+    #: The main process's end of the worker's plaintext channel.
+    channel: socket.socket
+    pid: int
+
+    def report(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The worker's report frame (then the channel carries plaintext)."""
+        self.channel.settimeout(timeout)
+        header = _exactly(self.channel, REPORT_HEADER.size)
+        (size,) = REPORT_HEADER.unpack(header)
+        report: dict[str, Any] = json.loads(_exactly(self.channel, size))
+        return report
+
+    def close(self) -> None:
+        self.client.close()
+        self.channel.close()
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"{len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+@dataclass
+class RunningHelper:
+    process: subprocess.Popen[bytes]
+    control: socket.socket
+    #: The helper's "ready" answer (or its problems).
+    reply: dict[str, Any]
+    #: (pid, status) of every worker exit the helper reported so far.
+    exits: list[tuple[int, int]] = field(default_factory=list)
+    _ids: int = 0
+
+    @property
+    def layers(self) -> dict[str, tuple[bool, str]]:
+        return {name: (applied, detail) for name, applied, detail in self.reply["layers"]}
+
+    def send_request(self, message: bytes, fds: list[int]) -> None:
+        socket.send_fds(self.control, [message], fds)
+
+    def spawn(
+        self,
+        server_name_hint: str | None = None,
+        alpn: tuple[str, ...] = (),
+        early: bytes = b"",
+        handshake_timeout: float = 10.0,
+    ) -> Connection:
+        """A loopback TCP connection whose server end goes to a new worker."""
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=10)
+            accepted, _ = listener.accept()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ids += 1
+        request = SpawnRequest(
+            handshake_timeout=handshake_timeout,
+            server_name_hint=server_name_hint,
+            alpn=alpn,
+            early=early,
+            id=self._ids,
+        )
+        with accepted, theirs:
+            self.send_request(request.encode(), [accepted.fileno(), theirs.fileno()])
+        answer = self.next_message(lambda message: "spawned" in message)
+        assert answer["spawned"] == self._ids, answer
+        return Connection(client, ours, int(answer["pid"]))
+
+    def next_message(self, wanted: Any, timeout: float = 10.0) -> dict[str, Any]:
+        """The next message ``wanted(message)`` accepts; exits on the way are kept."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.control.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.control.recv(65536)
+            assert data, "the helper closed its control socket"
+            message: dict[str, Any] = json.loads(data)
+            if "exited" in message:
+                self.exits.append((message["exited"], message["status"]))
+            if wanted(message):
+                return message
+
+    def exit_of(self, pid: int, timeout: float = 10.0) -> int:
+        """The exit status the helper reports for worker ``pid``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for worker, status in self.exits:
+                if worker == pid:
+                    return status
+            self.next_message(
+                lambda message: message.get("exited") == pid, max(0.01, deadline - time.monotonic())
+            )
+
+    def children(self) -> list[int]:
+        path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        return [int(pid) for pid in path.read_text().split()]
+
+
+def settings_for(
+    directory: Path, certificates: list[tuple[Path, Path]], **isolation: Any
+) -> dict[str, Any]:
+    """The keeper's validated settings: the test ranges, a chroot under ``directory``."""
+    tls = checked(
+        TLSConfig,
+        {
+            "certificates": [{"cert": c, "key": k} for c, k in certificates],
+            **isolation.pop("tls", {}),
+        },
+        "tls",
+    )
+    config = checked(
+        IsolationConfig,
+        {
+            "chroot": directory / "empty",
+            "uid_range": TEST_UIDS,
+            "key_server": False,
+            **isolation,
+        },
+        "isolation",
+    )
+    return {"tls": encode(tls), "isolation": encode(config)}
+
+
+@contextlib.contextmanager
+def running_helper(
+    directory: Path,
+    certificates: list[tuple[Path, Path]],
+    *,
+    user: int | None = None,
+    key_references: list[str] | None = None,
+    link: socket.socket | None = None,
+    env: dict[str, str] | None = None,
+    **isolation: Any,
+) -> Iterator[RunningHelper]:
+    """The helper serving ``certificates``; it leaves when its socket closes.
+
+    ``user``: run it as this UID instead of root (the best-effort mode).
+    ``key_references`` and ``link``: sign through a key server (or what the
+    test puts at the other end of ``link``); ``env`` then needs the
+    provider's ``OPENSSL_CONF``.
+    """
+    settings = settings_for(directory, certificates, **isolation)
+    process, control, reply = helper_start.launch_helper(
+        helper_start.describe_helper(settings, key_references), link, env, user=user
+    )
+    helper = RunningHelper(process, control, reply)
+    try:
+        yield helper
+    finally:
+        control.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def spawn_on(
+    helper: RunningHelper,
+    client: socket.socket,
+    server_end: socket.socket,
+    *,
+    server_name_hint: str | None = None,
+    alpn: tuple[str, ...] = (),
+    early: bytes = b"",
+    handshake_timeout: float = 10.0,
+) -> Connection:
+    """``RunningHelper.spawn`` for a connection the test made itself (small
+    socket buffers, say): ``server_end`` goes to a new worker (and is closed
+    here), ``client`` stays the test's."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    helper._ids += 1
+    request = SpawnRequest(
+        handshake_timeout=handshake_timeout,
+        server_name_hint=server_name_hint,
+        alpn=alpn,
+        early=early,
+        id=helper._ids,
+    )
+    with server_end, theirs:
+        helper.send_request(request.encode(), [server_end.fileno(), theirs.fileno()])
+    answer = helper.next_message(lambda message: "spawned" in message)
+    assert answer["spawned"] == helper._ids, answer
+    return Connection(client, ours, int(answer["pid"]))
+
+
+def sanitizer_runtime() -> str | None:
+    """The AddressSanitizer runtime the helper links (``scripts/test-sanitized.sh``
+    builds it so), or None for the normal build."""
+    linked = subprocess.run(
+        ["ldd", str(helper_start.HELPER)], capture_output=True, text=True, check=True
+    ).stdout
+    for line in linked.splitlines():
+        name, _, where = line.strip().partition(" => ")
+        if name.startswith("libasan.so"):
+            return where.split(" (")[0]
+    return None
