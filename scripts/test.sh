@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need (Debian packages, Python tools), then run
-# the linters, the type checker and the whole test suite (real Postfix included).
+# the linters, the type checker and the whole test suite (real Postfix included),
+# then the protocol end-to-end tests again against a sanitized TLS helper.
 # Needs root for the Debian packages and for running the mail servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,7 @@ scripts/bootstrap.sh --test
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+# The TLS helper under AddressSanitizer and UBSan: a step of its own, since
+# it swaps the helper's binary for the run.
+[ "$#" -gt 0 ] || scripts/test-sanitized.sh

@@ -23,6 +23,9 @@ READY_LINE = "starttls_proxy.server: ready"
 #: ``tests/e2e/conftest.py``.
 StartProxy = Callable[..., "ProxyProcess"]
 READY_JSON = '"logger": "starttls_proxy.server", "message": "ready"'
+#: What a Python traceback, and a report of the sanitized TLS helper
+#: (scripts/test-sanitized.sh), start with in the proxy's log.
+FAILURE_MARKS = ("Traceback", "ERROR: AddressSanitizer", "runtime error:")
 
 
 @dataclass
@@ -163,4 +166,5 @@ def running_proxy(
         status = process.stop()
     log = process.log()
     assert status == 0, log[-3000:]
-    assert "Traceback" not in log, log[max(0, log.find("Traceback") - 1500) :][:4000]
+    for failure in FAILURE_MARKS:
+        assert failure not in log, log[max(0, log.find(failure) - 1500) :][:4000]
