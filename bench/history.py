@@ -1,10 +1,12 @@
 """Before and after: the proxy's own figures next to those of an earlier run.
 
 The earlier run is ``before.json`` beside ``results.json`` (the run of the commit
-before an optimisation, kept by hand), and ``before.md`` says what changed since
-(kept with it, so the report never names changes that its baseline does not
-precede); the report shows each figure of starttls-proxy in both runs and their
-ratio.  Only the proxy is compared: the peers did not change between the runs.
+before an optimisation, kept by hand: for issue 13, the last run with the Python
+worker), and ``before.md`` says what changed since (kept with it, so the report
+never names changes that its baseline does not precede); the report shows each
+figure of starttls-proxy in both runs and their ratio.  Only the proxy is compared:
+the peers did not change between the runs.  A figure the earlier run did not
+measure (the CPU split, page tables, the timed opening) has no row.
 """
 
 from __future__ import annotations
@@ -23,9 +25,15 @@ FIGURES = (
     ("sessions/s, c=64", RATE, 64, "sessions_per_s", 1.0, "", True),
     ("p50 latency, c=1", RATE, 1, "p50_ms", 1.0, " ms", False),
     ("CPU per session, c=16", RATE, 16, "cpu_ms", 1.0, " ms", False),
+    ("CPU per session, c=64", RATE, 64, "cpu_ms", 1.0, " ms", False),
+    ("main process CPU per session, c=16", RATE, 16, "main_cpu_ms", 1.0, " ms", False),
+    ("TLS helper + workers CPU per session, c=16", RATE, 16, "helper_cpu_ms", 1.0, " ms", False),
     ("bulk throughput", BULK, None, "mb_per_s", 1.0, " MB/s", True),
-    ("USS per idle session", IDLE, None, "uss_per_session", 1 / 2**20, " MiB", False),
+    ("USS per idle session", IDLE, None, "uss_per_session", 1 / 2**10, " KiB", False),
+    ("page tables per idle session", IDLE, None, "pte_per_session", 1 / 2**10, " KiB", False),
     ("idle sessions held", IDLE, None, "held", 1.0, "", True),
+    ("idle sessions opened/s", IDLE, None, "opened_per_s", 1.0, "", True),
+    ("timed opening of idle sessions", IDLE, None, "opening_seconds", 1.0, " s", False),
 )
 
 

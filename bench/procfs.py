@@ -4,14 +4,15 @@ A target is a process tree: the PIDs the suite launched (a daemon's master, the
 proxy's main process) and every live descendant, found through the parent PIDs in
 ``/proc/*/stat``.  Processes that exited and were reaped are still counted in CPU
 time, through their parent's ``cutime``/``cstime``, which is why :func:`tree_cpu_seconds`
-adds the children's fields of every live member.
+adds the children's fields of every live member.  :func:`cpu_seconds_by_role` splits the
+same total among a target's processes by their names (``/proc/PID/comm``).
 """
 
 from __future__ import annotations
 
 import os
 import resource
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -44,16 +45,25 @@ class ProcStat:
     stime: int
     cutime: int
     cstime: int
+    #: The process's name (``/proc/PID/comm``: 15 bytes at most).
+    comm: str = ""
+
+    @property
+    def own_ticks(self) -> int:
+        """User + system time of the process itself."""
+        return self.utime + self.stime
+
+    @property
+    def reaped_ticks(self) -> int:
+        """User + system time of the children it waited for (``cutime`` + ``cstime``)."""
+        return self.cutime + self.cstime
 
 
-def read_stat(pid: int) -> ProcStat | None:
-    """Parse ``/proc/PID/stat``; ``None`` when the process is gone."""
-    try:
-        text = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
+def parse_stat(pid: int, text: str) -> ProcStat:
+    """The fields of a ``/proc/PID/stat`` line."""
     # The command name may contain spaces and parentheses: split after the last ")".
-    fields = text.rpartition(")")[2].split()
+    head, _, tail = text.rpartition(")")
+    fields = tail.split()
     return ProcStat(
         pid=pid,
         ppid=int(fields[1]),
@@ -63,7 +73,17 @@ def read_stat(pid: int) -> ProcStat | None:
         stime=int(fields[12]),
         cutime=int(fields[13]),
         cstime=int(fields[14]),
+        comm=head.partition("(")[2],
     )
+
+
+def read_stat(pid: int) -> ProcStat | None:
+    """Parse ``/proc/PID/stat``; ``None`` when the process is gone."""
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return parse_stat(pid, text)
 
 
 def all_stats() -> list[ProcStat]:
@@ -95,10 +115,57 @@ def tree(roots: Iterable[int]) -> list[ProcStat]:
     return [stat for stat in found.values() if stat.state != "Z"]
 
 
+def cpu_seconds(stats: Iterable[ProcStat]) -> float:
+    """User+system CPU seconds of these processes, the children they reaped included."""
+    return sum(s.own_ticks + s.reaped_ticks for s in stats) / CLOCK_TICKS
+
+
 def tree_cpu_seconds(roots: Iterable[int]) -> float:
     """User+system CPU seconds of the tree, reaped children included."""
-    ticks = sum(s.utime + s.stime + s.cutime + s.cstime for s in tree(roots))
-    return ticks / CLOCK_TICKS
+    return cpu_seconds(tree(roots))
+
+
+#: The role of the processes :func:`cpu_seconds_by_role` cannot attribute.
+OTHER_ROLE = "other"
+
+
+def cpu_seconds_by_role(
+    stats: Sequence[ProcStat],
+    roles: Mapping[str, str],
+    own_only: Collection[str] = (),
+    other: str = OTHER_ROLE,
+) -> dict[str, float]:
+    """User+system CPU seconds of a process tree (:func:`tree`), split by role.
+
+    ``roles`` maps process names (``comm``) to roles.  A process whose name is not
+    there takes the role of its nearest named ancestor among ``stats`` (a fork that
+    has not named itself yet), else ``other``.  A process counts its own time and
+    that of the children it reaped under its role (a helper's workers, reaped by the
+    helper, count as the helper's), except for the roles in ``own_only``: such a
+    process counts only its own time, its reaped children's goes to ``other``, and
+    so do its unnamed descendants.  Every role of ``roles`` and ``other`` is in the
+    result, so that the values add up to :func:`cpu_seconds` of ``stats``.
+    """
+    by_pid = {stat.pid: stat for stat in stats}
+    seconds = dict.fromkeys([*roles.values(), other], 0.0)
+
+    def role_of(stat: ProcStat) -> str:
+        seen: set[int] = set()
+        ancestor: ProcStat | None = stat
+        while ancestor is not None and ancestor.pid not in seen:
+            if ancestor.comm in roles:
+                role = roles[ancestor.comm]
+                return role if ancestor is stat or role not in own_only else other
+            seen.add(ancestor.pid)
+            ancestor = by_pid.get(ancestor.ppid)
+        return other
+
+    for stat in stats:
+        role = role_of(stat)
+        seconds[role] += stat.own_ticks / CLOCK_TICKS
+        reaped_role = other if role in own_only else role
+        seconds[reaped_role] += stat.reaped_ticks / CLOCK_TICKS
+    return seconds
 
 
 #: ``flags`` bit of kernel threads (``PF_KTHREAD`` in linux/sched.h).
@@ -146,6 +213,8 @@ class Memory:
     uss: int
     pss: int
     rss: int
+    #: Page tables (``VmPTE`` of ``/proc/PID/status``): kernel memory, not in the above.
+    pte: int
     fds: int
     processes: int
 
@@ -153,7 +222,7 @@ class Memory:
         return Memory(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
-EMPTY_MEMORY = Memory(uss=0, pss=0, rss=0, fds=0, processes=0)
+EMPTY_MEMORY = Memory(uss=0, pss=0, rss=0, pte=0, fds=0, processes=0)
 
 
 def _rollup(pid: int) -> dict[str, int]:
@@ -171,6 +240,24 @@ def _rollup(pid: int) -> dict[str, int]:
     return values
 
 
+def kb_field(text: str, field: str) -> int:
+    """A ``kB`` field of a ``/proc`` status text (``VmPTE:     52 kB``) in bytes; 0 if absent."""
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name == field:
+            number = rest.split()
+            return int(number[0]) * 1024 if number and number[0].isdigit() else 0
+    return 0
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A ``kB`` field of ``/proc/PID/status`` (e.g. ``VmPTE``) in bytes; 0 when gone or absent."""
+    try:
+        return kb_field((PROC / str(pid) / "status").read_text(), field)
+    except OSError:
+        return 0
+
+
 def fd_count(pid: int) -> int:
     """Open descriptors of ``pid`` (0 when gone)."""
     try:
@@ -180,7 +267,7 @@ def fd_count(pid: int) -> int:
 
 
 def process_memory(pid: int) -> Memory | None:
-    """USS (private clean + dirty), PSS, RSS and descriptors of one process."""
+    """USS (private clean + dirty), PSS, RSS, page tables and descriptors of one process."""
     rollup = _rollup(pid)
     if not rollup:
         return None
@@ -188,6 +275,7 @@ def process_memory(pid: int) -> Memory | None:
         uss=rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0),
         pss=rollup.get("Pss", 0),
         rss=rollup.get("Rss", 0),
+        pte=status_kb(pid, "VmPTE"),
         fds=fd_count(pid),
         processes=1,
     )
@@ -209,16 +297,21 @@ def total_memory(memories: dict[int, Memory]) -> Memory:
     return Memory(*(sum(column) for column in columns)) if memories else EMPTY_MEMORY
 
 
-def session_holder(before: dict[int, Memory], after: dict[int, Memory]) -> Memory:
-    """The process that gained the most descriptors between two snapshots, as it is after.
+def session_holder_pid(before: dict[int, Memory], after: dict[int, Memory]) -> int | None:
+    """The process that gained the most descriptors between two snapshots.
 
     That is the one holding the sessions' sockets: the proxy's or nginx's event loop,
-    stunnel, the busiest Dovecot login process.  :data:`EMPTY_MEMORY` for an empty tree.
+    stunnel, the busiest Dovecot login process.  ``None`` for an empty tree.
     """
     if not after:
-        return EMPTY_MEMORY
-    pid = max(after, key=lambda p: (after[p].fds - before.get(p, EMPTY_MEMORY).fds, after[p].uss))
-    return after[pid]
+        return None
+    return max(after, key=lambda p: (after[p].fds - before.get(p, EMPTY_MEMORY).fds, after[p].uss))
+
+
+def session_holder(before: dict[int, Memory], after: dict[int, Memory]) -> Memory:
+    """:func:`session_holder_pid`'s memory after; :data:`EMPTY_MEMORY` for an empty tree."""
+    pid = session_holder_pid(before, after)
+    return EMPTY_MEMORY if pid is None else after[pid]
 
 
 def pin_tree(roots: Iterable[int], cpus: set[int]) -> None:

@@ -11,10 +11,15 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procfs import OTHER_ROLE
 from bench.results import BULK, IDLE, RATE, SATURATION, Record, Results
-from bench.stats import MISSING, format_number, format_ratio, mib, ratio
+from bench.stats import BUSY, MISSING, format_number, format_ratio, mib, ratio
 from bench.targets import (
     BACKEND_TLS,
+    HELPER_ROLE,
+    KEEPER_ROLE,
+    KEY_SERVER_ROLE,
+    MAIN_ROLE,
     NGINX,
     PLAINTEXT,
     PROXY,
@@ -22,12 +27,18 @@ from bench.targets import (
     TARGET_NAMES,
     target_label,
 )
-from bench.verdicts import all_verdicts
+from bench.verdicts import ISSUE, all_verdicts
 
 PEERS = (STUNNEL, NGINX, BACKEND_TLS, PLAINTEXT)
+#: starttls-proxy's processes, as the CPU split names them (role -> label).
+ROLE_LABELS = {
+    MAIN_ROLE: "main process",
+    HELPER_ROLE: "TLS helper + workers",
+    KEY_SERVER_ROLE: "key server",
+    KEEPER_ROLE: "keeper",
+    OTHER_ROLE: "other (reaped by the main process)",
+}
 KEY_LABELS = {"ecdsa": "ECDSA P-256", "rsa": "RSA-2048"}
-#: A rate row is generator-bound when the generator was this busy and the servers were not.
-BUSY = 0.85
 #: Share of the CPUs taken by others (processes, interrupts, steal) that makes a run suspect.
 DISTURBED = 0.10
 
@@ -215,6 +226,27 @@ def _cpu_section(results: Results, key: str, protocol: str) -> str:
         + markdown_table(headers, rows)
         + "\nstarttls-proxy as a ratio to each peer (lower is better):\n\n"
         + ratio_table(figures, protocol)
+        + _cpu_split(results, key, protocol)
+    )
+
+
+def _cpu_split(results: Results, key: str, protocol: str) -> str:
+    """starttls-proxy's CPU per session by process, one column per concurrency."""
+    records = [
+        record
+        for c in results.params(RATE)
+        if (record := results.find(RATE, key, protocol, PROXY, c)) is not None
+        and f"{MAIN_ROLE}_cpu_ms" in record.values
+    ]
+    if not records:
+        return ""
+    rows = [
+        [label, *(_cell(record, f"{role}_cpu_ms") for record in records)]
+        for role, label in ROLE_LABELS.items()
+    ]
+    rows.append(["total", *(_cell(record, "cpu_ms") for record in records)])
+    return "\nstarttls-proxy's CPU ms per session by process:\n\n" + markdown_table(
+        ["process", *(f"c={record.param}" for record in records)], rows
     )
 
 
@@ -270,6 +302,8 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
                 ),
                 format_number(v["uss_per_session"] / 1024),
                 format_number(v["pss_per_session"] / 1024),
+                _cell(record, "pte_per_session", 1 / 1024),
+                _cell(record, "main_uss_per_session", 1 / 1024),
                 format_number(v["backend_uss_per_session"] / 1024),
                 format_number(mib(v["main_uss"])),
                 format_number(mib(v["main_pss"])),
@@ -277,6 +311,7 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
                 f"{int(v['processes']):,}",
                 format_number(v["opened_per_s"]),
                 format_number(v["open_cpu_ms"]),
+                _opening_cell(record),
             ]
         )
     headers = [
@@ -285,6 +320,8 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
         "errors open / check / unchecked",
         "USS KiB/session",
         "PSS KiB/session",
+        "page tables KiB/session",
+        "main process USS KiB/session",
         "backend USS KiB/session",
         "main process USS MiB",
         "main process PSS MiB",
@@ -292,6 +329,7 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
         "processes",
         "opened/s",
         "CPU ms/session opened",
+        "timed opening",
     ]
 
     def per_session_total(target: str) -> float | None:
@@ -304,8 +342,10 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
         _figure(results, IDLE, key, protocol, None, "uss_per_session", "USS/session"),
         _figure(results, IDLE, key, protocol, None, "pss_per_session", "PSS/session"),
         Figure("USS/session incl. backend", {t: per_session_total(t) for t in TARGET_NAMES}),
+        _figure(results, IDLE, key, protocol, None, "pte_per_session", "page tables/session"),
         _figure(results, IDLE, key, protocol, None, "main_uss", "main process USS"),
         _figure(results, IDLE, key, protocol, None, "fds", "descriptors"),
+        _figure(results, IDLE, key, protocol, None, "opening_seconds", "opening time"),
     ]
     return (
         f"### {protocol.upper()}, {KEY_LABELS.get(key, key)}\n\n"
@@ -315,6 +355,22 @@ def _idle_section(results: Results, key: str, protocol: str) -> str:
         + "\nstarttls-proxy as a ratio to each peer (lower is better):\n\n"
         + ratio_table(figures, protocol)
     )
+
+
+def _opening_cell(record: Record) -> str:
+    """The timed opening: "1,000 of 1,000 in 8.20 s (16 at a time)", errors, a bound."""
+    v = record.values
+    if "opening_seconds" not in v:
+        return MISSING
+    text = (
+        f"{int(v['opening_held']):,} of {int(v['opening_sessions']):,} in "
+        f"{format_number(v['opening_seconds'])} s ({int(v['opening_lanes'])} at a time)"
+    )
+    if v["opening_errors"]:
+        text += f", {int(v['opening_errors'])} errors"
+    if v.get("opening_generator_busy", 0.0) >= BUSY:
+        text += ", generator-bound (an upper bound)"
+    return text
 
 
 def _generator_section(results: Results) -> str:
@@ -406,7 +462,7 @@ def render(results: Results, plots: str, *, now: datetime.datetime | None = None
         " **Other load disturbed this run** (see the last section)."
         if disturbed([r for r in results.records if r.workload == RATE and r.values])
         else "",
-        "\n\n## Goals of issue 7\n\n",
+        f"\n\n## Goals of issue {ISSUE}\n\n",
         markdown_table(
             ["goal", "protocol", "key", "measured", "verdict", "margin"],
             [
@@ -472,18 +528,33 @@ METHOD = """\
   target (children reaped meanwhile included), over the measuring window, divided by
   the sessions completed.  *Terminator* = the target's own processes (for the backends
   doing TLS themselves, the backend's); *backend behind it* = the plaintext backend's.
+  starttls-proxy's is split by process name (`/proc/PID/comm`): the *main process*
+  (`starttls-proxy`, its own time only), the *TLS helper + workers* (`stp-helper`, its
+  `stp-spare` and `stp-worker` children, and the workers it reaped), the *key server*
+  (`stp-keyserver`) and the *keeper* (`stp-keeper`); *other* is what the main process
+  reaped (nothing while it runs normally).  Values `main_cpu_ms`, `helper_cpu_ms`,
+  `key_server_cpu_ms`, `keeper_cpu_ms`, `other_cpu_ms` in `results.json`; they add up
+  to `cpu_ms`.
 - **Memory** (workload 3): `/proc/PID/smaps_rollup` of every process of the target; USS
-  = private clean + private dirty.  Per session = (memory with N sessions held -
-  memory before) ÷ N.  *Main process* = the target's process holding the most
-  descriptors (the proxy's or nginx's event loop, stunnel, the busiest Dovecot login
-  process).  Idle sessions are upgraded but not logged in; they are checked with a NOOP
-  (POP3: CAPA) each before they are closed, except those older than 170 s (SMTP: 290 s):
+  = private clean + private dirty; *page tables* = `VmPTE` of `/proc/PID/status`
+  (kernel memory, in neither).  Per session = (memory with N sessions held - memory
+  before) ÷ N, summed over the target's processes.  *Main process* = the target's
+  process holding the most descriptors (the proxy's or nginx's event loop, stunnel,
+  the busiest Dovecot login process); its *USS KiB/session* is its part of the whole.
+  Idle sessions are upgraded but not logged in; they are checked with a NOOP (POP3:
+  CAPA) each before they are closed, except those older than 170 s (SMTP: 290 s):
   Dovecot ends sessions that have not logged in 180 s after they connected, Postfix
   after 300 s of silence, whoever terminates TLS in front of it (*unchecked*).  Sessions
-  are opened in chunks while at least a quarter of the memory (4 GiB or more) stays
-  free, and for 150 s at most (IMAP, POP3; SMTP: 270 s): a session the backend has
-  ended looks held to the client but no longer costs memory, so every session
-  measured must still be alive.
+  are opened in chunks (32 at a time per generator process) while at least a quarter of
+  the memory (4 GiB or more) stays free, and for 150 s at most (IMAP, POP3; SMTP:
+  270 s): a session the backend has ended looks held to the client but no longer costs
+  memory, so every session measured must still be alive.
+- **Timed opening** (workload 3, after its sessions are closed and the processes of
+  the closed sessions have exited): 1,000 idle sessions (quick run: 200) opened 16 at a
+  time, all generator processes together, from the first connect() to the last session
+  upgraded (greeting, CAPABILITY, STARTTLS, handshake, CAPABILITY); each is then checked
+  with a NOOP and closed.  Skipped if that many sessions, at the memory the held
+  sessions cost, would eat into the reserve.
 - **Ratios**: each figure of starttls-proxy divided by the same figure of each peer in
   the same run.  `≥` marks rates where the generator, not the target, was the limit.
 """

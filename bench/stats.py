@@ -9,6 +9,9 @@ from collections.abc import Sequence
 MISSING = "\u2013"
 #: The multiplication sign that follows a ratio.
 TIMES = "\u00d7"
+#: A side whose CPUs were this busy was the limit of a measure (a generator this busy
+#: while the target was not: the figure is a bound on what the target can do).
+BUSY = 0.85
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -27,6 +27,7 @@ from bench.loadgen import Endpoint
 from bench.peers import start_auth_http, start_nginx, start_stunnel
 from bench.procfs import pin_tree
 from protocols.registry import PROTOCOLS
+from starttls_proxy import procname
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import HOST, find_program, run_command, wait_for_text
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
@@ -48,6 +49,24 @@ TARGET_IDS = {
     "backend-tls": BACKEND_TLS,
     "plaintext": PLAINTEXT,
 }
+#: starttls-proxy's processes by name, and the role their CPU time is reported under
+#: (``<role>_cpu_ms``): the main process, the keeper, the key server, and the TLS
+#: helper with its spares and workers (which the helper reaps).
+MAIN_ROLE = "main"
+KEEPER_ROLE = "keeper"
+KEY_SERVER_ROLE = "key_server"
+HELPER_ROLE = "helper"
+PROXY_ROLES = {
+    procname.MAIN: MAIN_ROLE,
+    procname.KEEPER: KEEPER_ROLE,
+    procname.KEY_SERVER: KEY_SERVER_ROLE,
+    procname.HELPER: HELPER_ROLE,
+    procname.SPARE: HELPER_ROLE,
+    procname.WORKER: HELPER_ROLE,
+}
+#: Roles that count only their own process: the main process's reaped children (none
+#: while it runs normally) and unnamed children go to ``other``.
+PROXY_OWN_ONLY = frozenset({MAIN_ROLE})
 ALL_PROTOCOLS = ("smtp", "imap", "pop3")
 KEY_TYPES = {"ecdsa": trustme.KeyType.ECDSA, "rsa": trustme.KeyType.RSA}
 #: What the report says where the proxy has no machine for a protocol yet.

@@ -7,10 +7,15 @@
 2. **Bulk**: one 100 MB message through SMTP DATA, one 100 MB IMAP FETCH: MB/s
    (10^6 bytes) from the first byte to the final reply.
 3. **Idle capacity**: N upgraded sessions held open (not logged in), memory measured
-   at each step: USS and PSS per session of the terminator's processes and of the
-   backend behind it, the busiest process's own USS/PSS, descriptors.
+   at each step: USS, PSS and page tables per session of the terminator's processes
+   and of the backend behind it, the busiest process's own USS/PSS and its share per
+   session, descriptors.  Then, all closed, the **opening** the issue times:
+   :attr:`Plan.opening_sessions` idle sessions opened :data:`OPENING_LANES` at a time
+   (all generator processes together), from the first connect() to the last session
+   upgraded, each checked with a NOOP before it is closed.
 4. **CPU per session**: user + system seconds of all the target's processes during
-   the rate windows, divided by the sessions completed (reaped children included).
+   the rate windows, divided by the sessions completed (reaped children included);
+   starttls-proxy's split among its processes (:data:`bench.targets.PROXY_ROLES`).
 
 Server CPU is reported as a share of the server CPUs and generator CPU as a share of
 the generator CPUs: a row whose server share is well below 100 % while the generator
@@ -23,7 +28,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.clients import preflight
@@ -38,23 +43,34 @@ from bench.loadgen import (
     split,
 )
 from bench.procfs import (
+    EMPTY_MEMORY,
     MachineCPU,
     Memory,
+    cpu_seconds,
+    cpu_seconds_by_role,
     machine_cpu,
     meminfo,
-    session_holder,
+    session_holder_pid,
     total_memory,
+    tree,
     tree_cpu_seconds,
     tree_memory,
 )
 from bench.results import BULK, IDLE, IDLE_CURVE, RATE, SATURATION, Record
 from bench.stats import TIMES, percentile
-from bench.targets import PLAINTEXT, Run, Target
+from bench.targets import PLAINTEXT, PROXY, PROXY_OWN_ONLY, PROXY_ROLES, Run, Target
 
 #: Concurrency of the saturation probe (four times the highest of the rate workload).
 SATURATION_LANES = 256
 #: Concurrent lanes per generator process while opening idle sessions.
 IDLE_LANES = 32
+#: Concurrent sessions, all generator processes together, of the timed opening
+#: (issue 13: "opening 1,000 idle IMAP sessions 16 at a time").
+OPENING_LANES = 16
+#: How long to wait for the processes of the sessions just closed to exit (the
+#: proxy's workers) before the next measure.
+EXIT_WAIT = 60.0
+EXIT_STABLE = 3.0
 #: Seconds after connect() at which the backends end a session that has not logged in:
 #: Dovecot's login processes after 180 s whatever the client sends, Postfix's smtpd
 #: after ``smtpd_timeout`` (300 s) of silence.  Held sessions older than this (less a
@@ -88,6 +104,8 @@ class Plan:
     bulk_repeats: int
     idle_levels: tuple[int, ...]
     settle: float
+    #: Sessions of the timed opening (:data:`OPENING_LANES` at a time).
+    opening_sessions: int
 
 
 FULL = Plan(
@@ -100,6 +118,7 @@ FULL = Plan(
     bulk_repeats=3,
     idle_levels=(1000, 2500, 5000, 10_000),
     settle=1.0,
+    opening_sessions=1000,
 )
 QUICK = Plan(
     quick=True,
@@ -111,6 +130,7 @@ QUICK = Plan(
     bulk_repeats=1,
     idle_levels=(100, 300),
     settle=0.3,
+    opening_sessions=200,
 )
 
 
@@ -147,20 +167,44 @@ def _merge(results: Sequence[JobResult]) -> JobResult:
     return merged
 
 
+@dataclass(frozen=True)
+class CPUUsed:
+    """CPU seconds used by a target's terminator and by the backend behind it."""
+
+    terminator: float
+    backend: float
+    #: The terminator's seconds by role, adding up to ``terminator`` (starttls-proxy
+    #: only: :data:`bench.targets.PROXY_ROLES`; empty for the others).
+    roles: dict[str, float] = field(default_factory=dict)
+
+    def role_values(self, unit: str, scale: float) -> dict[str, float]:
+        """``{"<role>_<unit>": seconds * scale}`` (e.g. ``main_cpu_ms``)."""
+        return {f"{role}_{unit}": seconds * scale for role, seconds in self.roles.items()}
+
+
 class _CPU:
     """CPU seconds of a target's terminator and backend, and of the machine, since construction."""
 
     def __init__(self, bench: Bench, target: Target, protocol: str) -> None:
         self.terminator = bench.run.terminator_roots(target, protocol)
         self.backend = bench.run.backend_roots_behind(target, protocol)
-        self.start = (tree_cpu_seconds(self.terminator), tree_cpu_seconds(self.backend))
+        self.split = target.name == PROXY
+        self.start = self._sample()
         self.machine = machine_cpu()
         self.started = time.monotonic()
 
-    def used(self) -> tuple[float, float]:
-        return (
-            tree_cpu_seconds(self.terminator) - self.start[0],
-            tree_cpu_seconds(self.backend) - self.start[1],
+    def _sample(self) -> CPUUsed:
+        # One snapshot of the terminator's processes: the roles add up to the total.
+        stats = tree(self.terminator)
+        roles = cpu_seconds_by_role(stats, PROXY_ROLES, PROXY_OWN_ONLY) if self.split else {}
+        return CPUUsed(cpu_seconds(stats), tree_cpu_seconds(self.backend), roles)
+
+    def used(self) -> CPUUsed:
+        now, start = self._sample(), self.start
+        return CPUUsed(
+            now.terminator - start.terminator,
+            now.backend - start.backend,
+            {role: seconds - start.roles.get(role, 0.0) for role, seconds in now.roles.items()},
         )
 
     def machine_used(self) -> tuple[MachineCPU, float]:
@@ -201,7 +245,8 @@ def measure_rate_point(
     result = _merge(
         bench.generator.run(_rate_jobs(bench, endpoint, lanes, bench.plan.rate_duration))
     )
-    terminator_cpu, backend_cpu = cpu.used()
+    used = cpu.used()
+    terminator_cpu, backend_cpu = used.terminator, used.backend
     machine, elapsed = cpu.machine_used()
     window = result.ended - result.started
     accounted = terminator_cpu + backend_cpu + result.cpu + machine.kernel_threads
@@ -225,6 +270,7 @@ def measure_rate_point(
             "kernel_cpu_ms": 1000 * max(0.0, machine.kernel_threads) / sessions,
             "other_busy": max(0.0, machine.busy - accounted) / elapsed / bench.all_cpus,
             "steal": machine.steal / elapsed / bench.all_cpus,
+            **used.role_values("cpu_ms", 1000 / sessions),
         }
     bench.say(
         f"  {workload} {protocol} {target.name} c={lanes}: {sessions} sessions, "
@@ -288,16 +334,17 @@ def measure_bulk(bench: Bench, target: Target, protocol: str) -> Record:
         if protocol == "smtp" and bench.run.postfix is not None and result.latencies:
             bench.run.postfix.wait_for_delivery(1, timeout=120)
             bench.run.postfix.clear_mailbox()
-    terminator_cpu, backend_cpu = cpu.used()
+    used = cpu.used()
     record.note = _errors_note(errors)
     if seconds:
         middle = percentile(seconds, 0.5)
         record.values = {
             "mb_per_s": bench.plan.bulk_size / middle / 1e6,
             "seconds": middle,
-            "cpu_s": terminator_cpu / len(seconds),
-            "backend_cpu_s": backend_cpu / len(seconds),
+            "cpu_s": used.terminator / len(seconds),
+            "backend_cpu_s": used.backend / len(seconds),
             "generator_cpu_s": generator_cpu / len(seconds),
+            **used.role_values("cpu_s", 1 / len(seconds)),
         }
     bench.say(
         f"  bulk {protocol} {target.name}: {record.get('mb_per_s') or 0:.0f} MB/s {record.note}"
@@ -322,6 +369,7 @@ def _curve(
     values: dict[str, float] = {
         "uss": total.uss,
         "pss": total.pss,
+        "pte": total.pte,
         "backend_uss": total_memory(backend).uss,
         "fds": total.fds,
         "processes": total.processes,
@@ -330,16 +378,100 @@ def _curve(
     return record, terminator, backend
 
 
+def _fits(per_session: float, more: int) -> bool:
+    """Whether ``more`` sessions of ``per_session`` bytes leave the reserve to the machine."""
+    reserve = max(MIN_MEMORY_RESERVE, MEMORY_RESERVE_SHARE * meminfo("MemTotal"))
+    return meminfo("MemAvailable") - per_session * more > reserve
+
+
 def _memory_left(start_available: int, held: int, more: int) -> bool:
     """Whether ``more`` sessions fit while leaving the reserve to the rest of the machine.
 
     Each session is assumed to cost what the sessions held so far cost on average (the
     drop of MemAvailable since the workload began); the first chunk is small.
     """
-    available = meminfo("MemAvailable")
-    reserve = max(MIN_MEMORY_RESERVE, MEMORY_RESERVE_SHARE * meminfo("MemTotal"))
-    per_session = max(0, start_available - available) / held if held else 0
-    return available - per_session * more > reserve
+    per_session = max(0, start_available - meminfo("MemAvailable")) / held if held else 0
+    return _fits(per_session, more)
+
+
+def _wait_for_exits(roots: list[int], processes: int) -> None:
+    """Wait until the tree has no more than ``processes`` again, or stopped shrinking.
+
+    The proxy's workers exit after their sessions close; the next measure must not
+    count their exits (CPU) or their memory.  Gives up after :data:`EXIT_WAIT`, or
+    when the count has not changed for :data:`EXIT_STABLE` seconds (a spare more or
+    less than before).
+    """
+    deadline = time.monotonic() + EXIT_WAIT
+    count, changed = len(tree(roots)), time.monotonic()
+    while count > processes and time.monotonic() - changed < EXIT_STABLE:
+        if time.monotonic() > deadline:
+            return
+        time.sleep(0.2)
+        now = len(tree(roots))
+        if now != count:
+            count, changed = now, time.monotonic()
+
+
+def lanes_and_counts(sessions: int, lanes: int, workers: int) -> list[tuple[int, int]]:
+    """(lanes, sessions) per generator process: ``lanes`` in all, the sessions in proportion.
+
+    Every process then works through its share at the same pace: all ``lanes`` stay
+    busy until near the end.
+    """
+    shares = [share for share in split(lanes, min(lanes, workers)) if share]
+    counts = [sessions * share // lanes for share in shares]
+    for index in range(sessions - sum(counts)):  # fewer than len(shares)
+        counts[index] += 1
+    return list(zip(shares, counts, strict=True))
+
+
+def measure_opening(
+    bench: Bench, target: Target, protocol: str, per_session: float
+) -> tuple[dict[str, float], str]:
+    """Open :attr:`Plan.opening_sessions` idle sessions :data:`OPENING_LANES` at a time.
+
+    Returns the ``opening_*`` values and a note (why it was not measured, or its
+    errors).  ``per_session``: bytes of memory a session was seen to cost (the
+    opening is skipped if that many sessions would eat into the memory reserve).
+    Every session is checked (NOOP) and closed afterwards.
+    """
+    count = bench.plan.opening_sessions
+    if not _fits(per_session, count):
+        return {}, f"opening of {count:,} not measured: it would eat into the memory reserve"
+    endpoint = target.endpoints[protocol]
+    roots = bench.run.terminator_roots(target, protocol)
+    processes = len(tree(roots))
+    cpu = _CPU(bench, target, protocol)
+    jobs = [
+        OpenIdle(endpoint, sessions, lanes)
+        for lanes, sessions in lanes_and_counts(count, OPENING_LANES, bench.generator.size)
+    ]
+    step = _merge(bench.generator.run(jobs))
+    used = cpu.used()
+    seconds = step.ended - step.started
+    opened = len(step.greeting_latencies)
+    max_age = PRE_LOGIN_LIMIT[protocol] - PRE_LOGIN_MARGIN
+    workers = bench.generator.size
+    closing = _merge(bench.generator.run([CloseIdle(protocol, IDLE_LANES, max_age)] * workers))
+    _wait_for_exits(roots, processes)
+    errors = step.errors + closing.errors
+    values = {
+        "opening_sessions": count,
+        "opening_lanes": OPENING_LANES,
+        "opening_held": opened,
+        "opening_errors": sum(errors.values()),
+        "opening_unchecked": closing.unchecked,
+        "opening_seconds": seconds,
+        "opening_cpu_ms": 1000 * used.terminator / opened if opened else 0.0,
+        "opening_generator_busy": step.cpu / seconds / bench.generator_cpus if seconds else 0.0,
+    }
+    note = _errors_note(errors)
+    bench.say(
+        f"  opening {protocol} {target.name}: {opened} of {count} opened "
+        f"{OPENING_LANES} at a time in {seconds:.1f} s {note}"
+    )
+    return values, f"opening: {note}" if note else ""
 
 
 def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
@@ -390,14 +522,19 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
         bench.say(f"  idle {protocol} {target.name}: {held} held {_errors_note(errors)} {stopped}")
         if stopped:
             break
-    open_cpu, open_backend_cpu = cpu.used()
+    open_cpu = cpu.used()
+    # What the machine gave up for the sessions held (kernel memory included): the
+    # estimate the timed opening below is allowed against.
+    cost = max(0, start_available - meminfo("MemAvailable")) / held if held else 0.0
     closing = _merge(bench.generator.run([CloseIdle(protocol, IDLE_LANES, max_age)] * workers))
     record = Record(IDLE, bench.run.key_type, protocol, target.name, bench.plan.idle_levels[-1])
-    record.note = "; ".join(n for n in (stopped, _errors_note(errors + closing.errors)) if n)
+    notes = [stopped, _errors_note(errors + closing.errors)]
     if held:
         extra = total_memory(terminator) - total_memory(base_terminator)
         extra_backend = total_memory(backend) - total_memory(base_backend)
-        main = session_holder(base_terminator, terminator)
+        main_pid = session_holder_pid(base_terminator, terminator)
+        main = EMPTY_MEMORY if main_pid is None else terminator[main_pid]
+        main_before = base_terminator.get(main_pid or 0, EMPTY_MEMORY)
         record.values = {
             "held": held,
             "open_errors": sum(errors.values()),
@@ -405,6 +542,8 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
             "unchecked": closing.unchecked,
             "uss_per_session": extra.uss / held,
             "pss_per_session": extra.pss / held,
+            "pte_per_session": extra.pte / held,
+            "main_uss_per_session": (main.uss - main_before.uss) / held,
             "backend_uss_per_session": extra_backend.uss / held,
             "backend_pss_per_session": extra_backend.pss / held,
             "main_uss": main.uss,
@@ -412,8 +551,14 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
             "fds": total_memory(terminator).fds,
             "processes": len(terminator),
             "opened_per_s": held / opening if opening else 0.0,
-            "open_cpu_ms": 1000 * open_cpu / held,
-            "open_backend_cpu_ms": 1000 * open_backend_cpu / held,
+            "open_cpu_ms": 1000 * open_cpu.terminator / held,
+            "open_backend_cpu_ms": 1000 * open_cpu.backend / held,
         }
+        _wait_for_exits(bench.run.terminator_roots(target, protocol), len(base_terminator))
+        time.sleep(bench.plan.settle)
+        opening_values, opening_note = measure_opening(bench, target, protocol, cost)
+        record.values |= opening_values
+        notes.append(opening_note)
+    record.note = "; ".join(n for n in notes if n)
     time.sleep(bench.plan.settle)
     return [*curve, record]

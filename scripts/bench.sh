@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark starttls-proxy next to stunnel, nginx mail and the backends (issue 7).
+# Benchmark starttls-proxy next to stunnel, nginx mail and the backends (issues 7 and 13).
 #
 # Usage: sudo scripts/bench.sh [--quick] [python -m bench options...]
 #   --quick         short windows, ECDSA only, a few hundred idle sessions (under two minutes)
