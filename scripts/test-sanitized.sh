@@ -6,7 +6,7 @@
 # report aborts breaks its session.
 #
 # The sanitized binary takes the place of the normal one for the run, which
-# is rebuilt afterwards. The workers' seccomp filter stays on, so the
+# is put back afterwards. The workers' seccomp filter stays on, so the
 # sanitizers' runtime must make do without what it refuses: LeakSanitizer
 # stops the world with ptrace (and a worker's memory goes with its exit
 # anyway).
@@ -14,8 +14,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 helper=starttls_proxy/tlshelper/stp-helper
-restore() { .venv/bin/python -m pip install -q -e . ; }
-trap restore EXIT
+cp -p "$helper" "$helper.normal"
+trap 'mv -f "$helper.normal" "$helper"' EXIT
 gcc -std=c11 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \
     -fsanitize=address,undefined -fno-sanitize-recover=undefined \
     -o "$helper" starttls_proxy/tlshelper/*.c -lssl -lcrypto
