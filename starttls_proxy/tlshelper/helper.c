@@ -151,24 +151,6 @@ static void take_spare(size_t index)
     helper.spare_count--;
 }
 
-static bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size_t count,
-                          int flags)
-{
-    char control[CMSG_SPACE(3 * sizeof(int))] = {0};
-    struct iovec vector = {(void *)data, size};
-    struct msghdr header = {.msg_iov = &vector, .msg_iovlen = 1};
-    if (count > 0) {
-        header.msg_control = control;
-        header.msg_controllen = CMSG_SPACE(count * sizeof(int));
-        struct cmsghdr *c = CMSG_FIRSTHDR(&header);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(count * sizeof(int));
-        memcpy(CMSG_DATA(c), fds, count * sizeof(int));
-    }
-    return sendmsg(sock, &header, flags | MSG_NOSIGNAL) == (ssize_t)size;
-}
-
 /*
  * Hand the key server its end of a worker's connection, good for the keys
  * of the certificates it may serve. When the key server cannot be reached
@@ -284,31 +266,17 @@ static void reap(void)
 static bool serve_request(bool hung_up)
 {
     static uint8_t message[MAX_SPAWN_REQUEST + 1];
-    int fds[2] = {-1, -1};
-    char control[CMSG_SPACE(sizeof fds)];
-    struct iovec vector = {message, sizeof message};
-    struct msghdr header = {
-        .msg_iov = &vector, .msg_iovlen = 1, .msg_control = control,
-        .msg_controllen = sizeof control};
-    ssize_t size = recvmsg(helper.control, &header, MSG_CMSG_CLOEXEC);
-    if (size < 0)
+    int fds[2];
+    size_t fd_count;
+    ssize_t size = receive_with_fds(helper.control, message, sizeof message, fds, 2, &fd_count);
+    if (size < 0 && errno != EMSGSIZE)
         return errno == EINTR || errno == EAGAIN;
-    size_t fd_count = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); c != NULL; c = CMSG_NXTHDR(&header, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            int received[2];
-            memcpy(received, CMSG_DATA(c), (count < 2 ? count : 2) * sizeof(int));
-            for (size_t i = 0; i < count && i < 2; i++)
-                fds[fd_count++] = received[i];
-        }
-    }
     if (size == 0 && fd_count == 0)
         return !hung_up;
     struct spawn_request request;
     pid_t pid = 0;
-    if (fd_count == 2 && !(header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) &&
-        parse_spawn_request(message, (size_t)size, &request) && request.size == (size_t)size)
+    if (size > 0 && fd_count == 2 && parse_spawn_request(message, (size_t)size, &request) &&
+        request.size == (size_t)size)
         pid = assign(message, &request, fds);
     else
         fprintf(stderr, "TLS helper: a malformed spawn request (%zd bytes, %zu descriptors)\n",
@@ -322,6 +290,21 @@ static bool serve_request(bool hung_up)
         tell(reply, (size_t)length);
     }
     return true;
+}
+
+/*
+ * The main process has left (shutdown, or a reload retired this helper):
+ * the spares end when their assignment sockets close, and are reaped here,
+ * not left as zombies for whoever inherits them. Workers serving sessions
+ * go on; the keeper, a subreaper, reaps them when they end.
+ */
+static void retire_spares(void)
+{
+    for (size_t i = 0; i < helper.spare_count; i++)
+        close(helper.spares[i].assignment);
+    for (size_t i = 0; i < helper.spare_count; i++)
+        waitpid(helper.spares[i].pid, NULL, 0);
+    helper.spare_count = 0;
 }
 
 static int serve_forever(int children)
@@ -341,8 +324,10 @@ static int serve_forever(int children)
             reap();
         }
         if (fds[0].revents & (POLLIN | POLLHUP | POLLERR)) {
-            if (!serve_request(fds[0].revents & POLLHUP))
+            if (!serve_request(fds[0].revents & POLLHUP)) {
+                retire_spares();
                 return 0;
+            }
         }
     }
 }
@@ -384,23 +369,12 @@ static void send_ready(const struct layer_status statuses[LAYER_COUNT])
 static uint8_t *receive_description(size_t *size, struct problems *problems)
 {
     char tag[2];
-    int fds[2] = {-1, -1};
-    char control[CMSG_SPACE(sizeof fds)];
-    struct iovec vector = {tag, sizeof tag};
-    struct msghdr header = {
-        .msg_iov = &vector, .msg_iovlen = 1, .msg_control = control,
-        .msg_controllen = sizeof control};
-    ssize_t got = recvmsg(helper.control, &header, MSG_CMSG_CLOEXEC);
-    size_t count = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); got > 0 && c != NULL;
-         c = CMSG_NXTHDR(&header, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            memcpy(fds, CMSG_DATA(c), (count < 2 ? count : 2) * sizeof(int));
-        }
-    }
-    if (got != 1 || tag[0] != 'D' || count < 1 || count > 2 ||
-        (header.msg_flags & (MSG_TRUNC | MSG_CTRUNC))) {
+    int fds[2];
+    size_t count;
+    ssize_t got = receive_with_fds(helper.control, tag, sizeof tag, fds, 2, &count);
+    if (got != 1 || tag[0] != 'D' || count < 1) {
+        while (count > 0)
+            close(fds[--count]);
         problem(problems, "the keeper's first message is not a description");
         return NULL;
     }

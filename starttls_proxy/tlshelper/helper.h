@@ -156,7 +156,13 @@ void json_string(struct json *out, const char *text);
 void json_bytes(struct json *out, const char *text, size_t size);
 void json_integer(struct json *out, long long value);
 
-/* Read/write helpers */
+/* channel.c */
+bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size_t count,
+                   int flags);
+/* One datagram and at most `max` descriptors (`*count` of them in `fds`):
+ * its size, or -1 (errno EMSGSIZE: it was cut short, its descriptors are
+ * closed). */
+ssize_t receive_with_fds(int sock, void *data, size_t size, int *fds, size_t max, size_t *count);
 bool send_all(int fd, const void *data, size_t size);
 void process_name(const char *name);
 

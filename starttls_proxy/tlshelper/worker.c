@@ -106,26 +106,6 @@ static bool reseed(void)
     return true;
 }
 
-bool send_all(int fd, const void *data, size_t size)
-{
-    const uint8_t *at = data;
-    while (size > 0) {
-        ssize_t sent = send(fd, at, size, MSG_NOSIGNAL);
-        if (sent < 0 && errno == EAGAIN) {
-            struct pollfd wait = {.fd = fd, .events = POLLOUT};
-            poll(&wait, 1, -1);
-            continue;
-        }
-        if (sent < 0 && errno == EINTR)
-            continue;
-        if (sent <= 0)
-            return false;
-        at += sent;
-        size -= (size_t)sent;
-    }
-    return true;
-}
-
 /* The report frame: u32 length, then JSON. */
 static void send_report(int channel, const char *json, size_t size)
 {
@@ -466,31 +446,19 @@ void serve_spare(const struct settings *settings, int assignment, uid_t uid)
         _exit(EXIT_SANDBOX_FAILED);
     }
     static uint8_t message[MAX_ASSIGNMENT];
-    int received[3] = {-1, -1, -1};
-    char control[CMSG_SPACE(sizeof received)];
-    struct iovec vector = {message, sizeof message};
-    struct msghdr header = {
-        .msg_iov = &vector, .msg_iovlen = 1, .msg_control = control,
-        .msg_controllen = sizeof control};
+    int received[3];
+    size_t fd_count;
     ssize_t size;
     do
-        size = recvmsg(keep[0], &header, MSG_CMSG_CLOEXEC);
+        size = receive_with_fds(keep[0], message, sizeof message, received, 3, &fd_count);
     while (size < 0 && errno == EINTR);
-    size_t fd_count = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&header); c != NULL; c = CMSG_NXTHDR(&header, c)) {
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            fd_count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-            if (fd_count > 3)
-                fd_count = 3;
-            memcpy(received, CMSG_DATA(c), fd_count * sizeof(int));
-        }
-    }
-    if (size <= 0) /* the helper is gone, or retired its spares */
+    /* Nothing: the helper is gone, or retired its spares. */
+    if (size == 0 || (size < 0 && errno != EMSGSIZE))
         _exit(EXIT_SPARE_UNUSED);
     process_name("stp-worker");
     struct spawn_request request;
     bool key_server = settings->provider != NULL;
-    if ((header.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) || fd_count != (key_server ? 3u : 2u) ||
+    if (size <= 0 || fd_count != (key_server ? 3u : 2u) ||
         !parse_spawn_request(message, (size_t)size, &request) ||
         (size_t)size - request.size < 2) {
         fprintf(stderr, "TLS worker: a malformed assignment\n");
