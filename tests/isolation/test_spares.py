@@ -77,3 +77,18 @@ def test_without_spares_each_connection_forks_its_own_worker(
         assert len(set(workers)) == len(workers)
         time.sleep(SETTLE)
         assert running.children() == []
+
+
+def test_the_spares_leave_with_the_helper_and_are_reaped_by_it(
+    tmp_path: Path, certificates: list[tuple[Path, Path]]
+) -> None:
+    """Regression: a helper whose main process left (shutdown, or a reload
+    retiring it) exited before its spares, which stayed zombies until
+    whoever inherited them reaped them."""
+    with helper(tmp_path, certificates, spare_workers=2) as running:
+        spares = _eventually(lambda: _named(running, "stp-spare"), 2)
+        running.control.close()
+        assert running.process.wait(10) == 0
+    for pid in spares:
+        # Reaped by the helper itself: not even a zombie is left.
+        assert not Path(f"/proc/{pid}").exists(), pid
