@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import json
 import logging
 import os
 import socket
@@ -36,7 +35,14 @@ from protocols._base import (
 )
 from starttls_proxy import identity, metrics
 from starttls_proxy.handoff import HandoffError
-from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER, SpawnRequest, usable_hint
+from starttls_proxy.wire import (
+    MAX_REPORT_SIZE,
+    REPORT_HEADER,
+    HandshakeFailure,
+    SpawnRequest,
+    read_report,
+    usable_hint,
+)
 
 if TYPE_CHECKING:
     from starttls_proxy.server import ListenerRuntime
@@ -155,7 +161,12 @@ class ChannelEndpoint(Endpoint):
             return
         report, rest = bytes(self._report[REPORT_HEADER.size : end]), bytes(self._report[end:])
         self._report = None
-        self.session.tls_report(json.loads(report), self)
+        try:
+            outcome = read_report(report, self.session.runtime.config.alpn_protocols)
+        except ValueError as error:
+            self.session.close(f"malformed report from the TLS worker: {error}")
+            return
+        self.session.tls_report(outcome, self)
         if rest:
             self.session.data_received(Side.CLIENT, rest)
 
@@ -241,23 +252,18 @@ class Session:
         self._write_paused[side] = paused
         self._update_reading()
 
-    def tls_report(self, report: dict[str, object], channel: ChannelEndpoint) -> None:
+    def tls_report(self, outcome: TLSInfo | HandshakeFailure, channel: ChannelEndpoint) -> None:
         if self.phase is not Phase.HANDSHAKE:
             return
-        if not report.get("ok"):
+        if isinstance(outcome, HandshakeFailure):
             metrics.HANDSHAKES.labels(*self._labels, "failed").inc()
-            self.close(f"TLS handshake failed: {report.get('reason')}")
+            self.close(f"TLS handshake failed: {outcome.reason}")
             return
         metrics.HANDSHAKES.labels(*self._labels, "ok").inc()
         metrics.HANDSHAKE_SECONDS.labels(*self._labels).observe(
             time.monotonic() - self._handshake_started
         )
-        self.tls = TLSInfo(
-            version=str(report["version"]),
-            cipher=str(report["cipher"]),
-            server_name=str(report["server_name"]) if report.get("server_name") else None,
-            alpn=str(report["alpn"]) if report.get("alpn") else None,
-        )
+        self.tls = outcome
         metrics.TLS_SESSIONS.labels(
             self.runtime.config.name, self.tls.version, self.tls.cipher
         ).inc()

@@ -17,8 +17,12 @@ uses it and never loads OpenSSL.
 
 from __future__ import annotations
 
+import json
+import re
 import struct
 from dataclasses import dataclass
+
+from protocols._base import TLSInfo
 
 EXIT_OK = 0
 EXIT_HANDSHAKE_FAILED = 10
@@ -50,6 +54,13 @@ MAX_HANDSHAKE_TIMEOUT = (2**32 - 1) / 1000
 
 REPORT_HEADER = struct.Struct("!I")
 MAX_REPORT_SIZE = 64 * 1024
+#: What a worker may report: the versions the policy allows, OpenSSL's
+#: cipher names, host names and ALPN names as the helper's parser admits
+#: them (printable ASCII, no space), a failure's reason cut to one line.
+REPORTED_VERSIONS = frozenset({"TLSv1.2", "TLSv1.3"})
+_CIPHER_NAME = re.compile(r"[A-Z0-9_-]{1,64}")
+_NAME = re.compile(r"[\x21-\x7e]{1,255}")
+MAX_REASON = 200
 
 #: TEST ONLY (``isolation.self_test``): the start of the line each worker
 #: logs about its own sandbox.
@@ -183,3 +194,44 @@ class _Reader:
 
     def field(self, length_size: int) -> bytes:
         return self.take(int.from_bytes(self.take(length_size), "big"))
+
+
+@dataclass(frozen=True)
+class HandshakeFailure:
+    reason: str
+
+
+def read_report(payload: bytes, alpn: tuple[str, ...]) -> TLSInfo | HandshakeFailure:
+    """The worker's report (its JSON), checked before anything of it reaches
+    a metric label, a log line or a PROXY TLV: the worker is the process the
+    design assumes may be compromised. ``alpn``: what the listener offered
+    (the worker may have selected only one of those). ``ValueError`` for a
+    report no sound worker writes."""
+    try:
+        report = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"not JSON: {error}") from None
+    if not isinstance(report, dict):
+        raise ValueError("not an object")
+    if report.get("ok") is not True:
+        reason = report.get("reason")
+        if report.get("ok") is not False or not isinstance(reason, str):
+            raise ValueError("neither a handshake nor a failure")
+        printable = "".join(c if c.isprintable() else "?" for c in reason)
+        return HandshakeFailure(printable[:MAX_REASON])
+    version, cipher = report.get("version"), report.get("cipher")
+    server_name, selected = report.get("server_name"), report.get("alpn")
+    if version not in REPORTED_VERSIONS:
+        raise ValueError(f"version {version!r}")
+    if not isinstance(cipher, str) or not _CIPHER_NAME.fullmatch(cipher):
+        raise ValueError(f"cipher {cipher!r}")
+    if selected is not None and selected not in alpn:
+        raise ValueError(f"ALPN {selected!r} was not offered")
+    if server_name is not None and not (
+        isinstance(server_name, str) and _NAME.fullmatch(server_name)
+    ):
+        # The client chose it: a name no certificate could match is no
+        # reason to refuse the session, but it goes no further.
+        server_name = None
+    assert isinstance(version, str)
+    return TLSInfo(version, cipher, server_name, selected)

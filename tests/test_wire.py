@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import struct
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from protocols._base import TLSInfo
 from starttls_proxy import wire
 from starttls_proxy.wire import (
     MAX_EARLY_BYTES,
+    MAX_REASON,
     MAX_SPAWN_REQUEST,
+    HandshakeFailure,
     SpawnRequest,
     encode_alpn,
+    read_report,
     usable_hint,
 )
 from tests import wire_h
@@ -182,3 +188,70 @@ def test_wire_agrees_with_wire_h() -> None:
         "EXIT_SPARE_UNUSED",
     ):
         assert getattr(wire, name) == defines[name], name
+
+
+# ----------------------------------------------------------------------
+# The worker's report, as the main process reads it.
+
+_GOOD = {
+    "ok": True,
+    "version": "TLSv1.3",
+    "cipher": "TLS_AES_256_GCM_SHA384",
+    "server_name": "mail.example.test",
+    "alpn": "xmpp-client",
+}
+
+
+def _report(**changes: object) -> bytes:
+    return json.dumps({**_GOOD, **changes}).encode()
+
+
+def test_a_sound_report_is_read_as_it_was_written() -> None:
+    assert read_report(_report(), ("xmpp-client",)) == TLSInfo(
+        "TLSv1.3", "TLS_AES_256_GCM_SHA384", "mail.example.test", "xmpp-client"
+    )
+    failure = json.dumps({"ok": False, "reason": "handshake failed: no shared cipher"})
+    assert read_report(failure.encode(), ()) == HandshakeFailure(
+        "handshake failed: no shared cipher"
+    )
+
+
+@pytest.mark.parametrize(
+    ("payload", "why"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "not an object"),
+        (b'{"ok": 1}', "neither"),
+        (b'{"ok": false}', "neither"),
+        (_report(version="SSLv3"), "version"),
+        (_report(version="TLSv1.3\\nlabel"), "version"),
+        (_report(cipher='AES", evil="x'), "cipher"),
+        (_report(cipher="A" * 65), "cipher"),
+        (_report(alpn="h2"), "ALPN"),
+    ],
+)
+def test_a_compromised_workers_report_goes_no_further(payload: bytes, why: str) -> None:
+    """Regression: the report's version and cipher became metric labels and
+    log fields unchecked, so a subverted worker could grow the main
+    process's label sets without bound (or break its log lines)."""
+    with pytest.raises(ValueError, match=why):
+        read_report(payload, ("xmpp-client",))
+
+
+@pytest.mark.parametrize("name", ["a b.test", "x" * 256, "new\nline", "", 7])
+def test_an_unusable_server_name_is_dropped_not_passed_on(name: object) -> None:
+    outcome = read_report(_report(server_name=name), ("xmpp-client",))
+    assert isinstance(outcome, TLSInfo) and outcome.server_name is None
+
+
+def test_a_failure_reason_is_one_printable_line() -> None:
+    payload = json.dumps({"ok": False, "reason": "bad\r\nInjected: yes" + "x" * 500}).encode()
+    outcome = read_report(payload, ())
+    assert isinstance(outcome, HandshakeFailure)
+    assert outcome.reason.isprintable() and len(outcome.reason) == MAX_REASON
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_report_or_a_value_error(payload: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        read_report(payload, ("xmpp-client",))
