@@ -38,31 +38,21 @@ import ctypes
 import errno
 import tempfile
 
-#: What the C worker calls once confined (see the module docstring).
-WORKER_ALLOWED = (
-    # The two sockets (and stderr, for last words).
+#: What every confined process of the proxy needs.
+_COMMON = (
+    # Its sockets (and stderr, for last words).
     "read",
     "write",
     "recvfrom",
     "sendto",
-    "shutdown",
     "close",
-    # Waiting (poll is ppoll on arm64).
-    "poll",
-    "ppoll",
     "restart_syscall",
     "clock_gettime",
     "gettimeofday",
-    # Cancelling the handshake deadline. Its handler cannot be changed:
-    # rt_sigaction is not allowed.
-    "setitimer",
     "rt_sigreturn",
     "rt_sigprocmask",
-    # The sanitizers' runtime (scripts/test-sanitized.sh) asks for it at
-    # exit; it concerns the caller's own signal delivery only.
-    "sigaltstack",
-    # Memory for OpenSSL, bounded by RLIMIT_AS; no mprotect, so no page is
-    # ever made executable.
+    # Memory, bounded by RLIMIT_AS; no mprotect, so no page is ever made
+    # executable.
     "brk",
     "mmap",
     "munmap",
@@ -78,37 +68,30 @@ WORKER_ALLOWED = (
     "exit_group",
 )
 
-#: The key server (``keyserver``) once confined: its sockets and, since it
-#: waits in epoll, neither poll/select nor the alarm; descriptors arriving
-#: with SCM_RIGHTS (the workers' connections; the key files the keeper
-#: opened, read with pread).
+#: What the C worker calls once confined (see the module docstring).
+WORKER_ALLOWED = (
+    *_COMMON,
+    "shutdown",
+    # Waiting (poll is ppoll on arm64).
+    "poll",
+    "ppoll",
+    # Cancelling the handshake deadline. Its handler cannot be changed:
+    # rt_sigaction is not allowed.
+    "setitimer",
+    # The sanitizers' runtime (scripts/test-sanitized.sh) asks for it at
+    # exit; it concerns the caller's own signal delivery only.
+    "sigaltstack",
+)
+
+#: The key server (``keyserver``) once confined: since it waits in epoll,
+#: neither poll nor the deadline; descriptors arriving with SCM_RIGHTS (the
+#: workers' connections; the key files the keeper opened, read with pread).
 KEY_SERVER_ALLOWED = (
-    "read",
-    "write",
-    "recvfrom",
-    "sendto",
-    "close",
+    *_COMMON,
     "getsockopt",
     # Python's socket(fileno=...) asks for the family.
     "getsockname",
     "getpeername",
-    "restart_syscall",
-    "clock_gettime",
-    "gettimeofday",
-    "rt_sigreturn",
-    "rt_sigprocmask",
-    # Memory for Python and OpenSSL, bounded by RLIMIT_AS; no mprotect.
-    "brk",
-    "mmap",
-    "munmap",
-    "mremap",
-    "madvise",
-    "getrandom",
-    "getpid",
-    "futex",
-    "gettid",
-    "exit",
-    "exit_group",
     "pread64",
     "recvmsg",
     "sendmsg",

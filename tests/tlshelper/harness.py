@@ -91,20 +91,15 @@ class RunningHelper:
         with socket.create_server(("127.0.0.1", 0)) as listener:
             client = socket.create_connection(listener.getsockname(), timeout=10)
             accepted, _ = listener.accept()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._ids += 1
-        request = SpawnRequest(
-            handshake_timeout=handshake_timeout,
+        return spawn_on(
+            self,
+            client,
+            accepted,
             server_name_hint=server_name_hint,
             alpn=alpn,
             early=early,
-            id=self._ids,
+            handshake_timeout=handshake_timeout,
         )
-        with accepted, theirs:
-            self.send_request(request.encode(), [accepted.fileno(), theirs.fileno()])
-        answer = self.next_message(lambda message: "spawned" in message)
-        assert answer["spawned"] == self._ids, answer
-        return Connection(client, ours, int(answer["pid"]))
 
     def next_message(self, wanted: Any, timeout: float = 10.0) -> dict[str, Any]:
         """The next message ``wanted(message)`` accepts; exits on the way are kept."""
