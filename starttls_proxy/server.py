@@ -10,6 +10,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 from pathlib import Path
@@ -188,6 +189,33 @@ def _count_worker_exit(pid: int, status: int) -> None:
         log.warning("TLS worker %d ended abnormally (%s, status %d)", pid, reason, status)
 
 
+#: What the main process holds per session once a worker has the client:
+#: the worker's plaintext channel and the backend's socket.
+DESCRIPTORS_PER_SESSION = 2
+#: Its own: listeners, the keeper's and the helper's sockets, the event loop.
+DESCRIPTOR_RESERVE = 64
+
+
+def descriptor_room(config: Config) -> str | None:
+    """Raise the soft descriptor limit to the hard one; say so when the
+    listeners' ``max_connections`` together need more descriptors than that
+    (sessions beyond it would fail to connect their backend or worker)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return None
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    sessions = sum(listener.limits.max_connections for listener in config.listeners)
+    room = max(0, hard - DESCRIPTOR_RESERVE) // DESCRIPTORS_PER_SESSION
+    if sessions <= room:
+        return None
+    return (
+        f"the listeners allow {sessions} sessions together, but the descriptor limit "
+        f"({hard}) holds about {room}: raise LimitNOFILE (deploy/systemd's unit sets 65536) "
+        "or lower limits.max_connections"
+    )
+
+
 def publish_certificate_expiry(config: Config) -> None:
     """Export each certificate's notAfter; only the public part is read here."""
     for entry in config.tls.certificates:
@@ -296,6 +324,8 @@ class Server:
         self.helper.on_fatal = self._helper_lost
         self.helper.attach(loop)
         self.helper.log_layers()
+        if (shortage := descriptor_room(self.config)) is not None:
+            log.warning("%s", shortage)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
@@ -401,6 +431,8 @@ class Server:
             self._start_probe(runtime)
         self.config = new
         publish_certificate_expiry(new)
+        if (shortage := descriptor_room(new)) is not None:
+            log.warning("%s", shortage)
 
     async def _shut_down(self) -> None:
         """Stop accepting, let sessions finish, then say goodbye to the rest."""
