@@ -40,7 +40,11 @@
 /* Plaintext waiting for the channel, and ciphertext for the client: each
  * at most this much before the other side is no longer read. */
 #define BUFFER_LIMIT (256 * 1024)
-#define READ_SIZE (64 * 1024)
+#define READ_SIZE (256 * 1024)
+/* What one read takes from either socket: in the BSS, like the plaintext
+ * buffer, so that the stack stays small and no page of it is mapped before
+ * a transfer touches it. */
+static uint8_t incoming[READ_SIZE];
 /* How long a closing worker waits for the client's FIN after its own. */
 #define LINGER_MS 2000
 /* First byte of a TLS handshake record (RFC 8446 section 5.1). */
@@ -245,13 +249,13 @@ static void flush_channel(struct pump *pump)
 static int handshake(struct pump *pump, const struct spawn_request *request, const char **reason)
 {
     static char failure[PROBLEM_SIZE];
-    uint8_t buffer[READ_SIZE];
+    uint8_t *buffer = incoming;
     const uint8_t *data = request->early;
     ssize_t size = (ssize_t)request->early_size;
     bool first = true;
     for (;;) {
         if (size == 0) {
-            size = recv(pump->client, buffer, sizeof buffer, 0);
+            size = recv(pump->client, buffer, READ_SIZE, 0);
             if (size < 0 && (errno == EINTR || errno == EAGAIN)) {
                 struct pollfd wait = {.fd = pump->client, .events = POLLIN};
                 poll(&wait, 1, -1);
@@ -317,7 +321,7 @@ static void linger(int client)
 
 static int relay(struct pump *pump)
 {
-    uint8_t buffer[READ_SIZE];
+    uint8_t *buffer = incoming;
     for (;;) {
         /* Records decrypt whenever there is room, not only when bytes
          * arrive: the channel may have made room since. */
@@ -325,6 +329,10 @@ static int relay(struct pump *pump)
         if (state == BROKEN)
             return EXIT_TLS_ERROR;
         flush_channel(pump);
+        /* The channel took it all: records still wait, decrypt them now
+         * (the client may have nothing more to send to wake this loop). */
+        if (state == FULL && pump->plaintext_size == 0)
+            continue;
         /* Reading may have written (a key update's answer). */
         if (!flush_client(pump, false))
             return EXIT_CLIENT_GONE;
@@ -360,14 +368,14 @@ static int relay(struct pump *pump)
         if (channel & (POLLOUT | POLLERR | POLLHUP))
             flush_channel(pump);
         if ((client & (POLLIN | POLLHUP | POLLERR)) && !pump->client_eof) {
-            ssize_t got = recv(pump->client, buffer, sizeof buffer, MSG_DONTWAIT);
+            ssize_t got = recv(pump->client, buffer, READ_SIZE, MSG_DONTWAIT);
             if (got > 0)
                 BIO_write(pump->from_client, buffer, (int)got);
             else if (got == 0 || (errno != EAGAIN && errno != EINTR))
                 pump->client_eof = true;
         }
         if ((channel & (POLLIN | POLLHUP | POLLERR)) && !pump->channel_eof) {
-            ssize_t got = recv(pump->channel, buffer, sizeof buffer, MSG_DONTWAIT);
+            ssize_t got = recv(pump->channel, buffer, READ_SIZE, MSG_DONTWAIT);
             if (got > 0) {
                 if (SSL_write(pump->ssl, buffer, (int)got) != got)
                     return EXIT_TLS_ERROR;

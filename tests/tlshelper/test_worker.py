@@ -317,6 +317,32 @@ def test_records_waiting_in_openssl_are_decrypted_once_the_channel_drains(
         assert _finish(helper, connection, tls) == EXIT_OK
 
 
+def test_a_buffer_the_channel_drains_at_once_does_not_stall_the_client(
+    helper: RunningHelper, cert_dir: Path
+) -> None:
+    """Regression: when the worker's plaintext buffer was full and the
+    channel then took all of it in one go, the worker waited for the client
+    (which had nothing more to send) instead of decrypting the records still
+    waiting in OpenSSL: a bulk upload stalled (the benchmark's SMTP DATA)."""
+    size = 16 * MIB
+    connection = helper.spawn()
+    tls = _tls_client(connection, cert_dir)
+    assert connection.report()["ok"] is True
+    message = os.urandom(size)
+    sender = threading.Thread(target=tls.sendall, args=(message,))
+    sender.start()
+    try:
+        # A fast reader with a large buffer: each send of the worker's is
+        # taken whole.
+        connection.channel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MIB)
+        assert _read_exactly(connection.channel, size, timeout=20) == message
+    finally:
+        sender.join(20)
+    connection.channel.sendall(b"250 ok\r\n")
+    assert tls.recv(64) == b"250 ok\r\n"
+    assert _finish(helper, connection, tls) == EXIT_OK
+
+
 def test_what_the_client_sent_before_its_end_of_stream_all_reaches_the_channel(
     helper: RunningHelper, cert_dir: Path
 ) -> None:
