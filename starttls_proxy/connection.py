@@ -276,17 +276,21 @@ class Session:
     # Carrying out the machine's commands.
 
     def _run_commands(self) -> None:
+        # What one batch of input makes the machine send leaves in one write
+        # a side: one system call here and, towards the client, one TLS
+        # record in the worker instead of one per reply line.
+        pending: dict[Side, list[bytes]] = {Side.CLIENT: [], Side.BACKEND: []}
         while self.phase is not Phase.CLOSED:
             command = self.machine.next_command()
             if command is None:
                 break
+            if isinstance(command, SendToClient | SendToBackend):
+                side = Side.CLIENT if isinstance(command, SendToClient) else Side.BACKEND
+                pending[side].append(command.data)
+                continue
+            # Whatever comes next (a hand-off, a close) comes after them.
+            self._write(pending)
             match command:
-                case SendToClient(data):
-                    assert self.client is not None and self.client.transport is not None
-                    self.client.transport.write(data)
-                case SendToBackend(data):
-                    assert self.backend is not None and self.backend.transport is not None
-                    self.backend.transport.write(data)
                 case OpenBackend():
                     if self.phase is Phase.PRE_TLS:
                         self.phase = Phase.PLAINTEXT_RELAY
@@ -297,7 +301,15 @@ class Session:
                     self.close(reason, clean=clean)
                 case _:
                     raise RuntimeError(f"Unexpected command: {command}")
+        self._write(pending)
         self._update_reading()
+
+    def _write(self, pending: dict[Side, list[bytes]]) -> None:
+        for side, endpoint in ((Side.CLIENT, self.client), (Side.BACKEND, self.backend)):
+            if pending[side]:
+                assert endpoint is not None and endpoint.transport is not None
+                endpoint.transport.writelines(pending[side])
+                pending[side].clear()
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
