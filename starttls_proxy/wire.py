@@ -44,8 +44,8 @@ EXIT_SPARE_UNUSED = 17
 MAX_EARLY_BYTES = 16 * 1024 + 5
 #: id, handshake timeout (ms); then the hint, the ALPN list and the early
 #: bytes, each after its length (u8, u8, u16).
-_SPAWN_HEADER = struct.Struct("!II")
-SPAWN_FIXED_SIZE = _SPAWN_HEADER.size + 1 + 1 + 2
+SPAWN_HEADER = struct.Struct("!II")
+SPAWN_FIXED_SIZE = SPAWN_HEADER.size + 1 + 1 + 2
 #: A one-byte length: the most a server name hint or an ALPN list can be.
 MAX_SHORT_FIELD = 255
 MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 2 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
@@ -100,7 +100,7 @@ class SpawnRequest:
         timeout = max(1, round(self.handshake_timeout * 1000))
         return b"".join(
             (
-                _SPAWN_HEADER.pack(self.id, timeout),
+                SPAWN_HEADER.pack(self.id, timeout),
                 bytes((len(hint),)),
                 hint,
                 bytes((len(alpn),)),
@@ -108,30 +108,6 @@ class SpawnRequest:
                 len(self.early).to_bytes(2, "big"),
                 self.early,
             )
-        )
-
-    @classmethod
-    def decode(cls, message: bytes) -> SpawnRequest:
-        """The inverse of ``encode``; ``ValueError`` for anything it would not make."""
-        if len(message) > MAX_SPAWN_REQUEST:
-            raise ValueError("spawn request too long")
-        reader = _Reader(message)
-        request_id, timeout = _SPAWN_HEADER.unpack(reader.take(_SPAWN_HEADER.size))
-        hint = reader.field(1)
-        alpn = _alpn_names(reader.field(1))
-        early = reader.field(2)
-        if reader.offset != len(message):
-            raise ValueError("bytes after the spawn request")
-        if len(early) > MAX_EARLY_BYTES:
-            raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
-        if hint and usable_hint(hint.decode("latin-1")) is None:
-            raise ValueError("the server name hint is no host name")
-        return cls(
-            id=request_id,
-            handshake_timeout=timeout / 1000,
-            server_name_hint=hint.decode("ascii") if hint else None,
-            alpn=alpn,
-            early=early,
         )
 
 
@@ -164,36 +140,6 @@ def encode_alpn(names: tuple[str, ...]) -> bytes:
             f"ALPN protocols take {len(wire)} bytes on the wire, more than {MAX_SHORT_FIELD}"
         )
     return wire
-
-
-def _alpn_names(wire: bytes) -> tuple[str, ...]:
-    reader = _Reader(wire)
-    names = []
-    while reader.offset < len(wire):
-        name = reader.field(1)
-        if not name:
-            raise ValueError("empty ALPN protocol name")
-        names.append(name.decode("ascii"))
-    return tuple(names)
-
-
-class _Reader:
-    """Length-prefixed fields out of ``data``; ``ValueError`` where it ends early."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.offset = 0
-
-    def take(self, size: int) -> bytes:
-        end = self.offset + size
-        if end > len(self.data):
-            raise ValueError("spawn request truncated")
-        chunk = self.data[self.offset : end]
-        self.offset = end
-        return chunk
-
-    def field(self, length_size: int) -> bytes:
-        return self.take(int.from_bytes(self.take(length_size), "big"))
 
 
 @dataclass(frozen=True)

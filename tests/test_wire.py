@@ -16,6 +16,7 @@ from starttls_proxy.wire import (
     MAX_EARLY_BYTES,
     MAX_REASON,
     MAX_SPAWN_REQUEST,
+    SPAWN_HEADER,
     HandshakeFailure,
     SpawnRequest,
     encode_alpn,
@@ -23,6 +24,64 @@ from starttls_proxy.wire import (
     usable_hint,
 )
 from tests import wire_h
+
+
+def decode(message: bytes) -> SpawnRequest:
+    """The inverse of ``SpawnRequest.encode``, read as ``tlshelper/wire.h`` lays
+    the request out; ``ValueError`` for anything it would not make. (The
+    helper's own parser is C; ``tests/tlshelper/test_spawn_requests.py``
+    fuzzes it through the real process.)"""
+    if len(message) > MAX_SPAWN_REQUEST:
+        raise ValueError("spawn request too long")
+    reader = _Reader(message)
+    request_id, timeout = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
+    hint = reader.field(1)
+    alpn = _alpn_names(reader.field(1))
+    early = reader.field(2)
+    if reader.offset != len(message):
+        raise ValueError("bytes after the spawn request")
+    if len(early) > MAX_EARLY_BYTES:
+        raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
+    if hint and usable_hint(hint.decode("latin-1")) is None:
+        raise ValueError("the server name hint is no host name")
+    return SpawnRequest(
+        id=request_id,
+        handshake_timeout=timeout / 1000,
+        server_name_hint=hint.decode("ascii") if hint else None,
+        alpn=alpn,
+        early=early,
+    )
+
+
+def _alpn_names(wire: bytes) -> tuple[str, ...]:
+    reader = _Reader(wire)
+    names = []
+    while reader.offset < len(wire):
+        name = reader.field(1)
+        if not name:
+            raise ValueError("empty ALPN protocol name")
+        names.append(name.decode("ascii"))
+    return tuple(names)
+
+
+class _Reader:
+    """Length-prefixed fields out of ``data``; ``ValueError`` where it ends early."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, size: int) -> bytes:
+        end = self.offset + size
+        if end > len(self.data):
+            raise ValueError("spawn request truncated")
+        chunk = self.data[self.offset : end]
+        self.offset = end
+        return chunk
+
+    def field(self, length_size: int) -> bytes:
+        return self.take(int.from_bytes(self.take(length_size), "big"))
+
 
 _ASCII_NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
 
@@ -57,21 +116,21 @@ def test_a_request_as_wire_h_lays_it_out() -> None:
         + b"\x0f\x0bxmpp-client\x02h2"
         + b"\x00\x03\x16\x03\x01"
     )
-    assert SpawnRequest.decode(request.encode()) == request
+    assert decode(request.encode()) == request
 
 
 def test_the_smallest_request() -> None:
     encoded = SpawnRequest(handshake_timeout=0.0004).encode()
     assert len(encoded) == wire.SPAWN_FIXED_SIZE
     # A timeout that rounds to nothing still has a deadline.
-    assert SpawnRequest.decode(encoded) == SpawnRequest(handshake_timeout=0.001)
+    assert decode(encoded) == SpawnRequest(handshake_timeout=0.001)
 
 
 @given(_REQUESTS)
 def test_requests_survive_the_wire(request: SpawnRequest) -> None:
     encoded = request.encode()
     assert len(encoded) <= MAX_SPAWN_REQUEST
-    assert SpawnRequest.decode(encoded) == request
+    assert decode(encoded) == request
 
 
 @given(st.binary(max_size=600))
@@ -79,7 +138,7 @@ def test_requests_survive_the_wire(request: SpawnRequest) -> None:
 def test_decode_takes_only_what_encode_makes(message: bytes) -> None:
     """Whatever the main process could be made to send: a request, or ValueError."""
     try:
-        request = SpawnRequest.decode(message)
+        request = decode(message)
     except ValueError:
         return
     # The one field encode normalises: a zero timeout becomes 1 ms.
@@ -91,7 +150,7 @@ def test_every_truncation_is_refused() -> None:
     encoded = SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03", id=1).encode()
     for end in range(len(encoded)):
         with pytest.raises(ValueError):
-            SpawnRequest.decode(encoded[:end])
+            decode(encoded[:end])
 
 
 @pytest.mark.parametrize(
@@ -113,7 +172,7 @@ def test_every_truncation_is_refused() -> None:
 )
 def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
     with pytest.raises(ValueError):
-        SpawnRequest.decode(message)
+        decode(message)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +205,7 @@ def test_the_longest_fields_fit() -> None:
         id=2**32 - 1,
     )
     assert len(request.encode()) == MAX_SPAWN_REQUEST
-    assert SpawnRequest.decode(request.encode()) == request
+    assert decode(request.encode()) == request
 
 
 def test_alpn_wire_format() -> None:
