@@ -117,6 +117,8 @@ bool confine(const struct settings *settings, int *keep, size_t keep_count,
              char failure[PROBLEM_SIZE]);
 /* The layers in force (after prepare_sandbox). */
 extern uint32_t active_layers;
+/* TEST ONLY: the self check that enclose and confine give their looks to. */
+extern struct self_test *entering_self_test;
 
 /* pool.c: the UIDs of the range and the live children. */
 bool pool_init(uid_t first, uint32_t count);

@@ -190,9 +190,6 @@ static bool step(enum layer layer, bool ok, char failure[PROBLEM_SIZE],
     return true;
 }
 
-void self_test_identity(struct self_test *test);
-void self_test_limits(struct self_test *test);
-
 static bool enclose_collecting(const struct settings *settings, uid_t uid, int *keep,
                                size_t keep_count, char failure[PROBLEM_SIZE],
                                char (*failures)[PROBLEM_SIZE])

@@ -50,8 +50,6 @@ static uint8_t incoming[READ_SIZE];
 /* First byte of a TLS handshake record (RFC 8446 section 5.1). */
 #define TLS_HANDSHAKE_RECORD 0x16
 
-extern struct self_test *entering_self_test;
-
 struct pump {
     SSL *ssl;
     BIO *from_client; /* ciphertext in */
