@@ -298,9 +298,9 @@ class Keeper:
             )
         return self.key_server
 
-    def _helper_environment(self, key_references: bool) -> dict[str, str] | None:
+    def _helper_environment(self, with_provider: bool) -> dict[str, str] | None:
         """OPENSSL_CONF with the provider, for a helper that loads key references."""
-        if not key_references:
+        if not with_provider:
             return None
         if self.runtime is None:
             self.runtime = Path(tempfile.mkdtemp(prefix="starttls-proxy-"))
