@@ -143,13 +143,18 @@ _END_OF_DATA: Final = b"\r\n.\r\n"
 _BARE_LINE_ENDING: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
-def _first_bare_line_ending(data: bytes) -> re.Match[bytes] | None:
-    # The counts run at memchr speed; the regex only when they disagree
-    # (the usual body has none, and DATA is the proxy's bulk path).
-    pairs = data.count(b"\r\n")
-    if data.count(b"\r") == pairs == data.count(b"\n"):
+#: Every octet but CR and LF: deleted, they leave a body's line endings.
+_NOT_LINE_ENDING: Final = bytes(sorted(set(range(256)) - set(_CRLF)))
+
+
+def _bare_line_ending(body: bytes) -> int | None:
+    """Where in ``body`` the first bare CR or LF is, or None."""
+    # DATA is the proxy's bulk path: the CRs and LFs of the usual body
+    # all pair up, which two passes at memory speed tell.
+    if body.count(_CRLF) * len(_CRLF) == len(body.translate(None, _NOT_LINE_ENDING)):
         return None
-    return _BARE_LINE_ENDING.search(data)
+    bare = _BARE_LINE_ENDING.search(body)
+    return None if bare is None else bare.start()
 
 
 #: One reply line, RFC 5321 section 4.2.1: the text may be absent.
@@ -309,11 +314,9 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         self._drop = 0
         #: Octets of a relayed BDAT's chunk still to forward.
         self._chunk = 0
-        #: Body octets held back because they may begin the end-of-data line;
-        #: the first ``_body_virtual`` of them stand for the CRLF of DATA and
-        #: were never the body's.
-        self._body_tail = b""
-        self._body_virtual = 0
+        #: The body's last octets forwarded (at first the CRLF that ended
+        #: the DATA command), enough to see an end-of-data line begin.
+        self._body_seen = b""
         self._steps = {
             State.PRE_TLS: self._command_step,
             State.RELAY: self._command_step,
@@ -429,45 +432,43 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         return True
 
     def _body_step(self) -> bool:
-        """Forward what can be forwarded of the body; True at its end.
+        """Forward the body as it comes; True at its end.
 
-        Each call looks at the new bytes plus at most four held back, so a
-        body costs linear time however it is split.
+        An end-of-data line that straddles two reads is found with the
+        body's last octets, kept aside, so each octet is looked at once
+        however the body is split; only a final CR waits for the next read.
         """
-        window = self._body_tail + self._client.pop_all()
-        end = window.find(_END_OF_DATA)
-        if end >= 0:
-            limit = end + len(_END_OF_DATA)
-        else:
-            held = next(
-                n for n in range(len(_END_OF_DATA) - 1, -1, -1) if window.endswith(_END_OF_DATA[:n])
-            )
-            limit = len(window) - held
+        data = self._client.pop_all()
+        seen = self._body_seen
+        straddling = (seen + data[: len(_END_OF_DATA) - 1]).find(_END_OF_DATA)
+        start = straddling - len(seen) if straddling >= 0 else data.find(_END_OF_DATA)
+        ended = straddling >= 0 or start >= 0
+        limit = start + len(_END_OF_DATA) if ended else len(data)
+        body = data[:limit]
         if self.settings.smtp_bare_line_endings is BareLineEndings.REJECT:
-            # A CR at the very end of the window is held back, not judged.
-            bare = _first_bare_line_ending(window)
-            if bare is not None and bare.start() < limit:
+            if not ended and body.endswith(b"\r"):
+                # Bare or not, the next octet tells.
+                body = body[:-1]
+                self._client.feed(b"\r")
+            bare = _bare_line_ending(body)
+            if bare is not None:
                 # No end-of-data ever reaches the backend: it drops the
                 # partial message when the connection goes.
-                self._forward_body(window[: bare.start()])
+                if bare:
+                    self._send_backend(body[:bare])
                 reply = b"521 5.5.2 %s Error: bare <CR> or <LF> received\r\n" % self._host
                 self._end("bare CR or LF in DATA", reply=reply)
                 return False
-        self._forward_body(window[:limit])
-        self._body_tail = window[limit:]
-        if end < 0:
+        if not body:
             return False
-        self._client.feed(self._body_tail)
-        self._body_tail = b""
+        self._send_backend(body)
+        if not ended:
+            self._body_seen = (seen + body[1 - len(_END_OF_DATA) :])[1 - len(_END_OF_DATA) :]
+            return False
+        self._client.feed(data[limit:])
         self._owed.append(Owed(b"."))
         self._go(Input.END_OF_DATA)
         return True
-
-    def _forward_body(self, data: bytes) -> None:
-        body = data[self._body_virtual :]
-        self._body_virtual = max(0, self._body_virtual - len(data))
-        if body:
-            self._send_backend(body)
 
     # ------------------------------------------------------------------
     # The backend's replies.
@@ -539,7 +540,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         self._sasl_exchange = verb == b"AUTH" and reply.code == 334
         if verb == b"DATA":
             if reply.code == 354:
-                self._body_tail, self._body_virtual = _CRLF, len(_CRLF)
+                self._body_seen = _CRLF
                 self._go(Input.DATA_ACCEPTED)
             else:
                 self._go(Input.DATA_REFUSED)
