@@ -303,8 +303,16 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         """The connection asked for by ``OpenBackend`` could not be made."""
 
     @abc.abstractmethod
-    def timed_out(self) -> None:
-        """The driver's idle timer fired: say goodbye and close."""
+    def timed_out(self, reason: str) -> None:
+        """One of the driver's deadlines passed (``reason`` says which): say
+        goodbye and close."""
+
+    @property
+    @abc.abstractmethod
+    def client_mid_command(self) -> bool:
+        """The client began a command (a line, a stanza) and has not sent
+        all of it: the driver's per-command deadline runs. A message body
+        or a literal on its way is not a command; it moves at its own pace."""
 
     @property
     @abc.abstractmethod

@@ -132,6 +132,10 @@ class LineBuffer:
             return None
         return self._queue.take(newline + 1)
 
+    def holds_partial_line(self) -> bool:
+        """Bytes are waiting and none of them ends a line."""
+        return len(self._queue) > 0 and self._queue.find(b"\n") < 0
+
     def pop_bytes(self, count: int) -> bytes:
         """Take up to ``count`` raw bytes (a literal, a BDAT chunk), as
         ``ByteQueue.take_up_to``: call again until it returns nothing."""

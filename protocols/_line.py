@@ -148,8 +148,8 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         self._end(reason, reply=self._unavailable)
 
     @event
-    def timed_out(self) -> None:
-        self._end("idle timeout", reply=self.timeout_reply % self._host)
+    def timed_out(self, reason: str) -> None:
+        self._end(reason, reply=self.timeout_reply % self._host)
 
     @event
     def shutting_down(self) -> None:
@@ -161,6 +161,10 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         # is over anyway.
         reply = None if self._mid_transfer else self.shutdown_reply % self._host
         self._end("proxy shutting down", reply=reply)
+
+    @property
+    def client_mid_command(self) -> bool:
+        return not self._mid_transfer and self._client.holds_partial_line()
 
     @property
     def unprocessed_client_bytes(self) -> int:

@@ -327,12 +327,17 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
 
     @event
-    def timed_out(self) -> None:
-        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, "idle timeout")
+    def timed_out(self, reason: str) -> None:
+        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason)
 
     @event
     def shutting_down(self) -> None:
         self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down")
+
+    @property
+    def client_mid_command(self) -> bool:
+        # The reader holds bytes only until they make a whole token.
+        return self.state in _READS_CLIENT and self._client.buffered > 0
 
     @property
     def unprocessed_client_bytes(self) -> int:

@@ -21,6 +21,7 @@ from typing import Annotated
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -148,8 +149,15 @@ class BackendConfig(_Model):
 class Timeouts(_Model):
     """Seconds. Every wait the proxy does on the network is bounded."""
 
-    #: A client that says nothing for this long before TLS is dropped.
-    pre_tls_idle: Annotated[float, Field(gt=0)] = 300.0
+    #: The whole exchange before TLS, from the greeting to the upgrade,
+    #: however busy the client keeps it (a client that sends a byte now
+    #: and then is cut all the same); ``pre_tls_idle`` is its former name.
+    pre_tls: Annotated[
+        float, Field(gt=0, validation_alias=AliasChoices("pre_tls", "pre_tls_idle"))
+    ] = 60.0
+    #: From the first byte of a command (a line, a stanza) to its last, in
+    #: every phase; a message body or a literal on its way is not a command.
+    command: Annotated[float, Field(gt=0)] = 60.0
     #: The whole TLS handshake, enforced by the worker and by the main process.
     handshake: Annotated[float, Field(gt=0, le=MAX_HANDSHAKE_TIMEOUT)] = 30.0
     #: Connecting the backend and getting through its greeting.
@@ -158,10 +166,32 @@ class Timeouts(_Model):
     session_idle: Annotated[float, Field(gt=0)] | None = None
 
 
+Networks = tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+def _within(address: str, networks: Networks) -> bool:
+    if not networks:
+        return False
+    client = ipaddress.ip_address(address)
+    if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
+        client = client.ipv4_mapped
+    return any(client in network for network in networks)
+
+
 class Limits(_Model):
     #: Concurrent connections on this listener; beyond it clients get the
     #: protocol's "too busy" reply.
     max_connections: Annotated[int, Field(gt=0)] = 1000
+    #: Concurrent connections from one client address, so that one client
+    #: cannot take every slot (Postfix's smtpd_client_connection_count_limit).
+    max_connections_per_client: Annotated[int, Field(gt=0)] = 50
+    #: Addresses (CIDRs) that ``max_connections_per_client`` does not count:
+    #: by default this host, where a webmail opens a connection per user (as
+    #: Postfix's smtpd_client_event_limit_exceptions spares $mynetworks).
+    per_client_exceptions: Networks = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
     #: Longest command line from a client, CRLF included; ``null`` = the
     #: protocol's default (see DEFAULT_MAX_LINE_LENGTH).
     max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] | None = None
@@ -174,6 +204,10 @@ class Limits(_Model):
     max_xml_depth: Annotated[int, Field(ge=4, le=1000)] = 64
     #: XMPP: longest attribute value, in octets.
     max_attribute_size: Annotated[int, Field(ge=256)] = 64 * 1024
+
+    def counts_per_client(self, address: str) -> bool:
+        """Whether ``max_connections_per_client`` applies to ``address``."""
+        return not _within(address, self.per_client_exceptions)
 
 
 class SMTPOptions(_Model):
@@ -201,7 +235,7 @@ class ListenerConfig(_Model):
     alpn: tuple[str, ...] | None = None
     #: L4 load balancers (CIDRs) whose connections start with a PROXY v1/v2
     #: header naming the real client. Nobody else's header is honoured.
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    trusted_proxies: Networks = ()
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     smtp: SMTPOptions = SMTPOptions()
@@ -243,12 +277,7 @@ class ListenerConfig(_Model):
 
     def trusts(self, address: str) -> bool:
         """Whether a connection from ``address`` comes through a trusted balancer."""
-        if not self.trusted_proxies:
-            return False
-        client = ipaddress.ip_address(address)
-        if isinstance(client, ipaddress.IPv6Address) and client.ipv4_mapped:
-            client = client.ipv4_mapped
-        return any(client in network for network in self.trusted_proxies)
+        return _within(address, self.trusted_proxies)
 
     @property
     def max_line_length(self) -> int:

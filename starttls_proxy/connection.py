@@ -45,6 +45,7 @@ from starttls_proxy.wire import (
 )
 
 if TYPE_CHECKING:
+    from starttls_proxy.config import ListenerConfig
     from starttls_proxy.server import ListenerRuntime
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,35 @@ class Phase(enum.Enum):
     #: Relaying a plaintext session (``require_tls: false``).
     PLAINTEXT_RELAY = "plaintext-relay"
     CLOSED = "closed"
+
+
+class Deadline(enum.Enum):
+    """The limits that end a session which takes too long (a metric label)."""
+
+    #: ``timeouts.pre_tls``: the whole exchange before TLS.
+    PRE_TLS = "pre_tls"
+    #: ``timeouts.handshake``, enforced by the worker; this is the backstop.
+    HANDSHAKE = "handshake"
+    #: ``timeouts.command``: from a command's first byte to its last.
+    COMMAND = "command"
+    #: ``session_idle``: a relayed session with no traffic either way.
+    IDLE = "idle"
+
+    def reason(self, config: ListenerConfig) -> str:
+        """What the session's log line says."""
+        seconds = {
+            Deadline.PRE_TLS: config.timeouts.pre_tls,
+            Deadline.HANDSHAKE: config.timeouts.handshake,
+            Deadline.COMMAND: config.timeouts.command,
+            Deadline.IDLE: config.session_idle,
+        }[self]
+        what = {
+            Deadline.PRE_TLS: "no TLS within",
+            Deadline.HANDSHAKE: "TLS handshake not done within",
+            Deadline.COMMAND: "command not complete within",
+            Deadline.IDLE: "idle for",
+        }[self]
+        return f"{what} {seconds:g} s"
 
 
 class Endpoint(asyncio.Protocol):
@@ -191,7 +221,9 @@ class Session:
         self.bytes_from_backend = 0
         self._write_paused = {Side.CLIENT: False, Side.BACKEND: False}
         self._reading = {Side.CLIENT: True, Side.BACKEND: True}
-        self._last_activity = self.loop.time()
+        self._last_activity = self._phase_started = self.loop.time()
+        #: When the client began the command it has not finished, if any.
+        self._command_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: The worker's channel until its report makes it the client side.
@@ -219,8 +251,9 @@ class Session:
         if phase is not Phase.CLOSED:
             metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()
         self._phase = phase
+        self._phase_started = self.loop.time()
         if phase is not Phase.CLOSED:
-            # Each phase has its own idle limit (pre-TLS, handshake, session).
+            # Each phase has its own deadline (pre-TLS, handshake, session).
             self._arm_timer()
 
     # ------------------------------------------------------------------
@@ -236,6 +269,7 @@ class Session:
             self.bytes_from_backend += len(data)
         self.machine.receive_data(side, data)
         self._run_commands()
+        self._watch_command()
 
     def connection_lost(self, endpoint: Endpoint) -> None:
         if self.phase is Phase.HANDSHAKE and endpoint is self._pending_channel:
@@ -367,8 +401,6 @@ class Session:
         endpoint.transport.pause_reading()
         self.phase = Phase.HANDSHAKE
         self._handshake_started = time.monotonic()
-        self._last_activity = self.loop.time()
-        self._arm_timer()
         self._start_task(self._hand_off(endpoint, endpoint.transport, server_name_hint))
 
     async def _hand_off(
@@ -436,32 +468,56 @@ class Session:
                 else:
                     endpoint.transport.pause_reading()
 
-    def _timeout(self) -> float:
+    def _watch_command(self) -> None:
+        if not self.machine.client_mid_command:
+            self._command_started = None
+        elif self._command_started is None:
+            self._command_started = self.loop.time()
+            self._arm_timer()
+
+    def _deadline(self) -> tuple[float, Deadline]:
+        """When the session ends if nothing changes, and which limit that is.
+
+        Before TLS the whole phase counts, however busy the client keeps it,
+        and a command must arrive whole in time whatever the phase: a timer
+        that any byte restarts is no limit against a client that sends one
+        byte at a time (slowloris).
+        """
         timeouts = self.runtime.config.timeouts
         if self.phase is Phase.PRE_TLS:
-            return timeouts.pre_tls_idle
-        if self.phase is Phase.HANDSHAKE:
-            return timeouts.handshake + HANDSHAKE_GRACE
-        return self.runtime.config.session_idle
+            deadline = (self._phase_started + timeouts.pre_tls, Deadline.PRE_TLS)
+        elif self.phase is Phase.HANDSHAKE:
+            deadline = (
+                self._phase_started + timeouts.handshake + HANDSHAKE_GRACE,
+                Deadline.HANDSHAKE,
+            )
+        else:
+            quiet_since = max(self._last_activity, self._phase_started)
+            deadline = (quiet_since + self.runtime.config.session_idle, Deadline.IDLE)
+        if self._command_started is not None and self.phase is not Phase.HANDSHAKE:
+            command = (self._command_started + timeouts.command, Deadline.COMMAND)
+            return min(deadline, command, key=lambda pair: pair[0])
+        return deadline
 
     def _arm_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        deadline = self._last_activity + self._timeout()
-        self._timer = self.loop.call_at(deadline, self._on_timer)
+        self._timer = self.loop.call_at(self._deadline()[0], self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.phase is Phase.CLOSED:
             return
-        if self.loop.time() < self._last_activity + self._timeout():
+        deadline, which = self._deadline()
+        if self.loop.time() < deadline:
             self._arm_timer()
             return
-        if self.phase is Phase.HANDSHAKE:
+        if which is Deadline.HANDSHAKE:
             metrics.HANDSHAKES.labels(*self._labels, "timeout").inc()
             self.close("TLS handshake timed out")
             return
-        self.machine.timed_out()
+        metrics.SESSIONS_TIMED_OUT.labels(*self._labels, which.value).inc()
+        self.machine.timed_out(which.reason(self.runtime.config))
         self._run_commands()
 
     # ------------------------------------------------------------------
@@ -549,11 +605,6 @@ class ClientEndpoint(Endpoint):
         assert self.transport is not None
         runtime = self.runtime
         metrics.CONNECTIONS.labels(runtime.config.name, runtime.config.protocol.value).inc()
-        if len(runtime.sessions) >= runtime.config.limits.max_connections:
-            metrics.REFUSED_BUSY.labels(runtime.config.name).inc()
-            self.transport.write(runtime.spec.machine.busy_reply(runtime.config.hostname))
-            self.close_lingering()
-            return
         client_host, client_port = transport.get_extra_info("peername")[:2]
         local_host, local_port = transport.get_extra_info("sockname")[:2]
         peer = Peer(client_host, client_port, local_host, local_port)
@@ -561,10 +612,28 @@ class ClientEndpoint(Endpoint):
             self._socket_peer = peer
             self.held = bytearray()
             self._header_deadline = asyncio.get_running_loop().call_later(
-                runtime.config.timeouts.pre_tls_idle, self._refuse, "no PROXY header in time"
+                runtime.config.timeouts.pre_tls, self._refuse, "no PROXY header in time"
             )
             return
-        self.session = Session(runtime, self, peer)
+        self._open_session(peer)
+
+    def _open_session(self, peer: Peer) -> None:
+        runtime = self.runtime
+        refusal = runtime.sessions.refusal(peer.client_address, runtime.config.limits)
+        if refusal is None:
+            self.session = Session(runtime, self, peer)
+            return
+        metrics.REFUSED[refusal].labels(runtime.config.name).inc()
+        log.info(
+            "%s: %s:%s refused: %s reached",
+            runtime.config.name,
+            peer.client_address,
+            peer.client_port,
+            refusal.value,
+        )
+        assert self.transport is not None
+        self.transport.write(runtime.spec.machine.busy_reply(runtime.config.hostname))
+        self.close_lingering()
 
     def data_received(self, data: bytes) -> None:
         if self._socket_peer is None:
@@ -585,8 +654,8 @@ class ClientEndpoint(Endpoint):
         rest, self.held = bytes(self.held[header.length :]), None
         if self._header_deadline is not None:
             self._header_deadline.cancel()
-        self.session = Session(self.runtime, self, peer)
-        if rest:
+        self._open_session(peer)
+        if rest and self.session is not None:
             # Through the endpoint: an implicit-TLS session is holding already.
             self.data_received(rest)
 

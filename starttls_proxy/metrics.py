@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from starttls_proxy.admission import Refusal
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CONNECTIONS = Counter(
@@ -23,6 +25,17 @@ REFUSED_BUSY = Counter(
     ["listener"],
     registry=REGISTRY,
 )
+REFUSED_PER_CLIENT = Counter(
+    "starttls_proxy_connections_refused_per_client_total",
+    "Client connections refused because their address held max_connections_per_client.",
+    ["listener"],
+    registry=REGISTRY,
+)
+#: The counter of each reason for the busy reply.
+REFUSED = {
+    Refusal.MAX_CONNECTIONS: REFUSED_BUSY,
+    Refusal.MAX_CONNECTIONS_PER_CLIENT: REFUSED_PER_CLIENT,
+}
 PROXY_HEADER_REFUSED = Counter(
     "starttls_proxy_inbound_proxy_header_refused_total",
     "Connections from trusted_proxies closed for a missing or malformed PROXY header.",
@@ -83,6 +96,13 @@ BACKEND_CONNECT_SECONDS = Histogram(
     "starttls_proxy_backend_connect_seconds",
     "Time to connect the backend.",
     ["listener"],
+    registry=REGISTRY,
+)
+SESSIONS_TIMED_OUT = Counter(
+    "starttls_proxy_sessions_timed_out_total",
+    "Sessions ended by a deadline: pre_tls (no TLS in time), command (a command"
+    " not complete in time), idle (a relayed session without traffic).",
+    ["listener", "protocol", "deadline"],
     registry=REGISTRY,
 )
 SESSIONS_CLOSED = Counter(

@@ -22,6 +22,7 @@ from prometheus_client import generate_latest
 from protocols._base import Peer, ProxyMachine, SessionSettings
 from protocols.registry import PROTOCOLS, ProtocolSpec
 from starttls_proxy import identity, metrics
+from starttls_proxy.admission import SessionTable
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.connection import ClientEndpoint, Session
 from starttls_proxy.handoff import TLSHelper
@@ -68,7 +69,7 @@ class ListenerRuntime:
         self.config = config
         self.helper = helper
         self.spec: ProtocolSpec = PROTOCOLS[config.protocol.value]
-        self.sessions: set[Session] = set()
+        self.sessions = SessionTable()
         self.server: asyncio.Server | None = None
         self.settings = self._settings(config.capabilities or self.spec.fallback_capabilities)
         #: Set once the first probe has succeeded or failed.

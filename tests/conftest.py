@@ -9,6 +9,9 @@ import pytest
 import trustme
 from hypothesis import settings
 
+# The real servers and the proxy, for every directory that needs them.
+pytest_plugins = ["tests.realservers.fixtures"]
+
 # Property tests are about correctness, not speed: the shared 2-core CI
 # machine must not turn a slow example into a failure.
 settings.register_profile("starttls-proxy", deadline=None)

@@ -49,6 +49,14 @@ def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
     assert listener.max_line_length == 2048
     assert str(listener.listen) == "127.0.0.1:2525"
     assert config.isolation.spare_workers == 2
+    assert listener.timeouts.pre_tls == 60.0
+    assert listener.timeouts.command == 60.0
+    assert listener.limits.max_connections_per_client == 50
+
+
+def test_pre_tls_idle_is_the_former_name_of_pre_tls(cert_dir: Path, tmp_path: Path) -> None:
+    raw = _minimal(cert_dir, timeouts={"pre_tls_idle": 7})
+    assert load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners[0].timeouts.pre_tls == 7
 
 
 @pytest.mark.parametrize(

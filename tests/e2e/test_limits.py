@@ -37,7 +37,7 @@ def proxy(
                 "tight",
                 unused,
                 capabilities=["PIPELINING"],
-                timeouts={"pre_tls_idle": 1, "handshake": 1},
+                timeouts={"pre_tls": 1, "handshake": 1},
                 limits={"max_connections": 2, "max_line_length": 512},
             ),
             listener(
@@ -62,7 +62,7 @@ def _read_all(sock: socket.socket) -> bytes:
     return data
 
 
-def test_pre_tls_idle_timeout(proxy: ProxyProcess) -> None:
+def test_pre_tls_timeout(proxy: ProxyProcess) -> None:
     sock = _connect(proxy)
     greeting_and_goodbye = _read_all(sock)
     assert greeting_and_goodbye.startswith(b"220 proxy.test")

@@ -12,8 +12,10 @@ from hypothesis import strategies as st
 from protocols._base import CloseConnection, SendToBackend, Side
 from tests.protocols.dialogues import (
     DIALOGUES,
+    IMAP,
     LINE_DIALOGUES,
     SHUTDOWN,
+    SMTP,
     Dialogue,
     LineDialogue,
 )
@@ -26,6 +28,7 @@ from tests.protocols.transcript import (
     Failed,
     ShuttingDown,
     check_pre_tls_bytes,
+    exchange,
     feed,
     run,
 )
@@ -197,3 +200,41 @@ def test_fuzz_relay_bytes(dialogue: Dialogue[Any], data: st.DataObject, side: Si
     feed(machine, side, data.draw(_fuzz_chunks(dialogue)))
     if side is Side.CLIENT:
         assert machine.state.name != "ERROR"
+
+
+# --------------------------------------------------------------------------
+# What the driver's per-command deadline sees (slowloris).
+
+
+@every_protocol
+def test_a_command_under_way_is_seen_until_its_last_byte(dialogue: Dialogue[Any]) -> None:
+    for machine, command in (
+        (_opened(dialogue), dialogue.capability),
+        (dialogue.relaying(), dialogue.relayed),
+    ):
+        assert not machine.client_mid_command
+        for octet in command[:-1]:
+            machine.receive_data(Side.CLIENT, bytes([octet]))
+            assert machine.client_mid_command
+        machine.receive_data(Side.CLIENT, command[-1:])
+        assert not machine.client_mid_command
+
+
+def _opened(dialogue: Dialogue[Any]) -> Any:
+    machine = dialogue.new()
+    run(machine, *dialogue.opening())
+    return machine
+
+
+def test_a_message_body_under_way_is_not_a_command() -> None:
+    machine = SMTP.relaying()
+    run(machine, *exchange(b"DATA\r\n", b"354 go ahead\r\n"))
+    machine.receive_data(Side.CLIENT, b"a line of the body, and half of the next")
+    assert not machine.client_mid_command
+
+
+def test_a_literal_under_way_is_not_a_command() -> None:
+    machine = IMAP.relaying()
+    run(machine, *exchange(b"a1 APPEND INBOX {100}\r\n", b"+ go ahead\r\n"))
+    machine.receive_data(Side.CLIENT, b"x" * 50)
+    assert not machine.client_mid_command

@@ -107,8 +107,10 @@ class EOF(Event):
 
 @dataclasses.dataclass(frozen=True)
 class Timeout(Event):
+    reason: str = "idle timeout"
+
     def apply(self, machine: ProxyMachine[Any, Any]) -> None:
-        machine.timed_out()
+        machine.timed_out(self.reason)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Session fixtures for the end-to-end tests: test certificates and a real Postfix.
+"""Fixtures of the tests against real servers (tests/e2e, tests/adversarial):
+test certificates, real Postfix, Dovecot, Prosody and ejabberd, the proxy.
 
 Postfix runs as a standalone instance on 127.0.0.1 (see ``tests/realservers/postfix.py``);
 the tests must run as root.  A missing Postfix is a failure, not a skip: install the
