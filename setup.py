@@ -78,6 +78,10 @@ class BuildNative(build_ext):
 
 PROVIDER = "starttls_proxy.provider.keyref"
 HELPER = "starttls_proxy.tlshelper.stp-helper"
+#: The key server's wire format, which the provider and the key service share
+#: (named apart from ``tlshelper/wire.h``, the helper's own).
+KEY_INCLUDE = "starttls_proxy/include"
+KEY_WIRE_H = f"{KEY_INCLUDE}/keyserver_wire.h"
 
 
 setup(
@@ -93,14 +97,16 @@ setup(
         Extension(
             PROVIDER,
             sources=sources("starttls_proxy/provider"),
-            depends=["starttls_proxy/provider/keyref.h", "starttls_proxy/provider/wire.h"],
+            depends=["starttls_proxy/provider/keyref.h", KEY_WIRE_H],
+            include_dirs=[KEY_INCLUDE],
             extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
             optional=True,
         ),
         Extension(
             "starttls_proxy._keyservice",
             sources=sources("starttls_proxy/keyservice"),
-            depends=["starttls_proxy/keyservice/signing.h", "starttls_proxy/provider/wire.h"],
+            depends=["starttls_proxy/keyservice/signing.h", KEY_WIRE_H],
+            include_dirs=[KEY_INCLUDE],
             libraries=["crypto"],
             extra_compile_args=C_FLAGS,
             optional=True,

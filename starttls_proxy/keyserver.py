@@ -40,7 +40,7 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
   certificate indexes (u16 each) with one descriptor attached: a worker's
   connection, which may use the keys of those certificates and no other.
 
-* connection, with one worker (binary, ``provider/wire.h``): one signature
+* connection, with one worker (binary, ``include/keyserver_wire.h``): one signature
   request, one answer.
 
 Links and connections are served by ``_keyservice`` (C, linked with the
@@ -97,7 +97,7 @@ MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
 COUNTS_INTERVAL = 0.25
 
-# The wire format of a worker's connection (``provider/wire.h``), for the
+# The wire format of a worker's connection (``include/keyserver_wire.h``), for the
 # tests and scripts that speak it.
 WIRE_VERSION = 1
 #: version, scheme (request) or status (answer), digest or 0, 0, request id.
@@ -153,7 +153,7 @@ def key_id(public_key: PublicKey) -> bytes:
 def signature_request(
     key: PublicKey, data: bytes, scheme: Scheme, request_id: int, digest: Digest = Digest.SHA256
 ) -> bytes:
-    """A worker's request to sign ``data`` (``provider/wire.h``), as tests and
+    """A worker's request to sign ``data`` (``include/keyserver_wire.h``), as tests and
     benchmarks make it; in a worker, the provider makes it."""
     return HEADER.pack(WIRE_VERSION, scheme, digest, 0, request_id) + key_id(key) + data
 

@@ -1,6 +1,6 @@
 /*
  * The key server's signing: its keys, and the answer to one worker request
- * (wire.h). No I/O and no Python: service.c feeds it the requests it reads.
+ * (keyserver_wire.h). No I/O and no Python: service.c feeds it the requests it reads.
  */
 #ifndef STARTTLS_KEYSERVICE_SIGNING_H
 #define STARTTLS_KEYSERVICE_SIGNING_H
@@ -10,7 +10,7 @@
 
 #include <openssl/evp.h>
 
-#include "../provider/wire.h"
+#include "keyserver_wire.h"
 
 /* A full handshake makes one signature; a resumed one none. */
 #define SIGNATURES_PER_CONNECTION 1

@@ -3,7 +3,7 @@
 A worker reads two things that do not come from its client: its
 *assignment* from the helper (the spawn request as the helper checked it,
 then the PIDs of its siblings: ``tlshelper/wire.h`` section 4) and the key
-server's *replies* to its signature requests (``provider/wire.h``, read by
+server's *replies* to its signature requests (``include/keyserver_wire.h``, read by
 the provider's ``signature.c``). Either peer may be compromised or broken;
 a worker must then fail its connection with a defined exit status, never
 crash, never sign with garbage. ``scripts/test-sanitized.sh`` runs these

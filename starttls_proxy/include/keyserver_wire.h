@@ -1,15 +1,18 @@
 /*
- * The wire format between a TLS worker (the provider's signature.c) and the
- * key server (starttls_proxy/keyservice/signing.c): one SOCK_SEQPACKET datagram
- * each way, integers big-endian.
+ * The key server's binary wire format, shared by its two C sides: the
+ * provider (starttls_proxy/provider/signature.c, in a TLS worker) and the
+ * key service (starttls_proxy/keyservice/), found through the include
+ * directory setup.py gives both. Integers are big-endian.
  *
+ * Connection, a worker and the key server: one SOCK_SEQPACKET datagram
+ * each way.
  *   request:  version | scheme | digest | 0 | request id (u32) | key id (16) | data
  *   response: version | status | 0 | 0 | request id (u32) | signature
  *
  * keyserver.py (Scheme, Digest, HEADER) mirrors these codes for the tests.
  */
-#ifndef STARTTLS_WIRE_H
-#define STARTTLS_WIRE_H
+#ifndef STARTTLS_KEYSERVER_WIRE_H
+#define STARTTLS_KEYSERVER_WIRE_H
 
 #define WIRE_VERSION 1
 #define HEADER_SIZE 8
