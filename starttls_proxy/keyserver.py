@@ -83,6 +83,8 @@ from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 if TYPE_CHECKING:
     from starttls_proxy._keyservice import Service
 
+# The key reference's format (``provider/keyref.h``, the provider's reader;
+# tests/keyserver/test_keyserver_wire.py holds these values to it).
 REFERENCE_LABEL = "STARTTLS-PROXY KEY REFERENCE"
 REFERENCE_MAGIC = b"STPK"
 REFERENCE_VERSION = 1
@@ -97,8 +99,9 @@ MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
 COUNTS_INTERVAL = 0.25
 
-# The wire format of a worker's connection (``include/keyserver_wire.h``), for the
-# tests and scripts that speak it.
+# The wire format of a worker's connection (``include/keyserver_wire.h``, which
+# tests/keyserver/test_keyserver_wire.py holds these values to), for the tests
+# and scripts that speak it.
 WIRE_VERSION = 1
 #: version, scheme (request) or status (answer), digest or 0, 0, request id.
 HEADER = struct.Struct(">BBBBI")
@@ -110,7 +113,7 @@ STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: followed by the transcript hash.
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
 #: The most certificate indexes one link message may carry
-#: (``MAX_CERTIFICATES`` in ``keyservice/service.c``).
+#: (``include/keyserver_wire.h``).
 MAX_CERTIFICATES = 4096
 
 

@@ -9,7 +9,12 @@
  *   request:  version | scheme | digest | 0 | request id (u32) | key id (16) | data
  *   response: version | status | 0 | 0 | request id (u32) | signature
  *
- * keyserver.py (Scheme, Digest, HEADER) mirrors these codes for the tests.
+ * Link, a TLS helper and the key server (sent by keyserver.py's Link): a
+ * count (u16) and that many certificate indexes (u16 each), with one
+ * descriptor attached: a worker's connection.
+ *
+ * keyserver.py mirrors these values (for the tests, and for its side of the
+ * link); tests/keyserver/test_keyserver_wire.py holds it to this file.
  */
 #ifndef STARTTLS_KEYSERVER_WIRE_H
 #define STARTTLS_KEYSERVER_WIRE_H
@@ -23,6 +28,8 @@
 #define MAX_DATA_SIZE 1024
 /* An RSA signature of up to 8192 bits (the provider's MAX_PUBLIC_SIZE). */
 #define MAX_SIGNATURE_SIZE 1024
+/* Certificate indexes in one link message. */
+#define MAX_CERTIFICATES 4096
 
 enum scheme { SCHEME_ECDSA = 1, SCHEME_RSA_PKCS1 = 2, SCHEME_RSA_PSS = 3 };
 enum digest { DIGEST_SHA256 = 1, DIGEST_SHA384 = 2, DIGEST_SHA512 = 3 };

@@ -43,8 +43,6 @@
 
 #include "signing.h"
 
-/* Certificate indexes in one link datagram. */
-#define MAX_CERTIFICATES 4096
 #define EVENTS_PER_WAIT 64
 
 struct table {
