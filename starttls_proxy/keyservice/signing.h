@@ -48,7 +48,8 @@ size_t sign(struct key *key, int scheme, int digest, const unsigned char *data, 
 
 /* The answer to one request of size bytes (into answer, ANSWER_CAPACITY
  * bytes; its size in *answer_size): SIGNED, REFUSED (a refusal to send; why
- * in reason) or MALFORMED (send nothing, drop the connection). */
+ * in reason, cut to reason_size > 0 bytes with its NUL) or MALFORMED (send
+ * nothing, drop the connection). */
 enum outcome answer_request(struct scope *scope, const unsigned char *request, size_t size,
                             unsigned char *answer, size_t *answer_size, char *reason,
                             size_t reason_size);
