@@ -4,14 +4,17 @@ The project metadata is in pyproject.toml; this file only adds
 
 * the TLS helper (``starttls_proxy/tlshelper/*.c``), an executable linked
   with the system's libssl that the keeper execs and every TLS worker is a
-  fork of; built with warnings as errors and the hardening flags, since a
-  memory bug there is a security bug;
-
+  fork of;
 * the key-reference OpenSSL provider (``starttls_proxy/provider/*.c``), a
   plain shared object that OpenSSL dlopen()s in the TLS workers and Python
   never imports; it links the C library only;
 * the key server's request loop (``starttls_proxy/keyservice/*.c``), a
   Python extension linked with the system's libcrypto.
+
+All three are built with warnings as errors and the hardening flags: each
+reads bytes from a process the design assumes may be compromised (the
+helper a client's, the key service a worker's, the provider the key
+server's answers), so a memory bug in any is a security bug.
 
 All need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
 The TLS helper is required; the key server's parts are optional: without
@@ -31,10 +34,11 @@ def sources(directory: str) -> list[str]:
     return sorted(str(path) for path in Path(directory).glob("*.c"))
 
 
-C_FLAGS = ["-std=c11", "-Wall", "-Wextra"]
-#: The TLS helper faces what a client sends: stricter still.
-HELPER_FLAGS = [
-    *C_FLAGS,
+#: Every C part's (setuptools adds -fPIC to the shared objects').
+C_FLAGS = [
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
     "-Werror",
     "-Wshadow",
     "-Wconversion",
@@ -42,9 +46,10 @@ HELPER_FLAGS = [
     "-O2",
     "-fstack-protector-strong",
     "-D_FORTIFY_SOURCE=2",
-    "-fPIE",
 ]
-HELPER_LINK_FLAGS = ["-pie", "-Wl,-z,relro,-z,now"]
+LINK_FLAGS = ["-Wl,-z,relro,-z,now"]
+HELPER_FLAGS = [*C_FLAGS, "-fPIE"]
+HELPER_LINK_FLAGS = [*LINK_FLAGS, "-pie"]
 
 
 class BuildNative(build_ext):
@@ -78,6 +83,10 @@ class BuildNative(build_ext):
 
 PROVIDER = "starttls_proxy.provider.keyref"
 HELPER = "starttls_proxy.tlshelper.stp-helper"
+#: The key server's wire format, which the provider and the key service share
+#: (named apart from ``tlshelper/wire.h``, the helper's own).
+KEY_INCLUDE = "starttls_proxy/include"
+KEY_WIRE_H = f"{KEY_INCLUDE}/keyserver_wire.h"
 
 
 setup(
@@ -93,16 +102,20 @@ setup(
         Extension(
             PROVIDER,
             sources=sources("starttls_proxy/provider"),
-            depends=["starttls_proxy/provider/keyref.h", "starttls_proxy/provider/wire.h"],
+            depends=["starttls_proxy/provider/keyref.h", KEY_WIRE_H],
+            include_dirs=[KEY_INCLUDE],
             extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
+            extra_link_args=LINK_FLAGS,
             optional=True,
         ),
         Extension(
             "starttls_proxy._keyservice",
             sources=sources("starttls_proxy/keyservice"),
-            depends=["starttls_proxy/keyservice/signing.h", "starttls_proxy/provider/wire.h"],
+            depends=["starttls_proxy/keyservice/signing.h", KEY_WIRE_H],
+            include_dirs=[KEY_INCLUDE],
             libraries=["crypto"],
             extra_compile_args=C_FLAGS,
+            extra_link_args=LINK_FLAGS,
             optional=True,
         ),
     ],

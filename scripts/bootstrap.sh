@@ -3,7 +3,8 @@
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
 # C parts (setup.py, starttls_proxy/tlshelper/*.[ch], starttls_proxy/provider/*.[ch],
-# starttls_proxy/keyservice/*.[ch]) changed since the last run and all are built.
+# starttls_proxy/keyservice/*.[ch], starttls_proxy/include/*.h) changed since
+# the last run and all are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -32,7 +33,7 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
 wanted="$(cat pyproject.toml setup.py starttls_proxy/tlshelper/*.[ch] starttls_proxy/provider/*.[ch] \
-    starttls_proxy/keyservice/*.[ch] | sha256sum | cut -d' ' -f1)"
+    starttls_proxy/keyservice/*.[ch] starttls_proxy/include/*.h | sha256sum | cut -d' ' -f1)"
 [ -x starttls_proxy/tlshelper/stp-helper ] && [ -f starttls_proxy/provider/keyref.so ] \
     && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
     || rm -f "$stamp"

@@ -1,27 +1,54 @@
 #!/usr/bin/env bash
-# The TLS helper built with AddressSanitizer and UndefinedBehaviorSanitizer,
-# driven by the protocol end-to-end tests (real Postfix, Dovecot, Prosody,
-# ejabberd and real clients). A sanitizer report in the proxy's log fails
-# the test that started it (tests/realservers/proxy.py), and a worker that a
-# report aborts breaks its session.
+# The C parts built with AddressSanitizer and UndefinedBehaviorSanitizer:
 #
-# The sanitized binary takes the place of the normal one for the run, which
-# is put back afterwards. The workers' seccomp filter stays on, so the
-# sanitizers' runtime must make do without what it refuses: LeakSanitizer
-# stops the world with ptrace (and a worker's memory goes with its exit
-# anyway).
+# * the TLS helper and the key-reference provider its workers load, driven
+#   by the protocol end-to-end tests (real Postfix, Dovecot, Prosody,
+#   ejabberd and real clients, through the key server) and tests/tlshelper
+#   (whose peer fuzz feeds the provider the key server's replies). A sanitizer report in the
+#   proxy's log fails the test that started it (tests/realservers/proxy.py),
+#   and a worker that a report aborts breaks its session;
+# * the key service (a Python extension), driven by the key server's tests
+#   (tests/keyserver, Hypothesis included) in a real, confined key server
+#   and in pytest itself. A Python extension cannot bring the ASan runtime:
+#   it must be loaded before anything else, so it is preloaded into every
+#   Python of that run. A report aborts the key server or pytest, which
+#   fails the run.
+#
+# The sanitized builds take the place of the normal ones for the run, which
+# are put back afterwards. LeakSanitizer stays off: the workers' seccomp
+# filter refuses the ptrace it stops the world with (and a worker's memory
+# goes with its exit anyway), and Python leaks at exit by design.
 # usage: scripts/test-sanitized.sh [pytest arguments]   (after scripts/test.sh set up .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+python=.venv/bin/python
 helper=starttls_proxy/tlshelper/stp-helper
-cp -p "$helper" "$helper.normal"
-trap 'mv -f "$helper.normal" "$helper"' EXIT
-gcc -std=c11 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer \
-    -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-    -o "$helper" starttls_proxy/tlshelper/*.c -lssl -lcrypto
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_legend=0
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-.venv/bin/python -m pytest -p no:randomly \
+provider=starttls_proxy/provider/keyref.so
+keyservice=starttls_proxy/_keyservice$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+built=("$helper" "$provider" "$keyservice")
+for file in "${built[@]}"; do
+    cp -p "$file" "$file.normal"
+done
+trap 'for file in "${built[@]}"; do mv -f "$file.normal" "$file"; done' EXIT
+sanitize=(-std=c11 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer
+    -fsanitize=address,undefined -fno-sanitize-recover=all)
+gcc "${sanitize[@]}" -o "$helper" starttls_proxy/tlshelper/*.c -lssl -lcrypto
+gcc "${sanitize[@]}" -shared -fPIC -fvisibility=hidden -Istarttls_proxy/include \
+    -o "$provider" starttls_proxy/provider/*.c
+# color=never: choosing colours asks isatty, an ioctl that the key server's
+# seccomp filter kills it for halfway through its report.
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_legend=0:color=never
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:color=never
+"$python" -m pytest -p no:randomly \
     tests/e2e/test_smtp_postfix.py tests/e2e/test_imap_dovecot.py \
     tests/e2e/test_pop3_dovecot.py tests/e2e/test_xmpp_prosody_ejabberd.py \
     tests/tlshelper "$@"
+# The key service only now: the proxies of the end-to-end tests above start
+# key servers too, without the runtime preloaded, which could not load it.
+gcc "${sanitize[@]}" -shared -fPIC -Istarttls_proxy/include \
+    -I"$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+    -o "$keyservice" starttls_proxy/keyservice/*.c -lcrypto
+# --capture=sys: a report that aborts pytest itself must reach the terminal,
+# not a capture file that goes with it.
+LD_PRELOAD="$(gcc -print-file-name=libasan.so)" "$python" -m pytest -p no:randomly \
+    --capture=sys tests/keyserver "$@"

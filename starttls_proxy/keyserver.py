@@ -40,7 +40,7 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
   certificate indexes (u16 each) with one descriptor attached: a worker's
   connection, which may use the keys of those certificates and no other.
 
-* connection, with one worker (binary, ``provider/wire.h``): one signature
+* connection, with one worker (binary, ``include/keyserver_wire.h``): one signature
   request, one answer.
 
 Links and connections are served by ``_keyservice`` (C, linked with the
@@ -83,6 +83,8 @@ from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 if TYPE_CHECKING:
     from starttls_proxy._keyservice import Service
 
+# The key reference's format (``provider/keyref.h``, the provider's reader;
+# tests/keyserver/test_keyserver_wire.py holds these values to it).
 REFERENCE_LABEL = "STARTTLS-PROXY KEY REFERENCE"
 REFERENCE_MAGIC = b"STPK"
 REFERENCE_VERSION = 1
@@ -97,8 +99,9 @@ MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
 COUNTS_INTERVAL = 0.25
 
-# The wire format of a worker's connection (``provider/wire.h``), for the
-# tests and scripts that speak it.
+# The wire format of a worker's connection (``include/keyserver_wire.h``, which
+# tests/keyserver/test_keyserver_wire.py holds these values to), for the tests
+# and scripts that speak it.
 WIRE_VERSION = 1
 #: version, scheme (request) or status (answer), digest or 0, 0, request id.
 HEADER = struct.Struct(">BBBBI")
@@ -110,7 +113,7 @@ STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: followed by the transcript hash.
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
 #: The most certificate indexes one link message may carry
-#: (``MAX_CERTIFICATES`` in ``keyservice/service.c``).
+#: (``include/keyserver_wire.h``).
 MAX_CERTIFICATES = 4096
 
 
@@ -153,7 +156,7 @@ def key_id(public_key: PublicKey) -> bytes:
 def signature_request(
     key: PublicKey, data: bytes, scheme: Scheme, request_id: int, digest: Digest = Digest.SHA256
 ) -> bytes:
-    """A worker's request to sign ``data`` (``provider/wire.h``), as tests and
+    """A worker's request to sign ``data`` (``include/keyserver_wire.h``), as tests and
     benchmarks make it; in a worker, the provider makes it."""
     return HEADER.pack(WIRE_VERSION, scheme, digest, 0, request_id) + key_id(key) + data
 

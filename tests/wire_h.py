@@ -1,5 +1,8 @@
-"""What ``starttls_proxy/tlshelper/wire.h`` defines, read from the header
-itself, so that tests can hold the Python side in agreement with the C one."""
+"""What the C headers of a wire format define, read from the headers
+themselves, so that tests can hold the Python side in agreement with the C
+one: ``tlshelper/wire.h`` (the TLS helper's, every function's default),
+``include/keyserver_wire.h`` (the key server's) and ``provider/keyref.h``
+(the key reference's)."""
 
 from __future__ import annotations
 
@@ -7,15 +10,19 @@ import ast
 import re
 from pathlib import Path
 
-WIRE_H = Path(__file__).resolve().parent.parent / "starttls_proxy" / "tlshelper" / "wire.h"
+_PACKAGE = Path(__file__).resolve().parent.parent / "starttls_proxy"
+WIRE_H = _PACKAGE / "tlshelper" / "wire.h"
+KEYSERVER_WIRE_H = _PACKAGE / "include" / "keyserver_wire.h"
+KEYREF_H = _PACKAGE / "provider" / "keyref.h"
 
 _DEFINE = re.compile(r"^#define[ \t]+([A-Z_][A-Z0-9_]*)[ \t]+(.+?)[ \t]*(?:/\*.*)?$", re.MULTILINE)
+_STRING = re.compile(r'^#define[ \t]+([A-Z_][A-Z0-9_]*)[ \t]+"([^"\\]*)"', re.MULTILINE)
 _ENUM = re.compile(r"enum\s+(\w+)\s*\{(.*?)\};", re.DOTALL)
 _COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
 
 
 def _evaluate(node: ast.expr, known: dict[str, int]) -> int:
-    """An integer expression of the header: literals, earlier names, + - * and parentheses."""
+    """An integer expression of a header: literals, earlier names, + - * and parentheses."""
     match node:
         case ast.Constant(value=int() as value):
             return value
@@ -27,20 +34,29 @@ def _evaluate(node: ast.expr, known: dict[str, int]) -> int:
             return _evaluate(left, known) - _evaluate(right, known)
         case ast.BinOp(left=left, op=ast.Mult(), right=right):
             return _evaluate(left, known) * _evaluate(right, known)
-    raise ValueError(f"not an expression of wire.h: {ast.dump(node)}")
+    raise ValueError(f"not an integer expression of a wire header: {ast.dump(node)}")
 
 
-def defines() -> dict[str, int]:
-    """Every integer ``#define``, evaluated (the include guard left out)."""
+def defines(header: Path = WIRE_H) -> dict[str, int]:
+    """Every integer ``#define``, evaluated (the include guard and string
+    literals left out)."""
     known: dict[str, int] = {}
-    for name, expression in _DEFINE.findall(WIRE_H.read_text()):
-        known[name] = _evaluate(ast.parse(expression, mode="eval").body, known)
+    for name, expression in _DEFINE.findall(header.read_text()):
+        value = ast.parse(expression, mode="eval").body
+        if not isinstance(value, ast.Constant) or not isinstance(value.value, str):
+            known[name] = _evaluate(value, known)
     return known
 
 
-def enum(name: str) -> dict[str, int]:
+def strings(header: Path) -> dict[str, str]:
+    """Every ``#define`` of a string literal without escapes. ``header`` may
+    be a C source file: its other ``#define``s are left out."""
+    return dict(_STRING.findall(header.read_text()))
+
+
+def enum(name: str, header: Path = WIRE_H) -> dict[str, int]:
     """The members of ``enum NAME`` and their values (C's implicit numbering)."""
-    for found, body in _ENUM.findall(WIRE_H.read_text()):
+    for found, body in _ENUM.findall(header.read_text()):
         if found != name:
             continue
         members: dict[str, int] = {}

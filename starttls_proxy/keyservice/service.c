@@ -15,7 +15,7 @@
  *               and that many certificate indexes (u16 each, big-endian)
  *               with one descriptor attached, a new worker connection that
  *               may use the keys of those certificates and no other.
- *   connection  one per worker: one request, one answer (wire.h). A
+ *   connection  one per worker: one request, one answer (keyserver_wire.h). A
  *               malformed request (sizes, codes) drops the connection
  *               without an answer; a refused one (a key out of scope, a
  *               second signature, data that is no TLS handshake signature
@@ -43,8 +43,6 @@
 
 #include "signing.h"
 
-/* Certificate indexes in one link datagram. */
-#define MAX_CERTIFICATES 4096
 #define EVENTS_PER_WAIT 64
 
 struct table {

@@ -107,21 +107,37 @@ size_t sign(struct key *key, int scheme, int digest, const unsigned char *data, 
     return signature_size;
 }
 
+/* text: 2 * size + 1 bytes. */
+static void hex(const unsigned char *bytes, size_t size, char *text)
+{
+    static const char digits[] = "0123456789abcdef";
+
+    for (size_t i = 0; i < size; i++) {
+        text[2 * i] = digits[bytes[i] >> 4];
+        text[2 * i + 1] = digits[bytes[i] & 0xf];
+    }
+    text[2 * size] = '\0';
+}
+
 enum outcome answer_request(struct scope *scope, const unsigned char *request, size_t size,
                             unsigned char *answer, size_t *answer_size, char *reason,
                             size_t reason_size)
 {
-    int scheme = request[1], digest = request[2];
-    const unsigned char *id = request + HEADER_SIZE;
-    const unsigned char *data = request + REQUEST_HEADER_SIZE;
-    size_t data_size = size - REQUEST_HEADER_SIZE;
+    const unsigned char *id, *data;
+    size_t data_size, signature_size;
     struct key *key = NULL;
-    size_t signature_size;
+    int scheme, digest;
 
-    if (size <= REQUEST_HEADER_SIZE || size > REQUEST_HEADER_SIZE + MAX_DATA_SIZE
-        || request[0] != WIRE_VERSION || request[3] != 0 || scheme < SCHEME_ECDSA
+    if (size <= REQUEST_HEADER_SIZE || size > REQUEST_HEADER_SIZE + MAX_DATA_SIZE)
+        return MALFORMED;
+    scheme = request[1];
+    digest = request[2];
+    if (request[0] != WIRE_VERSION || request[3] != 0 || scheme < SCHEME_ECDSA
         || scheme > SCHEME_RSA_PSS || digest < DIGEST_SHA256 || digest > DIGEST_SHA512)
         return MALFORMED;
+    id = request + HEADER_SIZE;
+    data = request + REQUEST_HEADER_SIZE;
+    data_size = size - REQUEST_HEADER_SIZE;
     memcpy(answer, request, HEADER_SIZE);
     answer[1] = STATUS_REFUSED;
     answer[2] = 0;
@@ -130,10 +146,12 @@ enum outcome answer_request(struct scope *scope, const unsigned char *request, s
         if (scope->allowed[i] && memcmp(scope->keys[i].id, id, KEY_ID_SIZE) == 0)
             key = &scope->keys[i];
     if (key == NULL) {
-        int used = snprintf(reason, reason_size, "key ");
-        for (int i = 0; i < KEY_ID_SIZE; i++)
-            used += snprintf(reason + used, reason_size - (size_t)used, "%02x", id[i]);
-        snprintf(reason + used, reason_size - (size_t)used, " is not this connection's");
+        /* One snprintf, which cuts the reason to its buffer: pieces added
+         * one by one must each clamp their offset to what is left. */
+        char id_text[2 * KEY_ID_SIZE + 1];
+
+        hex(id, KEY_ID_SIZE, id_text);
+        snprintf(reason, reason_size, "key %s is not this connection's", id_text);
         return REFUSED;
     }
     if (scope->signatures >= SIGNATURES_PER_CONNECTION) {

@@ -1,6 +1,6 @@
 /*
  * The key server's signing: its keys, and the answer to one worker request
- * (wire.h). No I/O and no Python: service.c feeds it the requests it reads.
+ * (keyserver_wire.h). No I/O and no Python: service.c feeds it the requests it reads.
  */
 #ifndef STARTTLS_KEYSERVICE_SIGNING_H
 #define STARTTLS_KEYSERVICE_SIGNING_H
@@ -10,7 +10,7 @@
 
 #include <openssl/evp.h>
 
-#include "../provider/wire.h"
+#include "keyserver_wire.h"
 
 /* A full handshake makes one signature; a resumed one none. */
 #define SIGNATURES_PER_CONNECTION 1
@@ -48,7 +48,8 @@ size_t sign(struct key *key, int scheme, int digest, const unsigned char *data, 
 
 /* The answer to one request of size bytes (into answer, ANSWER_CAPACITY
  * bytes; its size in *answer_size): SIGNED, REFUSED (a refusal to send; why
- * in reason) or MALFORMED (send nothing, drop the connection). */
+ * in reason, cut to reason_size > 0 bytes with its NUL) or MALFORMED (send
+ * nothing, drop the connection). */
 enum outcome answer_request(struct scope *scope, const unsigned char *request, size_t size,
                             unsigned char *answer, size_t *answer_size, char *reason,
                             size_t reason_size);

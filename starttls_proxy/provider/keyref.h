@@ -22,7 +22,7 @@
 
 #include <openssl/core.h>
 
-#include "wire.h"
+#include "keyserver_wire.h"
 
 #define KEYREF_PEM_LABEL "STARTTLS-PROXY KEY REFERENCE"
 #define KEYREF_MAGIC "STPK"

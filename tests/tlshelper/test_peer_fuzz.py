@@ -3,11 +3,12 @@
 A worker reads two things that do not come from its client: its
 *assignment* from the helper (the spawn request as the helper checked it,
 then the PIDs of its siblings: ``tlshelper/wire.h`` section 4) and the key
-server's *replies* to its signature requests (``provider/wire.h``, read by
+server's *replies* to its signature requests (``include/keyserver_wire.h``, read by
 the provider's ``signature.c``). Either peer may be compromised or broken;
 a worker must then fail its connection with a defined exit status, never
 crash, never sign with garbage. ``scripts/test-sanitized.sh`` runs these
-tests against the helper built with AddressSanitizer and UBSan.
+tests against the helper and the provider built with AddressSanitizer and
+UBSan.
 
 * Replies: the test is the key server. The helper gets key references and
   a link whose other end the test holds; for each example a real client
