@@ -9,9 +9,10 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
-from tests.realservers.metrics import only, scrape
+from tests.realservers.metrics import exported_names, only, scrape
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
+from tests.test_deploy import dashboard_expressions, metric_names
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +95,11 @@ def test_json_log_lines_describe_each_session(
     assert end["clean"] is True
     assert end["bytes_from_client"] > 0
     assert {"time", "level", "logger", "message", "duration_seconds"} <= set(end)
+
+
+def test_dashboard_uses_only_metrics_the_proxy_exports(
+    proxy: ProxyProcess, metrics_port: int
+) -> None:
+    used = metric_names(dashboard_expressions())
+    exported = exported_names(metrics_port)
+    assert used <= exported, used - exported

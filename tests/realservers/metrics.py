@@ -8,11 +8,26 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 
+def _exposition(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
 def scrape(port: int) -> list[Sample]:
     """Every sample the metrics listener on 127.0.0.1:``port`` exports now."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+    families = text_string_to_metric_families(_exposition(port))
+    return [sample for family in families for sample in family.samples]
+
+
+def exported_names(port: int) -> set[str]:
+    """Every metric name the listener on 127.0.0.1:``port`` exports, with the
+    suffixes of its samples, whether or not a sample exists yet."""
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum")}
+    return {
+        family.name + suffix
+        for family in text_string_to_metric_families(_exposition(port))
+        for suffix in ("", *suffixes.get(family.type, ()))
+    }
 
 
 def _matching(samples: list[Sample], name: str, labels: dict[str, str]) -> list[float]:
