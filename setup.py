@@ -24,6 +24,7 @@ what is missing (``starttls_proxy.provider.missing``).
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -52,9 +53,32 @@ HELPER_FLAGS = [*C_FLAGS, "-fPIE"]
 HELPER_LINK_FLAGS = [*LINK_FLAGS, "-pie"]
 
 
+#: What building needs, for the message when it is missing.
+TOOLCHAIN_HINT = (
+    "starttls-proxy builds its TLS helper from C: it needs a C compiler and the"
+    " OpenSSL 3 headers. Install them (Debian, Ubuntu: apt-get install gcc"
+    " libssl-dev; Fedora, RHEL: dnf install gcc openssl-devel; Alpine: apk add"
+    " build-base openssl-dev), then install starttls-proxy again."
+)
+
+
 class BuildNative(build_ext):
     """Name the provider ``keyref.so`` (an OpenSSL module, not a Python
     extension) and link the TLS helper as an executable."""
+
+    def build_extensions(self) -> None:
+        self._require_toolchain()
+        super().build_extensions()
+
+    def _require_toolchain(self) -> None:
+        """Fail with what to install, before a compiler's own error can bury it."""
+        with tempfile.TemporaryDirectory() as directory:
+            probe = Path(directory, "probe.c")
+            probe.write_text("#include <openssl/ssl.h>\n#include <openssl/core_dispatch.h>\n")
+            try:
+                self.compiler.compile([str(probe)], output_dir=directory)
+            except Exception as error:  # any failure means the same to the user
+                raise SystemExit(f"error: {TOOLCHAIN_HINT}\n({error})") from None
 
     def get_ext_filename(self, fullname: str) -> str:
         # Called with the full dotted name, and with its last part alone

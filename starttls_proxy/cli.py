@@ -1,8 +1,9 @@
-"""``starttls-proxy --config PATH [--check | --isolation-report]``."""
+"""``starttls-proxy --config PATH [--check | --isolation-report]``, ``--version``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import pwd
 import socket
@@ -23,6 +24,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="starttls-proxy",
         description="STARTTLS terminator for SMTP, IMAP, POP3 and XMPP.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        # pyproject.toml's, as installed: the one place the version is written.
+        version=f"%(prog)s {importlib.metadata.version('starttls-proxy')}",
     )
     parser.add_argument("--config", type=Path, required=True, help="YAML configuration file")
     parser.add_argument(
