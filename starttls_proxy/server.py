@@ -133,7 +133,7 @@ class ListenerRuntime:
                     "%s: capability probe of %s failed (%s); advertising %s",
                     self.config.name,
                     self.config.backend.address,
-                    error or "timeout",
+                    _probe_failure(error, self.config.timeouts.backend_connect),
                     " ".join(self.settings.capabilities),
                 )
             else:
@@ -144,6 +144,14 @@ class ListenerRuntime:
                     self.settings = self._settings(capabilities)
             self.probed.set()
             await asyncio.sleep(self.config.backend.probe_interval)
+
+
+def _probe_failure(error: Exception, timeout: float) -> str:
+    """What ended a probe, for its log line: ``asyncio.timeout``'s
+    TimeoutError carries no message at all."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"timed out after {timeout:g} s"
+    return str(error) or repr(error)
 
 
 def _own_connection(writer: asyncio.StreamWriter) -> Peer:
