@@ -226,6 +226,9 @@ def descriptor_room(config: Config) -> str | None:
 
 def publish_certificate_expiry(config: Config) -> None:
     """Export each certificate's notAfter; only the public part is read here."""
+    # Only the certificates of this configuration: one a reload removed (or
+    # moved) would keep its series, and its expiry alert would keep firing.
+    metrics.CERTIFICATE_NOT_AFTER.clear()
     for entry in config.tls.certificates:
         try:
             leaf = x509.load_pem_x509_certificate(entry.cert.read_bytes())
