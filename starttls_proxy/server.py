@@ -64,13 +64,20 @@ class ProbeError(Exception):
 class ListenerRuntime:
     """One configured listener and what it learned at run time."""
 
-    def __init__(self, config: ListenerConfig, helper: TLSHelper) -> None:
+    def __init__(
+        self, config: ListenerConfig, helper: TLSHelper, probed: tuple[str, ...] | None = None
+    ) -> None:
+        """``probed``: the backend's capabilities as a probe found them (the
+        listener's previous runtime's), advertised until a probe answers."""
         self.config = config
         self.helper = helper
         self.spec: ProtocolSpec = PROTOCOLS[config.protocol.value]
         self.sessions: set[Session] = set()
         self.server: asyncio.Server | None = None
-        self.settings = self._settings(config.capabilities or self.spec.fallback_capabilities)
+        self.probed_capabilities = probed
+        self.settings = self._settings(
+            config.capabilities or probed or self.spec.fallback_capabilities
+        )
         #: Set once the first probe has succeeded or failed.
         self.probed = asyncio.Event()
 
@@ -90,6 +97,19 @@ class ListenerRuntime:
             max_attribute_size=config.limits.max_attribute_size,
             domains=config.domains,
         )
+
+    def probed_for(self, config: ListenerConfig) -> tuple[str, ...] | None:
+        """What the probes learned, if ``config`` (a reload's) asks the same
+        backend in the same way: a reload would otherwise advertise the
+        fallback list until the next probe answers, for good while the
+        backend is down."""
+        old = self.config
+        same = (config.protocol, config.backend.address, config.backend.identity) == (
+            old.protocol,
+            old.backend.address,
+            old.backend.identity,
+        )
+        return self.probed_capabilities if same else None
 
     def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]:
         return self.spec.machine(self.settings, peer)
@@ -137,6 +157,7 @@ class ListenerRuntime:
                     " ".join(self.settings.capabilities),
                 )
             else:
+                self.probed_capabilities = capabilities
                 if capabilities != self.settings.capabilities:
                     log.info(
                         "%s: backend capabilities: %s", self.config.name, " | ".join(capabilities)
@@ -429,7 +450,9 @@ class Server:
             log.info("%s: listener closed (its sessions go on)", name)
         for listener in new.listeners:
             old = self.runtimes.get(listener.name)
-            runtime = ListenerRuntime(listener, self.helper)
+            runtime = ListenerRuntime(
+                listener, self.helper, None if old is None else old.probed_for(listener)
+            )
             if old is not None:
                 # One set: max_connections keeps counting the old sessions.
                 runtime.sessions = old.sessions
