@@ -31,6 +31,7 @@ from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_DEADLINE,
     EXIT_HANDSHAKE_FAILED,
+    EXIT_INTERNAL_ERROR,
     EXIT_NOT_TLS,
     EXIT_OK,
     EXIT_SANDBOX_FAILED,
@@ -51,6 +52,7 @@ _EXIT_REASONS = {
     EXIT_TLS_ERROR: "tls_error",
     EXIT_DEADLINE: "timeout",
     EXIT_SANDBOX_FAILED: "sandbox_failed",
+    EXIT_INTERNAL_ERROR: "crash",
     -signal.SIGSYS: "seccomp",
 }
 #: Exit status of the proxy when no TLS helper can be had any more.

@@ -38,6 +38,9 @@ EXIT_SANDBOX_FAILED = 16
 #: A spare worker that never got a connection (its helper left): not a
 #: worker exit worth counting.
 EXIT_SPARE_UNUSED = 17
+#: The worker's own failure (out of memory under its RLIMIT_AS, an
+#: impossible state), not its peer's: a crash.
+EXIT_INTERNAL_ERROR = 18
 
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).

@@ -245,6 +245,7 @@ def test_wire_agrees_with_wire_h() -> None:
         "EXIT_DEADLINE",
         "EXIT_SANDBOX_FAILED",
         "EXIT_SPARE_UNUSED",
+        "EXIT_INTERNAL_ERROR",
     ):
         assert getattr(wire, name) == defines[name], name
 

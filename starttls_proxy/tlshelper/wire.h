@@ -101,5 +101,8 @@ enum layer {
 #define EXIT_DEADLINE 14
 #define EXIT_SANDBOX_FAILED 16
 #define EXIT_SPARE_UNUSED 17
+/* The worker's own failure, not its peers': out of memory (RLIMIT_AS), an
+ * impossible state. Counted and alerted on as a crash. */
+#define EXIT_INTERNAL_ERROR 18
 
 #endif

@@ -41,6 +41,7 @@ from starttls_proxy.keyserver import HEADER, KEY_ID_SIZE, encode_reference, read
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,
+    EXIT_INTERNAL_ERROR,
     EXIT_NOT_TLS,
     EXIT_OK,
     EXIT_SPARE_UNUSED,
@@ -264,6 +265,10 @@ def test_malformed_assignments_end_the_worker_cleanly(
     connection.client.close()
     status = helper.exit_of(connection.pid)
     connection.channel.close()
-    # A well-formed one may carry early bytes that are no ClientHello.
-    assert status in {*DEFINED_FAILURES, EXIT_SPARE_UNUSED, EXIT_NOT_TLS}, status
+    # A well-formed one may carry early bytes that are no ClientHello; a
+    # malformed one can only come from a broken helper: the worker's own
+    # side, counted as a crash.
+    assert status in {*DEFINED_FAILURES, EXIT_SPARE_UNUSED, EXIT_NOT_TLS, EXIT_INTERNAL_ERROR}, (
+        status
+    )
     assert helper.process.poll() is None
