@@ -228,7 +228,7 @@ def fuzzed_helper(
 
 
 def _spawn_request(early: bytes) -> bytes:
-    return struct.pack("!IIBBH", 1, 10_000, 0, 0, len(early)) + early
+    return struct.pack("!IBBH", 10_000, 0, 0, len(early)) + early
 
 
 _ASSIGNMENTS = st.one_of(
@@ -243,7 +243,7 @@ _ASSIGNMENTS = st.one_of(
     # A request whose lengths overrun it.
     st.builds(
         lambda hint, alpn, early, cut: (
-            struct.pack("!IIB", 1, 10_000, hint) + b"h" * hint + bytes([alpn]) + early
+            struct.pack("!IB", 10_000, hint) + b"h" * hint + bytes([alpn]) + early
         )[:cut],
         st.integers(0, 255),
         st.integers(0, 255),
