@@ -22,7 +22,7 @@ import abc
 import enum
 import functools
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
@@ -253,10 +253,6 @@ class CommandQueue:
 
     def pop(self) -> Command | None:
         return self._commands.popleft() if self._commands else None
-
-    def __iter__(self) -> Iterator[Command]:
-        while self._commands:
-            yield self._commands.popleft()
 
 
 class ProxyMachine(abc.ABC, Generic[StateT, InputT]):

@@ -31,7 +31,6 @@ from pydantic import (
 )
 
 from protocols._base import BackendIdentity, BareLineEndings, TLSMode
-from protocols.registry import PROTOCOLS
 from starttls_proxy.settings import (
     CertificateConfig,
     ConfigError,
@@ -252,13 +251,6 @@ class ListenerConfig(_Model):
         # fail each upgrade instead of the start.
         if value is not None:
             encode_alpn(value)
-        return value
-
-    @field_validator("protocol")
-    @classmethod
-    def _implemented(cls, value: Protocol) -> Protocol:
-        if value.value not in PROTOCOLS:
-            raise ValueError(f"protocol {value.value!r} is not implemented in this version")
         return value
 
     @model_validator(mode="after")

@@ -10,8 +10,6 @@ from the loop and never blocks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import itertools
 import json
 import logging
 import socket
@@ -60,8 +58,6 @@ class TLSHelper:
         self.layers: list[tuple[str, bool, str]] = []
         #: The same for the key server; None when the helper holds the keys.
         self.key_server_layers: list[tuple[str, bool, str]] | None = None
-        #: Spawn request ids are a u32 on the wire (only echoed, never looked up).
-        self._ids = itertools.cycle(range(1, 2**32))
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Called with (pid, status) when a worker exits.
         self.on_worker_exit: Callable[[int, int], None] = lambda pid, status: None
@@ -233,7 +229,7 @@ class TLSHelper:
         if self.control is None:
             raise HandoffError("the TLS helper is restarting")
         try:
-            message = dataclasses.replace(request, id=next(self._ids)).encode()
+            message = request.encode()
         except ValueError as error:
             raise HandoffError(f"unusable spawn request: {error}") from None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -32,6 +32,7 @@ from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_DEADLINE,
     EXIT_HANDSHAKE_FAILED,
+    EXIT_INTERNAL_ERROR,
     EXIT_NOT_TLS,
     EXIT_OK,
     EXIT_SANDBOX_FAILED,
@@ -52,6 +53,7 @@ _EXIT_REASONS = {
     EXIT_TLS_ERROR: "tls_error",
     EXIT_DEADLINE: "timeout",
     EXIT_SANDBOX_FAILED: "sandbox_failed",
+    EXIT_INTERNAL_ERROR: "crash",
     -signal.SIGSYS: "seccomp",
 }
 #: Exit status of the proxy when no TLS helper can be had any more.
@@ -65,13 +67,20 @@ class ProbeError(Exception):
 class ListenerRuntime:
     """One configured listener and what it learned at run time."""
 
-    def __init__(self, config: ListenerConfig, helper: TLSHelper) -> None:
+    def __init__(
+        self, config: ListenerConfig, helper: TLSHelper, probed: tuple[str, ...] | None = None
+    ) -> None:
+        """``probed``: the backend's capabilities as a probe found them (the
+        listener's previous runtime's), advertised until a probe answers."""
         self.config = config
         self.helper = helper
         self.spec: ProtocolSpec = PROTOCOLS[config.protocol.value]
         self.sessions = SessionTable()
         self.server: asyncio.Server | None = None
-        self.settings = self._settings(config.capabilities or self.spec.fallback_capabilities)
+        self.probed_capabilities = probed
+        self.settings = self._settings(
+            config.capabilities or probed or self.spec.fallback_capabilities
+        )
         #: Set once the first probe has succeeded or failed.
         self.probed = asyncio.Event()
 
@@ -91,6 +100,19 @@ class ListenerRuntime:
             max_attribute_size=config.limits.max_attribute_size,
             domains=config.domains,
         )
+
+    def probed_for(self, config: ListenerConfig) -> tuple[str, ...] | None:
+        """What the probes learned, if ``config`` (a reload's) asks the same
+        backend in the same way: a reload would otherwise advertise the
+        fallback list until the next probe answers, for good while the
+        backend is down."""
+        old = self.config
+        same = (config.protocol, config.backend.address, config.backend.identity) == (
+            old.protocol,
+            old.backend.address,
+            old.backend.identity,
+        )
+        return self.probed_capabilities if same else None
 
     def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]:
         return self.spec.machine(self.settings, peer)
@@ -134,10 +156,11 @@ class ListenerRuntime:
                     "%s: capability probe of %s failed (%s); advertising %s",
                     self.config.name,
                     self.config.backend.address,
-                    error or "timeout",
+                    _probe_failure(error, self.config.timeouts.backend_connect),
                     " ".join(self.settings.capabilities),
                 )
             else:
+                self.probed_capabilities = capabilities
                 if capabilities != self.settings.capabilities:
                     log.info(
                         "%s: backend capabilities: %s", self.config.name, " | ".join(capabilities)
@@ -145,6 +168,14 @@ class ListenerRuntime:
                     self.settings = self._settings(capabilities)
             self.probed.set()
             await asyncio.sleep(self.config.backend.probe_interval)
+
+
+def _probe_failure(error: Exception, timeout: float) -> str:
+    """What ended a probe, for its log line: ``asyncio.timeout``'s
+    TimeoutError carries no message at all."""
+    if isinstance(error, TimeoutError) and not str(error):
+        return f"timed out after {timeout:g} s"
+    return str(error) or repr(error)
 
 
 def _own_connection(writer: asyncio.StreamWriter) -> Peer:
@@ -219,6 +250,9 @@ def descriptor_room(config: Config) -> str | None:
 
 def publish_certificate_expiry(config: Config) -> None:
     """Export each certificate's notAfter; only the public part is read here."""
+    # Only the certificates of this configuration: one a reload removed (or
+    # moved) would keep its series, and its expiry alert would keep firing.
+    metrics.CERTIFICATE_NOT_AFTER.clear()
     for entry in config.tls.certificates:
         try:
             leaf = x509.load_pem_x509_certificate(entry.cert.read_bytes())
@@ -419,7 +453,9 @@ class Server:
             log.info("%s: listener closed (its sessions go on)", name)
         for listener in new.listeners:
             old = self.runtimes.get(listener.name)
-            runtime = ListenerRuntime(listener, self.helper)
+            runtime = ListenerRuntime(
+                listener, self.helper, None if old is None else old.probed_for(listener)
+            )
             if old is not None:
                 # One set: max_connections keeps counting the old sessions.
                 runtime.sessions = old.sessions

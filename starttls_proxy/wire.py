@@ -38,13 +38,16 @@ EXIT_SANDBOX_FAILED = 16
 #: A spare worker that never got a connection (its helper left): not a
 #: worker exit worth counting.
 EXIT_SPARE_UNUSED = 17
+#: The worker's own failure (out of memory under its RLIMIT_AS, an
+#: impossible state), not its peer's: a crash.
+EXIT_INTERNAL_ERROR = 18
 
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).
 MAX_EARLY_BYTES = 16 * 1024 + 5
-#: id, handshake timeout (ms); then the hint, the ALPN list and the early
+#: The handshake timeout (ms); then the hint, the ALPN list and the early
 #: bytes, each after its length (u8, u8, u16).
-SPAWN_HEADER = struct.Struct("!II")
+SPAWN_HEADER = struct.Struct("!I")
 SPAWN_FIXED_SIZE = SPAWN_HEADER.size + 1 + 1 + 2
 #: A one-byte length: the most a server name hint or an ALPN list can be.
 MAX_SHORT_FIELD = 255
@@ -80,14 +83,10 @@ class SpawnRequest:
     #: Client bytes already read by the main process (see MAX_EARLY_BYTES):
     #: the start of a ClientHello, handled before anything read from the socket.
     early: bytes = b""
-    #: Set by the sender, echoed in the helper's ``spawned`` answer.
-    id: int = 0
 
     def encode(self) -> bytes:
         """The request as ``tlshelper/wire.h`` lays it out; ``ValueError`` if
         a field does not fit in it."""
-        if not 0 <= self.id < 2**32:
-            raise ValueError(f"spawn request id {self.id}")
         hint = (self.server_name_hint or "").encode("ascii")
         if len(hint) > MAX_SHORT_FIELD:
             raise ValueError(f"server name hint longer than {MAX_SHORT_FIELD} bytes")
@@ -100,7 +99,7 @@ class SpawnRequest:
         timeout = max(1, round(self.handshake_timeout * 1000))
         return b"".join(
             (
-                SPAWN_HEADER.pack(self.id, timeout),
+                SPAWN_HEADER.pack(timeout),
                 bytes((len(hint),)),
                 hint,
                 bytes((len(alpn),)),

@@ -34,7 +34,7 @@ def decode(message: bytes) -> SpawnRequest:
     if len(message) > MAX_SPAWN_REQUEST:
         raise ValueError("spawn request too long")
     reader = _Reader(message)
-    request_id, timeout = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
+    (timeout,) = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
     hint = reader.field(1)
     alpn = _alpn_names(reader.field(1))
     early = reader.field(2)
@@ -45,7 +45,6 @@ def decode(message: bytes) -> SpawnRequest:
     if hint and usable_hint(hint.decode("latin-1")) is None:
         raise ValueError("the server name hint is no host name")
     return SpawnRequest(
-        id=request_id,
         handshake_timeout=timeout / 1000,
         server_name_hint=hint.decode("ascii") if hint else None,
         alpn=alpn,
@@ -97,7 +96,6 @@ _REQUESTS = st.builds(
     server_name_hint=st.none() | _ASCII_NAME.filter(lambda name: len(name) <= 255),
     alpn=_ALPN,
     early=st.binary(max_size=MAX_EARLY_BYTES),
-    id=st.integers(0, 2**32 - 1),
 )
 
 
@@ -107,11 +105,9 @@ def test_a_request_as_wire_h_lays_it_out() -> None:
         server_name_hint="xmpp.example",
         alpn=("xmpp-client", "h2"),
         early=b"\x16\x03\x01",
-        id=7,
     )
     assert request.encode() == (
-        b"\x00\x00\x00\x07"
-        + struct.pack("!I", 30_000)
+        struct.pack("!I", 30_000)
         + b"\x0cxmpp.example"
         + b"\x0f\x0bxmpp-client\x02h2"
         + b"\x00\x03\x16\x03\x01"
@@ -147,7 +143,7 @@ def test_decode_takes_only_what_encode_makes(message: bytes) -> None:
 
 
 def test_every_truncation_is_refused() -> None:
-    encoded = SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03", id=1).encode()
+    encoded = SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03").encode()
     for end in range(len(encoded)):
         with pytest.raises(ValueError):
             decode(encoded[:end])
@@ -157,11 +153,11 @@ def test_every_truncation_is_refused() -> None:
     ("message", "why"),
     [
         (SpawnRequest(1.0).encode() + b"x", "bytes after"),
-        (b"\x00" * 8 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
-        (b"\x00" * 8 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
-        (b"\x00" * 8 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
+        (b"\x00" * 4 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
+        (b"\x00" * 4 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
+        (b"\x00" * 4 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
         (
-            b"\x00" * 8
+            b"\x00" * 4
             + b"\x00\x00"
             + struct.pack("!H", MAX_EARLY_BYTES + 1)
             + b"\x16" * (MAX_EARLY_BYTES + 1),
@@ -187,8 +183,6 @@ def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
         SpawnRequest(0.0),
         SpawnRequest(5e6),
         SpawnRequest(float("nan")),
-        SpawnRequest(1.0, id=2**32),
-        SpawnRequest(1.0, id=-1),
     ],
 )
 def test_encode_refuses_what_does_not_fit(request_: SpawnRequest) -> None:
@@ -202,7 +196,6 @@ def test_the_longest_fields_fit() -> None:
         server_name_hint="h" * 255,
         alpn=("a" * 254,),
         early=b"\x16" * MAX_EARLY_BYTES,
-        id=2**32 - 1,
     )
     assert len(request.encode()) == MAX_SPAWN_REQUEST
     assert decode(request.encode()) == request
@@ -245,6 +238,7 @@ def test_wire_agrees_with_wire_h() -> None:
         "EXIT_DEADLINE",
         "EXIT_SANDBOX_FAILED",
         "EXIT_SPARE_UNUSED",
+        "EXIT_INTERNAL_ERROR",
     ):
         assert getattr(wire, name) == defines[name], name
 

@@ -227,11 +227,10 @@ bool read_description(uint8_t *data, size_t size, struct settings *settings,
 bool parse_spawn_request(const uint8_t *data, size_t size, struct spawn_request *request)
 {
     memset(request, 0, sizeof *request);
-    if (size < 9)
+    if (size < 5)
         return false;
-    request->id = read_u32(data);
-    request->handshake_timeout_ms = read_u32(data + 4);
-    size_t offset = 8;
+    request->handshake_timeout_ms = read_u32(data);
+    size_t offset = 4;
     size_t hint = data[offset++];
     if (size - offset < hint + 1)
         return false;

@@ -192,8 +192,8 @@ static size_t assignment_message(uint8_t *out, const uint8_t *request, size_t si
 }
 
 /* Give the connection (client, channel) to a spare (forked now if none
- * waits); the worker's PID, or 0 when there is none. */
-static pid_t assign(const uint8_t *request_bytes, const struct spawn_request *request,
+ * waits); without one, the caller's closing the descriptors ends it. */
+static void assign(const uint8_t *request_bytes, const struct spawn_request *request,
                     const int fds[2])
 {
     static uint8_t message[MAX_ASSIGNMENT];
@@ -204,7 +204,7 @@ static pid_t assign(const uint8_t *request_bytes, const struct spawn_request *re
             spare = helper.spares[0];
             take_spare(0);
         } else if (!fork_spare(&spare)) {
-            return 0;
+            return;
         }
         size_t size = assignment_message(message, request_bytes, request->size, spare.pid);
         bool sent;
@@ -214,7 +214,7 @@ static pid_t assign(const uint8_t *request_bytes, const struct spawn_request *re
             int pair[2];
             if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
                 close(spare.assignment);
-                return 0;
+                return;
             }
             int all[3] = {fds[0], fds[1], pair[1]};
             sent = send_with_fds(spare.assignment, message, size, all, 3, 0);
@@ -229,7 +229,7 @@ static pid_t assign(const uint8_t *request_bytes, const struct spawn_request *re
             long long now = now_ms();
             if (helper.top_up_at <= now)
                 helper.top_up_at = now + TOP_UP_DELAY_MS;
-            return spare.pid;
+            return;
         }
         /* The spare is gone (killed while it waited): the next one. */
     }
@@ -274,21 +274,14 @@ static bool serve_request(bool hung_up)
     if (size == 0 && fd_count == 0)
         return !hung_up;
     struct spawn_request request;
-    pid_t pid = 0;
     if (size > 0 && fd_count == 2 && parse_spawn_request(message, (size_t)size, &request) &&
         request.size == (size_t)size)
-        pid = assign(message, &request, fds);
+        assign(message, &request, fds);
     else
         fprintf(stderr, "TLS helper: a malformed spawn request (%zd bytes, %zu descriptors)\n",
                 size, fd_count);
     for (size_t i = 0; i < fd_count; i++)
         close(fds[i]);
-    if (pid > 0) {
-        char reply[64];
-        int length = snprintf(reply, sizeof reply, "{\"spawned\": %u, \"pid\": %d}", request.id,
-                              (int)pid);
-        tell(reply, (size_t)length);
-    }
     return true;
 }
 

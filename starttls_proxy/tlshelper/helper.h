@@ -82,7 +82,6 @@ void set_worker_alpn(const uint8_t *alpn, size_t size);
 
 /* The spawn request (wire.h section 3), pointing into the message. */
 struct spawn_request {
-    uint32_t id;
     uint32_t handshake_timeout_ms;
     char server_name_hint[256];
     const uint8_t *alpn;

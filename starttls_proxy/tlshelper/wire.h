@@ -22,11 +22,11 @@
  *
  * 3. main -> helper: a *spawn request* with two descriptors (the client
  *    socket, the worker's end of its plaintext channel):
- *        u32 id | u32 handshake timeout (ms) | u8 n | n bytes SNI hint |
+ *        u32 handshake timeout (ms) | u8 n | n bytes SNI hint |
  *        u8 n | n bytes ALPN (wire format: u8-prefixed names) |
  *        u16 n | n bytes early client data (at most MAX_EARLY_BYTES)
- *    helper -> main: {"spawned": ID, "pid": PID}, later
- *    {"exited": PID, "status": CODE} (a negative code is the killing signal).
+ *    helper -> main, when a worker ends: {"exited": PID, "status": CODE}
+ *    (a negative code is the killing signal).
  *
  * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
  *    then u16 n | n u32 PIDs of the other live workers (self test only),
@@ -84,7 +84,7 @@ enum layer {
 
 /* Client bytes that may ride along with a spawn request (16 KiB record + header). */
 #define MAX_EARLY_BYTES (16 * 1024 + 5)
-#define SPAWN_FIXED_SIZE (4 + 4 + 1 + 1 + 2)
+#define SPAWN_FIXED_SIZE (4 + 1 + 1 + 2)
 #define MAX_SPAWN_REQUEST (SPAWN_FIXED_SIZE + 255 + 255 + MAX_EARLY_BYTES)
 /* The self check's sibling list is cut to this many PIDs. */
 #define MAX_SIBLINGS 1000
@@ -101,5 +101,8 @@ enum layer {
 #define EXIT_DEADLINE 14
 #define EXIT_SANDBOX_FAILED 16
 #define EXIT_SPARE_UNUSED 17
+/* The worker's own failure, not its peers': out of memory (RLIMIT_AS), an
+ * impossible state. Counted and alerted on as a crash. */
+#define EXIT_INTERNAL_ERROR 18
 
 #endif

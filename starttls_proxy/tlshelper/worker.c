@@ -108,6 +108,19 @@ static bool reseed(void)
     return true;
 }
 
+/*
+ * Whether OpenSSL failed for want of memory (any error queued; the queue
+ * is cleared). Under the worker's RLIMIT_AS that is this process's failure,
+ * to be counted as a crash (EXIT_INTERNAL_ERROR), not a peer's TLS error.
+ */
+static bool out_of_memory(void)
+{
+    bool found = false;
+    for (unsigned long error; (error = ERR_get_error()) != 0;)
+        found = found || ERR_GET_REASON(error) == ERR_R_MALLOC_FAILURE;
+    return found;
+}
+
 /* The report frame: u32 length, then JSON. */
 static void send_report(int channel, const char *json, size_t size)
 {
@@ -277,7 +290,10 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
             return EXIT_NOT_TLS;
         }
         first = false;
-        BIO_write(pump->from_client, data, (int)size);
+        if (BIO_write(pump->from_client, data, (int)size) != (int)size) {
+            *reason = "out of memory";
+            return EXIT_INTERNAL_ERROR;
+        }
         size = 0;
         int done = SSL_do_handshake(pump->ssl);
         if (done != 1 && SSL_get_error(pump->ssl, done) != SSL_ERROR_WANT_READ) {
@@ -286,7 +302,7 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
             const char *why = ERR_reason_error_string(ERR_peek_last_error());
             snprintf(failure, PROBLEM_SIZE, "handshake failed: %s", why ? why : "unknown");
             *reason = failure;
-            return EXIT_HANDSHAKE_FAILED;
+            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_HANDSHAKE_FAILED;
         }
         if (!flush_client(pump, true)) {
             *reason = "client gone during the handshake";
@@ -325,7 +341,7 @@ static int relay(struct pump *pump)
          * arrive: the channel may have made room since. */
         enum decrypted state = decrypt(pump);
         if (state == BROKEN)
-            return EXIT_TLS_ERROR;
+            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_TLS_ERROR;
         flush_channel(pump);
         /* The channel took it all: records still wait, decrypt them now
          * (the client may have nothing more to send to wake this loop). */
@@ -358,7 +374,7 @@ static int relay(struct pump *pump)
         if (poll(fds, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            return EXIT_TLS_ERROR;
+            return EXIT_INTERNAL_ERROR;
         }
         short client = fds[0].revents, channel = fds[1].revents;
         if ((client & (POLLOUT | POLLERR | POLLHUP)) && !flush_client(pump, false))
@@ -367,16 +383,17 @@ static int relay(struct pump *pump)
             flush_channel(pump);
         if ((client & (POLLIN | POLLHUP | POLLERR)) && !pump->client_eof) {
             ssize_t got = recv(pump->client, buffer, READ_SIZE, MSG_DONTWAIT);
-            if (got > 0)
-                BIO_write(pump->from_client, buffer, (int)got);
-            else if (got == 0 || (errno != EAGAIN && errno != EINTR))
+            if (got > 0) {
+                if (BIO_write(pump->from_client, buffer, (int)got) != got)
+                    return EXIT_INTERNAL_ERROR;
+            } else if (got == 0 || (errno != EAGAIN && errno != EINTR))
                 pump->client_eof = true;
         }
         if ((channel & (POLLIN | POLLHUP | POLLERR)) && !pump->channel_eof) {
             ssize_t got = recv(pump->channel, buffer, READ_SIZE, MSG_DONTWAIT);
             if (got > 0) {
                 if (SSL_write(pump->ssl, buffer, (int)got) != got)
-                    return EXIT_TLS_ERROR;
+                    return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_TLS_ERROR;
             } else if (got == 0 || (errno != EAGAIN && errno != EINTR)) {
                 pump->channel_eof = true;
                 SSL_shutdown(pump->ssl); /* close_notify, RFC 8446 section 6.1 */
@@ -401,7 +418,7 @@ static int serve(const struct settings *settings, const struct spawn_request *re
     pump.plaintext = plaintext;
     if (pump.ssl == NULL || pump.from_client == NULL || pump.to_client == NULL) {
         report_failure(channel, "out of memory");
-        return EXIT_TLS_ERROR;
+        return EXIT_INTERNAL_ERROR;
     }
     BIO_set_mem_eof_return(pump.from_client, -1);
     SSL_set_bio(pump.ssl, pump.from_client, pump.to_client);
@@ -468,18 +485,18 @@ void serve_spare(const struct settings *settings, int assignment, uid_t uid)
         !parse_spawn_request(message, (size_t)size, &request) ||
         (size_t)size - request.size < 2) {
         fprintf(stderr, "TLS worker: a malformed assignment\n");
-        _exit(EXIT_TLS_ERROR);
+        _exit(EXIT_INTERNAL_ERROR);
     }
     /* Armed first: a client cannot stretch the handshake by trickling
      * bytes, and nothing it sends can cancel the alarm. */
     arm_deadline(request.handshake_timeout_ms);
     if (!reseed())
-        _exit(EXIT_TLS_ERROR);
+        _exit(EXIT_INTERNAL_ERROR);
     const uint8_t *tail = message + request.size;
     size_t sibling_count = (size_t)tail[0] << 8 | tail[1];
     if (sibling_count > MAX_SIBLINGS || (size_t)size - request.size - 2 != 4 * sibling_count) {
         fprintf(stderr, "TLS worker: a malformed assignment\n");
-        _exit(EXIT_TLS_ERROR);
+        _exit(EXIT_INTERNAL_ERROR);
     }
     uint32_t siblings[MAX_SIBLINGS];
     for (size_t i = 0; i < sibling_count; i++) {
@@ -500,7 +517,7 @@ void serve_spare(const struct settings *settings, int assignment, uid_t uid)
         _exit(EXIT_SANDBOX_FAILED);
     }
     if (key_server && attach_key_server(fds[count - 1]) != 0)
-        _exit(EXIT_TLS_ERROR);
+        _exit(EXIT_INTERNAL_ERROR);
     if (test != NULL)
         self_test_finish(test, fds[2], fds[0], siblings, sibling_count);
     _exit(serve(settings, &request, fds[0], fds[1]));

@@ -12,6 +12,7 @@ workers (one UID each, PID 1 of their own namespaces).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import json
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, SELF_TEST_LOG_PREFIX
+from starttls_proxy.wire import EXIT_INTERNAL_ERROR, FORBIDDEN_SYSCALL_SNI, SELF_TEST_LOG_PREFIX
 from tests.realservers import processes
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import process_table
@@ -389,6 +390,40 @@ def test_a_crashing_worker_takes_only_its_own_connection(
         time.sleep(0.1)
     expected = -signal.SIGKILL if crash == "sigkill" else -signal.SIGSEGV
     proxy.wait_for_log(f"TLS worker {worker} ended abnormally (crash, status {expected})")
+
+
+def test_a_worker_out_of_memory_is_counted_as_a_crash(
+    tmp_path: Path, postfix: PostfixInstance, test_certs: CertFiles
+) -> None:
+    """Regression: a worker whose memory ran out under its RLIMIT_AS exited
+    as for a peer's TLS error, counted as ``tls_error``, which neither the
+    crash alert nor the warning log looks at. With no address space beyond
+    what a worker inherits, the handshake still fits; the memory BIO that
+    takes a large upload's ciphertext does not."""
+    port = free_port()
+    with running_proxy(
+        tmp_path,
+        [(test_certs.cert, test_certs.key)],
+        [listener("relay", postfix.plain_port, backend={"identity": "xclient"})],
+        metrics={"listen": f"127.0.0.1:{port}"},
+        isolation={"memory_limit": 0},
+    ) as proxy:
+        before = _workers(proxy)
+        tls = smtp_upgraded(proxy.connect("relay", "127.0.0.51"), test_certs)
+        worker = _new_worker(proxy, before)
+        tls.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n")
+        replies = b""
+        while b"\r\n354 " not in b"\r\n" + replies:
+            replies += read_smtp_reply(tls)
+        with contextlib.suppress(OSError):
+            tls.sendall(b"Subject: large\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000)
+        tls.close()
+        proxy.wait_for_log(
+            f"TLS worker {worker} ended abnormally (crash, status {EXIT_INTERNAL_ERROR})"
+        )
+        samples = scrape(port)
+        assert total(samples, "starttls_proxy_worker_exits_total", reason="crash") == 1
+        assert total(samples, "starttls_proxy_worker_exits_total", reason="tls_error") == 0
 
 
 def test_helper_restart_keeps_sessions(

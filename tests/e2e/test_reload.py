@@ -22,6 +22,8 @@ from cryptography import x509
 
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.fs import ensure_traversable
+from tests.realservers.metrics import scrape
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
@@ -145,3 +147,41 @@ def test_reload_opens_and_closes_listeners(
     _reload(proxy, "reloaded")
     with pytest.raises(ConnectionRefusedError):
         proxy.connect("added")
+
+
+def test_a_reload_drops_the_expiry_of_a_certificate_it_removed(
+    module_proxy: StartProxy,
+    postfix: PostfixInstance,
+    renewal: dict[str, CertFiles],
+    tmp_path: Path,
+    metrics_port: int,
+) -> None:
+    """Regression: the expiry gauge kept the series of a certificate the
+    reload took out of the configuration, so its renewal alert fired on."""
+    before, after = tmp_path / "before", tmp_path / "after"
+    for directory, certs in ((before, renewal["old"]), (after, renewal["new"])):
+        directory.mkdir()
+        shutil.copy(certs.cert, directory / "cert.pem")
+        shutil.copy(certs.key, directory / "key.pem")
+    ensure_traversable(tmp_path)
+    proxy = module_proxy(
+        [listener("smtp", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+        certificates=[(before / "cert.pem", before / "key.pem")],
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+
+    def expiring() -> set[str]:
+        return {
+            sample.labels["certificate"]
+            for sample in scrape(metrics_port)
+            if sample.name == "starttls_proxy_certificate_not_after_seconds"
+        }
+
+    assert expiring() == {str(before / "cert.pem")}
+    config = yaml.safe_load(proxy.config_path.read_text())
+    config["tls"]["certificates"] = [
+        {"cert": str(after / "cert.pem"), "key": str(after / "key.pem")}
+    ]
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    _reload(proxy, "reloaded")
+    assert expiring() == {str(after / "cert.pem")}

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.wire import EXIT_DEADLINE, EXIT_TLS_ERROR, FORBIDDEN_SYSCALL_SNI
+from starttls_proxy.wire import EXIT_DEADLINE, EXIT_INTERNAL_ERROR, FORBIDDEN_SYSCALL_SNI
 from tests.isolation.conftest import (
     TEST_UIDS,
     SelfTestLog,
@@ -210,15 +210,16 @@ def test_memory_limit_stops_a_large_allocation(
     """Plaintext from the channel is encrypted into a buffer for the client
     (``worker.c``); a client that reads nothing makes that buffer grow. A
     worker may map only ``memory_limit`` beyond what it inherited: under
-    128 KiB, 64 KiB to encrypt is already too much and the worker fails;
-    under the default limit the same megabyte gets through."""
+    128 KiB, 64 KiB to encrypt is already too much and the worker fails,
+    its own failure rather than a peer's (counted as a crash); under the
+    default limit the same megabyte gets through."""
     plaintext = bytes(range(256)) * 4096  # 1 MiB
     with helper(tmp_path, certificates, memory_limit="128KiB") as running:
         assert running.layers["memory_limit"][0]
         connection = running.spawn()
         with handshake(connection, cert_dir):
             _send_until_refused(connection, plaintext)
-            assert running.exit_of(connection.pid) == EXIT_TLS_ERROR
+            assert running.exit_of(connection.pid) == EXIT_INTERNAL_ERROR
         connection.close()
     with helper(tmp_path, certificates) as running:
         connection = running.spawn()

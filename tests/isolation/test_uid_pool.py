@@ -46,13 +46,11 @@ def _refused(running: RunningHelper) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with client, ours:
         with accepted, theirs:
-            request = SpawnRequest(handshake_timeout=10.0, id=10_000)
+            request = SpawnRequest(handshake_timeout=10.0)
             running.send_request(request.encode(), [accepted.fileno(), theirs.fileno()])
         ours.settimeout(10)
         assert ours.recv(1) == b""
         assert client.recv(1) == b""
-    with pytest.raises(TimeoutError):
-        running.next_message(lambda message: "spawned" in message, timeout=0.3)
 
 
 def test_each_live_worker_has_its_own_uid_and_reuse_comes_late(

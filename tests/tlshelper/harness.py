@@ -4,7 +4,9 @@ driven as the main process drives it, without the rest of the proxy.
 ``running_helper`` execs the built helper with a description made by the
 keeper's own code; ``RunningHelper.spawn`` hands it a real loopback TCP
 connection and a plaintext channel exactly as ``handoff.TLSHelper.spawn``
-does, and returns the client's end with the worker's PID. Root only: the
+does, and returns the client's end with the worker's PID. The helper does
+not say which worker took a connection (the main process has no use for
+it): the test finds the child holding the channel's end. Root only: the
 helper enters namespaces, chroots and other UIDs for real.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -71,7 +74,8 @@ class RunningHelper:
     reply: dict[str, Any]
     #: (pid, status) of every worker exit the helper reported so far.
     exits: list[tuple[int, int]] = field(default_factory=list)
-    _ids: int = 0
+    #: The workers ``worker_holding`` found so far.
+    workers: set[int] = field(default_factory=set)
 
     @property
     def layers(self) -> dict[str, tuple[bool, str]]:
@@ -101,18 +105,15 @@ class RunningHelper:
             handshake_timeout=handshake_timeout,
         )
 
-    def next_message(self, wanted: Any, timeout: float = 10.0) -> dict[str, Any]:
-        """The next message ``wanted(message)`` accepts; exits on the way are kept."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self.control.settimeout(max(0.01, deadline - time.monotonic()))
-            data = self.control.recv(65536)
-            assert data, "the helper closed its control socket"
-            message: dict[str, Any] = json.loads(data)
-            if "exited" in message:
-                self.exits.append((message["exited"], message["status"]))
-            if wanted(message):
-                return message
+    def _next_exit(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the helper's next message, kept in
+        ``exits``: once ready, it has nothing to tell but worker exits."""
+        self.control.settimeout(max(0.01, timeout))
+        data = self.control.recv(65536)
+        assert data, "the helper closed its control socket"
+        message: dict[str, Any] = json.loads(data)
+        assert set(message) == {"exited", "status"}, message
+        self.exits.append((message["exited"], message["status"]))
 
     def exit_of(self, pid: int, timeout: float = 10.0) -> int:
         """The exit status the helper reports for worker ``pid``."""
@@ -121,13 +122,39 @@ class RunningHelper:
             for worker, status in self.exits:
                 if worker == pid:
                     return status
-            self.next_message(
-                lambda message: message.get("exited") == pid, max(0.01, deadline - time.monotonic())
-            )
+            self._next_exit(deadline - time.monotonic())
+
+    def worker_holding(self, inode: int, exits_before: int, timeout: float = 10.0) -> int:
+        """The worker that was handed the socket ``inode`` (its end of a
+        channel) after the helper had reported ``exits_before`` exits: the
+        child holding it or, once it has ended, the first worker reported
+        ended since that no earlier connection had."""
+        held = f"socket:[{inode}]"
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [pid for pid in self.children() if held in _descriptors(pid)]
+            found += [pid for pid, _ in self.exits[exits_before:] if pid not in self.workers]
+            if found:
+                self.workers.add(found[0])
+                return found[0]
+            assert time.monotonic() < deadline, f"no worker took socket {inode}"
+            with contextlib.suppress(TimeoutError):
+                self._next_exit(0.01)
 
     def children(self) -> list[int]:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         return [int(pid) for pid in path.read_text().split()]
+
+
+def _descriptors(pid: int) -> set[str]:
+    """What the descriptors of ``pid`` point to; nothing once it has ended."""
+    directory = Path(f"/proc/{pid}/fd")
+    targets = set()
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for entry in directory.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                targets.add(os.readlink(entry))
+    return targets
 
 
 def settings_for(
@@ -203,19 +230,17 @@ def spawn_on(
     socket buffers, say): ``server_end`` goes to a new worker (and is closed
     here), ``client`` stays the test's."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    helper._ids += 1
     request = SpawnRequest(
         handshake_timeout=handshake_timeout,
         server_name_hint=server_name_hint,
         alpn=alpn,
         early=early,
-        id=helper._ids,
     )
+    exits_before = len(helper.exits)
     with server_end, theirs:
         helper.send_request(request.encode(), [server_end.fileno(), theirs.fileno()])
-    answer = helper.next_message(lambda message: "spawned" in message)
-    assert answer["spawned"] == helper._ids, answer
-    return Connection(client, ours, int(answer["pid"]))
+        inode = os.fstat(theirs.fileno()).st_ino
+    return Connection(client, ours, helper.worker_holding(inode, exits_before))
 
 
 def sanitizer_runtime() -> str | None:

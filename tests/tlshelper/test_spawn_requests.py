@@ -11,15 +11,17 @@ Hypothesis sends the real helper (``running_helper``) arbitrary datagrams
 or extended, with fields at and past their limits (the hint's characters,
 ALPN names that overrun their list, the early bytes' maximum), each with 0
 to 3 descriptors. ``_well_formed``, written from wire.h, says which of them
-the helper must serve; after every example a valid request must be the next
-one answered ("spawned" with its id): so nothing was spawned for a refused
-one, and the helper still serves. The descriptors of a refused request are
-closed (their other ends see the end of stream).
+the helper must serve: a worker then holds the descriptors (the test finds
+it through /proc). A refused request's descriptors are closed by the helper
+(their other ends see the end of stream, which they would not while a
+worker held them), and a valid request is served after it: the helper
+still serves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import struct
 import time
@@ -44,10 +46,6 @@ from tests.tlshelper.harness import RunningHelper, running_helper
 #: How a worker given a fuzzed (but well-formed) request may end once the
 #: test closes its client: never by a signal.
 WORKER_ENDS = {EXIT_CLIENT_GONE, EXIT_DEADLINE, EXIT_HANDSHAKE_FAILED, EXIT_NOT_TLS}
-#: The ids of the test's own valid requests: far from what Hypothesis tries
-#: first (0, 1, small numbers, 2**32 - 1), so no fuzzed request's answer can
-#: pass for theirs.
-FIRST_OWN_ID = 3_000_000_000
 
 
 @pytest.fixture(scope="module")
@@ -56,55 +54,49 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         tmp_path_factory.mktemp("spawn-requests"), [(cert_dir / "cert.pem", cert_dir / "key.pem")]
     ) as running:
         assert running.reply.get("ready"), running.reply
-        running._ids = FIRST_OWN_ID
         yield running
 
 
-def _well_formed(message: bytes) -> int | None:
-    """The id of ``message`` if it is a spawn request by wire.h, else None.
+def _well_formed(message: bytes) -> bool:
+    """Whether ``message`` is a spawn request by wire.h:
 
-    u32 id | u32 timeout (ms) | u8 n | n bytes hint (printable ASCII, no
-    space) | u8 n | n bytes ALPN (names of 1 to 255 bytes, each after its
-    u8 length, filling the field exactly) | u16 n | n early bytes (at most
+    u32 timeout (ms) | u8 n | n bytes hint (printable ASCII, no space) |
+    u8 n | n bytes ALPN (names of 1 to 255 bytes, each after its u8 length,
+    filling the field exactly) | u16 n | n early bytes (at most
     MAX_EARLY_BYTES), and nothing after.
     """
     view = memoryview(message)
-    offset = 8
+    offset = 4
     if len(message) < offset + 1:
-        return None
+        return False
     hint_size = view[offset]
     hint = bytes(view[offset + 1 : offset + 1 + hint_size])
     offset += 1 + hint_size
     if len(hint) != hint_size or any(not 0x21 <= c <= 0x7E for c in hint):
-        return None
+        return False
     if len(message) < offset + 1:
-        return None
+        return False
     alpn_size = view[offset]
     alpn = bytes(view[offset + 1 : offset + 1 + alpn_size])
     offset += 1 + alpn_size
     if len(alpn) != alpn_size:
-        return None
+        return False
     at = 0
     while at < len(alpn):
         if alpn[at] == 0 or at + 1 + alpn[at] > len(alpn):
-            return None
+            return False
         at += 1 + alpn[at]
     if len(message) < offset + 2:
-        return None
+        return False
     early_size = int.from_bytes(view[offset : offset + 2], "big")
     offset += 2
-    if early_size > MAX_EARLY_BYTES or len(message) != offset + early_size:
-        return None
-    request_id: int = struct.unpack_from("!I", message)[0]
-    return request_id
+    return early_size <= MAX_EARLY_BYTES and len(message) == offset + early_size
 
 
-def _request(
-    request_id: int, timeout: int, hint: bytes, alpn: bytes, early: bytes, early_size: int
-) -> bytes:
+def _request(timeout: int, hint: bytes, alpn: bytes, early: bytes, early_size: int) -> bytes:
     return b"".join(
         (
-            struct.pack("!IIB", request_id, timeout, len(hint)),
+            struct.pack("!IB", timeout, len(hint)),
             hint,
             bytes((len(alpn),)),
             alpn,
@@ -114,8 +106,8 @@ def _request(
     )
 
 
-def _valid(request_id: int = 7) -> bytes:
-    return SpawnRequest(handshake_timeout=10.0, id=request_id).encode()
+def _valid() -> bytes:
+    return SpawnRequest(handshake_timeout=10.0).encode()
 
 
 _ALPN_NAMES = st.lists(st.binary(min_size=1, max_size=20), max_size=4).map(
@@ -133,7 +125,6 @@ def _shaped(draw: st.DrawFn) -> bytes:
     """A request built field by field, often valid, then maybe cut or extended."""
     early = draw(_EARLY)
     message = _request(
-        draw(st.integers(0, 2**32 - 1)),
         draw(st.sampled_from([0, 1, 10_000, 2**32 - 1])),
         draw(
             st.one_of(
@@ -154,18 +145,22 @@ def _shaped(draw: st.DrawFn) -> bytes:
     return message
 
 
-def _send(helper: RunningHelper, message: bytes, descriptors: int) -> list[socket.socket]:
-    """``message`` with ``descriptors`` socket ends; the other ends."""
+def _send(
+    helper: RunningHelper, message: bytes, descriptors: int
+) -> tuple[list[socket.socket], list[int]]:
+    """``message`` with ``descriptors`` socket ends; the other ends, and the
+    inodes of those sent."""
     pairs = [socket.socketpair() for _ in range(descriptors)]
     with contextlib.ExitStack() as theirs:
         for _, end in pairs:
             theirs.enter_context(end)
         helper.send_request(message, [end.fileno() for _, end in pairs])
-    return [ours for ours, _ in pairs]
+        inodes = [os.fstat(end.fileno()).st_ino for _, end in pairs]
+    return [ours for ours, _ in pairs], inodes
 
 
 def _still_serving(helper: RunningHelper) -> None:
-    """A valid request is the next answered (``spawn`` checks the id)."""
+    """A valid request gets a worker."""
     connection = helper.spawn()
     connection.client.close()
     assert helper.exit_of(connection.pid) == EXIT_CLIENT_GONE
@@ -191,26 +186,26 @@ def _assert_closed_by_the_helper(ends: list[socket.socket]) -> None:
 @example(message=_valid() + b"\x00", descriptors=2)
 @example(message=_valid()[:-1], descriptors=2)
 @example(message=bytes(MAX_SPAWN_REQUEST + 1), descriptors=2)
-@example(message=_request(9, 10_000, b"mail example", b"", b"", 0), descriptors=2)
-@example(message=_request(9, 10_000, b"", b"\x00", b"", 0), descriptors=2)
-@example(message=_request(9, 10_000, b"", b"\x05h2", b"", 0), descriptors=2)
+@example(message=_request(10_000, b"mail example", b"", b"", 0), descriptors=2)
+@example(message=_request(10_000, b"", b"\x00", b"", 0), descriptors=2)
+@example(message=_request(10_000, b"", b"\x05h2", b"", 0), descriptors=2)
 @example(
-    message=_request(9, 10_000, b"", b"", bytes(MAX_EARLY_BYTES + 1), MAX_EARLY_BYTES + 1),
+    message=_request(10_000, b"", b"", bytes(MAX_EARLY_BYTES + 1), MAX_EARLY_BYTES + 1),
     descriptors=2,
 )
 def test_only_well_formed_requests_with_two_descriptors_are_served(
     helper: RunningHelper, message: bytes, descriptors: int
 ) -> None:
-    ends = _send(helper, message, descriptors)
+    exits_before = len(helper.exits)
+    ends, inodes = _send(helper, message, descriptors)
     try:
-        request_id = _well_formed(message)
-        event("served" if request_id is not None and descriptors == 2 else "refused")
-        if request_id is not None and descriptors == 2:
-            answer = helper.next_message(lambda message: "spawned" in message)
-            assert answer["spawned"] == request_id, answer
+        served = _well_formed(message) and descriptors == 2
+        event("served" if served else "refused")
+        if served:
+            worker = helper.worker_holding(inodes[1], exits_before)
             client, _channel = ends
             client.close()
-            assert helper.exit_of(answer["pid"]) in WORKER_ENDS
+            assert helper.exit_of(worker) in WORKER_ENDS
         else:
             _still_serving(helper)
             _assert_closed_by_the_helper(ends)
@@ -227,11 +222,10 @@ def test_the_oracle_agrees_with_the_encoder() -> None:
         server_name_hint="mail.example.test",
         alpn=("xmpp-client", "h2"),
         early=b"\x16\x03\x01",
-        id=42,
     )
-    assert _well_formed(request.encode()) == 42
-    assert _well_formed(_valid()) == 7
-    assert _well_formed(_valid()[:-1]) is None
+    assert _well_formed(request.encode())
+    assert _well_formed(_valid())
+    assert not _well_formed(_valid()[:-1])
 
 
 def test_the_helper_serves_on_after_many_refusals(helper: RunningHelper) -> None:
@@ -244,7 +238,7 @@ def test_the_helper_serves_on_after_many_refusals(helper: RunningHelper) -> None
     _still_serving(helper)
     before, workers = descriptors(), len(helper.children())
     for _ in range(50):
-        for end in _send(helper, b"\x00" * 5, 2):
+        for end in _send(helper, b"\x00" * 5, 2)[0]:
             end.close()
     _still_serving(helper)
     assert descriptors() == before
