@@ -80,16 +80,24 @@ def main(argv: list[str] | None = None) -> int:
         # read by the key server (or, with key_server: false, the helper).
         helper = TLSHelper.start(config.tls, config.isolation)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"{args.config}: {problem}", file=sys.stderr)
+        _print_problems(args.config, error)
         return 2
     procname.name_process(procname.MAIN)
     server = Server(config, helper, args.config, passed)
     try:
         uvloop.run(server.serve())
+    except ConfigError as error:
+        # What only binding can tell: a port taken, an address not ours.
+        _print_problems(args.config, error)
+        return 2
     finally:
         helper.stop()
     return server.exit_status
+
+
+def _print_problems(path: Path, error: ConfigError) -> None:
+    for problem in error.problems:
+        print(f"{path}: {problem}", file=sys.stderr)
 
 
 def _match_passed_sockets(config: Config, sockets: PassedSockets) -> dict[str, socket.socket]:

@@ -248,6 +248,12 @@ def descriptor_room(config: Config) -> str | None:
     )
 
 
+def _why(error: OSError) -> str:
+    """The system's words for ``error`` ("Address already in use"), not the
+    event loop's sentence around them."""
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
 def publish_certificate_expiry(config: Config) -> None:
     """Export each certificate's notAfter; only the public part is read here."""
     # Only the certificates of this configuration: one a reload removed (or
@@ -309,7 +315,7 @@ class Server:
 
     async def _bind(self, listener: ListenerConfig) -> asyncio.Server:
         """A listening socket for ``listener`` (the service manager's, if it
-        passed one), not yet accepting."""
+        passed one), not yet accepting; ``ConfigError`` when it cannot be had."""
         loop = asyncio.get_running_loop()
         listen = listener.listen
         name = listener.name
@@ -323,15 +329,18 @@ class Server:
             return await loop.create_server(
                 endpoint, sock=passed, backlog=LISTEN_BACKLOG, start_serving=False
             )
-        return await loop.create_server(
-            endpoint,
-            listen.host,
-            listen.port,
-            family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,
-            reuse_address=True,
-            backlog=LISTEN_BACKLOG,
-            start_serving=False,
-        )
+        try:
+            return await loop.create_server(
+                endpoint,
+                listen.host,
+                listen.port,
+                family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,
+                reuse_address=True,
+                backlog=LISTEN_BACKLOG,
+                start_serving=False,
+            )
+        except OSError as error:
+            raise ConfigError([f"{name}: cannot listen on {listen}: {_why(error)}"]) from None
 
     async def _open(self, runtime: ListenerRuntime, server: asyncio.Server) -> None:
         runtime.server = server
@@ -374,7 +383,12 @@ class Server:
         metrics_server = None
         if self.config.metrics.listen is not None:
             address = self.config.metrics.listen
-            metrics_server = await asyncio.start_server(_serve_metrics, address.host, address.port)
+            try:
+                metrics_server = await asyncio.start_server(
+                    _serve_metrics, address.host, address.port
+                )
+            except OSError as error:
+                raise ConfigError([f"metrics: cannot listen on {address}: {_why(error)}"]) from None
         for runtime in self.runtimes.values():
             await self._open(runtime, await self._bind(runtime.config))
         self._drop_privileges()
@@ -429,12 +443,7 @@ class Server:
         bound: dict[str, asyncio.Server] = {}
         try:
             for listener in changed:
-                try:
-                    bound[listener.name] = await self._bind(listener)
-                except OSError as error:
-                    raise ConfigError(
-                        [f"{listener.name}: cannot listen on {listener.listen}: {error}"]
-                    ) from None
+                bound[listener.name] = await self._bind(listener)
             problems = await self.helper.reload(new.tls, new.isolation)
             if problems:
                 raise ConfigError(problems)

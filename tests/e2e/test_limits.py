@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply
 from tests.realservers.net import free_port
-from tests.realservers.proxy import ProxyProcess, StartProxy, listener
+from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +114,22 @@ def test_backend_that_never_greets_times_out_with_421(
     tls.sendall(b"EHLO client.test\r\n")
     assert read_smtp_reply(tls) == b"421 4.4.2 proxy.test Error: timeout exceeded\r\n"
     tls.close()
+
+
+@pytest.mark.parametrize("taken", ["listener", "metrics"])
+def test_a_port_already_taken_stops_the_start_with_its_name(
+    tmp_path: Path, test_certs: CertFiles, taken: str
+) -> None:
+    holder = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{holder.getsockname()[1]}"
+    entry = listener("smtp", free_port(), capabilities=["PIPELINING"])
+    options: dict[str, Any] = {}
+    if taken == "listener":
+        entry["listen"] = address
+    else:
+        options["metrics"] = {"listen": address}
+    with holder, pytest.raises(RuntimeError) as failed:
+        start_proxy(tmp_path, [(test_certs.cert, test_certs.key)], [entry], **options)
+    name = "smtp" if taken == "listener" else "metrics"
+    assert f"{name}: cannot listen on {address}: Address already in use" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
