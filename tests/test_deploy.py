@@ -58,12 +58,19 @@ def _exported_names() -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("check", [["rules", "alerts.yml"], ["config", "scrape.yml"]])
+@pytest.mark.parametrize(
+    "check",
+    [
+        ["check", "rules", "alerts.yml"],
+        ["check", "config", "scrape.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ],
+)
 def test_promtool_accepts(check: list[str]) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: run scripts/install-system-deps.sh"
     result = subprocess.run(
-        [promtool, "check", *check],
+        [promtool, *check],
         cwd=DEPLOY / "prometheus",
         capture_output=True,
         text=True,

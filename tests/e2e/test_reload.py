@@ -8,10 +8,13 @@ another certificate) is refused while the good one stays in service.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from cryptography import x509
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.fs import ensure_traversable
-from tests.realservers.metrics import scrape
+from tests.realservers.metrics import scrape, total
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
@@ -88,11 +91,17 @@ def _reload(proxy: ProxyProcess, expect: str) -> None:
     """SIGHUP, then the outcome's log line: ``reloaded`` or ``reload refused``."""
     mark = len(proxy.log())
     proxy.process.send_signal(signal.SIGHUP)
+    outcome = _reload_outcome(proxy, mark)
+    assert expect in outcome, outcome
+
+
+def _reload_outcome(proxy: ProxyProcess, mark: int) -> str:
+    """The proxy's log from ``mark`` on, once it holds a reload's outcome."""
     deadline = time.monotonic() + 60
     while not re.search(r"reloaded|reload refused", proxy.log()[mark:]):
         assert time.monotonic() < deadline, proxy.log()[mark:]
         time.sleep(0.05)
-    assert expect in proxy.log()[mark:], proxy.log()[mark:]
+    return proxy.log()[mark:]
 
 
 def _install(live: Path, cert: Path, key: Path) -> None:
@@ -185,3 +194,76 @@ def test_a_reload_drops_the_expiry_of_a_certificate_it_removed(
     proxy.config_path.write_text(yaml.safe_dump(config))
     _reload(proxy, "reloaded")
     assert expiring() == {str(after / "cert.pem")}
+
+
+HOOK = Path(__file__).resolve().parents[2] / "deploy" / "renewal" / "starttls-proxy-renewed"
+
+
+def _certbot_renews(lineage: Path, archive: Path, number: int, certs: CertFiles) -> None:
+    """What certbot does: the new files into archive/, then the live/
+    symlinks moved to them."""
+    shutil.copy(certs.cert, archive / f"fullchain{number}.pem")
+    shutil.copy(certs.key, archive / f"privkey{number}.pem")
+    for name in ("fullchain", "privkey"):
+        link = lineage / f"{name}.pem.new"
+        link.symlink_to(Path("..", "..", "archive", "mail", f"{name}{number}.pem"))
+        link.replace(lineage / f"{name}.pem")
+
+
+def _run_hook(proxy: ProxyProcess, lineage: Path) -> subprocess.CompletedProcess[str]:
+    """The deploy hook as certbot runs it; the reload is a SIGHUP here (no systemd)."""
+    mark = len(proxy.log())
+    hook = subprocess.run(
+        [str(HOOK)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={
+            **os.environ,
+            "RENEWED_LINEAGE": str(lineage),
+            "STARTTLS_PROXY_CONFIG": str(proxy.config_path),
+            "STARTTLS_PROXY": str(Path(sys.executable).with_name("starttls-proxy")),
+            "STARTTLS_PROXY_RELOAD": f"kill -HUP {proxy.process.pid}",
+        },
+    )
+    _reload_outcome(proxy, mark)
+    return hook
+
+
+def test_certbot_renewal_through_the_deploy_hook(
+    module_proxy: StartProxy,
+    postfix: PostfixInstance,
+    renewal: dict[str, CertFiles],
+    tmp_path: Path,
+) -> None:
+    """deploy/renewal/starttls-proxy-renewed on certbot's layout: a good
+    renewal goes into service; a bad one (the SSLMate post's failure: a
+    certificate with the wrong key) is kept out, the old certificate stays,
+    the hook fails and the reload failure is counted for the alert."""
+    lineage, archive = tmp_path / "live" / "mail", tmp_path / "archive" / "mail"
+    lineage.mkdir(parents=True)
+    archive.mkdir(parents=True)
+    _certbot_renews(lineage, archive, 1, renewal["old"])
+    ensure_traversable(tmp_path)
+    metrics_port = free_port()  # the module's is another proxy's
+    proxy = module_proxy(
+        [listener("smtp", postfix.proxy_port, backend={"identity": "proxy-v2"})],
+        certificates=[(lineage / "fullchain.pem", lineage / "privkey.pem")],
+        metrics={"listen": f"127.0.0.1:{metrics_port}"},
+    )
+    old, new, other = renewal["old"], renewal["new"], renewal["other"]
+    assert _served_serial(proxy, "smtp", old) == _serial_of_file(old.cert)
+
+    _certbot_renews(lineage, archive, 2, new)
+    assert _run_hook(proxy, lineage).returncode == 0
+    assert _served_serial(proxy, "smtp", new) == _serial_of_file(new.cert)
+
+    bad = CertFiles(cert=other.cert, key=new.key, ca=other.ca)
+    _certbot_renews(lineage, archive, 3, bad)
+    hook = _run_hook(proxy, lineage)
+    assert hook.returncode != 0
+    assert "does not match the certificate" in hook.stderr
+    assert "the proxy keeps the ones it serves" in hook.stderr
+    assert _served_serial(proxy, "smtp", new) == _serial_of_file(new.cert)
+    failed = total(scrape(metrics_port), "starttls_proxy_config_reloads_total", result="failed")
+    assert failed == 1
