@@ -605,7 +605,13 @@ class ClientEndpoint(Endpoint):
         assert self.transport is not None
         runtime = self.runtime
         metrics.CONNECTIONS.labels(runtime.config.name, runtime.config.protocol.value).inc()
-        client_host, client_port = transport.get_extra_info("peername")[:2]
+        peername = transport.get_extra_info("peername")
+        if peername is None:
+            # Reset before the loop got to it (a balancer's health check
+            # does that): there is nobody to answer.
+            self.transport.abort()
+            return
+        client_host, client_port = peername[:2]
         local_host, local_port = transport.get_extra_info("sockname")[:2]
         peer = Peer(client_host, client_port, local_host, local_port)
         if runtime.config.trusts(client_host):
