@@ -34,6 +34,7 @@ PACKAGES=(
     ejabberd             # XMPP backend behind PROXY v2 (tests/realservers/ejabberd.py)
     gnutls-bin           # gnutls-cli --starttls-proto=xmpp
     systemd              # systemd-socket-activate (socket activation test)
+    haproxy              # L4 balancer in front of two instances (tests/e2e/test_scale_out.py)
 )
 
 # python3-venv only where the interpreter cannot create virtual environments.
