@@ -97,6 +97,10 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         self._client = LineBuffer(settings.max_line_length)
         self._tls = False
         self._client_spoke = False
+        #: While the backend's bytes of one read are interpreted, the
+        #: client's wait (see ``receive_data``); whether some are waiting.
+        self._reading_backend = False
+        self._client_waits = False
         #: How the client's bytes are read in each state.
         self._steps: Mapping[StateT, Callable[[], bool]] = {}
         if settings.tls_mode is TLSMode.STARTTLS:
@@ -112,7 +116,18 @@ class LineMachine(ProxyMachine[StateT, InputT]):
     @event
     def receive_data(self, side: Side, data: bytes) -> None:
         if side is Side.BACKEND:
-            self._backend_data(data)
+            # A command goes to the backend only once everything the backend
+            # had said by then is read: a reply that came before its command
+            # answers nothing (response injection), and must not be taken for
+            # the answer to a command relayed in the middle of this read.
+            self._reading_backend = True
+            try:
+                self._backend_data(data)
+            finally:
+                self._reading_backend = False
+            if self._client_waits and not self.finished:
+                self._client_waits = False
+                self._pump_client()
         elif self.state is self.states["TLS_HANDSHAKE"]:
             # Not even buffered: see the class docstring.
             pass
@@ -206,6 +221,9 @@ class LineMachine(ProxyMachine[StateT, InputT]):
 
     def _pump_client(self) -> None:
         """Interpret held client bytes for as long as the state allows."""
+        if self._reading_backend:
+            self._client_waits = True
+            return
         while (step := self._steps.get(self.state)) is not None and step():
             pass
 

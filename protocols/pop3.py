@@ -386,6 +386,10 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
         return True
 
     def _backend_line(self, line: bytes) -> None:
+        if self.state in (State.BACKEND_GREETING, State.XCLIENT_REPLY) and len(self._responses):
+            # One line, then the backend waits for the proxy's command: what
+            # comes before that command cannot answer it.
+            raise ProtocolViolation(f"backend spoke out of turn after: {_text(line)}")
         if self.state is State.BACKEND_GREETING:
             _require_ok(line, "backend refused the session")
             self._greeting = line
@@ -482,6 +486,9 @@ class POP3CapabilityProbe(LineProbe):
             else:
                 self._capabilities.append(_list_item(line).decode("utf-8", "replace"))
         elif not self._greeted:
+            if len(self._lines):
+                # What comes before the probe's CAPA cannot answer it.
+                raise ProtocolViolation(f"backend spoke out of turn after: {_text(line)}")
             _require_ok(line, "backend refused the session")
             self._greeted = True
             self._send = b"CAPA\r\n"

@@ -162,6 +162,11 @@ _REPLY_LINE: Final = re.compile(rb"([2-5][0-9][0-9])(?:([- ])([^\r\n]*))?\r\n")
 #: Extensions the proxy terminates (STARTTLS) or reserves for itself.
 _PROXY_ONLY: Final = frozenset({b"STARTTLS", b"XCLIENT", b"XFORWARD"})
 _IDENTITY_COMMANDS: Final = frozenset({b"XCLIENT", b"XFORWARD"})
+#: The backend's greeting and its replies to the proxy's own commands: one
+#: reply each, after which the backend waits for the proxy's next command.
+_LOCKSTEP: Final = frozenset(
+    {State.BACKEND_GREETING, State.XCLIENT_EHLO, State.XCLIENT_REPLY, State.REPLAY_HELO}
+)
 
 _BARE_IN_COMMAND: Final = b"500 5.5.2 Error: bare <CR> or <LF> received\r\n"
 _BAD_SYNTAX: Final = b"500 5.5.2 Error: bad syntax\r\n"
@@ -217,6 +222,11 @@ class ReplyReader:
 
     def feed(self, data: bytes) -> None:
         self._lines.feed(data)
+
+    @property
+    def holds_more(self) -> bool:
+        """Bytes of another reply are in, whole or not."""
+        return bool(self._partial) or len(self._lines) > 0
 
     def pop(self) -> Reply | None:
         while (line := self._lines.pop_line()) is not None:
@@ -474,6 +484,9 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
     # The backend's replies.
 
     def _backend_reply(self, reply: Reply) -> None:
+        if self.state in _LOCKSTEP and self._replies.holds_more:
+            # The proxy has yet to send what the next reply would answer.
+            raise ProtocolViolation(f"backend spoke out of turn after: {reply.text}")
         if self.state is State.BACKEND_GREETING:
             _require_2xx(reply, "backend refused the session")
             if self.settings.identity is BackendIdentity.XCLIENT:
@@ -567,6 +580,9 @@ class SMTPCapabilityProbe(CapabilityProbe):
             self.error = str(violation)
 
     def _reply(self, reply: Reply) -> None:
+        if self._replies.holds_more:
+            # What comes before the probe's command cannot answer it.
+            raise ProtocolViolation(f"backend spoke out of turn after: {reply.text}")
         if not self._greeted:
             _require_2xx(reply, "backend refused the session")
             self._greeted = True

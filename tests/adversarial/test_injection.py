@@ -599,15 +599,6 @@ def test_imap_starttls_that_is_no_upgrade_upgrades_nothing(
 # -- backend -> client ------------------------------------------------------------------
 
 
-RESPONSE_INJECTION_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="defect: the machines read a reply that came with the backend's greeting, before "
-    "the client's first command was relayed, as that command's reply (SMTP, IMAP, POP3); "
-    "the probe likewise takes an EHLO reply pipelined with the greeting",
-)
-
-
-@RESPONSE_INJECTION_XFAIL
 @pytest.mark.parametrize("protocol", CHATTY)
 def test_backend_reply_pipelined_after_its_greeting_never_reaches_the_client(
     proxy: ProxyProcess, test_certs: CertFiles, protocol: str
@@ -639,7 +630,6 @@ def test_backend_reply_pipelined_after_its_greeting_never_reaches_the_client(
     assert re.fullmatch(unavailable, said), said
 
 
-@RESPONSE_INJECTION_XFAIL
 def test_probe_reply_pipelined_with_the_greeting_is_not_advertised(
     proxy: ProxyProcess, fakes: dict[str, FakeBackend]
 ) -> None:

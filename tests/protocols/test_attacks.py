@@ -27,7 +27,10 @@ from tests.protocols.transcript import (
     Connected,
     Failed,
     ShuttingDown,
+    backend_bytes,
     check_pre_tls_bytes,
+    client_bytes,
+    drain,
     exchange,
     feed,
     run,
@@ -238,3 +241,40 @@ def test_a_literal_under_way_is_not_a_command() -> None:
     run(machine, *exchange(b"a1 APPEND INBOX {100}\r\n", b"+ go ahead\r\n"))
     machine.receive_data(Side.CLIENT, b"x" * 50)
     assert not machine.client_mid_command
+
+
+# --------------------------------------------------------------------------
+# Response injection: the backend speaking before it was asked.
+
+#: A reply each line protocol's backend might send, with a word to find.
+INJECTED_REPLY = {
+    "smtp": b"250 2.0.0 INJECTED\r\n",
+    "pop3": b"+OK INJECTED\r\n",
+    "imap": b"a3 OK INJECTED\r\n",
+}
+
+
+@line_protocols
+def test_backend_reply_before_its_command_is_a_violation(dialogue: LineDialogue[Any]) -> None:
+    """Response injection (Poddebniak et al., USENIX Security 2021), the
+    backend's way: a reply that came in the same read as the greeting, before
+    the client's waiting command was relayed, answers nothing. Taken for that
+    command's answer it would shift every reply after it; the session ends."""
+    machine = dialogue.connecting()
+    run(machine, Client(dialogue.relayed), Connected())
+    machine.receive_data(Side.BACKEND, dialogue.backend_greeting + INJECTED_REPLY[dialogue.name])
+    commands = drain(machine)
+    assert b"INJECTED" not in client_bytes(commands)
+    assert isinstance(commands[-1], CloseConnection)
+    assert not commands[-1].clean
+
+
+@line_protocols
+def test_backend_reply_after_its_command_is_relayed(dialogue: LineDialogue[Any]) -> None:
+    """The same reply a read later, once the command is on its way, is its answer."""
+    machine = dialogue.connecting()
+    run(machine, Client(dialogue.relayed), Connected())
+    machine.receive_data(Side.BACKEND, dialogue.backend_greeting)
+    assert dialogue.relayed in backend_bytes(drain(machine))
+    machine.receive_data(Side.BACKEND, INJECTED_REPLY[dialogue.name])
+    assert b"INJECTED" in client_bytes(drain(machine))

@@ -9,7 +9,7 @@ import pytest
 from protocols._base import CapabilityProbe
 from protocols.pop3 import POP3CapabilityProbe
 from protocols.smtp import SMTPCapabilityProbe
-from tests.protocols.transcript import HOST
+from tests.protocols.transcript import HOST, check_probe_error
 
 
 @pytest.mark.parametrize(
@@ -57,3 +57,28 @@ def test_probe(
     assert probe.next_send() == b"QUIT\r\n"
     assert probe.next_send() is None
     assert probe.error is None
+
+
+@pytest.mark.parametrize(
+    ("probe_type", "greeting_and_more", "error"),
+    [
+        (
+            SMTPCapabilityProbe,
+            b"220 mx ESMTP\r\n250-mx\r\n250 X-INJECTED\r\n",
+            "backend spoke out of turn after: 220 mx ESMTP",
+        ),
+        (
+            POP3CapabilityProbe,
+            b"+OK ready.\r\n+OK\r\nX-INJECTED\r\n.\r\n",
+            "backend spoke out of turn after: +OK ready.",
+        ),
+    ],
+    ids=["smtp", "pop3"],
+)
+def test_a_list_that_came_before_the_probe_asked_is_not_taken(
+    probe_type: type[CapabilityProbe], greeting_and_more: bytes, error: str
+) -> None:
+    """Response injection against the probe (Poddebniak et al., USENIX
+    Security 2021): what came with the greeting, before the probe's question,
+    is no answer to it, and never becomes what clients are offered."""
+    check_probe_error(probe_type(HOST), [greeting_and_more], error)
