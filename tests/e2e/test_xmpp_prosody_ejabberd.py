@@ -10,7 +10,6 @@ proves which address it was told about.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import re
 import select
@@ -30,23 +29,13 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.ejabberd import EjabberdInstance
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
+from tests.realservers.xmpp import DOMAIN, STARTTLS, XMPPStream, stream_header
 
-DOMAIN = "localhost"
 #: Markup as text, an end of CDATA, non-ASCII and a character the serializer escapes.
 BODY = (
     "<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/> & <proceed/> ]]> "
     "caf\u00e9 \U0001f600 </stream:stream>"
 )
-
-
-def _header(to: str = DOMAIN) -> bytes:
-    return (
-        b"<?xml version='1.0'?><stream:stream to='%s' xmlns='jabber:client' "
-        b"xmlns:stream='http://etherx.jabber.org/streams' version='1.0'>" % to.encode()
-    )
-
-
-STARTTLS = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 
 
 @pytest.fixture(scope="module")
@@ -186,71 +175,26 @@ def test_slixmpp_direct_tls_ejabberd_proxy_v2(
 # A raw client, to look at the bytes.
 
 
-class RawClient:
-    """An XMPP client that sends what it is told and reads until a marker."""
+def _context(
+    certs: CertFiles, *, alpn: str | None = None, check_hostname: bool = True
+) -> ssl.SSLContext:
+    context = certs.client_context()
+    context.check_hostname = check_hostname
+    if alpn is not None:
+        context.set_alpn_protocols([alpn])
+    return context
+
+
+class RawClient(XMPPStream):
+    """An XMPP client connected to one of the proxy's listeners."""
 
     def __init__(self, proxy: ProxyProcess, listener_name: str, source: str) -> None:
-        self.sock: socket.socket = proxy.connect(listener_name, source)
-        self.buffer = b""
+        super().__init__(proxy.connect(listener_name, source))
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise AssertionError(f"closed before {marker!r}; got {self.buffer!r}")
-            self.buffer += data
-        end = self.buffer.index(marker) + len(marker)
-        received, self.buffer = self.buffer[:end], self.buffer[end:]
-        return received
-
-    def read_all(self) -> bytes:
-        while data := self.sock.recv(65536):
-            self.buffer += data
-        received, self.buffer = self.buffer, b""
-        return received
-
-    def starttls(self, certs: CertFiles, server_name: str | None = DOMAIN) -> None:
-        self.send(_header())
-        assert b"<required/>" in self.read_until(b"</stream:features>")
-        self.send(STARTTLS)
-        self.read_until(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-        self.wrap(certs, server_name)
-
-    def wrap(self, certs: CertFiles, server_name: str | None, alpn: str | None = None) -> None:
-        context = certs.client_context()
-        if server_name is None:
-            context.check_hostname = False
-        if alpn is not None:
-            context.set_alpn_protocols([alpn])
-        self.sock = context.wrap_socket(self.sock, server_hostname=server_name)
-
-    def login(self, user: str) -> bytes:
-        """SASL PLAIN, the restart, resource binding; the bound JID."""
-        self.send(_header())
-        features = self.read_until(b"</stream:features>")
-        assert b"starttls" not in features
-        assert b"<mechanism>PLAIN</mechanism>" in features
-        assert b"-PLUS" not in features
-        credentials = base64.b64encode(f"\0{user}\0{user}pw".encode())
-        self.send(
-            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>%s</auth>"
-            % credentials
-        )
-        self.read_until(b"<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'")
-        self.send(_header())
-        self.read_until(b"</stream:features>")
-        self.send(
-            b"<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"
-        )
-        bound = re.search(rb"<jid>([^<]+)</jid>", self.read_until(b"</iq>"))
-        assert bound is not None
-        return bound[1]
-
-    def close(self) -> None:
-        self.sock.close()
+    def starttls(self, context: ssl.SSLContext, server_name: str | None = DOMAIN) -> bytes:
+        features = super().starttls(context, server_name)
+        assert b"<required/>" in features
+        return features
 
 
 def test_backend_starttls_is_stripped_and_client_address_is_real(
@@ -260,7 +204,7 @@ def test_backend_starttls_is_stripped_and_client_address_is_real(
     peer = Peer("127.0.0.23", 40000, "127.0.0.1", proxy.ports["ejabberd"])
     tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", DOMAIN)
     with socket.create_connection((ejabberd.host, ejabberd.proxy_port), timeout=20) as direct:
-        direct.sendall(proxy_v2(peer, tls) + _header())
+        direct.sendall(proxy_v2(peer, tls) + stream_header())
         offered = b""
         while b"</stream:features>" not in offered:
             offered += direct.recv(65536)
@@ -268,8 +212,8 @@ def test_backend_starttls_is_stripped_and_client_address_is_real(
     # ... and the client must not see it.
     mark = len(ejabberd.log())
     client = RawClient(proxy, "ejabberd", "127.0.0.23")
-    client.starttls(test_certs)
-    assert client.login("alice").startswith(b"alice@localhost/")
+    client.starttls(test_certs.client_context())
+    assert client.login("alice", "alicepw").startswith(b"alice@localhost/")
     client.send(b"</stream:stream>")
     assert client.read_all().endswith(b"</stream:stream>")
     client.close()
@@ -280,10 +224,10 @@ def test_backend_starttls_is_stripped_and_client_address_is_real(
 
 def test_direct_tls_negotiates_alpn(proxy: ProxyProcess, test_certs: CertFiles) -> None:
     client = RawClient(proxy, "prosody-direct", "127.0.0.24")
-    client.wrap(test_certs, DOMAIN, alpn="xmpp-client")
+    client.wrap(_context(test_certs, alpn="xmpp-client"), DOMAIN)
     assert isinstance(client.sock, ssl.SSLSocket)
     assert client.sock.selected_alpn_protocol() == "xmpp-client"
-    assert client.login("bob").startswith(b"bob@localhost/")
+    assert client.login("bob", "bobpw").startswith(b"bob@localhost/")
     client.close()
 
 
@@ -291,11 +235,11 @@ def test_stream_to_domain_chooses_the_certificate_without_sni(
     proxy: ProxyProcess, test_certs_other: CertFiles
 ) -> None:
     client = RawClient(proxy, "ejabberd", "127.0.0.25")
-    client.send(_header("other.example.test"))
+    client.send(stream_header("other.example.test"))
     client.read_until(b"</stream:features>")
     client.send(STARTTLS)
     client.read_until(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-    client.wrap(test_certs_other, None)
+    client.wrap(_context(test_certs_other, check_hostname=False), None)
     assert isinstance(client.sock, ssl.SSLSocket)
     certificate = client.sock.getpeercert()
     assert certificate is not None
@@ -305,7 +249,7 @@ def test_stream_to_domain_chooses_the_certificate_without_sni(
 
 def test_unknown_domain_is_refused(proxy: ProxyProcess) -> None:
     client = RawClient(proxy, "prosody", "127.0.0.26")
-    client.send(_header("elsewhere.example"))
+    client.send(stream_header("elsewhere.example"))
     reply = client.read_all()
     assert b"<host-unknown xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in reply
     assert reply.endswith(b"</stream:stream>")
@@ -379,15 +323,16 @@ def _refusal(proxy: ProxyProcess, attack: bytes, source: str) -> bytes:
     [
         (
             b"<?xml version='1.0'?><!DOCTYPE lolz [<!ENTITY lol 'lol'>"
-            b"<!ENTITY lol2 '&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;'>]>" + _header(),
+            b"<!ENTITY lol2 '&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;&lol;'>]>"
+            + stream_header(),
             b"restricted-xml",
         ),
         (
-            b"<!DOCTYPE x [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]>" + _header(),
+            b"<!DOCTYPE x [<!ENTITY xxe SYSTEM 'file:///etc/passwd'>]>" + stream_header(),
             b"restricted-xml",
         ),
-        (_header() + b"<iq>" + b"<a>" * 10_000, b"policy-violation"),
-        (_header() + b"<message><body>\xc3\x28</body></message>", b"not-well-formed"),
+        (stream_header() + b"<iq>" + b"<a>" * 10_000, b"policy-violation"),
+        (stream_header() + b"<message><body>\xc3\x28</body></message>", b"not-well-formed"),
     ],
     ids=["billion-laughs", "external-entity", "deep-nesting", "invalid-utf8"],
 )
@@ -402,7 +347,7 @@ def test_attacks_get_their_stream_error(
 def test_tls_client_hello_before_starttls(proxy: ProxyProcess, test_certs: CertFiles) -> None:
     client = RawClient(proxy, "prosody", "127.0.0.28")
     with pytest.raises((ssl.SSLError, ConnectionError)):
-        client.wrap(test_certs, DOMAIN)
+        client.wrap(test_certs.client_context(), DOMAIN)
     client.close()
     proxy.wait_for_log("TLS ClientHello before STARTTLS (not-well-formed)")
 
@@ -411,13 +356,13 @@ def test_iq_pipelined_after_starttls_never_reaches_the_backend(
     proxy: ProxyProcess, prosody: ProsodyInstance, test_certs: CertFiles
 ) -> None:
     client = RawClient(proxy, "prosody", "127.0.0.29")
-    client.send(_header())
+    client.send(stream_header())
     client.read_until(b"</stream:features>")
     smuggled = b"<iq type='get' id='smuggled-7f3a'><query xmlns='jabber:iq:roster'/></iq>"
     client.send(STARTTLS + smuggled)
     client.read_until(b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>")
-    client.wrap(test_certs, DOMAIN)
-    client.login("alice")
+    client.wrap(test_certs.client_context(), DOMAIN)
+    client.login("alice", "alicepw")
     client.send(b"<iq type='get' id='honest-7f3a'><query xmlns='jabber:iq:roster'/></iq>")
     client.read_until(b"</iq>")
     client.close()
@@ -437,7 +382,7 @@ def _ten_megabyte_attribute(proxy: ProxyProcess) -> tuple[int, bytes]:
     """Send up to 10 MB of one attribute value until the proxy answers: how
     much was sent, and the answer."""
     client = RawClient(proxy, "prosody", "127.0.0.30")
-    client.send(_header())
+    client.send(stream_header())
     client.read_until(b"</stream:features>")
     client.send(b"<message to='")
     chunk, sent = b"A" * 65536, 0
