@@ -19,6 +19,7 @@ honours a header from anyone else.
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 
@@ -32,6 +33,9 @@ V1_MAX_LENGTH = 107
 V2_MAX_LENGTH = 16 + 4096
 
 _AF_INET, _AF_INET6 = 0x1, 0x2
+#: A v1 port: plain decimal. ``int`` alone would also take "+25", "2_5" and
+#: "25\r", none of which a sender writes.
+_V1_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _COMMAND_LOCAL, _COMMAND_PROXY = 0x0, 0x1
 
 
@@ -73,11 +77,16 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
         raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}")
     try:
         source, destination = ipaddress.ip_address(fields[2]), ipaddress.ip_address(fields[3])
-        ports = int(fields[4]), int(fields[5])
     except ValueError:
         raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}") from None
-    if source.version != (4 if fields[1] == "TCP4" else 6) or not all(
-        0 <= port < 65536 for port in ports
+    ports = tuple(int(port) if _V1_PORT.fullmatch(port) else -1 for port in fields[4:6])
+    version = 4 if fields[1] == "TCP4" else 6
+    # Both addresses of the family named; no IPv6 scope ("%eth0"), which
+    # ipaddress accepts but the protocol has no room for.
+    if (
+        {source.version, destination.version} != {version}
+        or "%" in fields[2] + fields[3]
+        or not all(0 <= port < 65536 for port in ports)
     ):
         raise ProxyHeaderError(f"malformed PROXY v1 line: {data[:end]!r}")
     return ProxyHeader(end + 2, (str(source), ports[0], str(destination), ports[1]))

@@ -194,8 +194,16 @@ def _busy_reply(content_namespace: str, hostname: str) -> bytes:
 
 
 def _serialize(element: etree._Element) -> bytes:
-    """Exclusive canonical XML: only the namespace declarations it uses."""
-    return etree.tostring(element, method="c14n", exclusive=True)
+    """Exclusive canonical XML: only the namespace declarations it uses.
+
+    libxml2 refuses to canonicalize some documents that it parses, such as
+    a namespace name that is not a URI (``xmlns='a|b'``): that is a peer's
+    violation, not the proxy's failure.
+    """
+    try:
+        return etree.tostring(element, method="c14n", exclusive=True)
+    except (etree.LxmlError, ValueError) as error:
+        raise ProtocolViolation(f"{_name(element.tag)} cannot be canonicalized: {error}") from None
 
 
 def strip_features(features: etree._Element) -> bool:
@@ -208,10 +216,10 @@ def strip_features(features: etree._Element) -> bool:
         elif child.tag in _MECHANISM_LISTS:
             for mechanism in list(child):
                 name = (mechanism.text or "").strip().upper()
-                if etree.QName(mechanism).localname == "mechanism" and name.endswith("-PLUS"):
+                if _name(mechanism.tag) == "mechanism" and name.endswith("-PLUS"):
                     child.remove(mechanism)
                     changed = True
-            if not any(etree.QName(node).localname == "mechanism" for node in child):
+            if not any(_name(node.tag) == "mechanism" for node in child):
                 features.remove(child)
     return changed
 
@@ -237,7 +245,12 @@ def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
         except etree.XMLSyntaxError:
             continue
     strip_features(features)
-    own = b"".join(_serialize(child) for child in features)
+    own = b""
+    for child in features:
+        try:
+            own += _serialize(child)
+        except ProtocolViolation:
+            continue
     return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
 
 
@@ -526,7 +539,9 @@ def _peer_address(sender: str | None) -> str | None:
 
 
 def _name(tag: object) -> str:
-    return etree.QName(tag).localname if isinstance(tag, str) else "element"
+    # Not etree.QName, which raises on a namespace name holding a "}": a
+    # local name never holds one, so it is all after the last.
+    return tag.rpartition("}")[2] if isinstance(tag, str) else "element"
 
 
 class XMPPClientMachine(XMPPMachine):
@@ -578,6 +593,8 @@ class XMPPCapabilityProbe(CapabilityProbe):
                 self._token(token)
         except XMLStreamError as error:
             self.error = f"backend: {error.reason}"
+        except ProtocolViolation as violation:
+            self.error = f"backend: {violation}"
 
     def _token(self, token: Token) -> None:
         if isinstance(token, StreamEnd):

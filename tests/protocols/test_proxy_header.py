@@ -47,6 +47,14 @@ def test_any_prefix_asks_for_more(cut: int) -> None:
         b"PROXY TCP4 1.2.3.4\r\n",
         b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n",
         b"PROXY TCP6 1.2.3.4 5.6.7.8 1 2\r\n",
+        # Found by the fuzzer (tests/fuzz): int() read "143\r" as 143.
+        b"PROXY TCP6 2001:db8::1 2001:db8::2 49152 143\r\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1_0 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",
+        # The destination of another family than the one named.
+        b"PROXY TCP4 1.2.3.4 ::1 1 2\r\n",
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n",
         b"PROXY " + b"x" * 200,
         identity.PROXY_V2_SIGNATURE + b"\x31\x11\x00\x0c",
         identity.PROXY_V2_SIGNATURE + b"\x21\x11\xff\xff",

@@ -910,3 +910,54 @@ def test_probe() -> None:
 )
 def test_probe_errors(reply: bytes, error_text: str) -> None:
     check_probe_error(XMPPClientProbe("example.com"), [reply], error_text)
+
+
+# --------------------------------------------------------------------------
+# Found by the coverage-guided fuzzers (tests/fuzz): lxml raised on names
+# and namespaces that its pull parser had accepted.
+
+
+def test_fuzz_namespace_holding_a_brace_before_starttls() -> None:
+    """``etree.QName`` raised ValueError on ``{urn:a}b}starttls``, a tag the
+    parser makes of ``xmlns='urn:a}b'``: the refusal must still be a stream
+    error."""
+    machine = XMPP.new()
+    run(
+        machine,
+        Client(HEADER),
+        SendToClient(proxy_header() + REQUIRED_FEATURES),
+        Client(b"<starttls xmlns='urn:a}b'/>"),
+        SendToClient(error("policy-violation")),
+        CloseConnection("starttls before STARTTLS (policy-violation)"),
+    )
+
+
+def test_fuzz_backend_features_that_cannot_be_canonicalized() -> None:
+    """Features the proxy must filter, in a namespace that is not a URI:
+    libxml2's C14N refused them with C14NError, which escaped the machine."""
+    machine = relaying()
+    features = (
+        b"<stream:features><mechanisms xmlns='urn:x|y'><mechanism>X-PLUS</mechanism>"
+        b"</mechanisms><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:features>"
+    )
+    run(
+        machine,
+        Backend(features),
+        SendToClient(error("internal-server-error")),
+        CloseConnection("features cannot be canonicalized: C14N failed (internal-server-error)"),
+    )
+    assert machine.state is State.ERROR
+
+
+@pytest.mark.parametrize(
+    ("reply", "error_text"),
+    [
+        (b"<stream:/>", "unexpected stream: from the backend"),
+        (
+            b"<stream:features><m xmlns='urn:x|y'/></stream:features>",
+            "backend: m cannot be canonicalized: C14N failed",
+        ),
+    ],
+)
+def test_fuzz_probe_names_and_features_lxml_refuses(reply: bytes, error_text: str) -> None:
+    check_probe_error(XMPPClientProbe("example.com"), [BACKEND_HEADER + reply], error_text)

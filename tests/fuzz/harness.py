@@ -1,0 +1,334 @@
+"""What every fuzz target shares: the input format, a model of the driver,
+and the invariant checked after every event.
+
+An input is a *program*: one octet of settings flags, then steps. A step is
+one octet naming a driver event (any octet is one: it is taken modulo the
+number of events), and for data events a two-octet length and that many
+octets (fewer if the input ends first). Programs are what the seed corpus
+holds, written from the real dialogues of ``tests.protocols.dialogues``, so
+that mutations start from deep states (relay, DATA, literals, SASL, XMPP
+features) instead of having to find their way there.
+
+The driver model delivers an event only where ``starttls_proxy.connection``
+could: the handshake's end after a ``StartTLS``, the backend's news after an
+``OpenBackend``, backend bytes once it is connected, client bytes while the
+machine holds less than ``HOLD_LIMIT`` of them. One settings flag turns the
+model off: a driver that misuses the machine must get a defined ending too.
+
+The invariant is h11's: every input gives commands or a defined ending
+(``CloseConnection``), no exception escapes, and the bytes a machine holds
+stay within its configured limits plus one read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from protocols._base import (
+    CloseConnection,
+    Command,
+    OpenBackend,
+    ProxyMachine,
+    SendToBackend,
+    SendToClient,
+    SessionSettings,
+    Side,
+    StartTLS,
+    TLSInfo,
+    TLSMode,
+)
+
+
+class Op(enum.IntEnum):
+    """The driver's events, as a program's step octet names them."""
+
+    CLIENT = 0
+    BACKEND = 1
+    TLS = 2
+    CONNECTED = 3
+    FAILED = 4
+    CLIENT_EOF = 5
+    BACKEND_EOF = 6
+    TIMEOUT = 7
+    SHUTDOWN = 8
+
+
+DATA_OPS = (Op.CLIENT, Op.BACKEND)
+Step = tuple[Op, bytes]
+
+
+class Flag(enum.IntFlag):
+    """The settings octet."""
+
+    REQUIRE_TLS = 1
+    IMPLICIT_TLS = 2
+    #: Deliver every event, whether a real driver could or not.
+    MISUSE = 4
+    #: Bits 3..5 pick the backend identity among the protocol's.
+    IDENTITY_SHIFT = 8
+    #: SMTP: relay bare CR/LF in DATA; XMPP: serve only the dialogue's domain.
+    VARIANT = 64
+
+
+IDENTITY_BITS = 3
+
+#: The driver stops reading the client while the machine holds this many of
+#: its bytes (``starttls_proxy.connection.HOLD_LIMIT``, scaled down with the
+#: limits below so that fuzz inputs can cross it).
+HOLD_LIMIT = 512
+
+#: Small limits, so that short inputs reach them.
+LIMITS: dict[str, int] = {
+    "max_line_length": 96,
+    "max_reply_line_length": 256,
+    "max_literal_size": 64,
+    "max_stanza_size": 1024,
+    "max_xml_depth": 8,
+    "max_attribute_size": 128,
+}
+
+#: Bytes a machine may hold besides the limits and one read: its own replies
+#: waiting for a backend response, tags in flight, state words.
+SLACK = 1024
+
+
+def encode(settings: int, steps: Sequence[Step]) -> bytes:
+    """The program that ``decode`` reads back as ``settings`` and ``steps``."""
+    out = bytearray([settings])
+    for op, data in steps:
+        out.append(op)
+        if op in DATA_OPS:
+            out += len(data).to_bytes(2, "big") + data
+    return bytes(out)
+
+
+def decode(program: bytes) -> tuple[int, list[Step]]:
+    if not program:
+        return 0, []
+    steps: list[Step] = []
+    at = 1
+    while at < len(program):
+        op = Op(program[at] % len(Op))
+        at += 1
+        data = b""
+        if op in DATA_OPS:
+            length = int.from_bytes(program[at : at + 2], "big")
+            data = program[at + 2 : at + 2 + length]
+            at += 2 + length
+        steps.append((op, data))
+    return program[0], steps
+
+
+class InvariantBrokenError(AssertionError):
+    """A machine broke the fuzzers' invariant (a crash for libFuzzer)."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise InvariantBrokenError(message)
+
+
+# --------------------------------------------------------------------------
+# Bytes held.
+
+#: What a walk of a machine's objects does not count: what the configuration
+#: and the driver own, and code.
+_OPAQUE = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    enum.Enum,
+    SessionSettings,
+    int,
+    float,
+    bool,
+    type(None),
+)
+
+
+def held_bytes(root: object) -> int:
+    """Octets of the bytes and strings reachable from ``root``'s attributes:
+    what a machine holds. lxml's own buffers are out of sight, the tokens
+    and trees it hands out are not."""
+    total = 0
+    seen: set[int] = set()
+    stack: list[object] = [root]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen or isinstance(item, _OPAQUE):
+            continue
+        seen.add(id(item))
+        if isinstance(item, bytes | bytearray | str):
+            total += len(item)
+        elif isinstance(item, memoryview):
+            total += item.nbytes
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | deque | set | frozenset):
+            stack.extend(item)
+        elif hasattr(item, "iter") and hasattr(item, "tag"):
+            # An lxml element: its serialization is what it holds.
+            total += _element_size(item)
+        else:
+            stack.extend(_attributes(item))
+    return total
+
+
+def _element_size(element: Any) -> int:
+    from lxml import etree
+
+    return len(etree.tostring(element))
+
+
+def _attributes(item: object) -> Iterator[object]:
+    yield from getattr(item, "__dict__", {}).values()
+    for cls in type(item).__mro__:
+        for name in getattr(cls, "__slots__", ()):
+            if hasattr(item, name):
+                yield getattr(item, name)
+
+
+# --------------------------------------------------------------------------
+# The driver model.
+
+Machine = ProxyMachine[Any, Any]
+TLS_INFO = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+
+
+@dataclasses.dataclass
+class Session:
+    """One machine under the driver model, and what it has asked for."""
+
+    machine: Machine
+    faithful: bool
+    settings: SessionSettings
+    handshake_owed: bool = False
+    backend_owed: bool = False
+    backend_up: bool = False
+    tls_done: bool = False
+    client_gone: bool = False
+    backend_gone: bool = False
+    closed: bool = False
+    largest_read: int = 0
+    baseline: int = 0
+
+    def __post_init__(self) -> None:
+        self.baseline = held_bytes(self.machine)
+        self.drain("the constructor")
+
+    @property
+    def limit(self) -> int:
+        """The most a machine may hold: what it held at the start, the driver's
+        hold limit, the largest configured limit, one read, and ``SLACK``."""
+        largest: int = max(
+            getattr(self.settings, name) for name in LIMITS if name != "max_xml_depth"
+        )
+        return self.baseline + HOLD_LIMIT + largest + self.largest_read + SLACK
+
+    def step(self, op: Op, data: bytes) -> None:
+        machine = self.machine
+        if self.faithful and not self._possible(op):
+            return
+        if op is Op.CLIENT:
+            self.largest_read = max(self.largest_read, len(data))
+            machine.receive_data(Side.CLIENT, data)
+        elif op is Op.BACKEND:
+            self.largest_read = max(self.largest_read, len(data))
+            machine.receive_data(Side.BACKEND, data)
+        elif op is Op.TLS:
+            self.handshake_owed, self.tls_done = False, True
+            machine.tls_established(TLS_INFO)
+        elif op is Op.CONNECTED:
+            self.backend_owed, self.backend_up = False, True
+            machine.backend_connected()
+        elif op is Op.FAILED:
+            self.backend_owed = False
+            machine.backend_failed("connection refused")
+        elif op is Op.CLIENT_EOF:
+            self.client_gone = True
+            machine.receive_eof(Side.CLIENT)
+        elif op is Op.BACKEND_EOF:
+            self.backend_gone = True
+            machine.receive_eof(Side.BACKEND)
+        elif op is Op.TIMEOUT:
+            machine.timed_out("idle timeout")
+        else:
+            machine.shutting_down()
+        self.drain(op.name)
+        held = held_bytes(machine)
+        check(held <= self.limit, f"holds {held} bytes after {op.name}, limit {self.limit}")
+
+    def _possible(self, op: Op) -> bool:
+        if self.closed:
+            return False
+        if op is Op.CLIENT:
+            return not self.client_gone and self.machine.unprocessed_client_bytes < HOLD_LIMIT
+        if op is Op.BACKEND:
+            return self.backend_up and not self.backend_gone
+        if op is Op.TLS:
+            return self.handshake_owed
+        if op in (Op.CONNECTED, Op.FAILED):
+            return self.backend_owed
+        if op is Op.CLIENT_EOF:
+            return not self.client_gone
+        if op is Op.BACKEND_EOF:
+            return self.backend_up and not self.backend_gone
+        return True
+
+    def drain(self, after: str) -> None:
+        while (command := self.machine.next_command()) is not None:
+            self._command(command, after)
+        check(
+            self.machine.finished == self.closed,
+            f"after {after}: finished={self.machine.finished} but closed={self.closed}",
+        )
+
+    def _command(self, command: Command, after: str) -> None:
+        check(not self.closed, f"{command!r} after CloseConnection ({after})")
+        if isinstance(command, SendToClient | SendToBackend):
+            check(type(command.data) is bytes, f"{command!r}: data is not bytes")
+        if isinstance(command, CloseConnection):
+            self.closed = True
+            check(isinstance(command.reason, str), "reason is not a string")
+            return
+        if not self.faithful:
+            return
+        if isinstance(command, SendToBackend):
+            check(self.backend_up, f"bytes for a backend not connected ({after})")
+            check(not self.backend_gone, f"bytes for a backend that closed ({after})")
+        elif isinstance(command, OpenBackend):
+            check(not (self.backend_owed or self.backend_up), f"second OpenBackend ({after})")
+            check(
+                self.tls_done
+                or not self.settings.require_tls
+                or self.settings.tls_mode is TLSMode.IMPLICIT,
+                f"OpenBackend before TLS on a listener that requires it ({after})",
+            )
+            self.backend_owed = True
+        elif isinstance(command, StartTLS):
+            check(not (self.handshake_owed or self.tls_done), f"second StartTLS ({after})")
+            self.handshake_owed = True
+        else:
+            check(isinstance(command, SendToClient), f"unknown command {command!r}")
+
+
+def run_program(program: bytes, make: Callable[[int], tuple[Machine, SessionSettings]]) -> Session:
+    """Play ``program`` against the machine ``make`` builds from its settings
+    octet; at its end the client leaves, and the session must be over."""
+    flags, steps = decode(program)
+    machine, settings = make(flags)
+    session = Session(machine, faithful=not flags & Flag.MISUSE, settings=settings)
+    for op, data in steps:
+        session.step(op, data)
+    if not session.client_gone:
+        session.step(Op.CLIENT_EOF, b"")
+    check(session.closed, "the client left and the session did not end")
+    return session
