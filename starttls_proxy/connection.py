@@ -429,7 +429,7 @@ class Session:
             early=bytes(endpoint.held or b""),
         )
         try:
-            channel = self.runtime.helper.spawn(client, request)
+            channel = await self.runtime.helper.spawn(client, request, config.timeouts.handshake)
         except HandoffError as error:
             self.close(str(error))
             return

@@ -47,6 +47,10 @@ def _layer_rows(layers: list[list[object]]) -> list[tuple[str, bool, str]]:
     return [(str(name), bool(ok), str(detail)) for name, ok, detail in layers]
 
 
+class _HelperGoneError(Exception):
+    """The control socket refused a spawn request: the helper has died."""
+
+
 class TLSHelper:
     def __init__(self, keeper: subprocess.Popen[bytes], keeper_socket: socket.socket) -> None:
         self.keeper = keeper
@@ -65,6 +69,8 @@ class TLSHelper:
         self.on_fatal: Callable[[str], None] = lambda reason: None
         #: The keeper's answer to a pending reload: the problems, [] if none.
         self._reloaded: asyncio.Future[list[str]] | None = None
+        #: Set while a helper takes connections (not while the keeper restarts one).
+        self._running = asyncio.Event()
 
     @classmethod
     def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
@@ -105,6 +111,7 @@ class TLSHelper:
         )
         if self._loop is not None:
             self._loop.add_reader(self.control.fileno(), self._on_helper_message)
+        self._running.set()
 
     def log_layers(self) -> None:
         """The startup log line of the sandbox layers in force (and missing)."""
@@ -137,6 +144,9 @@ class TLSHelper:
                 data = self.control.recv(MAX_MESSAGE)
             except BlockingIOError:
                 return
+            except OSError:
+                # Killed with messages unread: a reset rather than an end.
+                data = b""
             if not data:
                 log.error("the TLS helper (pid %d) died; the keeper restarts it", self.helper_pid)
                 self._drop_control()
@@ -207,6 +217,7 @@ class TLSHelper:
             self._reloaded = None
 
     def _drop_control(self) -> None:
+        self._running.clear()
         if self.control is None:
             return
         if self._loop is not None and not self._loop.is_closed():
@@ -218,26 +229,43 @@ class TLSHelper:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self.keeper_socket.fileno())
 
-    def spawn(self, client: socket.socket, request: SpawnRequest) -> socket.socket:
+    async def spawn(
+        self, client: socket.socket, request: SpawnRequest, patience: float
+    ) -> socket.socket:
         """Give ``client`` to a new worker; return the main end of its channel.
 
-        The caller still owns (and must close) ``client``: the worker has its
-        own descriptor for it.
+        While the keeper restarts a helper that died, wait for the new one
+        (up to ``patience`` seconds): the client has its upgrade reply and is
+        in its handshake, where no error of its protocol can reach it any
+        more. The caller still owns (and must close) ``client``: the worker
+        has its own descriptor for it.
         """
         if len(request.early) > MAX_EARLY_BYTES:
             raise HandoffError(f"{len(request.early)} bytes before the TLS handshake started")
-        if self.control is None:
-            raise HandoffError("the TLS helper is restarting")
         try:
             message = request.encode()
         except ValueError as error:
             raise HandoffError(f"unusable spawn request: {error}") from None
+        try:
+            async with asyncio.timeout(patience):
+                while True:
+                    await self._running.wait()
+                    try:
+                        return self._send_spawn(client, message)
+                    except _HelperGoneError:
+                        # Dead before its end of the control socket told us.
+                        self._drop_control()
+        except TimeoutError:
+            raise HandoffError(f"no TLS helper came back within {patience:g} s") from None
+
+    def _send_spawn(self, client: socket.socket, message: bytes) -> socket.socket:
+        assert self.control is not None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             socket.send_fds(self.control, [message], [client.fileno(), theirs.fileno()])
-        except OSError as error:
+        except OSError:
             ours.close()
-            raise HandoffError(f"cannot reach the TLS helper: {error}") from None
+            raise _HelperGoneError from None
         finally:
             theirs.close()
         ours.setblocking(False)

@@ -454,6 +454,34 @@ def test_helper_restart_keeps_sessions(
         tls.close()
 
 
+def test_an_upgrade_while_the_helper_restarts_waits_for_the_new_one(
+    proxy: ProxyProcess, test_certs: CertFiles
+) -> None:
+    """A client that upgrades while the keeper restarts a dead helper has its
+    upgrade reply and is in its handshake, where its protocol has no error
+    left to give: the session waits for the new helper instead of being
+    dropped (found by bench.faults, which kills the helper under load)."""
+    keeper, old_helper = processes.keeper(proxy), processes.helper(proxy)
+    # Hold the keeper, so that the restart waits until the upgrade is under way.
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        os.kill(old_helper, signal.SIGKILL)
+        proxy.wait_for_log(f"the TLS helper (pid {old_helper}) died")
+        sock = proxy.connect("relay", "127.0.0.51")
+        assert read_smtp_reply(sock).startswith(b"220 ")
+        sock.sendall(b"STARTTLS\r\n")
+        assert read_smtp_reply(sock).startswith(b"220 ")
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls.sendall(b"EHLO client.test\r\n")
+    assert read_smtp_reply(tls).startswith(b"250-")
+    _still_works(tls)
+    tls.sendall(b"QUIT\r\n")
+    assert read_smtp_reply(tls).startswith(b"221")
+    tls.close()
+
+
 def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: CertFiles) -> None:
     proxy = start_proxy(
         tmp_path,
