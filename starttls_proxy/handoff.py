@@ -172,6 +172,13 @@ class TLSHelper:
                     self._reloaded.set_result([])
                 else:
                     log.info("the TLS helper runs again (pid %d)", self.helper_pid)
+            elif "helper_unusable" in message:
+                # Its control socket stays open for its workers' exits; hand-offs
+                # wait for the helper that replaces it.
+                log.warning(
+                    "%s: new connections wait for a new TLS helper", message["helper_unusable"]
+                )
+                self._running.clear()
             elif "reload_failed" in message and self._reloaded is not None:
                 problems = message["reload_failed"]
                 assert isinstance(problems, list)

@@ -49,6 +49,9 @@ datagram):
 * keeper -> main: ``{"problems": [...]}`` when the first helper refused the
   configuration (the keeper then exits);
 * keeper -> main: ``{"exited": PID, "status": CODE}`` for a dead helper's workers;
+* keeper -> main: ``{"helper_unusable": "..."}`` when the key server died: the
+  helper's workers could not sign, so no connection goes to it until the
+  next ``{"helper": ...}`` brings one linked to the new key server;
 * keeper -> main: ``{"fatal": "..."}``, then the keeper exits.
 * main -> keeper: ``{"reload": {"tls": ..., "isolation": ...}}`` (SIGHUP): the
   keeper starts a *new* helper with it; if that one loads every certificate
@@ -400,6 +403,7 @@ class Keeper:
         if not self._may_restart("the key server", code):
             return False
         print(f"keeper: the key server died (status {code}); restarting it", file=sys.stderr)
+        _send(self.main, {"helper_unusable": "the key server died"})
         old = self.helper
         try:
             self.key_server.restart()

@@ -1,0 +1,106 @@
+"""The main process's handle on the TLS helper (``starttls_proxy.handoff``),
+driven through its two sockets with the keeper and the helper played by the
+test: when may a connection be handed over, and to which helper."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from starttls_proxy.handoff import HandoffError, TLSHelper
+from starttls_proxy.wire import SpawnRequest
+
+REQUEST = SpawnRequest(handshake_timeout=5.0, server_name_hint=None, alpn=(), early=b"")
+
+
+class Helpers:
+    """The keeper's end of the keeper socket, and the helpers' ends of the
+    control sockets the keeper has handed over."""
+
+    def __init__(self) -> None:
+        self.keeper, ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)  # as TLSHelper.start leaves it
+        self.process = subprocess.Popen([sys.executable, "-c", "pass"])
+        self.handle = TLSHelper(self.process, ours)
+        self.controls: list[socket.socket] = []
+
+    def new_helper(self, pid: int) -> socket.socket:
+        """The keeper hands over a new helper's control socket; the helper's end."""
+        helper_end, main_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        socket.send_fds(self.keeper, [json.dumps({"helper": pid}).encode()], [main_end.fileno()])
+        main_end.close()
+        self.controls.append(helper_end)
+        return helper_end
+
+    def tell(self, message: dict[str, object]) -> None:
+        self.keeper.send(json.dumps(message).encode())
+
+    def close(self) -> None:
+        self.handle.stop()
+        for sock in (self.keeper, *self.controls):
+            sock.close()
+
+
+@pytest.fixture
+def helpers() -> Iterator[Helpers]:
+    made = Helpers()
+    yield made
+    made.close()
+
+
+def _spawned_on(control: socket.socket) -> bool:
+    """Whether a spawn request came on ``control`` (a closed one says no more)."""
+    control.setblocking(False)
+    try:
+        data, fds, _, _ = socket.recv_fds(control, 1024, 2)
+    except BlockingIOError:
+        return False
+    for fd in fds:
+        socket.socket(fileno=fd).close()
+    return bool(data)
+
+
+def test_after_the_key_server_died_connections_wait_for_the_new_helper(
+    helpers: Helpers,
+) -> None:
+    """The old helper's workers cannot sign any more: nothing goes to it
+    once the keeper says so, and the next helper takes the connection."""
+
+    async def scenario() -> None:
+        old = helpers.new_helper(100)
+        helpers.handle.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        helpers.tell({"helper_unusable": "the key server died"})
+        await asyncio.sleep(0.05)
+        client, other = socket.socketpair()
+        with client, other:
+            spawn = asyncio.create_task(helpers.handle.spawn(client, REQUEST, 5.0))
+            await asyncio.sleep(0.2)
+            assert not spawn.done()
+            new = helpers.new_helper(101)
+            channel = await asyncio.wait_for(spawn, 5)
+            channel.close()
+        assert _spawned_on(new)
+        assert not _spawned_on(old)
+
+    asyncio.run(scenario())
+
+
+def test_a_helper_that_never_comes_back_is_a_handoff_error(helpers: Helpers) -> None:
+    async def scenario() -> None:
+        helpers.new_helper(100)
+        helpers.handle.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        helpers.tell({"helper_unusable": "the key server died"})
+        await asyncio.sleep(0.05)
+        client, other = socket.socketpair()
+        with client, other, pytest.raises(HandoffError, match="no TLS helper came back"):
+            await helpers.handle.spawn(client, REQUEST, 0.2)
+
+    asyncio.run(scenario())
