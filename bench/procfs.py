@@ -97,8 +97,9 @@ def all_stats() -> list[ProcStat]:
     return stats
 
 
-def tree(roots: Iterable[int]) -> list[ProcStat]:
-    """The live (non-zombie) processes among ``roots`` and all their descendants."""
+def tree(roots: Iterable[int], *, zombies: bool = False) -> list[ProcStat]:
+    """The live processes among ``roots`` and all their descendants (and, with
+    ``zombies``, those that ended and were not reaped)."""
     stats = all_stats()
     children: dict[int, list[ProcStat]] = {}
     by_pid = {stat.pid: stat for stat in stats}
@@ -112,7 +113,7 @@ def tree(roots: Iterable[int]) -> list[ProcStat]:
             continue
         found[stat.pid] = stat
         pending.extend(children.get(stat.pid, []))
-    return [stat for stat in found.values() if stat.state != "Z"]
+    return [stat for stat in found.values() if zombies or stat.state != "Z"]
 
 
 def cpu_seconds(stats: Iterable[ProcStat]) -> float:

@@ -257,6 +257,10 @@ class Daemon(Stoppable):
     host: str = HOST
     #: The launched command, or ``None`` when stopped.
     _process: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
+    #: What ``_launch`` was given, for ``restart``.
+    _launched: tuple[list[str], Path, Callable[[], str]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def ports(self) -> list[int]:
@@ -277,6 +281,16 @@ class Daemon(Stoppable):
         ):
             raise RuntimeError(f"{self.name} in {self.directory} still listens on {self.ports}")
 
+    def restart(self) -> None:
+        """Stop the daemon and start it again as it was (the robustness runs'
+        "backend down, then back")."""
+        if self._launched is None:
+            raise RuntimeError(f"{self.name} in {self.directory} was never started")
+        self.stop()
+        error = self._launch(*self._launched)
+        if error is not None:
+            raise RuntimeError(error)
+
     def _launch(self, command: list[str], output_path: Path, log: Callable[[], str]) -> str | None:
         """Run ``command`` until every port listens and :meth:`_ready`; else say why not.
 
@@ -285,6 +299,7 @@ class Daemon(Stoppable):
         or when it exits first, it is terminated and an explanation returned, with its
         output and what ``log()`` gained meanwhile.
         """
+        self._launched = (command, output_path, log)
         log_start = len(log())
         with output_path.open("wb") as output:
             self._process = subprocess.Popen(
