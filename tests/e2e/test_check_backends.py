@@ -201,7 +201,7 @@ def test_dovecot_wrong(
 
 
 def test_prosody(tmp_path: Path, test_certs: CertFiles, prosody: ProsodyInstance) -> None:
-    xmpp = {"protocol": "xmpp-client", "domains": [DOMAIN], "hostname": DOMAIN}
+    xmpp: dict[str, Any] = {"protocol": "xmpp-client", "domains": [DOMAIN], "hostname": DOMAIN}
     status, out = check_backends(
         tmp_path,
         test_certs,
@@ -228,7 +228,7 @@ def test_prosody(tmp_path: Path, test_certs: CertFiles, prosody: ProsodyInstance
 
 
 def test_ejabberd(tmp_path: Path, test_certs: CertFiles, ejabberd: EjabberdInstance) -> None:
-    xmpp = {"protocol": "xmpp-client", "domains": [DOMAIN], "hostname": DOMAIN}
+    xmpp: dict[str, Any] = {"protocol": "xmpp-client", "domains": [DOMAIN], "hostname": DOMAIN}
     status, out = check_backends(
         tmp_path,
         test_certs,
