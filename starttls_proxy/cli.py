@@ -1,4 +1,5 @@
-"""``starttls-proxy --config PATH [--check | --isolation-report]``, ``--version``."""
+"""``starttls-proxy --config PATH [--check | --check-backends | --isolation-report]``,
+``--version``."""
 
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="validate the configuration and certificates, then exit (0 = usable)",
     )
     parser.add_argument(
+        "--check-backends",
+        action="store_true",
+        help="meet every listener's backend as a session would, print a table with the "
+        "fixes, then exit (0 = every backend is usable as configured)",
+    )
+    parser.add_argument(
         "--isolation-report",
         action="store_true",
         help="probe every sandbox layer of the TLS workers for real, print a table, then exit "
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.isolation_report:
             return _isolation_report(config)
+        if args.check_backends:
+            return _check_backends(config)
         passed = _match_passed_sockets(config, sockets)
         # Before the event loop exists: the keeper is a fresh interpreter
         # and the helper a small C program it execs; the private keys are
@@ -112,6 +121,15 @@ def _match_passed_sockets(config: Config, sockets: PassedSockets) -> dict[str, s
     if problems:
         raise ConfigError(problems)
     return passed
+
+
+def _check_backends(config: Config) -> int:
+    from starttls_proxy.doctor import examine_all
+    from starttls_proxy.doctor_report import judge, table
+
+    verdicts = [judge(seen) for seen in uvloop.run(examine_all(config))]
+    print(table(verdicts))
+    return 0 if all(verdict.usable for verdict in verdicts) else 1
 
 
 def _main_user_row(config: Config) -> tuple[str, bool, str]:

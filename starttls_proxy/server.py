@@ -64,6 +64,48 @@ class ProbeError(Exception):
     pass
 
 
+def session_settings(config: ListenerConfig, capabilities: tuple[str, ...]) -> SessionSettings:
+    """What the machines of ``config``'s sessions are made with."""
+    return SessionSettings(
+        hostname=config.hostname,
+        tls_mode=config.tls,
+        require_tls=config.require_tls,
+        capabilities=capabilities,
+        identity=config.backend.identity,
+        max_line_length=config.max_line_length,
+        smtp_bare_line_endings=config.smtp.bare_line_endings,
+        max_literal_size=config.limits.max_literal_size,
+        max_stanza_size=config.limits.max_stanza_size,
+        max_xml_depth=config.limits.max_xml_depth,
+        max_attribute_size=config.limits.max_attribute_size,
+        domains=config.domains,
+    )
+
+
+async def probe_backend(config: ListenerConfig) -> tuple[str, ...]:
+    """Ask ``config``'s backend for its capabilities, over one short dialogue."""
+    spec = PROTOCOLS[config.protocol.value]
+    async with asyncio.timeout(config.timeouts.backend_connect):
+        reader, writer = await open_backend(config.backend.address)
+        try:
+            writer.write(identity.probe_header(config.backend.identity, own_connection(writer)))
+            probe = spec.probe(config.hostname)
+            while True:
+                while (out := probe.next_send()) is not None:
+                    writer.write(out)
+                if probe.error is not None:
+                    raise ProbeError(probe.error)
+                if probe.result is not None:
+                    await writer.drain()
+                    return probe.result
+                data = await reader.read(PROBE_READ_SIZE)
+                if not data:
+                    raise ProbeError("the backend closed the connection")
+                probe.receive_data(data)
+        finally:
+            writer.close()
+
+
 class ListenerRuntime:
     """One configured listener and what it learned at run time."""
 
@@ -85,21 +127,7 @@ class ListenerRuntime:
         self.probed = asyncio.Event()
 
     def _settings(self, capabilities: tuple[str, ...]) -> SessionSettings:
-        config = self.config
-        return SessionSettings(
-            hostname=config.hostname,
-            tls_mode=config.tls,
-            require_tls=config.require_tls,
-            capabilities=capabilities,
-            identity=config.backend.identity,
-            max_line_length=config.max_line_length,
-            smtp_bare_line_endings=config.smtp.bare_line_endings,
-            max_literal_size=config.limits.max_literal_size,
-            max_stanza_size=config.limits.max_stanza_size,
-            max_xml_depth=config.limits.max_xml_depth,
-            max_attribute_size=config.limits.max_attribute_size,
-            domains=config.domains,
-        )
+        return session_settings(self.config, capabilities)
 
     def probed_for(self, config: ListenerConfig) -> tuple[str, ...] | None:
         """What the probes learned, if ``config`` (a reload's) asks the same
@@ -119,28 +147,7 @@ class ListenerRuntime:
 
     async def probe(self) -> tuple[str, ...]:
         """Ask the backend for its capabilities, over one short dialogue."""
-        config = self.config
-        async with asyncio.timeout(config.timeouts.backend_connect):
-            reader, writer = await _open(config.backend.address)
-            try:
-                writer.write(
-                    identity.probe_header(config.backend.identity, _own_connection(writer))
-                )
-                probe = self.spec.probe(config.hostname)
-                while True:
-                    while (out := probe.next_send()) is not None:
-                        writer.write(out)
-                    if probe.error is not None:
-                        raise ProbeError(probe.error)
-                    if probe.result is not None:
-                        await writer.drain()
-                        return probe.result
-                    data = await reader.read(PROBE_READ_SIZE)
-                    if not data:
-                        raise ProbeError("the backend closed the connection")
-                    probe.receive_data(data)
-            finally:
-                writer.close()
+        return await probe_backend(self.config)
 
     async def probe_forever(self) -> None:
         """Keep the advertised capabilities equal to the backend's."""
@@ -156,7 +163,7 @@ class ListenerRuntime:
                     "%s: capability probe of %s failed (%s); advertising %s",
                     self.config.name,
                     self.config.backend.address,
-                    _probe_failure(error, self.config.timeouts.backend_connect),
+                    probe_failure(error, self.config.timeouts.backend_connect),
                     " ".join(self.settings.capabilities),
                 )
             else:
@@ -170,7 +177,7 @@ class ListenerRuntime:
             await asyncio.sleep(self.config.backend.probe_interval)
 
 
-def _probe_failure(error: Exception, timeout: float) -> str:
+def probe_failure(error: Exception, timeout: float) -> str:
     """What ended a probe, for its log line: ``asyncio.timeout``'s
     TimeoutError carries no message at all."""
     if isinstance(error, TimeoutError) and not str(error):
@@ -178,7 +185,7 @@ def _probe_failure(error: Exception, timeout: float) -> str:
     return str(error) or repr(error)
 
 
-def _own_connection(writer: asyncio.StreamWriter) -> Peer:
+def own_connection(writer: asyncio.StreamWriter) -> Peer:
     local = writer.get_extra_info("sockname")
     remote = writer.get_extra_info("peername")
     if not isinstance(local, tuple) or not isinstance(remote, tuple):  # a unix socket
@@ -186,7 +193,7 @@ def _own_connection(writer: asyncio.StreamWriter) -> Peer:
     return Peer(local[0], local[1], remote[0], remote[1])
 
 
-async def _open(address: SocketAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_backend(address: SocketAddress) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     if address.unix_path is not None:
         return await asyncio.open_unix_connection(address.unix_path)
     return await asyncio.open_connection(address.host, address.port)

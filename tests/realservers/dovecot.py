@@ -303,8 +303,15 @@ def _write_users(base: Path, uid: int, gid: int) -> None:
     users.chmod(0o644)
 
 
-def start_dovecot(base: Path, cert: Path, key: Path) -> DovecotInstance:
+def start_dovecot(
+    base: Path, cert: Path, key: Path, *, host: str = HOST, trusted: str = TRUSTED_CLIENT
+) -> DovecotInstance:
     """Configure and start a Dovecot instance in ``base``; return once it accepts connections.
+
+    ``host``: the address every listener binds; ``trusted``: its
+    ``login_trusted_networks`` (a Dovecot on 127.0.0.2 that does not trust
+    127.0.0.1 shows what an untrusted proxy gets: its connections then come
+    from an address other than the local one).
 
     ``base`` is created if needed (mode 755, ancestors made traversable for Dovecot's
     unprivileged users); ``cert`` (leaf plus chain) and ``key`` are PEM files readable
@@ -324,9 +331,10 @@ def start_dovecot(base: Path, cert: Path, key: Path) -> DovecotInstance:
 
     # free_port() races with other processes: retry with new ports if one got taken.
     for attempt in range(1, START_ATTEMPTS + 1):
-        imap, imap_proxy, pop3, pop3_proxy = distinct_free_ports(4, HOST)
+        imap, imap_proxy, pop3, pop3_proxy = distinct_free_ports(4, host)
         instance = DovecotInstance(
             directory=base,
+            host=host,
             imap_port=imap,
             imap_proxy_port=imap_proxy,
             pop3_port=pop3,
@@ -335,13 +343,13 @@ def start_dovecot(base: Path, cert: Path, key: Path) -> DovecotInstance:
         instance.config_path.write_text(
             _DOVECOT_CONF.format(
                 base=_check_config_path(base),
-                host=HOST,
+                host=host,
                 cert=_check_config_path(cert.absolute()),
                 key=_check_config_path(key.absolute()),
-                trusted=TRUSTED_CLIENT,
+                trusted=trusted,
             )
-            + _PROTOCOL_CONF.format(protocol="imap", host=HOST, port=imap, proxy_port=imap_proxy)
-            + _PROTOCOL_CONF.format(protocol="pop3", host=HOST, port=pop3, proxy_port=pop3_proxy)
+            + _PROTOCOL_CONF.format(protocol="imap", host=host, port=imap, proxy_port=imap_proxy)
+            + _PROTOCOL_CONF.format(protocol="pop3", host=host, port=pop3, proxy_port=pop3_proxy)
         )
         check = run_command([doveconf, "-c", str(instance.config_path), "-n"])
         if check.returncode != 0:
