@@ -270,7 +270,7 @@ def run(config: Path, arguments: Sequence[str]) -> int:
             print(f"starting a demo {server.name} on {HOST}...", file=sys.stderr, flush=True)
             try:
                 daemon = stack.enter_context(server.start(directory / server.program))
-            except (RuntimeError, OSError) as error:
+            except (RuntimeError, OSError, ValueError) as error:
                 print(error, file=sys.stderr, flush=True)
                 skipped[server.name] = "it did not start (why: above, before the proxy's log)"
                 continue
