@@ -36,8 +36,10 @@ wanted="$(cat pyproject.toml setup.py starttls_proxy/tlshelper/*.[ch] starttls_p
     starttls_proxy/keyservice/*.[ch] starttls_proxy/include/*.h | sha256sum | cut -d' ' -f1)"
 [ -x starttls_proxy/tlshelper/stp-helper ] && [ -f starttls_proxy/provider/keyref.so ] \
     && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
-    || rm -f "$stamp"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    || rm -f .venv/.installed .venv/.installed\[test\]
+# An install with the test tools is also a plain one (run-example.sh after test.sh).
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \
+    && { [ -n "$extras" ] || [ "$(cat '.venv/.installed[test]' 2>/dev/null)" != "$wanted" ]; }; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e ".$extras"
     echo "$wanted" > "$stamp"

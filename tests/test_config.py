@@ -14,6 +14,7 @@ from protocols.registry import PROTOCOLS
 from starttls_proxy.cli import main
 from starttls_proxy.config import Protocol, load_config
 from starttls_proxy.settings import ConfigError
+from tests.realservers import demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,6 +192,27 @@ def test_example_config_checks_as_shipped(tmp_path: Path) -> None:
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_example_config_points_at_the_demo_servers() -> None:
+    """scripts/run-example.sh starts its demo servers on these ports and prints
+    commands for these listeners (tests/realservers/demo.py)."""
+    listeners = yaml.safe_load((ROOT / "config.example.yaml").read_text())["listeners"]
+    routes = {entry["name"]: (entry["listen"], entry["backend"]["address"]) for entry in listeners}
+    postfix_plain, postfix_proxy, _ = demo.POSTFIX_PORTS
+    dovecot_imap, _, _, dovecot_pop3_proxy = demo.DOVECOT_PORTS
+    expected = {
+        "smtp": (demo.SMTP_PORT, postfix_plain),
+        "submissions": (demo.SUBMISSIONS_PORT, postfix_proxy),
+        "imap": (demo.IMAP_PORT, dovecot_imap),
+        "pop3": (demo.POP3_PORT, dovecot_pop3_proxy),
+        "xmpp": (demo.XMPP_PORT, demo.PROSODY_PORT),
+    }
+    assert routes == {
+        name: (f"127.0.0.1:{listen}", f"127.0.0.1:{backend}")
+        for name, (listen, backend) in expected.items()
+    }
+    assert set(demo.PROXY_PORTS) == {listen for listen, _ in expected.values()}
 
 
 def test_every_protocol_the_configuration_takes_has_a_machine() -> None:

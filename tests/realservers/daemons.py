@@ -12,7 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +31,8 @@ INSTALL_HINT = "run `sudo scripts/install-system-deps.sh` to install it"
 START_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
 COMMAND_TIMEOUT = 60.0
+#: How often a daemon is started on new free ports when one was taken meanwhile.
+START_ATTEMPTS = 3
 
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -122,6 +124,7 @@ class ProcessStat:
     state: str
     parent: int
     group: int
+    session: int
 
 
 def process_table() -> list[ProcessStat]:
@@ -134,9 +137,9 @@ def process_table() -> list[ProcessStat]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        # After "pid (command)": state, ppid, pgrp, ...
-        state, parent, group = stat.rpartition(")")[2].split()[:3]
-        table.append(ProcessStat(int(entry.name), state, int(parent), int(group)))
+        # After "pid (command)": state, ppid, pgrp, session, ...
+        state, parent, group, session = stat.rpartition(")")[2].split()[:4]
+        table.append(ProcessStat(int(entry.name), state, int(parent), int(group), int(session)))
     return table
 
 
@@ -167,6 +170,24 @@ def distinct_free_ports(count: int, host: str) -> list[int]:
         if port not in ports:
             ports.append(port)
     return ports
+
+
+def port_attempts(
+    fixed: Sequence[int] | None, count: int, host: str = HOST
+) -> Iterator[tuple[list[int], bool]]:
+    """The ports to start a daemon on, each try with whether it is the last.
+
+    ``fixed`` ports (``count`` of them) are tried once: whoever chose them wants those or
+    nothing.  Otherwise free ports, :data:`START_ATTEMPTS` times, since ``free_port()``
+    races with other processes.
+    """
+    if fixed is not None:
+        if len(fixed) != count:
+            raise ValueError(f"{count} ports wanted, got {list(fixed)}")
+        yield list(fixed), True
+        return
+    for attempt in range(1, START_ATTEMPTS + 1):
+        yield distinct_free_ports(count, host), attempt == START_ATTEMPTS
 
 
 def _poll(

@@ -38,6 +38,7 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,10 +50,10 @@ from tests.realservers.daemons import (
     USERS,
     Daemon,
     InDirectory,
-    distinct_free_ports,
     find_program,
     kill,
     nobody_ids,
+    port_attempts,
     prepare_base,
     read_log,
     require_root,
@@ -77,9 +78,6 @@ def message_to_bob(token: str, body: bytes) -> bytes:
 #: Protocol -> the proxy listener that tells Dovecot who the client is with
 #: the protocol's own command (trusted from TRUSTED_CLIENT), and that identity.
 NATIVE_IDENTITY = {"imap": ("imapid", "imap-id"), "pop3": ("xclient", "pop3-xclient")}
-
-#: How often start_dovecot() tries new ports when one was taken meanwhile.
-START_ATTEMPTS = 3
 
 
 @dataclass
@@ -304,11 +302,18 @@ def _write_users(base: Path, uid: int, gid: int) -> None:
 
 
 def start_dovecot(
-    base: Path, cert: Path, key: Path, *, host: str = HOST, trusted: str = TRUSTED_CLIENT
+    base: Path,
+    cert: Path,
+    key: Path,
+    ports: Sequence[int] | None = None,
+    *,
+    host: str = HOST,
+    trusted: str = TRUSTED_CLIENT,
 ) -> DovecotInstance:
     """Configure and start a Dovecot instance in ``base``; return once it accepts connections.
 
-    ``host``: the address every listener binds; ``trusted``: its
+    ``ports`` are the IMAP, IMAP PROXY, POP3 and POP3 PROXY listeners' (default: free
+    ones). ``host``: the address every listener binds; ``trusted``: its
     ``login_trusted_networks`` (a Dovecot on 127.0.0.2 that does not trust
     127.0.0.1 shows what an untrusted proxy gets: its connections then come
     from an address other than the local one).
@@ -329,9 +334,7 @@ def start_dovecot(
     os.chown(base / "mail", uid, gid)
     _write_users(base, uid, gid)
 
-    # free_port() races with other processes: retry with new ports if one got taken.
-    for attempt in range(1, START_ATTEMPTS + 1):
-        imap, imap_proxy, pop3, pop3_proxy = distinct_free_ports(4, host)
+    for (imap, imap_proxy, pop3, pop3_proxy), last in port_attempts(ports, 4, host):
         instance = DovecotInstance(
             directory=base,
             host=host,
@@ -364,6 +367,6 @@ def start_dovecot(
         )
         if error is None:
             return instance
-        if attempt == START_ATTEMPTS or "Address already in use" not in error:
+        if last or "Address already in use" not in error:
             raise RuntimeError(error)
     raise AssertionError("unreachable")

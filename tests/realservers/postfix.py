@@ -31,6 +31,7 @@ import shlex
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -41,10 +42,10 @@ from tests.realservers.daemons import (
     STOP_TIMEOUT,
     Daemon,
     InDirectory,
-    distinct_free_ports,
     find_program,
     kill,
     nobody_ids,
+    port_attempts,
     prepare_base,
     read_log,
     require_root,
@@ -52,9 +53,6 @@ from tests.realservers.daemons import (
     tail,
     wait_for_text,
 )
-
-#: How often start_postfix() tries new ports when one was taken meanwhile.
-START_ATTEMPTS = 3
 
 
 @dataclass
@@ -308,13 +306,16 @@ def _run_with_tty(command: list[str]) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
+def start_postfix(
+    base: Path, cert: Path, key: Path, ports: Sequence[int] | None = None
+) -> PostfixInstance:
     """Configure and start a Postfix instance in ``base``; return once it accepts connections.
 
-    ``base`` is created if needed (mode 755, ancestors made traversable for the
-    ``postfix`` and ``nobody`` users); ``cert`` (leaf plus chain) and ``key`` are PEM
-    files readable by root.  Raises :class:`RuntimeError` with Postfix's output when
-    the configuration check or the start fails, or when not running as root.
+    ``ports`` are the plain, PROXY and TLS listeners' (default: free ones).  ``base`` is
+    created if needed (mode 755, ancestors made traversable for the ``postfix`` and
+    ``nobody`` users); ``cert`` (leaf plus chain) and ``key`` are PEM files readable by
+    root.  Raises :class:`RuntimeError` with Postfix's output when the configuration check
+    or the start fails, or when not running as root.
     """
     require_root("Postfix")
     postfix = find_program("postfix")
@@ -337,9 +338,7 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
             gid=gid,
         )
     )
-    # free_port() races with other processes: retry with new ports if one got taken.
-    for attempt in range(1, START_ATTEMPTS + 1):
-        plain, proxy, tls = distinct_free_ports(3, HOST)
+    for (plain, proxy, tls), last in port_attempts(ports, 3):
         (conf / "master.cf").write_text(
             _MASTER_CF.format(host=HOST, plain=plain, proxy=proxy, tls=tls)
         )
@@ -357,10 +356,7 @@ def start_postfix(base: Path, cert: Path, key: Path) -> PostfixInstance:
         )
         if error is None:
             return instance
-        if (
-            attempt == START_ATTEMPTS
-            or "Address already in use" not in instance.maillog()[log_start:]
-        ):
+        if last or "Address already in use" not in instance.maillog()[log_start:]:
             raise RuntimeError(error)
     raise AssertionError("unreachable")
 

@@ -30,6 +30,7 @@ from tests.realservers.daemons import (
     Daemon,
     InDirectory,
     find_program,
+    port_attempts,
     prepare_base,
     read_log,
     require_root,
@@ -37,12 +38,9 @@ from tests.realservers.daemons import (
     stop_process,
     wait_for_text,
 )
-from tests.realservers.net import free_port
 
 #: The XMPP domain served.
 DOMAIN = "localhost"
-#: Accounts on :data:`DOMAIN`: name -> password.
-START_ATTEMPTS = 3
 
 
 @dataclass
@@ -104,8 +102,11 @@ def _check_config_path(path: Path) -> str:
     return text
 
 
-def start_prosody(base: Path) -> ProsodyInstance:
-    """Configure Prosody in ``base``, create the accounts, start it; return once it listens."""
+def start_prosody(base: Path, port: int | None = None) -> ProsodyInstance:
+    """Configure Prosody in ``base``, create the accounts, start it; return once it listens.
+
+    ``port`` is the c2s listener's (default: a free one).
+    """
     require_root("Prosody")
     prosody = find_program("prosody")
     prosodyctl = find_program("prosodyctl")
@@ -114,8 +115,8 @@ def start_prosody(base: Path) -> ProsodyInstance:
         raise RuntimeError(f"Prosody (or setpriv) is not installed; {INSTALL_HINT}")
     base = prepare_base(base, ("data",))
     user = pwd.getpwnam("prosody")
-    for attempt in range(1, START_ATTEMPTS + 1):
-        instance = ProsodyInstance(directory=base, port=free_port(HOST))
+    for (chosen,), last in port_attempts(None if port is None else [port], 1):
+        instance = ProsodyInstance(directory=base, port=chosen)
         instance.config_path.write_text(
             _CONFIG.format(
                 base=_check_config_path(base), host=HOST, port=instance.port, domain=DOMAIN
@@ -143,6 +144,6 @@ def start_prosody(base: Path) -> ProsodyInstance:
         )
         if error is None:
             return instance
-        if attempt == START_ATTEMPTS or "already in use" not in error:
+        if last or "already in use" not in error:
             raise RuntimeError(error)
     raise AssertionError("unreachable")
