@@ -33,7 +33,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +84,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def running_stack(base: Path, metrics_port: int, **proxy_options: Any) -> Iterator[Stack]:
-    """Every server and the proxy, on loopback under ``base``; stopped after."""
+def running_stack(
+    base: Path, metrics_port: int, listener_options: Mapping[str, Any] | None = None
+) -> Iterator[Stack]:
+    """Every server and the proxy, on loopback under ``base``, each listener
+    with ``listener_options`` (limits, timeouts); stopped after."""
+    options = listener_options or {}
     certs = write_test_certs(base / "certs", trustme.CA(), ("localhost",))
     with contextlib.ExitStack() as stack:
         dovecot = stack.enter_context(start_dovecot(base / "dovecot", certs.cert, certs.key))
@@ -94,18 +98,25 @@ def running_stack(base: Path, metrics_port: int, **proxy_options: Any) -> Iterat
         prosody = stack.enter_context(start_prosody(base / "prosody"))
         for user in ("alice", "bob"):
             place_imap_message(dovecot.mailbox_path(user), STORED)
+        proxy_v2 = {"identity": "proxy-v2"}
         proxy = start_proxy(
             base / "proxy",
             [(certs.cert, certs.key)],
             [
-                listener("smtp", postfix.plain_port, backend={"identity": "xclient"}),
-                listener("imap", dovecot.imap_proxy_port, "imap", backend={"identity": "proxy-v2"}),
-                listener("pop3", dovecot.pop3_proxy_port, "pop3", backend={"identity": "proxy-v2"}),
-                listener("xmpp", prosody.port, "xmpp-client", hostname=DOMAIN, domains=[DOMAIN]),
+                listener("smtp", postfix.plain_port, backend={"identity": "xclient"}, **options),
+                listener("imap", dovecot.imap_proxy_port, "imap", backend=proxy_v2, **options),
+                listener("pop3", dovecot.pop3_proxy_port, "pop3", backend=proxy_v2, **options),
+                listener(
+                    "xmpp",
+                    prosody.port,
+                    "xmpp-client",
+                    hostname=DOMAIN,
+                    domains=[DOMAIN],
+                    **options,
+                ),
             ],
             log_level="info",
             metrics={"listen": f"127.0.0.1:{metrics_port}"},
-            **proxy_options,
         )
         stack.callback(proxy.stop)
         yield Stack(certs, postfix, dovecot, prosody, proxy, metrics_port)

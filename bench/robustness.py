@@ -1,8 +1,9 @@
 """``python -m bench.robustness``: write docs/robustness.md from the figures
 the robustness runs left in docs/robustness/ (``faults.json`` from
 ``python -m bench.faults``, ``soak.json`` and its plot from
-``python -m bench.soak``, ``fuzz.json`` from ``python -m tests.fuzz
---report``). Each run re-renders the page, keeping the others' figures."""
+``python -m bench.soak``, ``exhaustion.json`` from ``python -m
+bench.exhaustion``, ``fuzz.json`` from ``python -m tests.fuzz --report``).
+Each run re-renders the page, keeping the others' figures."""
 
 from __future__ import annotations
 
@@ -123,6 +124,53 @@ def _soak(figures: dict[str, Any]) -> str:
     )
 
 
+def _exhaustion(figures: dict[str, Any]) -> str:
+    rows = [
+        [
+            attack["attack"],
+            f"{attack['held']} held, {attack['refused']} refused",
+            attack["uss_kib_per_connection"],
+            attack["pss_kib_per_connection"],
+            attack["pte_kib_per_connection"],
+            attack["extra_processes"],
+            attack["all_cut_after_s"]
+            if attack["still_open"] == 0
+            else f"{attack['still_open']} still open",
+            f"{attack['legitimate_sessions']} ok, slowest {attack['legitimate_max_ms']} ms"
+            + (
+                f"; {attack['legitimate_refused']} refused ({attack['legitimate_refusal']})"
+                if attack["legitimate_refused"]
+                else ""
+            ),
+        ]
+        for attack in figures["attacks"]
+    ]
+    return (
+        "\n## Resource exhaustion (`python -m bench.exhaustion`)\n\n"
+        f"Against the SMTP listener with `max_connections: {figures['max_connections']}` and "
+        f"deadlines of {figures['deadline_s']} s (`timeouts.pre_tls`, `timeouts.command`) and "
+        f"{figures['handshake_deadline_s']} s (`timeouts.handshake`), shorter than the defaults "
+        "(60, 60, 30) so that the run is quick; the cost per connection does not depend on them. "
+        "Each attacker connection comes from an address of its own (one address is held to "
+        "`max_connections_per_client`, 50 by default). Meanwhile a legitimate client delivers "
+        "a message every half second: while the attackers hold every slot it gets the busy "
+        "reply at once, and it is served again as soon as the deadlines free them.\n\n"
+        + _table(
+            [
+                "attack",
+                "connections",
+                "USS KiB each",
+                "PSS KiB each",
+                "page tables KiB each",
+                "extra processes",
+                "all cut after, s",
+                "legitimate client",
+            ],
+            rows,
+        )
+    )
+
+
 def _fuzz(figures: dict[str, Any]) -> str:
     rows = [
         [t["target"], t["executions"], t["edges"], t["features"], t["corpus"], t["lines"]]
@@ -143,7 +191,12 @@ def _fuzz(figures: dict[str, Any]) -> str:
 def write_report() -> Path:
     """Render docs/robustness.md from whatever figures are there; its path."""
     sections = [_HEADER]
-    for name, render in (("faults.json", _faults), ("soak.json", _soak), ("fuzz.json", _fuzz)):
+    for name, render in (
+        ("faults.json", _faults),
+        ("exhaustion.json", _exhaustion),
+        ("soak.json", _soak),
+        ("fuzz.json", _fuzz),
+    ):
         figures = _load(name)
         if figures is not None:
             sections.append(render(figures))

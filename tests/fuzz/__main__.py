@@ -3,6 +3,7 @@
     python -m tests.fuzz --minutes 10            # all targets, time shared
     python -m tests.fuzz --runs 20000 smtp imap  # a fixed number of inputs
     python -m tests.fuzz --write-seeds           # rewrite tests/fuzz/corpus
+    python -m tests.fuzz --minutes 10 --report   # and put the figures in docs/robustness.md
 
 Each target runs under atheris (libFuzzer) in a process of its own, from
 the committed corpus; new inputs go to a scratch directory (``--keep DIR``
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -150,6 +152,9 @@ def main() -> int:
     budget.add_argument("--runs", type=int, help="inputs per target")
     parser.add_argument("--keep", type=Path, help="keep the new inputs in this directory")
     parser.add_argument("--write-seeds", action="store_true", help="rewrite the seed corpus")
+    parser.add_argument(
+        "--report", action="store_true", help="write the figures into docs/robustness.md"
+    )
     args = parser.parse_args()
     if args.write_seeds:
         write_seeds()
@@ -163,6 +168,7 @@ def main() -> int:
         seconds = max(1, int((args.minutes or 1) * 60 / len(names)))
     scratch = args.keep or Path(tempfile.mkdtemp(prefix="fuzz-"))
     failed = False
+    rows: list[dict[str, object]] = []
     print(
         f"{'target':<13} {'executions':>10} {'edges':>6} {'features':>8} {'corpus':>6} "
         f"{'lines':>11} {'seconds':>7}"
@@ -177,11 +183,30 @@ def main() -> int:
             f"{figures['seconds']:>7}",
             flush=True,
         )
+        rows.append(
+            {
+                "target": name,
+                **{key: figures.get(key, "?") for key in ("executions", "edges", "features")},
+                "corpus": figures.get("corpus", "?"),
+                "lines": lines,
+            }
+        )
         if "crash" in figures:
             failed = True
             print(f"  CRASH: {figures['crash']}\n{figures['log']}", flush=True)
     print(f"new inputs in {scratch}")
+    if args.report:
+        _report(rows, args.minutes or 0, crashes=sum(1 for _ in scratch.rglob("crash-*")))
     return 1 if failed else 0
+
+
+def _report(rows: list[dict[str, object]], minutes: float, crashes: int) -> None:
+    from bench.robustness import DOCS, write_report
+
+    DOCS.mkdir(parents=True, exist_ok=True)
+    figures = {"minutes": minutes, "crashes": crashes, "targets": rows}
+    (DOCS / "fuzz.json").write_text(json.dumps(figures, indent=1) + "\n")
+    print(write_report())
 
 
 if __name__ == "__main__":
