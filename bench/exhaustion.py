@@ -22,7 +22,6 @@ it was refused). Figures go to docs/robustness.md (``bench.robustness``).
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import ssl
 import tempfile
@@ -33,7 +32,7 @@ from pathlib import Path
 
 from bench.mixed import Stack, run_session, running_stack, source_addresses
 from bench.procfs import total_memory, tree_memory
-from bench.robustness import DOCS, write_report
+from bench.robustness import record
 from tests.realservers.net import free_port
 
 #: The listener's limits and deadlines for the run, seconds.
@@ -178,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         figures = run(args.connections, Path(directory))
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "exhaustion.json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(write_report())
+    print(record("exhaustion", figures))
     return 0
 
 

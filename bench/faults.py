@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import json
 import os
 import random
 import signal
@@ -40,7 +39,7 @@ from bench.mixed import (
     source_addresses,
 )
 from bench.procfs import fd_count, status_kb, tree
-from bench.robustness import DOCS, write_report
+from bench.robustness import record
 from tests.realservers.daemons import kill
 from tests.realservers.net import free_port
 
@@ -267,9 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as cleanup:
         base = args.keep or Path(cleanup.enter_context(tempfile.TemporaryDirectory()))
         figures = run(args.sessions, args.concurrency, base)
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "faults.json").write_text(json.dumps(figures, indent=2) + "\n")
-    print(write_report())
+    print(record("faults", figures))
     return 0
 
 

@@ -188,6 +188,14 @@ def _fuzz(figures: dict[str, Any]) -> str:
     )
 
 
+def record(name: str, figures: Any) -> Path:
+    """Keep a run's ``figures`` as ``docs/robustness/NAME.json`` and render
+    the page again; the page's path."""
+    DOCS.mkdir(parents=True, exist_ok=True)
+    (DOCS / f"{name}.json").write_text(json.dumps(figures, indent=1) + "\n")
+    return write_report()
+
+
 def write_report() -> Path:
     """Render docs/robustness.md from whatever figures are there; its path."""
     sections = [_HEADER]

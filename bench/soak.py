@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import statistics
 import tempfile
 import threading
@@ -32,7 +31,7 @@ from bench.mixed import (
     source_addresses,
 )
 from bench.procfs import status_kb, tree
-from bench.robustness import DOCS, write_report
+from bench.robustness import DOCS, record
 from tests.realservers.net import free_port
 
 #: The processes that live as long as the proxy (workers come and go).
@@ -162,10 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as directory:
         figures = run(args.sessions, args.concurrency, Path(directory))
-    DOCS.mkdir(parents=True, exist_ok=True)
-    (DOCS / "soak.json").write_text(json.dumps(figures, indent=1) + "\n")
     _plot(figures, DOCS / "soak-rss.png")
-    print(write_report())
+    print(record("soak", figures))
     return 0
 
 

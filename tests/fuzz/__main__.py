@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -201,12 +200,9 @@ def main() -> int:
 
 
 def _report(rows: list[dict[str, object]], minutes: float, crashes: int) -> None:
-    from bench.robustness import DOCS, write_report
+    from bench.robustness import record
 
-    DOCS.mkdir(parents=True, exist_ok=True)
-    figures = {"minutes": minutes, "crashes": crashes, "targets": rows}
-    (DOCS / "fuzz.json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(write_report())
+    print(record("fuzz", {"minutes": minutes, "crashes": crashes, "targets": rows}))
 
 
 if __name__ == "__main__":
