@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from starttls_proxy.admission import Refusal
-
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 CONNECTIONS = Counter(
@@ -31,11 +29,6 @@ REFUSED_PER_CLIENT = Counter(
     ["listener"],
     registry=REGISTRY,
 )
-#: The counter of each reason for the busy reply.
-REFUSED = {
-    Refusal.MAX_CONNECTIONS: REFUSED_BUSY,
-    Refusal.MAX_CONNECTIONS_PER_CLIENT: REFUSED_PER_CLIENT,
-}
 PROXY_HEADER_REFUSED = Counter(
     "starttls_proxy_inbound_proxy_header_refused_total",
     "Connections from trusted_proxies closed for a missing or malformed PROXY header.",

@@ -1,9 +1,9 @@
 """The connection driver: one ``Session`` per accepted client.
 
 It is the only place where a protocol machine meets real transports (as
-uvicorn's ``H11Protocol`` drives h11). Transport callbacks feed the machine;
-every command the machine returns is one transport action. There is no
-parsing here.
+uvicorn's ``H11Protocol`` drives h11). Transport callbacks (``endpoints.py``)
+feed the machine; every command the machine returns is one transport
+action. The protocols are parsed by the machines, not here.
 
 A session's client side changes once: before TLS it is the accepted TCP
 socket; at ``StartTLS`` the socket is handed to a TLS worker and from then on
@@ -20,9 +20,8 @@ import os
 import socket
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from protocols import proxy_header
 from protocols._base import (
     CloseConnection,
     OpenBackend,
@@ -34,15 +33,9 @@ from protocols._base import (
     TLSInfo,
 )
 from starttls_proxy import identity, metrics
+from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
 from starttls_proxy.handoff import HandoffError
-from starttls_proxy.wire import (
-    MAX_REPORT_SIZE,
-    REPORT_HEADER,
-    HandshakeFailure,
-    SpawnRequest,
-    read_report,
-    usable_hint,
-)
+from starttls_proxy.wire import HandshakeFailure, SpawnRequest, usable_hint
 
 if TYPE_CHECKING:
     from starttls_proxy.config import ListenerConfig
@@ -55,8 +48,6 @@ log = logging.getLogger(__name__)
 HOLD_LIMIT = 64 * 1024
 #: How long the upgrade reply may take to leave before the handoff gives up.
 FLUSH_TIMEOUT = 5.0
-#: How long a closing client connection waits for the client's FIN.
-LINGER_TIMEOUT = 2.0
 #: The main process waits this much longer than the worker's own deadline.
 HANDSHAKE_GRACE = 2.0
 
@@ -100,105 +91,6 @@ class Deadline(enum.Enum):
             Deadline.IDLE: "idle for",
         }[self]
         return f"{what} {seconds:g} s"
-
-
-class Endpoint(asyncio.Protocol):
-    """Forwards one transport's callbacks to its session."""
-
-    def __init__(self, session: Session | None, side: Side) -> None:
-        #: ``None`` only for a client connection refused before its session.
-        self.session = session
-        self.side = side
-        self.transport: asyncio.Transport | None = None
-        #: While not ``None``, received bytes are kept here instead of going
-        #: to the session: a backend's greeting until the machine knows the
-        #: backend is connected; a client's first TLS bytes read between
-        #: the upgrade and the handoff (they travel to the worker). Holding
-        #: beats pause_reading(), which uvloop ignores inside connection_made.
-        self.held: bytearray | None = bytearray() if side is Side.BACKEND else None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        if self.held is not None:
-            self.held += data
-        elif self.session is not None:
-            self.session.data_received(self.side, data)
-
-    def close_lingering(self) -> None:
-        """Send what is queued and a FIN, then wait a little for the peer's.
-
-        Closing a socket that still has unread input sends a RST, and a RST
-        can destroy the final reply before the client reads it.
-        """
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        transport.write_eof()
-        transport.resume_reading()
-        asyncio.get_running_loop().call_later(LINGER_TIMEOUT, transport.close)
-
-    def release(self) -> None:
-        """Deliver what was held and stop holding."""
-        held, self.held = self.held, None
-        if held and self.session is not None:
-            self.session.data_received(self.side, bytes(held))
-
-    def eof_received(self) -> bool:
-        if self.session is not None:
-            self.session.connection_lost(self)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.session is not None:
-            self.session.connection_lost(self)
-
-    def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session.set_write_paused(self.side, True)
-
-    def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session.set_write_paused(self.side, False)
-
-
-class ChannelEndpoint(Endpoint):
-    """The worker's plaintext channel: a report frame, then client bytes."""
-
-    def __init__(self, session: Session) -> None:
-        super().__init__(session, Side.CLIENT)
-        self._report: bytearray | None = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        assert self.session is not None
-        if self._report is None:
-            self.session.data_received(Side.CLIENT, data)
-            return
-        self._report += data
-        if len(self._report) < REPORT_HEADER.size:
-            return
-        (size,) = REPORT_HEADER.unpack_from(self._report)
-        if size > MAX_REPORT_SIZE:
-            self.session.close("malformed report from the TLS worker")
-            return
-        end = REPORT_HEADER.size + size
-        if len(self._report) < end:
-            return
-        report, rest = bytes(self._report[REPORT_HEADER.size : end]), bytes(self._report[end:])
-        self._report = None
-        try:
-            outcome = read_report(report, self.session.runtime.config.alpn_protocols)
-        except ValueError as error:
-            self.session.close(f"malformed report from the TLS worker: {error}")
-            return
-        self.session.tls_report(outcome, self)
-        if rest:
-            self.session.data_received(Side.CLIENT, rest)
 
 
 class Session:
@@ -584,101 +476,3 @@ class Session:
             "bytes_from_backend": self.bytes_from_backend,
             "duration_seconds": round(time.monotonic() - self.started, 3),
         }
-
-
-class ClientEndpoint(Endpoint):
-    """What a listener creates per accepted connection.
-
-    A connection from one of the listener's ``trusted_proxies`` must start
-    with a PROXY header (an L4 load balancer in front of several instances);
-    the session starts once it is read, with the addresses it announces.
-    """
-
-    def __init__(self, runtime: ListenerRuntime) -> None:
-        super().__init__(None, Side.CLIENT)
-        self.runtime = runtime
-        self._socket_peer: Peer | None = None
-        self._header_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        assert self.transport is not None
-        runtime = self.runtime
-        metrics.CONNECTIONS.labels(runtime.config.name, runtime.config.protocol.value).inc()
-        peername = transport.get_extra_info("peername")
-        if peername is None:
-            # Reset before the loop got to it (a balancer's health check
-            # does that): there is nobody to answer.
-            self.transport.abort()
-            return
-        client_host, client_port = peername[:2]
-        local_host, local_port = transport.get_extra_info("sockname")[:2]
-        peer = Peer(client_host, client_port, local_host, local_port)
-        if runtime.config.trusts(client_host):
-            self._socket_peer = peer
-            self.held = bytearray()
-            self._header_deadline = asyncio.get_running_loop().call_later(
-                runtime.config.timeouts.pre_tls, self._refuse, "no PROXY header in time"
-            )
-            return
-        self._open_session(peer)
-
-    def _open_session(self, peer: Peer) -> None:
-        runtime = self.runtime
-        refusal = runtime.sessions.refusal(peer.client_address, runtime.config.limits)
-        if refusal is None:
-            self.session = Session(runtime, self, peer)
-            return
-        metrics.REFUSED[refusal].labels(runtime.config.name).inc()
-        log.info(
-            "%s: %s:%s refused: %s reached",
-            runtime.config.name,
-            peer.client_address,
-            peer.client_port,
-            refusal.value,
-        )
-        assert self.transport is not None
-        self.transport.write(runtime.spec.machine.busy_reply(runtime.config.hostname))
-        self.close_lingering()
-
-    def data_received(self, data: bytes) -> None:
-        if self._socket_peer is None:
-            super().data_received(data)
-            return
-        assert self.held is not None
-        self.held += data
-        try:
-            header = proxy_header.parse(bytes(self.held))
-        except proxy_header.ProxyHeaderError as error:
-            self._refuse(str(error))
-            return
-        if header is None:
-            return
-        peer, self._socket_peer = self._socket_peer, None
-        if header.addresses is not None:
-            peer = Peer(*header.addresses)
-        rest, self.held = bytes(self.held[header.length :]), None
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-        self._open_session(peer)
-        if rest and self.session is not None:
-            # Through the endpoint: an implicit-TLS session is holding already.
-            self.data_received(rest)
-
-    def _refuse(self, reason: str) -> None:
-        assert self._socket_peer is not None
-        log.warning(
-            "%s: %s:%s: %s; closing",
-            self.runtime.config.name,
-            self._socket_peer.client_address,
-            self._socket_peer.client_port,
-            reason,
-        )
-        metrics.PROXY_HEADER_REFUSED.labels(self.runtime.config.name).inc()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-        super().connection_lost(exc)
