@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 from dataclasses import dataclass
 
+from protocols import proxy_header
 from protocols._base import (
     BackendIdentity,
     CloseConnection,
@@ -30,7 +31,6 @@ from protocols._base import (
     TLSMode,
 )
 from protocols.registry import PROTOCOLS
-from starttls_proxy import identity
 from starttls_proxy.config import Config, ListenerConfig, Protocol
 from starttls_proxy.server import (
     PROBE_READ_SIZE,
@@ -149,7 +149,9 @@ async def _session(listener: ListenerConfig, seen: Observation) -> None:
                         machine.backend_failed(probe_failure(error, timeout))
                         continue
                     seen.own_address = own_connection(backend[1]).client_address
-                    backend[1].write(identity.session_header(listener.backend.identity, peer, TLS))
+                    backend[1].write(
+                        proxy_header.session_header(listener.backend.identity, peer, TLS)
+                    )
                     machine.backend_connected()
                 case StartTLS():
                     seen.client_before, got = bytes(got), bytearray()

@@ -19,9 +19,10 @@ from typing import Any
 from cryptography import x509
 from prometheus_client import generate_latest
 
+from protocols import proxy_header
 from protocols._base import Peer, ProxyMachine, SessionSettings
 from protocols.registry import PROTOCOLS, ProtocolSpec
-from starttls_proxy import identity, metrics
+from starttls_proxy import metrics
 from starttls_proxy.admission import ClientEndpoint, SessionTable
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.handoff import TLSHelper
@@ -88,7 +89,7 @@ async def probe_backend(config: ListenerConfig) -> tuple[str, ...]:
     async with asyncio.timeout(config.timeouts.backend_connect):
         reader, writer = await open_backend(config.backend.address)
         try:
-            writer.write(identity.probe_header(config.backend.identity, own_connection(writer)))
+            writer.write(proxy_header.probe_header(config.backend.identity, own_connection(writer)))
             probe = spec.probe(config.hostname)
             while True:
                 while (out := probe.next_send()) is not None:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from protocols import proxy_header
 from protocols._base import (
     CloseConnection,
     OpenBackend,
@@ -32,7 +33,7 @@ from protocols._base import (
     StartTLS,
     TLSInfo,
 )
-from starttls_proxy import identity, metrics
+from starttls_proxy import metrics
 from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
 from starttls_proxy.handoff import HandoffError
 from starttls_proxy.wire import HandshakeFailure, SpawnRequest, usable_hint
@@ -269,7 +270,7 @@ class Session:
             transport.close()
             return
         self.backend = endpoint
-        header = identity.session_header(config.backend.identity, self.peer, self.tls)
+        header = proxy_header.session_header(config.backend.identity, self.peer, self.tls)
         if header:
             transport.write(header)
         self.machine.backend_connected()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocols._base import Peer, TLSInfo
-from starttls_proxy.identity import proxy_v2
+from protocols.proxy_header import proxy_v2
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import USERS, live_group_members
 from tests.realservers.dovecot import DovecotInstance, start_dovecot

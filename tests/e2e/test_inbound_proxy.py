@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
+from protocols import proxy_header
 from protocols._base import Peer
-from starttls_proxy import identity
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, read_until
 from tests.realservers.postfix import PostfixInstance
@@ -43,7 +43,7 @@ def test_header_from_trusted_balancer_names_the_client(
 ) -> None:
     claimed = f"198.51.100.{70 + version}"
     peer = Peer(claimed, 50000, "127.0.0.1", proxy.ports["balanced"])
-    header = identity.proxy_v1(peer) if version == 1 else identity.proxy_v2(peer, None)
+    header = proxy_header.proxy_v1(peer) if version == 1 else proxy_header.proxy_v2(peer, None)
     sock = _through_balancer(proxy, BALANCER, header)
     assert read_smtp_reply(sock).startswith(b"220 ")
     sock.sendall(b"STARTTLS\r\n")
@@ -61,7 +61,7 @@ def test_header_from_untrusted_address_is_not_honoured(
     proxy: ProxyProcess, postfix: PostfixInstance
 ) -> None:
     peer = Peer("198.51.100.99", 50000, "127.0.0.1", proxy.ports["balanced"])
-    sock = _through_balancer(proxy, STRANGER, identity.proxy_v1(peer))
+    sock = _through_balancer(proxy, STRANGER, proxy_header.proxy_v1(peer))
     refusal = b"530 5.7.0 Must issue a STARTTLS command first\r\n"
     # The header is just a line of text to the SMTP machine: refused.
     replies = read_until(sock, refusal)

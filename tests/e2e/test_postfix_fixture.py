@@ -12,10 +12,9 @@ import struct
 import time
 import uuid
 
+from protocols.proxy_header import V2_SIGNATURE
 from tests.realservers.certs import CertFiles
 from tests.realservers.postfix import PostfixInstance, header, header_values, message_body
-
-PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 
 #: A body with lines a careless proxy might mangle: a command word, and lines starting
 #: with a dot (smtplib stuffs ".x" to "..x" and "..x" to "...x" on the wire).
@@ -90,7 +89,7 @@ def test_proxy_port_takes_proxy_v2_header(postfix: PostfixInstance) -> None:
     addresses = socket.inet_aton("127.0.0.9") + socket.inet_aton("127.0.0.1")
     ports = struct.pack("!HH", 40009, postfix.proxy_port)
     proxy_header = (
-        PROXY_V2_SIGNATURE
+        V2_SIGNATURE
         + bytes([0x21, 0x11])
         + struct.pack("!H", len(addresses + ports))
         + addresses

@@ -24,7 +24,7 @@ import pytest
 import slixmpp
 
 from protocols._base import Peer, TLSInfo
-from starttls_proxy.identity import proxy_v2
+from protocols.proxy_header import proxy_v2
 from tests.realservers.certs import CertFiles
 from tests.realservers.ejabberd import EjabberdInstance
 from tests.realservers.prosody import ProsodyInstance
