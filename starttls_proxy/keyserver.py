@@ -45,9 +45,8 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
 
 Links and connections are served by ``_keyservice`` (C, linked with the
 system's libcrypto): each session wakes this process twice while its
-handshake waits, and a Python loop cost 0.6-0.9 ms of a cold interpreter
-each time. This module keeps what happens once: confinement, the keeper's
-messages, reading keys.
+handshake waits, too often for a Python loop's cold dispatch. This module
+keeps what happens once: confinement, the keeper's messages, reading keys.
 """
 
 from __future__ import annotations

@@ -1,13 +1,11 @@
 """The settings the root processes get: TLS certificates and isolation.
 
-The TLS helper forks a worker for every connection, and a fork copies (and
-its exit tears down) the page tables of everything the helper holds; the
-worker also carries every module the helper imported. So the helper must
-not import pydantic, the YAML parser or the protocol machines (together 9 of
-the helper's 25 MiB of anonymous memory; measured without them, a fork and
-exit of the helper's image costs 2.7 instead of 3.1 ms).
-These sections of the configuration are therefore plain frozen
-dataclasses, with their constraints as ``annotated_types`` metadata:
+The keeper and the key server run as root for as long as the proxy does;
+what they import is what an attacker who reached them would find, and
+memory they hold for hours. So they do not import pydantic, the YAML parser
+or the protocol machines (lxml among them). These sections of the
+configuration are therefore plain frozen dataclasses, with their
+constraints as ``annotated_types`` metadata:
 
 * the main process validates them inside the pydantic ``Config`` (config);
 * the keeper, which takes them from the unprivileged main process and
