@@ -27,6 +27,13 @@ from dataclasses import dataclass, field
 from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 
+def opens_tls(first_bytes: bytes) -> bool:
+    """Whether a client's first bytes are a TLS handshake record (RFC 8446
+    section 5.1, content type 22): a client that starts TLS at once, on a
+    port where it must ask first."""
+    return first_bytes[:1] == b"\x16"
+
+
 class Side(enum.Enum):
     """Which end of the proxied connection bytes came from or go to."""
 

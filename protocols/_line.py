@@ -28,6 +28,7 @@ from protocols._base import (
     TLSInfo,
     TLSMode,
     event,
+    opens_tls,
 )
 from protocols._buffers import LineBuffer, LineTooLong
 
@@ -131,10 +132,7 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         elif self.state is self.states["TLS_HANDSHAKE"]:
             # Not even buffered: see the class docstring.
             pass
-        elif (
-            self.state is self.states["PRE_TLS"] and not self._client_spoke and data[:1] == b"\x16"
-        ):
-            # A TLS record header: an implicit-TLS client on a STARTTLS port.
+        elif self.state is self.states["PRE_TLS"] and not self._client_spoke and opens_tls(data):
             self._end(f"TLS ClientHello before {self.upgrade_command}", reply=self.early_tls_reply)
         else:
             self._client_spoke = self._client_spoke or bool(data)

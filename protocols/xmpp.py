@@ -64,6 +64,7 @@ from protocols._base import (
     TLSMode,
     ending_transitions,
     event,
+    opens_tls,
 )
 from protocols._xmlstream import (
     NS_DIALBACK,
@@ -307,8 +308,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
             # Between <proceed/> and the handshake nothing from the client is
             # interpreted (RFC 6120 section 5.4.3.3): not even buffered.
             pass
-        elif self.state is State.PRE_TLS_HEADER and not self._client_spoke and data[:1] == b"\x16":
-            # A TLS record header: a direct-TLS client on a STARTTLS port.
+        elif self.state is State.PRE_TLS_HEADER and not self._client_spoke and opens_tls(data):
             self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
         else:
             self._client_spoke = self._client_spoke or bool(data)
