@@ -20,13 +20,14 @@ import os
 import socket
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from protocols import proxy_header
 from protocols._base import (
     CloseConnection,
     OpenBackend,
     Peer,
+    ProxyMachine,
     SendToBackend,
     SendToClient,
     Side,
@@ -35,12 +36,11 @@ from protocols._base import (
 )
 from starttls_proxy import metrics
 from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
-from starttls_proxy.handoff import HandoffError
+from starttls_proxy.handoff import HandoffError, TLSHelper
 from starttls_proxy.wire import HandshakeFailure, SpawnRequest, usable_hint
 
 if TYPE_CHECKING:
     from starttls_proxy.config import ListenerConfig
-    from starttls_proxy.server import ListenerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,32 @@ class Deadline(enum.Enum):
         return f"{what} {seconds:g} s"
 
 
+class Sessions(Protocol):
+    """Where a session is counted while it lasts."""
+
+    def add(self, session: Session) -> None: ...
+
+    def discard(self, session: Session) -> None: ...
+
+
+class Listener(Protocol):
+    """What a session needs of its listener (``server.ListenerRuntime``): its
+    configuration, a protocol machine, the TLS helper, its count of sessions."""
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+    @property
+    def helper(self) -> TLSHelper: ...
+
+    @property
+    def sessions(self) -> Sessions: ...
+
+    def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]: ...
+
+
 class Session:
-    def __init__(self, runtime: ListenerRuntime, endpoint: Endpoint, peer: Peer) -> None:
+    def __init__(self, runtime: Listener, endpoint: Endpoint, peer: Peer) -> None:
         """``peer``: the socket's addresses, or those a trusted load balancer
         announced in its PROXY header."""
         self.runtime = runtime
