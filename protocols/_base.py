@@ -72,7 +72,9 @@ class BareLineEndings(enum.Enum):
     #: Refuse the message and end the session, as Postfix 3.9 does against
     #: SMTP smuggling: the backend may see a line end where we saw none.
     REJECT = "reject"
-    #: Relay the bytes untouched (only for backends known to require CRLF).
+    #: Relay the bytes untouched: only for a backend that refuses them itself
+    #: (Postfix 3.9's smtpd_forbid_bare_newline); Postfix 3.7 ends DATA at a
+    #: bare-LF dot and runs what follows, which this lets through.
     ALLOW = "allow"
 
 
