@@ -34,6 +34,7 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dovecot import DovecotInstance
+from tests.realservers.memorytls import MemoryTLS
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
@@ -52,57 +53,6 @@ _sources = (f"127.0.7.{n}" for n in itertools.count(1))
 class Channel(Protocol):
     def sendall(self, data: bytes, /) -> Any: ...
     def recv(self, size: int, /) -> bytes: ...
-
-
-class MemoryTLS:
-    """A TLS client over ``ssl.MemoryBIO``: the test decides what travels in
-    the segment that carries its ClientHello."""
-
-    def __init__(self, sock: socket.socket, certs: CertFiles) -> None:
-        self._sock = sock
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._tls = certs.client_context().wrap_bio(
-            self._incoming, self._outgoing, server_hostname="localhost"
-        )
-
-    def handshake(self, before: bytes = b"", after: bytes = b"") -> None:
-        """Handshake, with ``before`` and ``after`` around the ClientHello in one send."""
-        first = True
-        while True:
-            try:
-                self._tls.do_handshake()
-            except ssl.SSLWantReadError:
-                flight = self._outgoing.read()
-                if first:
-                    flight, first = before + flight + after, False
-                self._sock.sendall(flight)
-                self._fill()
-            else:
-                self._sock.sendall(self._outgoing.read())
-                return
-
-    def _fill(self) -> bool:
-        data = self._sock.recv(65536)
-        if data:
-            self._incoming.write(data)
-        else:
-            self._incoming.write_eof()
-        return bool(data)
-
-    def sendall(self, data: bytes) -> None:
-        self._tls.write(data)
-        self._sock.sendall(self._outgoing.read())
-
-    def recv(self, size: int) -> bytes:
-        while True:
-            try:
-                return self._tls.read(size)
-            except ssl.SSLWantReadError:
-                if not self._fill():
-                    return b""
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
 
 
 def read_until(channel: Channel, done: Callable[[bytes], bool]) -> bytes:
