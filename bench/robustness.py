@@ -3,11 +3,15 @@ the robustness runs left in docs/robustness/ (``faults.json`` from
 ``python -m bench.faults``, ``soak.json`` and its plot from
 ``python -m bench.soak``, ``exhaustion.json`` from ``python -m
 bench.exhaustion``, ``fuzz.json`` from ``python -m tests.fuzz --report``).
-Each run re-renders the page, keeping the others' figures."""
+Each run re-renders the page, keeping the others' figures; ``--all`` runs
+them all, one after the other."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -212,5 +216,31 @@ def write_report() -> Path:
     return PAGE
 
 
-if __name__ == "__main__":
+def run_all(fuzz_minutes: float) -> None:
+    """Every long run, one after the other (about 15 minutes plus the fuzzing);
+    the page is rendered after each."""
+    from bench import exhaustion, faults, soak
+
+    for module in (faults, exhaustion, soak):
+        module.main([])
+    fuzz = [sys.executable, "-m", "tests.fuzz", "--minutes", f"{fuzz_minutes:g}", "--report"]
+    subprocess.run(fuzz, cwd=ROOT, check=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.robustness", description=__doc__)
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="run faults, exhaustion, soak and the fuzzers first (needs root)",
+    )
+    parser.add_argument("--fuzz-minutes", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    if args.all:
+        run_all(args.fuzz_minutes)
     print(write_report())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
