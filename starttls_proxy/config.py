@@ -31,6 +31,7 @@ from pydantic import (
 )
 
 from protocols._base import BackendIdentity, BareLineEndings, TLSMode
+from protocols.facts import FACTS, ProtocolFacts
 from starttls_proxy.settings import (
     CertificateConfig,
     ConfigError,
@@ -46,46 +47,6 @@ class Protocol(enum.Enum):
     POP3 = "pop3"
     XMPP_CLIENT = "xmpp-client"
     XMPP_SERVER = "xmpp-server"
-
-
-#: Identities each protocol can carry in-band, beyond the PROXY headers that
-#: work for all of them.
-IN_BAND_IDENTITIES: dict[Protocol, frozenset[BackendIdentity]] = {
-    Protocol.SMTP: frozenset({BackendIdentity.XCLIENT}),
-    Protocol.IMAP: frozenset({BackendIdentity.IMAP_ID}),
-    Protocol.POP3: frozenset({BackendIdentity.POP3_XCLIENT}),
-}
-
-#: Longest client command line per protocol, CRLF included. SMTP: Postfix's
-#: line_length_limit; IMAP: RFC 7162 section 4 asks for at least 8192, Dovecot
-#: allows 64 KiB (imap_max_line_length); POP3: RFC 2449 section 4 says 255,
-#: SASL initial responses need more; XMPP has no lines (stanza limits apply).
-DEFAULT_MAX_LINE_LENGTH: dict[Protocol, int] = {
-    Protocol.SMTP: 2048,
-    Protocol.IMAP: 65536,
-    Protocol.POP3: 2048,
-    Protocol.XMPP_CLIENT: 8192,
-    Protocol.XMPP_SERVER: 8192,
-}
-
-#: ALPN protocols offered on implicit-TLS listeners (XEP-0368 section 3).
-DEFAULT_ALPN: dict[Protocol, tuple[str, ...]] = {
-    Protocol.XMPP_CLIENT: ("xmpp-client",),
-    Protocol.XMPP_SERVER: ("xmpp-server",),
-}
-
-#: Session idle timeouts per protocol, in seconds. SMTP: RFC 5321 section
-#: 4.5.3.2.7 (5 minutes server timeout); IMAP: RFC 9051 section 5.4 (autologout
-#: no less than 30 minutes, IDLE sessions live for hours); POP3: RFC 1939
-#: section 3 (10 minutes); XMPP: whitespace keepalives are typically sent every
-#: few minutes, 15 minutes leaves room.
-DEFAULT_SESSION_IDLE: dict[Protocol, float] = {
-    Protocol.SMTP: 300.0,
-    Protocol.IMAP: 1800.0,
-    Protocol.POP3: 600.0,
-    Protocol.XMPP_CLIENT: 900.0,
-    Protocol.XMPP_SERVER: 900.0,
-}
 
 
 class _Model(BaseModel):
@@ -192,7 +153,7 @@ class Limits(_Model):
         ipaddress.ip_network("::1/128"),
     )
     #: Longest command line from a client, CRLF included; ``null`` = the
-    #: protocol's default (see DEFAULT_MAX_LINE_LENGTH).
+    #: protocol's default (``protocols.facts``).
     max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] | None = None
     #: IMAP: largest literal ``{n}`` in either direction, in octets.
     max_literal_size: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
@@ -257,15 +218,20 @@ class ListenerConfig(_Model):
     def _check_identity(self) -> ListenerConfig:
         identity = self.backend.identity
         proxy_headers = {BackendIdentity.NONE, BackendIdentity.PROXY_V1, BackendIdentity.PROXY_V2}
-        if identity not in proxy_headers | IN_BAND_IDENTITIES.get(self.protocol, frozenset()):
+        if identity not in proxy_headers | self.facts.in_band_identities:
             raise ValueError(
                 f"backend.identity {identity.value!r} is not available for {self.protocol.value}"
             )
         return self
 
     @property
+    def facts(self) -> ProtocolFacts:
+        """What this listener's protocol is (``protocols.facts``)."""
+        return FACTS[self.protocol.value]
+
+    @property
     def session_idle(self) -> float:
-        return self.timeouts.session_idle or DEFAULT_SESSION_IDLE[self.protocol]
+        return self.timeouts.session_idle or self.facts.session_idle
 
     def trusts(self, address: str) -> bool:
         """Whether a connection from ``address`` comes through a trusted balancer."""
@@ -273,13 +239,13 @@ class ListenerConfig(_Model):
 
     @property
     def max_line_length(self) -> int:
-        return self.limits.max_line_length or DEFAULT_MAX_LINE_LENGTH[self.protocol]
+        return self.limits.max_line_length or self.facts.max_line_length
 
     @property
     def alpn_protocols(self) -> tuple[str, ...]:
         if self.alpn is not None:
             return self.alpn
-        return DEFAULT_ALPN.get(self.protocol, ()) if self.tls is TLSMode.IMPLICIT else ()
+        return self.facts.alpn if self.tls is TLSMode.IMPLICIT else ()
 
 
 class MetricsConfig(_Model):

@@ -125,7 +125,7 @@ async def _unasked(listener: ListenerConfig, seen: Observation) -> None:
 async def _session(listener: ListenerConfig, seen: Observation) -> None:
     """One session through the listener's machine, to its end."""
     spec = PROTOCOLS[listener.protocol.value]
-    capabilities = listener.capabilities or seen.probed or spec.fallback_capabilities
+    capabilities = listener.capabilities or seen.probed or spec.facts.fallback_capabilities
     peer = Peer(CLIENT, 50000, _local_address(listener), listener.listen.port)
     machine = spec.machine(session_settings(listener, capabilities), peer)
     before, after = _scripts(listener)
@@ -201,7 +201,7 @@ async def examine(listener: ListenerConfig) -> Observation:
     spec = PROTOCOLS[listener.protocol.value]
     # As the running proxy: no probe where nothing would use its answer.
     if listener.capabilities is None and not (
-        spec.probe_only_for_plaintext and listener.require_tls
+        spec.facts.probe_only_for_plaintext and listener.require_tls
     ):
         try:
             seen.probed = await probe_backend(listener)

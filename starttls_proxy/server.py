@@ -122,7 +122,7 @@ class ListenerRuntime:
         self.server: asyncio.Server | None = None
         self.probed_capabilities = probed
         self.settings = self._settings(
-            config.capabilities or probed or self.spec.fallback_capabilities
+            config.capabilities or probed or self.spec.facts.fallback_capabilities
         )
         #: Set once the first probe has succeeded or failed.
         self.probed = asyncio.Event()
@@ -152,7 +152,7 @@ class ListenerRuntime:
 
     async def probe_forever(self) -> None:
         """Keep the advertised capabilities equal to the backend's."""
-        unused = self.spec.probe_only_for_plaintext and self.config.require_tls
+        unused = self.spec.facts.probe_only_for_plaintext and self.config.require_tls
         if self.config.capabilities is not None or unused:
             self.probed.set()
             return

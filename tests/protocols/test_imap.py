@@ -991,7 +991,7 @@ test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TR
 def test_registered_with_a_working_fallback() -> None:
     spec = PROTOCOLS["imap"]
     assert (spec.machine, spec.probe) == (IMAPMachine, IMAPCapabilityProbe)
-    machine = spec.machine(settings(capabilities=spec.fallback_capabilities), PEER)
+    machine = spec.machine(settings(capabilities=spec.facts.fallback_capabilities), PEER)
     run(
         machine,
         SendToClient(

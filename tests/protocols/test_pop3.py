@@ -788,4 +788,4 @@ def test_probe_errors(greeting: bytes, capa_reply: bytes, error: str) -> None:
 def test_registered() -> None:
     spec = PROTOCOLS["pop3"]
     assert (spec.machine, spec.probe) == (POP3Machine, POP3CapabilityProbe)
-    assert "STLS" not in spec.fallback_capabilities
+    assert "STLS" not in spec.facts.fallback_capabilities
