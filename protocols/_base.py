@@ -24,7 +24,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar
 
 
 def opens_tls(first_bytes: bytes) -> bool:
@@ -280,6 +280,20 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     inputs: type[InputT]
     transitions: Mapping[tuple[StateT, InputT], StateT]
     state: StateT
+    #: The members the shared code looks up by name, which a machine's
+    #: enums must have: checked when the machine's class is made.
+    shared_states: ClassVar[frozenset[str]] = frozenset({"CLOSED", "ERROR"})
+    shared_inputs: ClassVar[frozenset[str]] = frozenset({"CLOSE", "VIOLATION"})
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for kind, shared in (("states", cls.shared_states), ("inputs", cls.shared_inputs)):
+            members = cls.__dict__.get(kind)
+            if members is None:
+                continue  # a base class on the way: its subclass names the enums
+            missing = shared - set(members.__members__)
+            if missing:
+                raise TypeError(f"{cls.__name__}.{kind} lacks {', '.join(sorted(missing))}")
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         self.settings = settings

@@ -70,12 +70,25 @@ class LineMachine(ProxyMachine[StateT, InputT]):
 
     A subclass sets ``states``, ``inputs``, ``transitions`` and its replies,
     and says what the backend's bytes and end mean. The steps all these
-    protocols share go by name, so its ``State`` enum has PRE_TLS,
-    TLS_HANDSHAKE, BACKEND_CONNECTING, BACKEND_GREETING, RELAY, CLOSED and
-    ERROR, and its ``Input`` enum CLIENT_STARTTLS, PLAINTEXT_RELAY,
-    TLS_ESTABLISHED, BACKEND_CONNECTED, BACKEND_READY, CLOSE and VIOLATION;
-    its table starts from ``opening_transitions`` and ``ending_transitions``.
+    protocols share go by name (``shared_states``, ``shared_inputs``, checked
+    when the subclass is made); its table starts from ``opening_transitions``
+    and ``ending_transitions``.
     """
+
+    shared_states = ProxyMachine.shared_states | {
+        "PRE_TLS",
+        "TLS_HANDSHAKE",
+        "BACKEND_CONNECTING",
+        "BACKEND_GREETING",
+        "RELAY",
+    }
+    shared_inputs = ProxyMachine.shared_inputs | {
+        "CLIENT_STARTTLS",
+        "PLAINTEXT_RELAY",
+        "TLS_ESTABLISHED",
+        "BACKEND_CONNECTED",
+        "BACKEND_READY",
+    }
 
     # The protocol's replies, ``%s`` standing for the proxy's hostname.
     #: The backend failed or misbehaved: the session cannot go on.

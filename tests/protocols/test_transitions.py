@@ -50,3 +50,17 @@ def test_every_state_is_reachable_and_every_input_used(machine: Machine) -> None
 def _enums(machine: Machine) -> tuple[type[Enum], type[Enum]]:
     """The machine's ``State`` and ``Input`` enums."""
     return machine.states, machine.inputs
+
+
+def test_a_machine_without_a_shared_state_is_refused_when_its_class_is_made() -> None:
+    """The shared code finds PRE_TLS, RELAY, CLOSED... by name: a machine
+    whose enum lacks one fails at import, not in the middle of a session."""
+
+    class Broken(Enum):
+        PRE_TLS = 1
+        CLOSED = 2
+
+    with pytest.raises(TypeError, match="lacks BACKEND_CONNECTING, BACKEND_GREETING, ERROR"):
+
+        class Machine(SMTPMachine):
+            states = Broken  # type: ignore[assignment]
