@@ -159,8 +159,7 @@ def test_the_channel_is_not_the_client_until_its_report_and_closes_with_the_sess
         ours, theirs = socket.socketpair()
         with ours, theirs:
             session = await upgraded(FakeListener(listener_config(), helper), ours)
-            transport = client(session)[1] if session.client else None
-            assert transport is None  # the client side is nobody's during the hand-off
+            assert session.client is None  # nobody's during the hand-off
             await until(lambda: pending_channel(session) is not None)
             channel = pending_channel(session)
             assert channel is not None
@@ -440,5 +439,31 @@ def test_sessions_of_a_reloaded_listener_go_on_with_their_configuration(
             assert list(new.sessions) == [after]
             after.close("test over")
             assert len(old.sessions) == 0
+
+    run(monkeypatch, test)
+
+
+def test_a_failure_report_or_a_worker_gone_without_one_closes_the_session(
+    monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
+) -> None:
+    failure = b'{"ok": false, "reason": "no shared cipher"}'
+
+    async def test(backends: list[FakeTransport]) -> None:
+        sockets = [*socket.socketpair(), *socket.socketpair()]
+        try:
+            reported = await upgraded(FakeListener(listener_config(), helper), sockets[0])
+            await until(lambda: pending_channel(reported) is not None)
+            gone = await upgraded(FakeListener(listener_config(), helper), sockets[2])
+            await until(lambda: pending_channel(gone) is not None)
+            channel = pending_channel(reported)
+            assert channel is not None
+            channel.data_received(REPORT_HEADER.pack(len(failure)) + failure)
+            assert reported.outcome == "TLS handshake failed: no shared cipher"
+            helper.workers[1].close()  # the worker of ``gone`` ends, reporting nothing
+            await until(lambda: gone.closed)
+            assert gone.outcome == "the TLS worker ended without a handshake report"
+        finally:
+            for sock in sockets:
+                sock.close()
 
     run(monkeypatch, test)
