@@ -126,7 +126,7 @@ class FakeListener:
         self._helper = helper or FakeHelper()
         self._sessions = sessions if sessions is not None else SessionTable()
         spec = PROTOCOLS[config.protocol.value]
-        self._settings = session_settings(config, spec.fallback_capabilities)
+        self._settings = session_settings(config, spec.facts.fallback_capabilities)
         self._machine = spec.machine
 
     @property
