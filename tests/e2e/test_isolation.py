@@ -254,6 +254,11 @@ def test_spare_workers_wait_enclosed_and_serve_the_next_connections(
     and with no_new_privs, holding nothing but their assignment socket (and,
     in self-test mode, the status file); seccomp comes with the connection."""
     spares = _wait_for_spares(proxy, 2)
+    # A spare names itself first, then encloses itself: look once it has.
+    deadline = time.monotonic() + 10
+    while not all(processes.status(spare)["NoNewPrivs"] == "1" for spare in spares):
+        assert time.monotonic() < deadline, "a spare never entered its sandbox"
+        time.sleep(0.05)
     main = proxy.process.pid
     spare_uids = set()
     for spare in spares:
