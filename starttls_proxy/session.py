@@ -218,7 +218,8 @@ class Session:
         metrics.TLS_SESSIONS.labels(
             self.runtime.config.name, self.tls.version, self.tls.cipher
         ).inc()
-        self.client = channel
+        # The client side from now on: it ends as a client's does, lingering.
+        self.client, self._pending_channel = channel, None
         self.phase = Phase.TLS
         self.machine.tls_established(self.tls)
         self._run_commands()

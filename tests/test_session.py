@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from protocols._base import Side
+from starttls_proxy import endpoints
 from starttls_proxy.config import ListenerConfig
 from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
 from starttls_proxy.session import HOLD_LIMIT, Deadline, Phase, Session
@@ -59,6 +60,10 @@ async def until(condition: Callable[[], bool], limit: float = 2.0) -> None:
             await asyncio.sleep(0.001)
 
 
+#: The linger of a closing client side, shortened for the tests.
+LINGER = 0.02
+
+
 def run(
     monkeypatch: pytest.MonkeyPatch,
     test: Callable[[list[FakeTransport]], Awaitable[None]],
@@ -71,7 +76,11 @@ def run(
         connect, backends = fake_backend(list(greeting))
         monkeypatch.setattr(asyncio.get_running_loop(), "create_connection", connect)
         await test(backends)
+        # A closed session's client side lingers for its peer's end: let
+        # those waits run out before the loop goes.
+        await asyncio.sleep(2 * LINGER)
 
+    monkeypatch.setattr(endpoints, "LINGER_TIMEOUT", LINGER)
     asyncio.run(main())
 
 
@@ -312,6 +321,28 @@ def test_a_report_split_across_reads_is_one_report_then_client_bytes_in_order(
             # The report never reaches the client; the replies do, in order.
             assert replies.startswith(b"250")
             session.close("test over")
+
+    run(monkeypatch, test)
+
+
+def test_the_end_of_a_tls_session_lingers_on_the_worker_channel(
+    monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
+) -> None:
+    """Once the report makes the channel the client side, closing the session
+    sends the worker an end and waits for its own, as for any client, so the
+    worker can still flush the last reply and its close_notify."""
+
+    async def test(backends: list[FakeTransport]) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            session = await upgraded(FakeListener(listener_config(), helper), ours)
+            await until(lambda: pending_channel(session) is not None)
+            channel = pending_channel(session)
+            assert channel is not None and channel.transport is not None
+            channel.data_received(FRAME)
+            assert session.client is channel
+            session.close("client quit", clean=True)
+            assert not channel.transport.is_closing()
 
     run(monkeypatch, test)
 
