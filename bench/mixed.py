@@ -31,7 +31,6 @@ import poplib
 import re
 import smtplib
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -230,14 +229,7 @@ def run_session(stack: Stack, protocol: str, source: str) -> Outcome:
         kind, detail = "corrupt", str(error)
     except TimeoutError as error:
         kind, detail = "hung", str(error) or "timed out"
-    except (
-        smtplib.SMTPResponseException,
-        smtplib.SMTPRecipientsRefused,
-        imaplib.IMAP4.error,
-        poplib.error_proto,
-    ) as error:
-        kind, detail = _refused_or_dropped(error)
-    except (OSError, ssl.SSLError, smtplib.SMTPException, ConnectionError) as error:
+    except (imaplib.IMAP4.error, poplib.error_proto, smtplib.SMTPException, OSError) as error:
         kind, detail = _refused_or_dropped(error)
     return Outcome(protocol, started, time.monotonic(), kind, detail[:300], token)
 

@@ -77,21 +77,24 @@ class Deadline(enum.Enum):
     #: ``session_idle``: a relayed session with no traffic either way.
     IDLE = "idle"
 
-    def reason(self, config: ListenerConfig) -> str:
-        """What the session's log line says."""
-        seconds = {
+    def seconds(self, config: ListenerConfig) -> float:
+        """How long the limit is on a listener of ``config``."""
+        return {
             Deadline.PRE_TLS: config.timeouts.pre_tls,
             Deadline.HANDSHAKE: config.timeouts.handshake,
             Deadline.COMMAND: config.timeouts.command,
             Deadline.IDLE: config.session_idle,
         }[self]
+
+    def reason(self, config: ListenerConfig) -> str:
+        """What the session's log line says."""
         what = {
             Deadline.PRE_TLS: "no TLS within",
             Deadline.HANDSHAKE: "TLS handshake not done within",
             Deadline.COMMAND: "command not complete within",
             Deadline.IDLE: "idle for",
         }[self]
-        return f"{what} {seconds:g} s"
+        return f"{what} {self.seconds(config):g} s"
 
 
 class Sessions(Protocol):
@@ -401,20 +404,17 @@ class Session:
         that any byte restarts is no limit against a client that sends one
         byte at a time (slowloris).
         """
-        timeouts = self.runtime.config.timeouts
+        config = self.runtime.config
         if self.phase is Phase.PRE_TLS:
-            deadline = (self._phase_started + timeouts.pre_tls, Deadline.PRE_TLS)
+            since, which = self._phase_started, Deadline.PRE_TLS
         elif self.phase is Phase.HANDSHAKE:
-            deadline = (
-                self._phase_started + timeouts.handshake + HANDSHAKE_GRACE,
-                Deadline.HANDSHAKE,
-            )
+            since, which = self._phase_started + HANDSHAKE_GRACE, Deadline.HANDSHAKE
         else:
-            quiet_since = max(self._last_activity, self._phase_started)
-            deadline = (quiet_since + self.runtime.config.session_idle, Deadline.IDLE)
+            since, which = max(self._last_activity, self._phase_started), Deadline.IDLE
+        deadline = (since + which.seconds(config), which)
         if self._command_started is not None and self.phase is not Phase.HANDSHAKE:
-            command = (self._command_started + timeouts.command, Deadline.COMMAND)
-            return min(deadline, command, key=lambda pair: pair[0])
+            command = self._command_started + Deadline.COMMAND.seconds(config)
+            return min(deadline, (command, Deadline.COMMAND), key=lambda pair: pair[0])
         return deadline
 
     def _arm_timer(self) -> None:
@@ -432,7 +432,7 @@ class Session:
             return
         if which is Deadline.HANDSHAKE:
             metrics.HANDSHAKES.labels(*self._labels, "timeout").inc()
-            self.close("TLS handshake timed out")
+            self.close(which.reason(self.runtime.config))
             return
         metrics.SESSIONS_TIMED_OUT.labels(*self._labels, which.value).inc()
         self.machine.timed_out(which.reason(self.runtime.config))
