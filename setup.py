@@ -2,13 +2,13 @@
 
 The project metadata is in pyproject.toml; this file only adds
 
-* the TLS helper (``starttls_proxy/tlshelper/*.c``), an executable linked
+* the TLS helper (``starttls_proxy/tls/helper/*.c``), an executable linked
   with the system's libssl that the keeper execs and every TLS worker is a
   fork of;
-* the key-reference OpenSSL provider (``starttls_proxy/provider/*.c``), a
+* the key-reference OpenSSL provider (``starttls_proxy/keys/provider/*.c``), a
   plain shared object that OpenSSL dlopen()s in the TLS workers and Python
   never imports; it links the C library only;
-* the key server's request loop (``starttls_proxy/keyservice/*.c``), a
+* the key server's request loop (``starttls_proxy/keys/service/*.c``), a
   Python extension linked with the system's libcrypto.
 
 All three are built with warnings as errors and the hardening flags: each
@@ -19,7 +19,7 @@ server's answers), so a memory bug in any is a security bug.
 All need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
 The TLS helper is required; the key server's parts are optional: without
 them the proxy refuses ``isolation.key_server: true`` with a message naming
-what is missing (``starttls_proxy.provider.missing``).
+what is missing (``starttls_proxy.keys.provider.missing``).
 """
 
 from __future__ import annotations
@@ -105,11 +105,11 @@ class BuildNative(build_ext):
         )
 
 
-PROVIDER = "starttls_proxy.provider.keyref"
-HELPER = "starttls_proxy.tlshelper.stp-helper"
+PROVIDER = "starttls_proxy.keys.provider.keyref"
+HELPER = "starttls_proxy.tls.helper.stp-helper"
 #: The key server's wire format, which the provider and the key service share
-#: (named apart from ``tlshelper/wire.h``, the helper's own).
-KEY_INCLUDE = "starttls_proxy/include"
+#: (named apart from ``tls/helper/wire.h``, the helper's own).
+KEY_INCLUDE = "starttls_proxy/keys"
 KEY_WIRE_H = f"{KEY_INCLUDE}/keyserver_wire.h"
 
 
@@ -117,25 +117,25 @@ setup(
     ext_modules=[
         Extension(
             HELPER,
-            sources=sources("starttls_proxy/tlshelper"),
-            depends=[str(p) for p in Path("starttls_proxy/tlshelper").glob("*.h")],
+            sources=sources("starttls_proxy/tls/helper"),
+            depends=[str(p) for p in Path("starttls_proxy/tls/helper").glob("*.h")],
             libraries=["ssl", "crypto"],
             extra_compile_args=HELPER_FLAGS,
             extra_link_args=HELPER_LINK_FLAGS,
         ),
         Extension(
             PROVIDER,
-            sources=sources("starttls_proxy/provider"),
-            depends=["starttls_proxy/provider/keyref.h", KEY_WIRE_H],
+            sources=sources("starttls_proxy/keys/provider"),
+            depends=["starttls_proxy/keys/provider/keyref.h", KEY_WIRE_H],
             include_dirs=[KEY_INCLUDE],
             extra_compile_args=[*C_FLAGS, "-fvisibility=hidden"],
             extra_link_args=LINK_FLAGS,
             optional=True,
         ),
         Extension(
-            "starttls_proxy._keyservice",
-            sources=sources("starttls_proxy/keyservice"),
-            depends=["starttls_proxy/keyservice/signing.h", KEY_WIRE_H],
+            "starttls_proxy.keys._service",
+            sources=sources("starttls_proxy/keys/service"),
+            depends=["starttls_proxy/keys/service/signing.h", KEY_WIRE_H],
             include_dirs=[KEY_INCLUDE],
             libraries=["crypto"],
             extra_compile_args=C_FLAGS,

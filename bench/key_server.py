@@ -33,14 +33,14 @@ from pathlib import Path
 
 import trustme
 
-from starttls_proxy.keeper import KeyServerProcess, open_key_files
-from starttls_proxy.keyserver import (
+from starttls_proxy.keys.server import (
     TLS13_SERVER_CONTEXT,
     Link,
     Scheme,
     read_private_key,
     signature_request,
 )
+from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.proxy import ProxyProcess, listener, start_proxy

@@ -2,8 +2,8 @@
 # Create .venv and install starttls-proxy into it (editable).
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
-# C parts (setup.py, starttls_proxy/tlshelper/*.[ch], starttls_proxy/provider/*.[ch],
-# starttls_proxy/keyservice/*.[ch], starttls_proxy/include/*.h) changed since
+# C parts (setup.py, starttls_proxy/tls/helper/*.[ch], starttls_proxy/keys/provider/*.[ch],
+# starttls_proxy/keys/service/*.[ch], starttls_proxy/keys/*.h) changed since
 # the last run and all are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,10 +32,10 @@ if ! command -v cc >/dev/null || [ ! -f /usr/include/openssl/core_dispatch.h ]; 
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
-wanted="$(cat pyproject.toml setup.py starttls_proxy/tlshelper/*.[ch] starttls_proxy/provider/*.[ch] \
-    starttls_proxy/keyservice/*.[ch] starttls_proxy/include/*.h | sha256sum | cut -d' ' -f1)"
-[ -x starttls_proxy/tlshelper/stp-helper ] && [ -f starttls_proxy/provider/keyref.so ] \
-    && compgen -G 'starttls_proxy/_keyservice.*.so' >/dev/null \
+wanted="$(cat pyproject.toml setup.py starttls_proxy/tls/helper/*.[ch] starttls_proxy/keys/provider/*.[ch] \
+    starttls_proxy/keys/service/*.[ch] starttls_proxy/keys/*.h | sha256sum | cut -d' ' -f1)"
+[ -x starttls_proxy/tls/helper/stp-helper ] && [ -f starttls_proxy/keys/provider/keyref.so ] \
+    && compgen -G 'starttls_proxy/keys/_service.*.so' >/dev/null \
     || rm -f .venv/.installed .venv/.installed\[test\]
 # An install with the test tools is also a plain one (run-example.sh after test.sh).
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \

@@ -22,9 +22,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python
-helper=starttls_proxy/tlshelper/stp-helper
-provider=starttls_proxy/provider/keyref.so
-keyservice=starttls_proxy/_keyservice$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+helper=starttls_proxy/tls/helper/stp-helper
+provider=starttls_proxy/keys/provider/keyref.so
+keyservice=starttls_proxy/keys/_service$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 built=("$helper" "$provider" "$keyservice")
 for file in "${built[@]}"; do
     cp -p "$file" "$file.normal"
@@ -32,9 +32,9 @@ done
 trap 'for file in "${built[@]}"; do mv -f "$file.normal" "$file"; done' EXIT
 sanitize=(-std=c11 -Wall -Wextra -Werror -O1 -g -fno-omit-frame-pointer
     -fsanitize=address,undefined -fno-sanitize-recover=all)
-gcc "${sanitize[@]}" -o "$helper" starttls_proxy/tlshelper/*.c -lssl -lcrypto
-gcc "${sanitize[@]}" -shared -fPIC -fvisibility=hidden -Istarttls_proxy/include \
-    -o "$provider" starttls_proxy/provider/*.c
+gcc "${sanitize[@]}" -o "$helper" starttls_proxy/tls/helper/*.c -lssl -lcrypto
+gcc "${sanitize[@]}" -shared -fPIC -fvisibility=hidden -Istarttls_proxy/keys \
+    -o "$provider" starttls_proxy/keys/provider/*.c
 # color=never: choosing colours asks isatty, an ioctl that the key server's
 # seccomp filter kills it for halfway through its report.
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:print_legend=0:color=never
@@ -45,9 +45,9 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:color=never
     tests/tlshelper "$@"
 # The key service only now: the proxies of the end-to-end tests above start
 # key servers too, without the runtime preloaded, which could not load it.
-gcc "${sanitize[@]}" -shared -fPIC -Istarttls_proxy/include \
+gcc "${sanitize[@]}" -shared -fPIC -Istarttls_proxy/keys \
     -I"$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
-    -o "$keyservice" starttls_proxy/keyservice/*.c -lcrypto
+    -o "$keyservice" starttls_proxy/keys/service/*.c -lcrypto
 # --capture=sys: a report that aborts pytest itself must reach the terminal,
 # not a capture file that goes with it.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" "$python" -m pytest -p no:randomly \

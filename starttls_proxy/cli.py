@@ -14,10 +14,10 @@ from pathlib import Path
 import uvloop
 
 from starttls_proxy import logs, procname
-from starttls_proxy.activation import PassedSockets
 from starttls_proxy.config import Config, load_config
-from starttls_proxy.handoff import TLSHelper
-from starttls_proxy.server import Server
+from starttls_proxy.proxy.activation import PassedSockets
+from starttls_proxy.proxy.handoff import TLSHelper
+from starttls_proxy.proxy.server import Server
 from starttls_proxy.settings import ConfigError, encode
 
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.check:
             # Only here does this process read keys: --check exits right after.
-            from starttls_proxy.tls_contexts import load_certificates
+            from starttls_proxy.tls.contexts import load_certificates
 
             load_certificates(config.tls)
             print(f"{args.config}: OK")
@@ -124,8 +124,8 @@ def _match_passed_sockets(config: Config, sockets: PassedSockets) -> dict[str, s
 
 
 def _check_backends(config: Config) -> int:
-    from starttls_proxy.doctor import examine_all
-    from starttls_proxy.doctor_report import judge, table
+    from starttls_proxy.proxy.doctor import examine_all
+    from starttls_proxy.proxy.doctor_report import judge, table
 
     verdicts = [judge(seen) for seen in uvloop.run(examine_all(config))]
     print(table(verdicts))
@@ -147,9 +147,9 @@ def _main_user_row(config: Config) -> tuple[str, bool, str]:
 
 def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[str]]:
     """Whether the keys are in a key server, and its layers (probed: one is started)."""
-    from starttls_proxy import provider
-    from starttls_proxy.helper_start import HelperStartError
-    from starttls_proxy.keeper import KeyServerProcess
+    from starttls_proxy.keys import provider
+    from starttls_proxy.privileged.helper_start import HelperStartError
+    from starttls_proxy.privileged.keeper import KeyServerProcess
 
     if not config.isolation.key_server:
         detail = "off (isolation.key_server: false): the keys are in the TLS helper (weaker)"
@@ -171,9 +171,9 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
 
 def _isolation_report(config: Config) -> int:
     """Probe each layer in a throwaway worker (as the helper does at start)."""
-    from starttls_proxy.helper_start import HelperStartError, probe_layers
-    from starttls_proxy.sandbox import LayerStatus
-    from starttls_proxy.sandbox import problems as sandbox_problems
+    from starttls_proxy.privileged.helper_start import HelperStartError, probe_layers
+    from starttls_proxy.sandbox.layers import LayerStatus
+    from starttls_proxy.sandbox.layers import problems as sandbox_problems
 
     settings = {"tls": encode(config.tls), "isolation": encode(config.isolation)}
     try:

@@ -1,6 +1,6 @@
-"""What the main process and the TLS helper (C, ``tlshelper/``) say to each other.
+"""What the main process and the TLS helper (C, ``tls/helper/``) say to each other.
 
-``tlshelper/wire.h`` is the reference; every value here mirrors it, and a
+``tls/helper/wire.h`` is the reference; every value here mirrors it, and a
 test holds the two in agreement. Kept free of TLS imports: the main process
 uses it and never loads OpenSSL.
 
@@ -85,7 +85,7 @@ class SpawnRequest:
     early: bytes = b""
 
     def encode(self) -> bytes:
-        """The request as ``tlshelper/wire.h`` lays it out; ``ValueError`` if
+        """The request as ``tls/helper/wire.h`` lays it out; ``ValueError`` if
         a field does not fit in it."""
         hint = (self.server_name_hint or "").encode("ascii")
         if len(hint) > MAX_SHORT_FIELD:

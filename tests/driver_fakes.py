@@ -15,11 +15,11 @@ from typing import Any
 
 from protocols._base import Peer, ProxyMachine
 from protocols.registry import PROTOCOLS
-from starttls_proxy.admission import SessionTable
 from starttls_proxy.config import ListenerConfig
-from starttls_proxy.endpoints import Endpoint
-from starttls_proxy.handoff import TLSHelper
-from starttls_proxy.server import session_settings
+from starttls_proxy.proxy.admission import SessionTable
+from starttls_proxy.proxy.endpoints import Endpoint
+from starttls_proxy.proxy.handoff import TLSHelper
+from starttls_proxy.proxy.server import session_settings
 from starttls_proxy.wire import SpawnRequest
 
 PEER = Peer("192.0.2.7", 40000, "198.51.100.1", 25)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import socket
 
-from starttls_proxy.activation import FIRST_FD, PassedSockets
 from starttls_proxy.config import SocketAddress
+from starttls_proxy.proxy.activation import FIRST_FD, PassedSockets
 from tests.realservers.net import free_port
 
 

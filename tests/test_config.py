@@ -219,25 +219,3 @@ def test_every_protocol_the_configuration_takes_has_a_machine() -> None:
     """What the removed ``_implemented`` validator could never find at run
     time, held where it can fail: a protocol added to the enum alone."""
     assert {protocol.value for protocol in Protocol} == set(PROTOCOLS)
-
-
-def test_the_configuration_reads_protocol_facts_without_importing_machines() -> None:
-    """``protocols.facts`` is data: the configuration (and ``--check``) needs
-    no protocol machine, nor lxml, to know a protocol's defaults."""
-    found = subprocess.run(
-        [sys.executable, "-c", "import sys, starttls_proxy.config; print(*sys.modules)"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert "lxml" not in found
-    assert not [
-        name
-        for name in found
-        if name.startswith("protocols.")
-        and name
-        not in (
-            "protocols._base",
-            "protocols.facts",
-        )
-    ]

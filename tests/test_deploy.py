@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
-from starttls_proxy import metrics
 from starttls_proxy.config import SocketAddress
+from starttls_proxy.proxy import metrics
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "starttls-proxy.json"

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from starttls_proxy.server import DESCRIPTOR_RESERVE, DESCRIPTORS_PER_SESSION
+from starttls_proxy.proxy.server import DESCRIPTOR_RESERVE, DESCRIPTORS_PER_SESSION
 
 CHECK = (
     "import resource, sys\n"
     "from pathlib import Path\n"
     "from starttls_proxy.config import load_config\n"
-    "from starttls_proxy.server import descriptor_room\n"
+    "from starttls_proxy.proxy.server import descriptor_room\n"
     "print(descriptor_room(load_config(Path(sys.argv[1]))))\n"
     "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
 )

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 
 from starttls_proxy.config import ListenerConfig
-from starttls_proxy.doctor import examine
-from starttls_proxy.doctor_report import judge, table
+from starttls_proxy.proxy.doctor import examine
+from starttls_proxy.proxy.doctor_report import judge, table
 from tests.realservers.net import free_port
 
 

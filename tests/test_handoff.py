@@ -1,4 +1,4 @@
-"""The main process's handle on the TLS helper (``starttls_proxy.handoff``),
+"""The main process's handle on the TLS helper (``starttls_proxy.proxy.handoff``),
 driven through its two sockets with the keeper and the helper played by the
 test: when may a connection be handed over, and to which helper."""
 
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from starttls_proxy.handoff import HandoffError, TLSHelper
+from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
 from starttls_proxy.wire import SpawnRequest
 
 REQUEST = SpawnRequest(handshake_timeout=5.0, server_name_hint=None, alpn=(), early=b"")

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from starttls_proxy import helper_start
-from starttls_proxy.helper_start import HELPER_MISSING, HelperStartError, describe_helper
-from starttls_proxy.keeper import Keeper, checked_configuration
-from starttls_proxy.tls_description import Tag, records
+from starttls_proxy.privileged import helper_start
+from starttls_proxy.privileged.helper_start import HELPER_MISSING, HelperStartError, describe_helper
+from starttls_proxy.privileged.keeper import Keeper, checked_configuration
+from starttls_proxy.tls.description import Tag, records
 
 TLS = {"certificates": [{"cert": "/etc/a/cert.pem", "key": "/etc/a/key.pem"}]}
 

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from starttls_proxy import helper_start, provider
+from starttls_proxy.keys import provider
+from starttls_proxy.privileged import helper_start
 
 
 def _keyservice() -> Path:
-    spec = importlib.util.find_spec("starttls_proxy._keyservice")
+    spec = importlib.util.find_spec("starttls_proxy.keys._service")
     assert spec is not None and spec.origin is not None, "the key service is not built"
     return Path(spec.origin)
 

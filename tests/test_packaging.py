@@ -72,9 +72,11 @@ def test_the_wheel_built_from_the_sdist_installs_into_a_fresh_virtualenv(
         ).stdout
     ).parent
     assert installed.is_relative_to(fresh)
-    assert os.access(installed / "tlshelper" / "stp-helper", os.X_OK)
-    assert (installed / "provider" / "keyref.so").is_file()
-    assert list(installed.glob("_keyservice.*.so"))
+    assert os.access(installed / "tls" / "helper" / "stp-helper", os.X_OK)
+    assert (installed / "keys" / "provider" / "keyref.so").is_file()
+    assert list(installed.glob("keys/_service.*.so"))
+    for package in ("proxy", "privileged", "tls", "sandbox", "keys"):
+        assert (installed / package / "__init__.py").is_file(), package
 
     # The dependencies are the test environment's: this test installs nothing
     # from an index. The fresh environment's own copy comes first all the same.

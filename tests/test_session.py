@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from protocols._base import Side
-from starttls_proxy import endpoints
 from starttls_proxy.config import ListenerConfig
-from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
-from starttls_proxy.session import HOLD_LIMIT, Deadline, Phase, Session
+from starttls_proxy.proxy import endpoints
+from starttls_proxy.proxy.endpoints import ChannelEndpoint, Endpoint
+from starttls_proxy.proxy.session import HOLD_LIMIT, Deadline, Phase, Session
 from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER
 from tests.driver_fakes import PEER, FakeHelper, FakeListener, FakeTransport, fake_backend
 

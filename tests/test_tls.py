@@ -1,4 +1,4 @@
-"""Loading certificates with ``tls_contexts`` (what ``--check`` runs): a
+"""Loading certificates with ``tls.contexts`` (what ``--check`` runs): a
 pair that does not belong together, and missing or garbled files, are
 refused with one problem each, naming the YAML path.
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from starttls_proxy.settings import CertificateConfig, ConfigError, TLSConfig
-from starttls_proxy.tls_contexts import load_certificates
+from starttls_proxy.tls.contexts import load_certificates
 
 
 def test_mismatched_key_is_refused(cert_dir: Path) -> None:

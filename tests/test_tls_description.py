@@ -1,13 +1,11 @@
 """The TLS helper's description: its records, the certificate problems it
-names, and its agreement with ``tlshelper/wire.h``."""
+names, and its agreement with ``tls/helper/wire.h``."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
 import struct
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +14,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from starttls_proxy import tls_description
 from starttls_proxy.settings import (
     CertificateConfig,
     ConfigError,
@@ -25,7 +22,8 @@ from starttls_proxy.settings import (
     IsolationMode,
     TLSConfig,
 )
-from starttls_proxy.tls_description import (
+from starttls_proxy.tls import description as tls_description
+from starttls_proxy.tls.description import (
     KEY_SHARE_GROUPS,
     TLS12_CIPHERS,
     TLS13_SUITES,
@@ -255,16 +253,3 @@ def test_tags_and_layers_agree_with_wire_h() -> None:
 def test_every_layer_has_its_switch() -> None:
     switches = {field.name for field in dataclasses.fields(IsolationLayers)}
     assert {layer.name.lower() for layer in Layer} == switches
-
-
-def test_the_keeper_imports_neither_pyopenssl_nor_pydantic_nor_yaml() -> None:
-    """It reads the chains with ``cryptography.x509`` alone (see ``tls_description``)."""
-    roots = {"OpenSSL", "pydantic", "pydantic_core", "yaml", "lxml"}
-    probe = (
-        "import sys, starttls_proxy.keeper; "
-        f"print(sorted(m for m in sys.modules if m.split('.')[0] in {roots!r}))"
-    )
-    output = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
-    ).stdout
-    assert output.strip() == "[]"

@@ -1,4 +1,4 @@
-"""The spawn request's binary layout, and ``wire`` in agreement with ``tlshelper/wire.h``."""
+"""The spawn request's binary layout, and ``wire`` in agreement with ``tls/helper/wire.h``."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from tests import wire_h
 
 
 def decode(message: bytes) -> SpawnRequest:
-    """The inverse of ``SpawnRequest.encode``, read as ``tlshelper/wire.h`` lays
+    """The inverse of ``SpawnRequest.encode``, read as ``tls/helper/wire.h`` lays
     the request out; ``ValueError`` for anything it would not make. (The
     helper's own parser is C; ``tests/tlshelper/test_spawn_requests.py``
     fuzzes it through the real process.)"""

@@ -1,7 +1,7 @@
 """What the C headers of a wire format define, read from the headers
 themselves, so that tests can hold the Python side in agreement with the C
-one: ``tlshelper/wire.h`` (the TLS helper's, every function's default),
-``include/keyserver_wire.h`` (the key server's) and ``provider/keyref.h``
+one: ``tls/helper/wire.h`` (the TLS helper's, every function's default),
+``keys/keyserver_wire.h`` (the key server's) and ``provider/keyref.h``
 (the key reference's)."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 _PACKAGE = Path(__file__).resolve().parent.parent / "starttls_proxy"
-WIRE_H = _PACKAGE / "tlshelper" / "wire.h"
-KEYSERVER_WIRE_H = _PACKAGE / "include" / "keyserver_wire.h"
-KEYREF_H = _PACKAGE / "provider" / "keyref.h"
+WIRE_H = _PACKAGE / "tls" / "helper" / "wire.h"
+KEYSERVER_WIRE_H = _PACKAGE / "keys" / "keyserver_wire.h"
+KEYREF_H = _PACKAGE / "keys" / "provider" / "keyref.h"
 
 _DEFINE = re.compile(r"^#define[ \t]+([A-Z_][A-Z0-9_]*)[ \t]+(.+?)[ \t]*(?:/\*.*)?$", re.MULTILINE)
 _STRING = re.compile(r'^#define[ \t]+([A-Z_][A-Z0-9_]*)[ \t]+"([^"\\]*)"', re.MULTILINE)

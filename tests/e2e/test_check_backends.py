@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from starttls_proxy.doctor_report import OWN_STARTTLS
+from starttls_proxy.proxy.doctor_report import OWN_STARTTLS
 from tests.realservers.certs import CertFiles
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
 from tests.realservers.ejabberd import EjabberdInstance

@@ -9,7 +9,7 @@ holds, written from the real dialogues of ``tests.protocols.dialogues``, so
 that mutations start from deep states (relay, DATA, literals, SASL, XMPP
 features) instead of having to find their way there.
 
-The driver model delivers an event only where ``starttls_proxy.session``
+The driver model delivers an event only where ``starttls_proxy.proxy.session``
 could: the handshake's end after a ``StartTLS``, the backend's news after an
 ``OpenBackend``, backend bytes once it is connected, client bytes while the
 machine holds less than ``HOLD_LIMIT`` of them. One settings flag turns the
@@ -78,7 +78,7 @@ class Flag(enum.IntFlag):
 IDENTITY_BITS = 3
 
 #: The driver stops reading the client while the machine holds this many of
-#: its bytes (``starttls_proxy.session.HOLD_LIMIT``, scaled down with the
+#: its bytes (``starttls_proxy.proxy.session.HOLD_LIMIT``, scaled down with the
 #: limits below so that fuzz inputs can cross it).
 HOLD_LIMIT = 512
 

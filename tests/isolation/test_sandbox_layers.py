@@ -5,7 +5,7 @@ real loopback connections as the main process hands them over
 (``tests.tlshelper.harness``). What the helper finds out about the layers
 is its "ready" reply (a throwaway probe worker enters them all, as in
 production); what a worker finds inside its sandbox is the self check
-every worker runs with ``isolation.self_test`` (``tlshelper/selftest.c``:
+every worker runs with ``isolation.self_test`` (``tls/helper/selftest.c``:
 its identity, root, limits, and what open/socket/connect/fork/kill/ptrace
 return), read from the helper's stderr; how a worker ends is the exit
 status the helper reports for it.
@@ -37,7 +37,7 @@ from tests.isolation.conftest import (
 )
 from tests.tlshelper.harness import Connection, RunningHelper
 
-#: The layers in the order a worker enters them (``tlshelper/wire.h``).
+#: The layers in the order a worker enters them (``tls/helper/wire.h``).
 LAYERS = (
     "pid_namespace",
     "namespaces",

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trustme
 
-from starttls_proxy.keeper import KeyServerProcess, open_key_files
-from starttls_proxy.keyserver import Link
+from starttls_proxy.keys.server import Link
+from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
 
 #: Far from the proxy's default range (and from tests/isolation's workers).

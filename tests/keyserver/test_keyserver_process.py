@@ -19,9 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy.helper_start import HelperStartError
-from starttls_proxy.keeper import KeyServerProcess, open_key_files
-from starttls_proxy.keyserver import (
+from starttls_proxy.keys.server import (
     HEADER,
     KEY_ID_SIZE,
     MAX_DATA,
@@ -36,6 +34,8 @@ from starttls_proxy.keyserver import (
     signature_request,
     user_id,
 )
+from starttls_proxy.privileged.helper_start import HelperStartError
+from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import encode
 from tests.keyserver.conftest import Keys, RunningKeyServer, isolation
 

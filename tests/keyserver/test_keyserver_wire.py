@@ -1,5 +1,5 @@
 """The key server's key references, without a process (requests: test_keyserver_process),
-and ``keyserver``'s copies of the C side's values in agreement with its headers."""
+and ``keys.server``'s copies of the C side's values in agreement with its headers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from starttls_proxy import keyserver
-from starttls_proxy.keyserver import Digest, Scheme, encode_reference, key_id
+from starttls_proxy.keys import server as keyserver
+from starttls_proxy.keys.server import Digest, Scheme, encode_reference, key_id
 from tests import wire_h
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -76,6 +76,6 @@ def test_the_key_reference_values_agree_with_keyref_h() -> None:
 
 
 def test_the_tls13_context_agrees_with_signing_c() -> None:
-    signing_c = Path(keyserver.__file__).with_name("keyservice") / "signing.c"
+    signing_c = Path(keyserver.__file__).with_name("service") / "signing.c"
     context = wire_h.strings(signing_c)["TLS13_CONTEXT"]
     assert b" " * 64 + context.encode() + b"\0" == keyserver.TLS13_SERVER_CONTEXT

@@ -1,4 +1,4 @@
-"""The key server's request loop (``_keyservice``, C) in this process: its
+"""The key server's request loop (``keys._service``, C) in this process: its
 Python-facing API, counts and misuse. What it answers workers is tested
 against the real confined process (test_keyserver_process)."""
 
@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from starttls_proxy._keyservice import Service
-from starttls_proxy.keyserver import (
+from starttls_proxy.keys._service import Service
+from starttls_proxy.keys.server import (
     HEADER,
     STATUS_SIGNED,
     TLS13_SERVER_CONTEXT,

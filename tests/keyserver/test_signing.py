@@ -1,4 +1,4 @@
-"""``answer_request`` (``keyservice/signing.c``) alone, built here with
+"""``answer_request`` (``keys/service/signing.c``) alone, built here with
 AddressSanitizer and UBSan: every buffer it is handed is allocated to its
 exact size, so that reading a request past its end, or writing a refusal's
 reason past ``reason_size``, aborts the harness instead of passing unseen.
@@ -20,11 +20,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from starttls_proxy import keyserver
-from starttls_proxy.keyserver import HEADER, KEY_ID_SIZE, MAX_REQUEST, WIRE_VERSION, Scheme
+from starttls_proxy.keys import server as keyserver
+from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, MAX_REQUEST, WIRE_VERSION, Scheme
 
-KEYSERVICE = Path(keyserver.__file__).with_name("keyservice")
-INCLUDE = Path(keyserver.__file__).with_name("include")
+KEYSERVICE = Path(keyserver.__file__).with_name("service")
+INCLUDE = Path(keyserver.__file__).parent
 MALFORMED, REFUSED = 2, 1  # enum outcome in signing.h
 
 HARNESS = r"""

@@ -49,7 +49,7 @@ def keeper(proxy: ProxyProcess) -> int:
 
 
 def key_servers(proxy: ProxyProcess) -> list[int]:
-    return [pid for pid in children(keeper(proxy)) if _runs(pid, b"starttls_proxy.keyserver")]
+    return [pid for pid in children(keeper(proxy)) if _runs(pid, b"starttls_proxy.keys.server")]
 
 
 def key_server(proxy: ProxyProcess) -> int:
@@ -71,7 +71,7 @@ def helpers(proxy: ProxyProcess) -> list[int]:
     return [
         pid
         for pid in children(the_keeper)
-        if _runs(pid, b"tlshelper/stp-helper") and in_keepers_pid_namespace(pid)
+        if _runs(pid, b"tls/helper/stp-helper") and in_keepers_pid_namespace(pid)
     ]
 
 

@@ -18,11 +18,11 @@ import yaml
 from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port
 
-READY_LINE = "starttls_proxy.server: ready"
+READY_LINE = "starttls_proxy.proxy.server: ready"
 #: ``start(listeners, certificates=None, **options)``: see ``module_proxy`` in
 #: ``tests/e2e/conftest.py``.
 StartProxy = Callable[..., "ProxyProcess"]
-READY_JSON = '"logger": "starttls_proxy.server", "message": "ready"'
+READY_JSON = '"logger": "starttls_proxy.proxy.server", "message": "ready"'
 #: What a Python traceback, and a report of the sanitized TLS helper
 #: (scripts/test-sanitized.sh), start with in the proxy's log.
 FAILURE_MARKS = ("Traceback", "ERROR: AddressSanitizer", "runtime error:")

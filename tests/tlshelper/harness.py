@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from starttls_proxy import helper_start
+from starttls_proxy.privileged import helper_start
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
 from starttls_proxy.wire import SpawnRequest
 

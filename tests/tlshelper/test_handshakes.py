@@ -1,18 +1,18 @@
 """One TLS policy, two code paths: the C helper's workers and pyOpenSSL agree.
 
-The keeper sends the C helper the policy constants of ``tls_description``
+The keeper sends the C helper the policy constants of ``tls.description``
 (minimum version, TLS 1.2 ciphers, TLS 1.3 suites, key share groups);
-``tls_contexts`` builds a pyOpenSSL context from the same constants, and
+``tls.contexts`` builds a pyOpenSSL context from the same constants, and
 that is where the policy is validated (``--check``). This module runs one
 handshake matrix against both and asserts that they give the same results,
 and the expected ones:
 
 * the real helper (``running_helper``), each handshake a real worker over
   loopback TCP, its report read from the plaintext channel;
-* a small pyOpenSSL server in the test: ``tls_contexts.load_certificates``
+* a small pyOpenSSL server in the test: ``tls.contexts.load_certificates``
   of the same certificates, over memory BIOs fed from a loopback socket by a thread (the way a
   worker drives OpenSSL), with the listener's ALPN as the connection's app
-  data, as ``tls_contexts._select_alpn`` expects.
+  data, as ``tls.contexts._select_alpn`` expects.
 
 The client is always the standard library's ``ssl``: TLS 1.2 only or 1.3
 only, a TLS 1.2 cipher list (static RSA; ECDHE-ECDSA; ECDHE-RSA), a single
@@ -53,7 +53,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from starttls_proxy.settings import CertificateConfig, TLSConfig
-from starttls_proxy.tls_contexts import CertificateStore, load_certificates
+from starttls_proxy.tls.contexts import CertificateStore, load_certificates
 from starttls_proxy.wire import EXIT_HANDSHAKE_FAILED, EXIT_OK
 from tests.tlshelper.harness import RunningHelper, running_helper
 

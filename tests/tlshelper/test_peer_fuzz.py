@@ -2,8 +2,8 @@
 
 A worker reads two things that do not come from its client: its
 *assignment* from the helper (the spawn request as the helper checked it,
-then the PIDs of its siblings: ``tlshelper/wire.h`` section 4) and the key
-server's *replies* to its signature requests (``include/keyserver_wire.h``, read by
+then the PIDs of its siblings: ``tls/helper/wire.h`` section 4) and the key
+server's *replies* to its signature requests (``keys/keyserver_wire.h``, read by
 the provider's ``signature.c``). Either peer may be compromised or broken;
 a worker must then fail its connection with a defined exit status, never
 crash, never sign with garbage. ``scripts/test-sanitized.sh`` runs these
@@ -37,8 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy import provider
-from starttls_proxy.keyserver import HEADER, KEY_ID_SIZE, encode_reference, read_private_key
+from starttls_proxy.keys import provider
+from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, encode_reference, read_private_key
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
     EXIT_HANDSHAKE_FAILED,

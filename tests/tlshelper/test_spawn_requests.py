@@ -2,7 +2,7 @@
 
 Spawn requests come from the network-facing main process and are parsed by
 the helper, which runs as root and forks every worker: a request that is
-not exactly what ``tlshelper/wire.h`` section 3 lays out, or that comes
+not exactly what ``tls/helper/wire.h`` section 3 lays out, or that comes
 with other than two descriptors, must be refused without a worker, without
 keeping the descriptors, and without the helper leaving.
 

@@ -394,7 +394,7 @@ static PyMethodDef Service_methods[] = {
 
 static PyTypeObject ServiceType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "starttls_proxy._keyservice.Service",
+    .tp_name = "starttls_proxy.keys._service.Service",
     .tp_doc = PyDoc_STR("Service(control_fd): the key server's request loop."),
     .tp_basicsize = sizeof(Service),
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -412,13 +412,13 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "starttls_proxy._keyservice",
-    .m_doc = "The key server's request loop (C, libcrypto): see keyserver.py.",
+    .m_name = "starttls_proxy.keys._service",
+    .m_doc = "The key server's request loop (C, libcrypto): see keys/server.py.",
     .m_size = -1,
     .m_methods = module_methods,
 };
 
-PyMODINIT_FUNC PyInit__keyservice(void)
+PyMODINIT_FUNC PyInit__service(void)
 {
     PyObject *created;
 

@@ -1,9 +1,9 @@
-"""The keeper's side of starting a TLS helper (C, ``tlshelper/stp-helper``).
+"""The keeper's side of starting a TLS helper (C, ``tls/helper/stp-helper``).
 
 What needs Python or a look at this machine is done here, before the
 helper starts: the settings (validated by the keeper) and the certificate
-chains become its *description* (``tls_description``), the workers'
-seccomp filter is compiled (``seccomp_policy``) and the empty root
+chains become its *description* (``tls.description``), the workers'
+seccomp filter is compiled (``sandbox.seccomp``) and the empty root
 directory prepared. The description goes to the helper in a memfd (chains
 can make it larger than a datagram); the helper answers "ready" with the
 sandbox layers in force, or the problems that keep it from serving.
@@ -18,7 +18,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from starttls_proxy import provider, seccomp_policy
 from starttls_proxy._process import (
     EXIT_TIMEOUT,
     MAX_MESSAGE,
@@ -26,12 +25,14 @@ from starttls_proxy._process import (
     memfd,
     start_process,
 )
-from starttls_proxy.sandbox import prepare_root_directory
+from starttls_proxy.keys import provider
+from starttls_proxy.sandbox import seccomp
+from starttls_proxy.sandbox.layers import prepare_root_directory
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, decode
-from starttls_proxy.tls_description import describe
+from starttls_proxy.tls.description import describe
 
 #: The TLS helper, which ``setup.py`` builds.
-HELPER = Path(__file__).parent / "tlshelper" / "stp-helper"
+HELPER = Path(__file__).parents[1] / "tls" / "helper" / "stp-helper"
 HELPER_MISSING = (
     "tls: the TLS helper is not built: reinstall with `pip install -e .` (needs gcc and libssl-dev)"
 )
@@ -100,7 +101,7 @@ def probe_layers(settings: dict[str, Any]) -> list[list[Any]]:
 def describe_helper(
     settings: dict[str, Any], references: list[str] | None, *, probe_only: bool = False
 ) -> bytes:
-    """What a helper is to know (``tls_description``), with what this
+    """What a helper is to know (``tls.description``), with what this
     process prepares for it; ``HelperStartError`` naming every certificate
     file that cannot be served."""
     tls = decode(TLSConfig, settings["tls"])
@@ -109,7 +110,7 @@ def describe_helper(
     seccomp_missing: str | None = None
     if isolation.layers.seccomp:
         try:
-            seccomp_program = seccomp_policy.compile_filter(seccomp_policy.WORKER_ALLOWED)
+            seccomp_program = seccomp.compile_filter(seccomp.WORKER_ALLOWED)
         except (ImportError, RuntimeError, OSError) as error:
             seccomp_missing = f"libseccomp not usable: {error}"
     first, count = isolation.uid_range
@@ -122,7 +123,7 @@ def describe_helper(
             seccomp_program=seccomp_program,
             seccomp_missing=seccomp_missing,
             chroot_missing=_prepare_chroot(isolation),
-            # The last UID is the key server's (``keyserver.user_id``).
+            # The last UID is the key server's (``keys.server.user_id``).
             uid_range=(first, count - 1 if isolation.key_server else count),
             probe_only=probe_only,
         )

@@ -32,7 +32,7 @@ from protocols._base import (
 )
 from protocols.registry import PROTOCOLS
 from starttls_proxy.config import Config, ListenerConfig, Protocol
-from starttls_proxy.server import (
+from starttls_proxy.proxy.server import (
     PROBE_READ_SIZE,
     ProbeError,
     open_backend,

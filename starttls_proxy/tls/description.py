@@ -1,10 +1,10 @@
 """The TLS helper's *description*: everything it needs to know, as the keeper
 hands it over.
 
-The helper (C, ``tlshelper/``) runs as root and forks every worker, so what
+The helper (C, ``tls/helper/``) runs as root and forks every worker, so what
 it parses should be as plain as the data allows: a list of records, each a
 tag (u16), a length (u32) and a value, big-endian, laid out in
-``tlshelper/wire.h`` (which is the reference; a test holds ``Tag`` and
+``tls/helper/wire.h`` (which is the reference; a test holds ``Tag`` and
 ``Layer`` in agreement with it). The keeper writes it into a memfd
 (certificate chains can make it larger than a datagram) and has already
 done on the way what needs Python: validating the settings, compiling the
@@ -15,7 +15,7 @@ are not in it: with the key server the helper gets key references (PEM of
 public facts), otherwise the paths of the key files, which it reads itself.
 
 The TLS policy is defined here once, for the C helper and for pyOpenSSL
-(``tls_contexts``, used by ``--check``) alike: TLS 1.2 or newer, forward
+(``tls.contexts``, used by ``--check``) alike: TLS 1.2 or newer, forward
 secrecy only (ECDHE suites for TLS 1.2; TLS 1.3 suites are all ephemeral),
 key shares X25519 and P-256.
 
@@ -47,7 +47,7 @@ _MIN_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}
 
 
 class Tag(enum.IntEnum):
-    """``enum description_tag`` of ``tlshelper/wire.h``."""
+    """``enum description_tag`` of ``tls/helper/wire.h``."""
 
     VERSION = 1
     MIN_VERSION = 2
@@ -75,7 +75,7 @@ class Tag(enum.IntEnum):
 
 
 class Layer(enum.IntEnum):
-    """``enum layer`` of ``tlshelper/wire.h``: the sandbox layers in the order a
+    """``enum layer`` of ``tls/helper/wire.h``: the sandbox layers in the order a
     worker enters them. Lowercased, each names its switch in
     ``settings.IsolationLayers``."""
 

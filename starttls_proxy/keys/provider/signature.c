@@ -15,7 +15,7 @@
  * TIMEOUT_MS; every failure just fails the signature (libssl then ends the
  * handshake with an alert).
  *
- * The wire format is in keyserver_wire.h; the other side is starttls_proxy/keyservice/.
+ * The wire format is in keyserver_wire.h; the other side is starttls_proxy/keys/service/.
  */
 #define _GNU_SOURCE /* clock_gettime, ssize_t */
 #include <errno.h>

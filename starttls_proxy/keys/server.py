@@ -9,7 +9,7 @@ for the certificates its own connection may use, for as many signatures as
 one handshake needs (one), over data shaped like a TLS handshake
 signature, for its lifetime.
 
-Process: the keeper starts it (``python -m starttls_proxy.keyserver FD``, a
+Process: the keeper starts it (``python -m starttls_proxy.keys.server FD``, a
 fresh interpreter, no OpenSSL provider) before any TLS helper and restarts
 it when it dies; it outlives helper restarts and reloads. Before it holds a
 key it confines itself (``confine``): network, IPC and UTS namespaces of
@@ -40,10 +40,10 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
   certificate indexes (u16 each) with one descriptor attached: a worker's
   connection, which may use the keys of those certificates and no other.
 
-* connection, with one worker (binary, ``include/keyserver_wire.h``): one signature
+* connection, with one worker (binary, ``keys/keyserver_wire.h``): one signature
   request, one answer.
 
-Links and connections are served by ``_keyservice`` (C, linked with the
+Links and connections are served by ``keys._service`` (C, linked with the
 system's libcrypto): each session wakes this process twice while its
 handshake waits, too often for a Python loop's cold dispatch. This module
 keeps what happens once: confinement, the keeper's messages, reading keys.
@@ -67,8 +67,9 @@ from typing import TYPE_CHECKING
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from starttls_proxy import procname, seccomp_policy
-from starttls_proxy.sandbox import (
+from starttls_proxy import procname
+from starttls_proxy.sandbox import seccomp
+from starttls_proxy.sandbox.layers import (
     LIBC,
     LayerStatus,
     become,
@@ -76,11 +77,11 @@ from starttls_proxy.sandbox import (
     prepare_root_directory,
     unshare_namespaces,
 )
-from starttls_proxy.sandbox import problems as sandbox_problems
+from starttls_proxy.sandbox.layers import problems as sandbox_problems
 from starttls_proxy.settings import ConfigError, IsolationConfig, decode
 
 if TYPE_CHECKING:
-    from starttls_proxy._keyservice import Service
+    from starttls_proxy.keys._service import Service
 
 # The key reference's format (``provider/keyref.h``, the provider's reader;
 # tests/keyserver/test_keyserver_wire.py holds these values to it).
@@ -98,7 +99,7 @@ MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
 COUNTS_INTERVAL = 0.25
 
-# The wire format of a worker's connection (``include/keyserver_wire.h``, which
+# The wire format of a worker's connection (``keys/keyserver_wire.h``, which
 # tests/keyserver/test_keyserver_wire.py holds these values to), for the tests
 # and scripts that speak it.
 WIRE_VERSION = 1
@@ -112,7 +113,7 @@ STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: followed by the transcript hash.
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
 #: The most certificate indexes one link message may carry
-#: (``include/keyserver_wire.h``).
+#: (``keys/keyserver_wire.h``).
 MAX_CERTIFICATES = 4096
 
 
@@ -155,7 +156,7 @@ def key_id(public_key: PublicKey) -> bytes:
 def signature_request(
     key: PublicKey, data: bytes, scheme: Scheme, request_id: int, digest: Digest = Digest.SHA256
 ) -> bytes:
-    """A worker's request to sign ``data`` (``include/keyserver_wire.h``), as tests and
+    """A worker's request to sign ``data`` (``keys/keyserver_wire.h``), as tests and
     benchmarks make it; in a worker, the provider makes it."""
     return HEADER.pack(WIRE_VERSION, scheme, digest, 0, request_id) + key_id(key) + data
 
@@ -252,9 +253,9 @@ def user_id(isolation: IsolationConfig) -> int:
 def _warm_up() -> None:
     """Use both OpenSSLs once before the seccomp filter: they set some things
     up on first use (random generator, algorithm tables, configuration)."""
-    from starttls_proxy import _keyservice
+    from starttls_proxy.keys import _service
 
-    _keyservice.warm_up()
+    _service.warm_up()
     key = ec.generate_private_key(ec.SECP256R1())
     key.sign(b"warm-up", ec.ECDSA(hashes.SHA256()))
 
@@ -266,7 +267,7 @@ def confine(isolation: IsolationConfig) -> list[LayerStatus]:
     program = b""
     if layers.seccomp:
         with contextlib.suppress(ImportError, RuntimeError, OSError):
-            program = seccomp_policy.compile_filter(seccomp_policy.KEY_SERVER_ALLOWED, fionbio=True)
+            program = seccomp.compile_filter(seccomp.KEY_SERVER_ALLOWED, fionbio=True)
     _warm_up()
     uid = user_id(isolation)
     steps = (
@@ -278,7 +279,7 @@ def confine(isolation: IsolationConfig) -> list[LayerStatus]:
             "seccomp",
             layers.seccomp,
             bool(program),
-            lambda: seccomp_policy.load_filter(program, LIBC),
+            lambda: seccomp.load_filter(program, LIBC),
             "seccomp-bpf allow-list",
         ),
     )
@@ -393,7 +394,7 @@ def serve(control: socket.socket) -> int:
     """Confine, report, then sign for the workers until the keeper leaves."""
     procname.name_subordinate(procname.KEY_SERVER)
     isolation = decode(IsolationConfig, json.loads(control.recv(MAX_MESSAGE))["isolation"])
-    from starttls_proxy._keyservice import Service
+    from starttls_proxy.keys._service import Service
 
     # Its epoll descriptor is made before the seccomp filter forbids that.
     server = KeyServer(control, Service(control.fileno()))

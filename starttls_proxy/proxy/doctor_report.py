@@ -13,7 +13,7 @@ from protocols._buffers import LineBuffer
 from protocols.imap_syntax import capability_atoms
 from protocols.smtp import ReplyReader
 from starttls_proxy.config import Protocol
-from starttls_proxy.doctor import CLIENT, Observation
+from starttls_proxy.proxy.doctor import CLIENT, Observation
 
 _PROXY_HEADERS = frozenset({BackendIdentity.PROXY_V1, BackendIdentity.PROXY_V2})
 _FEATURES = re.compile(rb"<(?:stream:)?features\b.*?</(?:stream:)?features>", re.DOTALL)

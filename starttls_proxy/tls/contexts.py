@@ -1,8 +1,8 @@
 """The TLS policy rendered with pyOpenSSL: certificates loaded, checked and
 chosen by SNI.
 
-The TLS helper (C, ``tlshelper/contexts.c``) serves the policy that
-``tls_description`` writes down once; this module builds the same
+The TLS helper (C, ``tls/helper/contexts.c``) serves the policy that
+``tls.description`` writes down once; this module builds the same
 contexts with pyOpenSSL, which stays the place where a certificate, its key
 and the policy are validated: ``starttls-proxy --check`` loads every
 configured pair here (refusing a key that does not match its
@@ -10,7 +10,7 @@ certificate), and ``tests/tlshelper/test_handshakes.py`` holds the C
 helper and these contexts to the same handshake results. Only ``--check``
 reads private keys in this way; the running proxy never imports it.
 
-Policy: that of ``tls_description``, RSA or ECDSA certificates, no
+Policy: that of ``tls.description``, RSA or ECDSA certificates, no
 compression, no renegotiation, no session cache.
 """
 
@@ -23,9 +23,9 @@ from cryptography import x509
 from OpenSSL import SSL
 from OpenSSL._util import lib as _openssl
 
-from starttls_proxy.keyserver import PrivateKey, read_private_key
+from starttls_proxy.keys.server import PrivateKey, read_private_key
 from starttls_proxy.settings import ConfigError, TLSConfig
-from starttls_proxy.tls_description import (
+from starttls_proxy.tls.description import (
     KEY_SHARE_GROUPS,
     TLS12_CIPHERS,
     TLS13_SUITES,

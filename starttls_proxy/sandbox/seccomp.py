@@ -4,13 +4,13 @@ Each filter is compiled with libseccomp (through ``pyseccomp``, which binds
 the system's ``libseccomp.so.2`` with ctypes) before anything is confined by
 it: the workers' by the keeper, once per TLS helper it starts, which hands
 the finished BPF program to the helper in its description
-(``tls_description``); the key server's by the key server itself, before it
+(``tls.description``); the key server's by the key server itself, before it
 holds a key. A confined process only hands its program to the kernel, so
 libseccomp's compiler never runs in a worker and costs nothing per
 connection.
 
 What a worker does once sandboxed is small and known: the handshake and the
-pump over its two sockets (``tlshelper/worker.c``), reading and writing,
+pump over its two sockets (``tls/helper/worker.c``), reading and writing,
 waiting in poll, cancelling the handshake deadline, memory for OpenSSL,
 fresh randomness for OpenSSL's DRBG, and exiting. ``WORKER_ALLOWED`` is the
 list of what the C worker calls after its filter is loaded (``strace -f``
@@ -83,7 +83,7 @@ WORKER_ALLOWED = (
     "sigaltstack",
 )
 
-#: The key server (``keyserver``) once confined: since it waits in epoll,
+#: The key server (``keys.server``) once confined: since it waits in epoll,
 #: neither poll nor the deadline; descriptors arriving with SCM_RIGHTS (the
 #: workers' connections; the key files the keeper opened, read with pread).
 KEY_SERVER_ALLOWED = (

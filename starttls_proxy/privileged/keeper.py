@@ -6,14 +6,14 @@ worker in namespaces, a chroot and a UID of its own. Restarting a dead
 helper therefore needs a privileged parent that the network-facing process
 cannot steer. The keeper is that parent, and nothing more:
 
-* the main process execs it fresh (``python -m starttls_proxy.keeper FD``)
+* the main process execs it fresh (``python -m starttls_proxy.privileged.keeper FD``)
   before its event loop exists, while still root; it reads no key, imports
   no TLS code but ``cryptography.x509`` (for the certificate chains), and
   only ever parses the configuration message below, which it validates
   (``checked_configuration``: the helper and the key server take it from
   the keeper without validating it again);
-* it starts the helper (C, ``tlshelper/stp-helper FD``) with a new control
-  socket and hands it its *description* (``tls_description``): the
+* it starts the helper (C, ``tls/helper/stp-helper FD``) with a new control
+  socket and hands it its *description* (``tls.description``): the
   settings and the certificate chains, with what needs Python or a look at
   this machine done beforehand (the chains checked, the workers' seccomp
   filter compiled, the chroot directory prepared). It waits for the
@@ -25,7 +25,7 @@ cannot steer. The keeper is that parent, and nothing more:
   over its own channel), become its children; it reaps them and reports
   their exits so that they are still counted;
 * with ``isolation.key_server`` it also starts the key server
-  (``keyserver``) before the first helper, opens the configured key files
+  (``keys.server``) before the first helper, opens the configured key files
   for it (the key server opens nothing; the keeper never reads them), has it
   load them for every helper it starts, and gives that helper the key
   references and a link to the key server. It sets ``OPENSSL_CONF`` (the
@@ -84,9 +84,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from starttls_proxy import procname, provider
+from starttls_proxy import procname
 from starttls_proxy._process import EXIT_TIMEOUT, MAX_MESSAGE, STARTUP_TIMEOUT, start_process
-from starttls_proxy.helper_start import (
+from starttls_proxy.keys import provider
+from starttls_proxy.privileged.helper_start import (
     HelperStartError,
     describe_helper,
     launch_helper,
@@ -127,7 +128,7 @@ def open_key_files(configuration: dict[str, Any]) -> list[int]:
 
 
 class KeyServerProcess:
-    """The keeper's side of the key server (see ``keyserver`` for the wire format)."""
+    """The keeper's side of the key server (see ``keys.server`` for the wire format)."""
 
     def __init__(
         self, isolation: dict[str, Any], on_counts: Callable[[dict[str, int]], None]
@@ -139,7 +140,7 @@ class KeyServerProcess:
     def _start(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
         # The keeper's own environment: OPENSSL_CONF with the provider is
         # only ever set for the helpers.
-        process, control = start_process([sys.executable, "-m", "starttls_proxy.keyserver"])
+        process, control = start_process([sys.executable, "-m", "starttls_proxy.keys.server"])
         control.settimeout(STARTUP_TIMEOUT)
         try:
             control.send(json.dumps({"isolation": self.isolation}).encode())

@@ -1,4 +1,4 @@
-# The key server's request loop (C): see _keyservice.c and keyserver.py.
+# The key server's request loop (C): see service/service.c and server.py.
 
 class Service:
     def __init__(self, control_fd: int) -> None: ...

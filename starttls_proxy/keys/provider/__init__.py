@@ -1,8 +1,8 @@
 """The OpenSSL provider that keeps private keys out of the TLS workers.
 
-The private keys live in the key server (``keyserver``) alone. What the TLS
+The private keys live in the key server (``keys.server``) alone. What the TLS
 helper loads instead of each key is a *key reference* (a PEM block of our
-own, written by ``keyserver.encode_reference``) carrying only public facts.
+own, written by ``keys.server.encode_reference``) carrying only public facts.
 The provider in this directory (C, ``keyref.so``, built by ``pip install``
 through ``setup.py``) decodes it, lets OpenSSL compare it with the
 certificate (the mismatch failsafe still works), and turns every signature
@@ -33,9 +33,9 @@ def missing() -> str | None:
             f"the key-reference provider {LIBRARY} is not built: reinstall with "
             "`pip install -e .` (needs gcc and libssl-dev)"
         )
-    if importlib.util.find_spec("starttls_proxy._keyservice") is None:
+    if importlib.util.find_spec("starttls_proxy.keys._service") is None:
         return (
-            "the key server's request loop (starttls_proxy._keyservice) is not built: "
+            "the key server's request loop (starttls_proxy.keys._service) is not built: "
             "reinstall with `pip install -e .` (needs gcc and libssl-dev)"
         )
     return None

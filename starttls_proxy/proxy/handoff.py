@@ -1,7 +1,7 @@
 """Main-process side of the TLS helper: start it (through the keeper), hand
 it client sockets, follow its restarts.
 
-See ``keeper`` and ``wire`` (``tlshelper/wire.h``) for the wire formats. ``TLSHelper.start`` is
+See ``keeper`` and ``wire`` (``tls/helper/wire.h``) for the wire formats. ``TLSHelper.start`` is
 blocking and runs before the event loop (while the process may still be
 root: the keeper and the helper keep those privileges); ``spawn`` is called
 from the loop and never blocks.
@@ -17,8 +17,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from starttls_proxy import metrics
 from starttls_proxy._process import start_process
+from starttls_proxy.proxy import metrics
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, encode
 from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
 
@@ -75,7 +75,7 @@ class TLSHelper:
     @classmethod
     def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
         """Start the keeper and wait until the first helper is ready."""
-        keeper, ours = start_process([sys.executable, "-m", "starttls_proxy.keeper"])
+        keeper, ours = start_process([sys.executable, "-m", "starttls_proxy.privileged.keeper"])
         ours.settimeout(STARTUP_TIMEOUT)
         ours.send(json.dumps({"tls": encode(tls), "isolation": encode(isolation)}).encode())
         try:

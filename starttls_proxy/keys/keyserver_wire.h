@@ -1,7 +1,7 @@
 /*
  * The key server's binary wire format, shared by its two C sides: the
- * provider (starttls_proxy/provider/signature.c, in a TLS worker) and the
- * key service (starttls_proxy/keyservice/), found through the include
+ * provider (starttls_proxy/keys/provider/signature.c, in a TLS worker) and the
+ * key service (starttls_proxy/keys/service/), found through the include
  * directory setup.py gives both. Integers are big-endian.
  *
  * Connection, a worker and the key server: one SOCK_SEQPACKET datagram

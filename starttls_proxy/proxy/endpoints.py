@@ -16,7 +16,7 @@ from protocols._base import Side
 from starttls_proxy.wire import MAX_REPORT_SIZE, REPORT_HEADER, read_report
 
 if TYPE_CHECKING:
-    from starttls_proxy.session import Session
+    from starttls_proxy.proxy.session import Session
 
 #: How long a closing client connection waits for the client's FIN.
 LINGER_TIMEOUT = 2.0

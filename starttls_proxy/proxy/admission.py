@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 from protocols import proxy_header
 from protocols._base import Peer, Side
-from starttls_proxy import metrics
-from starttls_proxy.endpoints import Endpoint
-from starttls_proxy.session import Session
+from starttls_proxy.proxy import metrics
+from starttls_proxy.proxy.endpoints import Endpoint
+from starttls_proxy.proxy.session import Session
 
 if TYPE_CHECKING:
     from starttls_proxy.config import Limits
-    from starttls_proxy.server import ListenerRuntime
+    from starttls_proxy.proxy.server import ListenerRuntime
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,9 @@ from protocols._base import (
     StartTLS,
     TLSInfo,
 )
-from starttls_proxy import metrics
-from starttls_proxy.endpoints import ChannelEndpoint, Endpoint
-from starttls_proxy.handoff import HandoffError, TLSHelper
+from starttls_proxy.proxy import metrics
+from starttls_proxy.proxy.endpoints import ChannelEndpoint, Endpoint
+from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
 from starttls_proxy.wire import HandshakeFailure, SpawnRequest, usable_hint
 
 if TYPE_CHECKING:

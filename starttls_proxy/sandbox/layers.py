@@ -3,7 +3,7 @@
 Threat model: a bug in the TLS stack (a Heartbleed-class disclosure, or code
 execution) in one worker must expose at most the attacker's own connection.
 Every worker is a fresh fork of the TLS helper that serves one connection
-and exits. The workers' sandbox is C (``tlshelper/sandbox.c``): forked ahead
+and exits. The workers' sandbox is C (``tls/helper/sandbox.c``): forked ahead
 of time as a spare, a worker enters every layer but the last two while it
 waits for a connection; with the connection's descriptors it sets
 RLIMIT_NOFILE and loads the seccomp filter, before it reads a byte from the
@@ -33,7 +33,7 @@ client. In order:
    (none can be opened);
 7. **memory_limit**: RLIMIT_AS at what it inherited plus
    ``isolation.memory_limit``;
-8. **seccomp**: the allow-list of ``seccomp_policy``, compiled by the keeper
+8. **seccomp**: the allow-list of ``sandbox.seccomp``, compiled by the keeper
    and loaded as a finished BPF program.
 
 The handshake deadline is armed by the worker before all this: SIGALRM's
@@ -52,8 +52,8 @@ failure. That report is the startup log, the ``--isolation-report`` table,
 and, in strict mode, the reason to refuse to start (``problems``).
 
 What stays in Python is what the Python processes apply to themselves: the
-main process drops root (``drop_privileges``), the key server confines
-itself with layers of the same kind (``keyserver.confine``), and the keeper
+main process drops root (``privileges.drop_privileges``), the key server confines
+itself with layers of the same kind (``keys.server.confine``), and the keeper
 prepares the empty root directory both chroot into.
 """
 
@@ -63,12 +63,12 @@ import contextlib
 import ctypes
 import errno
 import os
-import pwd
 import resource
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from starttls_proxy import privileges
 from starttls_proxy.settings import IsolationConfig, IsolationMode
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -100,14 +100,6 @@ def prctl(option: int, value: int) -> None:
     check(LIBC.prctl(option, value, 0, 0, 0), f"prctl({option})")
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` for good (the main process, once its sockets are bound)."""
-    entry = pwd.getpwnam(user)
-    os.setgroups([])
-    os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
-    os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
-
-
 def prepare_root_directory(path: Path) -> None:
     """Create ``path`` root-owned 0555 if needed; refuse one that is not empty."""
     path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -131,9 +123,7 @@ def unshare_namespaces() -> None:
 def become(uid: int | None) -> None:
     if uid is None:
         raise OSError(errno.EINVAL, "no UID left in isolation.uid_range")
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)
+    privileges.become(uid, uid)
 
 
 def _limit(which: int, value: int) -> None:

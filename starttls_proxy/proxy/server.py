@@ -22,12 +22,12 @@ from prometheus_client import generate_latest
 from protocols import proxy_header
 from protocols._base import Peer, ProxyMachine, SessionSettings
 from protocols.registry import PROTOCOLS, ProtocolSpec
-from starttls_proxy import metrics
-from starttls_proxy.admission import ClientEndpoint, SessionTable
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
-from starttls_proxy.handoff import TLSHelper
-from starttls_proxy.sandbox import drop_privileges
-from starttls_proxy.session import Session
+from starttls_proxy.privileges import drop_privileges
+from starttls_proxy.proxy import metrics
+from starttls_proxy.proxy.admission import ClientEndpoint, SessionTable
+from starttls_proxy.proxy.handoff import TLSHelper
+from starttls_proxy.proxy.session import Session
 from starttls_proxy.settings import ConfigError
 from starttls_proxy.wire import (
     EXIT_CLIENT_GONE,
