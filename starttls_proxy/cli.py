@@ -19,6 +19,7 @@ from starttls_proxy.proxy.activation import PassedSockets
 from starttls_proxy.proxy.handoff import TLSHelper
 from starttls_proxy.proxy.server import Server
 from starttls_proxy.settings import ConfigError, encode
+from starttls_proxy.wire import LayerStatus
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,7 +173,6 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
 def _isolation_report(config: Config) -> int:
     """Probe each layer in a throwaway worker (as the helper does at start)."""
     from starttls_proxy.privileged.helper_start import HelperStartError, probe_layers
-    from starttls_proxy.sandbox.layers import LayerStatus
     from starttls_proxy.sandbox.layers import problems as sandbox_problems
 
     settings = {"tls": encode(config.tls), "isolation": encode(config.isolation)}

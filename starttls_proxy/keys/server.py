@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import enum
 import hashlib
 import json
@@ -71,7 +70,6 @@ from starttls_proxy import procname
 from starttls_proxy.sandbox import seccomp
 from starttls_proxy.sandbox.layers import (
     LIBC,
-    LayerStatus,
     become,
     harden,
     prepare_root_directory,
@@ -79,6 +77,7 @@ from starttls_proxy.sandbox.layers import (
 )
 from starttls_proxy.sandbox.layers import problems as sandbox_problems
 from starttls_proxy.settings import ConfigError, IsolationConfig, decode
+from starttls_proxy.wire import LayerStatus
 
 if TYPE_CHECKING:
     from starttls_proxy.keys._service import Service
@@ -403,9 +402,7 @@ def serve(control: socket.socket) -> int:
     if problems:
         control.send(json.dumps({"problems": problems}).encode())
         return 1
-    control.send(
-        json.dumps({"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]}).encode()
-    )
+    control.send(json.dumps({"ready": True, "layers": statuses}).encode())
     return server.serve_forever()
 
 
