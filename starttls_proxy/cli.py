@@ -19,7 +19,6 @@ from starttls_proxy.proxy.activation import PassedSockets
 from starttls_proxy.proxy.handoff import TLSHelper
 from starttls_proxy.proxy.server import Server
 from starttls_proxy.settings import ConfigError, encode
-from starttls_proxy.wire import LayerStatus
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -164,9 +163,7 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
         return [("key_server", False, "cannot start (see below)")], error.problems
     key_server.stop()
     rows = [("key_server", True, "private keys only in the key server; workers ask it to sign")]
-    rows += [
-        (f"key_server.{name}", bool(ok), str(detail)) for name, ok, detail in key_server.layers
-    ]
+    rows += [(f"key_server.{name}", applied, detail) for name, applied, detail in key_server.layers]
     return rows, []
 
 
@@ -177,7 +174,7 @@ def _isolation_report(config: Config) -> int:
 
     settings = {"tls": encode(config.tls), "isolation": encode(config.isolation)}
     try:
-        statuses = [LayerStatus(str(n), bool(a), str(d)) for n, a, d in probe_layers(settings)]
+        statuses = probe_layers(settings)
     except HelperStartError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)

@@ -199,6 +199,10 @@ class SigningCounts:
     refused: int
     dropped: int
 
+    def __post_init__(self) -> None:
+        if min(self.signed, self.refused, self.dropped) < 0:
+            raise WireError(f"negative counts: {self}")
+
 
 @dataclass(frozen=True)
 class KeyServerCounts(Message):

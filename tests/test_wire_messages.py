@@ -16,12 +16,14 @@ from starttls_proxy.wire import (
     Channel,
     Configuration,
     HelperStarted,
+    KeyServerCounts,
     KeyServerStart,
     LayerStatus,
     Message,
     Problems,
     Ready,
     Reload,
+    SigningCounts,
     WireError,
     WorkerExit,
     WorkerExited,
@@ -46,6 +48,9 @@ _BUILT: dict[type[Message], st.SearchStrategy[Any]] = {
     Configuration: _CONFIGURATIONS,
     Reload: st.builds(Reload, _CONFIGURATIONS),
     KeyServerStart: st.builds(KeyServerStart, isolation=_OBJECTS),
+    KeyServerCounts: st.builds(
+        KeyServerCounts, st.builds(SigningCounts, *[st.integers(min_value=0)] * 3)
+    ),
     HelperStarted: st.builds(
         HelperStarted, key_server_layers=st.none() | _LAYERS, reloaded=st.booleans()
     ),
@@ -137,6 +142,7 @@ def test_worker_exit_statuses_agree_with_wire_h() -> None:
         ("KEEPER_TO_MAIN", b'{"problems": "one line"}', "str, not list"),
         ("KEEPER_TO_MAIN", b'{"problems": ["a", 2]}', r"Problems.problems\[1\]: int"),
         ("KEEPER_TO_MAIN", b'{"counts": {"signed": 1, "refused": 2}}', "keys"),
+        ("KEEPER_TO_MAIN", b'{"counts": {"signed": 1, "refused": -2, "dropped": 0}}', "negative"),
         ("KEEPER_TO_MAIN", b'{"fatal": null}', "NoneType, not str"),
         (
             "KEEPER_TO_MAIN",

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, WorkerExit
+from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, Problems, Ready, WorkerExit
 from tests.isolation.conftest import (
     TEST_UIDS,
     SelfTestLog,
@@ -74,8 +74,8 @@ def _vm_size(pid: int) -> int:
 
 def test_every_layer_applies_as_root(tmp_path: Path, certificates: list[tuple[Path, Path]]) -> None:
     with helper(tmp_path, certificates) as running:
-        assert running.reply["ready"] is True and "problems" not in running.reply
-        assert [(name, applied) for name, applied, _ in running.reply["layers"]] == [
+        assert isinstance(running.reply, Ready), running.reply
+        assert [(name, applied) for name, applied, _ in running.reply.layers] == [
             (name, True) for name in LAYERS
         ]
     # The keeper made the empty root root-owned and unwritable.
@@ -265,8 +265,8 @@ def test_strict_mode_names_a_layer_that_cannot_apply(
     occupied.mkdir()
     (occupied / "file").write_text("not empty")
     with helper(tmp_path, certificates, chroot=occupied, mode="strict") as running:
-        assert "ready" not in running.reply
-        (problem,) = running.reply["problems"]
+        assert isinstance(running.reply, Problems), running.reply
+        (problem,) = running.reply.problems
         assert problem.startswith("isolation.layers.chroot: cannot be applied")
         assert "not empty" in problem
     with helper(tmp_path, certificates, chroot=occupied, mode="best-effort") as running:

@@ -54,7 +54,7 @@ from OpenSSL import SSL
 
 from starttls_proxy.settings import CertificateConfig, TLSConfig
 from starttls_proxy.tls.contexts import CertificateStore, load_certificates
-from starttls_proxy.wire import WorkerExit
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper
 
 TLS12 = ssl.TLSVersion.TLSv1_2
@@ -340,7 +340,7 @@ def setting(
             helper = stack.enter_context(
                 running_helper(directory / minimum, pairs, tls={"min_version": minimum})
             )
-            assert helper.reply.get("ready"), helper.reply
+            assert isinstance(helper.reply, Ready), helper.reply
             store = load_certificates(
                 TLSConfig(
                     certificates=[CertificateConfig(cert=c, key=k) for c, k in pairs],

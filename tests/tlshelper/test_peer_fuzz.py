@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from starttls_proxy.keys import provider
 from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, encode_reference, read_private_key
-from starttls_proxy.wire import WorkerExit
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper, sanitizer_runtime
 
 #: A signature request: header, key id, then what to sign.
@@ -72,7 +72,7 @@ def signing_helper(
         ) as helper,
     ):
         theirs.close()
-        assert helper.reply.get("ready"), helper.reply
+        assert isinstance(helper.reply, Ready), helper.reply
         yield helper, ours
     ours.close()
 
@@ -216,7 +216,7 @@ def fuzzed_helper(
     with running_helper(
         directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], env=env
     ) as helper:
-        assert helper.reply.get("ready"), helper.reply
+        assert isinstance(helper.reply, Ready), helper.reply
         yield helper, payload
 
 

@@ -32,7 +32,7 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy.wire import MAX_EARLY_BYTES, MAX_SPAWN_REQUEST, SpawnRequest, WorkerExit
+from starttls_proxy.wire import MAX_EARLY_BYTES, MAX_SPAWN_REQUEST, Ready, SpawnRequest, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper
 
 #: How a worker given a fuzzed (but well-formed) request may end once the
@@ -50,7 +50,7 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with running_helper(
         tmp_path_factory.mktemp("spawn-requests"), [(cert_dir / "cert.pem", cert_dir / "key.pem")]
     ) as running:
-        assert running.reply.get("ready"), running.reply
+        assert isinstance(running.reply, Ready), running.reply
         yield running
 
 

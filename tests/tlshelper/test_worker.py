@@ -45,7 +45,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from starttls_proxy.wire import WorkerExit
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
@@ -69,7 +69,7 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             (cert_dir / "other.pem", cert_dir / "other-key.pem"),
         ],
     ) as running:
-        assert running.reply.get("ready"), running.reply
+        assert isinstance(running.reply, Ready), running.reply
         yield running
 
 
