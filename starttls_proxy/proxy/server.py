@@ -29,7 +29,7 @@ from starttls_proxy.proxy.admission import ClientEndpoint, SessionTable
 from starttls_proxy.proxy.handoff import TLSHelper
 from starttls_proxy.proxy.session import Session
 from starttls_proxy.settings import ConfigError
-from starttls_proxy.wire import WorkerExit
+from starttls_proxy.wire import ProxyExit, WorkerExit
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,6 @@ _EXIT_REASONS = {
     WorkerExit.INTERNAL_ERROR: "crash",
     -signal.SIGSYS: "seccomp",
 }
-#: Exit status of the proxy when no TLS helper can be had any more.
-EXIT_HELPER_LOST = 3
 
 
 class ProbeError(Exception):
@@ -295,11 +293,11 @@ class Server:
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         #: What the process exits with once ``serve`` returns.
-        self.exit_status = 0
+        self.exit_status = ProxyExit.OK
 
     def _helper_lost(self, reason: str) -> None:
         log.critical("giving up: %s", reason)
-        self.exit_status = EXIT_HELPER_LOST
+        self.exit_status = ProxyExit.HELPER_LOST
         self._stopping.set()
 
     def _drop_privileges(self) -> None:
