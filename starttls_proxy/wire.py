@@ -91,25 +91,18 @@ class ProxyExit(enum.IntEnum):
     HELPER_LOST = 3
 
 
-class KeeperExit(enum.IntEnum):
-    """The keeper's exit status (the main process reads its messages, not this)."""
+class SubordinateExit(enum.IntEnum):
+    """The exit status of the keeper and of the key server (their parents
+    read their messages; the status is for their logs and for tests)."""
 
-    #: The main process closed its socket.
+    #: Its parent (the main process; the keeper) closed its socket.
     DONE = 0
-    #: The configuration or the first helper was refused (``Problems`` said why).
+    #: It could not start as told, and ``Problems`` said why: the keeper's
+    #: configuration or first helper, the key server's confinement.
     REFUSED = 1
-    #: No helper or key server could be had any more (``Fatal`` said why).
+    #: The keeper: no helper or key server could be had any more (``Fatal``
+    #: said why).
     GAVE_UP = 3
-
-
-class KeyServerExit(enum.IntEnum):
-    """The key server's exit status."""
-
-    #: The keeper closed its socket.
-    DONE = 0
-    #: It could not confine itself as configured, or its first message was
-    #: unusable (``Problems`` said why).
-    REFUSED = 1
 
 
 # ----------------------------------------------------------------------

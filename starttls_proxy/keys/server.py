@@ -23,7 +23,7 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
 
 * control, with the keeper: ``wire.KEEPER_TO_KEY_SERVER`` and
   ``wire.KEY_SERVER_TO_KEEPER`` (JSON); the exit statuses are
-  ``wire.KeyServerExit``.
+  ``wire.SubordinateExit``.
 
 * link, with one TLS helper (binary, ``Link``): a count and that many
   certificate indexes (u16 each) with one descriptor attached: a worker's
@@ -69,7 +69,6 @@ from starttls_proxy.wire import (
     KEEPER_TO_KEY_SERVER,
     MAX_MESSAGE,
     KeyServerCounts,
-    KeyServerExit,
     KeyServerStart,
     KeysLoaded,
     LayerStatus,
@@ -78,6 +77,7 @@ from starttls_proxy.wire import (
     Problems,
     Ready,
     SigningCounts,
+    SubordinateExit,
     WireError,
 )
 
@@ -395,7 +395,7 @@ class KeyServer:
             if not self.service.serve(COUNTS_INTERVAL):
                 self.report_counts()
             elif not self.on_control():
-                return KeyServerExit.DONE
+                return SubordinateExit.DONE
 
 
 def serve(control: socket.socket) -> int:
@@ -407,7 +407,7 @@ def serve(control: socket.socket) -> int:
             raise WireError(f"{type(start).__name__} before KeyServerStart")
     except WireError as error:
         control.send(Problems((f"the key server's first message: {error}",)).encode())
-        return KeyServerExit.REFUSED
+        return SubordinateExit.REFUSED
     isolation = decode(IsolationConfig, start.isolation)
     from starttls_proxy.keys._service import Service
 
@@ -417,7 +417,7 @@ def serve(control: socket.socket) -> int:
     problems = sandbox_problems(isolation, statuses)
     if problems:
         control.send(Problems(tuple(problems)).encode())
-        return KeyServerExit.REFUSED
+        return SubordinateExit.REFUSED
     control.send(Ready(tuple(statuses)).encode())
     return server.serve_forever()
 

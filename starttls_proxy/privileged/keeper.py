@@ -85,7 +85,6 @@ from starttls_proxy.wire import (
     Fatal,
     HelperStarted,
     HelperUnusable,
-    KeeperExit,
     KeyServerCounts,
     KeyServerStart,
     KeyServerToKeeper,
@@ -96,6 +95,7 @@ from starttls_proxy.wire import (
     Ready,
     Reload,
     ReloadFailed,
+    SubordinateExit,
     WireError,
     WorkerExited,
 )
@@ -462,7 +462,7 @@ class Keeper:
                         break
                 for pid, code in _reap():
                     if not self.on_child_exit(pid, code):
-                        return KeeperExit.GAVE_UP
+                        return SubordinateExit.GAVE_UP
 
     def on_request(self, message: bytes) -> None:
         """Serve a message of the main process after the first (a ``Reload``)."""
@@ -483,7 +483,7 @@ class Keeper:
                 self.helper.wait(EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.helper.kill()
-        return KeeperExit.DONE
+        return SubordinateExit.DONE
 
     def close(self) -> None:
         """Stop the key server, forget the key files and the OpenSSL configuration."""
@@ -518,13 +518,13 @@ def serve(main: socket.socket) -> int:
         keeper = Keeper(main, main.recv(MAX_MESSAGE))
     except HelperStartError as error:
         _send(main, Problems(tuple(error.problems)))
-        return KeeperExit.REFUSED
+        return SubordinateExit.REFUSED
     try:
         try:
             keeper.start_helper()
         except HelperStartError as error:
             _send(main, Problems(tuple(error.problems)))
-            return KeeperExit.REFUSED
+            return SubordinateExit.REFUSED
         return keeper.run()
     finally:
         keeper.close()
