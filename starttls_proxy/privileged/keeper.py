@@ -9,15 +9,15 @@ cannot steer. The keeper is that parent, and nothing more:
 * the main process execs it fresh (``python -m starttls_proxy.privileged.keeper FD``)
   before its event loop exists, while still root; it reads no key, imports
   no TLS code but ``cryptography.x509`` (for the certificate chains), and
-  only ever parses the configuration message below, which it validates
-  (``checked_configuration``: the helper and the key server take it from
-  the keeper without validating it again);
+  only ever parses the main process's settings (``wire.Configuration``,
+  ``wire.Reload``), which it validates (``validated``: the helper and the
+  key server take them from the keeper without validating them again);
 * it starts the helper (C, ``tls/helper/stp-helper FD``) with a new control
   socket and hands it its *description* (``tls.description``): the
   settings and the certificate chains, with what needs Python or a look at
   this machine done beforehand (the chains checked, the workers' seccomp
   filter compiled, the chroot directory prepared). It waits for the
-  helper's "ready" and passes the main process the other end of that
+  helper's ``Ready`` and passes the main process the other end of that
   socket over its own socket (SCM_RIGHTS); it does so again whenever the
   helper dies, so the main process never needs privileges to get a new one;
 * it is a child subreaper (PR_SET_CHILD_SUBREAPER): the workers of a dead
@@ -34,7 +34,12 @@ cannot steer. The keeper is that parent, and nothing more:
   takes over (the old one's link is dead; sessions go on);
 * more than ``isolation.max_helper_restarts`` deaths (of helpers or of the
   key server) within ``isolation.restart_window`` seconds make it give up
-  and say so: the main process then exits non-zero instead of spinning.
+  and say so: the main process then exits non-zero instead of spinning;
+* on a reload (SIGHUP in the main process) it starts a *new* helper; if
+  that one loads every certificate (mismatched pairs refused) the main
+  process gets it and the old helper is retired (it leaves when the main
+  process closes its socket; its workers go on serving their sessions);
+  otherwise nothing changes and the main process is told why.
 
 Its messages (with the main process, the helper and the key server) and
 its exit statuses are in ``wire``.
