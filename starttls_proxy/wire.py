@@ -93,7 +93,7 @@ class ProxyExit(enum.IntEnum):
 
 class SubordinateExit(enum.IntEnum):
     """The exit status of the keeper and of the key server (their parents
-    read their messages; the status is for their logs and for tests)."""
+    go by their messages, which say more)."""
 
     #: Its parent (the main process; the keeper) closed its socket.
     DONE = 0
@@ -304,7 +304,7 @@ class Channel(Generic[M]):
         tags = [tag for tag in self._by_tag if tag in data]
         if len(tags) != 1:
             expected = ", ".join(self._by_tag)
-            raise WireError(f"keys {sorted(data)}: not one message of {expected}")
+            raise WireError(f"keys {_keys(data)}: not one message of {expected}")
         kind = self._by_tag[tags[0]]
         return typing.cast(M, _record(kind, data, kind.__name__))
 
@@ -376,7 +376,7 @@ def _record(kind: type, data: dict[str, Any], where: str) -> Any:
             raise WireError(f"{where}: {kind.TAG!r} is not true")
         keys.add(kind.TAG)
     if set(data) != keys:
-        raise WireError(f"{where}: keys {sorted(data)}, not {sorted(keys)}")
+        raise WireError(f"{where}: keys {_keys(data)}, not {sorted(keys)}")
     return kind(**{name: _value(hint, data[key], f"{where}.{key}") for name, key, hint in fields})
 
 
@@ -402,6 +402,12 @@ def _value(kind: Any, data: object, where: str) -> Any:
     if kind in (str, int, bool):
         return _expect(kind, data, where)
     raise TypeError(f"{where}: no wire form for {kind!r}")  # this module's bug
+
+
+def _keys(data: dict[str, Any]) -> str:
+    """The keys of ``data`` for an error message, a few and not too long."""
+    shown = [key[:40] for key in sorted(data)[:8]]
+    return repr(shown) if len(data) <= len(shown) else f"{shown} and {len(data) - len(shown)} more"
 
 
 T = TypeVar("T")

@@ -178,6 +178,16 @@ def test_a_malformed_field_is_named(channel: str, fields: dict[str, Any], why: s
         CHANNELS[channel].decode(json.dumps(fields).encode())
 
 
+def test_an_error_names_a_few_keys_not_all() -> None:
+    """What a peer sent goes into a log line: a message of thousands of keys
+    makes a short one."""
+    payload = json.dumps({f"key{i:05}" + "x" * 100: 0 for i in range(500)}).encode()
+    for decode in (wire.KEEPER_TO_MAIN.decode, wire.HELPER_TO_MAIN.decode):
+        with pytest.raises(WireError, match="and 494 more") as refused:
+            decode(payload[:-1] + b', "exited": 1, "status": 2}')
+        assert len(str(refused.value)) < 600
+
+
 @pytest.mark.parametrize("depth", [1_000, 30_000])
 def test_deep_nesting_is_a_wire_error_not_a_recursion_error(depth: int) -> None:
     """Regression: the worker's report was parsed with ``json.loads`` alone,
