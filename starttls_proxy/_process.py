@@ -14,8 +14,6 @@ import socket
 import subprocess
 from collections.abc import Iterator, Sequence
 
-#: The largest control message (JSON) between these processes.
-MAX_MESSAGE = 64 * 1024
 #: How long a started process may take to say it is ready (the helper
 #: prepares the sandbox and loads the certificates).
 STARTUP_TIMEOUT = 30.0

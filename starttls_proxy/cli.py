@@ -1,5 +1,5 @@
 """``starttls-proxy --config PATH [--check | --check-backends | --isolation-report]``,
-``--version``."""
+``--version``; its exit statuses are ``wire.ProxyExit``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from starttls_proxy.proxy.activation import PassedSockets
 from starttls_proxy.proxy.handoff import TLSHelper
 from starttls_proxy.proxy.server import Server
 from starttls_proxy.settings import ConfigError, encode
+from starttls_proxy.wire import ProxyExit
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
             load_certificates(config.tls)
             print(f"{args.config}: OK")
-            return 0
+            return ProxyExit.OK
         if args.isolation_report:
             return _isolation_report(config)
         if args.check_backends:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         helper = TLSHelper.start(config.tls, config.isolation)
     except ConfigError as error:
         _print_problems(args.config, error)
-        return 2
+        return ProxyExit.CONFIG_ERROR
     procname.name_process(procname.MAIN)
     server = Server(config, helper, args.config, passed)
     try:
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         # What only binding can tell: a port taken, an address not ours.
         _print_problems(args.config, error)
-        return 2
+        return ProxyExit.CONFIG_ERROR
     finally:
         helper.stop()
     return server.exit_status
@@ -129,7 +130,8 @@ def _check_backends(config: Config) -> int:
 
     verdicts = [judge(seen) for seen in uvloop.run(examine_all(config))]
     print(table(verdicts))
-    return 0 if all(verdict.usable for verdict in verdicts) else 1
+    usable = all(verdict.usable for verdict in verdicts)
+    return ProxyExit.OK if usable else ProxyExit.PROBLEMS_FOUND
 
 
 def _main_user_row(config: Config) -> tuple[str, bool, str]:
@@ -163,25 +165,22 @@ def _key_server_rows(config: Config) -> tuple[list[tuple[str, bool, str]], list[
         return [("key_server", False, "cannot start (see below)")], error.problems
     key_server.stop()
     rows = [("key_server", True, "private keys only in the key server; workers ask it to sign")]
-    rows += [
-        (f"key_server.{name}", bool(ok), str(detail)) for name, ok, detail in key_server.layers
-    ]
+    rows += [(f"key_server.{name}", applied, detail) for name, applied, detail in key_server.layers]
     return rows, []
 
 
 def _isolation_report(config: Config) -> int:
     """Probe each layer in a throwaway worker (as the helper does at start)."""
     from starttls_proxy.privileged.helper_start import HelperStartError, probe_layers
-    from starttls_proxy.sandbox.layers import LayerStatus
     from starttls_proxy.sandbox.layers import problems as sandbox_problems
 
     settings = {"tls": encode(config.tls), "isolation": encode(config.isolation)}
     try:
-        statuses = [LayerStatus(str(n), bool(a), str(d)) for n, a, d in probe_layers(settings)]
+        statuses = probe_layers(settings)
     except HelperStartError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
-        return 1
+        return ProxyExit.PROBLEMS_FOUND
     key_server_rows, key_server_problems = _key_server_rows(config)
     rows = [
         ("clean_slate", True, "fresh helper process; only the worker's own descriptors"),
@@ -197,7 +196,7 @@ def _isolation_report(config: Config) -> int:
     problems = sandbox_problems(config.isolation, statuses) + key_server_problems
     for problem in problems:
         print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    return ProxyExit.PROBLEMS_FOUND if problems else ProxyExit.OK
 
 
 if __name__ == "__main__":

@@ -1,46 +1,427 @@
-"""What the main process and the TLS helper (C, ``tls/helper/``) say to each other.
+"""Every message between the proxy's processes, and every exit status.
 
-``tls/helper/wire.h`` is the reference; every value here mirrors it, and a
-test holds the two in agreement. Kept free of TLS imports: the main process
-uses it and never loads OpenSSL.
+One frozen dataclass per message, with ``encode``; one ``Channel`` per
+socket and direction, whose ``decode`` returns one of the messages that
+channel may carry or raises ``WireError``. The peers are the proxy's own
+processes, but the keeper and the key server run as root and the main
+process faces the network: nothing of a message is used before it is
+checked here. What C reads or writes is laid out as ``tls/helper/wire.h``
+says, and a test holds the values here to that header; the key server's
+binary formats, which only C speaks, are ``keys/keyserver_wire.h``'s. Kept
+free of TLS imports and of pydantic, YAML and lxml: the main process and
+the root processes all load it.
 
-* Spawn requests (main -> helper, with two descriptors): a fixed binary
-  layout rather than JSON, because the helper is C and the request comes
-  from the network-facing process: a parser that only copies
-  length-prefixed fields into buffers of known size leaves little to get
-  wrong. Integers are big-endian.
-* The worker's report: the first frame on its plaintext channel, a 4-byte
-  length and a JSON object, ``{"ok": true, "version", "cipher",
-  "server_name", "alpn"}`` or ``{"ok": false, "reason"}``.
-* Worker exit codes, which the helper passes on for metrics.
+Who says what (SOCK_SEQPACKET, one message per datagram, except the
+worker's channel)::
+
+    main -> keeper         Configuration (first), Reload
+    keeper -> main         HelperStarted (+ the helper's control socket),
+                           WorkerExited, KeyServerCounts, Problems,
+                           HelperUnusable, Fatal, ReloadFailed
+    keeper -> helper       DESCRIPTION (+ its memfd [+ the key server link])
+    helper -> keeper       Ready or Problems (then the socket goes to main)
+    main -> helper         SpawnRequest, binary (+ client socket, channel)
+    helper -> main         WorkerExited
+    worker -> main         its report, first on its channel (read_report)
+    keeper -> key server   KeyServerStart (first), LoadKeys (+ link, key files)
+    key server -> keeper   Ready or Problems, KeysLoaded or Problems,
+                           KeyServerCounts
+
+The JSON messages are objects recognised by one key, their ``TAG``; the
+spawn request is binary because the helper that parses it is C and the
+request comes from the network-facing process: a parser that only copies
+length-prefixed fields into buffers of known size leaves little to get
+wrong. Integers there are big-endian.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import json
 import re
 import struct
-from dataclasses import dataclass
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 from protocols._base import TLSInfo
 
-EXIT_OK = 0
-EXIT_HANDSHAKE_FAILED = 10
-EXIT_NOT_TLS = 11
-EXIT_CLIENT_GONE = 12
-EXIT_TLS_ERROR = 13
-#: Past the handshake deadline. The alarm's handler is ``_exit`` itself,
-#: which gets the signal's number (SIGALRM) as its status: a PID namespace's
-#: init ignores even the kernel's SIGALRM unless it has a handler.
-EXIT_DEADLINE = 14
-#: A worker that could not enter a layer it was meant to.
-EXIT_SANDBOX_FAILED = 16
-#: A spare worker that never got a connection (its helper left): not a
-#: worker exit worth counting.
-EXIT_SPARE_UNUSED = 17
-#: The worker's own failure (out of memory under its RLIMIT_AS, an
-#: impossible state), not its peer's: a crash.
-EXIT_INTERNAL_ERROR = 18
+# ----------------------------------------------------------------------
+# Exit statuses.
+
+
+class WorkerExit(enum.IntEnum):
+    """A TLS worker's exit status (``EXIT_*`` in ``tls/helper/wire.h``),
+    which the helper passes on (``WorkerExited``) for metrics. A negative
+    status is the signal that killed it."""
+
+    OK = 0
+    HANDSHAKE_FAILED = 10
+    NOT_TLS = 11
+    CLIENT_GONE = 12
+    TLS_ERROR = 13
+    #: Past the handshake deadline. The alarm's handler is ``_exit`` itself,
+    #: which gets the signal's number (SIGALRM) as its status: a PID
+    #: namespace's init ignores even the kernel's SIGALRM unless it has a handler.
+    DEADLINE = 14
+    #: A worker that could not enter a layer it was meant to.
+    SANDBOX_FAILED = 16
+    #: A spare worker that never got a connection (its helper left): not a
+    #: worker exit worth counting.
+    SPARE_UNUSED = 17
+    #: The worker's own failure (out of memory under its RLIMIT_AS, an
+    #: impossible state), not its peer's: a crash.
+    INTERNAL_ERROR = 18
+
+
+class ProxyExit(enum.IntEnum):
+    """``starttls-proxy``'s exit status, for the service manager."""
+
+    OK = 0
+    #: ``--check-backends`` or ``--isolation-report`` found what keeps the
+    #: proxy from working as configured (each named on stderr).
+    PROBLEMS_FOUND = 1
+    #: The configuration cannot be used (each problem named on stderr),
+    #: including what only binding or starting the TLS helper can tell.
+    CONFIG_ERROR = 2
+    #: No TLS helper can be had any more (``Fatal``, or the keeper left).
+    HELPER_LOST = 3
+
+
+class SubordinateExit(enum.IntEnum):
+    """The exit status of the keeper and of the key server (their parents
+    go by their messages, which say more)."""
+
+    #: Its parent (the main process; the keeper) closed its socket.
+    DONE = 0
+    #: It could not start as told, and ``Problems`` said why: the keeper's
+    #: configuration or first helper, the key server's confinement.
+    REFUSED = 1
+    #: The keeper: no helper or key server could be had any more (``Fatal``
+    #: said why).
+    GAVE_UP = 3
+
+
+# ----------------------------------------------------------------------
+# The JSON control messages.
+
+
+class WireError(ValueError):
+    """A message no sound peer sends: not JSON, of no kind its channel
+    carries, or with a field missing, unknown or of the wrong type."""
+
+
+#: The largest JSON message (a datagram) between the processes.
+MAX_MESSAGE = 64 * 1024
+#: A settings section as JSON (``settings.encode``), passed on as it is:
+#: the keeper validates what the main process sends (``settings.checked``).
+JSONObject = dict[str, Any]
+
+
+class Message:
+    """A JSON object recognised by the key ``TAG``: the JSON key of one of
+    its fields (``metadata={"key": ...}`` where it differs from the field's
+    name), or else a key of its own whose value is ``true``."""
+
+    TAG: ClassVar[str]
+
+    def encode(self) -> bytes:
+        return json.dumps(_to_json(self)).encode()
+
+
+class LayerStatus(NamedTuple):
+    """A sandbox layer as a process found it (``[name, applied, detail]``)."""
+
+    name: str
+    applied: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Configuration(Message):
+    """main -> keeper, first: the settings the keeper validates and starts
+    the helpers (and the key server) with; ``{"tls": ..., "isolation": ...}``."""
+
+    TAG = "tls"
+    tls: JSONObject
+    isolation: JSONObject
+
+
+@dataclass(frozen=True)
+class Reload(Message):
+    """main -> keeper (SIGHUP): start a new helper with these settings; it
+    answers ``HelperStarted`` (``reloaded``) or ``ReloadFailed``."""
+
+    TAG = "reload"
+    configuration: Configuration = field(metadata={"key": "reload"})
+
+
+@dataclass(frozen=True)
+class HelperStarted(Message):
+    """keeper -> main, with the main's end of the helper's control socket:
+    a helper is ready, at start, after every restart and on reload."""
+
+    TAG = "helper"
+    pid: int = field(metadata={"key": "helper"})
+    layers: tuple[LayerStatus, ...]
+    #: The key server's layers; None when the helper holds the keys.
+    key_server_layers: tuple[LayerStatus, ...] | None = None
+    #: The answer to a ``Reload`` (the old helper is retired).
+    reloaded: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerExited(Message):
+    """helper -> main (C writes it), and keeper -> main for the workers of
+    a dead helper: a worker has ended with ``status`` (``WorkerExit``, or
+    minus the killing signal)."""
+
+    TAG = "exited"
+    pid: int = field(metadata={"key": "exited"})
+    status: int
+
+
+@dataclass(frozen=True)
+class SigningCounts:
+    """Signature requests the key server served since it last said."""
+
+    signed: int
+    refused: int
+    dropped: int
+
+    def __post_init__(self) -> None:
+        if min(self.signed, self.refused, self.dropped) < 0:
+            raise WireError(f"negative counts: {self}")
+
+
+@dataclass(frozen=True)
+class KeyServerCounts(Message):
+    """key server -> keeper (at most one per ``keys.server.COUNTS_INTERVAL``),
+    passed on unchanged keeper -> main for metrics."""
+
+    TAG = "counts"
+    counts: SigningCounts
+
+
+@dataclass(frozen=True)
+class Problems(Message):
+    """What keeps a process from starting, one line each: helper -> keeper
+    and key server -> keeper (then it exits), keeper -> main (then the
+    keeper exits); key server -> keeper for keys it could not load."""
+
+    TAG = "problems"
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HelperUnusable(Message):
+    """keeper -> main: the key server died, so the helper's workers cannot
+    sign; no connection goes to it until the next ``HelperStarted``."""
+
+    TAG = "helper_unusable"
+    reason: str = field(metadata={"key": "helper_unusable"})
+
+
+@dataclass(frozen=True)
+class Fatal(Message):
+    """keeper -> main: no helper can be had any more; the keeper exits."""
+
+    TAG = "fatal"
+    reason: str = field(metadata={"key": "fatal"})
+
+
+@dataclass(frozen=True)
+class ReloadFailed(Message):
+    """keeper -> main: the ``Reload``'s helper could not start; the old one serves on."""
+
+    TAG = "reload_failed"
+    problems: tuple[str, ...] = field(metadata={"key": "reload_failed"})
+
+
+@dataclass(frozen=True)
+class Ready(Message):
+    """helper -> keeper (C writes it) and key server -> keeper: started,
+    with these sandbox layers in force; ``{"ready": true, "layers": ...}``."""
+
+    TAG = "ready"
+    layers: tuple[LayerStatus, ...]
+
+
+@dataclass(frozen=True)
+class KeyServerStart(Message):
+    """keeper -> key server, first: the isolation settings it confines
+    itself with (validated by the keeper); it answers ``Ready`` or ``Problems``."""
+
+    TAG = "isolation"
+    isolation: JSONObject
+
+
+@dataclass(frozen=True)
+class LoadKeys(Message):
+    """keeper -> key server, with a link (the key server's end of a socket
+    pair whose other end goes to a helper), then one key file per entry of
+    ``certificates`` (where each is configured, for messages). It answers
+    ``KeysLoaded`` or ``Problems``; the keys stay as long as the link or a
+    connection made through it is open."""
+
+    TAG = "load"
+    certificates: tuple[str, ...] = field(metadata={"key": "load"})
+
+
+@dataclass(frozen=True)
+class KeysLoaded(Message):
+    """key server -> keeper: the key reference (PEM) of each key loaded, in order."""
+
+    TAG = "references"
+    references: tuple[str, ...]
+
+
+#: keeper -> helper, once: this datagram with the description's memfd
+#: (``tls.description``) and, with the key server, the helper's link to it.
+DESCRIPTION = b"D"
+
+M = TypeVar("M", bound=Message)
+
+
+class Channel(Generic[M]):
+    """The messages one process may send another over one socket: ``M``,
+    a union of ``Message`` classes."""
+
+    def __init__(self, kinds: Any) -> None:
+        self.kinds: tuple[type[Message], ...] = typing.get_args(kinds) or (kinds,)
+        self._by_tag = {kind.TAG: kind for kind in self.kinds}
+
+    def decode(self, payload: bytes) -> M:
+        """The message ``payload`` holds; ``WireError`` for anything else."""
+        if len(payload) > MAX_MESSAGE:
+            raise WireError(f"{len(payload)} bytes: larger than any message")
+        data = _json(payload)
+        if not isinstance(data, dict):
+            raise WireError("not a JSON object")
+        tags = [tag for tag in self._by_tag if tag in data]
+        if len(tags) != 1:
+            expected = ", ".join(self._by_tag)
+            raise WireError(f"keys {_keys(data)}: not one message of {expected}")
+        kind = self._by_tag[tags[0]]
+        return typing.cast(M, _record(kind, data, kind.__name__))
+
+
+MainToKeeper = Configuration | Reload
+KeeperToMain = (
+    HelperStarted
+    | WorkerExited
+    | KeyServerCounts
+    | Problems
+    | HelperUnusable
+    | Fatal
+    | ReloadFailed
+)
+HelperToKeeper = Ready | Problems
+HelperToMain = WorkerExited
+KeeperToKeyServer = KeyServerStart | LoadKeys
+KeyServerToKeeper = Ready | Problems | KeysLoaded | KeyServerCounts
+
+MAIN_TO_KEEPER: Channel[MainToKeeper] = Channel(MainToKeeper)
+KEEPER_TO_MAIN: Channel[KeeperToMain] = Channel(KeeperToMain)
+HELPER_TO_KEEPER: Channel[HelperToKeeper] = Channel(HelperToKeeper)
+HELPER_TO_MAIN: Channel[HelperToMain] = Channel(HelperToMain)
+KEEPER_TO_KEY_SERVER: Channel[KeeperToKeyServer] = Channel(KeeperToKeyServer)
+KEY_SERVER_TO_KEEPER: Channel[KeyServerToKeeper] = Channel(KeyServerToKeeper)
+
+
+def _json(payload: bytes) -> object:
+    try:
+        return json.loads(payload)
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        # RecursionError: nesting deeper than the parser goes.
+        raise WireError(f"not JSON: {str(error)[:100]}") from None
+
+
+@functools.cache
+def _hints(kind: type) -> tuple[Any, ...]:
+    """The type of each field of ``kind`` (a NamedTuple or a dataclass), in order."""
+    return tuple(typing.get_type_hints(kind).values())
+
+
+@functools.cache
+def _fields(kind: type) -> tuple[tuple[str, str, Any], ...]:
+    """(attribute, JSON key, type) of each field of the dataclass ``kind``."""
+    hints = typing.get_type_hints(kind)
+    return tuple(
+        (f.name, f.metadata.get("key", f.name), hints[f.name]) for f in dataclasses.fields(kind)
+    )
+
+
+def _to_json(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_to_json(item) for item in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        data = {key: _to_json(getattr(value, name)) for name, key, _ in _fields(type(value))}
+        if isinstance(value, Message) and value.TAG not in data:
+            return {value.TAG: True, **data}
+        return data
+    return value
+
+
+def _record(kind: type, data: dict[str, Any], where: str) -> Any:
+    """The dataclass ``kind`` from a JSON object that has each of its keys
+    (and a message's tag) and no other."""
+    fields = _fields(kind)
+    keys = {key for _, key, _ in fields}
+    if issubclass(kind, Message) and kind.TAG not in keys:
+        if data.get(kind.TAG) is not True:
+            raise WireError(f"{where}: {kind.TAG!r} is not true")
+        keys.add(kind.TAG)
+    if set(data) != keys:
+        raise WireError(f"{where}: keys {_keys(data)}, not {sorted(keys)}")
+    return kind(**{name: _value(hint, data[key], f"{where}.{key}") for name, key, hint in fields})
+
+
+def _value(kind: Any, data: object, where: str) -> Any:
+    """``data`` (parsed JSON) as a value of the type ``kind``."""
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        (present,) = (argument for argument in arguments if argument is not type(None))
+        return None if data is None else _value(present, data, where)
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+        return _record(kind, _expect(dict, data, where), where)
+    if origin is tuple:  # tuple[X, ...]
+        items = _expect(list, data, where)
+        return tuple(_value(arguments[0], item, f"{where}[{i}]") for i, item in enumerate(items))
+    if origin is dict:  # a JSONObject, passed on as it is
+        return _expect(dict, data, where)
+    if isinstance(kind, type) and issubclass(kind, tuple):  # a NamedTuple: a fixed array
+        items = _expect(list, data, where)
+        hints = _hints(kind)
+        if len(items) != len(hints):
+            raise WireError(f"{where}: {len(items)} items, not {len(hints)}")
+        return kind(*(_value(hint, item, where) for hint, item in zip(hints, items, strict=True)))
+    if kind in (str, int, bool):
+        return _expect(kind, data, where)
+    raise TypeError(f"{where}: no wire form for {kind!r}")  # this module's bug
+
+
+def _keys(data: dict[str, Any]) -> str:
+    """The keys of ``data`` for an error message, a few and not too long."""
+    shown = [key[:40] for key in sorted(data)[:8]]
+    return repr(shown) if len(data) <= len(shown) else f"{shown} and {len(data) - len(shown)} more"
+
+
+T = TypeVar("T")
+
+
+def _expect(kind: type[T], data: object, where: str) -> T:
+    # ``type`` rather than isinstance: JSON's true is no integer here.
+    if type(data) is not kind:
+        raise WireError(f"{where}: {type(data).__name__}, not {kind.__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------
+# The spawn request (main -> helper) and the worker's report (worker -> main).
 
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).
@@ -55,6 +436,9 @@ MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 2 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
 #: The handshake timeout travels in milliseconds, as a u32.
 MAX_HANDSHAKE_TIMEOUT = (2**32 - 1) / 1000
 
+#: The worker's report, the first frame on its plaintext channel: this
+#: length, then a JSON object, ``{"ok": true, "version", "cipher",
+#: "server_name", "alpn"}`` or ``{"ok": false, "reason"}`` (``read_report``).
 REPORT_HEADER = struct.Struct("!I")
 MAX_REPORT_SIZE = 64 * 1024
 #: What a worker may report: the versions the policy allows, OpenSSL's
@@ -150,28 +534,25 @@ def read_report(payload: bytes, alpn: tuple[str, ...]) -> TLSInfo | HandshakeFai
     """The worker's report (its JSON), checked before anything of it reaches
     a metric label, a log line or a PROXY TLV: the worker is the process the
     design assumes may be compromised. ``alpn``: what the listener offered
-    (the worker may have selected only one of those). ``ValueError`` for a
+    (the worker may have selected only one of those). ``WireError`` for a
     report no sound worker writes."""
-    try:
-        report = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"not JSON: {error}") from None
+    report = _json(payload)
     if not isinstance(report, dict):
-        raise ValueError("not an object")
+        raise WireError("not an object")
     if report.get("ok") is not True:
         reason = report.get("reason")
         if report.get("ok") is not False or not isinstance(reason, str):
-            raise ValueError("neither a handshake nor a failure")
+            raise WireError("neither a handshake nor a failure")
         printable = "".join(c if c.isprintable() else "?" for c in reason)
         return HandshakeFailure(printable[:MAX_REASON])
     version, cipher = report.get("version"), report.get("cipher")
     server_name, selected = report.get("server_name"), report.get("alpn")
     if version not in REPORTED_VERSIONS:
-        raise ValueError(f"version {version!r}")
+        raise WireError(f"version {version!r}")
     if not isinstance(cipher, str) or not _CIPHER_NAME.fullmatch(cipher):
-        raise ValueError(f"cipher {cipher!r}")
+        raise WireError(f"cipher {cipher!r}")
     if selected is not None and selected not in alpn:
-        raise ValueError(f"ALPN {selected!r} was not offered")
+        raise WireError(f"ALPN {selected!r} was not offered")
     if server_name is not None and not (
         isinstance(server_name, str) and _NAME.fullmatch(server_name)
     ):

@@ -5,7 +5,7 @@ test: when may a connection be handed over, and to which helper."""
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import socket
 import subprocess
 import sys
@@ -13,8 +13,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from starttls_proxy.proxy import metrics
 from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
-from starttls_proxy.wire import SpawnRequest
+from starttls_proxy.wire import (
+    HelperStarted,
+    HelperUnusable,
+    KeyServerCounts,
+    Message,
+    SigningCounts,
+    SpawnRequest,
+    WorkerExited,
+)
 
 REQUEST = SpawnRequest(handshake_timeout=5.0, server_name_hint=None, alpn=(), early=b"")
 
@@ -33,13 +42,13 @@ class Helpers:
     def new_helper(self, pid: int) -> socket.socket:
         """The keeper hands over a new helper's control socket; the helper's end."""
         helper_end, main_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        socket.send_fds(self.keeper, [json.dumps({"helper": pid}).encode()], [main_end.fileno()])
+        socket.send_fds(self.keeper, [HelperStarted(pid, ()).encode()], [main_end.fileno()])
         main_end.close()
         self.controls.append(helper_end)
         return helper_end
 
-    def tell(self, message: dict[str, object]) -> None:
-        self.keeper.send(json.dumps(message).encode())
+    def tell(self, message: Message) -> None:
+        self.keeper.send(message.encode())
 
     def close(self) -> None:
         self.handle.stop()
@@ -76,7 +85,7 @@ def test_after_the_key_server_died_connections_wait_for_the_new_helper(
         old = helpers.new_helper(100)
         helpers.handle.attach(asyncio.get_running_loop())
         await asyncio.sleep(0.05)
-        helpers.tell({"helper_unusable": "the key server died"})
+        helpers.tell(HelperUnusable("the key server died"))
         await asyncio.sleep(0.05)
         client, other = socket.socketpair()
         with client, other:
@@ -97,10 +106,54 @@ def test_a_helper_that_never_comes_back_is_a_handoff_error(helpers: Helpers) -> 
         helpers.new_helper(100)
         helpers.handle.attach(asyncio.get_running_loop())
         await asyncio.sleep(0.05)
-        helpers.tell({"helper_unusable": "the key server died"})
+        helpers.tell(HelperUnusable("the key server died"))
         await asyncio.sleep(0.05)
         client, other = socket.socketpair()
         with client, other, pytest.raises(HandoffError, match="no TLS helper came back"):
             await helpers.handle.spawn(client, REQUEST, 0.2)
 
     asyncio.run(scenario())
+
+
+def _requests(result: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "starttls_proxy_key_server_requests_total", {"result": result}
+    )
+    return value or 0.0
+
+
+def test_unusable_messages_are_logged_and_dropped_with_their_descriptors(
+    helpers: Helpers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The keeper's and the helper's messages are checked (``wire``) before
+    anything of them is used: a malformed one is an error in the log, a
+    descriptor that came with it is closed, and the next one is served."""
+
+    async def scenario() -> None:
+        control = helpers.new_helper(100)
+        exits: list[tuple[int, int]] = []
+        helpers.handle.on_worker_exit = lambda pid, status: exits.append((pid, status))
+        helpers.handle.attach(asyncio.get_running_loop())
+        stray, main_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with main_end:
+            socket.send_fds(helpers.keeper, [b'{"helper": 101}'], [main_end.fileno()])
+        helpers.keeper.send(b'{"exited": "1", "status": 0}')
+        control.send(b"not json")
+        signed = _requests("signed")
+        helpers.tell(KeyServerCounts(SigningCounts(signed=3, refused=1, dropped=0)))
+        helpers.tell(WorkerExited(7, 0))
+        control.send(WorkerExited(8, -9).encode())
+        await asyncio.sleep(0.1)
+        assert sorted(exits) == [(7, 0), (8, -9)]
+        assert _requests("signed") == signed + 3
+        assert helpers.handle.helper_pid == 100
+        with stray:
+            stray.settimeout(1)
+            assert stray.recv(1) == b""  # the main process kept no copy of its peer
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(scenario())
+    errors = [record.getMessage() for record in caplog.records]
+    assert any("unusable message from the keeper: HelperStarted" in e for e in errors), errors
+    assert any("unusable message from the keeper: WorkerExited.exited" in e for e in errors)
+    assert any("unusable message from the TLS helper: not JSON" in e for e in errors), errors

@@ -15,6 +15,7 @@ from starttls_proxy.privileged import helper_start
 from starttls_proxy.privileged.helper_start import HELPER_MISSING, HelperStartError, describe_helper
 from starttls_proxy.privileged.keeper import Keeper, checked_configuration
 from starttls_proxy.tls.description import Tag, records
+from starttls_proxy.wire import KEEPER_TO_MAIN, MAX_MESSAGE, Configuration, Reload, ReloadFailed
 
 TLS = {"certificates": [{"cert": "/etc/a/cert.pem", "key": "/etc/a/key.pem"}]}
 
@@ -81,3 +82,23 @@ def test_a_helper_that_is_not_built_is_named(
     with ours, theirs, pytest.raises(HelperStartError) as refused:
         Keeper(ours, configuration).start_helper()
     assert refused.value.problems == [HELPER_MISSING]
+
+
+def test_the_keeper_answers_an_unusable_reload_and_ignores_garbage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What the main process sends is checked at the boundary: garbage is
+    refused without a traceback, a reload the settings do not allow is
+    answered ``ReloadFailed`` naming the problem."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        keeper = Keeper(ours, Configuration(TLS, {}).encode())
+        keeper.on_request(b"[1]")
+        keeper.on_request(Configuration(TLS, {}).encode())
+        keeper.on_request(Reload(Configuration(TLS, {"uid_range": [0, 10]})).encode())
+        assert KEEPER_TO_MAIN.decode(theirs.recv(MAX_MESSAGE)) == ReloadFailed(
+            ("isolation.uid_range.0: Input should be greater than or equal to 1",)
+        )
+    err = capsys.readouterr().err
+    assert "keeper: unusable message from the main process: not a JSON object" in err
+    assert "keeper: unexpected Configuration message" in err

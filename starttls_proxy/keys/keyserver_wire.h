@@ -9,12 +9,13 @@
  *   request:  version | scheme | digest | 0 | request id (u32) | key id (16) | data
  *   response: version | status | 0 | 0 | request id (u32) | signature
  *
- * Link, a TLS helper and the key server (sent by keyserver.py's Link): a
- * count (u16) and that many certificate indexes (u16 each), with one
- * descriptor attached: a worker's connection.
+ * Link, a TLS helper and the key server (sent by tls/helper/helper.c; by
+ * keys/server.py's Link in the tests): a count (u16) and that many
+ * certificate indexes (u16 each), with one descriptor attached: a worker's
+ * connection.
  *
- * keyserver.py mirrors these values (for the tests, and for its side of the
- * link); tests/keyserver/test_keyserver_wire.py holds it to this file.
+ * keys/server.py mirrors these values (for the tests and benchmarks that
+ * speak them); tests/keyserver/test_keyserver_wire.py holds it to this file.
  */
 #ifndef STARTTLS_KEYSERVER_WIRE_H
 #define STARTTLS_KEYSERVER_WIRE_H

@@ -21,20 +21,9 @@ helper start and on reload.
 
 Sockets (all SOCK_SEQPACKET: one message per datagram):
 
-* control, with the keeper (JSON):
-
-  - keeper -> key server, first: ``{"isolation": <IsolationConfig>}``; answer
-    ``{"ready": true, "layers": [[name, applied, detail], ...]}`` or
-    ``{"problems": [...]}`` (then it exits);
-  - keeper -> key server: ``{"load": ["tls.certificates[0].key", ...]}`` with
-    descriptors attached: a *link* (the key server's end of a new socket
-    pair whose other end goes to a TLS helper), then one key file per
-    certificate. Answer ``{"references": [PEM, ...]}`` or ``{"problems":
-    [...]}``. The keys stay as long as the link or a connection made
-    through it is open;
-  - key server -> keeper: ``{"counts": {"signed": N, "refused": N, "dropped": N}}``,
-    what happened since the last such message (at most one per
-    ``COUNTS_INTERVAL``).
+* control, with the keeper: ``wire.KEEPER_TO_KEY_SERVER`` and
+  ``wire.KEY_SERVER_TO_KEEPER`` (JSON); the exit statuses are
+  ``wire.SubordinateExit``.
 
 * link, with one TLS helper (binary, ``Link``): a count and that many
   certificate indexes (u16 each) with one descriptor attached: a worker's
@@ -53,10 +42,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import enum
 import hashlib
-import json
 import os
 import socket
 import struct
@@ -71,7 +58,6 @@ from starttls_proxy import procname
 from starttls_proxy.sandbox import seccomp
 from starttls_proxy.sandbox.layers import (
     LIBC,
-    LayerStatus,
     become,
     harden,
     prepare_root_directory,
@@ -79,6 +65,21 @@ from starttls_proxy.sandbox.layers import (
 )
 from starttls_proxy.sandbox.layers import problems as sandbox_problems
 from starttls_proxy.settings import ConfigError, IsolationConfig, decode
+from starttls_proxy.wire import (
+    KEEPER_TO_KEY_SERVER,
+    MAX_MESSAGE,
+    KeyServerCounts,
+    KeyServerStart,
+    KeysLoaded,
+    LayerStatus,
+    LoadKeys,
+    Message,
+    Problems,
+    Ready,
+    SigningCounts,
+    SubordinateExit,
+    WireError,
+)
 
 if TYPE_CHECKING:
     from starttls_proxy.keys._service import Service
@@ -93,7 +94,6 @@ KEY_ID_SIZE = 16
 #: cryptography's curve names -> the reference's curve codes.
 CURVES = {"secp256r1": 1, "secp384r1": 2, "secp521r1": 3}
 
-MAX_MESSAGE = 64 * 1024
 #: A PEM private key is a few KiB; more is not a key file.
 MAX_KEY_FILE = 1024 * 1024
 #: Seconds between two counts messages to the keeper.
@@ -326,7 +326,7 @@ class KeyServer:
         self.control = control
         self.service = service
 
-    def load(self, wheres: list[str], fds: list[int]) -> dict[str, object]:
+    def load(self, wheres: tuple[str, ...], fds: list[int]) -> KeysLoaded | Problems:
         """Read the keys whose descriptors came with a load request."""
         link_fd, key_fds = fds[0], fds[1:]
         keys: list[PrivateKey] = []
@@ -347,7 +347,7 @@ class KeyServer:
             _close_all(key_fds)
         if problems:
             os.close(link_fd)
-            return {"problems": problems}
+            return Problems(tuple(problems))
         der = serialization.Encoding.DER, serialization.PrivateFormat.PKCS8
         plain = serialization.NoEncryption()
         try:
@@ -357,8 +357,8 @@ class KeyServer:
             )
         except (ValueError, OSError) as error:  # libcrypto refused what cryptography read
             os.close(link_fd)
-            return {"problems": [f"the key server's libcrypto: {error}"]}
-        return {"references": [encode_reference(key).decode() for key in keys]}
+            return Problems((f"the key server's libcrypto: {error}",))
+        return KeysLoaded(tuple(encode_reference(key).decode() for key in keys))
 
     def on_control(self) -> bool:
         """Serve a keeper message; False once the keeper has left."""
@@ -369,31 +369,46 @@ class KeyServer:
         if not message:
             _close_all(fds)
             return False
-        request = json.loads(message)
-        if "load" in request and fds:
-            self.control.send(json.dumps(self.load(request["load"], fds)).encode())
-        else:
-            _close_all(fds)
+        try:
+            request = KEEPER_TO_KEY_SERVER.decode(message)
+        except WireError as error:
+            request = None
+            print(f"key server: unusable message from the keeper: {error}", file=sys.stderr)
+        match request:
+            case LoadKeys(certificates=wheres) if fds:
+                self._send(self.load(wheres, fds))
+            case LoadKeys():
+                self._send(Problems(("a load request without a link",)))
+            case _:
+                _close_all(fds)
         return True
 
-    def report_counts(self) -> None:
-        names = ("signed", "refused", "dropped")
-        counts = dict(zip(names, self.service.take_counts(), strict=True))
+    def _send(self, message: Message) -> None:
         with contextlib.suppress(OSError):
-            self.control.send(json.dumps({"counts": counts}).encode())
+            self.control.send(message.encode())
+
+    def report_counts(self) -> None:
+        self._send(KeyServerCounts(SigningCounts(*self.service.take_counts())))
 
     def serve_forever(self) -> int:
         while True:
             if not self.service.serve(COUNTS_INTERVAL):
                 self.report_counts()
             elif not self.on_control():
-                return 0
+                return SubordinateExit.DONE
 
 
 def serve(control: socket.socket) -> int:
     """Confine, report, then sign for the workers until the keeper leaves."""
     procname.name_subordinate(procname.KEY_SERVER)
-    isolation = decode(IsolationConfig, json.loads(control.recv(MAX_MESSAGE))["isolation"])
+    try:
+        start = KEEPER_TO_KEY_SERVER.decode(control.recv(MAX_MESSAGE))
+        if not isinstance(start, KeyServerStart):
+            raise WireError(f"{type(start).__name__} before KeyServerStart")
+    except WireError as error:
+        control.send(Problems((f"the key server's first message: {error}",)).encode())
+        return SubordinateExit.REFUSED
+    isolation = decode(IsolationConfig, start.isolation)
     from starttls_proxy.keys._service import Service
 
     # Its epoll descriptor is made before the seccomp filter forbids that.
@@ -401,11 +416,9 @@ def serve(control: socket.socket) -> int:
     statuses = confine(isolation)
     problems = sandbox_problems(isolation, statuses)
     if problems:
-        control.send(json.dumps({"problems": problems}).encode())
-        return 1
-    control.send(
-        json.dumps({"ready": True, "layers": [dataclasses.astuple(s) for s in statuses]}).encode()
-    )
+        control.send(Problems(tuple(problems)).encode())
+        return SubordinateExit.REFUSED
+    control.send(Ready(tuple(statuses)).encode())
     return server.serve_forever()
 
 

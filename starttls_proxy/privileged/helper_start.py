@@ -5,31 +5,36 @@ helper starts: the settings (validated by the keeper) and the certificate
 chains become its *description* (``tls.description``), the workers'
 seccomp filter is compiled (``sandbox.seccomp``) and the empty root
 directory prepared. The description goes to the helper in a memfd (chains
-can make it larger than a datagram); the helper answers "ready" with the
-sandbox layers in force, or the problems that keep it from serving.
+can make it larger than a datagram); the helper answers ``wire.Ready``
+with the sandbox layers in force, or ``wire.Problems``: what keeps it from
+serving.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
-from starttls_proxy._process import (
-    EXIT_TIMEOUT,
-    MAX_MESSAGE,
-    STARTUP_TIMEOUT,
-    memfd,
-    start_process,
-)
+from starttls_proxy._process import EXIT_TIMEOUT, STARTUP_TIMEOUT, memfd, start_process
 from starttls_proxy.keys import provider
 from starttls_proxy.sandbox import seccomp
 from starttls_proxy.sandbox.layers import prepare_root_directory
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, decode
 from starttls_proxy.tls.description import describe
+from starttls_proxy.wire import (
+    DESCRIPTION,
+    HELPER_TO_KEEPER,
+    MAX_MESSAGE,
+    HelperToKeeper,
+    LayerStatus,
+    Message,
+    Problems,
+    Ready,
+    WireError,
+)
 
 #: The TLS helper, which ``setup.py`` builds.
 HELPER = Path(__file__).parents[1] / "tls" / "helper" / "stp-helper"
@@ -42,6 +47,13 @@ class HelperStartError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+    @classmethod
+    def refusal(cls, reply: Message, otherwise: str) -> HelperStartError:
+        """What a ``Problems`` answer says, or ``otherwise``."""
+        if isinstance(reply, Problems) and reply.problems:
+            return cls(list(reply.problems))
+        return cls([otherwise])
 
 
 def require_helper() -> None:
@@ -57,15 +69,15 @@ def launch_helper(
     env: dict[str, str] | None = None,
     *,
     user: int | None = None,
-) -> tuple[subprocess.Popen[bytes], socket.socket, dict[str, Any]]:
+) -> tuple[subprocess.Popen[bytes], socket.socket, HelperToKeeper]:
     """Exec the helper, hand it ``description`` (and the key server ``link``),
     and wait for its first answer; return the process, its control socket
-    and that answer ("ready" or the problems)."""
+    and that answer (``Ready`` or ``Problems``)."""
     with memfd(description) as description_fd:
         process, ours = start_process([str(HELPER)], env, user=user)
         try:
             fds = [description_fd] if link is None else [description_fd, link.fileno()]
-            socket.send_fds(ours, [b"D"], fds)
+            socket.send_fds(ours, [DESCRIPTION], fds)
         except OSError:
             ours.close()
             process.kill()
@@ -73,8 +85,8 @@ def launch_helper(
             raise
     ours.settimeout(STARTUP_TIMEOUT)
     try:
-        reply: dict[str, Any] = json.loads(ours.recv(MAX_MESSAGE) or b"{}")
-    except OSError as error:
+        reply = HELPER_TO_KEEPER.decode(ours.recv(MAX_MESSAGE))
+    except (OSError, WireError) as error:
         # TimeoutError, or a reset: it died with the description unread.
         ours.close()
         process.kill()
@@ -84,18 +96,17 @@ def launch_helper(
     return process, ours, reply
 
 
-def probe_layers(settings: dict[str, Any]) -> list[list[Any]]:
-    """``[name, applied, detail]`` for each layer, as a helper started with
-    ``settings`` finds them (``--isolation-report``): it probes them as at
-    every start, answers and exits, without loading a certificate."""
+def probe_layers(settings: dict[str, Any]) -> tuple[LayerStatus, ...]:
+    """Each layer as a helper started with ``settings`` finds it
+    (``--isolation-report``): it probes them as at every start, answers and
+    exits, without loading a certificate."""
     require_helper()
     process, control, reply = launch_helper(describe_helper(settings, None, probe_only=True))
     control.close()
     process.wait(EXIT_TIMEOUT)
-    if "layers" not in reply:
-        raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])
-    layers: list[list[Any]] = reply["layers"]
-    return layers
+    if not isinstance(reply, Ready):
+        raise HelperStartError.refusal(reply, "the TLS helper failed to start")
+    return reply.layers
 
 
 def describe_helper(

@@ -9,15 +9,15 @@ cannot steer. The keeper is that parent, and nothing more:
 * the main process execs it fresh (``python -m starttls_proxy.privileged.keeper FD``)
   before its event loop exists, while still root; it reads no key, imports
   no TLS code but ``cryptography.x509`` (for the certificate chains), and
-  only ever parses the configuration message below, which it validates
-  (``checked_configuration``: the helper and the key server take it from
-  the keeper without validating it again);
+  only ever parses the main process's settings (``wire.Configuration``,
+  ``wire.Reload``), which it validates (``validated``: the helper and the
+  key server take them from the keeper without validating them again);
 * it starts the helper (C, ``tls/helper/stp-helper FD``) with a new control
   socket and hands it its *description* (``tls.description``): the
   settings and the certificate chains, with what needs Python or a look at
   this machine done beforehand (the chains checked, the workers' seccomp
   filter compiled, the chroot directory prepared). It waits for the
-  helper's "ready" and passes the main process the other end of that
+  helper's ``Ready`` and passes the main process the other end of that
   socket over its own socket (SCM_RIGHTS); it does so again whenever the
   helper dies, so the main process never needs privileges to get a new one;
 * it is a child subreaper (PR_SET_CHILD_SUBREAPER): the workers of a dead
@@ -34,32 +34,15 @@ cannot steer. The keeper is that parent, and nothing more:
   takes over (the old one's link is dead; sessions go on);
 * more than ``isolation.max_helper_restarts`` deaths (of helpers or of the
   key server) within ``isolation.restart_window`` seconds make it give up
-  and say so: the main process then exits non-zero instead of spinning.
+  and say so: the main process then exits non-zero instead of spinning;
+* on a reload (SIGHUP in the main process) it starts a *new* helper; if
+  that one loads every certificate (mismatched pairs refused) the main
+  process gets it and the old helper is retired (it leaves when the main
+  process closes its socket; its workers go on serving their sessions);
+  otherwise nothing changes and the main process is told why.
 
-Wire format with the main process (SOCK_SEQPACKET, one JSON object per
-datagram):
-
-* main -> keeper, once: ``{"tls": <TLSConfig>, "isolation": <IsolationConfig>}``
-  (validated, then passed on to every helper it starts);
-* keeper -> main: ``{"helper": PID, "layers": [[name, applied, detail], ...],
-  "key_server_layers": [...] or null}`` with the main's end of the helper's
-  control socket attached, at start and after every restart;
-* keeper -> main: ``{"key_server": {"signed": N, "refused": N, "dropped": N}}``,
-  the key server's counts, as it reports them;
-* keeper -> main: ``{"problems": [...]}`` when the first helper refused the
-  configuration (the keeper then exits);
-* keeper -> main: ``{"exited": PID, "status": CODE}`` for a dead helper's workers;
-* keeper -> main: ``{"helper_unusable": "..."}`` when the key server died: the
-  helper's workers could not sign, so no connection goes to it until the
-  next ``{"helper": ...}`` brings one linked to the new key server;
-* keeper -> main: ``{"fatal": "..."}``, then the keeper exits.
-* main -> keeper: ``{"reload": {"tls": ..., "isolation": ...}}`` (SIGHUP): the
-  keeper starts a *new* helper with it; if that one loads every certificate
-  (mismatched pairs refused) it answers ``{"helper": PID, "layers": ...,
-  "reloaded": true}`` with the new control socket, and the old helper is
-  retired (it leaves when the main process closes its socket; its workers go
-  on serving their sessions). Otherwise it answers ``{"reload_failed":
-  [...]}`` and nothing changes.
+Its messages (with the main process, the helper and the key server) and
+its exit statuses are in ``wire``.
 
 When the main process closes its socket, the keeper stops restarting and
 waits for the helper, which leaves once its own control socket is closed.
@@ -70,7 +53,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import json
 import os
 import selectors
 import shutil
@@ -85,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from starttls_proxy import procname
-from starttls_proxy._process import EXIT_TIMEOUT, MAX_MESSAGE, STARTUP_TIMEOUT, start_process
+from starttls_proxy._process import EXIT_TIMEOUT, STARTUP_TIMEOUT, start_process
 from starttls_proxy.keys import provider
 from starttls_proxy.privileged.helper_start import (
     HelperStartError,
@@ -99,6 +81,28 @@ from starttls_proxy.settings import (
     TLSConfig,
     checked,
     encode,
+)
+from starttls_proxy.wire import (
+    KEY_SERVER_TO_KEEPER,
+    MAIN_TO_KEEPER,
+    MAX_MESSAGE,
+    Configuration,
+    Fatal,
+    HelperStarted,
+    HelperUnusable,
+    KeyServerCounts,
+    KeyServerStart,
+    KeyServerToKeeper,
+    KeysLoaded,
+    LoadKeys,
+    Message,
+    Problems,
+    Ready,
+    Reload,
+    ReloadFailed,
+    SubordinateExit,
+    WireError,
+    WorkerExited,
 )
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -128,10 +132,10 @@ def open_key_files(configuration: dict[str, Any]) -> list[int]:
 
 
 class KeyServerProcess:
-    """The keeper's side of the key server (see ``keys.server`` for the wire format)."""
+    """The keeper's side of the key server."""
 
     def __init__(
-        self, isolation: dict[str, Any], on_counts: Callable[[dict[str, int]], None]
+        self, isolation: dict[str, Any], on_counts: Callable[[KeyServerCounts], None]
     ) -> None:
         self.isolation = isolation
         self.on_counts = on_counts
@@ -143,16 +147,18 @@ class KeyServerProcess:
         process, control = start_process([sys.executable, "-m", "starttls_proxy.keys.server"])
         control.settimeout(STARTUP_TIMEOUT)
         try:
-            control.send(json.dumps({"isolation": self.isolation}).encode())
-            reply = json.loads(control.recv(MAX_MESSAGE) or b"{}")
+            control.send(KeyServerStart(self.isolation).encode())
+            reply = KEY_SERVER_TO_KEEPER.decode(control.recv(MAX_MESSAGE))
         except (OSError, TimeoutError):
-            reply = {"problems": ["the key server did not start in time"]}
-        if not reply.get("ready"):
+            reply = Problems(("the key server did not start in time",))
+        except WireError as error:
+            reply = Problems((f"the key server failed to start: {error}",))
+        if not isinstance(reply, Ready):
             control.close()
             process.kill()
             process.wait()
-            raise HelperStartError(reply.get("problems") or ["the key server failed to start"])
-        self.layers: list[list[object]] = reply["layers"]
+            raise HelperStartError.refusal(reply, "the key server failed to start")
+        self.layers = reply.layers
         return process, control
 
     def restart(self) -> None:
@@ -166,27 +172,27 @@ class KeyServerProcess:
         wheres = [f"tls.certificates[{index}].key" for index in range(len(key_files))]
         try:
             with ours:
-                message = json.dumps({"load": wheres}).encode()
+                message = LoadKeys(tuple(wheres)).encode()
                 socket.send_fds(self.control, [message], [ours.fileno(), *key_files])
             reply = self.receive()
-        except (OSError, TimeoutError) as error:
+        except (OSError, TimeoutError, WireError) as error:
             helper_end.close()
             raise HelperStartError([f"the key server did not answer: {error}"]) from None
-        if "references" not in reply:
+        if not isinstance(reply, KeysLoaded):
             helper_end.close()
-            raise HelperStartError(reply.get("problems") or ["the key server refused the keys"])
-        return reply["references"], helper_end
+            raise HelperStartError.refusal(reply, "the key server refused the keys")
+        return list(reply.references), helper_end
 
-    def receive(self) -> dict[str, Any]:
+    def receive(self) -> KeyServerToKeeper:
         """The next answer of the key server; counts on the way are passed on."""
         while True:
             message = self.control.recv(MAX_MESSAGE)
             if not message:
                 raise OSError("the key server closed its socket")
-            reply: dict[str, Any] = json.loads(message)
-            if "counts" not in reply:
+            reply = KEY_SERVER_TO_KEEPER.decode(message)
+            if not isinstance(reply, KeyServerCounts):
                 return reply
-            self.on_counts(reply["counts"])
+            self.on_counts(reply)
 
     def read_counts(self) -> bool:
         """Pass on what the key server sent (counts); False at its end."""
@@ -196,8 +202,12 @@ class KeyServerProcess:
                 message = self.control.recv(MAX_MESSAGE)
                 if not message:
                     return False
-                counts = json.loads(message).get("counts")
-                if counts:
+                try:
+                    counts = KEY_SERVER_TO_KEEPER.decode(message)
+                except WireError as error:
+                    print(f"keeper: unusable message from the key server: {error}", file=sys.stderr)
+                    continue
+                if isinstance(counts, KeyServerCounts):
                     self.on_counts(counts)
         except BlockingIOError:
             return True
@@ -214,32 +224,41 @@ class KeyServerProcess:
             self.process.wait()
 
 
-def _send(main: socket.socket, message: dict[str, object], fds: list[int] | None = None) -> None:
+def _send(main: socket.socket, message: Message, fds: list[int] | None = None) -> None:
     # A main process that has left (it is shutting down) is noticed by
     # ``Keeper.run`` when its socket reads EOF; what it would have been told
     # (the key server's last counts, a worker's exit) no longer matters.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        socket.send_fds(main, [json.dumps(message).encode()], fds or [])
+        socket.send_fds(main, [message.encode()], fds or [])
 
 
 def checked_configuration(message: bytes) -> dict[str, Any]:
-    """The main process's ``{"tls": ..., "isolation": ...}``, validated and
-    re-encoded; raise ``HelperStartError`` naming what is wrong.
+    """The main process's first message (``wire.Configuration``), validated
+    and re-encoded; raise ``HelperStartError`` naming what is wrong."""
+    try:
+        configuration = MAIN_TO_KEEPER.decode(message)
+    except WireError as error:
+        raise HelperStartError([f"unusable configuration message: {error}"]) from None
+    if not isinstance(configuration, Configuration):
+        raise HelperStartError(["unusable configuration message: not a Configuration"])
+    return validated(configuration)
+
+
+def validated(configuration: Configuration) -> dict[str, Any]:
+    """``configuration``'s sections validated and re-encoded; raise
+    ``HelperStartError`` naming each problem.
 
     The main process runs unprivileged and faces the network; what is built
     from this message (the helper, the key server) runs as root and trusts
     it (``settings.decode``), so it is checked here, at the boundary.
     """
     try:
-        sections = json.loads(message)
         return {
-            "tls": encode(checked(TLSConfig, sections["tls"], "tls")),
-            "isolation": encode(checked(IsolationConfig, sections["isolation"], "isolation")),
+            "tls": encode(checked(TLSConfig, configuration.tls, "tls")),
+            "isolation": encode(checked(IsolationConfig, configuration.isolation, "isolation")),
         }
     except ConfigError as error:
         raise HelperStartError(error.problems) from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise HelperStartError([f"unusable configuration message: {error!r}"]) from None
 
 
 class Keeper:
@@ -297,9 +316,7 @@ class Keeper:
             problem = provider.missing()
             if problem is not None:
                 raise HelperStartError([f"isolation.key_server: {problem}"])
-            self.key_server = KeyServerProcess(
-                isolation, lambda counts: _send(self.main, {"key_server": counts})
-            )
+            self.key_server = KeyServerProcess(isolation, lambda counts: _send(self.main, counts))
         return self.key_server
 
     def _helper_environment(self, with_provider: bool) -> dict[str, str] | None:
@@ -324,35 +341,27 @@ class Keeper:
             self._helper_environment(references is not None),
         )
         with ours:
-            if not reply.get("ready"):
+            if not isinstance(reply, Ready):
                 process.wait(5)
-                raise HelperStartError(reply.get("problems") or ["the TLS helper failed to start"])
+                raise HelperStartError.refusal(reply, "the TLS helper failed to start")
             self.helper = process
             key_server_layers = (
                 self.key_server.layers if link is not None and self.key_server else None
             )
-            _send(
-                self.main,
-                {
-                    "helper": process.pid,
-                    "layers": reply["layers"],
-                    "key_server_layers": key_server_layers,
-                    "reloaded": reloaded,
-                },
-                [ours.fileno()],
-            )
+            started = HelperStarted(process.pid, reply.layers, key_server_layers, reloaded)
+            _send(self.main, started, [ours.fileno()])
 
-    def reload(self, configuration: bytes) -> None:
+    def reload(self, configuration: Configuration) -> None:
         """Swap in a helper built from ``configuration``, or keep the old one."""
         old = self.helper
         try:
-            validated = checked_configuration(configuration)
-            self.start_helper(validated, reloaded=True)
+            settings = validated(configuration)
+            self.start_helper(settings, reloaded=True)
         except (HelperStartError, OSError) as error:
             problems = error.problems if isinstance(error, HelperStartError) else [str(error)]
-            _send(self.main, {"reload_failed": problems})
+            _send(self.main, ReloadFailed(tuple(problems)))
             return
-        self.configuration = validated
+        self.configuration = settings
         if old is not None:
             self.retired.add(old.pid)
 
@@ -365,7 +374,7 @@ class Keeper:
         if self.key_server is not None and pid == self.key_server.process.pid:
             return self._restart_key_server(code)
         if self.helper is None or pid != self.helper.pid:
-            _send(self.main, {"exited": pid, "status": code})
+            _send(self.main, WorkerExited(pid, code))
             return True
         self.helper = None
         if not self._may_restart("the TLS helper", code):
@@ -374,7 +383,7 @@ class Keeper:
         try:
             self.start_helper()
         except (HelperStartError, OSError) as error:
-            _send(self.main, {"fatal": f"the TLS helper could not be restarted: {error}"})
+            _send(self.main, Fatal(f"the TLS helper could not be restarted: {error}"))
             return False
         return True
 
@@ -388,11 +397,11 @@ class Keeper:
             return True
         _send(
             self.main,
-            {
-                "fatal": f"{what} died {len(self.deaths)} times within "
+            Fatal(
+                f"{what} died {len(self.deaths)} times within "
                 f"{self.window:g} s (isolation.max_helper_restarts is "
                 f"{self.max_restarts}); last status {code}"
-            },
+            ),
         )
         return False
 
@@ -404,13 +413,13 @@ class Keeper:
         if not self._may_restart("the key server", code):
             return False
         print(f"keeper: the key server died (status {code}); restarting it", file=sys.stderr)
-        _send(self.main, {"helper_unusable": "the key server died"})
+        _send(self.main, HelperUnusable("the key server died"))
         old = self.helper
         try:
             self.key_server.restart()
             self.start_helper()
         except (HelperStartError, OSError) as error:
-            _send(self.main, {"fatal": f"the key server could not be restarted: {error}"})
+            _send(self.main, Fatal(f"the key server could not be restarted: {error}"))
             return False
         if old is not None:
             self.retired.add(old.pid)
@@ -449,9 +458,7 @@ class Keeper:
                         message = b""
                     if not message:
                         return self._finish()
-                    request = json.loads(message)
-                    if "reload" in request:
-                        self.reload(json.dumps(request["reload"]).encode())
+                    self.on_request(message)
                     continue
                 while True:
                     try:
@@ -460,7 +467,20 @@ class Keeper:
                         break
                 for pid, code in _reap():
                     if not self.on_child_exit(pid, code):
-                        return 3
+                        return SubordinateExit.GAVE_UP
+
+    def on_request(self, message: bytes) -> None:
+        """Serve a message of the main process after the first (a ``Reload``)."""
+        try:
+            request = MAIN_TO_KEEPER.decode(message)
+        except WireError as error:
+            print(f"keeper: unusable message from the main process: {error}", file=sys.stderr)
+            return
+        match request:
+            case Reload(configuration=configuration):
+                self.reload(configuration)
+            case _:
+                print(f"keeper: unexpected {type(request).__name__} message", file=sys.stderr)
 
     def _finish(self) -> int:
         if self.helper is not None:
@@ -468,7 +488,7 @@ class Keeper:
                 self.helper.wait(EXIT_TIMEOUT)
             except subprocess.TimeoutExpired:
                 self.helper.kill()
-        return 0
+        return SubordinateExit.DONE
 
     def close(self) -> None:
         """Stop the key server, forget the key files and the OpenSSL configuration."""
@@ -502,14 +522,14 @@ def serve(main: socket.socket) -> int:
     try:
         keeper = Keeper(main, main.recv(MAX_MESSAGE))
     except HelperStartError as error:
-        _send(main, {"problems": error.problems})
-        return 1
+        _send(main, Problems(tuple(error.problems)))
+        return SubordinateExit.REFUSED
     try:
         try:
             keeper.start_helper()
         except HelperStartError as error:
-            _send(main, {"problems": error.problems})
-            return 1
+            _send(main, Problems(tuple(error.problems)))
+            return SubordinateExit.REFUSED
         return keeper.run()
     finally:
         keeper.close()

@@ -1,7 +1,8 @@
 """Main-process side of the TLS helper: start it (through the keeper), hand
 it client sockets, follow its restarts.
 
-See ``keeper`` and ``wire`` (``tls/helper/wire.h``) for the wire formats. ``TLSHelper.start`` is
+Every message on its two sockets is in ``wire`` (``KEEPER_TO_MAIN``,
+``HELPER_TO_MAIN``, ``MAIN_TO_KEEPER``, ``SpawnRequest``). ``TLSHelper.start`` is
 blocking and runs before the event loop (while the process may still be
 root: the keeper and the helper keep those privileges); ``spawn`` is called
 from the loop and never blocks.
@@ -10,8 +11,8 @@ from the loop and never blocks.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -20,7 +21,25 @@ from collections.abc import Callable
 from starttls_proxy._process import start_process
 from starttls_proxy.proxy import metrics
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, encode
-from starttls_proxy.wire import MAX_EARLY_BYTES, SpawnRequest
+from starttls_proxy.wire import (
+    HELPER_TO_MAIN,
+    KEEPER_TO_MAIN,
+    MAX_EARLY_BYTES,
+    MAX_MESSAGE,
+    Configuration,
+    Fatal,
+    HelperStarted,
+    HelperUnusable,
+    KeeperToMain,
+    KeyServerCounts,
+    LayerStatus,
+    Problems,
+    Reload,
+    ReloadFailed,
+    SpawnRequest,
+    WireError,
+    WorkerExited,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +50,32 @@ STARTUP_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 #: A reload starts a whole new helper (sandbox probe, certificates).
 RELOAD_TIMEOUT = STARTUP_TIMEOUT
-MAX_MESSAGE = 64 * 1024
+
+
+def _configuration(tls: TLSConfig, isolation: IsolationConfig) -> Configuration:
+    return Configuration(tls=encode(tls), isolation=encode(isolation))
 
 
 class HandoffError(Exception):
     """The TLS helper could not take the connection."""
 
 
-def _receive(sock: socket.socket) -> tuple[dict[str, object], list[int]]:
+def _receive(sock: socket.socket) -> tuple[KeeperToMain | None, int | None]:
+    """The keeper's next message (None: it has left) and the descriptor that
+    came with a ``HelperStarted``; ``WireError`` for anything else (any
+    descriptor that came with it closed)."""
     data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
-    return (json.loads(data) if data else {}), fds
-
-
-def _layer_rows(layers: list[list[object]]) -> list[tuple[str, bool, str]]:
-    return [(str(name), bool(ok), str(detail)) for name, ok, detail in layers]
+    if not data:
+        return None, None
+    try:
+        message = KEEPER_TO_MAIN.decode(data)
+        if isinstance(message, HelperStarted) != (len(fds) == 1):
+            raise WireError(f"{type(message).__name__} with {len(fds)} descriptors")
+    except WireError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return message, fds[0] if fds else None
 
 
 class _HelperGoneError(Exception):
@@ -58,10 +89,10 @@ class TLSHelper:
         #: The current helper's control socket; ``None`` while it restarts.
         self.control: socket.socket | None = None
         self.helper_pid = 0
-        #: ``(layer, applied, detail)`` as the helper's probe found them.
-        self.layers: list[tuple[str, bool, str]] = []
+        #: The sandbox layers as the helper's probe found them.
+        self.layers: tuple[LayerStatus, ...] = ()
         #: The same for the key server; None when the helper holds the keys.
-        self.key_server_layers: list[tuple[str, bool, str]] | None = None
+        self.key_server_layers: tuple[LayerStatus, ...] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Called with (pid, status) when a worker exits.
         self.on_worker_exit: Callable[[int, int], None] = lambda pid, status: None
@@ -77,38 +108,35 @@ class TLSHelper:
         """Start the keeper and wait until the first helper is ready."""
         keeper, ours = start_process([sys.executable, "-m", "starttls_proxy.privileged.keeper"])
         ours.settimeout(STARTUP_TIMEOUT)
-        ours.send(json.dumps({"tls": encode(tls), "isolation": encode(isolation)}).encode())
+        ours.send(_configuration(tls, isolation).encode())
         try:
-            message, fds = _receive(ours)
+            message, fd = _receive(ours)
         except TimeoutError:
             keeper.kill()
             keeper.wait()
             raise ConfigError(["tls: the TLS helper did not start in time"]) from None
-        if "helper" not in message or len(fds) != 1:
-            keeper.wait(5)
-            problems = message.get("problems")
-            raise ConfigError(
-                [str(p) for p in problems]
-                if isinstance(problems, list)
-                else ["tls: the TLS helper failed to start"]
-            )
-        ours.setblocking(False)
-        helper = cls(keeper, ours)
-        helper._adopt(message, fds[0])
-        return helper
+        except WireError as error:
+            message, fd = None, None
+            log.error("unusable message from the keeper: %s", error)
+        match message:
+            case HelperStarted() if fd is not None:
+                ours.setblocking(False)
+                helper = cls(keeper, ours)
+                helper._adopt(message, fd)
+                return helper
+            case Problems(problems=problems):
+                keeper.wait(5)
+                raise ConfigError(list(problems))
+            case _:
+                keeper.wait(5)
+                raise ConfigError(["tls: the TLS helper failed to start"])
 
-    def _adopt(self, message: dict[str, object], fd: int) -> None:
+    def _adopt(self, message: HelperStarted, fd: int) -> None:
         self.control = socket.socket(fileno=fd)
         self.control.setblocking(False)
-        pid = message["helper"]
-        self.helper_pid = pid if isinstance(pid, int) else 0
-        layers = message.get("layers")
-        if isinstance(layers, list):
-            self.layers = _layer_rows(layers)
-        key_server_layers = message.get("key_server_layers")
-        self.key_server_layers = (
-            _layer_rows(key_server_layers) if isinstance(key_server_layers, list) else None
-        )
+        self.helper_pid = message.pid
+        self.layers = message.layers
+        self.key_server_layers = message.key_server_layers
         if self._loop is not None:
             self._loop.add_reader(self.control.fileno(), self._on_helper_message)
         self._running.set()
@@ -151,51 +179,55 @@ class TLSHelper:
                 log.error("the TLS helper (pid %d) died; the keeper restarts it", self.helper_pid)
                 self._drop_control()
                 return
-            message = json.loads(data)
-            if "exited" in message:
-                self.on_worker_exit(message["exited"], message["status"])
+            try:
+                exited = HELPER_TO_MAIN.decode(data)
+            except WireError as error:
+                log.error("unusable message from the TLS helper: %s", error)
+                continue
+            self.on_worker_exit(exited.pid, exited.status)
 
     def _on_keeper_message(self) -> None:
         while True:
             try:
-                message, fds = _receive(self.keeper_socket)
+                message, fd = _receive(self.keeper_socket)
             except BlockingIOError:
                 return
-            if not message:
-                self.on_fatal("the keeper process exited")
-                self._stop_reading_keeper()
-                return
-            if "helper" in message and len(fds) == 1:
-                self._drop_control()
-                self._adopt(message, fds[0])
-                if message.get("reloaded") and self._reloaded is not None:
-                    self._reloaded.set_result([])
-                else:
-                    log.info("the TLS helper runs again (pid %d)", self.helper_pid)
-            elif "helper_unusable" in message:
-                # Its control socket stays open for its workers' exits; hand-offs
-                # wait for the helper that replaces it.
-                log.warning(
-                    "%s: new connections wait for a new TLS helper", message["helper_unusable"]
-                )
-                self._running.clear()
-            elif "reload_failed" in message and self._reloaded is not None:
-                problems = message["reload_failed"]
-                assert isinstance(problems, list)
-                self._reloaded.set_result([str(problem) for problem in problems])
-            elif "exited" in message:
-                pid, status = message["exited"], message["status"]
-                assert isinstance(pid, int) and isinstance(status, int)
-                self.on_worker_exit(pid, status)
-            elif "key_server" in message:
-                counts = message["key_server"]
-                assert isinstance(counts, dict)
-                for result, count in counts.items():
-                    metrics.KEY_SERVER_REQUESTS.labels(str(result)).inc(int(count))
-            elif "fatal" in message:
-                self.on_fatal(str(message["fatal"]))
-                self._stop_reading_keeper()
-                return
+            except WireError as error:
+                log.error("unusable message from the keeper: %s", error)
+                continue
+            match message:
+                case None:
+                    self.on_fatal("the keeper process exited")
+                    self._stop_reading_keeper()
+                    return
+                case HelperStarted() if fd is not None:
+                    self._drop_control()
+                    self._adopt(message, fd)
+                    if message.reloaded and self._reloaded is not None:
+                        self._reloaded.set_result([])
+                    else:
+                        log.info("the TLS helper runs again (pid %d)", self.helper_pid)
+                case HelperUnusable(reason=reason):
+                    # Its control socket stays open for its workers' exits;
+                    # hand-offs wait for the helper that replaces it.
+                    log.warning("%s: new connections wait for a new TLS helper", reason)
+                    self._running.clear()
+                case ReloadFailed(problems=problems) if self._reloaded is not None:
+                    self._reloaded.set_result(list(problems))
+                case WorkerExited(pid=pid, status=status):
+                    self.on_worker_exit(pid, status)
+                case KeyServerCounts(counts=counts):
+                    metrics.KEY_SERVER_REQUESTS.labels("signed").inc(counts.signed)
+                    metrics.KEY_SERVER_REQUESTS.labels("refused").inc(counts.refused)
+                    metrics.KEY_SERVER_REQUESTS.labels("dropped").inc(counts.dropped)
+                case Fatal(reason=reason):
+                    self.on_fatal(reason)
+                    self._stop_reading_keeper()
+                    return
+                case ReloadFailed(problems=problems):
+                    log.warning("a reload answered too late failed: %s", "; ".join(problems))
+                case _:
+                    log.error("unexpected message from the keeper: %s", message)
 
     async def reload(self, tls: TLSConfig, isolation: IsolationConfig) -> list[str]:
         """Have the keeper start a helper with new certificates; return the
@@ -206,16 +238,7 @@ class TLSHelper:
         assert self._loop is not None
         self._reloaded = self._loop.create_future()
         try:
-            self.keeper_socket.send(
-                json.dumps(
-                    {
-                        "reload": {
-                            "tls": encode(tls),
-                            "isolation": encode(isolation),
-                        }
-                    }
-                ).encode()
-            )
+            self.keeper_socket.send(Reload(_configuration(tls, isolation)).encode())
             async with asyncio.timeout(RELOAD_TIMEOUT):
                 return await self._reloaded
         except (OSError, TimeoutError) as error:

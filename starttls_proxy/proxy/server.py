@@ -29,17 +29,7 @@ from starttls_proxy.proxy.admission import ClientEndpoint, SessionTable
 from starttls_proxy.proxy.handoff import TLSHelper
 from starttls_proxy.proxy.session import Session
 from starttls_proxy.settings import ConfigError
-from starttls_proxy.wire import (
-    EXIT_CLIENT_GONE,
-    EXIT_DEADLINE,
-    EXIT_HANDSHAKE_FAILED,
-    EXIT_INTERNAL_ERROR,
-    EXIT_NOT_TLS,
-    EXIT_OK,
-    EXIT_SANDBOX_FAILED,
-    EXIT_SPARE_UNUSED,
-    EXIT_TLS_ERROR,
-)
+from starttls_proxy.wire import ProxyExit, WorkerExit
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +37,16 @@ LISTEN_BACKLOG = 1024
 PROBE_READ_SIZE = 64 * 1024
 
 _EXIT_REASONS = {
-    EXIT_OK: "normal",
-    EXIT_HANDSHAKE_FAILED: "handshake_failed",
-    EXIT_NOT_TLS: "not_tls",
-    EXIT_CLIENT_GONE: "client_gone",
-    EXIT_TLS_ERROR: "tls_error",
-    EXIT_DEADLINE: "timeout",
-    EXIT_SANDBOX_FAILED: "sandbox_failed",
-    EXIT_INTERNAL_ERROR: "crash",
+    WorkerExit.OK: "normal",
+    WorkerExit.HANDSHAKE_FAILED: "handshake_failed",
+    WorkerExit.NOT_TLS: "not_tls",
+    WorkerExit.CLIENT_GONE: "client_gone",
+    WorkerExit.TLS_ERROR: "tls_error",
+    WorkerExit.DEADLINE: "timeout",
+    WorkerExit.SANDBOX_FAILED: "sandbox_failed",
+    WorkerExit.INTERNAL_ERROR: "crash",
     -signal.SIGSYS: "seccomp",
 }
-#: Exit status of the proxy when no TLS helper can be had any more.
-EXIT_HELPER_LOST = 3
 
 
 class ProbeError(Exception):
@@ -221,7 +209,7 @@ async def _serve_metrics(reader: asyncio.StreamReader, writer: asyncio.StreamWri
 
 
 def _count_worker_exit(pid: int, status: int) -> None:
-    if status == EXIT_SPARE_UNUSED:
+    if status == WorkerExit.SPARE_UNUSED:
         return
     reason = _EXIT_REASONS.get(status, "crash")
     metrics.WORKER_EXITS.labels(reason).inc()
@@ -305,11 +293,11 @@ class Server:
         self._reloading = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         #: What the process exits with once ``serve`` returns.
-        self.exit_status = 0
+        self.exit_status = ProxyExit.OK
 
     def _helper_lost(self, reason: str) -> None:
         log.critical("giving up: %s", reason)
-        self.exit_status = EXIT_HELPER_LOST
+        self.exit_status = ProxyExit.HELPER_LOST
         self._stopping.set()
 
     def _drop_privileges(self) -> None:

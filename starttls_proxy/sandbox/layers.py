@@ -39,7 +39,7 @@ client. In order:
 The handshake deadline is armed by the worker before all this: SIGALRM's
 handler exits at once. The default action would not work: a PID namespace's
 init ignores every signal it has no handler for, the kernel's own SIGALRM
-included (``wire.EXIT_DEADLINE``).
+included (``wire.WorkerExit.DEADLINE``).
 
 Without root (best-effort mode) the helper first enters a user namespace of
 its own: network/IPC/UTS namespaces, chroot (into a deleted directory, in
@@ -65,11 +65,12 @@ import errno
 import os
 import resource
 import stat
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 from starttls_proxy import privileges
 from starttls_proxy.settings import IsolationConfig, IsolationMode
+from starttls_proxy.wire import LayerStatus
 
 LIBC = ctypes.CDLL(None, use_errno=True)
 LIBC.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
@@ -79,13 +80,6 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWNET = 0x40000000
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
-
-
-@dataclass(frozen=True)
-class LayerStatus:
-    name: str
-    applied: bool
-    detail: str
 
 
 def check(result: int, what: str) -> int:
@@ -141,7 +135,7 @@ def harden() -> None:
     _limit(resource.RLIMIT_NPROC, 0)
 
 
-def problems(config: IsolationConfig, statuses: list[LayerStatus]) -> list[str]:
+def problems(config: IsolationConfig, statuses: Iterable[LayerStatus]) -> list[str]:
     """In strict mode, one line per enabled layer that is not in force."""
     if config.mode is not IsolationMode.STRICT:
         return []

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.wire import EXIT_INTERNAL_ERROR, FORBIDDEN_SYSCALL_SNI, SELF_TEST_LOG_PREFIX
+from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, SELF_TEST_LOG_PREFIX, ProxyExit, WorkerExit
 from tests.realservers import processes
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import process_table
@@ -424,7 +424,7 @@ def test_a_worker_out_of_memory_is_counted_as_a_crash(
             tls.sendall(b"Subject: large\r\n\r\n" + (b"x" * 998 + b"\r\n") * 8000)
         tls.close()
         proxy.wait_for_log(
-            f"TLS worker {worker} ended abnormally (crash, status {EXIT_INTERNAL_ERROR})"
+            f"TLS worker {worker} ended abnormally (crash, status {WorkerExit.INTERNAL_ERROR})"
         )
         samples = scrape(port)
         assert total(samples, "starttls_proxy_worker_exits_total", reason="crash") == 1
@@ -501,7 +501,7 @@ def test_a_burst_of_helper_deaths_stops_the_proxy(tmp_path: Path, test_certs: Ce
             proxy.wait_for_log(f"the TLS helper (pid {helper}) died")
             if death == 0:
                 proxy.wait_for_log("the TLS helper runs again")
-        assert proxy.process.wait(15) == 3
+        assert proxy.process.wait(15) == ProxyExit.HELPER_LOST
     finally:
         proxy.stop()
     assert re.search(r"CRITICAL .*giving up: the TLS helper died 2 times within 60 s", proxy.log())

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from starttls_proxy.wire import EXIT_DEADLINE, EXIT_INTERNAL_ERROR, FORBIDDEN_SYSCALL_SNI
+from starttls_proxy.wire import FORBIDDEN_SYSCALL_SNI, Problems, Ready, WorkerExit
 from tests.isolation.conftest import (
     TEST_UIDS,
     SelfTestLog,
@@ -74,8 +74,8 @@ def _vm_size(pid: int) -> int:
 
 def test_every_layer_applies_as_root(tmp_path: Path, certificates: list[tuple[Path, Path]]) -> None:
     with helper(tmp_path, certificates) as running:
-        assert running.reply["ready"] is True and "problems" not in running.reply
-        assert [(name, applied) for name, applied, _ in running.reply["layers"]] == [
+        assert isinstance(running.reply, Ready), running.reply
+        assert [(name, applied) for name, applied, _ in running.reply.layers] == [
             (name, True) for name in LAYERS
         ]
     # The keeper made the empty root root-owned and unwritable.
@@ -219,7 +219,7 @@ def test_memory_limit_stops_a_large_allocation(
         connection = running.spawn()
         with handshake(connection, cert_dir):
             _send_until_refused(connection, plaintext)
-            assert running.exit_of(connection.pid) == EXIT_INTERNAL_ERROR
+            assert running.exit_of(connection.pid) == WorkerExit.INTERNAL_ERROR
         connection.close()
     with helper(tmp_path, certificates) as running:
         connection = running.spawn()
@@ -251,7 +251,7 @@ def test_deadline_ends_a_pid_namespace_init(
         assert running.layers["pid_namespace"][0]
         started = time.monotonic()
         connection = running.spawn(handshake_timeout=1.0)
-        assert running.exit_of(connection.pid) == EXIT_DEADLINE
+        assert running.exit_of(connection.pid) == WorkerExit.DEADLINE
         assert time.monotonic() - started < 3
         connection.channel.settimeout(5)
         assert connection.channel.recv(1) == b""  # no report: it ended at once
@@ -265,8 +265,8 @@ def test_strict_mode_names_a_layer_that_cannot_apply(
     occupied.mkdir()
     (occupied / "file").write_text("not empty")
     with helper(tmp_path, certificates, chroot=occupied, mode="strict") as running:
-        assert "ready" not in running.reply
-        (problem,) = running.reply["problems"]
+        assert isinstance(running.reply, Problems), running.reply
+        (problem,) = running.reply.problems
         assert problem.startswith("isolation.layers.chroot: cannot be applied")
         assert "not empty" in problem
     with helper(tmp_path, certificates, chroot=occupied, mode="best-effort") as running:

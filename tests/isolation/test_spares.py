@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from starttls_proxy.wire import EXIT_OK
+from starttls_proxy.wire import WorkerExit
 from tests.isolation.conftest import helper, served
 from tests.tlshelper.harness import RunningHelper
 
@@ -72,7 +72,7 @@ def test_without_spares_each_connection_forks_its_own_worker(
             connection = running.spawn()
             assert running.children() == [connection.pid]
             served(connection, cert_dir)
-            assert running.exit_of(connection.pid) == EXIT_OK
+            assert running.exit_of(connection.pid) == WorkerExit.OK
             workers.append(connection.pid)
         assert len(set(workers)) == len(workers)
         time.sleep(SETTLE)

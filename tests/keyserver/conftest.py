@@ -18,6 +18,7 @@ import trustme
 from starttls_proxy.keys.server import Link
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
+from starttls_proxy.wire import KeyServerCounts
 
 #: Far from the proxy's default range (and from tests/isolation's workers).
 TEST_UIDS = (310_000, 1_000)
@@ -36,12 +37,12 @@ class RunningKeyServer:
     #: The helper's end of a link to the keys of ``Keys``.
     link: Link
     references: list[str]
-    counts: list[dict[str, int]] = field(default_factory=list)
+    counts: list[KeyServerCounts] = field(default_factory=list)
 
     def total(self, result: str) -> int:
         """How many requests ended with ``result`` so far, as reported."""
         self.process.read_counts()
-        return sum(counts.get(result, 0) for counts in self.counts)
+        return sum(getattr(message.counts, result) for message in self.counts)
 
     def connect(self, certificates: list[int]) -> socket.socket:
         """A worker's connection, good for ``certificates``."""
@@ -83,7 +84,7 @@ def key_server_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def key_server(key_server_root: Path, keys: Keys) -> Iterator[RunningKeyServer]:
-    counts: list[dict[str, int]] = []
+    counts: list[KeyServerCounts] = []
     process = KeyServerProcess(encode(isolation(key_server_root)), counts.append)
     files = open_key_files({"tls": {"certificates": [{"key": str(p)} for p in keys.paths]}})
     try:

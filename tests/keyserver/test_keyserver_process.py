@@ -37,6 +37,7 @@ from starttls_proxy.keys.server import (
 from starttls_proxy.privileged.helper_start import HelperStartError
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import encode
+from starttls_proxy.wire import LoadKeys, Problems, Ready
 from tests.keyserver.conftest import Keys, RunningKeyServer, isolation
 
 CONCURRENT_CONNECTIONS = 64
@@ -318,3 +319,28 @@ def test_unusable_key_files_are_named(tmp_path: Path, keys: Keys) -> None:
     assert unusable.value.problems[0].startswith(
         "tls.certificates[0].key: not a usable PEM private key"
     )
+
+
+def test_an_unusable_keeper_message_is_refused_and_the_server_lives_on(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """Regression: a keeper message that was not JSON ended the key server
+    with a traceback, and a load request without descriptors went unanswered
+    (the keeper waited out its timeout)."""
+    process = KeyServerProcess(encode(isolation(tmp_path)), lambda counts: None)
+    try:
+        process.control.send(b"not json")
+        process.control.send(b'{"load": "not a list"}')
+        process.control.send(Ready(()).encode())
+        process.control.send(LoadKeys(("tls.certificates[0].key",)).encode())
+        assert process.receive() == Problems(("a load request without a link",))
+        files = open_key_files({"tls": {"certificates": [{"key": str(keys.paths[0])}]}})
+        try:
+            references, link = process.load(files)
+        finally:
+            for fd in files:
+                os.close(fd)
+        link.close()
+        assert len(references) == 1
+    finally:
+        process.stop()

@@ -26,7 +26,7 @@ from typing import Any
 
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
-from starttls_proxy.wire import SpawnRequest
+from starttls_proxy.wire import HELPER_TO_MAIN, HelperToKeeper, Ready, SpawnRequest
 
 #: Far from the proxy's default range and from the other test suites'.
 TEST_UIDS = (320_000, 1_000)
@@ -70,8 +70,8 @@ def _exactly(sock: socket.socket, size: int) -> bytes:
 class RunningHelper:
     process: subprocess.Popen[bytes]
     control: socket.socket
-    #: The helper's "ready" answer (or its problems).
-    reply: dict[str, Any]
+    #: The helper's answer: ``Ready``, or ``Problems``.
+    reply: HelperToKeeper
     #: (pid, status) of every worker exit the helper reported so far.
     exits: list[tuple[int, int]] = field(default_factory=list)
     #: The workers ``worker_holding`` found so far.
@@ -79,7 +79,8 @@ class RunningHelper:
 
     @property
     def layers(self) -> dict[str, tuple[bool, str]]:
-        return {name: (applied, detail) for name, applied, detail in self.reply["layers"]}
+        assert isinstance(self.reply, Ready), self.reply
+        return {name: (applied, detail) for name, applied, detail in self.reply.layers}
 
     def send_request(self, message: bytes, fds: list[int]) -> None:
         socket.send_fds(self.control, [message], fds)
@@ -111,9 +112,8 @@ class RunningHelper:
         self.control.settimeout(max(0.01, timeout))
         data = self.control.recv(65536)
         assert data, "the helper closed its control socket"
-        message: dict[str, Any] = json.loads(data)
-        assert set(message) == {"exited", "status"}, message
-        self.exits.append((message["exited"], message["status"]))
+        exited = HELPER_TO_MAIN.decode(data)
+        self.exits.append((exited.pid, exited.status))
 
     def exit_of(self, pid: int, timeout: float = 10.0) -> int:
         """The exit status the helper reports for worker ``pid``."""

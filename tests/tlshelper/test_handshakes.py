@@ -54,7 +54,7 @@ from OpenSSL import SSL
 
 from starttls_proxy.settings import CertificateConfig, TLSConfig
 from starttls_proxy.tls.contexts import CertificateStore, load_certificates
-from starttls_proxy.wire import EXIT_HANDSHAKE_FAILED, EXIT_OK
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper
 
 TLS12 = ssl.TLSVersion.TLSv1_2
@@ -340,7 +340,7 @@ def setting(
             helper = stack.enter_context(
                 running_helper(directory / minimum, pairs, tls={"min_version": minimum})
             )
-            assert helper.reply.get("ready"), helper.reply
+            assert isinstance(helper.reply, Ready), helper.reply
             store = load_certificates(
                 TLSConfig(
                     certificates=[CertificateConfig(cert=c, key=k) for c, k in pairs],
@@ -407,7 +407,7 @@ def _through_helper(
         report = connection.report()
         if tls is None:
             assert report["ok"] is False, report
-            assert helper.exit_of(connection.pid) == EXIT_HANDSHAKE_FAILED
+            assert helper.exit_of(connection.pid) == WorkerExit.HANDSHAKE_FAILED
             reason = str(report["reason"])
             assert reason.startswith("handshake failed: "), reason
             return (
@@ -422,7 +422,7 @@ def _through_helper(
             session = tls.session
         assert report.pop("ok") is True, report
         server = Report(**report)
-    assert helper.exit_of(connection.pid) == EXIT_OK
+    assert helper.exit_of(connection.pid) == WorkerExit.OK
     return Result(client, server), session, connection.pid
 
 

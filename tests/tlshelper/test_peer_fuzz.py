@@ -39,21 +39,13 @@ from hypothesis import strategies as st
 
 from starttls_proxy.keys import provider
 from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, encode_reference, read_private_key
-from starttls_proxy.wire import (
-    EXIT_CLIENT_GONE,
-    EXIT_HANDSHAKE_FAILED,
-    EXIT_INTERNAL_ERROR,
-    EXIT_NOT_TLS,
-    EXIT_OK,
-    EXIT_SPARE_UNUSED,
-    EXIT_TLS_ERROR,
-)
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper, sanitizer_runtime
 
 #: A signature request: header, key id, then what to sign.
 REQUEST_DATA_OFFSET = HEADER.size + KEY_ID_SIZE
 #: How a worker may end when a peer sent it nonsense: never by a signal.
-DEFINED_FAILURES = {EXIT_HANDSHAKE_FAILED, EXIT_CLIENT_GONE, EXIT_TLS_ERROR}
+DEFINED_FAILURES = {WorkerExit.HANDSHAKE_FAILED, WorkerExit.CLIENT_GONE, WorkerExit.TLS_ERROR}
 
 
 # ----------------------------------------------------------------------
@@ -80,7 +72,7 @@ def signing_helper(
         ) as helper,
     ):
         theirs.close()
-        assert helper.reply.get("ready"), helper.reply
+        assert isinstance(helper.reply, Ready), helper.reply
         yield helper, ours
     ours.close()
 
@@ -157,7 +149,7 @@ def test_key_server_replies_never_break_a_worker(
         == (1, 0, True, b"TRUE")
     )
     if valid:
-        assert (version, status) == ("TLSv1.3", EXIT_OK)
+        assert (version, status) == ("TLSv1.3", WorkerExit.OK)
     else:
         assert version == "failed"
         assert status in DEFINED_FAILURES, status
@@ -224,7 +216,7 @@ def fuzzed_helper(
     with running_helper(
         directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], env=env
     ) as helper:
-        assert helper.reply.get("ready"), helper.reply
+        assert isinstance(helper.reply, Ready), helper.reply
         yield helper, payload
 
 
@@ -269,7 +261,10 @@ def test_malformed_assignments_end_the_worker_cleanly(
     # A well-formed one may carry early bytes that are no ClientHello; a
     # malformed one can only come from a broken helper: the worker's own
     # side, counted as a crash.
-    assert status in {*DEFINED_FAILURES, EXIT_SPARE_UNUSED, EXIT_NOT_TLS, EXIT_INTERNAL_ERROR}, (
-        status
-    )
+    assert status in {
+        *DEFINED_FAILURES,
+        WorkerExit.SPARE_UNUSED,
+        WorkerExit.NOT_TLS,
+        WorkerExit.INTERNAL_ERROR,
+    }, status
     assert helper.process.poll() is None

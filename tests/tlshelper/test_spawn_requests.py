@@ -32,20 +32,17 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy.wire import (
-    EXIT_CLIENT_GONE,
-    EXIT_DEADLINE,
-    EXIT_HANDSHAKE_FAILED,
-    EXIT_NOT_TLS,
-    MAX_EARLY_BYTES,
-    MAX_SPAWN_REQUEST,
-    SpawnRequest,
-)
+from starttls_proxy.wire import MAX_EARLY_BYTES, MAX_SPAWN_REQUEST, Ready, SpawnRequest, WorkerExit
 from tests.tlshelper.harness import RunningHelper, running_helper
 
 #: How a worker given a fuzzed (but well-formed) request may end once the
 #: test closes its client: never by a signal.
-WORKER_ENDS = {EXIT_CLIENT_GONE, EXIT_DEADLINE, EXIT_HANDSHAKE_FAILED, EXIT_NOT_TLS}
+WORKER_ENDS = {
+    WorkerExit.CLIENT_GONE,
+    WorkerExit.DEADLINE,
+    WorkerExit.HANDSHAKE_FAILED,
+    WorkerExit.NOT_TLS,
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +50,7 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with running_helper(
         tmp_path_factory.mktemp("spawn-requests"), [(cert_dir / "cert.pem", cert_dir / "key.pem")]
     ) as running:
-        assert running.reply.get("ready"), running.reply
+        assert isinstance(running.reply, Ready), running.reply
         yield running
 
 
@@ -163,7 +160,7 @@ def _still_serving(helper: RunningHelper) -> None:
     """A valid request gets a worker."""
     connection = helper.spawn()
     connection.client.close()
-    assert helper.exit_of(connection.pid) == EXIT_CLIENT_GONE
+    assert helper.exit_of(connection.pid) == WorkerExit.CLIENT_GONE
     connection.channel.close()
 
 

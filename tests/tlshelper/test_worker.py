@@ -45,13 +45,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from starttls_proxy.wire import (
-    EXIT_CLIENT_GONE,
-    EXIT_DEADLINE,
-    EXIT_HANDSHAKE_FAILED,
-    EXIT_NOT_TLS,
-    EXIT_OK,
-)
+from starttls_proxy.wire import Ready, WorkerExit
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
@@ -75,7 +69,7 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             (cert_dir / "other.pem", cert_dir / "other-key.pem"),
         ],
     ) as running:
-        assert running.reply.get("ready"), running.reply
+        assert isinstance(running.reply, Ready), running.reply
         yield running
 
 
@@ -278,7 +272,7 @@ def test_megabytes_both_ways_under_back_pressure_arrive_byte_exact(
     assert hashlib.sha256(transfer.up_received).digest() == hashlib.sha256(transfer.up).digest()
     assert hashlib.sha256(transfer.down_received).digest() == hashlib.sha256(transfer.down).digest()
     assert _rss(connection.pid) - rss_before < memory_bound
-    assert _finish(helper, connection) == EXIT_OK
+    assert _finish(helper, connection) == WorkerExit.OK
 
 
 #: Around twice the worker's plaintext buffer (256 KiB): where the client's
@@ -314,7 +308,7 @@ def test_records_waiting_in_openssl_are_decrypted_once_the_channel_drains(
             sender.join(10)
         connection.channel.sendall(b"250 ok\r\n")
         assert tls.recv(64) == b"250 ok\r\n"
-        assert _finish(helper, connection, tls) == EXIT_OK
+        assert _finish(helper, connection, tls) == WorkerExit.OK
 
 
 def test_a_buffer_the_channel_drains_at_once_does_not_stall_the_client(
@@ -340,7 +334,7 @@ def test_a_buffer_the_channel_drains_at_once_does_not_stall_the_client(
         sender.join(20)
     connection.channel.sendall(b"250 ok\r\n")
     assert tls.recv(64) == b"250 ok\r\n"
-    assert _finish(helper, connection, tls) == EXIT_OK
+    assert _finish(helper, connection, tls) == WorkerExit.OK
 
 
 def test_what_the_client_sent_before_its_end_of_stream_all_reaches_the_channel(
@@ -368,7 +362,7 @@ def test_what_the_client_sent_before_its_end_of_stream_all_reaches_the_channel(
         status = helper.exit_of(connection.pid)
         tls.close()
         connection.channel.close()
-        assert status == EXIT_OK
+        assert status == WorkerExit.OK
 
 
 # ----------------------------------------------------------------------
@@ -392,7 +386,7 @@ def test_early_bytes_are_used_before_the_socket(
     assert report["ok"] is True and report["server_name"] == "other.example.test", report
     connection.channel.sendall(b"* OK\r\n")
     assert client.receive(connection.client) == b"* OK\r\n"
-    assert _finish(helper, connection) == EXIT_OK
+    assert _finish(helper, connection) == WorkerExit.OK
 
 
 def test_plaintext_early_bytes_are_not_taken_for_tls(helper: RunningHelper, cert_dir: Path) -> None:
@@ -400,7 +394,7 @@ def test_plaintext_early_bytes_are_not_taken_for_tls(helper: RunningHelper, cert
     connection = helper.spawn(early=b"EHLO x\r\n")
     connection.client.sendall(BioClient(cert_dir).hello())
     assert connection.report() == {"ok": False, "reason": "plaintext after the TLS upgrade"}
-    assert _finish(helper, connection) == EXIT_NOT_TLS
+    assert _finish(helper, connection) == WorkerExit.NOT_TLS
 
 
 def test_plaintext_after_the_upgrade_is_refused(helper: RunningHelper) -> None:
@@ -409,7 +403,7 @@ def test_plaintext_after_the_upgrade_is_refused(helper: RunningHelper) -> None:
     assert connection.report() == {"ok": False, "reason": "plaintext after the TLS upgrade"}
     # Nothing was interpreted, nothing answered.
     assert _read_to_eof(connection.client) == b""
-    assert _finish(helper, connection) == EXIT_NOT_TLS
+    assert _finish(helper, connection) == WorkerExit.NOT_TLS
 
 
 @pytest.mark.parametrize("sent", ["nothing", "half-a-hello", "hello-then-reset"])
@@ -429,7 +423,7 @@ def test_a_client_leaving_during_the_handshake(
     assert report["ok"] is False and report["reason"].startswith("client "), report
     if sent != "hello-then-reset":
         assert report["reason"] == "client closed during the handshake"
-    assert helper.exit_of(connection.pid) == EXIT_CLIENT_GONE
+    assert helper.exit_of(connection.pid) == WorkerExit.CLIENT_GONE
     connection.channel.close()
 
 
@@ -465,7 +459,7 @@ def test_garbage_records_fail_the_handshake_with_openssls_reason(
     reason = _stdlib_server_error(cert_dir, garbage)
     assert reason
     assert report == {"ok": False, "reason": f"handshake failed: {reason}"}
-    assert _finish(helper, connection) == EXIT_HANDSHAKE_FAILED
+    assert _finish(helper, connection) == WorkerExit.HANDSHAKE_FAILED
 
 
 def _closed_within(sock: socket.socket, timeout: float) -> bool:
@@ -493,7 +487,7 @@ def test_the_handshake_deadline(helper: RunningHelper, cert_dir: Path, trickle: 
         assert _closed_within(connection.client, 5)
     # The deadline is armed in whole seconds (alarm(2)).
     assert 0.9 < time.monotonic() - start < 2.5
-    assert helper.exit_of(connection.pid) == EXIT_DEADLINE
+    assert helper.exit_of(connection.pid) == WorkerExit.DEADLINE
     with pytest.raises(EOFError):
         connection.report()
     connection.close()
@@ -508,7 +502,7 @@ def test_the_deadline_ends_with_the_handshake(helper: RunningHelper, cert_dir: P
     assert _read_exactly(connection.channel, 6) == b"NOOP\r\n"
     connection.channel.sendall(b"250 ok\r\n")
     assert tls.recv(64) == b"250 ok\r\n"
-    assert _finish(helper, connection, tls) == EXIT_OK
+    assert _finish(helper, connection, tls) == WorkerExit.OK
 
 
 # ----------------------------------------------------------------------
@@ -528,7 +522,7 @@ def test_close_notify_from_the_client_ends_the_channel(
     connection.client.sendall(client.outgoing.read())
     # What came before close_notify, then the end.
     assert _read_to_eof(connection.channel) == b"QUIT\r\n"
-    assert _finish(helper, connection) == EXIT_OK
+    assert _finish(helper, connection) == WorkerExit.OK
 
 
 def test_the_main_process_closing_the_channel_sends_close_notify(
@@ -542,7 +536,7 @@ def test_the_main_process_closing_the_channel_sends_close_notify(
     # Ragged EOFs raise here: b"" is close_notify.
     assert _read_until_close_notify(tls) == b"221 bye\r\n"
     tls.close()
-    assert helper.exit_of(connection.pid) == EXIT_OK
+    assert helper.exit_of(connection.pid) == WorkerExit.OK
 
 
 def _read_until_close_notify(tls: ssl.SSLSocket) -> bytes:
@@ -567,7 +561,7 @@ def _handshake_with_sni(helper: RunningHelper, server_name: bytes) -> dict[str, 
     tls.do_handshake()
     raw = _read_exactly(connection.channel, 4)
     frame = _read_exactly(connection.channel, int.from_bytes(raw, "big"))
-    assert _finish(helper, connection) == EXIT_OK
+    assert _finish(helper, connection) == WorkerExit.OK
     report: dict[str, object] = json.loads(frame)
     return report
 

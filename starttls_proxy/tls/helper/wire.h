@@ -1,9 +1,9 @@
 /*
  * What the TLS helper (helper.c) and its workers (worker.c) read from other
  * processes, and the exit codes they report. Python mirrors every value here
- * in starttls_proxy/wire.py (the main process's side) and
- * starttls_proxy/tls_description.py (the keeper's side); a test holds them
- * in agreement. Integers are big-endian.
+ * in starttls_proxy/wire.py (every message and exit status, named there) and
+ * starttls_proxy/tls/description.py (the description); tests hold them in
+ * agreement. Integers are big-endian.
  *
  * The helper is exec'd by the keeper as `stp-helper FD`, FD being its end of
  * a SOCK_SEQPACKET control socket.
@@ -12,9 +12,9 @@
  *    holding the *description* (below), and, with the key server, a second:
  *    the helper's link to the key server.
  *    helper -> keeper: {"ready": true, "layers": [[name, applied, detail], ...]}
- *    or {"problems": ["tls.certificates[0].key: ...", ...]} (JSON). With
- *    D_PROBE_ONLY it answers "ready" with the layers, whatever they are, and
- *    exits.
+ *    or {"problems": ["tls.certificates[0].key: ...", ...]} (JSON: wire.Ready,
+ *    wire.Problems). With D_PROBE_ONLY it answers "ready" with the layers,
+ *    whatever they are, and exits.
  *
  * 2. The description: records of tag (u16), length (u32), value; the first is
  *    DESCRIPTION_VERSION. An unknown tag, a repeated single record, a wrong
@@ -26,7 +26,7 @@
  *        u8 n | n bytes ALPN (wire format: u8-prefixed names) |
  *        u16 n | n bytes early client data (at most MAX_EARLY_BYTES)
  *    helper -> main, when a worker ends: {"exited": PID, "status": CODE}
- *    (a negative code is the killing signal).
+ *    (wire.WorkerExited; a negative code is the killing signal).
  *
  * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
  *    then u16 n | n u32 PIDs of the other live workers (self test only),
@@ -91,7 +91,7 @@ enum layer {
 #define MAX_ASSIGNMENT (MAX_SPAWN_REQUEST + 2 + 4 * MAX_SIBLINGS)
 #define MAX_REPORT_SIZE (64 * 1024)
 
-/* Worker exit codes (wire.py). */
+/* Worker exit codes (wire.WorkerExit). */
 #define EXIT_OK 0
 #define EXIT_HANDSHAKE_FAILED 10
 #define EXIT_NOT_TLS 11
