@@ -24,6 +24,7 @@ import struct
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import pytest
 
@@ -258,49 +259,6 @@ def _has_tag(said: bytes, tag: bytes) -> bool:
     return any(line.startswith(tag + b" ") for line in said.split(b"\r\n")[:-1])
 
 
-@pytest.mark.parametrize("when", WHEN)
-@pytest.mark.parametrize("claim", IMAP_CLAIMS)
-@pytest.mark.parametrize("name", ["imap-id", "imap-proxyv2"])
-def test_imap_client_cannot_claim_another_address(
-    proxy: ProxyProcess,
-    dovecot: DovecotInstance,
-    test_certs: CertFiles,
-    name: str,
-    claim: str,
-    when: str,
-) -> None:
-    """Dovecot's login_trusted_networks (an ID x-originating-ip from a
-    trusted address sets the remote IP; the proxy's address is trusted) and
-    the PROXY protocol specification: the client's own ID or PROXY header,
-    before or inside TLS, never changes the ``rip=`` Dovecot logs."""
-    claimed = next(_spoofed)
-    how = IMAP_CLAIMS[claim]
-    since = len(dovecot.log())
-    sock, source = _connect(proxy, name, how, when, claimed)
-    try:
-        if how.header and when == "before_tls":
-            _refused_imap(sock, after_greeting=True)
-        else:
-            assert read_until(sock, b"\r\n").startswith(b"* OK ")
-        if not how.header and when == "before_tls":
-            sock.sendall(how.bytes_for(claimed))
-            _refused_imap(sock)
-        sock.sendall(b"s STARTTLS\r\n")
-        assert b"s OK" in _tagged(sock, b"s")
-        tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
-        if when == "after_tls":
-            tls.sendall(how.bytes_for(claimed))
-            _refused_imap(tls)
-        tls.sendall(b"l LOGIN alice alicepw\r\n")
-        assert b"l OK" in _tagged(tls, b"l")
-        tls.sendall(b"o LOGOUT\r\n")
-        _tagged(tls, b"o")
-        tls.close()
-        _dovecot_login(dovecot, since, source, claimed, "imap")
-    except SessionEndedError as ended:
-        _ended_without_effect(ended, claimed, lambda: dovecot.log()[since:])
-
-
 def _refused_pop3(sock: Sock, after_greeting: bool = False) -> None:
     """The claim got only -ERR: the one +OK is CAPA's."""
     said = _drain(sock, b"CAPA\r\n", lambda said: said.endswith(b"\r\n.\r\n"))
@@ -311,47 +269,91 @@ def _refused_pop3(sock: Sock, after_greeting: bool = False) -> None:
     assert before and all(line.startswith(b"-ERR") for line in before.split(b"\r\n")[:-1]), said
 
 
+class Refused(Protocol):
+    def __call__(self, sock: Sock, after_greeting: bool = False) -> None: ...
+
+
+@dataclass(frozen=True)
+class DovecotDialogue:
+    """What tells IMAP from POP3 in a session that claims an address."""
+
+    service: str
+    listeners: tuple[str, ...]
+    claims: dict[str, Claim]
+    greeting: bytes
+    refused: Refused
+    #: Commands, each with how its reply's last line starts: the upgrade,
+    #: then (inside TLS) alice's login and the goodbye.
+    starttls: tuple[bytes, bytes]
+    login: tuple[tuple[bytes, bytes], ...]
+
+    def command(self, sock: Sock, command: bytes, expected: bytes) -> None:
+        """Send ``command`` and read its reply: up to its tagged line in IMAP,
+        one line in POP3."""
+        sock.sendall(command)
+        tag = command.split()[0]
+        said = _tagged(sock, tag) if self.service == "imap" else read_until(sock, b"\r\n")
+        assert said.split(b"\r\n")[-2].startswith(expected), said
+
+
+DOVECOT = (
+    DovecotDialogue(
+        "imap", ("imap-id", "imap-proxyv2"), IMAP_CLAIMS, b"* OK ", _refused_imap,
+        (b"s STARTTLS\r\n", b"s OK"),
+        ((b"l LOGIN alice alicepw\r\n", b"l OK"), (b"o LOGOUT\r\n", b"o OK")),
+    ),
+    DovecotDialogue(
+        "pop3", ("pop3-xclient", "pop3-proxyv2"), POP3_CLAIMS, b"+OK", _refused_pop3,
+        (b"STLS\r\n", b"+OK"),
+        ((b"USER alice\r\n", b"+OK"), (b"PASS alicepw\r\n", b"+OK"), (b"QUIT\r\n", b"+OK")),
+    ),
+)  # fmt: skip
+
+
 @pytest.mark.parametrize("when", WHEN)
-@pytest.mark.parametrize("claim", POP3_CLAIMS)
-@pytest.mark.parametrize("name", ["pop3-xclient", "pop3-proxyv2"])
-def test_pop3_client_cannot_claim_another_address(
+@pytest.mark.parametrize(
+    ("dialogue", "name", "claim"),
+    [
+        pytest.param(dialogue, name, claim, id=f"{name}-{claim}")
+        for dialogue in DOVECOT
+        for name in dialogue.listeners
+        for claim in dialogue.claims
+    ],
+)
+def test_dovecot_client_cannot_claim_another_address(
     proxy: ProxyProcess,
     dovecot: DovecotInstance,
     test_certs: CertFiles,
+    dialogue: DovecotDialogue,
     name: str,
     claim: str,
     when: str,
 ) -> None:
-    """Dovecot's POP3 XCLIENT (honoured from login_trusted_networks, where
-    the proxy is) and the PROXY protocol specification: the client's own
-    XCLIENT or PROXY header, before or inside TLS, never changes the
+    """Dovecot's login_trusted_networks (an IMAP ID x-originating-ip or a
+    POP3 XCLIENT from a trusted address sets the remote IP; the proxy's
+    address is trusted) and the PROXY protocol specification: the client's
+    own ID, XCLIENT or PROXY header, before or inside TLS, never changes the
     ``rip=`` Dovecot logs."""
     claimed = next(_spoofed)
-    how = POP3_CLAIMS[claim]
+    how = dialogue.claims[claim]
     since = len(dovecot.log())
     sock, source = _connect(proxy, name, how, when, claimed)
     try:
         if how.header and when == "before_tls":
-            _refused_pop3(sock, after_greeting=True)
+            dialogue.refused(sock, after_greeting=True)
         else:
-            assert read_until(sock, b"\r\n").startswith(b"+OK")
+            assert read_until(sock, b"\r\n").startswith(dialogue.greeting)
         if not how.header and when == "before_tls":
             sock.sendall(how.bytes_for(claimed))
-            _refused_pop3(sock)
-        sock.sendall(b"STLS\r\n")
-        assert read_until(sock, b"\r\n").startswith(b"+OK")
+            dialogue.refused(sock)
+        dialogue.command(sock, *dialogue.starttls)
         tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
         if when == "after_tls":
             tls.sendall(how.bytes_for(claimed))
-            _refused_pop3(tls)
-        tls.sendall(b"USER alice\r\n")
-        assert read_until(tls, b"\r\n").startswith(b"+OK")
-        tls.sendall(b"PASS alicepw\r\n")
-        said = read_until(tls, b"\r\n")
-        assert said.startswith(b"+OK"), said
-        tls.sendall(b"QUIT\r\n")
-        read_until(tls, b"\r\n")
+            dialogue.refused(tls)
+        for command, expected in dialogue.login:
+            dialogue.command(tls, command, expected)
         tls.close()
-        _dovecot_login(dovecot, since, source, claimed, "pop3")
+        _dovecot_login(dovecot, since, source, claimed, dialogue.service)
     except SessionEndedError as ended:
         _ended_without_effect(ended, claimed, lambda: dovecot.log()[since:])
