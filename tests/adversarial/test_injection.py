@@ -20,6 +20,7 @@ asked (the same paper's response injection).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import socket
@@ -208,14 +209,8 @@ def taps(
         "pop3": dovecot.pop3_proxy_port,
         "xmpp": prosody.port,
     }
-    taps = {name: RecordingTap(port) for name, port in backends.items()}
-    for tap in taps.values():
-        tap.__enter__()
-    try:
-        yield taps
-    finally:
-        for tap in taps.values():
-            tap.close()
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(RecordingTap(port)) for name, port in backends.items()}
 
 
 def _fake_smtp(sock: socket.socket, opening: bytes) -> None:
@@ -282,14 +277,8 @@ PROBED = (_fake_smtp, b"220 fake.test ESMTP\r\n250-fake.test\r\n250 X-" + INJECT
 @pytest.fixture(scope="module")
 def fakes() -> Iterator[dict[str, FakeBackend]]:
     scripts = {**CHATTY, "smtp-probed": lambda sock: PROBED[0](sock, PROBED[1])}
-    fakes = {name: FakeBackend(script) for name, script in scripts.items()}
-    for fake in fakes.values():
-        fake.__enter__()
-    try:
-        yield fakes
-    finally:
-        for fake in fakes.values():
-            fake.close()
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(FakeBackend(script)) for name, script in scripts.items()}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Self
 
 #: How long the threads block at most, so that closing them is prompt.
 _POLL = 0.05
@@ -30,7 +31,7 @@ class _Server:
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
