@@ -97,6 +97,16 @@ def relaying(session: Session) -> None:
     endpoint.data_received(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
 
 
+async def relayed() -> tuple[Session, Endpoint]:
+    """A new plaintext session taken to the relay, once its backend is
+    connected: the session and its backend side."""
+    session = open_session(FakeListener(listener_config(require_tls=False)))
+    relaying(session)
+    await until(lambda: session.backend is not None)
+    assert session.backend is not None
+    return session, session.backend
+
+
 # ----------------------------------------------------------------------
 # 1. Held backend bytes.
 
@@ -160,28 +170,37 @@ def pending_channel(session: Session) -> ChannelEndpoint | None:
     return channel
 
 
+async def handed_off(session: Session) -> ChannelEndpoint:
+    """The worker's channel of an upgraded ``session``, once it has one."""
+    await until(lambda: pending_channel(session) is not None)
+    channel = pending_channel(session)
+    assert channel is not None
+    return channel
+
+
+async def assert_closed(worker: socket.socket) -> None:
+    """The worker's end of a channel reads the end the session sent."""
+    worker.setblocking(False)
+    async with asyncio.timeout(2):
+        assert await asyncio.get_running_loop().sock_recv(worker, 100) == b""
+
+
 def test_the_channel_is_not_the_client_until_its_report_and_closes_with_the_session(
     monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
 ) -> None:
     async def test(backends: list[FakeTransport]) -> None:
-        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         with ours, theirs:
             session = await upgraded(FakeListener(listener_config(), helper), ours)
             assert session.client is None  # nobody's during the hand-off
-            await until(lambda: pending_channel(session) is not None)
-            channel = pending_channel(session)
-            assert channel is not None
+            await handed_off(session)
             assert session.client is None
             assert session.phase is Phase.HANDSHAKE
             [request] = helper.requests
             assert request.early == b"\x16\x03\x01"
             assert request.handshake_timeout == 30.0
             session.close("test over")
-            worker = helper.workers[0]
-            worker.setblocking(False)
-            async with asyncio.timeout(2):
-                assert await loop.sock_recv(worker, 100) == b""  # closed by the session
+            await assert_closed(helper.workers[0])
             assert backends == []
 
     run(monkeypatch, test)
@@ -191,7 +210,6 @@ def test_a_session_closed_during_the_spawn_closes_the_channel_it_gets(
     monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
 ) -> None:
     async def test(backends: list[FakeTransport]) -> None:
-        loop = asyncio.get_running_loop()
         helper.gate = asyncio.Event()
         ours, theirs = socket.socketpair()
         with ours, theirs:
@@ -200,10 +218,7 @@ def test_a_session_closed_during_the_spawn_closes_the_channel_it_gets(
             session.close("client gone")
             helper.gate.set()
             await until(lambda: len(helper.workers) == 1)
-            worker = helper.workers[0]
-            worker.setblocking(False)
-            async with asyncio.timeout(2):
-                assert await loop.sock_recv(worker, 100) == b""
+            await assert_closed(helper.workers[0])
             assert pending_channel(session) is None
 
     run(monkeypatch, test)
@@ -217,12 +232,8 @@ def test_client_reading_pauses_at_the_hold_limit_and_resumes_after(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def test(backends: list[FakeTransport]) -> None:
-        session = open_session(FakeListener(listener_config(require_tls=False)))
+        session, backend = await relayed()
         endpoint, transport = client(session)
-        relaying(session)
-        await until(lambda: session.backend is not None)
-        backend = session.backend
-        assert backend is not None
         backend.data_received(b"250 backend\r\n")
         backend.data_received(b"250 2.1.0 Ok\r\n")
         endpoint.data_received(b"RCPT TO:<x@y.test>\r\n")
@@ -247,12 +258,8 @@ def test_client_reading_pauses_while_the_backend_cannot_take_more(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     async def test(backends: list[FakeTransport]) -> None:
-        session = open_session(FakeListener(listener_config(require_tls=False)))
+        session, backend = await relayed()
         _, transport = client(session)
-        relaying(session)
-        await until(lambda: session.backend is not None)
-        backend = session.backend
-        assert backend is not None
         backend.pause_writing()
         assert not transport.reading
         assert backends[0].reading  # only the other side stops
@@ -284,9 +291,7 @@ def test_a_report_split_across_reads_is_one_report_then_client_bytes_in_order(
         ours, theirs = socket.socketpair()
         with ours, theirs:
             session = await upgraded(FakeListener(listener_config(), helper), ours)
-            await until(lambda: pending_channel(session) is not None)
-            channel = pending_channel(session)
-            assert channel is not None
+            channel = await handed_off(session)
             before_tls = session.bytes_from_client
             reports: list[object] = []
             real = session.tls_report
@@ -336,9 +341,8 @@ def test_the_end_of_a_tls_session_lingers_on_the_worker_channel(
         ours, theirs = socket.socketpair()
         with ours, theirs:
             session = await upgraded(FakeListener(listener_config(), helper), ours)
-            await until(lambda: pending_channel(session) is not None)
-            channel = pending_channel(session)
-            assert channel is not None and channel.transport is not None
+            channel = await handed_off(session)
+            assert channel.transport is not None
             channel.data_received(FRAME)
             assert session.client is channel
             session.close("client quit", clean=True)
@@ -370,22 +374,16 @@ def test_an_oversized_or_malformed_report_closes_the_session(
     monkeypatch: pytest.MonkeyPatch, helper: FakeHelper, frame: bytes, reason: str
 ) -> None:
     async def test(backends: list[FakeTransport]) -> None:
-        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         with ours, theirs:
             session = await upgraded(FakeListener(listener_config(), helper), ours)
-            await until(lambda: pending_channel(session) is not None)
-            channel = pending_channel(session)
-            assert channel is not None
+            channel = await handed_off(session)
             channel.data_received(frame + b"EHLO c.test\r\n")
             assert session.closed
             assert session.outcome.startswith(reason)
             assert session.tls is None and session.client is None
             assert session.bytes_from_client == len(b"EHLO c.test\r\nSTARTTLS\r\n")
-            worker = helper.workers[0]
-            worker.setblocking(False)
-            async with asyncio.timeout(2):
-                assert await loop.sock_recv(worker, 100) == b""
+            await assert_closed(helper.workers[0])
             assert backends == []
 
     run(monkeypatch, test)
@@ -460,10 +458,8 @@ def test_sessions_of_a_reloaded_listener_go_on_with_their_configuration(
             endpoint.data_received(b"EHLO c.test\r\n")
             assert b"250-proxy.test\r\n" in transport.written
             endpoint.data_received(b"STARTTLS\r\n")
-            await until(lambda: pending_channel(before) is not None)
+            channel = await handed_off(before)
             assert helper.requests[0].handshake_timeout == 30.0
-            channel = pending_channel(before)
-            assert channel is not None
             channel.data_received(FRAME)
             assert before.phase is Phase.TLS
             before.close("test over")
@@ -483,11 +479,9 @@ def test_a_failure_report_or_a_worker_gone_without_one_closes_the_session(
         sockets = [*socket.socketpair(), *socket.socketpair()]
         try:
             reported = await upgraded(FakeListener(listener_config(), helper), sockets[0])
-            await until(lambda: pending_channel(reported) is not None)
+            channel = await handed_off(reported)
             gone = await upgraded(FakeListener(listener_config(), helper), sockets[2])
-            await until(lambda: pending_channel(gone) is not None)
-            channel = pending_channel(reported)
-            assert channel is not None
+            await handed_off(gone)
             channel.data_received(REPORT_HEADER.pack(len(failure)) + failure)
             assert reported.outcome == "TLS handshake failed: no shared cipher"
             helper.workers[1].close()  # the worker of ``gone`` ends, reporting nothing
