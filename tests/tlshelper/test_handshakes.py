@@ -151,87 +151,55 @@ def _tls13(
     return Served("TLSv1.3", AES256, certificate, alpn, resumed)
 
 
+def _tls12(cipher: str, certificate: str = "localhost", resumed: bool = False) -> Served:
+    return Served("TLSv1.2", cipher, certificate, resumed=resumed)
+
+
+ECDSA_AES128 = "ECDHE-ECDSA-AES128-GCM-SHA256"
+ECDSA_AES256 = "ECDHE-ECDSA-AES256-GCM-SHA384"
+ECDSA_CHACHA20 = "ECDHE-ECDSA-CHACHA20-POLY1305"
+RSA_CHACHA20 = "ECDHE-RSA-CHACHA20-POLY1305"
+NO_SHARED_CIPHER = Failed("no shared cipher")
+RSA_SNI = "rsa.example.test"
+#: TLS 1.2 only clients: id -> (expected, the ciphers offered (None: the
+#: default list), SNI, which picks the ECDSA or the RSA certificate).
+TLS12_CIPHERS: dict[str, tuple[Served | Failed, str | None, str]] = {
+    "static-rsa-ecdsa-certificate": (NO_SHARED_CIPHER, "AES128-GCM-SHA256", "localhost"),
+    "static-rsa-rsa-certificate": (
+        NO_SHARED_CIPHER,
+        "AES128-GCM-SHA256:AES256-GCM-SHA384",
+        RSA_SNI,
+    ),
+    "ecdhe-ecdsa": (_tls12(ECDSA_AES128), ECDSA_AES128, "localhost"),
+    "ecdhe-ecdsa-chacha20": (_tls12(ECDSA_CHACHA20), ECDSA_CHACHA20, "localhost"),
+    "tls12-server-order": (
+        _tls12(ECDSA_AES256),
+        f"{ECDSA_CHACHA20}:{ECDSA_AES128}:{ECDSA_AES256}",
+        "localhost",
+    ),
+    "ecdhe-ecdsa-cbc": (
+        NO_SHARED_CIPHER,
+        "ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA",
+        "localhost",
+    ),
+    "ecdhe-rsa-ecdsa-certificate": (NO_SHARED_CIPHER, "ECDHE-RSA-AES128-GCM-SHA256", "localhost"),
+    "ecdhe-rsa": (_tls12("ECDHE-RSA-AES256-GCM-SHA384", "rsa"), None, RSA_SNI),
+    "ecdhe-rsa-chacha20": (_tls12(RSA_CHACHA20, "rsa"), RSA_CHACHA20, RSA_SNI),
+}
+
 CASES = [
     # Versions.
     pytest.param(Case(_tls13(), minimum=TLS13), id="tls13-only"),
-    pytest.param(
-        Case(Served("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", "localhost"), maximum=TLS12),
-        id="tls12-only",
-    ),
+    pytest.param(Case(_tls12(ECDSA_AES256), maximum=TLS12), id="tls12-only"),
     pytest.param(Case(_tls13(), server="1.3"), id="min13-tls13-client"),
     pytest.param(
         Case(Failed("unsupported protocol"), maximum=TLS12, server="1.3"),
         id="min13-refuses-tls12-client",
     ),
     # TLS 1.2 ciphers: ECDHE with AES-GCM or ChaCha20 only.
-    pytest.param(
-        Case(Failed("no shared cipher"), maximum=TLS12, ciphers="AES128-GCM-SHA256"),
-        id="static-rsa-ecdsa-certificate",
-    ),
-    pytest.param(
-        Case(
-            Failed("no shared cipher"),
-            sni="rsa.example.test",
-            maximum=TLS12,
-            ciphers="AES128-GCM-SHA256:AES256-GCM-SHA384",
-        ),
-        id="static-rsa-rsa-certificate",
-    ),
-    pytest.param(
-        Case(
-            Served("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256", "localhost"),
-            maximum=TLS12,
-            ciphers="ECDHE-ECDSA-AES128-GCM-SHA256",
-        ),
-        id="ecdhe-ecdsa",
-    ),
-    pytest.param(
-        Case(
-            Served("TLSv1.2", "ECDHE-ECDSA-CHACHA20-POLY1305", "localhost"),
-            maximum=TLS12,
-            ciphers="ECDHE-ECDSA-CHACHA20-POLY1305",
-        ),
-        id="ecdhe-ecdsa-chacha20",
-    ),
-    pytest.param(
-        Case(
-            Served("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", "localhost"),
-            maximum=TLS12,
-            ciphers=(
-                "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256:"
-                "ECDHE-ECDSA-AES256-GCM-SHA384"
-            ),
-        ),
-        id="tls12-server-order",
-    ),
-    pytest.param(
-        Case(
-            Failed("no shared cipher"),
-            maximum=TLS12,
-            ciphers="ECDHE-ECDSA-AES128-SHA256:ECDHE-ECDSA-AES256-SHA",
-        ),
-        id="ecdhe-ecdsa-cbc",
-    ),
-    pytest.param(
-        Case(Failed("no shared cipher"), maximum=TLS12, ciphers="ECDHE-RSA-AES128-GCM-SHA256"),
-        id="ecdhe-rsa-ecdsa-certificate",
-    ),
-    pytest.param(
-        Case(
-            Served("TLSv1.2", "ECDHE-RSA-AES256-GCM-SHA384", "rsa"),
-            sni="rsa.example.test",
-            maximum=TLS12,
-        ),
-        id="ecdhe-rsa",
-    ),
-    pytest.param(
-        Case(
-            Served("TLSv1.2", "ECDHE-RSA-CHACHA20-POLY1305", "rsa"),
-            sni="rsa.example.test",
-            maximum=TLS12,
-            ciphers="ECDHE-RSA-CHACHA20-POLY1305",
-        ),
-        id="ecdhe-rsa-chacha20",
+    *(
+        pytest.param(Case(expected, sni=sni, maximum=TLS12, ciphers=ciphers), id=case_id)
+        for case_id, (expected, ciphers, sni) in TLS12_CIPHERS.items()
     ),
     pytest.param(Case(_tls13("rsa"), sni="rsa.example.test", minimum=TLS13), id="tls13-rsa"),
     # Key share groups: X25519 and P-256.
@@ -279,7 +247,7 @@ CASES = [
     pytest.param(Case(_tls13(resumed=True), ticket_from="1.2"), id="resume-tls13"),
     pytest.param(
         Case(
-            Served("TLSv1.2", "ECDHE-ECDSA-AES256-GCM-SHA384", "localhost", resumed=True),
+            _tls12(ECDSA_AES256, resumed=True),
             maximum=TLS12,
             ticket_from="1.2",
         ),
