@@ -280,12 +280,46 @@ def test_megabytes_both_ways_under_back_pressure_arrive_byte_exact(
 MESSAGE_SIZES = range(440_000, 540_000, 20_000)
 
 
-def _tls_client(connection: Connection, cert_dir: Path) -> ssl.SSLSocket:
+def _tls_connection(
+    helper: RunningHelper, cert_dir: Path, handshake_timeout: float = 10.0
+) -> tuple[Connection, ssl.SSLSocket]:
+    """A new connection whose client (the standard library's) finished its
+    handshake, which the worker reported."""
+    connection = helper.spawn(handshake_timeout=handshake_timeout)
     context = ssl.create_default_context(cafile=str(cert_dir / "ca.pem"))
     connection.client.settimeout(10)
-    return context.wrap_socket(
+    tls = context.wrap_socket(
         connection.client, server_hostname="localhost", suppress_ragged_eofs=False
     )
+    assert connection.report()["ok"] is True
+    return connection, tls
+
+
+@contextlib.contextmanager
+def _sending(
+    tls: ssl.SSLSocket, message: bytes, end: bool = False, wait: float = 10
+) -> Iterator[None]:
+    """The client sends ``message`` (then ends its side with a FIN if
+    ``end``) from a thread, while the block reads the channel."""
+
+    def send() -> None:
+        tls.sendall(message)
+        if end:
+            tls.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        yield
+    finally:
+        sender.join(wait)
+
+
+def _answered(helper: RunningHelper, connection: Connection, tls: ssl.SSLSocket) -> int:
+    """The main process answers, the client reads it; the worker's exit status."""
+    connection.channel.sendall(b"250 ok\r\n")
+    assert tls.recv(64) == b"250 ok\r\n"
+    return _finish(helper, connection, tls)
 
 
 def test_records_waiting_in_openssl_are_decrypted_once_the_channel_drains(
@@ -295,20 +329,12 @@ def test_records_waiting_in_openssl_are_decrypted_once_the_channel_drains(
     process reads only after a while (the worker's buffer fills, records
     wait inside OpenSSL), then wants the whole message before answering."""
     for size in MESSAGE_SIZES:
-        connection = helper.spawn()
-        tls = _tls_client(connection, cert_dir)
-        assert connection.report()["ok"] is True
+        connection, tls = _tls_connection(helper, cert_dir)
         message = os.urandom(size)
-        sender = threading.Thread(target=tls.sendall, args=(message,))
-        sender.start()
-        time.sleep(0.2)
-        try:
+        with _sending(tls, message):
+            time.sleep(0.2)
             assert _read_exactly(connection.channel, size, timeout=5) == message, size
-        finally:
-            sender.join(10)
-        connection.channel.sendall(b"250 ok\r\n")
-        assert tls.recv(64) == b"250 ok\r\n"
-        assert _finish(helper, connection, tls) == WorkerExit.OK
+        assert _answered(helper, connection, tls) == WorkerExit.OK
 
 
 def test_a_buffer_the_channel_drains_at_once_does_not_stall_the_client(
@@ -319,22 +345,14 @@ def test_a_buffer_the_channel_drains_at_once_does_not_stall_the_client(
     (which had nothing more to send) instead of decrypting the records still
     waiting in OpenSSL: a bulk upload stalled (the benchmark's SMTP DATA)."""
     size = 16 * MIB
-    connection = helper.spawn()
-    tls = _tls_client(connection, cert_dir)
-    assert connection.report()["ok"] is True
+    connection, tls = _tls_connection(helper, cert_dir)
     message = os.urandom(size)
-    sender = threading.Thread(target=tls.sendall, args=(message,))
-    sender.start()
-    try:
+    with _sending(tls, message, wait=20):
         # A fast reader with a large buffer: each send of the worker's is
         # taken whole.
         connection.channel.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * MIB)
         assert _read_exactly(connection.channel, size, timeout=20) == message
-    finally:
-        sender.join(20)
-    connection.channel.sendall(b"250 ok\r\n")
-    assert tls.recv(64) == b"250 ok\r\n"
-    assert _finish(helper, connection, tls) == WorkerExit.OK
+    assert _answered(helper, connection, tls) == WorkerExit.OK
 
 
 def test_what_the_client_sent_before_its_end_of_stream_all_reaches_the_channel(
@@ -343,22 +361,11 @@ def test_what_the_client_sent_before_its_end_of_stream_all_reaches_the_channel(
     """The same, but the client closes its side (FIN, no close_notify) after
     the message: the channel ends only after the last byte."""
     for size in MESSAGE_SIZES:
-        connection = helper.spawn()
-        tls = _tls_client(connection, cert_dir)
-        assert connection.report()["ok"] is True
+        connection, tls = _tls_connection(helper, cert_dir)
         message = os.urandom(size)
-
-        def send_and_end(tls: ssl.SSLSocket = tls, message: bytes = message) -> None:
-            tls.sendall(message)
-            tls.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send_and_end)
-        sender.start()
-        time.sleep(0.2)
-        try:
+        with _sending(tls, message, end=True):
+            time.sleep(0.2)
             assert _read_to_eof(connection.channel, timeout=5) == message, size
-        finally:
-            sender.join(10)
         status = helper.exit_of(connection.pid)
         tls.close()
         connection.channel.close()
@@ -494,15 +501,11 @@ def test_the_handshake_deadline(helper: RunningHelper, cert_dir: Path, trickle: 
 
 
 def test_the_deadline_ends_with_the_handshake(helper: RunningHelper, cert_dir: Path) -> None:
-    connection = helper.spawn(handshake_timeout=1.0)
-    tls = _tls_client(connection, cert_dir)
-    assert connection.report()["ok"] is True
+    connection, tls = _tls_connection(helper, cert_dir, handshake_timeout=1.0)
     time.sleep(1.5)
     tls.sendall(b"NOOP\r\n")
     assert _read_exactly(connection.channel, 6) == b"NOOP\r\n"
-    connection.channel.sendall(b"250 ok\r\n")
-    assert tls.recv(64) == b"250 ok\r\n"
-    assert _finish(helper, connection, tls) == WorkerExit.OK
+    assert _answered(helper, connection, tls) == WorkerExit.OK
 
 
 # ----------------------------------------------------------------------
@@ -528,9 +531,7 @@ def test_close_notify_from_the_client_ends_the_channel(
 def test_the_main_process_closing_the_channel_sends_close_notify(
     helper: RunningHelper, cert_dir: Path
 ) -> None:
-    connection = helper.spawn()
-    tls = _tls_client(connection, cert_dir)
-    assert connection.report()["ok"] is True
+    connection, tls = _tls_connection(helper, cert_dir)
     connection.channel.sendall(b"221 bye\r\n")
     connection.channel.close()
     # Ragged EOFs raise here: b"" is close_notify.
