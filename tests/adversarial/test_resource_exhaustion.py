@@ -21,7 +21,7 @@ import time
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply
+from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.metrics import scrape, total
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance
@@ -131,21 +131,10 @@ def test_slowloris_one_byte_at_a_time_before_tls_is_cut_by_the_command_deadline(
     assert _timed_out(metrics_port, "command", "command") == before + 1
 
 
-def _upgraded(proxy: ProxyProcess, certs: CertFiles, source: str) -> ssl.SSLSocket:
-    sock = proxy.connect("command", source)
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(tls).startswith(b"250-")
-    return tls
-
-
 def test_slowloris_inside_tls_is_cut_by_the_command_deadline(
     proxy: ProxyProcess, test_certs: CertFiles
 ) -> None:
-    tls = _upgraded(proxy, test_certs, "127.0.0.43")
+    tls = smtp_upgraded(proxy.connect("command", "127.0.0.43"), test_certs, ehlo=False)
     said = _drip_until_closed(tls, [bytes([octet]) for octet in b"NOOP and so on"])
     assert said == TIMEOUT_REPLY
     assert "command not complete within 1.5 s" in proxy.wait_for_log("127.0.0.43")
@@ -157,7 +146,7 @@ def test_slow_but_complete_commands_and_a_slow_message_body_are_served(
     """Only an unfinished command is cut: a client that pauses between
     commands, or sends a message one line at a time over longer than the
     command deadline, is served."""
-    tls = _upgraded(proxy, test_certs, "127.0.0.44")
+    tls = smtp_upgraded(proxy.connect("command", "127.0.0.44"), test_certs, ehlo=False)
     token = f"slow-{time.monotonic_ns()}"
     for command in (
         b"NOOP\r\n",

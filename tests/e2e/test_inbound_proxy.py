@@ -9,7 +9,7 @@ import pytest
 from protocols import proxy_header
 from protocols._base import Peer
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.dialogue import read_smtp_reply, read_until, smtp_upgraded
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 
@@ -44,13 +44,7 @@ def test_header_from_trusted_balancer_names_the_client(
     claimed = f"198.51.100.{70 + version}"
     peer = Peer(claimed, 50000, "127.0.0.1", proxy.ports["balanced"])
     header = proxy_header.proxy_v1(peer) if version == 1 else proxy_header.proxy_v2(peer, None)
-    sock = _through_balancer(proxy, BALANCER, header)
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    assert read_smtp_reply(sock).startswith(b"220 2.0.0")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(tls).startswith(b"250-")
+    tls = smtp_upgraded(_through_balancer(proxy, BALANCER, header), test_certs, ehlo=False)
     tls.sendall(b"QUIT\r\n")
     assert read_smtp_reply(tls).startswith(b"221")
     tls.close()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply
+from tests.realservers.dialogue import read_smtp_reply, smtp_starttls
 from tests.realservers.net import free_port
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
@@ -106,11 +106,7 @@ def test_max_connections(proxy: ProxyProcess) -> None:
 def test_backend_that_never_greets_times_out_with_421(
     proxy: ProxyProcess, test_certs: CertFiles
 ) -> None:
-    sock = proxy.connect("silent")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    assert read_smtp_reply(sock).startswith(b"220 2.0.0")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls = smtp_starttls(proxy.connect("silent"), test_certs)
     tls.sendall(b"EHLO client.test\r\n")
     assert read_smtp_reply(tls) == b"421 4.4.2 proxy.test Error: timeout exceeded\r\n"
     tls.close()

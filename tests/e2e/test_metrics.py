@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.dialogue import read_smtp_reply, smtp_starttls
 from tests.realservers.metrics import exported_names, only, scrape
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
@@ -30,11 +30,7 @@ def proxy(
 def test_metrics_count_real_sessions(
     proxy: ProxyProcess, test_certs: CertFiles, metrics_port: int
 ) -> None:
-    sock = proxy.connect("m", "127.0.0.30")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\nRSET\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls = smtp_starttls(proxy.connect("m", "127.0.0.30"), test_certs, pipelined=b"RSET\r\n")
     tls.sendall(b"EHLO client.test\r\n")
     assert read_smtp_reply(tls).startswith(b"250-")
     tls.sendall(b"QUIT\r\n")
@@ -75,11 +71,7 @@ def test_json_log_lines_describe_each_session(
         log_format="json",
     )
     try:
-        sock = process.connect("j", "127.0.0.31")
-        assert read_smtp_reply(sock).startswith(b"220 ")
-        sock.sendall(b"STARTTLS\r\n")
-        read_until(sock, b"Ready to start TLS\r\n")
-        tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+        tls = smtp_starttls(process.connect("j", "127.0.0.31"), test_certs)
         tls.sendall(b"QUIT\r\n")
         assert read_smtp_reply(tls).startswith(b"221")
         tls.close()

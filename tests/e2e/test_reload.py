@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import yaml
 from cryptography import x509
 
 from tests.realservers.certs import CertFiles, write_test_certs
-from tests.realservers.dialogue import read_smtp_reply, read_until
+from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.fs import ensure_traversable
 from tests.realservers.metrics import scrape, total
 from tests.realservers.net import free_port
@@ -66,19 +65,8 @@ def _serial_of_file(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
-def _upgraded(proxy: ProxyProcess, name: str, certs: CertFiles) -> ssl.SSLSocket:
-    sock = proxy.connect(name, "127.0.0.60")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"STARTTLS\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(tls).startswith(b"250-")
-    return tls
-
-
 def _served_serial(proxy: ProxyProcess, name: str, certs: CertFiles) -> int:
-    tls = _upgraded(proxy, name, certs)
+    tls = smtp_upgraded(proxy.connect(name, "127.0.0.60"), certs, ehlo=False)
     der = tls.getpeercert(binary_form=True)
     assert der is not None
     tls.sendall(b"QUIT\r\n")
@@ -116,7 +104,9 @@ def test_renewal_with_sessions_open(
 ) -> None:
     old, new, other = renewal["old"], renewal["new"], renewal["other"]
     assert _served_serial(proxy, "smtp", old) == _serial_of_file(old.cert)
-    sessions = [_upgraded(proxy, "smtp", old) for _ in range(SESSIONS)]
+    sessions = [
+        smtp_upgraded(proxy.connect("smtp", "127.0.0.60"), old, ehlo=False) for _ in range(SESSIONS)
+    ]
 
     _install(live, new.cert, new.key)
     _reload(proxy, "reloaded")

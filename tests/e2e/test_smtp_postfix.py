@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_smtp_reply
+from tests.realservers.dialogue import read_smtp_reply, smtp_starttls
 from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, message_body
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
@@ -303,13 +303,7 @@ def test_plaintext_relay_without_require_tls(proxy: ProxyProcess, postfix: Postf
 
 
 def test_stopped_backend_gives_421(proxy: ProxyProcess, test_certs: CertFiles) -> None:
-    sock = proxy.connect("dead", "127.0.0.16")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    sock.sendall(b"EHLO client.test\r\n")
-    assert read_smtp_reply(sock).startswith(b"250-")
-    sock.sendall(b"STARTTLS\r\n")
-    assert read_smtp_reply(sock).startswith(b"220 ")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    tls = smtp_starttls(proxy.connect("dead", "127.0.0.16"), test_certs, ehlo=True)
     tls.sendall(b"EHLO client.test\r\n")
     assert read_smtp_reply(tls).startswith(b"421 4.3.0")
     assert tls.recv(4096) == b""

@@ -40,12 +40,27 @@ def smtp_greeted(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def smtp_upgraded(sock: socket.socket, certs: CertFiles) -> ssl.SSLSocket:
-    """``sock``, a new SMTP session, greeted, upgraded by STARTTLS to a TLS
-    session that trusts ``certs`` and greeted again."""
-    smtp_greeted(sock).sendall(b"STARTTLS\r\n")
-    read_until(sock, b"Ready to start TLS\r\n")
-    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+def smtp_starttls(
+    sock: socket.socket, certs: CertFiles, *, ehlo: bool = False, pipelined: bytes = b""
+) -> ssl.SSLSocket:
+    """``sock``, a new SMTP session, past the greeting (and an EHLO if
+    ``ehlo``), upgraded by STARTTLS (``pipelined`` sent behind it in the
+    same segment) to a TLS session that trusts ``certs``."""
+    if ehlo:
+        smtp_greeted(sock)
+    else:
+        assert read_smtp_reply(sock).startswith(b"220 ")
+    sock.sendall(b"STARTTLS\r\n" + pipelined)
+    ready = read_until(sock, b"Ready to start TLS\r\n")
+    assert ready.endswith(b"220 2.0.0 Ready to start TLS\r\n"), ready
+    return certs.client_context().wrap_socket(sock, server_hostname="localhost")
+
+
+def smtp_upgraded(sock: socket.socket, certs: CertFiles, *, ehlo: bool = True) -> ssl.SSLSocket:
+    """``sock``, a new SMTP session, greeted (with an EHLO unless not
+    ``ehlo``), upgraded by STARTTLS to a TLS session that trusts ``certs``
+    and greeted again."""
+    tls = smtp_starttls(sock, certs, ehlo=ehlo)
     tls.sendall(b"EHLO client.test\r\n")
     assert read_smtp_reply(tls).startswith(b"250-")
     return tls
