@@ -90,30 +90,29 @@ def _delivered_with_subject(postfix: PostfixInstance, subject: str) -> bytes:
     raise AssertionError(f"no message with subject {subject!r} delivered")
 
 
-def test_smtplib_starttls_via_xclient_delivers_byte_identical(
-    proxy: ProxyProcess, postfix: PostfixInstance, test_certs: CertFiles
+@pytest.mark.parametrize(
+    ("name", "source", "logged"),
+    [
+        # XCLIENT: Postfix logs the connection from the proxy, the message from the client.
+        ("xclient", "127.0.0.5", "client=unknown[127.0.0.5]"),
+        ("proxyv2", "127.0.0.6", "connect from unknown[127.0.0.6]"),
+        ("proxyv1", "127.0.0.8", "connect from unknown[127.0.0.8]"),
+    ],
+)
+def test_smtplib_starttls_delivers_byte_identical_and_names_the_client(
+    proxy: ProxyProcess,
+    postfix: PostfixInstance,
+    test_certs: CertFiles,
+    name: str,
+    source: str,
+    logged: str,
 ) -> None:
-    _deliver_with_smtplib(proxy, "xclient", "127.0.0.5", test_certs, "xclient-smtplib")
-    raw = _delivered_with_subject(postfix, "xclient-smtplib")
+    """Each way of telling Postfix who the client is: the message arrives
+    byte for byte, and Postfix logs the client's real address."""
+    _deliver_with_smtplib(proxy, name, source, test_certs, f"{name}-smtplib")
+    raw = _delivered_with_subject(postfix, f"{name}-smtplib")
     assert message_body(raw) == BODY
-    postfix.wait_for_log("client=unknown[127.0.0.5]")
-
-
-def test_smtplib_starttls_via_proxy_v2_shows_real_address(
-    proxy: ProxyProcess, postfix: PostfixInstance, test_certs: CertFiles
-) -> None:
-    _deliver_with_smtplib(proxy, "proxyv2", "127.0.0.6", test_certs, "proxyv2-smtplib")
-    raw = _delivered_with_subject(postfix, "proxyv2-smtplib")
-    assert message_body(raw) == BODY
-    postfix.wait_for_log("connect from unknown[127.0.0.6]")
-
-
-def test_proxy_v1_identity(
-    proxy: ProxyProcess, postfix: PostfixInstance, test_certs: CertFiles
-) -> None:
-    _deliver_with_smtplib(proxy, "proxyv1", "127.0.0.8", test_certs, "proxyv1-smtplib")
-    _delivered_with_subject(postfix, "proxyv1-smtplib")
-    postfix.wait_for_log("connect from unknown[127.0.0.8]")
+    postfix.wait_for_log(logged)
 
 
 def test_implicit_tls_listener(
