@@ -15,8 +15,7 @@ import uuid
 import pytest
 
 from tests.realservers.certs import CertFiles
-from tests.realservers.dialogue import read_until
-from tests.realservers.dovecot import DovecotInstance, message_to_bob
+from tests.realservers.dovecot import DovecotInstance, message_to_bob, pipelined_login
 from tests.realservers.net import sourced
 from tests.realservers.proxy import ProxyProcess
 
@@ -123,21 +122,16 @@ def test_openssl_s_client_starttls_imap(dovecot_proxy: ProxyProcess, test_certs:
 def test_starttls_pipelined_command_injection(
     dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
 ) -> None:
-    since = len(dovecot.log())
-    sock = dovecot_proxy.connect("proxyv2", "127.0.0.53")
-    read_until(sock, b"\r\n")
-    sock.sendall(b"a STARTTLS\r\nb LOGIN bob bobpw\r\n")
-    assert read_until(sock, b"\r\n").startswith(b"a OK")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"c SELECT INBOX\r\n")
-    # Had the pipelined LOGIN reached Dovecot, SELECT would succeed.
-    replies = b""
-    while not re.search(rb"^c ", replies, re.MULTILINE):
-        chunk = tls.recv(4096)
-        assert chunk, replies
-        replies += chunk
-    assert re.search(rb"^c (NO|BAD) ", replies, re.MULTILINE), replies
-    tls.sendall(b"d LOGOUT\r\n")
-    tls.close()
-    dovecot_proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
-    assert "user=<bob>" not in dovecot.log()[since:]
+    upgrade_and_login = b"a STARTTLS\r\nb LOGIN bob bobpw\r\n"
+    with pipelined_login(
+        dovecot_proxy, dovecot, test_certs, "127.0.0.53", upgrade_and_login, b"a OK"
+    ) as tls:
+        tls.sendall(b"c SELECT INBOX\r\n")
+        # Had the pipelined LOGIN reached Dovecot, SELECT would succeed.
+        replies = b""
+        while not re.search(rb"^c ", replies, re.MULTILINE):
+            chunk = tls.recv(4096)
+            assert chunk, replies
+            replies += chunk
+        assert re.search(rb"^c (NO|BAD) ", replies, re.MULTILINE), replies
+        tls.sendall(b"d LOGOUT\r\n")

@@ -16,7 +16,7 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_until
-from tests.realservers.dovecot import DovecotInstance, message_to_bob
+from tests.realservers.dovecot import DovecotInstance, message_to_bob, pipelined_login
 from tests.realservers.net import sourced
 from tests.realservers.proxy import ProxyProcess
 
@@ -119,17 +119,12 @@ def test_openssl_s_client_starttls_pop3(dovecot_proxy: ProxyProcess, test_certs:
 def test_stls_pipelined_command_injection(
     dovecot_proxy: ProxyProcess, dovecot: DovecotInstance, test_certs: CertFiles
 ) -> None:
-    since = len(dovecot.log())
-    sock = dovecot_proxy.connect("proxyv2", "127.0.0.43")
-    read_until(sock, b"\r\n")
-    sock.sendall(b"STLS\r\nUSER bob\r\nPASS bobpw\r\n")
-    assert read_until(sock, b"\r\n").startswith(b"+OK")
-    tls = test_certs.client_context().wrap_socket(sock, server_hostname="localhost")
-    tls.sendall(b"STAT\r\n")
-    # Had the pipelined USER/PASS reached Dovecot, STAT would succeed.
-    assert read_until(tls, b"\r\n").startswith(b"-ERR")
-    tls.sendall(b"QUIT\r\n")
-    read_until(tls, b"\r\n")
-    tls.close()
-    dovecot_proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
-    assert "user=<bob>" not in dovecot.log()[since:]
+    upgrade_and_login = b"STLS\r\nUSER bob\r\nPASS bobpw\r\n"
+    with pipelined_login(
+        dovecot_proxy, dovecot, test_certs, "127.0.0.43", upgrade_and_login, b"+OK"
+    ) as tls:
+        tls.sendall(b"STAT\r\n")
+        # Had the pipelined USER/PASS reached Dovecot, STAT would succeed.
+        assert read_until(tls, b"\r\n").startswith(b"-ERR")
+        tls.sendall(b"QUIT\r\n")
+        read_until(tls, b"\r\n")

@@ -37,12 +37,14 @@ import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import (
     HOST,
     INSTALL_HINT,
@@ -62,7 +64,8 @@ from tests.realservers.daemons import (
     wait_for_line,
     wait_for_text,
 )
-from tests.realservers.proxy import listener
+from tests.realservers.dialogue import read_until
+from tests.realservers.proxy import ProxyProcess, listener
 
 #: The only client address Dovecot trusts to send ID x-originating-ip / POP3 XCLIENT.
 TRUSTED_CLIENT = "127.0.0.1"
@@ -73,6 +76,32 @@ def message_to_bob(token: str, body: bytes) -> bytes:
     """A message from alice to bob whose subject is ``token``, to find it by."""
     headers = f"From: alice@client.test\r\nTo: bob@example.test\r\nSubject: {token}\r\n\r\n"
     return headers.encode() + body
+
+
+@contextlib.contextmanager
+def pipelined_login(
+    proxy: ProxyProcess,
+    dovecot: DovecotInstance,
+    certs: CertFiles,
+    source: str,
+    upgrade_and_login: bytes,
+    accepted: bytes,
+) -> Iterator[ssl.SSLSocket]:
+    """CVE-2011-0411 through the proxy's ``proxyv2`` listener: a client that
+    sends bob's login in the segment of its upgrade command. The block gets
+    the session once the upgrade (whose reply starts with ``accepted``) is
+    done, to show bob is not logged in; after it the proxy has logged the
+    discarded bytes and Dovecot no login of bob's."""
+    since = len(dovecot.log())
+    sock = proxy.connect("proxyv2", source)
+    read_until(sock, b"\r\n")
+    sock.sendall(upgrade_and_login)
+    assert read_until(sock, b"\r\n").startswith(accepted)
+    tls = certs.client_context().wrap_socket(sock, server_hostname="localhost")
+    yield tls
+    tls.close()
+    proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
+    assert "user=<bob>" not in dovecot.log()[since:]
 
 
 #: Protocol -> the proxy listener that tells Dovecot who the client is with
