@@ -30,10 +30,10 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import (
     HOST,
     Daemon,
+    InDirectory,
     distinct_free_ports,
     find_program,
     kill,
-    read_log,
     stop_process,
 )
 from tests.realservers.fs import make_dirs
@@ -50,7 +50,6 @@ class ForegroundDaemon(Daemon):
     """A daemon that stays in the foreground and stops on SIGTERM (stunnel, nginx, auth_http)."""
 
     listen_ports: list[int]
-    log_path: Path
     name: ClassVar[str] = "daemon"
 
     @property
@@ -60,9 +59,6 @@ class ForegroundDaemon(Daemon):
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
-
-    def log(self) -> str:
-        return read_log(self.log_path)
 
     def _terminate(self) -> bool:
         process, self._process = self._process, None
@@ -81,14 +77,17 @@ class ForegroundDaemon(Daemon):
 
 class Stunnel(ForegroundDaemon):
     name: ClassVar[str] = "stunnel"
+    log_path = InDirectory("stunnel.log")
 
 
 class Nginx(ForegroundDaemon):
     name: ClassVar[str] = "nginx"
+    log_path = InDirectory("error.log")
 
 
 class AuthHTTP(ForegroundDaemon):
     name: ClassVar[str] = "auth_http"
+    log_path = InDirectory("auth_http.log")
 
 
 def _program(name: str) -> str:
@@ -111,12 +110,11 @@ def start_stunnel(
         for protocol, backend in backends.items()
     )
     config = base / "stunnel.conf"
-    log = base / "stunnel.log"
+    daemon = Stunnel(directory=base, host=HOST, listen_ports=list(ports.values()))
     config.write_text(
-        f"foreground = yes\npid =\noutput = {log}\n"
+        f"foreground = yes\npid =\noutput = {daemon.log_path}\n"
         f"cert = {certs.cert}\nkey = {certs.key}\n{sections}"
     )
-    daemon = Stunnel(directory=base, host=HOST, listen_ports=list(ports.values()), log_path=log)
     daemon.start([stunnel, str(config)])
     return daemon, ports
 
@@ -125,8 +123,7 @@ def start_auth_http(base: Path, backends: dict[str, int]) -> AuthHTTP:
     """The :mod:`bench.auth_http` responder sending each protocol to its backend port."""
     make_dirs(base)
     (port,) = distinct_free_ports(1, HOST)
-    log = base / "auth_http.log"
-    daemon = AuthHTTP(directory=base, host=HOST, listen_ports=[port], log_path=log)
+    daemon = AuthHTTP(directory=base, host=HOST, listen_ports=[port])
     command = [sys.executable, "-m", "bench.auth_http", "--listen", f"{HOST}:{port}"]
     for protocol, backend in backends.items():
         command += ["--backend", f"{protocol}={HOST}:{backend}"]
@@ -154,7 +151,8 @@ def start_nginx(
         f"  server {{ listen {HOST}:{ports[protocol]} backlog=4096; {_NGINX_SERVER[protocol]} }}\n"
         for protocol in protocols
     )
-    log = base / "error.log"
+    daemon = Nginx(directory=base, host=HOST, listen_ports=list(ports.values()))
+    log = daemon.log_path
     _, hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)
     # One worker: every target is pinned to the same server CPUs, where a second
     # worker would only compete with the first.
@@ -185,7 +183,6 @@ mail {{
     )
     if check.returncode != 0:
         raise RuntimeError(f"nginx -t failed:\n{check.stderr}")
-    daemon = Nginx(directory=base, host=HOST, listen_ports=list(ports.values()), log_path=log)
     with contextlib.suppress(FileNotFoundError):
         (base / "nginx.pid").unlink()
     daemon.start(command)

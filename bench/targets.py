@@ -165,10 +165,10 @@ def _tune_postfix(postfix: PostfixInstance, settings: Settings) -> None:
     result = run_command([postconf, "-c", conf, "-e", *(f"{k}={v}" for k, v in values.items())])
     if result.returncode != 0:
         raise RuntimeError(f"postconf failed: {result.stderr}")
-    mark = len(postfix.maillog())
+    mark = len(postfix.log())
     run_command([binary, "-c", conf, "reload"])
     # The master logs "reload -- version ..." once it has re-read the configuration.
-    wait_for_text(lambda: postfix.maillog()[mark:], "reload", 15, "the Postfix maillog")
+    wait_for_text(lambda: postfix.log()[mark:], "reload", 15, "the Postfix maillog")
 
 
 def _attempt(

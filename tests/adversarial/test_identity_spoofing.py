@@ -225,7 +225,7 @@ def test_smtp_client_cannot_claim_another_address(
         assert f"{queue_id}: client=unknown[{source}]" in log, log[-3000:]
         assert claimed not in log and "spoofed.test" not in log
     except SessionEndedError as ended:
-        _ended_without_effect(ended, claimed, postfix.maillog)
+        _ended_without_effect(ended, claimed, postfix.log)
 
 
 # -- Dovecot ----------------------------------------------------------------------------

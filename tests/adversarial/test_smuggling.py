@@ -151,7 +151,7 @@ def test_smuggled_envelope_is_never_delivered(
     lost = re.compile(
         rf"lost connection after DATA \(\d+ bytes\) from unknown\[{re.escape(source)}\]"
     )
-    assert wait_for(lambda: lost.search(postfix.maillog()) is not None, 10)
+    assert wait_for(lambda: lost.search(postfix.log()) is not None, 10)
     assert _holding(postfix, token) == []
 
 
@@ -195,7 +195,7 @@ def test_with_bare_line_endings_allowed_the_backend_decides(
 
 
 def _wait_holding(postfix: PostfixInstance, token: bytes) -> list[bytes]:
-    assert wait_for(lambda: bool(_holding(postfix, token)), 20), postfix.maillog()[-2000:]
+    assert wait_for(lambda: bool(_holding(postfix, token)), 20), postfix.log()[-2000:]
     return _holding(postfix, token)
 
 

@@ -62,7 +62,7 @@ def test_header_from_untrusted_address_is_not_honoured(
     assert replies.startswith(b"220 proxy.test")
     assert replies.endswith(b"\r\n" + refusal)
     sock.close()
-    assert "198.51.100.99" not in postfix.maillog()
+    assert "198.51.100.99" not in postfix.log()
 
 
 def test_trusted_balancer_without_header_is_closed(proxy: ProxyProcess) -> None:

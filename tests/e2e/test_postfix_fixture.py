@@ -39,7 +39,7 @@ def _wait_for_message(postfix: PostfixInstance, token: str, timeout: float = 20.
             if header(raw, "Subject") == token:
                 return raw
         if time.monotonic() >= deadline:
-            tail = "\n".join(postfix.maillog().splitlines()[-30:])
+            tail = "\n".join(postfix.log().splitlines()[-30:])
             raise AssertionError(f"no message {token!r} after {timeout} s; maillog:\n{tail}")
         time.sleep(0.05)
 

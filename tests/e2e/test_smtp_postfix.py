@@ -259,7 +259,7 @@ def test_starttls_pipelined_command_injection(
     tls.sendall(b"QUIT\r\n")
     assert read_smtp_reply(tls).startswith(b"221")
     tls.close()
-    assert "injected@evil.test" not in postfix.maillog()
+    assert "injected@evil.test" not in postfix.log()
     proxy.wait_for_log("bytes after the TLS upgrade command; discarded")
 
 
@@ -275,7 +275,7 @@ def test_starttls_injection_across_packets_before_client_hello(
     assert sock.recv(4096) == b""  # closed, no reply
     sock.close()
     proxy.wait_for_log("plaintext after the TLS upgrade")
-    assert "across@evil.test" not in postfix.maillog()
+    assert "across@evil.test" not in postfix.log()
 
 
 def test_require_tls_refuses_plaintext_mail(proxy: ProxyProcess) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import ClassVar, Self, overload
+from typing import ClassVar, Self, TypeVar, overload
 
 from tests.realservers.fs import ensure_traversable, make_dirs
 from tests.realservers.net import free_port, wait_until
@@ -40,6 +40,15 @@ _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 def find_program(name: str) -> str | None:
     """Locate ``name`` on ``$PATH`` or in the sbin directories (root's PATH may lack them)."""
     return shutil.which(name, path=f"{os.environ.get('PATH', '')}:{_SBIN_PATH}")
+
+
+def installed(program: str, package: str) -> str:
+    """Where ``program`` is (see :func:`find_program`); :class:`RuntimeError`
+    saying that ``package`` is not installed when it is nowhere."""
+    path = find_program(program)
+    if path is None:
+        raise RuntimeError(f"{package} is not installed; {INSTALL_HINT}")
+    return path
 
 
 def tail(text: str, lines: int = 40) -> str:
@@ -190,6 +199,30 @@ def port_attempts(
         yield distinct_free_ports(count, host), attempt == START_ATTEMPTS
 
 
+_D = TypeVar("_D", bound="Daemon")
+
+
+def start_on_ports(
+    fixed: Sequence[int] | None,
+    count: int,
+    start: Callable[[list[int]], tuple[_D, str | None]],
+    host: str = HOST,
+) -> _D:
+    """The daemon ``start(ports)`` returned, with why it did not start
+    (``None``: it did), on the ports of :func:`port_attempts`: again on new
+    ones while the reason is a port another process took meanwhile.
+
+    Raises :class:`RuntimeError` with the reason otherwise.
+    """
+    for ports, last in port_attempts(fixed, count, host):
+        daemon, error = start(ports)
+        if error is None:
+            return daemon
+        if last or "already in use" not in error:
+            raise RuntimeError(error)
+    raise AssertionError("unreachable")
+
+
 def _poll(
     read: Callable[[], str], pick: Callable[[str], str | None], timeout: float, wanted: str
 ) -> str:
@@ -212,7 +245,7 @@ def _poll(
 def wait_for_text(read: Callable[[], str], text: str, timeout: float, what: str) -> str:
     """Poll ``read()`` until its result contains ``text``; return that result.
 
-    ``what`` names the source in the :class:`TimeoutError` (e.g. "the Postfix maillog").
+    ``what`` names the source in the :class:`TimeoutError` (e.g. "the Postfix log").
     """
     return _poll(
         read, lambda content: content if text in content else None, timeout, f"{text!r} in {what}"
@@ -273,6 +306,8 @@ class Daemon(Stoppable):
 
     #: What the daemon is called in error messages.
     name: ClassVar[str]
+    #: Where the daemon logs.
+    log_path: ClassVar[InDirectory]
     #: Where the daemon keeps its configuration, state and logs.
     directory: Path
     host: str = HOST
@@ -294,6 +329,30 @@ class Daemon(Stoppable):
     def _ready(self) -> bool:
         """Whether the daemon is up once its ports listen (a subclass may check more)."""
         return True
+
+    def log(self) -> str:
+        """The whole log so far (empty before the daemon wrote anything).
+
+        A daemon logs slightly after the dialogue that caused a line: use
+        :meth:`wait_for_log` or :meth:`wait_for_line` to wait for one.
+        """
+        return read_log(self.log_path)
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        """Poll until ``text`` occurs in the log; return the log.
+
+        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
+        """
+        return wait_for_text(self.log, text, timeout, f"the {self.name} log")
+
+    def wait_for_line(self, *parts: str, since: int = 0, timeout: float = 10.0) -> str:
+        """Poll until a line of ``log()[since:]`` contains every one of ``parts``; return it.
+
+        Take ``since = len(daemon.log())`` before a dialogue to ignore older lines, e.g.
+        ``wait_for_line("imap-login: Info: Login: user=<alice>", "rip=127.0.0.5,", since=mark)``.
+        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
+        """
+        return wait_for_line(lambda: self.log()[since:], parts, timeout, f"the {self.name} log")
 
     def stop(self) -> None:
         """Stop the daemon and wait until its ports are closed; idempotent, bounded."""

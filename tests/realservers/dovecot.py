@@ -47,22 +47,18 @@ from typing import Any, ClassVar
 from tests.realservers.certs import CertFiles
 from tests.realservers.daemons import (
     HOST,
-    INSTALL_HINT,
     STOP_TIMEOUT,
     USERS,
     Daemon,
     InDirectory,
-    find_program,
+    installed,
     kill,
     nobody_ids,
-    port_attempts,
     prepare_base,
-    read_log,
     require_root,
     run_command,
+    start_on_ports,
     wait_for_group_exit,
-    wait_for_line,
-    wait_for_text,
 )
 from tests.realservers.dialogue import read_until
 from tests.realservers.proxy import ProxyProcess, listener
@@ -184,30 +180,6 @@ class DovecotInstance(Daemon):
     def master_pid(self) -> int | None:
         """PID of the master (also its process group id); ``None`` when stopped."""
         return None if self._process is None else self._process.pid
-
-    def log(self) -> str:
-        """The whole log so far (empty before Dovecot wrote anything).
-
-        Dovecot's log process writes lines slightly after the dialogue that caused them;
-        use :meth:`wait_for_log` to wait for a line.
-        """
-        return read_log(self.log_path)
-
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
-        """Poll until ``text`` occurs in the log; return the log.
-
-        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
-        """
-        return wait_for_text(self.log, text, timeout, "the Dovecot log")
-
-    def wait_for_line(self, *parts: str, since: int = 0, timeout: float = 10.0) -> str:
-        """Poll until a line of ``log()[since:]`` contains every one of ``parts``; return it.
-
-        Take ``since = len(dovecot.log())`` before a dialogue to ignore older lines, e.g.
-        ``wait_for_line("imap-login: Info: Login: user=<alice>", "rip=127.0.0.5,", since=mark)``.
-        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
-        """
-        return wait_for_line(lambda: self.log()[since:], parts, timeout, "the Dovecot log")
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -353,17 +325,16 @@ def start_dovecot(
     check or the start fails, or when not running as root.
     """
     require_root("Dovecot")
-    dovecot = find_program("dovecot")
-    doveconf = find_program("doveconf")
-    if dovecot is None or doveconf is None:
-        raise RuntimeError(f"Dovecot is not installed; {INSTALL_HINT}")
+    dovecot = installed("dovecot", "Dovecot")
+    doveconf = installed("doveconf", "Dovecot")
 
     base = prepare_base(base, ("run", "state", "mail"))
     uid, gid = nobody_ids()
     os.chown(base / "mail", uid, gid)
     _write_users(base, uid, gid)
 
-    for (imap, imap_proxy, pop3, pop3_proxy), last in port_attempts(ports, 4, host):
+    def start(chosen: list[int]) -> tuple[DovecotInstance, str | None]:
+        imap, imap_proxy, pop3, pop3_proxy = chosen
         instance = DovecotInstance(
             directory=base,
             host=host,
@@ -394,8 +365,6 @@ def start_dovecot(
             instance.start_output_path,
             instance.log,
         )
-        if error is None:
-            return instance
-        if last or "Address already in use" not in error:
-            raise RuntimeError(error)
-    raise AssertionError("unreachable")
+        return instance, error
+
+    return start_on_ports(ports, 4, start, host)

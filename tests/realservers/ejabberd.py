@@ -33,21 +33,19 @@ from typing import ClassVar
 from tests.realservers.daemons import (
     COMMAND_TIMEOUT,
     HOST,
-    INSTALL_HINT,
     STOP_TIMEOUT,
     USERS,
     Daemon,
     InDirectory,
     distinct_free_ports,
     find_program,
+    installed,
     kill,
     live_group_members,
     prepare_base,
-    read_log,
     require_root,
     run_command,
     wait_for_group_exit,
-    wait_for_line,
 )
 from tests.realservers.net import wait_until
 
@@ -91,13 +89,6 @@ class EjabberdInstance(Daemon):
     def ctl(self, *arguments: str) -> subprocess.CompletedProcess[str]:
         """Run ``ejabberdctl`` on this instance."""
         return run_command(self.command(*arguments))
-
-    def log(self) -> str:
-        return read_log(self.log_path)
-
-    def wait_for_line(self, *parts: str, since: int = 0, timeout: float = 10.0) -> str:
-        """Poll until a line of ``log()[since:]`` contains every one of ``parts``; return it."""
-        return wait_for_line(lambda: self.log()[since:], parts, timeout, "the ejabberd log")
 
     def _ready(self) -> bool:
         return self.ctl("status").returncode == 0
@@ -182,9 +173,7 @@ def _check_config_path(path: Path) -> str:
 
 
 def _start_epmd(base: Path) -> subprocess.Popen[bytes]:
-    epmd = find_program("epmd")
-    if epmd is None:
-        raise RuntimeError(f"epmd (erlang-base) is not installed; {INSTALL_HINT}")
+    epmd = installed("epmd", "epmd (erlang-base)")
     if wait_until(HOST, [EPMD_PORT], listening=True, timeout=0):
         raise RuntimeError(f"an Erlang port mapper already listens on {HOST}:{EPMD_PORT}")
     with (base / "epmd.out").open("wb") as output:
@@ -204,9 +193,7 @@ def _start_epmd(base: Path) -> subprocess.Popen[bytes]:
 def start_ejabberd(base: Path, cert: Path, key: Path) -> EjabberdInstance:
     """Configure and start ejabberd in ``base``, register the accounts; return when ready."""
     require_root("ejabberd")
-    ejabberdctl = find_program("ejabberdctl")
-    if ejabberdctl is None:
-        raise RuntimeError(f"ejabberd is not installed; {INSTALL_HINT}")
+    installed("ejabberdctl", "ejabberd")
     base = prepare_base(base, ("spool", "logs"))
     user = pwd.getpwnam("ejabberd")
     (base / "cert.pem").write_bytes(cert.read_bytes())

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.realservers.daemons import INSTALL_HINT, find_program
+from tests.realservers.daemons import installed
 from tests.realservers.net import free_port, wait_until
 
 #: Health checks, milliseconds apart; two failed ones mark a server down.
@@ -80,9 +80,7 @@ def running_haproxy(
 ) -> Iterator[HAProxyInstance]:
     """HAProxy with one frontend per entry of ``frontends``: its name and
     its servers as (name, port)."""
-    program = find_program("haproxy")
-    if program is None:
-        raise RuntimeError(f"HAProxy is not installed; {INSTALL_HINT}")
+    program = installed("haproxy", "HAProxy")
     ports = {name: free_port() for name in frontends}
     config = _GLOBAL + "".join(
         _FRONTEND.format(

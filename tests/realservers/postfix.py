@@ -38,20 +38,18 @@ from typing import ClassVar
 
 from tests.realservers.daemons import (
     HOST,
-    INSTALL_HINT,
     STOP_TIMEOUT,
     Daemon,
     InDirectory,
     find_program,
+    installed,
     kill,
     nobody_ids,
-    port_attempts,
     prepare_base,
-    read_log,
     require_root,
     run_command,
+    start_on_ports,
     tail,
-    wait_for_text,
 )
 
 
@@ -84,8 +82,8 @@ class PostfixInstance(Daemon):
     #: The Maildir that receives every message for ``@example.test``.
     maildir = InDirectory("mail", "inbox")
 
-    #: Postfix's log file (``maillog_file``).
-    maillog_path = InDirectory("maillog")
+    #: Postfix's log file (``maillog_file``), which :meth:`log` reads.
+    log_path = InDirectory("maillog")
 
     #: Where the output of ``postfix start-fg`` goes.
     start_output_path = InDirectory("start-fg.out")
@@ -112,21 +110,6 @@ class PostfixInstance(Daemon):
         """Up once the master has written its PID file, not merely bound the ports."""
         return self.master_pid() is not None
 
-    def maillog(self) -> str:
-        """The whole maillog so far (empty before postlogd wrote anything).
-
-        Logging goes through the postlogd service and lags the SMTP dialogue slightly;
-        use :meth:`wait_for_log` to wait for a line.
-        """
-        return read_log(self.maillog_path)
-
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
-        """Poll until ``text`` occurs in the maillog; return the maillog.
-
-        Raises :class:`TimeoutError` (with the log's tail) after ``timeout`` seconds.
-        """
-        return wait_for_text(self.maillog, text, timeout, "the Postfix maillog")
-
     def delivered(self) -> list[bytes]:
         """Raw bytes of every file in the Maildir's ``new/``, oldest first (by mtime)."""
         new = self.maildir / "new"
@@ -148,7 +131,7 @@ class PostfixInstance(Daemon):
             if time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"{len(messages)} of {count} messages delivered after {timeout} s; "
-                    f"maillog tail:\n{tail(self.maillog())}"
+                    f"maillog tail:\n{tail(self.log())}"
                 )
             time.sleep(0.05)
 
@@ -298,9 +281,7 @@ def _run_with_tty(command: list[str]) -> subprocess.CompletedProcess[str]:
     Without a tty on stderr Postfix logs errors only to syslog (none here) and a bad
     configuration gives a silent exit status 1.
     """
-    script = find_program("script")
-    if script is None:
-        raise RuntimeError(f"`script` (util-linux) is not installed; {INSTALL_HINT}")
+    script = installed("script", "`script` (util-linux)")
     result = run_command([script, "-qec", shlex.join(command), "/dev/null"])
     result.stdout = result.stdout.replace("\r\n", "\n")
     return result
@@ -318,9 +299,7 @@ def start_postfix(
     or the start fails, or when not running as root.
     """
     require_root("Postfix")
-    postfix = find_program("postfix")
-    if postfix is None:
-        raise RuntimeError(f"Postfix is not installed; {INSTALL_HINT}")
+    postfix = installed("postfix", "Postfix")
 
     base = prepare_base(base, ("conf", "queue", "data", "mail"))
     uid, gid = nobody_ids()
@@ -338,7 +317,9 @@ def start_postfix(
             gid=gid,
         )
     )
-    for (plain, proxy, tls), last in port_attempts(ports, 3):
+
+    def start(chosen: list[int]) -> tuple[PostfixInstance, str | None]:
+        plain, proxy, tls = chosen
         (conf / "master.cf").write_text(
             _MASTER_CF.format(host=HOST, plain=plain, proxy=proxy, tls=tls)
         )
@@ -348,17 +329,12 @@ def start_postfix(
                 f"`postfix -c {conf} check` failed (exit {check.returncode}):\n{check.stdout}"
             )
         instance = PostfixInstance(directory=base, plain_port=plain, proxy_port=proxy, tls_port=tls)
-        log_start = len(instance.maillog())
         error = instance._launch(
-            [postfix, "-c", str(conf), "start-fg"],
-            instance.start_output_path,
-            instance.maillog,
+            [postfix, "-c", str(conf), "start-fg"], instance.start_output_path, instance.log
         )
-        if error is None:
-            return instance
-        if last or "Address already in use" not in instance.maillog()[log_start:]:
-            raise RuntimeError(error)
-    raise AssertionError("unreachable")
+        return instance, error
+
+    return start_on_ports(ports, 3, start)
 
 
 # -- message helpers -------------------------------------------------------------------

@@ -25,18 +25,15 @@ from typing import ClassVar
 
 from tests.realservers.daemons import (
     HOST,
-    INSTALL_HINT,
     USERS,
     Daemon,
     InDirectory,
-    find_program,
-    port_attempts,
+    installed,
     prepare_base,
-    read_log,
     require_root,
     run_command,
+    start_on_ports,
     stop_process,
-    wait_for_text,
 )
 
 #: The XMPP domain served.
@@ -57,13 +54,6 @@ class ProsodyInstance(Daemon):
     @property
     def ports(self) -> list[int]:
         return [self.port]
-
-    def log(self) -> str:
-        return read_log(self.log_path)
-
-    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
-        """Poll until ``text`` occurs in the log; return the log."""
-        return wait_for_text(self.log, text, timeout, "the Prosody log")
 
     def _terminate(self) -> bool:
         process, self._process = self._process, None
@@ -108,15 +98,14 @@ def start_prosody(base: Path, port: int | None = None) -> ProsodyInstance:
     ``port`` is the c2s listener's (default: a free one).
     """
     require_root("Prosody")
-    prosody = find_program("prosody")
-    prosodyctl = find_program("prosodyctl")
-    setpriv = find_program("setpriv")
-    if prosody is None or prosodyctl is None or setpriv is None:
-        raise RuntimeError(f"Prosody (or setpriv) is not installed; {INSTALL_HINT}")
+    prosody = installed("prosody", "Prosody")
+    prosodyctl = installed("prosodyctl", "Prosody")
+    setpriv = installed("setpriv", "setpriv (util-linux)")
     base = prepare_base(base, ("data",))
     user = pwd.getpwnam("prosody")
-    for (chosen,), last in port_attempts(None if port is None else [port], 1):
-        instance = ProsodyInstance(directory=base, port=chosen)
+
+    def start(chosen: list[int]) -> tuple[ProsodyInstance, str | None]:
+        instance = ProsodyInstance(directory=base, port=chosen[0])
         instance.config_path.write_text(
             _CONFIG.format(
                 base=_check_config_path(base), host=HOST, port=instance.port, domain=DOMAIN
@@ -142,8 +131,6 @@ def start_prosody(base: Path, port: int | None = None) -> ProsodyInstance:
             base / "prosody-fg.out",
             instance.log,
         )
-        if error is None:
-            return instance
-        if last or "already in use" not in error:
-            raise RuntimeError(error)
-    raise AssertionError("unreachable")
+        return instance, error
+
+    return start_on_ports(None if port is None else [port], 1, start)
