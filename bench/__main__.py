@@ -88,24 +88,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="measure only --workloads and keep the other workloads' figures from the"
         " results.json of the existing report",
     )
-    parser.add_argument(
-        "--protocols",
-        type=_csv(ALL_PROTOCOLS),
-        default=list(ALL_PROTOCOLS),
-        help=f"comma-separated, of {','.join(ALL_PROTOCOLS)} (default: all)",
-    )
-    parser.add_argument(
-        "--targets",
-        type=_csv(tuple(TARGET_IDS)),
-        default=list(TARGET_IDS),
-        help=f"comma-separated, of {','.join(TARGET_IDS)} (default: all)",
-    )
-    parser.add_argument(
-        "--workloads",
-        type=_csv(WORKLOADS),
-        default=list(WORKLOADS),
-        help=f"comma-separated, of {','.join(WORKLOADS)} (default: all)",
-    )
+    for option, choices in (
+        ("--protocols", ALL_PROTOCOLS),
+        ("--targets", tuple(TARGET_IDS)),
+        ("--workloads", WORKLOADS),
+    ):
+        parser.add_argument(
+            option,
+            type=_csv(choices),
+            default=list(choices),
+            help=f"comma-separated, of {','.join(choices)} (default: all)",
+        )
     parser.add_argument(
         "--key-types",
         type=_csv(tuple(KEY_TYPES)),
