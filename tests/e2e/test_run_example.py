@@ -26,6 +26,7 @@ from tests.realservers.daemons import (
     find_program,
     kill,
     process_table,
+    run_command,
     wait_for_line,
 )
 from tests.realservers.net import accepts_connections
@@ -96,15 +97,7 @@ def _descendants(root: int) -> list[ProcessStat]:
 
 def _run(command: str) -> str:
     """Run a printed command as a user would paste it; its output (stdout and stderr)."""
-    result = subprocess.run(
-        ["bash", "-c", command],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=COMMAND_TIMEOUT,
-        check=False,
-    )
+    result = run_command(["bash", "-c", command], COMMAND_TIMEOUT)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{command}\nexit {result.returncode}:\n{output}"
     return output

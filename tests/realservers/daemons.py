@@ -103,15 +103,17 @@ def nobody_ids() -> tuple[int, int]:
     return pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
 
 
-def run_command(command: list[str]) -> subprocess.CompletedProcess[str]:
-    """Run ``command`` (bounded by :data:`COMMAND_TIMEOUT`) and capture its text output."""
+def run_command(
+    command: list[str], timeout: float = COMMAND_TIMEOUT
+) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` (bounded by ``timeout`` seconds) and capture its text output."""
     return subprocess.run(
         command,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         errors="replace",
-        timeout=COMMAND_TIMEOUT,
+        timeout=timeout,
         check=False,
     )
 
