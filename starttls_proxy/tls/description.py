@@ -32,6 +32,7 @@ import struct
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from starttls_proxy.settings import ConfigError, IsolationConfig, IsolationMode, TLSConfig
 
@@ -72,6 +73,7 @@ class Tag(enum.IntEnum):
     CHROOT_MISSING = 21
     PROVIDER = 22
     PROBE_ONLY = 23
+    TRUST = 24
 
 
 class Layer(enum.IntEnum):
@@ -157,6 +159,12 @@ def describe(
             out.add(Tag.KEY_PATH, os.fsencode(entry.key))
         for name in names:
             out.add(Tag.NAME, name.encode())
+    trust = []
+    for path in () if probe_only else tls.peer_trust:
+        try:
+            trust.append(read_trust_store(path))
+        except ConfigError as error:
+            problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
     out.add(Tag.UID_RANGE, struct.pack("!II", *uid_range))
@@ -174,11 +182,16 @@ def describe(
         out.add(Tag.SECCOMP_MISSING, seccomp_missing.encode())
     if provider is not None:
         out.add(Tag.PROVIDER, os.fsencode(provider))
+    for store in trust:
+        out.add(Tag.TRUST, store)
     description = out.join()
     if len(description) > MAX_DESCRIPTION:
-        # Only certificate chains can make it this large.
+        # Only certificate chains and trust stores can make it this large.
         raise ConfigError(
-            [f"tls.certificates: the chains take more than {MAX_DESCRIPTION} bytes together"]
+            [
+                f"tls.certificates: the chains and the peer trust stores take more than"
+                f" {MAX_DESCRIPTION} bytes together"
+            ]
         )
     return description
 
@@ -202,6 +215,22 @@ def _read_chain(cert: Path, key: Path, where: str, key_file: bool) -> tuple[byte
     except (ValueError, OSError) as error:
         raise ConfigError([f"{where}.cert: not a PEM certificate chain: {error}"]) from None
     return chain, dns_names(leaf)
+
+
+def read_trust_store(path: Path) -> bytes:
+    """The CA certificates of ``path`` (a listener's
+    ``peer_certificates.trust``) as the helper loads them: PEM, nothing
+    else. ``ConfigError`` when the file is missing or holds no certificate."""
+    where = f"peer_certificates.trust: {path}"
+    try:
+        found = x509.load_pem_x509_certificates(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: file not found"]) from None
+    except OSError as error:
+        raise ConfigError([f"{where}: cannot read: {error.strerror}"]) from None
+    except ValueError as error:
+        raise ConfigError([f"{where}: not a PEM list of CA certificates: {error}"]) from None
+    return b"".join(certificate.public_bytes(Encoding.PEM) for certificate in found)
 
 
 class _Records:
