@@ -4,6 +4,7 @@ field against the specification."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 
@@ -12,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols import proxy_header
-from protocols._base import BackendIdentity, Peer, TLSInfo
+from protocols._base import BackendIdentity, Peer, PeerCertificate, TLSInfo
 from protocols.proxy_header import ProxyHeader, ProxyHeaderError, parse
 
 PEER = Peer("203.0.113.7", 40000, "198.51.100.1", 25)
@@ -128,10 +129,43 @@ def test_proxy_v2_carries_ssl_and_authority_tlvs() -> None:
     ssl = tlvs[proxy_header.PP2_TYPE_SSL]
     client, verify = struct.unpack_from("!BI", ssl)
     assert client == proxy_header.PP2_CLIENT_SSL
-    assert verify == 0
+    # Section 2.2.6: zero only for a certificate that was presented and verified.
+    assert verify != 0
     sub = _tlvs(ssl[5:])
     assert sub[proxy_header.PP2_SUBTYPE_SSL_VERSION] == b"TLSv1.3"
     assert sub[proxy_header.PP2_SUBTYPE_SSL_CIPHER] == b"TLS_AES_256_GCM_SHA384"
+    assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
+
+
+def _ssl_tlv(header: bytes) -> tuple[int, int, dict[int, bytes]]:
+    ssl = _tlvs(header[16 + 12 :])[proxy_header.PP2_TYPE_SSL]
+    client, verify = struct.unpack_from("!BI", ssl)
+    return client, verify, _tlvs(ssl[5:])
+
+
+def test_a_verified_peer_certificate_is_the_cn_with_verify_zero() -> None:
+    peer = dataclasses.replace(TLS, peer_certificate=PeerCertificate(trusted=True))
+    client, verify, sub = _ssl_tlv(proxy_header.proxy_v2(PEER_V4, peer, "a.example"))
+    assert client == (
+        proxy_header.PP2_CLIENT_SSL
+        | proxy_header.PP2_CLIENT_CERT_CONN
+        | proxy_header.PP2_CLIENT_CERT_SESS
+    )
+    assert verify == 0
+    assert sub[proxy_header.PP2_SUBTYPE_SSL_CN] == b"a.example"
+    assert proxy_header.session_header(
+        BackendIdentity.PROXY_V2, PEER_V4, peer, "a.example"
+    ) == proxy_header.proxy_v2(PEER_V4, peer, "a.example")
+
+
+def test_a_certificate_that_did_not_verify_is_presented_but_not_verified() -> None:
+    peer = dataclasses.replace(
+        TLS, peer_certificate=PeerCertificate(trusted=False, problem="certificate has expired")
+    )
+    client, verify, sub = _ssl_tlv(proxy_header.proxy_v2(PEER_V4, peer))
+    assert client & proxy_header.PP2_CLIENT_CERT_CONN
+    assert verify != 0
+    assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
 
 
 def test_proxy_v2_ipv6() -> None:
