@@ -301,3 +301,18 @@ def test_check_reads_the_trust_files(
     )
     raw = _s2s(cert_dir, peer_certificates={"trust": str(cert_dir / "ca.pem")})
     assert main(["--config", str(_write(tmp_path, yaml.safe_dump(raw))), "--check"]) == 0
+
+
+def test_the_example_server_to_server_listener_checks_when_uncommented(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    """config.example.yaml shows it commented out (no demo server federates)."""
+    text = (ROOT / "config.example.yaml").read_text()
+    start = text.index("  # - name: xmpp-s2s")
+    block = text[start : text.index("\nmetrics:", start)]
+    entry = yaml.safe_load("\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()))
+    raw = _minimal(cert_dir)
+    raw["listeners"] = entry
+    config = load_config(_write(tmp_path, yaml.safe_dump(raw)))
+    peer = config.listeners[0].peer_certificates
+    assert peer is not None and peer == type(peer)()

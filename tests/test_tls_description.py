@@ -31,6 +31,7 @@ from starttls_proxy.tls.description import (
     Tag,
     describe,
     dns_names,
+    read_trust_store,
     records,
 )
 from tests import wire_h
@@ -290,7 +291,16 @@ def test_every_trust_store_problem_is_named_at_once(cert_dir: Path, tmp_path: Pa
         _describe(tls)
     problems = refused.value.problems
     assert problems[0] == f"peer_certificates.trust: {tmp_path / 'missing.pem'}: file not found"
-    assert problems[1].startswith(
-        f"peer_certificates.trust: {garbled}: not a PEM list of CA certificates: "
+    assert problems[1] == (
+        f"peer_certificates.trust: {garbled}: not a PEM list of CA certificates (none found)"
     )
     assert len(problems) == 2
+
+
+def test_a_certificate_cryptography_cannot_read_leaves_the_rest_of_the_store(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    broken = b"-----BEGIN CERTIFICATE-----\nbm90IERFUg==\n-----END CERTIFICATE-----\n"
+    mixed = tmp_path / "mixed.pem"
+    mixed.write_bytes(broken + (cert_dir / "ca.pem").read_bytes())
+    assert read_trust_store(mixed) == read_trust_store(cert_dir / "ca.pem")

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import struct
+import warnings
 from pathlib import Path
 
 from cryptography import x509
@@ -217,19 +219,36 @@ def _read_chain(cert: Path, key: Path, where: str, key_file: bool) -> tuple[byte
     return chain, dns_names(leaf)
 
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
 def read_trust_store(path: Path) -> bytes:
     """The CA certificates of ``path`` (a listener's
     ``peer_certificates.trust``) as the helper loads them: PEM, nothing
-    else. ``ConfigError`` when the file is missing or holds no certificate."""
+    else. A certificate that ``cryptography`` cannot read is left out (the
+    system bundle holds a few that bend RFC 5280, which it warns it will
+    refuse one day), so that one of them cannot make the whole store
+    unusable. ``ConfigError`` when the file is missing or holds no
+    certificate at all."""
     where = f"peer_certificates.trust: {path}"
     try:
-        found = x509.load_pem_x509_certificates(path.read_bytes())
+        blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
     except FileNotFoundError:
         raise ConfigError([f"{where}: file not found"]) from None
     except OSError as error:
         raise ConfigError([f"{where}: cannot read: {error.strerror}"]) from None
-    except ValueError as error:
-        raise ConfigError([f"{where}: not a PEM list of CA certificates: {error}"]) from None
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks:
+            try:
+                found.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    if not found:
+        raise ConfigError([f"{where}: not a PEM list of CA certificates (none found)"])
     return b"".join(certificate.public_bytes(Encoding.PEM) for certificate in found)
 
 
