@@ -1,7 +1,7 @@
 """XMPP servers' certificates for the peer-certificate tests, made with
 ``cryptography`` (trustme cannot write an ``id-on-xmppAddr`` otherName).
 
-``Authority.new`` is a root CA; ``issue`` gives a leaf (or an intermediate)
+``Authority.new`` is a root CA (trustme's); ``issue`` gives a leaf (or an intermediate)
 with the subjectAltName dNSNames and xmppAddrs asked for, the extended key
 usage asked for, and a validity that can lie in the past. ``Issued.write``
 puts the leaf, its chain up to (not including) the root, and the key where
@@ -15,10 +15,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: id-on-xmppAddr (RFC 6120 section 13.7.1.4).
@@ -69,35 +75,11 @@ class Authority:
 
     @classmethod
     def new(cls, name: str) -> Authority:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _DAY)
-            .not_valid_after(now + 365 * _DAY)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(key, certificate)
+        """A root CA (trustme's), whose key signs the leaves made here."""
+        ca = trustme.CA(organization_name=name)
+        key = load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(key, x509.load_pem_x509_certificate(ca.cert_pem.bytes()))
 
     def pem(self) -> bytes:
         return self.certificate.public_bytes(Encoding.PEM)

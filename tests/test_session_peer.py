@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import struct
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from starttls_proxy.proxy import metrics
 from starttls_proxy.proxy.session import Phase, Session
 from starttls_proxy.wire import REPORT_HEADER
 from tests.driver_fakes import FakeHelper, FakeListener, FakeTransport
+from tests.pp2 import ssl_tlv
 from tests.test_session import client, open_session, pending_channel, run, until
 
 S2S_HEADER = (
@@ -81,55 +81,41 @@ def helper() -> Any:
     fake.close_all()
 
 
-def _ssl_tlv(header: bytes) -> tuple[int, int, dict[int, bytes]]:
-    (length,) = struct.unpack_from("!H", header, 14)
-    body = header[16 + 12 : 16 + length]
-    tlvs: dict[int, bytes] = {}
-    while body:
-        kind, size = struct.unpack_from("!BH", body)
-        tlvs[kind] = body[3 : 3 + size]
-        body = body[3 + size :]
-    ssl = tlvs[proxy_header.PP2_TYPE_SSL]
-    flags, verify = struct.unpack_from("!BI", ssl)
-    sub: dict[int, bytes] = {}
-    rest = ssl[5:]
-    while rest:
-        kind, size = struct.unpack_from("!BH", rest)
-        sub[kind] = rest[3 : 3 + size]
-        rest = rest[3 + size :]
-    return flags, verify, sub
+def told_backend(
+    monkeypatch: pytest.MonkeyPatch, helper: FakeHelper, on_failure: str, peer: dict[str, Any]
+) -> tuple[bytes, str | None]:
+    """A server stream whose worker reports ``peer``: the first bytes its
+    backend got, and the domain the session took as verified."""
+    told: list[tuple[bytes, str | None]] = []
+
+    async def test(backends: list[FakeTransport]) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            session = await through_tls(helper, s2s_config(on_failure), ours)
+            # The listener's trust file is the helper's store 1.
+            assert helper.requests[0].peer_trust == 1
+            channel = pending_channel(session)
+            assert channel is not None
+            channel.data_received(frame(peer) + S2S_HEADER)
+            await until(lambda: bool(backends) and bool(backends[0].written))
+            told.append((backends[0].written, session.verified_peer))
+            session.close("test over")
+
+    run(monkeypatch, test, greeting=())
+    return told[0]
 
 
 def test_a_verified_peer_is_counted_and_named_to_the_backend(
     monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
 ) -> None:
     before = counted("s2s-refuse", "verified")
-
-    async def test(backends: list[FakeTransport]) -> None:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            session = await through_tls(helper, s2s_config("refuse"), ours)
-            # The listener's trust file is the helper's store 1.
-            assert helper.requests[0].peer_trust == 1
-            channel = pending_channel(session)
-            assert channel is not None
-            peer = {
-                "verify": "ok",
-                "error": None,
-                "dns_names": ["remote.example"],
-                "xmpp_addrs": [],
-            }
-            channel.data_received(frame(peer) + S2S_HEADER)
-            await until(lambda: bool(backends) and bool(backends[0].written))
-            assert session.verified_peer == "remote.example"
-            written = backends[0].written
-            flags, verify, sub = _ssl_tlv(written)
-            assert flags == 0x07 and verify == 0
-            assert sub[proxy_header.PP2_SUBTYPE_SSL_CN] == b"remote.example"
-            assert written.endswith(S2S_HEADER)
-            session.close("test over")
-
-    run(monkeypatch, test, greeting=())
+    peer = {"verify": "ok", "error": None, "dns_names": ["remote.example"], "xmpp_addrs": []}
+    written, verified = told_backend(monkeypatch, helper, "refuse", peer)
+    assert verified == "remote.example"
+    flags, verify, sub = ssl_tlv(written)
+    assert flags == 0x07 and verify == 0
+    assert sub[proxy_header.PP2_SUBTYPE_SSL_CN] == b"remote.example"
+    assert written.endswith(S2S_HEADER)
     assert counted("s2s-refuse", "verified") == before + 1
 
 
@@ -137,27 +123,12 @@ def test_a_peer_without_a_certificate_passes_for_dialback_unverified(
     monkeypatch: pytest.MonkeyPatch, helper: FakeHelper
 ) -> None:
     before = counted("s2s-dialback", "no_certificate")
-
-    async def test(backends: list[FakeTransport]) -> None:
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            session = await through_tls(helper, s2s_config("dialback"), ours)
-            channel = pending_channel(session)
-            assert channel is not None
-            none: dict[str, Any] = {
-                "verify": "none",
-                "error": None,
-                "dns_names": [],
-                "xmpp_addrs": [],
-            }
-            channel.data_received(frame(none) + S2S_HEADER)
-            await until(lambda: bool(backends) and bool(backends[0].written))
-            flags, verify, sub = _ssl_tlv(backends[0].written)
-            assert flags == proxy_header.PP2_CLIENT_SSL and verify != 0
-            assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
-            session.close("test over")
-
-    run(monkeypatch, test, greeting=())
+    none: dict[str, Any] = {"verify": "none", "error": None, "dns_names": [], "xmpp_addrs": []}
+    written, verified = told_backend(monkeypatch, helper, "dialback", none)
+    assert verified is None
+    flags, verify, sub = ssl_tlv(written)
+    assert flags == proxy_header.PP2_CLIENT_SSL and verify != 0
+    assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
     assert counted("s2s-dialback", "no_certificate") == before + 1
 
 

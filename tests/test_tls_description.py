@@ -49,6 +49,7 @@ def _describe(
     seccomp_missing: str | None = None,
     chroot_missing: str | None = None,
     uid_range: tuple[int, int] = (200_000, 65_535),
+    probe_only: bool = False,
 ) -> bytes:
     return describe(
         tls,
@@ -59,6 +60,7 @@ def _describe(
         seccomp_missing=seccomp_missing,
         chroot_missing=chroot_missing,
         uid_range=uid_range,
+        probe_only=probe_only,
     )
 
 
@@ -267,17 +269,7 @@ def test_peer_trust_stores_go_to_the_helper_as_bare_pem(cert_dir: Path, tmp_path
     canonical = x509.load_pem_x509_certificate(ca).public_bytes(serialization.Encoding.PEM)
     assert trust == [canonical, canonical]
     # --isolation-report's helper loads no certificate, and no trust store.
-    probe = describe(
-        tls,
-        IsolationConfig(),
-        key_references=None,
-        provider=None,
-        seccomp_program=None,
-        seccomp_missing=None,
-        chroot_missing=None,
-        uid_range=(200_000, 10),
-        probe_only=True,
-    )
+    probe = _describe(tls, probe_only=True)
     assert Tag.TRUST not in [tag for tag, _ in records(probe)]
 
 

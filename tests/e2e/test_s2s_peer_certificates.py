@@ -4,7 +4,7 @@ listeners -> a backend that records what it gets.
 
 The peer is a raw server-to-server stream over the standard library's
 ``ssl`` (slixmpp does not speak s2s), presenting certificates made by two
-test authorities (``tests.peer_certs``), one of which the listeners trust.
+test peer_authorities (``tests.peer_certs``), one of which the listeners trust.
 No real XMPP server consumes the PROXY v2 SSL TLVs (Prosody's mod_net_proxy
 and ejabberd skip them), so the backend here is a small recording server
 that reads the PROXY header and answers the stream as a server would: what
@@ -29,6 +29,7 @@ import pytest
 
 from protocols import proxy_header
 from tests.peer_certs import Authority
+from tests.pp2 import ssl_tlv
 from tests.realservers.metrics import only, scrape, total
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 from tests.realservers.xmpp import PROCEED, STARTTLS, XMPPStream
@@ -108,20 +109,15 @@ def backend() -> Iterator[RecordingBackend]:
 
 
 @pytest.fixture(scope="module")
-def authorities() -> tuple[Authority, Authority]:
-    return Authority.new("Trusted peers' CA"), Authority.new("Unknown CA")
-
-
-@pytest.fixture(scope="module")
 def proxy(
     module_proxy: StartProxy,
     backend: RecordingBackend,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path_factory: pytest.TempPathFactory,
     metrics_port: int,
 ) -> ProxyProcess:
     trust = tmp_path_factory.mktemp("peer-trust") / "peers.pem"
-    trust.write_bytes(authorities[0].pem())
+    trust.write_bytes(peer_authorities[0].pem())
     trust.parent.chmod(0o755)
     s2s: dict[str, Any] = {
         "protocol": "xmpp-server",
@@ -192,34 +188,21 @@ def _s2s(
         stream.close()
 
 
-def _tlvs(data: bytes) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    while data:
-        kind, size = struct.unpack_from("!BH", data)
-        found[kind] = data[3 : 3 + size]
-        data = data[3 + size :]
-    return found
-
-
 def _ssl(recorded: Recorded) -> tuple[int, int, dict[int, bytes], str]:
     """The SSL TLV's client flags, verify, sub-TLVs; and the client address."""
-    body = recorded.header[16:]
-    client = socket.inet_ntoa(body[:4])
-    ssl_value = _tlvs(body[12:])[proxy_header.PP2_TYPE_SSL]
-    flags, verify = struct.unpack_from("!BI", ssl_value)
-    return flags, verify, _tlvs(ssl_value[5:]), client
+    return (*ssl_tlv(recorded.header), socket.inet_ntoa(recorded.header[16:20]))
 
 
 @pytest.mark.parametrize("name", ["s2s-refuse", "s2s-direct"])
 def test_a_verified_peer_reaches_the_backend_which_is_told_its_domain(
     proxy: ProxyProcess,
     backend: RecordingBackend,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
     name: str,
 ) -> None:
     before = len(backend.connections)
-    got = _s2s(proxy, name, _context(authorities[0], tmp_path))
+    got = _s2s(proxy, name, _context(peer_authorities[0], tmp_path))
     assert got.endswith(b"<dialback xmlns='urn:xmpp:features:dialback'/></stream:features>")
     recorded = backend.connections[before]
     flags, verify, sub, client = _ssl(recorded)
@@ -248,7 +231,7 @@ def test_a_verified_peer_reaches_the_backend_which_is_told_its_domain(
 def test_refuse_ends_a_peer_that_fails_and_the_backend_never_hears_of_it(
     proxy: ProxyProcess,
     backend: RecordingBackend,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
     metrics_port: int,
     authority: int | None,
@@ -261,7 +244,7 @@ def test_refuse_ends_a_peer_that_fails_and_the_backend_never_hears_of_it(
     metric = "starttls_proxy_s2s_peer_verification_total"
     counted = total(scrape(metrics_port), metric, listener=name, result=result)
     before = len(backend.connections)
-    issuer = None if authority is None else authorities[authority]
+    issuer = None if authority is None else peer_authorities[authority]
     got = _s2s(proxy, name, _context(issuer, tmp_path, dns), header)
     assert b"<" + condition + b" xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
     assert len(backend.connections) == before
@@ -293,11 +276,11 @@ def test_dialback_lets_a_peer_without_a_certificate_through_unverified(
 def test_dialback_lets_an_untrusted_peer_through_with_its_certificate_unverified(
     proxy: ProxyProcess,
     backend: RecordingBackend,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
 ) -> None:
     before = len(backend.connections)
-    _s2s(proxy, "s2s-dialback", _context(authorities[1], tmp_path))
+    _s2s(proxy, "s2s-dialback", _context(peer_authorities[1], tmp_path))
     flags, verify, sub, _ = _ssl(backend.connections[before])
     assert flags & proxy_header.PP2_CLIENT_CERT_CONN and verify != 0
     assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub

@@ -243,11 +243,27 @@ def test_plaintext_backend_refusal_is_relayed() -> None:
     )
 
 
+S2S_HEADER = (
+    b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+    b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
+)
+#: A server stream from ``remote.example`` up to its TLS handshake.
+S2S_TO_TLS: tuple[Event | Command, ...] = (
+    Client(S2S_HEADER),
+    SendToClient(
+        b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
+        b'xmlns:stream="http://etherx.jabber.org/streams" '
+        b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
+        b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
+    ),
+    Client(STARTTLS),
+    PROCEED,
+    StartTLS(b"", server_name_hint="example.com"),
+)
+
+
 def test_server_to_server_stream_with_dialback() -> None:
-    header = (
-        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
-        b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
-    )
+    header = S2S_HEADER
     db_result = (
         b"<db:result from='remote.example' to='example.com'>"
         b"b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3</db:result>"
@@ -255,16 +271,7 @@ def test_server_to_server_stream_with_dialback() -> None:
     machine = XMPPServerMachine(settings(), PEER)
     run(
         machine,
-        Client(header),
-        SendToClient(
-            b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
-            b'xmlns:stream="http://etherx.jabber.org/streams" '
-            b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
-            b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
-        ),
-        Client(STARTTLS),
-        PROCEED,
-        StartTLS(b"", server_name_hint="example.com"),
+        *S2S_TO_TLS,
         TLS(),
         Client(header),
         OpenBackend(),
@@ -286,10 +293,6 @@ def test_server_to_server_stream_with_dialback() -> None:
 # --------------------------------------------------------------------------
 # Peer certificates on server-to-server streams.
 
-S2S_HEADER = (
-    b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
-    b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
-)
 #: What the worker reports of a certificate for ``remote.example``.
 TRUSTED = PeerCertificate(trusted=True, dns_names=("remote.example",))
 EXPIRED = PeerCertificate(
@@ -319,16 +322,7 @@ def test_a_verified_peer_goes_through_and_its_domain_to_the_driver(
     machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
     run(
         machine,
-        Client(S2S_HEADER),
-        SendToClient(
-            b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
-            b'xmlns:stream="http://etherx.jabber.org/streams" '
-            b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
-            b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
-        ),
-        Client(STARTTLS),
-        PROCEED,
-        StartTLS(b"", server_name_hint="example.com"),
+        *S2S_TO_TLS,
         TLS(TRUSTED),
         Client(S2S_HEADER),
         PeerChecked(PeerVerification.VERIFIED, "remote.example"),

@@ -42,19 +42,14 @@ PEER = "a.example"
 
 
 @pytest.fixture(scope="module")
-def authorities() -> tuple[Authority, Authority]:
-    return Authority.new("Peer CA one"), Authority.new("Peer CA two")
-
-
-@pytest.fixture(scope="module")
 def helper(
     cert_dir: Path,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("peer-certificates")
     stores = []
-    for index, authority in enumerate(authorities, 1):
+    for index, authority in enumerate(peer_authorities, 1):
         stores.append(directory / f"trust-{index}.pem")
         stores[-1].write_bytes(authority.pem())
     with running_helper(
@@ -107,11 +102,11 @@ def _verdict(report: dict[str, Any]) -> tuple[PeerVerification, PeerCertificate 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_a_certificate_from_the_trusted_authority_verifies(
     helper: RunningHelper,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
     version: ssl.TLSVersion,
 ) -> None:
-    issued = authorities[0].issue(dns=[PEER, "conference.a.example"], xmpp=[PEER])
+    issued = peer_authorities[0].issue(dns=[PEER, "conference.a.example"], xmpp=[PEER])
     report = _handshake(helper, tmp_path, issued, version=version)
     assert report["peer"] == {
         "verify": "ok",
@@ -123,9 +118,9 @@ def test_a_certificate_from_the_trusted_authority_verifies(
 
 
 def test_another_authority_is_untrusted_and_the_store_is_the_requests(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
-    issued = authorities[1].issue(dns=[PEER])
+    issued = peer_authorities[1].issue(dns=[PEER])
     report = _handshake(helper, tmp_path, issued, peer_trust=1)
     assert report["peer"]["verify"] == "untrusted"
     assert report["peer"]["error"] == "unable to get local issuer certificate"
@@ -146,9 +141,9 @@ def test_a_peer_without_a_certificate_still_gets_its_session(
 
 
 def test_a_wildcard_stands_for_one_left_most_label(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
-    report = _handshake(helper, tmp_path, authorities[0].issue(dns=["*.example"]))
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=["*.example"]))
     assert report["peer"]["dns_names"] == ["*.example"]
     _, certificate = _verdict(report)
     assert peer_verification(certificate, "a.example") is PeerVerification.VERIFIED
@@ -157,9 +152,9 @@ def test_a_wildcard_stands_for_one_left_most_label(
 
 
 def test_an_xmpp_addr_alone_verifies_and_keeps_its_utf8(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
-    issued = authorities[0].issue(xmpp=[PEER, "m\u00fcnchen.example"])
+    issued = peer_authorities[0].issue(xmpp=[PEER, "m\u00fcnchen.example"])
     report = _handshake(helper, tmp_path, issued)
     verdict, certificate = _verdict(report)
     assert verdict is PeerVerification.VERIFIED
@@ -170,28 +165,28 @@ def test_an_xmpp_addr_alone_verifies_and_keeps_its_utf8(
 
 
 def test_a_trusted_certificate_for_another_domain_is_a_name_mismatch(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
     report = _handshake(
-        helper, tmp_path, authorities[0].issue(dns=["b.example"], xmpp=["c.example"])
+        helper, tmp_path, peer_authorities[0].issue(dns=["b.example"], xmpp=["c.example"])
     )
     assert report["peer"]["verify"] == "ok"
     assert _verdict(report)[0] is PeerVerification.NAME_MISMATCH
 
 
 def test_no_common_name_fallback(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
     """RFC 9525: subjectAltName only, even without one."""
-    report = _handshake(helper, tmp_path, authorities[0].issue(common_name=PEER))
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(common_name=PEER))
     assert report["peer"] == {"verify": "ok", "error": None, "dns_names": [], "xmpp_addrs": []}
     assert _verdict(report)[0] is PeerVerification.NAME_MISMATCH
 
 
 def test_a_chain_through_an_intermediate_verifies(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
-    intermediate = authorities[0].issue(ca=True, common_name="Peer intermediate").authority()
+    intermediate = peer_authorities[0].issue(ca=True, common_name="Peer intermediate").authority()
     report = _handshake(helper, tmp_path, intermediate.issue(dns=[PEER]))
     assert report["peer"]["verify"] == "ok", report
 
@@ -208,12 +203,12 @@ def test_a_chain_through_an_intermediate_verifies(
 )
 def test_expired_or_not_for_tls_is_untrusted(
     helper: RunningHelper,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
     issue: dict[str, Any],
     error: str,
 ) -> None:
-    report = _handshake(helper, tmp_path, authorities[0].issue(dns=[PEER], **issue))
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=[PEER], **issue))
     assert (report["peer"]["verify"], report["peer"]["error"]) == ("untrusted", error)
     assert _verdict(report)[0] is PeerVerification.UNTRUSTED
 
@@ -225,17 +220,17 @@ def test_expired_or_not_for_tls_is_untrusted(
 )
 def test_a_server_certificate_is_a_peers_certificate(
     helper: RunningHelper,
-    authorities: tuple[Authority, Authority],
+    peer_authorities: tuple[Authority, Authority],
     tmp_path: Path,
     usages: list[Any] | None,
 ) -> None:
     """CAs stopped issuing clientAuth; servers connect with what they serve."""
-    report = _handshake(helper, tmp_path, authorities[0].issue(dns=[PEER], usages=usages))
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=[PEER], usages=usages))
     assert report["peer"]["verify"] == "ok"
 
 
 def test_the_names_reported_are_bounded_and_well_formed(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
     """A hostile certificate's names: too many, too long, not host names,
     not UTF-8, with control characters, of the wrong ASN.1 type."""
@@ -250,7 +245,7 @@ def test_the_names_reported_are_bounded_and_well_formed(
         xmpp_addr("y" * 256),
         *(f"x{i}.example" for i in range(12)),
     ]
-    report = _handshake(helper, tmp_path, authorities[0].issue(dns=dns, xmpp=xmpp))
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=dns, xmpp=xmpp))
     peer = report["peer"]
     assert peer["dns_names"] == [f"n{i}.example" for i in range(MAX_PEER_DNS_NAMES)]
     assert peer["xmpp_addrs"] == [f"x{i}.example" for i in range(MAX_PEER_XMPP_ADDRS)]
@@ -258,11 +253,11 @@ def test_the_names_reported_are_bounded_and_well_formed(
 
 
 def test_sessions_are_not_resumed_on_a_listener_that_verifies_peers(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
     """A resumed session's certificate would come without its chain: each
     connection presents its certificate anew."""
-    cert, key = authorities[0].issue(dns=[PEER]).write(tmp_path, "client")
+    cert, key = peer_authorities[0].issue(dns=[PEER]).write(tmp_path, "client")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -280,9 +275,9 @@ def test_sessions_are_not_resumed_on_a_listener_that_verifies_peers(
 
 
 def test_a_listener_that_names_no_store_asks_for_no_certificate(
-    helper: RunningHelper, authorities: tuple[Authority, Authority], tmp_path: Path
+    helper: RunningHelper, peer_authorities: tuple[Authority, Authority], tmp_path: Path
 ) -> None:
-    report = _handshake(helper, tmp_path, authorities[0].issue(dns=[PEER]), peer_trust=0)
+    report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=[PEER]), peer_trust=0)
     assert "peer" not in report
     info = read_report(json.dumps(report).encode(), ())
     assert isinstance(info, TLSInfo) and info.peer_certificate is None

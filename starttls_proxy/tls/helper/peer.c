@@ -102,48 +102,45 @@ static bool utf8_text(const unsigned char *text, size_t size)
     return true;
 }
 
-/* The names of `leaf` as two JSON arrays. */
-static void report_names(struct json *out, X509 *leaf)
+/* The value of `name` when it is a name of `type` worth reporting: a
+ * dNSName (GEN_DNS) that passes dns_name, an xmppAddr (GEN_OTHERNAME) that
+ * is UTF-8 text; NULL otherwise. */
+static const ASN1_STRING *reported(const GENERAL_NAME *name, int type)
 {
-    GENERAL_NAMES *names = X509_get_ext_d2i(leaf, NID_subject_alt_name, NULL, NULL);
-    int count = names != NULL ? sk_GENERAL_NAME_num(names) : 0;
+    const ASN1_STRING *value = NULL;
+    bool (*valid)(const unsigned char *, size_t) = dns_name;
+    if (name->type != type)
+        return NULL;
+    if (type == GEN_DNS) {
+        value = name->d.dNSName;
+    } else if (OBJ_obj2nid(name->d.otherName->type_id) == NID_XmppAddr) {
+        const ASN1_TYPE *other = name->d.otherName->value;
+        value = other != NULL && other->type == V_ASN1_UTF8STRING ? other->value.utf8string : NULL;
+        valid = utf8_text;
+    }
+    const unsigned char *data = value != NULL ? ASN1_STRING_get0_data(value) : NULL;
+    int size = value != NULL ? ASN1_STRING_length(value) : 0;
+    return data != NULL && size > 0 && valid(data, (size_t)size) ? value : NULL;
+}
+
+/* `key`: a JSON array of the first `most` names of `type` in `names`. */
+static void report_names(struct json *out, const GENERAL_NAMES *names, const char *key, int type,
+                         size_t most)
+{
     const char *separator = "";
     size_t written = 0;
-    json_raw(out, ", \"dns_names\": [");
-    for (int i = 0; i < count && written < MAX_PEER_DNS_NAMES; i++) {
-        const GENERAL_NAME *name = sk_GENERAL_NAME_value(names, i);
-        if (name->type != GEN_DNS)
-            continue;
-        const unsigned char *data = ASN1_STRING_get0_data(name->d.dNSName);
-        int size = ASN1_STRING_length(name->d.dNSName);
-        if (data == NULL || size <= 0 || !dns_name(data, (size_t)size))
+    json_raw(out, key);
+    for (int i = 0; i < sk_GENERAL_NAME_num(names) && written < most; i++) {
+        const ASN1_STRING *value = reported(sk_GENERAL_NAME_value(names, i), type);
+        if (value == NULL)
             continue;
         json_raw(out, separator);
-        json_bytes(out, (const char *)data, (size_t)size);
-        separator = ", ";
-        written++;
-    }
-    separator = "";
-    written = 0;
-    json_raw(out, "], \"xmpp_addrs\": [");
-    for (int i = 0; i < count && written < MAX_PEER_XMPP_ADDRS; i++) {
-        const GENERAL_NAME *name = sk_GENERAL_NAME_value(names, i);
-        if (name->type != GEN_OTHERNAME || OBJ_obj2nid(name->d.otherName->type_id) != NID_XmppAddr)
-            continue;
-        const ASN1_TYPE *value = name->d.otherName->value;
-        if (value == NULL || value->type != V_ASN1_UTF8STRING)
-            continue;
-        const unsigned char *data = ASN1_STRING_get0_data(value->value.utf8string);
-        int size = ASN1_STRING_length(value->value.utf8string);
-        if (data == NULL || size <= 0 || !utf8_text(data, (size_t)size))
-            continue;
-        json_raw(out, separator);
-        json_bytes(out, (const char *)data, (size_t)size);
+        json_bytes(out, (const char *)ASN1_STRING_get0_data(value),
+                   (size_t)ASN1_STRING_length(value));
         separator = ", ";
         written++;
     }
     json_raw(out, "]");
-    GENERAL_NAMES_free(names);
 }
 
 /*
@@ -191,6 +188,9 @@ void report_peer(struct json *out, SSL *ssl, X509_STORE *store)
         snprintf(line, sizeof line, "%s", error);
         json_string(out, line);
     }
-    report_names(out, leaf);
+    GENERAL_NAMES *names = X509_get_ext_d2i(leaf, NID_subject_alt_name, NULL, NULL);
+    report_names(out, names, ", \"dns_names\": [", GEN_DNS, MAX_PEER_DNS_NAMES);
+    report_names(out, names, ", \"xmpp_addrs\": [", GEN_OTHERNAME, MAX_PEER_XMPP_ADDRS);
+    GENERAL_NAMES_free(names);
     json_raw(out, "}");
 }
