@@ -66,6 +66,29 @@ class BackendIdentity(enum.Enum):
     POP3_XCLIENT = "pop3-xclient"
 
 
+class PeerCertificateFailure(enum.Enum):
+    """What an incoming server-to-server stream gets when its peer's
+    certificate does not verify for the domain the stream claims."""
+
+    #: Through to the backend, which authenticates the peer by dialback
+    #: (XEP-0220) as it would without the proxy.
+    DIALBACK = "dialback"
+    #: A stream error; nothing reaches the backend.
+    REFUSE = "refuse"
+
+
+class PeerVerification(enum.Enum):
+    """What came of a connecting server's certificate (a metric label)."""
+
+    #: Trusted, and valid for the stream's ``from``.
+    VERIFIED = "verified"
+    NO_CERTIFICATE = "no_certificate"
+    #: Its chain does not lead to the trust store (or it expired...).
+    UNTRUSTED = "untrusted"
+    #: Trusted, but not for the stream's ``from`` (or the stream has none).
+    NAME_MISMATCH = "name_mismatch"
+
+
 class BareLineEndings(enum.Enum):
     """What an SMTP machine does with a bare CR or LF inside DATA."""
 
@@ -93,6 +116,22 @@ class Peer:
 
 
 @dataclass(frozen=True)
+class PeerCertificate:
+    """The certificate a connecting server presented (``xmpp-server``
+    listeners ask for one), as the TLS worker found it."""
+
+    #: Its chain leads to the listener's trust store, and its extended key
+    #: usage, if any, allows TLS.
+    trusted: bool
+    #: Why it is not trusted, in OpenSSL's words ("certificate has expired").
+    problem: str | None = None
+    #: Its subjectAltName dNSNames (A-labels, perhaps a wildcard) and
+    #: id-on-xmppAddr values (RFC 6120 section 13.7.1.4).
+    dns_names: tuple[str, ...] = ()
+    xmpp_addrs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TLSInfo:
     """Outcome of a successful handshake, as reported by the TLS worker."""
 
@@ -100,6 +139,9 @@ class TLSInfo:
     cipher: str
     server_name: str | None = None
     alpn: str | None = None
+    #: The client's certificate, where the listener asked for one and the
+    #: client sent it; None otherwise.
+    peer_certificate: PeerCertificate | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +172,9 @@ class SessionSettings:
     max_attribute_size: int = 64 * 1024
     #: XMPP: domains this listener serves; empty means any (no host-unknown).
     domains: tuple[str, ...] = ()
+    #: ``xmpp-server``: what a peer whose certificate does not verify gets;
+    #: None: peers' certificates are not looked at.
+    peer_certificate_failure: PeerCertificateFailure | None = None
 
 
 # --------------------------------------------------------------------------
@@ -172,6 +217,19 @@ class StartTLS:
 
 
 @dataclass(frozen=True)
+class PeerChecked:
+    """The connecting server's certificate was judged against the domain its
+    stream claims (``xmpp-server``), before anything went to the backend:
+    count it; the backend's PROXY v2 header names ``domain``, set when the
+    certificate verified for it."""
+
+    result: PeerVerification
+    domain: str | None = None
+    #: Why not, for the log (OpenSSL's words, or the name that did not match).
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class CloseConnection:
     """Flush what was queued for the client, then close both sides."""
 
@@ -180,7 +238,7 @@ class CloseConnection:
     clean: bool = False
 
 
-Command = SendToClient | SendToBackend | OpenBackend | StartTLS | CloseConnection
+Command = SendToClient | SendToBackend | OpenBackend | StartTLS | PeerChecked | CloseConnection
 
 
 # --------------------------------------------------------------------------

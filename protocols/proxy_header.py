@@ -19,7 +19,8 @@ honours a header from anyone else.
 
 *Outbound.* Version 1 (section 2.1) or version 2 (section 2.2) with the TLVs
 of sections 2.2.5 and 2.2.6: PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY (the SNI) and
-PP2_TYPE_SSL with its version and cipher sub-TLVs. Dovecot reads PP2_TYPE_SSL
+PP2_TYPE_SSL with its version and cipher sub-TLVs, and for an XMPP peer
+whose certificate verified, its domain as PP2_SUBTYPE_SSL_CN. Dovecot reads PP2_TYPE_SSL
 and then treats the session as TLS-secured; Postfix skips TLVs. The
 in-band identities (SMTP XCLIENT, IMAP ID, POP3 XCLIENT) belong to the
 protocol machines, since they are part of each protocol's dialogue.
@@ -53,8 +54,11 @@ PP2_TYPE_ALPN = 0x01
 PP2_TYPE_AUTHORITY = 0x02
 PP2_TYPE_SSL = 0x20
 PP2_SUBTYPE_SSL_VERSION = 0x21
+PP2_SUBTYPE_SSL_CN = 0x22
 PP2_SUBTYPE_SSL_CIPHER = 0x23
 PP2_CLIENT_SSL = 0x01
+PP2_CLIENT_CERT_CONN = 0x02
+PP2_CLIENT_CERT_SESS = 0x04
 #: A v1 port: plain decimal. ``int`` alone would also take "+25", "2_5" and
 #: "25\r", none of which a sender writes.
 _V1_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
@@ -167,8 +171,16 @@ def proxy_v1(peer: Peer) -> bytes:
     return f"PROXY {family} {client} {local} {peer.client_port} {peer.local_port}\r\n".encode()
 
 
-def proxy_v2(peer: Peer, tls: TLSInfo | None) -> bytes:
-    """A binary PROXY header; with ``tls``, the SSL and AUTHORITY TLVs."""
+def proxy_v2(peer: Peer, tls: TLSInfo | None, verified: str | None = None) -> bytes:
+    """A binary PROXY header; with ``tls``, the SSL and AUTHORITY TLVs.
+
+    The SSL TLV's ``client`` has PP2_CLIENT_CERT_CONN and _SESS when the
+    client presented a certificate (sessions that ask for one are never
+    resumed), and its ``verify`` is 0 only for a certificate that was
+    verified for the name ``verified`` (an XMPP peer's domain), which then
+    goes in PP2_SUBTYPE_SSL_CN: section 2.2.6, "zero if the client
+    presented a certificate and it was successfully verified".
+    """
     client, local = _addresses(peer)
     family = _TCP_OVER_IPV4 if client.version == 4 else _TCP_OVER_IPV6
     body = client.packed + local.packed + struct.pack("!HH", peer.client_port, peer.local_port)
@@ -177,9 +189,13 @@ def proxy_v2(peer: Peer, tls: TLSInfo | None) -> bytes:
             body += _tlv(PP2_TYPE_ALPN, tls.alpn.encode("ascii"))
         if tls.server_name:
             body += _tlv(PP2_TYPE_AUTHORITY, tls.server_name.encode("idna"))
-        # client = PP2_CLIENT_SSL only (no client certificate), verify = 0.
-        ssl_value = struct.pack("!BI", PP2_CLIENT_SSL, 0)
+        flags = PP2_CLIENT_SSL
+        if tls.peer_certificate is not None:
+            flags |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS
+        ssl_value = struct.pack("!BI", flags, 0 if verified is not None else 1)
         ssl_value += _tlv(PP2_SUBTYPE_SSL_VERSION, tls.version.encode("ascii"))
+        if verified is not None:
+            ssl_value += _tlv(PP2_SUBTYPE_SSL_CN, verified.encode())
         ssl_value += _tlv(PP2_SUBTYPE_SSL_CIPHER, tls.cipher.encode("ascii"))
         body += _tlv(PP2_TYPE_SSL, ssl_value)
     return _header_v2(_COMMAND_PROXY, family, body)
@@ -194,12 +210,15 @@ def _header_v2(command: int, family: int, body: bytes) -> bytes:
     return V2_SIGNATURE + struct.pack("!BBH", _VERSION_2 | command, family, len(body)) + body
 
 
-def session_header(identity: BackendIdentity, peer: Peer, tls: TLSInfo | None) -> bytes:
-    """What to send first on a backend connection carrying a client session."""
+def session_header(
+    identity: BackendIdentity, peer: Peer, tls: TLSInfo | None, verified: str | None = None
+) -> bytes:
+    """What to send first on a backend connection carrying a client session;
+    ``verified``: the name the client's certificate was verified for."""
     if identity is BackendIdentity.PROXY_V1:
         return proxy_v1(peer)
     if identity is BackendIdentity.PROXY_V2:
-        return proxy_v2(peer, tls)
+        return proxy_v2(peer, tls, verified)
     return b""
 
 

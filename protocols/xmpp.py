@@ -32,6 +32,22 @@ their streams (section 6.4.6), and so do both parsers. Server-to-server
 streams (``jabber:server``, incoming) are relayed the same way; dialback
 (XEP-0220) and SASL EXTERNAL are ordinary elements to the relay.
 
+*Peer certificates* (``xmpp-server``, RFC 6120 section 13.7, RFC 7590): the
+TLS worker asked the connecting server for its certificate and verified the
+chain; the restarted stream's ``from`` says which domain the peer claims, and
+the certificate must name it (``peer_verification``: a subjectAltName
+dNSName, a single left-most wildcard label standing for one label, or an
+``id-on-xmppAddr`` equal to it; RFC 9525: no CN). What came of it goes to the
+driver first (``PeerChecked``: a metric, and the domain for the backend's
+PROXY v2 header); a peer that fails gets, with ``on_failure: refuse``,
+``<not-authorized/>`` (no certificate, or an untrusted one: the stream may
+not be negotiated without authenticating, section 4.9.3.12),
+``<invalid-from/>`` (a trusted certificate for other domains, section
+4.9.3.9) or ``<improper-addressing/>`` (no ``from`` to check); with
+``dialback`` its stream goes on and the backend authenticates it as it would
+without the proxy. A ``from`` that is not a domain is
+``<improper-addressing/>`` either way.
+
 *Plaintext sessions* (``require_tls: false``): the pre-TLS features also list
 the backend's own, learned by the capability probe. The first element that
 needs the backend opens it; the proxy replays the client's stream header,
@@ -55,6 +71,10 @@ from protocols._base import (
     CapabilityProbe,
     OpenBackend,
     Peer,
+    PeerCertificate,
+    PeerCertificateFailure,
+    PeerChecked,
+    PeerVerification,
     ProtocolViolation,
     ProxyMachine,
     SessionSettings,
@@ -289,6 +309,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._closing_tag = b"</stream:stream>"
         self._client_stream_ended = False
         self._tls = False
+        self._peer_certificate: PeerCertificate | None = None
         self._client_spoke = False
         if settings.tls_mode is TLSMode.STARTTLS:
             self.state = State.PRE_TLS_HEADER
@@ -328,6 +349,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
     def tls_established(self, info: TLSInfo) -> None:
         self._go(Input.TLS_ESTABLISHED)
         self._tls = True
+        self._peer_certificate = info.peer_certificate
         self._pump_client()
 
     @event
@@ -405,6 +427,11 @@ class XMPPMachine(ProxyMachine[State, Input]):
             return StreamErrorCondition.UNSUPPORTED_VERSION, f"stream version {version!r}"
         return None
 
+    def _check_peer(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        """What is wrong with the peer the stream under TLS comes from
+        (``sender``: its ``from``); nothing, but on server streams."""
+        return None
+
     # ------------------------------------------------------------------
     # The client's stream.
 
@@ -431,6 +458,8 @@ class XMPPMachine(ProxyMachine[State, Input]):
 
     def _client_header_token(self, header: StreamHeader) -> None:
         problem = self._check_header(header)
+        if problem is None and self.state is State.TLS_HEADER:
+            problem = self._check_peer(header.element.get("from"))
         if problem is not None:
             self._fail(*problem)
             return
@@ -534,6 +563,35 @@ def _normalize_domain(domain: str) -> str:
     return domain.strip().rstrip(".").lower()
 
 
+def peer_verification(certificate: PeerCertificate | None, domain: str | None) -> PeerVerification:
+    """What ``certificate`` (None: none was sent) proves for a stream from
+    ``domain`` (normalized; None: the stream names none)."""
+    if certificate is None:
+        return PeerVerification.NO_CERTIFICATE
+    if not certificate.trusted:
+        return PeerVerification.UNTRUSTED
+    if domain is None or not _names(certificate, domain):
+        return PeerVerification.NAME_MISMATCH
+    return PeerVerification.VERIFIED
+
+
+def _names(certificate: PeerCertificate, domain: str) -> bool:
+    """RFC 6125 section 6.4 as RFC 7590 applies it: an xmppAddr equal to the
+    domain, or a dNSName equal to its A-label form, or ``*.`` followed by
+    all of it but its first label."""
+    if any(address.lower() == domain for address in certificate.xmpp_addrs):
+        return True
+    try:
+        ace = domain.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    first, _, rest = ace.partition(".")
+    return any(
+        name == ace or (name.startswith("*.") and bool(first) and name[2:] == rest)
+        for name in certificate.dns_names
+    )
+
+
 def _peer_address(sender: str | None) -> str | None:
     return sender if sender is not None and _ADDRESS.fullmatch(sender) else None
 
@@ -562,6 +620,34 @@ class XMPPServerMachine(XMPPMachine):
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
         return _busy_reply(JABBER_SERVER, hostname)
+
+    def _check_peer(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        on_failure = self.settings.peer_certificate_failure
+        if on_failure is None:
+            return None
+        domain = _normalize_domain(sender) if sender is not None else None
+        if domain is not None and not _DOMAIN.fullmatch(domain):
+            # RFC 6120 section 4.7.1: a server's stream is from a domain.
+            self._outbox.push(PeerChecked(PeerVerification.NAME_MISMATCH, None, "'from' no domain"))
+            return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
+        result = peer_verification(self._peer_certificate, domain)
+        certificate = self._peer_certificate
+        detail = {
+            PeerVerification.VERIFIED: "",
+            PeerVerification.NO_CERTIFICATE: "no certificate",
+            PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
+            PeerVerification.NAME_MISMATCH: f"not valid for {domain!r}" if domain else "no 'from'",
+        }[result]
+        verified = domain if result is PeerVerification.VERIFIED else None
+        self._outbox.push(PeerChecked(result, verified, detail))
+        if result is PeerVerification.VERIFIED or on_failure is PeerCertificateFailure.DIALBACK:
+            return None
+        reason = f"peer certificate: {result.value}" + (f" ({detail})" if detail else "")
+        if result is not PeerVerification.NAME_MISMATCH:
+            return StreamErrorCondition.NOT_AUTHORIZED, reason
+        if domain is None:
+            return StreamErrorCondition.IMPROPER_ADDRESSING, reason
+        return StreamErrorCondition.INVALID_FROM, reason
 
 
 class XMPPCapabilityProbe(CapabilityProbe):

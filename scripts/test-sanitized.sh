@@ -42,6 +42,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:color=never
 "$python" -m pytest -p no:randomly \
     tests/e2e/test_smtp_postfix.py tests/e2e/test_imap_dovecot.py \
     tests/e2e/test_pop3_dovecot.py tests/e2e/test_xmpp_prosody_ejabberd.py \
+    tests/e2e/test_s2s_peer_certificates.py \
     tests/tlshelper "$@"
 # The key service only now: the proxies of the end-to-end tests above start
 # key servers too, without the runtime preloaded, which could not load it.

@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             # Only here does this process read keys: --check exits right after.
             from starttls_proxy.tls.contexts import load_certificates
+            from starttls_proxy.tls.description import read_trust_store
 
             load_certificates(config.tls)
+            for path in config.trust_stores:
+                read_trust_store(path)
             print(f"{args.config}: OK")
             return ProxyExit.OK
         if args.isolation_report:
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         # Before the event loop exists: the keeper is a fresh interpreter
         # and the helper a small C program it execs; the private keys are
         # read by the key server (or, with key_server: false, the helper).
-        helper = TLSHelper.start(config.tls, config.isolation)
+        helper = TLSHelper.start(config.helper_tls, config.isolation)
     except ConfigError as error:
         _print_problems(args.config, error)
         return ProxyExit.CONFIG_ERROR

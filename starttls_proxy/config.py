@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from protocols._base import BackendIdentity, BareLineEndings, TLSMode
+from protocols._base import BackendIdentity, BareLineEndings, PeerCertificateFailure, TLSMode
 from protocols.facts import FACTS, ProtocolFacts
 from starttls_proxy.settings import (
     CertificateConfig,
@@ -38,7 +38,7 @@ from starttls_proxy.settings import (
     IsolationConfig,
     TLSConfig,
 )
-from starttls_proxy.wire import MAX_HANDSHAKE_TIMEOUT, encode_alpn
+from starttls_proxy.wire import MAX_HANDSHAKE_TIMEOUT, MAX_TRUST_STORES, encode_alpn
 
 
 class Protocol(enum.Enum):
@@ -176,6 +176,26 @@ class SMTPOptions(_Model):
     bare_line_endings: BareLineEndings = BareLineEndings.REJECT
 
 
+#: ``peer_certificates.trust: system``: Debian's bundle of the CAs that
+#: ca-certificates trusts (update-ca-certificates writes it).
+SYSTEM_TRUST = Path("/etc/ssl/certs/ca-certificates.crt")
+
+
+class PeerCertificates(_Model):
+    """``xmpp-server``: how a connecting server's certificate is judged."""
+
+    #: A PEM file of the CA certificates to trust, or ``system``.
+    trust: str = "system"
+    #: A peer whose certificate does not verify for its stream's ``from``:
+    #: ``dialback`` lets the stream through (the backend authenticates it by
+    #: dialback, as without the proxy), ``refuse`` ends it with a stream error.
+    on_failure: PeerCertificateFailure = PeerCertificateFailure.DIALBACK
+
+    @property
+    def trust_file(self) -> Path:
+        return SYSTEM_TRUST if self.trust == "system" else Path(self.trust)
+
+
 class ListenerConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     protocol: Protocol
@@ -199,6 +219,9 @@ class ListenerConfig(_Model):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     smtp: SMTPOptions = SMTPOptions()
+    #: ``xmpp-server``: the peer's certificate is asked for and verified
+    #: (``null``: the proxy asks for none). Other protocols: ``null``.
+    peer_certificates: PeerCertificates | None = None
 
     @field_validator("listen", mode="before")
     @classmethod
@@ -213,6 +236,32 @@ class ListenerConfig(_Model):
         if value is not None:
             encode_alpn(value)
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _peer_certificates_default(cls, data: object) -> object:
+        # Checked on server-to-server listeners unless set to null.
+        if (
+            isinstance(data, dict)
+            and data.get("protocol") == Protocol.XMPP_SERVER.value
+            and "peer_certificates" not in data
+        ):
+            return {**data, "peer_certificates": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _check_peer_certificates(self) -> ListenerConfig:
+        peer = self.peer_certificates
+        if peer is None:
+            return self
+        if self.protocol is not Protocol.XMPP_SERVER:
+            raise ValueError("peer_certificates is for xmpp-server listeners")
+        if peer.on_failure is PeerCertificateFailure.REFUSE and not self.require_tls:
+            raise ValueError(
+                "peer_certificates.on_failure: refuse needs require_tls: a plaintext"
+                " stream has no certificate"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_identity(self) -> ListenerConfig:
@@ -248,6 +297,17 @@ class ListenerConfig(_Model):
         return self.facts.alpn if self.tls is TLSMode.IMPLICIT else ()
 
 
+def resolve_trust(listener: ListenerConfig, base: Path) -> ListenerConfig:
+    """``listener`` with its peer trust file relative to ``base``."""
+    peer = listener.peer_certificates
+    if peer is None or peer.trust == "system":
+        return listener
+    trust = str(base / peer.trust)
+    return listener.model_copy(
+        update={"peer_certificates": peer.model_copy(update={"trust": trust})}
+    )
+
+
 class MetricsConfig(_Model):
     #: ``host:port`` serving ``/metrics`` for Prometheus; ``null`` = off.
     listen: SocketAddress | None = None
@@ -271,6 +331,31 @@ class Config(_Model):
     shutdown: ShutdownConfig = ShutdownConfig()
     isolation: IsolationConfig = IsolationConfig()
 
+    @field_validator("tls", mode="before")
+    @classmethod
+    def _no_peer_trust(cls, value: object) -> object:
+        if isinstance(value, dict) and "peer_trust" in value:
+            raise ValueError(
+                "peer_trust comes from the listeners' peer_certificates.trust; set it there"
+            )
+        return value
+
+    @property
+    def trust_stores(self) -> tuple[Path, ...]:
+        """The peer trust files of the listeners, each once, in order: the
+        TLS helper's trust stores 1, 2, ..."""
+        files = (
+            listener.peer_certificates.trust_file
+            for listener in self.listeners
+            if listener.peer_certificates is not None
+        )
+        return tuple(dict.fromkeys(files))
+
+    @property
+    def helper_tls(self) -> TLSConfig:
+        """``tls`` as the TLS helper gets it: with the trust stores."""
+        return dataclasses.replace(self.tls, peer_trust=self.trust_stores)
+
     @model_validator(mode="after")
     def _unique_listeners(self) -> Config:
         seen_names: set[str] = set()
@@ -282,6 +367,10 @@ class Config(_Model):
                 raise ValueError(f"listen address {listener.listen} is used twice")
             seen_names.add(listener.name)
             seen_addresses.add(str(listener.listen))
+        if len(self.trust_stores) > MAX_TRUST_STORES:
+            raise ValueError(
+                f"the listeners name more than {MAX_TRUST_STORES} peer_certificates.trust files"
+            )
         return self
 
 
@@ -314,5 +403,8 @@ def load_config(path: Path) -> Config:
         CertificateConfig(cert=base / c.cert, key=base / c.key) for c in config.tls.certificates
     ]
     return config.model_copy(
-        update={"tls": dataclasses.replace(config.tls, certificates=certificates)}
+        update={
+            "tls": dataclasses.replace(config.tls, certificates=certificates),
+            "listeners": [resolve_trust(listener, base) for listener in config.listeners],
+        }
     )

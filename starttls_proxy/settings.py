@@ -70,6 +70,11 @@ class TLSConfig:
     #: The first certificate is the default; the others are chosen by SNI.
     certificates: Annotated[list[CertificateConfig], at.MinLen(1)]
     min_version: Literal["1.2", "1.3"] = "1.2"
+    #: CA files that peers' certificates are verified against, the TLS
+    #: helper's trust stores 1, 2, ...: what the listeners'
+    #: ``peer_certificates.trust`` name (``Config.helper_tls``), not a key of
+    #: the YAML file's ``tls`` section.
+    peer_trust: Annotated[tuple[Path, ...], at.MaxLen(16)] = ()
 
 
 class IsolationMode(enum.Enum):
@@ -174,6 +179,8 @@ def _decode(kind: Any, data: Any) -> Any:
         values = {name: _decode(fields[name], value) for name, value in data.items()}
         return typing.cast(Any, kind)(**values)
     origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple and arguments[1:] == (Ellipsis,):
+        return tuple(_decode(arguments[0], value) for value in data)
     if origin is tuple:
         return tuple(_decode(a, value) for a, value in zip(arguments, data, strict=True))
     if origin is list:

@@ -22,7 +22,9 @@ worker's channel)::
     helper -> keeper       Ready or Problems (then the socket goes to main)
     main -> helper         SpawnRequest, binary (+ client socket, channel)
     helper -> main         WorkerExited
-    worker -> main         its report, first on its channel (read_report)
+    worker -> main         its report, first on its channel (read_report);
+                           with the peer certificate's verification and
+                           names when the spawn request named a trust store
     keeper -> key server   KeyServerStart (first), LoadKeys (+ link, key files)
     key server -> keeper   Ready or Problems, KeysLoaded or Problems,
                            KeyServerCounts
@@ -47,7 +49,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
-from protocols._base import TLSInfo
+from protocols._base import PeerCertificate, TLSInfo
 
 # ----------------------------------------------------------------------
 # Exit statuses.
@@ -426,10 +428,17 @@ def _expect(kind: type[T], data: object, where: str) -> T:
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).
 MAX_EARLY_BYTES = 16 * 1024 + 5
-#: The handshake timeout (ms); then the hint, the ALPN list and the early
-#: bytes, each after its length (u8, u8, u16).
-SPAWN_HEADER = struct.Struct("!I")
+#: The handshake timeout (ms) and the peer trust store; then the hint,
+#: the ALPN list and the early bytes, each after its length (u8, u8, u16).
+SPAWN_HEADER = struct.Struct("!IB")
 SPAWN_FIXED_SIZE = SPAWN_HEADER.size + 1 + 1 + 2
+#: Trust stores for peers' certificates a helper may hold (and so the
+#: largest trust store number of a spawn request).
+MAX_TRUST_STORES = 16
+#: A peer certificate's names the worker reports, at most.
+MAX_PEER_DNS_NAMES = 100
+MAX_PEER_XMPP_ADDRS = 10
+MAX_PEER_NAME = 255
 #: A one-byte length: the most a server name hint or an ALPN list can be.
 MAX_SHORT_FIELD = 255
 MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 2 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
@@ -448,6 +457,10 @@ REPORTED_VERSIONS = frozenset({"TLSv1.2", "TLSv1.3"})
 _CIPHER_NAME = re.compile(r"[A-Z0-9_-]{1,64}")
 _NAME = re.compile(r"[\x21-\x7e]{1,255}")
 MAX_REASON = 200
+#: A peer certificate's dNSName as the worker passes it on: an A-label or
+#: a wildcard (the worker leaves out the others).
+_DNS_NAME = re.compile(rf"[A-Za-z0-9.*-]{{1,{MAX_PEER_NAME}}}")
+_PEER_VERIFY = frozenset({"ok", "untrusted", "none"})
 
 #: TEST ONLY (``isolation.self_test``): the start of the line each worker
 #: logs about its own sandbox.
@@ -467,6 +480,9 @@ class SpawnRequest:
     #: Client bytes already read by the main process (see MAX_EARLY_BYTES):
     #: the start of a ClientHello, handled before anything read from the socket.
     early: bytes = b""
+    #: Ask the client for a certificate and verify it against the helper's
+    #: trust store of this number (1-based); 0: ask for none.
+    peer_trust: int = 0
 
     def encode(self) -> bytes:
         """The request as ``tls/helper/wire.h`` lays it out; ``ValueError`` if
@@ -479,11 +495,13 @@ class SpawnRequest:
             raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
         if not 0 < self.handshake_timeout <= MAX_HANDSHAKE_TIMEOUT:
             raise ValueError(f"handshake timeout of {self.handshake_timeout} s")
+        if not 0 <= self.peer_trust <= MAX_TRUST_STORES:
+            raise ValueError(f"peer trust store {self.peer_trust}")
         # At least 1 ms: 0 would read as "no deadline" to an alarm.
         timeout = max(1, round(self.handshake_timeout * 1000))
         return b"".join(
             (
-                SPAWN_HEADER.pack(timeout),
+                SPAWN_HEADER.pack(timeout, self.peer_trust),
                 bytes((len(hint),)),
                 hint,
                 bytes((len(alpn),)),
@@ -530,11 +548,15 @@ class HandshakeFailure:
     reason: str
 
 
-def read_report(payload: bytes, alpn: tuple[str, ...]) -> TLSInfo | HandshakeFailure:
+def read_report(
+    payload: bytes, alpn: tuple[str, ...], *, peer: bool = False
+) -> TLSInfo | HandshakeFailure:
     """The worker's report (its JSON), checked before anything of it reaches
     a metric label, a log line or a PROXY TLV: the worker is the process the
     design assumes may be compromised. ``alpn``: what the listener offered
-    (the worker may have selected only one of those). ``WireError`` for a
+    (the worker may have selected only one of those); ``peer``: whether the
+    spawn request named a trust store (a handshake's report then says what
+    came of the peer's certificate, and only then). ``WireError`` for a
     report no sound worker writes."""
     report = _json(payload)
     if not isinstance(report, dict):
@@ -560,4 +582,55 @@ def read_report(payload: bytes, alpn: tuple[str, ...]) -> TLSInfo | HandshakeFai
         # reason to refuse the session, but it goes no further.
         server_name = None
     assert isinstance(version, str)
-    return TLSInfo(version, cipher, server_name, selected)
+    if peer != ("peer" in report):
+        raise WireError("a peer certificate's report where none was asked for, or none")
+    certificate = _peer_certificate(report["peer"]) if peer else None
+    return TLSInfo(version, cipher, server_name, selected, certificate)
+
+
+def _peer_certificate(found: object) -> PeerCertificate | None:
+    """The report's ``"peer"``: None when the client sent no certificate."""
+    if not isinstance(found, dict) or found.get("verify") not in _PEER_VERIFY:
+        raise WireError(f"peer {found!r}")
+    verify, error = found["verify"], found.get("error")
+    dns_names, xmpp_addrs = found.get("dns_names"), found.get("xmpp_addrs")
+    if not isinstance(dns_names, list) or not isinstance(xmpp_addrs, list):
+        raise WireError("peer names are not lists")
+    if len(dns_names) > MAX_PEER_DNS_NAMES or len(xmpp_addrs) > MAX_PEER_XMPP_ADDRS:
+        raise WireError("more peer names than a worker reports")
+    if verify == "untrusted":
+        if not isinstance(error, str) or not error.isprintable() or len(error) > MAX_REASON:
+            raise WireError(f"peer verification error {error!r}")
+    elif error is not None:
+        raise WireError("a peer verification error without a failure")
+    if verify == "none":
+        if dns_names or xmpp_addrs:
+            raise WireError("names of a certificate that was not sent")
+        return None
+    for name in dns_names:
+        if not isinstance(name, str) or not _DNS_NAME.fullmatch(name):
+            raise WireError(f"peer dNSName {name!r}")
+    return PeerCertificate(
+        trusted=verify == "ok",
+        problem=error,
+        dns_names=tuple(name.lower() for name in dns_names),
+        xmpp_addrs=tuple(_xmpp_addr(address) for address in xmpp_addrs),
+    )
+
+
+def _xmpp_addr(found: object) -> str:
+    """An id-on-xmppAddr as the worker wrote it: its UTF-8 bytes, each an
+    escaped code point below 256 (``tls/helper/json.c``)."""
+    if not isinstance(found, str):
+        raise WireError(f"peer xmppAddr {found!r}")
+    try:
+        raw = found.encode("latin-1")
+        address = raw.decode("utf-8")
+    except UnicodeError:
+        raise WireError(f"peer xmppAddr {found!r} is not UTF-8") from None
+    # As the worker checks it: no C0 or C1 control, no DEL.
+    if not 0 < len(raw) <= MAX_PEER_NAME or any(
+        ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in address
+    ):
+        raise WireError(f"peer xmppAddr {address!r}")
+    return address

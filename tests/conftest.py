@@ -9,6 +9,8 @@ import pytest
 import trustme
 from hypothesis import settings
 
+from tests.peer_certs import Authority
+
 # The real servers and the proxy, for every directory that needs them.
 pytest_plugins = ["tests.realservers.fixtures"]
 
@@ -37,3 +39,10 @@ def cert_dir(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     other.private_key_pem.write_to_path(str(directory / "other-key.pem"))
     other.cert_chain_pems[0].write_to_path(str(directory / "other.pem"))
     yield directory
+
+
+@pytest.fixture(scope="session")
+def peer_authorities() -> tuple[Authority, Authority]:
+    """Two CAs of connecting XMPP servers: the first one trusted by the
+    peer-certificate tests, the second one not."""
+    return Authority.new("Trusted peers' CA"), Authority.new("Unknown peers' CA")

@@ -96,6 +96,8 @@ class FakeHelper(TLSHelper):
         self.clients_seen = 0
         #: Set by a test to hold ``spawn`` until it says so.
         self.gate: asyncio.Event | None = None
+        #: The trust stores a test pretends the helper holds.
+        self.trust_stores = ()
 
     async def spawn(
         self, client: socket.socket, request: SpawnRequest, patience: float

@@ -6,13 +6,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from protocols.registry import PROTOCOLS
 from starttls_proxy.cli import main
-from starttls_proxy.config import Protocol, load_config
+from starttls_proxy.config import SYSTEM_TRUST, Protocol, load_config
 from starttls_proxy.settings import ConfigError
 from tests.realservers import demo
 
@@ -219,3 +220,99 @@ def test_every_protocol_the_configuration_takes_has_a_machine() -> None:
     """What the removed ``_implemented`` validator could never find at run
     time, held where it can fail: a protocol added to the enum alone."""
     assert {protocol.value for protocol in Protocol} == set(PROTOCOLS)
+
+
+def _s2s(cert_dir: Path, **listener: object) -> dict[str, object]:
+    return _minimal(
+        cert_dir,
+        name="s2s",
+        protocol="xmpp-server",
+        listen="127.0.0.1:5269",
+        backend={"address": "127.0.0.1:15269"},
+        **listener,
+    )
+
+
+def test_server_to_server_listeners_verify_peers_against_the_system_store(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    config = load_config(_write(tmp_path, yaml.safe_dump(_s2s(cert_dir))))
+    peer = config.listeners[0].peer_certificates
+    assert peer is not None
+    assert (peer.trust, peer.on_failure.value) == ("system", "dialback")
+    assert config.trust_stores == (SYSTEM_TRUST,)
+    assert config.helper_tls.peer_trust == (SYSTEM_TRUST,)
+    assert config.tls.peer_trust == ()
+    # Other protocols ask for no certificate; null turns it off.
+    assert load_config(_write(tmp_path, yaml.safe_dump(_minimal(cert_dir)))).trust_stores == ()
+    off = load_config(_write(tmp_path, yaml.safe_dump(_s2s(cert_dir, peer_certificates=None))))
+    assert off.listeners[0].peer_certificates is None and off.trust_stores == ()
+
+
+def test_trust_files_are_relative_to_the_config_and_each_a_store_once(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    raw = _s2s(cert_dir, peer_certificates={"trust": "peers.pem", "on_failure": "refuse"})
+    second = dict(raw["listeners"][0])  # type: ignore[index]
+    second.update(name="s2s-direct", listen="127.0.0.1:5270", tls="implicit")
+    third = dict(second, name="s2s-system", listen="127.0.0.1:5271", peer_certificates={})
+    raw["listeners"] = [*raw["listeners"], second, third]  # type: ignore[misc]
+    config = load_config(_write(tmp_path, yaml.safe_dump(raw)))
+    assert config.trust_stores == (tmp_path / "peers.pem", SYSTEM_TRUST)
+    assert config.listeners[1].peer_certificates is not None
+    assert config.listeners[1].peer_certificates.on_failure.value == "refuse"
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (
+            lambda d: _minimal(d, peer_certificates={}),
+            "listeners[0]: Value error, peer_certificates is for xmpp-server listeners",
+        ),
+        (
+            lambda d: _s2s(d, require_tls=False, peer_certificates={"on_failure": "refuse"}),
+            "listeners[0]: Value error, peer_certificates.on_failure: refuse needs require_tls",
+        ),
+        (
+            lambda d: _s2s(d, peer_certificates={"on_failure": "ignore"}),
+            "listeners[0].peer_certificates.on_failure: Input should be 'dialback' or 'refuse'",
+        ),
+        (
+            lambda d: {**_s2s(d), "tls": {**_s2s(d)["tls"], "peer_trust": ["/x.pem"]}},  # type: ignore[dict-item]
+            "tls: Value error, peer_trust comes from the listeners",
+        ),
+    ],
+)
+def test_peer_certificates_problems(cert_dir: Path, tmp_path: Path, raw: Any, problem: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, yaml.safe_dump(raw(cert_dir))))
+    assert any(line.startswith(problem) for line in refused.value.problems), refused.value.problems
+
+
+def test_check_reads_the_trust_files(
+    cert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = _s2s(cert_dir, peer_certificates={"trust": str(tmp_path / "missing.pem")})
+    path = _write(tmp_path, yaml.safe_dump(raw))
+    assert main(["--config", str(path), "--check"]) == 2
+    assert f"peer_certificates.trust: {tmp_path / 'missing.pem'}: file not found" in (
+        capsys.readouterr().err
+    )
+    raw = _s2s(cert_dir, peer_certificates={"trust": str(cert_dir / "ca.pem")})
+    assert main(["--config", str(_write(tmp_path, yaml.safe_dump(raw))), "--check"]) == 0
+
+
+def test_the_example_server_to_server_listener_checks_when_uncommented(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    """config.example.yaml shows it commented out (no demo server federates)."""
+    text = (ROOT / "config.example.yaml").read_text()
+    start = text.index("  # - name: xmpp-s2s")
+    block = text[start : text.index("\nmetrics:", start)]
+    entry = yaml.safe_load("\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()))
+    raw = _minimal(cert_dir)
+    raw["listeners"] = entry
+    config = load_config(_write(tmp_path, yaml.safe_dump(raw)))
+    peer = config.listeners[0].peer_certificates
+    assert peer is not None and peer == type(peer)()

@@ -11,7 +11,7 @@ from typing import Literal
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from starttls_proxy.settings import (
@@ -31,6 +31,7 @@ from starttls_proxy.tls.description import (
     Tag,
     describe,
     dns_names,
+    read_trust_store,
     records,
 )
 from tests import wire_h
@@ -48,6 +49,7 @@ def _describe(
     seccomp_missing: str | None = None,
     chroot_missing: str | None = None,
     uid_range: tuple[int, int] = (200_000, 65_535),
+    probe_only: bool = False,
 ) -> bytes:
     return describe(
         tls,
@@ -58,6 +60,7 @@ def _describe(
         seccomp_missing=seccomp_missing,
         chroot_missing=chroot_missing,
         uid_range=uid_range,
+        probe_only=probe_only,
     )
 
 
@@ -253,3 +256,43 @@ def test_tags_and_layers_agree_with_wire_h() -> None:
 def test_every_layer_has_its_switch() -> None:
     switches = {field.name for field in dataclasses.fields(IsolationLayers)}
     assert {layer.name.lower() for layer in Layer} == switches
+
+
+def test_peer_trust_stores_go_to_the_helper_as_bare_pem(cert_dir: Path, tmp_path: Path) -> None:
+    """A listener's CA file, comments and all, becomes its certificates in
+    PEM, one TRUST record per store, in the order of ``peer_trust``."""
+    ca = (cert_dir / "ca.pem").read_bytes()
+    commented = tmp_path / "commented.pem"
+    commented.write_bytes(b"# the test CA\n" + ca + b"\n# end\n")
+    tls = dataclasses.replace(_tls(cert_dir), peer_trust=(commented, cert_dir / "ca.pem"))
+    trust = [value for tag, value in records(_describe(tls)) if tag is Tag.TRUST]
+    canonical = x509.load_pem_x509_certificate(ca).public_bytes(serialization.Encoding.PEM)
+    assert trust == [canonical, canonical]
+    # --isolation-report's helper loads no certificate, and no trust store.
+    probe = _describe(tls, probe_only=True)
+    assert Tag.TRUST not in [tag for tag, _ in records(probe)]
+
+
+def test_every_trust_store_problem_is_named_at_once(cert_dir: Path, tmp_path: Path) -> None:
+    garbled = tmp_path / "garbled.pem"
+    garbled.write_text("no certificate here\n")
+    tls = dataclasses.replace(
+        _tls(cert_dir), peer_trust=(tmp_path / "missing.pem", garbled, cert_dir / "ca.pem")
+    )
+    with pytest.raises(ConfigError) as refused:
+        _describe(tls)
+    problems = refused.value.problems
+    assert problems[0] == f"peer_certificates.trust: {tmp_path / 'missing.pem'}: file not found"
+    assert problems[1] == (
+        f"peer_certificates.trust: {garbled}: not a PEM list of CA certificates (none found)"
+    )
+    assert len(problems) == 2
+
+
+def test_a_certificate_cryptography_cannot_read_leaves_the_rest_of_the_store(
+    cert_dir: Path, tmp_path: Path
+) -> None:
+    broken = b"-----BEGIN CERTIFICATE-----\nbm90IERFUg==\n-----END CERTIFICATE-----\n"
+    mixed = tmp_path / "mixed.pem"
+    mixed.write_bytes(broken + (cert_dir / "ca.pem").read_bytes())
+    assert read_trust_store(mixed) == read_trust_store(cert_dir / "ca.pem")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from protocols._base import TLSInfo
+from protocols._base import PeerCertificate, TLSInfo
 from starttls_proxy import wire
 from starttls_proxy.wire import (
     MAX_EARLY_BYTES,
@@ -34,7 +34,9 @@ def decode(message: bytes) -> SpawnRequest:
     if len(message) > MAX_SPAWN_REQUEST:
         raise ValueError("spawn request too long")
     reader = _Reader(message)
-    (timeout,) = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
+    timeout, peer_trust = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
+    if peer_trust > wire.MAX_TRUST_STORES:
+        raise ValueError(f"peer trust store {peer_trust}")
     hint = reader.field(1)
     alpn = _alpn_names(reader.field(1))
     early = reader.field(2)
@@ -49,6 +51,7 @@ def decode(message: bytes) -> SpawnRequest:
         server_name_hint=hint.decode("ascii") if hint else None,
         alpn=alpn,
         early=early,
+        peer_trust=peer_trust,
     )
 
 
@@ -96,6 +99,7 @@ _REQUESTS = st.builds(
     server_name_hint=st.none() | _ASCII_NAME.filter(lambda name: len(name) <= 255),
     alpn=_ALPN,
     early=st.binary(max_size=MAX_EARLY_BYTES),
+    peer_trust=st.integers(0, wire.MAX_TRUST_STORES),
 )
 
 
@@ -105,9 +109,11 @@ def test_a_request_as_wire_h_lays_it_out() -> None:
         server_name_hint="xmpp.example",
         alpn=("xmpp-client", "h2"),
         early=b"\x16\x03\x01",
+        peer_trust=2,
     )
     assert request.encode() == (
         struct.pack("!I", 30_000)
+        + b"\x02"
         + b"\x0cxmpp.example"
         + b"\x0f\x0bxmpp-client\x02h2"
         + b"\x00\x03\x16\x03\x01"
@@ -153,11 +159,12 @@ def test_every_truncation_is_refused() -> None:
     ("message", "why"),
     [
         (SpawnRequest(1.0).encode() + b"x", "bytes after"),
-        (b"\x00" * 4 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
-        (b"\x00" * 4 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
-        (b"\x00" * 4 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
+        (b"\x00" * 5 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
+        (b"\x00" * 5 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
+        (b"\x00" * 5 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
+        (b"\x00" * 4 + b"\x11" + b"\x00\x00\x00\x00", "no such trust store"),
         (
-            b"\x00" * 4
+            b"\x00" * 5
             + b"\x00\x00"
             + struct.pack("!H", MAX_EARLY_BYTES + 1)
             + b"\x16" * (MAX_EARLY_BYTES + 1),
@@ -183,6 +190,8 @@ def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
         SpawnRequest(0.0),
         SpawnRequest(5e6),
         SpawnRequest(float("nan")),
+        SpawnRequest(1.0, peer_trust=wire.MAX_TRUST_STORES + 1),
+        SpawnRequest(1.0, peer_trust=-1),
     ],
 )
 def test_encode_refuses_what_does_not_fit(request_: SpawnRequest) -> None:
@@ -226,7 +235,16 @@ def test_only_hints_a_certificate_could_match_are_passed_on(
 def test_wire_agrees_with_wire_h() -> None:
     """(The worker exit statuses: ``test_wire_messages``.)"""
     defines = wire_h.defines()
-    for name in ("MAX_EARLY_BYTES", "SPAWN_FIXED_SIZE", "MAX_SPAWN_REQUEST", "MAX_REPORT_SIZE"):
+    for name in (
+        "MAX_EARLY_BYTES",
+        "SPAWN_FIXED_SIZE",
+        "MAX_SPAWN_REQUEST",
+        "MAX_REPORT_SIZE",
+        "MAX_TRUST_STORES",
+        "MAX_PEER_DNS_NAMES",
+        "MAX_PEER_XMPP_ADDRS",
+        "MAX_PEER_NAME",
+    ):
         assert getattr(wire, name) == defines[name], name
 
 
@@ -295,3 +313,82 @@ def test_a_failure_reason_is_one_printable_line() -> None:
 def test_any_bytes_are_a_report_or_a_value_error(payload: bytes) -> None:
     with contextlib.suppress(ValueError):
         read_report(payload, ("xmpp-client",))
+
+
+# ----------------------------------------------------------------------
+# The peer certificate part of a report (xmpp-server listeners).
+
+_PEER = {"verify": "ok", "error": None, "dns_names": ["a.example"], "xmpp_addrs": []}
+
+
+def _peer_report(**changes: object) -> bytes:
+    return _report(peer={**_PEER, **changes})
+
+
+def test_a_peer_certificate_is_read_as_the_worker_wrote_it() -> None:
+    # An xmppAddr's UTF-8 bytes, each escaped by the worker as a code point below 256.
+    munich = "m\u00fcnchen.example".encode().decode("latin-1")
+    outcome = read_report(
+        _peer_report(dns_names=["A.Example", "*.b.example"], xmpp_addrs=[munich]),
+        ("xmpp-client",),
+        peer=True,
+    )
+    assert isinstance(outcome, TLSInfo)
+    assert outcome.peer_certificate == PeerCertificate(
+        trusted=True,
+        dns_names=("a.example", "*.b.example"),
+        xmpp_addrs=("m\u00fcnchen.example",),
+    )
+    untrusted = read_report(
+        _peer_report(verify="untrusted", error="certificate has expired"),
+        ("xmpp-client",),
+        peer=True,
+    )
+    assert isinstance(untrusted, TLSInfo) and untrusted.peer_certificate == PeerCertificate(
+        trusted=False, problem="certificate has expired", dns_names=("a.example",)
+    )
+    none = read_report(_peer_report(verify="none", dns_names=[]), ("xmpp-client",), peer=True)
+    assert isinstance(none, TLSInfo) and none.peer_certificate is None
+
+
+@pytest.mark.parametrize(
+    ("payload", "peer", "why"),
+    [
+        (_report(), True, "peer certificate's report"),
+        (_peer_report(), False, "peer certificate's report"),
+        (_report(peer="ok"), True, "peer"),
+        (_peer_report(verify="maybe"), True, "peer"),
+        (_peer_report(error="a reason"), True, "without a failure"),
+        (_peer_report(verify="untrusted"), True, "verification error"),
+        (_peer_report(verify="untrusted", error="x" * 201), True, "verification error"),
+        (_peer_report(verify="untrusted", error="a\nb"), True, "verification error"),
+        (_peer_report(verify="none"), True, "not sent"),
+        (_peer_report(dns_names="a.example"), True, "not lists"),
+        (_peer_report(dns_names=["a.example"] * 101), True, "more peer names"),
+        (_peer_report(xmpp_addrs=["a.example"] * 11), True, "more peer names"),
+        (_peer_report(dns_names=["a b.example"]), True, "dNSName"),
+        (_peer_report(dns_names=["x" * 256]), True, "dNSName"),
+        (_peer_report(dns_names=[7]), True, "dNSName"),
+        (_peer_report(xmpp_addrs=["\u0100.example"]), True, "not UTF-8"),
+        (_peer_report(xmpp_addrs=["\xff.example"]), True, "not UTF-8"),
+        (_peer_report(xmpp_addrs=["bell\x07"]), True, "xmppAddr"),
+        (_peer_report(xmpp_addrs=["\xc2\x85"]), True, "xmppAddr"),
+        (_peer_report(xmpp_addrs=[""]), True, "xmppAddr"),
+        (_peer_report(xmpp_addrs=["y" * 256]), True, "xmppAddr"),
+        (_peer_report(xmpp_addrs=[None]), True, "xmppAddr"),
+    ],
+)
+def test_a_compromised_workers_peer_certificate_goes_no_further(
+    payload: bytes, peer: bool, why: str
+) -> None:
+    """The names become a PROXY TLV and a log line, the result a metric
+    label: only what a sound worker writes (``tls/helper/peer.c``)."""
+    with pytest.raises(ValueError, match=why):
+        read_report(payload, ("xmpp-client",), peer=peer)
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_a_report_or_a_value_error_with_a_peer(payload: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        read_report(_report(peer=payload.decode("latin-1")), ("xmpp-client",), peer=True)
+        read_report(payload, ("xmpp-client",), peer=True)

@@ -90,9 +90,11 @@ class Endpoint(asyncio.Protocol):
 class ChannelEndpoint(Endpoint):
     """The worker's plaintext channel: a report frame, then client bytes."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, peer: bool = False) -> None:
+        """``peer``: the worker was asked to verify the client's certificate."""
         super().__init__(session, Side.CLIENT)
         self._report: bytearray | None = bytearray()
+        self._peer = peer
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
@@ -112,7 +114,9 @@ class ChannelEndpoint(Endpoint):
         report, rest = bytes(self._report[REPORT_HEADER.size : end]), bytes(self._report[end:])
         self._report = None
         try:
-            outcome = read_report(report, self.session.runtime.config.alpn_protocols)
+            outcome = read_report(
+                report, self.session.runtime.config.alpn_protocols, peer=self._peer
+            )
         except ValueError as error:
             self.session.close(f"malformed report from the TLS worker: {error}")
             return

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from starttls_proxy._process import start_process
 from starttls_proxy.proxy import metrics
@@ -102,6 +103,10 @@ class TLSHelper:
         self._reloaded: asyncio.Future[list[str]] | None = None
         #: Set while a helper takes connections (not while the keeper restarts one).
         self._running = asyncio.Event()
+        #: The peer trust files of the helper in service, its stores 1, 2, ...
+        self.trust_stores: tuple[Path, ...] = ()
+        #: Those of the helper a pending reload starts.
+        self._reload_trust_stores: tuple[Path, ...] = ()
 
     @classmethod
     def start(cls, tls: TLSConfig, isolation: IsolationConfig) -> TLSHelper:
@@ -122,6 +127,7 @@ class TLSHelper:
             case HelperStarted() if fd is not None:
                 ours.setblocking(False)
                 helper = cls(keeper, ours)
+                helper.trust_stores = tls.peer_trust
                 helper._adopt(message, fd)
                 return helper
             case Problems(problems=problems):
@@ -130,6 +136,16 @@ class TLSHelper:
             case _:
                 keeper.wait(5)
                 raise ConfigError(["tls: the TLS helper failed to start"])
+
+    def trust_number(self, path: Path) -> int:
+        """The helper's number for the trust store of ``path``, for a spawn
+        request; 0 when it has none (a listener a reload changed, in the
+        moment before its new configuration replaces the old one): the
+        worker then asks for no certificate."""
+        try:
+            return self.trust_stores.index(path) + 1
+        except ValueError:
+            return 0
 
     def _adopt(self, message: HelperStarted, fd: int) -> None:
         self.control = socket.socket(fileno=fd)
@@ -204,6 +220,7 @@ class TLSHelper:
                     self._drop_control()
                     self._adopt(message, fd)
                     if message.reloaded and self._reloaded is not None:
+                        self.trust_stores = self._reload_trust_stores
                         self._reloaded.set_result([])
                     else:
                         log.info("the TLS helper runs again (pid %d)", self.helper_pid)
@@ -237,6 +254,7 @@ class TLSHelper:
         """
         assert self._loop is not None
         self._reloaded = self._loop.create_future()
+        self._reload_trust_stores = tls.peer_trust
         try:
             self.keeper_socket.send(Reload(_configuration(tls, isolation)).encode())
             async with asyncio.timeout(RELOAD_TIMEOUT):

@@ -133,3 +133,10 @@ WORKER_EXITS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+S2S_PEER_VERIFICATION = Counter(
+    "starttls_proxy_s2s_peer_verification_total",
+    "Incoming server-to-server streams by what their peer's certificate proved for the"
+    " stream's 'from' (verified, no_certificate, untrusted, name_mismatch).",
+    ["listener", "result"],
+    registry=REGISTRY,
+)

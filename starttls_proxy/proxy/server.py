@@ -68,6 +68,9 @@ def session_settings(config: ListenerConfig, capabilities: tuple[str, ...]) -> S
         max_xml_depth=config.limits.max_xml_depth,
         max_attribute_size=config.limits.max_attribute_size,
         domains=config.domains,
+        peer_certificate_failure=(
+            config.peer_certificates.on_failure if config.peer_certificates else None
+        ),
     )
 
 
@@ -440,7 +443,7 @@ class Server:
         try:
             for listener in changed:
                 bound[listener.name] = await self._bind(listener)
-            problems = await self.helper.reload(new.tls, new.isolation)
+            problems = await self.helper.reload(new.helper_tls, new.isolation)
             if problems:
                 raise ConfigError(problems)
         except ConfigError:

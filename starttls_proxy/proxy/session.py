@@ -27,6 +27,7 @@ from protocols._base import (
     CloseConnection,
     OpenBackend,
     Peer,
+    PeerChecked,
     ProxyMachine,
     SendToBackend,
     SendToClient,
@@ -137,6 +138,8 @@ class Session:
         self.client: Endpoint | None = endpoint
         self.backend: Endpoint | None = None
         self.tls: TLSInfo | None = None
+        #: The domain the client's certificate was verified for (XMPP peers).
+        self.verified_peer: str | None = None
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
         self._write_paused = {Side.CLIENT: False, Side.BACKEND: False}
@@ -252,6 +255,8 @@ class Session:
                     self._start_task(self._open_backend())
                 case StartTLS(discarded, server_name_hint):
                     self._start_tls(discarded, server_name_hint)
+                case PeerChecked():
+                    self._peer_checked(command)
                 case CloseConnection(reason, clean):
                     self.close(reason, clean=clean)
                 case _:
@@ -298,12 +303,27 @@ class Session:
             transport.close()
             return
         self.backend = endpoint
-        header = proxy_header.session_header(config.backend.identity, self.peer, self.tls)
+        header = proxy_header.session_header(
+            config.backend.identity, self.peer, self.tls, self.verified_peer
+        )
         if header:
             transport.write(header)
         self.machine.backend_connected()
         self._run_commands()
         endpoint.release()
+
+    def _peer_checked(self, checked: PeerChecked) -> None:
+        config = self.runtime.config
+        self.verified_peer = checked.domain
+        metrics.S2S_PEER_VERIFICATION.labels(config.name, checked.result.value).inc()
+        log.info(
+            "%s: %s:%s peer certificate: %s%s",
+            config.name,
+            self.peer.client_address,
+            self.peer.client_port,
+            checked.result.value,
+            f" for {checked.domain}" if checked.domain else f" ({checked.detail})",
+        )
 
     def _start_tls(self, discarded: bytes, server_name_hint: str | None) -> None:
         config = self.runtime.config
@@ -343,11 +363,13 @@ class Session:
         # only drops the event loop's descriptor, no FIN is sent.
         transport.abort()
         config = self.runtime.config
+        trust = config.peer_certificates
         request = SpawnRequest(
             handshake_timeout=config.timeouts.handshake,
             server_name_hint=usable_hint(server_name_hint),
             alpn=config.alpn_protocols,
             early=bytes(endpoint.held or b""),
+            peer_trust=self.runtime.helper.trust_number(trust.trust_file) if trust else 0,
         )
         try:
             channel = await self.runtime.helper.spawn(client, request, config.timeouts.handshake)
@@ -360,7 +382,7 @@ class Session:
             channel.close()
             return
         _, endpoint = await self.loop.connect_accepted_socket(
-            lambda: ChannelEndpoint(self), sock=channel
+            lambda: ChannelEndpoint(self, peer=request.peer_trust > 0), sock=channel
         )
         # Until the report arrives the channel is not the client side yet, but
         # closing the session must close it.

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import struct
+import warnings
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from starttls_proxy.settings import ConfigError, IsolationConfig, IsolationMode, TLSConfig
 
@@ -72,6 +75,7 @@ class Tag(enum.IntEnum):
     CHROOT_MISSING = 21
     PROVIDER = 22
     PROBE_ONLY = 23
+    TRUST = 24
 
 
 class Layer(enum.IntEnum):
@@ -157,6 +161,12 @@ def describe(
             out.add(Tag.KEY_PATH, os.fsencode(entry.key))
         for name in names:
             out.add(Tag.NAME, name.encode())
+    trust = []
+    for path in () if probe_only else tls.peer_trust:
+        try:
+            trust.append(read_trust_store(path))
+        except ConfigError as error:
+            problems.extend(error.problems)
     if problems:
         raise ConfigError(problems)
     out.add(Tag.UID_RANGE, struct.pack("!II", *uid_range))
@@ -174,11 +184,16 @@ def describe(
         out.add(Tag.SECCOMP_MISSING, seccomp_missing.encode())
     if provider is not None:
         out.add(Tag.PROVIDER, os.fsencode(provider))
+    for store in trust:
+        out.add(Tag.TRUST, store)
     description = out.join()
     if len(description) > MAX_DESCRIPTION:
-        # Only certificate chains can make it this large.
+        # Only certificate chains and trust stores can make it this large.
         raise ConfigError(
-            [f"tls.certificates: the chains take more than {MAX_DESCRIPTION} bytes together"]
+            [
+                f"tls.certificates: the chains and the peer trust stores take more than"
+                f" {MAX_DESCRIPTION} bytes together"
+            ]
         )
     return description
 
@@ -202,6 +217,39 @@ def _read_chain(cert: Path, key: Path, where: str, key_file: bool) -> tuple[byte
     except (ValueError, OSError) as error:
         raise ConfigError([f"{where}.cert: not a PEM certificate chain: {error}"]) from None
     return chain, dns_names(leaf)
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def read_trust_store(path: Path) -> bytes:
+    """The CA certificates of ``path`` (a listener's
+    ``peer_certificates.trust``) as the helper loads them: PEM, nothing
+    else. A certificate that ``cryptography`` cannot read is left out (the
+    system bundle holds a few that bend RFC 5280, which it warns it will
+    refuse one day), so that one of them cannot make the whole store
+    unusable. ``ConfigError`` when the file is missing or holds no
+    certificate at all."""
+    where = f"peer_certificates.trust: {path}"
+    try:
+        blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
+    except FileNotFoundError:
+        raise ConfigError([f"{where}: file not found"]) from None
+    except OSError as error:
+        raise ConfigError([f"{where}: cannot read: {error.strerror}"]) from None
+    found = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for block in blocks:
+            try:
+                found.append(x509.load_pem_x509_certificate(block))
+            except ValueError:
+                continue
+    if not found:
+        raise ConfigError([f"{where}: not a PEM list of CA certificates (none found)"])
+    return b"".join(certificate.public_bytes(Encoding.PEM) for certificate in found)
 
 
 class _Records:

@@ -33,6 +33,8 @@ from protocols._base import (
     CloseConnection,
     Command,
     OpenBackend,
+    PeerCertificate,
+    PeerChecked,
     ProxyMachine,
     SendToBackend,
     SendToClient,
@@ -200,7 +202,13 @@ def _attributes(item: object) -> Iterator[object]:
 # The driver model.
 
 Machine = ProxyMachine[Any, Any]
-TLS_INFO = TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256")
+#: The server dialogue's peer has a certificate for its domain (xmpp-server
+#: machines judge it; the others never look).
+TLS_INFO = TLSInfo(
+    "TLSv1.3",
+    "TLS_AES_128_GCM_SHA256",
+    peer_certificate=PeerCertificate(trusted=True, dns_names=("remote.example",)),
+)
 
 
 @dataclasses.dataclass
@@ -216,6 +224,7 @@ class Session:
     tls_done: bool = False
     client_gone: bool = False
     backend_gone: bool = False
+    peer_checked: bool = False
     closed: bool = False
     largest_read: int = 0
     baseline: int = 0
@@ -313,6 +322,13 @@ class Session:
                 f"OpenBackend before TLS on a listener that requires it ({after})",
             )
             self.backend_owed = True
+        elif isinstance(command, PeerChecked):
+            check(self.tls_done and not self.peer_checked, f"PeerChecked out of turn ({after})")
+            check(
+                not (self.backend_owed or self.backend_up),
+                f"PeerChecked after OpenBackend ({after})",
+            )
+            self.peer_checked = True
         elif isinstance(command, StartTLS):
             check(not (self.handshake_owed or self.tls_done), f"second StartTLS ({after})")
             self.handshake_owed = True

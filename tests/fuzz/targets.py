@@ -16,7 +16,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from protocols import proxy_header
-from protocols._base import BackendIdentity, BareLineEndings, SessionSettings, TLSMode
+from protocols._base import (
+    BackendIdentity,
+    BareLineEndings,
+    PeerCertificateFailure,
+    SessionSettings,
+    TLSMode,
+)
 from protocols.imap import IMAPCapabilityProbe
 from protocols.pop3 import POP3CapabilityProbe
 from protocols.smtp import SMTPCapabilityProbe
@@ -75,6 +81,10 @@ class MachineTarget:
             "identity": identity,
             "smtp_bare_line_endings": BareLineEndings.ALLOW if variant else BareLineEndings.REJECT,
             "domains": ("example.com",) if variant else (),
+            # xmpp-server: the peer's certificate required, or dialback allowed.
+            "peer_certificate_failure": (
+                PeerCertificateFailure.REFUSE if variant else PeerCertificateFailure.DIALBACK
+            ),
         }
         settings = self.dialogue.settings(**overrides)
         build = self.machine or self.dialogue.machine

@@ -4,6 +4,7 @@ field against the specification."""
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 
@@ -12,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocols import proxy_header
-from protocols._base import BackendIdentity, Peer, TLSInfo
+from protocols._base import BackendIdentity, Peer, PeerCertificate, TLSInfo
 from protocols.proxy_header import ProxyHeader, ProxyHeaderError, parse
+from tests.pp2 import ssl_tlv, tlvs
 
 PEER = Peer("203.0.113.7", 40000, "198.51.100.1", 25)
 PEER6 = Peer("2001:db8::7", 40000, "2001:db8::1", 587)
@@ -89,15 +91,6 @@ PEER_V6 = Peer("2001:db8::9", 40000, "2001:db8::1", 25)
 TLS = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", "mail.example.test")
 
 
-def _tlvs(data: bytes) -> dict[int, bytes]:
-    found: dict[int, bytes] = {}
-    while data:
-        kind, length = struct.unpack_from("!BH", data)
-        found[kind] = data[3 : 3 + length]
-        data = data[3 + length :]
-    return found
-
-
 def test_proxy_v1_ipv4_and_ipv6() -> None:
     assert proxy_header.proxy_v1(PEER_V4) == b"PROXY TCP4 127.0.0.9 127.0.0.1 40000 2525\r\n"
     assert proxy_header.proxy_v1(PEER_V6) == b"PROXY TCP6 2001:db8::9 2001:db8::1 40000 25\r\n"
@@ -123,15 +116,42 @@ def test_proxy_v2_without_tls_has_addresses_only() -> None:
 
 def test_proxy_v2_carries_ssl_and_authority_tlvs() -> None:
     header = proxy_header.proxy_v2(PEER_V4, TLS)
-    tlvs = _tlvs(header[16 + 12 :])
-    assert tlvs[proxy_header.PP2_TYPE_AUTHORITY] == b"mail.example.test"
-    ssl = tlvs[proxy_header.PP2_TYPE_SSL]
+    found = tlvs(header[16 + 12 :])
+    assert found[proxy_header.PP2_TYPE_AUTHORITY] == b"mail.example.test"
+    ssl = found[proxy_header.PP2_TYPE_SSL]
     client, verify = struct.unpack_from("!BI", ssl)
     assert client == proxy_header.PP2_CLIENT_SSL
-    assert verify == 0
-    sub = _tlvs(ssl[5:])
+    # Section 2.2.6: zero only for a certificate that was presented and verified.
+    assert verify != 0
+    sub = tlvs(ssl[5:])
     assert sub[proxy_header.PP2_SUBTYPE_SSL_VERSION] == b"TLSv1.3"
     assert sub[proxy_header.PP2_SUBTYPE_SSL_CIPHER] == b"TLS_AES_256_GCM_SHA384"
+    assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
+
+
+def test_a_verified_peer_certificate_is_the_cn_with_verify_zero() -> None:
+    peer = dataclasses.replace(TLS, peer_certificate=PeerCertificate(trusted=True))
+    client, verify, sub = ssl_tlv(proxy_header.proxy_v2(PEER_V4, peer, "a.example"))
+    assert client == (
+        proxy_header.PP2_CLIENT_SSL
+        | proxy_header.PP2_CLIENT_CERT_CONN
+        | proxy_header.PP2_CLIENT_CERT_SESS
+    )
+    assert verify == 0
+    assert sub[proxy_header.PP2_SUBTYPE_SSL_CN] == b"a.example"
+    assert proxy_header.session_header(
+        BackendIdentity.PROXY_V2, PEER_V4, peer, "a.example"
+    ) == proxy_header.proxy_v2(PEER_V4, peer, "a.example")
+
+
+def test_a_certificate_that_did_not_verify_is_presented_but_not_verified() -> None:
+    peer = dataclasses.replace(
+        TLS, peer_certificate=PeerCertificate(trusted=False, problem="certificate has expired")
+    )
+    client, verify, sub = ssl_tlv(proxy_header.proxy_v2(PEER_V4, peer))
+    assert client & proxy_header.PP2_CLIENT_CERT_CONN
+    assert verify != 0
+    assert proxy_header.PP2_SUBTYPE_SSL_CN not in sub
 
 
 def test_proxy_v2_ipv6() -> None:

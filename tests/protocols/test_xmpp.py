@@ -19,6 +19,10 @@ from protocols._base import (
     CloseConnection,
     Command,
     OpenBackend,
+    PeerCertificate,
+    PeerCertificateFailure,
+    PeerChecked,
+    PeerVerification,
     SendToBackend,
     SendToClient,
     Side,
@@ -44,6 +48,7 @@ from protocols.xmpp import (
     XMPPServerMachine,
     XMPPServerProbe,
     new_stream_id,
+    peer_verification,
     pre_tls_features,
 )
 from tests.protocols.dialogues import (
@@ -238,11 +243,27 @@ def test_plaintext_backend_refusal_is_relayed() -> None:
     )
 
 
+S2S_HEADER = (
+    b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+    b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
+)
+#: A server stream from ``remote.example`` up to its TLS handshake.
+S2S_TO_TLS: tuple[Event | Command, ...] = (
+    Client(S2S_HEADER),
+    SendToClient(
+        b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
+        b'xmlns:stream="http://etherx.jabber.org/streams" '
+        b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
+        b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
+    ),
+    Client(STARTTLS),
+    PROCEED,
+    StartTLS(b"", server_name_hint="example.com"),
+)
+
+
 def test_server_to_server_stream_with_dialback() -> None:
-    header = (
-        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
-        b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
-    )
+    header = S2S_HEADER
     db_result = (
         b"<db:result from='remote.example' to='example.com'>"
         b"b4835385f37fe2895af6c196b59097b16862406db80559900d96bf6fa7d23df3</db:result>"
@@ -250,16 +271,7 @@ def test_server_to_server_stream_with_dialback() -> None:
     machine = XMPPServerMachine(settings(), PEER)
     run(
         machine,
-        Client(header),
-        SendToClient(
-            b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
-            b'xmlns:stream="http://etherx.jabber.org/streams" '
-            b'xmlns:db="jabber:server:dialback" id="ID" from="example.com" '
-            b'to="remote.example" version="1.0">' + REQUIRED_FEATURES
-        ),
-        Client(STARTTLS),
-        PROCEED,
-        StartTLS(b"", server_name_hint="example.com"),
+        *S2S_TO_TLS,
         TLS(),
         Client(header),
         OpenBackend(),
@@ -276,6 +288,207 @@ def test_server_to_server_stream_with_dialback() -> None:
         Client(db_result),
         SendToBackend(db_result),
     )
+
+
+# --------------------------------------------------------------------------
+# Peer certificates on server-to-server streams.
+
+#: What the worker reports of a certificate for ``remote.example``.
+TRUSTED = PeerCertificate(trusted=True, dns_names=("remote.example",))
+EXPIRED = PeerCertificate(
+    trusted=False, problem="certificate has expired", dns_names=("remote.example",)
+)
+OTHER_DOMAIN = PeerCertificate(trusted=True, dns_names=("other.example",))
+
+
+def _s2s_after_tls(
+    on_failure: PeerCertificateFailure,
+    certificate: PeerCertificate | None,
+    header: bytes = S2S_HEADER,
+) -> list[Command]:
+    """A server stream through STARTTLS; what its restarted ``header`` gets."""
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    machine.receive_data(Side.CLIENT, S2S_HEADER + STARTTLS)
+    drain(machine)
+    TLS(certificate).apply(machine)
+    machine.receive_data(Side.CLIENT, header)
+    return drain(machine)
+
+
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+def test_a_verified_peer_goes_through_and_its_domain_to_the_driver(
+    on_failure: PeerCertificateFailure,
+) -> None:
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    run(
+        machine,
+        *S2S_TO_TLS,
+        TLS(TRUSTED),
+        Client(S2S_HEADER),
+        PeerChecked(PeerVerification.VERIFIED, "remote.example"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(S2S_HEADER),
+    )
+
+
+def test_direct_tls_peers_are_checked_too() -> None:
+    machine = XMPPServerMachine(
+        settings(tls_mode=TLSMode.IMPLICIT, peer_certificate_failure=PeerCertificateFailure.REFUSE),
+        PEER,
+    )
+    assert drain(machine) == [StartTLS(b"")]
+    TLS(EXPIRED).apply(machine)
+    machine.receive_data(Side.CLIENT, S2S_HEADER)
+    commands = drain(machine)
+    assert commands[0] == PeerChecked(PeerVerification.UNTRUSTED, None, "certificate has expired")
+    assert client_bytes(commands).endswith(error("not-authorized"))
+    assert not any(isinstance(c, SendToBackend | OpenBackend) for c in commands)
+
+
+@pytest.mark.parametrize(
+    ("certificate", "header", "checked"),
+    [
+        (None, S2S_HEADER, PeerChecked(PeerVerification.NO_CERTIFICATE, None, "no certificate")),
+        (
+            EXPIRED,
+            S2S_HEADER,
+            PeerChecked(PeerVerification.UNTRUSTED, None, "certificate has expired"),
+        ),
+        (
+            OTHER_DOMAIN,
+            S2S_HEADER,
+            PeerChecked(PeerVerification.NAME_MISMATCH, None, "not valid for 'remote.example'"),
+        ),
+        (
+            TRUSTED,
+            S2S_HEADER.replace(b" from='remote.example'", b""),
+            PeerChecked(PeerVerification.NAME_MISMATCH, None, "no 'from'"),
+        ),
+    ],
+    ids=["no-certificate", "untrusted", "name-mismatch", "no-from"],
+)
+def test_dialback_lets_a_peer_that_fails_through_to_the_backend(
+    certificate: PeerCertificate | None, header: bytes, checked: PeerChecked
+) -> None:
+    commands = _s2s_after_tls(PeerCertificateFailure.DIALBACK, certificate, header)
+    assert commands == [checked, OpenBackend()]
+
+
+@pytest.mark.parametrize(
+    ("certificate", "header", "result", "condition"),
+    [
+        (None, S2S_HEADER, PeerVerification.NO_CERTIFICATE, "not-authorized"),
+        (EXPIRED, S2S_HEADER, PeerVerification.UNTRUSTED, "not-authorized"),
+        (OTHER_DOMAIN, S2S_HEADER, PeerVerification.NAME_MISMATCH, "invalid-from"),
+        (
+            TRUSTED,
+            S2S_HEADER.replace(b" from='remote.example'", b""),
+            PeerVerification.NAME_MISMATCH,
+            "improper-addressing",
+        ),
+        (
+            TRUSTED,
+            S2S_HEADER.replace(b"from='remote.example'", b"from='Remote.Example.'"),
+            PeerVerification.VERIFIED,
+            None,
+        ),
+    ],
+    ids=["no-certificate", "untrusted", "name-mismatch", "no-from", "case-and-dot"],
+)
+def test_refuse_ends_a_peer_that_fails_before_the_backend(
+    certificate: PeerCertificate | None,
+    header: bytes,
+    result: PeerVerification,
+    condition: str | None,
+) -> None:
+    commands = _s2s_after_tls(PeerCertificateFailure.REFUSE, certificate, header)
+    assert isinstance(commands[0], PeerChecked) and commands[0].result is result
+    if condition is None:
+        assert commands[1:] == [OpenBackend()]
+        return
+    assert not any(isinstance(c, SendToBackend | OpenBackend) for c in commands)
+    sent = client_bytes(commands)
+    # The proxy's own header first: the restarted stream has none yet.
+    assert sent.startswith(b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\"")
+    assert sent.endswith(error(condition))
+    assert isinstance(commands[-1], CloseConnection)
+    assert commands[-1].reason.startswith(f"peer certificate: {result.value}")
+
+
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+@pytest.mark.parametrize("sender", [b"user@remote.example", b"remote.example/resource", b""])
+def test_a_from_that_is_no_domain_is_improper_addressing(
+    on_failure: PeerCertificateFailure, sender: bytes
+) -> None:
+    header = S2S_HEADER.replace(b"from='remote.example'", b"from='%s'" % sender)
+    commands = _s2s_after_tls(on_failure, TRUSTED, header)
+    assert commands[0] == PeerChecked(PeerVerification.NAME_MISMATCH, None, "'from' no domain")
+    assert not any(isinstance(c, SendToBackend | OpenBackend) for c in commands)
+    assert client_bytes(commands).endswith(error("improper-addressing"))
+
+
+def test_only_the_stream_under_tls_is_judged() -> None:
+    """The header before STARTTLS claims nothing yet: its 'from' is the
+    proxy's 'to', whatever it is, and no certificate exists."""
+    machine = XMPPServerMachine(
+        settings(peer_certificate_failure=PeerCertificateFailure.REFUSE), PEER
+    )
+    machine.receive_data(Side.CLIENT, S2S_HEADER.replace(b"remote.example", b"a@b") + STARTTLS)
+    commands = drain(machine)
+    assert not any(isinstance(c, PeerChecked | CloseConnection) for c in commands)
+
+
+def test_client_streams_never_ask_for_peer_certificates() -> None:
+    machine = XMPPClientMachine(
+        settings(peer_certificate_failure=PeerCertificateFailure.REFUSE), PEER
+    )
+    run(machine, *XMPP.opening(), *XMPP.started_tls(), TLS(), *XMPP.to_backend())
+
+
+def test_servers_without_a_policy_are_not_judged() -> None:
+    machine = XMPPServerMachine(settings(), PEER)
+    machine.receive_data(Side.CLIENT, S2S_HEADER + STARTTLS)
+    drain(machine)
+    TLS().apply(machine)
+    machine.receive_data(Side.CLIENT, S2S_HEADER)
+    assert drain(machine) == [OpenBackend()]
+
+
+@pytest.mark.parametrize(
+    ("certificate", "domain", "result"),
+    [
+        (PeerCertificate(True, dns_names=("a.example",)), "a.example", "verified"),
+        (PeerCertificate(True, dns_names=("*.example",)), "a.example", "verified"),
+        (PeerCertificate(True, dns_names=("*.example",)), "b.a.example", "name_mismatch"),
+        (PeerCertificate(True, dns_names=("*.example",)), "example", "name_mismatch"),
+        (PeerCertificate(True, dns_names=("*.a.example",)), "a.example", "name_mismatch"),
+        (PeerCertificate(True, dns_names=("a*.example",)), "ab.example", "name_mismatch"),
+        (
+            PeerCertificate(True, dns_names=("xn--mnchen-3ya.example",)),
+            "m\u00fcnchen.example",
+            "verified",
+        ),
+        (
+            PeerCertificate(True, xmpp_addrs=("m\u00fcnchen.example",)),
+            "m\u00fcnchen.example",
+            "verified",
+        ),
+        (PeerCertificate(True, xmpp_addrs=("A.example",)), "a.example", "verified"),
+        # xmppAddr: the domain exactly, no wildcard.
+        (PeerCertificate(True, xmpp_addrs=("*.example",)), "a.example", "name_mismatch"),
+        (PeerCertificate(True, xmpp_addrs=("a.example",)), "b.example", "name_mismatch"),
+        (PeerCertificate(True, dns_names=("a.example",)), None, "name_mismatch"),
+        (PeerCertificate(False, "expired", ("a.example",)), "a.example", "untrusted"),
+        (None, "a.example", "no_certificate"),
+        # A domain IDNA cannot encode matches no dNSName.
+        (PeerCertificate(True, dns_names=("a.example",)), "a..example", "name_mismatch"),
+    ],
+)
+def test_peer_verification(
+    certificate: PeerCertificate | None, domain: str | None, result: str
+) -> None:
+    assert peer_verification(certificate, domain).value == result
 
 
 def test_stream_ids_are_fresh() -> None:

@@ -29,6 +29,7 @@ from protocols._base import (
     Command,
     InputT,
     OpenBackend,
+    PeerCertificate,
     ProtocolViolation,
     ProxyMachine,
     SendToBackend,
@@ -79,8 +80,13 @@ class Backend(Event):
 
 @dataclasses.dataclass(frozen=True)
 class TLS(Event):
+    #: The client's certificate, as the worker found it (xmpp-server peers).
+    peer_certificate: PeerCertificate | None = None
+
     def apply(self, machine: ProxyMachine[Any, Any]) -> None:
-        machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"))
+        machine.tls_established(
+            TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", peer_certificate=self.peer_certificate)
+        )
 
 
 @dataclasses.dataclass(frozen=True)

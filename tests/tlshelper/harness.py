@@ -91,6 +91,7 @@ class RunningHelper:
         alpn: tuple[str, ...] = (),
         early: bytes = b"",
         handshake_timeout: float = 10.0,
+        peer_trust: int = 0,
     ) -> Connection:
         """A loopback TCP connection whose server end goes to a new worker."""
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -104,6 +105,7 @@ class RunningHelper:
             alpn=alpn,
             early=early,
             handshake_timeout=handshake_timeout,
+            peer_trust=peer_trust,
         )
 
     def _next_exit(self, timeout: float) -> None:
@@ -225,6 +227,7 @@ def spawn_on(
     alpn: tuple[str, ...] = (),
     early: bytes = b"",
     handshake_timeout: float = 10.0,
+    peer_trust: int = 0,
 ) -> Connection:
     """``RunningHelper.spawn`` for a connection the test made itself (small
     socket buffers, say): ``server_end`` goes to a new worker (and is closed
@@ -235,6 +238,7 @@ def spawn_on(
         server_name_hint=server_name_hint,
         alpn=alpn,
         early=early,
+        peer_trust=peer_trust,
     )
     exits_before = len(helper.exits)
     with server_end, theirs:

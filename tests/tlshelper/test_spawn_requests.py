@@ -55,16 +55,18 @@ def helper(cert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def _well_formed(message: bytes) -> bool:
-    """Whether ``message`` is a spawn request by wire.h:
+    """Whether ``message`` is a spawn request by wire.h, to this module's
+    helper, which holds no trust store:
 
-    u32 timeout (ms) | u8 n | n bytes hint (printable ASCII, no space) |
+    u32 timeout (ms) | u8 trust store (0: none) |
+    u8 n | n bytes hint (printable ASCII, no space) |
     u8 n | n bytes ALPN (names of 1 to 255 bytes, each after its u8 length,
     filling the field exactly) | u16 n | n early bytes (at most
     MAX_EARLY_BYTES), and nothing after.
     """
     view = memoryview(message)
-    offset = 4
-    if len(message) < offset + 1:
+    offset = 5
+    if len(message) < offset + 1 or view[4] != 0:
         return False
     hint_size = view[offset]
     hint = bytes(view[offset + 1 : offset + 1 + hint_size])
@@ -90,10 +92,12 @@ def _well_formed(message: bytes) -> bool:
     return early_size <= MAX_EARLY_BYTES and len(message) == offset + early_size
 
 
-def _request(timeout: int, hint: bytes, alpn: bytes, early: bytes, early_size: int) -> bytes:
+def _request(
+    timeout: int, hint: bytes, alpn: bytes, early: bytes, early_size: int, trust: int = 0
+) -> bytes:
     return b"".join(
         (
-            struct.pack("!IB", timeout, len(hint)),
+            struct.pack("!IBB", timeout, trust, len(hint)),
             hint,
             bytes((len(alpn),)),
             alpn,
@@ -133,6 +137,7 @@ def _shaped(draw: st.DrawFn) -> bytes:
         draw(st.one_of(_ALPN_NAMES, st.binary(max_size=255))),
         early,
         draw(st.one_of(st.just(len(early)), st.integers(0, 0xFFFF))),
+        draw(st.sampled_from([0, 0, 0, 1, 255])),
     )
     change = draw(st.sampled_from(["none", "cut", "extend"]))
     if change == "cut":
@@ -186,6 +191,7 @@ def _assert_closed_by_the_helper(ends: list[socket.socket]) -> None:
 @example(message=_request(10_000, b"mail example", b"", b"", 0), descriptors=2)
 @example(message=_request(10_000, b"", b"\x00", b"", 0), descriptors=2)
 @example(message=_request(10_000, b"", b"\x05h2", b"", 0), descriptors=2)
+@example(message=_request(10_000, b"", b"", b"", 0, trust=1), descriptors=2)
 @example(
     message=_request(10_000, b"", b"", bytes(MAX_EARLY_BYTES + 1), MAX_EARLY_BYTES + 1),
     descriptors=2,

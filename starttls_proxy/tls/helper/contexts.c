@@ -105,6 +105,15 @@ static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *out_size,
     return SSL_TLSEXT_ERR_NOACK;
 }
 
+/* A peer's certificate is verified after the handshake (peer.c), against
+ * the trust store its listener names: whatever it is, the handshake goes on. */
+static int verify_later(X509_STORE_CTX *unused, void *unused_too)
+{
+    (void)unused;
+    (void)unused_too;
+    return 1;
+}
+
 static SSL_CTX *new_context(const struct settings *s)
 {
     SSL_CTX *context = SSL_CTX_new(TLS_server_method());
@@ -121,6 +130,7 @@ static SSL_CTX *new_context(const struct settings *s)
         return NULL;
     }
     SSL_CTX_set_alpn_select_cb(context, on_alpn, NULL);
+    SSL_CTX_set_cert_verify_callback(context, verify_later, NULL);
     return context;
 }
 
@@ -217,6 +227,42 @@ bool load_certificates(struct settings *settings, struct problems *problems)
     if (problems->count != before)
         return false;
     SSL_CTX_set_tlsext_servername_callback(settings->certificates[0].context, on_server_name);
+    return true;
+}
+
+/*
+ * One X509_STORE per D_TRUST record, before any fork: every worker
+ * inherits them. The keeper checked that each holds certificates only;
+ * its object list is sorted here, once, rather than in every worker's
+ * first lookup.
+ */
+bool load_trust_stores(struct settings *settings, struct problems *problems)
+{
+    for (size_t i = 0; i < settings->trust_count; i++) {
+        struct trust_store *trust = &settings->trust[i];
+        trust->store = X509_STORE_new();
+        BIO *bio = BIO_new_mem_buf(trust->pem, (int)trust->pem_size);
+        size_t count = 0;
+        bool ok = trust->store != NULL && bio != NULL;
+        X509 *certificate;
+        while (ok && (certificate = PEM_read_bio_X509(bio, NULL, NULL, NULL)) != NULL) {
+            ok = X509_STORE_add_cert(trust->store, certificate) == 1;
+            X509_free(certificate);
+            count++;
+        }
+        BIO_free(bio);
+        unsigned long last = ERR_peek_last_error();
+        if (ok && count > 0 && ERR_GET_REASON(last) == PEM_R_NO_START_LINE)
+            ERR_clear_error();
+        if (!ok || count == 0 || ERR_peek_error() != 0) {
+            char reason[256];
+            openssl_reason(reason, sizeof reason);
+            problem(problems, "peer trust store %zu: not a PEM list of CA certificates: %s", i + 1,
+                    reason);
+            return false;
+        }
+        sk_X509_OBJECT_sort(X509_STORE_get0_objects(trust->store));
+    }
     return true;
 }
 

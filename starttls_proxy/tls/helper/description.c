@@ -65,7 +65,7 @@ static bool apply(struct settings *s, uint16_t tag, uint8_t *value, uint32_t siz
         s->certificate_count ? &s->certificates[s->certificate_count - 1] : NULL;
     /* Every record but the certificates' may appear once. */
     bool repeatable = tag == D_CERTIFICATE || tag == D_CHAIN || tag == D_CHAIN_PATH ||
-                      tag == D_KEY || tag == D_KEY_PATH || tag == D_NAME;
+                      tag == D_KEY || tag == D_KEY_PATH || tag == D_NAME || tag == D_TRUST;
     if (tag >= 32 || (!repeatable && (*seen & (1u << tag))))
         return false;
     *seen |= 1u << tag;
@@ -156,6 +156,12 @@ static bool apply(struct settings *s, uint16_t tag, uint8_t *value, uint32_t siz
         return string_value(value, size, &s->seccomp_missing);
     case D_PROVIDER:
         return string_value(value, size, &s->provider);
+    case D_TRUST:
+        if (s->trust_count >= MAX_TRUST_STORES || size == 0)
+            return false;
+        s->trust[s->trust_count].pem = value;
+        s->trust[s->trust_count++].pem_size = size;
+        return true;
     default:
         return false;
     }
@@ -227,10 +233,12 @@ bool read_description(uint8_t *data, size_t size, struct settings *settings,
 bool parse_spawn_request(const uint8_t *data, size_t size, struct spawn_request *request)
 {
     memset(request, 0, sizeof *request);
-    if (size < 5)
+    /* The timeout, the trust store and the hint's length. */
+    if (size < 6)
         return false;
     request->handshake_timeout_ms = read_u32(data);
     size_t offset = 4;
+    request->peer_trust = data[offset++];
     size_t hint = data[offset++];
     if (size - offset < hint + 1)
         return false;

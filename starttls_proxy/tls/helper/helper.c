@@ -275,7 +275,7 @@ static bool serve_request(bool hung_up)
         return !hung_up;
     struct spawn_request request;
     if (size > 0 && fd_count == 2 && parse_spawn_request(message, (size_t)size, &request) &&
-        request.size == (size_t)size)
+        request.size == (size_t)size && request.peer_trust <= helper.settings->trust_count)
         assign(message, &request, fds);
     else
         fprintf(stderr, "TLS helper: a malformed spawn request (%zd bytes, %zu descriptors)\n",
@@ -429,8 +429,8 @@ static int start(void)
     }
     if (problems.count == 0 && (settings.provider != NULL) != (helper.key_server >= 0))
         problem(&problems, "the keeper sent key references without a key server link");
-    if (problems.count == 0)
-        load_certificates(&settings, &problems);
+    if (problems.count == 0 && load_certificates(&settings, &problems))
+        load_trust_stores(&settings, &problems);
     if (problems.count == 0 && settings.provider != NULL &&
         !find_key_server_attachment(settings.provider))
         problem(&problems, "the key-reference provider is not loaded (OPENSSL_CONF)");

@@ -42,6 +42,13 @@ struct certificate {
     SSL_CTX *context;
 };
 
+/* A store of CA certificates that peers' certificates are verified against. */
+struct trust_store {
+    const uint8_t *pem;        /* inside the description */
+    size_t pem_size;
+    X509_STORE *store;
+};
+
 /* The keeper's description (wire.h), its strings NUL-terminated in place. */
 struct settings {
     uint16_t min_version;
@@ -64,6 +71,8 @@ struct settings {
     size_t seccomp_size;
     const char *seccomp_missing;
     const char *provider;
+    struct trust_store trust[MAX_TRUST_STORES];
+    size_t trust_count;
 };
 
 /* description.c: parse `data` (which must stay mapped: strings point into it). */
@@ -79,10 +88,23 @@ size_t context_for(const struct settings *settings, const char *server_name);
 size_t reachable_from(const struct settings *settings, size_t index, uint16_t *out);
 /* The ALPN protocols (wire format) the serving worker may select. */
 void set_worker_alpn(const uint8_t *alpn, size_t size);
+bool load_trust_stores(struct settings *settings, struct problems *problems);
+
+/* peer.c: ask the client for a certificate (verified after the handshake,
+ * never failing it), and what the report says of it. */
+void request_peer_certificate(SSL *ssl);
+struct json;
+void report_peer(struct json *out, SSL *ssl, X509_STORE *store);
+/* The most report_peer writes (wire.h section 5; every byte of an
+ * xmppAddr may be escaped, in six bytes). */
+#define MAX_PEER_REPORT                                                                    \
+    (64 + 512 * 6 + MAX_PEER_DNS_NAMES * (MAX_PEER_NAME + 4) +                              \
+     MAX_PEER_XMPP_ADDRS * (MAX_PEER_NAME * 6 + 4))
 
 /* The spawn request (wire.h section 3), pointing into the message. */
 struct spawn_request {
     uint32_t handshake_timeout_ms;
+    uint8_t peer_trust;        /* 0, or the trust store (1-based) for a peer certificate */
     char server_name_hint[256];
     const uint8_t *alpn;
     size_t alpn_size;

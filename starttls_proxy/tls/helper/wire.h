@@ -22,11 +22,16 @@
  *
  * 3. main -> helper: a *spawn request* with two descriptors (the client
  *    socket, the worker's end of its plaintext channel):
- *        u32 handshake timeout (ms) | u8 n | n bytes SNI hint |
+ *        u32 handshake timeout (ms) | u8 peer trust store |
+ *        u8 n | n bytes SNI hint |
  *        u8 n | n bytes ALPN (wire format: u8-prefixed names) |
  *        u16 n | n bytes early client data (at most MAX_EARLY_BYTES)
  *    helper -> main, when a worker ends: {"exited": PID, "status": CODE}
  *    (wire.WorkerExited; a negative code is the killing signal).
+ *    The peer trust store: 0, or N (1-based) to ask the client for a
+ *    certificate (xmpp-server listeners: the peer server's) and verify it
+ *    against the description's Nth D_TRUST store; a client without one
+ *    still gets its session.
  *
  * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
  *    then u16 n | n u32 PIDs of the other live workers (self test only),
@@ -35,7 +40,15 @@
  *
  * 5. worker -> main, first on the channel: a *report*, u32 length and a
  *    JSON object {"ok": true, "version", "cipher", "server_name", "alpn"}
- *    or {"ok": false, "reason"}, then the client's plaintext.
+ *    or {"ok": false, "reason"}, then the client's plaintext. When the
+ *    request named a peer trust store, the handshake's report also has
+ *    "peer": {"verify": "ok" | "untrusted" | "none", "error": the X509
+ *    error when untrusted, else null, "dns_names": [...], "xmpp_addrs":
+ *    [...]}: the leaf's subjectAltName dNSNames (letters, digits, '-',
+ *    '.', '*': A-labels and wildcards) and id-on-xmppAddr otherNames
+ *    (well-formed UTF-8 without control characters), each 1 to
+ *    MAX_PEER_NAME bytes, the first MAX_PEER_DNS_NAMES and
+ *    MAX_PEER_XMPP_ADDRS of them; others are left out.
  */
 #ifndef STP_WIRE_H
 #define STP_WIRE_H
@@ -68,7 +81,17 @@ enum description_tag {
     D_PROVIDER = 22,        /* string: path of the key-reference provider (keyref.so) */
     D_PROBE_ONLY = 23,      /* u8: 1 = answer with the layers in force, then exit
                              * (--isolation-report); no certificate is loaded */
+    D_TRUST = 24,           /* PEM, repeated: one trust store for peers' certificates
+                             * (CA certificates, checked by the keeper); the Nth is
+                             * the spawn request's peer trust store N */
 };
+
+/* Trust stores a description may hold. */
+#define MAX_TRUST_STORES 16
+/* A peer certificate's names in the report (wire.h section 5). */
+#define MAX_PEER_DNS_NAMES 100
+#define MAX_PEER_XMPP_ADDRS 10
+#define MAX_PEER_NAME 255
 
 /* The sandbox layers in the order a worker enters them (sandbox.Layer). */
 enum layer {
@@ -84,7 +107,7 @@ enum layer {
 
 /* Client bytes that may ride along with a spawn request (16 KiB record + header). */
 #define MAX_EARLY_BYTES (16 * 1024 + 5)
-#define SPAWN_FIXED_SIZE (4 + 1 + 1 + 2)
+#define SPAWN_FIXED_SIZE (4 + 1 + 1 + 1 + 2)
 #define MAX_SPAWN_REQUEST (SPAWN_FIXED_SIZE + 255 + 255 + MAX_EARLY_BYTES)
 /* The self check's sibling list is cut to this many PIDs. */
 #define MAX_SIBLINGS 1000

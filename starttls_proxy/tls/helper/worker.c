@@ -140,10 +140,18 @@ static void report_failure(int channel, const char *reason)
     send_report(channel, buffer, out.used);
 }
 
-static void report_handshake(struct pump *pump)
+/* SNI and ALPN are at most 255 bytes each, 6 bytes a character escaped. */
+#define HANDSHAKE_REPORT 4096
+_Static_assert(HANDSHAKE_REPORT + MAX_PEER_REPORT <= MAX_REPORT_SIZE,
+               "a handshake's report fits the main process's limit");
+
+/* `peer_store`: the trust store to verify the peer's certificate against,
+ * when the spawn request asked for one. */
+static void report_handshake(struct pump *pump, X509_STORE *peer_store)
 {
-    /* SNI and ALPN are at most 255 bytes each, 6 bytes a character escaped. */
-    char buffer[4096];
+    /* In the BSS: only a report with a peer certificate's names touches
+     * more than its first page. */
+    static char buffer[HANDSHAKE_REPORT + MAX_PEER_REPORT];
     struct json out = {buffer, sizeof buffer, 0, false};
     const char *name = SSL_get_servername(pump->ssl, TLSEXT_NAMETYPE_host_name);
     const unsigned char *alpn = NULL;
@@ -163,6 +171,8 @@ static void report_handshake(struct pump *pump)
         json_bytes(&out, (const char *)alpn, alpn_size);
     else
         json_raw(&out, "null");
+    if (peer_store != NULL)
+        report_peer(&out, pump->ssl, peer_store);
     json_raw(&out, "}");
     send_report(pump->channel, buffer, out.used);
 }
@@ -426,6 +436,10 @@ static int serve(const struct settings *settings, const struct spawn_request *re
     /* An idle session (most IMAP and XMPP sessions, for hours) holds no
      * record buffers. */
     SSL_set_mode(pump.ssl, SSL_MODE_RELEASE_BUFFERS);
+    X509_STORE *peer_store =
+        request->peer_trust > 0 ? settings->trust[request->peer_trust - 1].store : NULL;
+    if (peer_store != NULL)
+        request_peer_certificate(pump.ssl);
     const char *reason = NULL;
     int status = handshake(&pump, request, &reason);
     if (status != EXIT_OK) {
@@ -442,7 +456,7 @@ static int serve(const struct settings *settings, const struct spawn_request *re
         char buffer[512];
         (void)!gethostname(buffer, sizeof buffer);
     }
-    report_handshake(&pump);
+    report_handshake(&pump, peer_store);
     return relay(&pump);
 }
 
@@ -483,7 +497,7 @@ void serve_spare(const struct settings *settings, int assignment, uid_t uid)
     bool key_server = settings->provider != NULL;
     if (size <= 0 || fd_count != (key_server ? 3u : 2u) ||
         !parse_spawn_request(message, (size_t)size, &request) ||
-        (size_t)size - request.size < 2) {
+        request.peer_trust > settings->trust_count || (size_t)size - request.size < 2) {
         fprintf(stderr, "TLS worker: a malformed assignment\n");
         _exit(EXIT_INTERNAL_ERROR);
     }
