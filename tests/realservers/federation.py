@@ -115,9 +115,6 @@ def proxy_listeners(backends: dict[Server, int]) -> list[dict[str, Any]]:
                     domains=[behind_proxy(server, mode)],
                     tls="starttls" if mode == "starttls" else "implicit",
                     backend={"identity": identity},
-                    # ejabberd 23.01 never answers after a PROXY v2 LOCAL header;
-                    # with require_tls nothing is probed anyway.
-                    capabilities=[],
                 )
             )
     return entries
