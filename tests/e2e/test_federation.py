@@ -63,9 +63,11 @@ def _other(server: Server) -> Server:
     return "ejabberd" if server == "prosody" else "prosody"
 
 
-async def _exchange(federation: Federation, origin: Server, target: str) -> tuple[str, str]:
-    """alice on ``origin``'s home domain sends BODY to bob at ``target`` (a domain
-    of the other server), who answers REPLY: what bob got, and what alice got."""
+async def _exchange(
+    federation: Federation, origin: Server, target: str, body: str = BODY
+) -> tuple[str, str]:
+    """alice on ``origin``'s home domain sends ``body`` to bob at ``target`` (a
+    domain of the other server), who answers REPLY: what bob got, and what alice got."""
     receiver = _other(origin)
     alice_jid = f"alice@{home(origin)}/federation"
     bob_jid = f"bob@{target}/federation"
@@ -91,7 +93,7 @@ async def _exchange(federation: Federation, origin: Server, target: str) -> tupl
     bob.add_event_handler("message", bob_got)
     alice.add_event_handler("message", alice_got)
     try:
-        alice.send_message(mto=slixmpp.JID(f"bob@{target}"), mbody=BODY, mtype="chat")
+        alice.send_message(mto=slixmpp.JID(f"bob@{target}"), mbody=body, mtype="chat")
         return await asyncio.wait_for(to_bob, 20), await asyncio.wait_for(to_alice, 20)
     finally:
         for client in (alice, bob):
@@ -171,6 +173,31 @@ def test_ejabberd_logs_the_originating_address_from_proxy_v2(
     line = next((line for line in log.splitlines() if accepted in line), None)
     assert line is not None, log[-3000:]
     assert line.endswith(f"({PROSODY_SOURCE})")
+
+
+#: A body that Prosody's c2s limit (256 KiB a stanza) lets through from slixmpp,
+#: and that Prosody's from= stamp then takes over 256 KiB on s2s.
+FULL_SIZE_BODY = "x" * 262_005
+
+
+def test_a_full_size_stanza_crosses_the_proxy_without_ending_the_link(
+    federation: Federation,
+) -> None:
+    """Regression: the proxy's stanza limit was the c2s one on s2s too, and
+    ended the whole federation link with <policy-violation/>."""
+    target = behind_proxy("ejabberd", "starttls")
+    tap = federation.taps["ejabberd"]
+    to_bob, to_alice = asyncio.run(_exchange(federation, "prosody", target, FULL_SIZE_BODY))
+    assert to_bob == FULL_SIZE_BODY
+    assert to_alice == REPLY
+    # The case at hand: what ejabberd read was over the c2s limit once stamped.
+    relayed = tap.everything()
+    body_at = relayed.find(FULL_SIZE_BODY.encode())
+    assert body_at >= 0
+    start = relayed.rfind(b"<message", 0, body_at)
+    end = relayed.find(b"</message>", body_at) + len(b"</message>")
+    assert end - start > 256 * 1024
+    assert "element larger than" not in federation.proxy.log()
 
 
 # --------------------------------------------------------------------------
