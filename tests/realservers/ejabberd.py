@@ -40,6 +40,7 @@ import pwd
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,12 +135,20 @@ class EjabberdInstance(Daemon):
     def _ready(self) -> bool:
         return self.ctl("status").returncode == 0
 
+    def _kill_leftover_vm(self) -> None:
+        mark = f'"{self.directory / "spool"}"'.encode()
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while leftovers := [pid for pid, line in _command_lines() if mark in line]:
+            for pid in leftovers:
+                kill(pid, signal.SIGKILL, group=False)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ejabberd in {self.directory} survives SIGKILL: {leftovers}")
+            time.sleep(0.05)
+
     def _terminate(self) -> bool:
         process, self._process = self._process, None
         epmd, self._epmd = self._epmd, None
         if process is not None:
-            # ejabberdctl's foreground shell and the Erlang VM (run as the
-            # ejabberd user through su) share the session's process group.
             group = process.pid
             if process.poll() is None:
                 self.ctl("stop")
@@ -150,6 +159,10 @@ class EjabberdInstance(Daemon):
                 wait_for_group_exit(group, STOP_TIMEOUT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(STOP_TIMEOUT)
+            # su gives the Erlang VM a session of its own (util-linux su -c
+            # calls setsid), out of reach of the group: when "stop" could not
+            # reach the node, find the VM by its Mnesia directory.
+            self._kill_leftover_vm()
         if epmd is not None:
             kill(epmd.pid, signal.SIGTERM, group=False)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -247,6 +260,16 @@ s2s_dns_retries: 1
 """
 
 _S2S_MODULES = "  mod_s2s_dialback: {}\n"
+
+
+def _command_lines() -> list[tuple[int, bytes]]:
+    """Every live process's PID and command line (NULs between the arguments)."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                lines.append((int(entry.name), (entry / "cmdline").read_bytes()))
+    return lines
 
 
 def _check_config_path(path: Path) -> str:
