@@ -31,6 +31,8 @@ class ProtocolFacts:
     #: plaintext (XMPP synthesizes its pre-TLS features): with require_tls
     #: the backend is not probed at all.
     probe_only_for_plaintext: bool = False
+    #: XMPP: largest stanza (top-level element) from the client, octets.
+    max_stanza_size: int = 256 * 1024
 
 
 # Line lengths: SMTP, Postfix's line_length_limit; IMAP, RFC 7162 section 4
@@ -78,6 +80,11 @@ FACTS: dict[str, ProtocolFacts] = {
         alpn=("xmpp-client",),
         probe_only_for_plaintext=True,
     ),
+    # A server relays what its c2s limit let through (Prosody's
+    # c2s_stanza_size_limit, 256 KiB) with its own stamps added (from=):
+    # s2s needs more room, as both servers give it (Prosody's
+    # s2s_stanza_size_limit and ejabberd's example s2s max_stanza_size,
+    # 512 KiB). One stanza over the limit ends the whole s2s stream.
     "xmpp-server": ProtocolFacts(
         in_band_identities=frozenset(),
         max_line_length=8192,
@@ -85,5 +92,6 @@ FACTS: dict[str, ProtocolFacts] = {
         fallback_capabilities=(),
         alpn=("xmpp-server",),
         probe_only_for_plaintext=True,
+        max_stanza_size=512 * 1024,
     ),
 }

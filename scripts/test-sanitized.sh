@@ -2,8 +2,9 @@
 # The C parts built with AddressSanitizer and UndefinedBehaviorSanitizer:
 #
 # * the TLS helper and the key-reference provider its workers load, driven
-#   by the protocol end-to-end tests (real Postfix, Dovecot, Prosody,
-#   ejabberd and real clients, through the key server) and tests/tlshelper
+#   by the protocol end-to-end tests (real Postfix, Dovecot, Prosody and
+#   ejabberd, the last two also federating, and real clients, through the
+#   key server) and tests/tlshelper
 #   (whose peer fuzz feeds the provider the key server's replies). A sanitizer report in the
 #   proxy's log fails the test that started it (tests/realservers/proxy.py),
 #   and a worker that a report aborts breaks its session;
@@ -42,7 +43,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:color=never
 "$python" -m pytest -p no:randomly \
     tests/e2e/test_smtp_postfix.py tests/e2e/test_imap_dovecot.py \
     tests/e2e/test_pop3_dovecot.py tests/e2e/test_xmpp_prosody_ejabberd.py \
-    tests/e2e/test_s2s_peer_certificates.py \
+    tests/e2e/test_s2s_peer_certificates.py tests/e2e/test_federation.py \
     tests/tlshelper "$@"
 # The key service only now: the proxies of the end-to-end tests above start
 # key servers too, without the runtime preloaded, which could not load it.

@@ -157,9 +157,10 @@ class Limits(_Model):
     max_line_length: Annotated[int, Field(ge=512, le=1_048_576)] | None = None
     #: IMAP: largest literal ``{n}`` in either direction, in octets.
     max_literal_size: Annotated[int, Field(gt=0)] = 100 * 1024 * 1024
-    #: XMPP: largest stanza (top-level element), in octets (Prosody's
-    #: c2s_stanza_size_limit is 256 KiB).
-    max_stanza_size: Annotated[int, Field(ge=4096)] = 256 * 1024
+    #: XMPP: largest stanza (top-level element), in octets; ``null`` = the
+    #: protocol's default (``protocols.facts``: 256 KiB for c2s, Prosody's
+    #: c2s_stanza_size_limit; 512 KiB for s2s, its s2s_stanza_size_limit).
+    max_stanza_size: Annotated[int, Field(ge=4096)] | None = None
     #: XMPP: deepest element nesting inside a stanza.
     max_xml_depth: Annotated[int, Field(ge=4, le=1000)] = 64
     #: XMPP: longest attribute value, in octets.
@@ -289,6 +290,10 @@ class ListenerConfig(_Model):
     @property
     def max_line_length(self) -> int:
         return self.limits.max_line_length or self.facts.max_line_length
+
+    @property
+    def max_stanza_size(self) -> int:
+        return self.limits.max_stanza_size or self.facts.max_stanza_size
 
     @property
     def alpn_protocols(self) -> tuple[str, ...]:

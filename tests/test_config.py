@@ -14,6 +14,7 @@ import yaml
 from protocols.registry import PROTOCOLS
 from starttls_proxy.cli import main
 from starttls_proxy.config import SYSTEM_TRUST, Protocol, load_config
+from starttls_proxy.proxy.server import session_settings
 from starttls_proxy.settings import ConfigError
 from tests.realservers import demo
 
@@ -55,6 +56,24 @@ def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
     assert listener.timeouts.pre_tls == 60.0
     assert listener.timeouts.command == 60.0
     assert listener.limits.max_connections_per_client == 50
+
+
+@pytest.mark.parametrize(
+    ("protocol", "limits", "expected"),
+    [
+        ("xmpp-client", {}, 256 * 1024),
+        # s2s carries what the remote server's c2s limit let through, stamped.
+        ("xmpp-server", {}, 512 * 1024),
+        ("xmpp-server", {"max_stanza_size": 100_000}, 100_000),
+    ],
+)
+def test_stanza_limit_defaults_per_protocol(
+    cert_dir: Path, tmp_path: Path, protocol: str, limits: dict[str, int], expected: int
+) -> None:
+    raw = _minimal(cert_dir, protocol=protocol, limits=limits)
+    listener = load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners[0]
+    assert listener.max_stanza_size == expected
+    assert session_settings(listener, ()).max_stanza_size == expected
 
 
 def test_pre_tls_idle_is_the_former_name_of_pre_tls(cert_dir: Path, tmp_path: Path) -> None:

@@ -64,7 +64,7 @@ def session_settings(config: ListenerConfig, capabilities: tuple[str, ...]) -> S
         max_line_length=config.max_line_length,
         smtp_bare_line_endings=config.smtp.bare_line_endings,
         max_literal_size=config.limits.max_literal_size,
-        max_stanza_size=config.limits.max_stanza_size,
+        max_stanza_size=config.max_stanza_size,
         max_xml_depth=config.limits.max_xml_depth,
         max_attribute_size=config.limits.max_attribute_size,
         domains=config.domains,

@@ -27,6 +27,7 @@ from protocols._base import (
     SendToClient,
     Side,
     StartTLS,
+    TLSInfo,
     TLSMode,
 )
 from protocols._xmlstream import (
@@ -40,6 +41,7 @@ from protocols._xmlstream import (
     XMLStreamError,
     XMLStreamReader,
 )
+from protocols.facts import FACTS
 from protocols.xmpp import (
     State,
     XMPPClientMachine,
@@ -489,6 +491,42 @@ def test_peer_verification(
     certificate: PeerCertificate | None, domain: str | None, result: str
 ) -> None:
     assert peer_verification(certificate, domain).value == result
+
+
+def test_s2s_default_carries_a_full_size_client_stanza_with_the_senders_stamps() -> None:
+    """A server relays what its own c2s limit let through, with ``from`` added:
+    the s2s default must carry it, or one user's stanza ends the whole stream
+    between two servers and everything queued on it (found with Prosody and
+    ejabberd federating through the proxy, tests/e2e/test_federation.py)."""
+    c2s_limit = FACTS["xmpp-client"].max_stanza_size
+    opening, closing = b"<message to='bob@example.com' type='chat'><body>", b"</body></message>"
+    body = b"x" * (c2s_limit - len(opening) - len(closing))
+    assert len(opening + body + closing) == c2s_limit
+    stamped = (
+        b"<message from='alice@remote.example/phone' to='bob@example.com' type='chat'><body>"
+        + body
+        + closing
+    )
+    header = (
+        b"<stream:stream xmlns='jabber:server' xmlns:stream='http://etherx.jabber.org/streams' "
+        b"xmlns:db='jabber:server:dialback' from='remote.example' to='example.com' version='1.0'>"
+    )
+    backend_header = header.replace(b"from='remote.example' to='example.com'", b"id='s2s'")
+    features = b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+    server_default = FACTS["xmpp-server"].max_stanza_size
+    machine = XMPPServerMachine(settings(max_stanza_size=server_default), PEER)
+    machine.receive_data(Side.CLIENT, header + STARTTLS)
+    machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256", "example.com"))
+    machine.receive_data(Side.CLIENT, header)
+    machine.backend_connected()
+    machine.receive_data(Side.BACKEND, backend_header + features)
+    assert machine.state is State.RELAY
+    drain(machine)
+    machine.receive_data(Side.CLIENT, stamped)
+    assert drain(machine) == [SendToBackend(stamped)]
+    # The client default stays Prosody's c2s limit.
+    client = XMPPClientMachine(settings(max_stanza_size=c2s_limit), PEER)
+    assert refused(client, HEADER + stamped)[1].reason.startswith("client: element larger than")
 
 
 def test_stream_ids_are_fresh() -> None:

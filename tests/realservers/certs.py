@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,18 +39,27 @@ def write_test_certs(
     identities: Sequence[str] = DEFAULT_IDENTITIES,
     *,
     key_type: trustme.KeyType = trustme.KeyType.ECDSA,
+    valid_for: datetime.timedelta | None = None,
 ) -> CertFiles:
     """Issue a leaf for ``identities`` from ``ca`` and write ``ca.pem``, ``cert.pem``, ``key.pem``.
 
     ``directory`` (created if needed) gets mode 755 and is made reachable by other
     users, and the files get mode 644 (the key too): Postfix, Dovecot and Prosody read
     them as different unprivileged users.  Test material only.
+
+    ``valid_for``: the leaf expires that long from now (trustme's default is
+    centuries away, which ejabberd 23.01 cannot take: its certificate manager
+    crashes arming an expiry timer beyond Erlang's limit of about 49 days, and
+    ejabberd then has no certificate for STARTTLS).
     """
     if not identities:
         raise ValueError("a certificate needs at least one identity")
     make_dirs(directory)
     ensure_traversable(directory)
-    leaf = ca.issue_cert(*identities, key_type=key_type)
+    not_after = None
+    if valid_for is not None:
+        not_after = datetime.datetime.now(datetime.UTC) + valid_for
+    leaf = ca.issue_cert(*identities, key_type=key_type, not_after=not_after)
     files = CertFiles(
         ca=directory / "ca.pem", cert=directory / "cert.pem", key=directory / "key.pem"
     )

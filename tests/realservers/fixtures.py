@@ -154,7 +154,9 @@ def ejabberd(
     PROXY header.
     """
     _require_xmpp_server("ejabberdctl", "ejabberd")
+    # Without the port mapper: another test run on the machine (a developer's,
+    # next to CI's) has its own on the one port the mapper can take.
     with start_ejabberd(
-        tmp_path_factory.mktemp("ejabberd"), test_certs.cert, test_certs.key
+        tmp_path_factory.mktemp("ejabberd"), test_certs.cert, test_certs.key, epmd=False
     ) as instance:
         yield instance

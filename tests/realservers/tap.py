@@ -49,18 +49,24 @@ class _Server:
 
 class RecordingTap(_Server):
     """Forwards each connection to ``127.0.0.1:target_port`` and records what
-    arrives from the connecting side (the proxy)."""
+    arrives from the connecting side (the proxy), and what the backend answered."""
 
     def __init__(self, target_port: int) -> None:
         super().__init__()
         self._target_port = target_port
         self._lock = threading.Lock()
         self._recorded: list[bytearray] = []
+        self._answered: list[bytearray] = []
 
     def recordings(self) -> list[bytes]:
         """What the proxy sent on each connection so far, oldest first."""
         with self._lock:
             return [bytes(recording) for recording in self._recorded]
+
+    def answers(self) -> list[bytes]:
+        """What the backend sent on each connection so far, in the order of ``recordings``."""
+        with self._lock:
+            return [bytes(answer) for answer in self._answered]
 
     def everything(self) -> bytes:
         """All recordings, each followed by a NUL so that none runs into the next."""
@@ -69,8 +75,8 @@ class RecordingTap(_Server):
     def _run(self) -> None:
         selector = selectors.DefaultSelector()
         selector.register(self._listener, selectors.EVENT_READ)
-        #: socket -> (the socket its bytes go to, the recording or None)
-        routes: dict[socket.socket, tuple[socket.socket, bytearray | None]] = {}
+        #: socket -> (the socket its bytes go to, where they are recorded)
+        routes: dict[socket.socket, tuple[socket.socket, bytearray]] = {}
         try:
             while not self._closing.is_set():
                 for key, _ in selector.select(_POLL):
@@ -88,7 +94,7 @@ class RecordingTap(_Server):
     def _accept(
         self,
         selector: selectors.BaseSelector,
-        routes: dict[socket.socket, tuple[socket.socket, bytearray | None]],
+        routes: dict[socket.socket, tuple[socket.socket, bytearray]],
     ) -> None:
         try:
             proxy_side, _ = self._listener.accept()
@@ -99,21 +105,22 @@ class RecordingTap(_Server):
         except OSError:
             proxy_side.close()
             return
-        recording = bytearray()
+        recording, answer = bytearray(), bytearray()
         with self._lock:
             self._recorded.append(recording)
+            self._answered.append(answer)
         for sock in (proxy_side, backend_side):
             sock.setblocking(True)
             sock.settimeout(5)
             selector.register(sock, selectors.EVENT_READ)
         routes[proxy_side] = (backend_side, recording)
-        routes[backend_side] = (proxy_side, None)
+        routes[backend_side] = (proxy_side, answer)
 
     def _forward(
         self,
         sock: socket.socket,
         selector: selectors.BaseSelector,
-        routes: dict[socket.socket, tuple[socket.socket, bytearray | None]],
+        routes: dict[socket.socket, tuple[socket.socket, bytearray]],
     ) -> None:
         if sock not in routes:
             # Closed with its peer earlier in the same round of events.
@@ -124,9 +131,8 @@ class RecordingTap(_Server):
         except OSError:
             data = b""
         if data:
-            if recording is not None:
-                with self._lock:
-                    recording += data
+            with self._lock:
+                recording += data
             with contextlib.suppress(OSError):
                 peer.sendall(data)
             return

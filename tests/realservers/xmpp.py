@@ -4,10 +4,13 @@ until a marker."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import socket
 import ssl
+
+import slixmpp
 
 DOMAIN = "localhost"
 
@@ -87,3 +90,34 @@ class XMPPStream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+async def slixmpp_session(jid: str, password: str, port: int) -> slixmpp.ClientXMPP:
+    """A slixmpp client logged in as ``jid`` on ``127.0.0.1:port``, a server's
+    plaintext c2s listener (PLAIN without TLS), its presence sent."""
+    client = slixmpp.ClientXMPP(jid, password)
+    client.enable_direct_tls = False
+    client.enable_starttls = False
+    client.enable_plaintext = True
+    client.plugin["feature_mechanisms"].unencrypted_plain = True
+    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def started(_: object) -> None:
+        client.send_presence()
+        if not ready.done():
+            ready.set_result(None)
+
+    def failed(event: object) -> None:
+        if not ready.done():
+            ready.set_exception(ConnectionError(f"slixmpp {jid}: {event}"))
+
+    client.add_event_handler("session_start", started)
+    client.add_event_handler("failed_auth", failed)
+    client.add_event_handler("connection_failed", failed)
+    client.connect("127.0.0.1", port)
+    try:
+        await asyncio.wait_for(ready, 20)
+    except BaseException:
+        await client.disconnect()
+        raise
+    return client
