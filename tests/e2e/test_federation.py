@@ -155,6 +155,13 @@ def test_message_and_reply_through_the_proxy_with_dialback(
     assert verified.search(federation.prosody.log()), f"stream {stream_id} not verified"
     # The receiving server called back directly, not through the proxy.
     assert stream_id.encode() not in federation.taps[origin].everything()
+    # Before any of it, the proxy had verified the originating server's own
+    # certificate for the domain its stream claimed (the listeners refuse others).
+    checked = (
+        rf"{re.escape(listener_name(receiver, mode))}: \S+ peer certificate: "
+        rf"verified for {re.escape(home(origin))}$"
+    )
+    assert re.search(checked, federation.proxy.log_path.read_text(), re.M), checked
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -224,8 +231,12 @@ def _connect(federation: Federation, name: str) -> XMPPStream:
     return XMPPStream(federation.proxy.connect(name))
 
 
-def _tls_context(federation: Federation, alpn: str | None = None) -> ssl.SSLContext:
+def _tls_context(federation: Federation, sender: Server, alpn: str | None = None) -> ssl.SSLContext:
+    """A connecting server's context, with ``sender``'s own certificate: the
+    listeners refuse a peer that presents none valid for its stream's ``from``."""
     context = ssl.create_default_context(cafile=str(federation.ca))
+    certificate = federation.certs[sender]
+    context.load_cert_chain(certificate.cert, certificate.key)
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     return context
@@ -269,7 +280,7 @@ def test_bytes_pipelined_after_starttls_never_reach_the_server(
         stream.read_until(b"</stream:features>")
         stream.send(STARTTLS + smuggled)
         stream.read_until(PROCEED)
-        stream.wrap(_tls_context(federation), target)
+        stream.wrap(_tls_context(federation, _other(receiver)), target)
         stream.send(_s2s_header(target, sender.decode()))
         features = stream.read_until(b"</stream:features>")
         # The server's own features (it offers STARTTLS to the proxy: gone).
@@ -294,7 +305,7 @@ def test_bytes_pipelined_after_starttls_never_reach_the_server(
 def test_direct_tls_negotiates_alpn_xmpp_server(federation: Federation, receiver: Server) -> None:
     target = behind_proxy(receiver, "direct")
     with contextlib.closing(_connect(federation, listener_name(receiver, "direct"))) as stream:
-        stream.wrap(_tls_context(federation, alpn="xmpp-server"), target)
+        stream.wrap(_tls_context(federation, _other(receiver), alpn="xmpp-server"), target)
         assert isinstance(stream.sock, ssl.SSLSocket)
         assert stream.sock.selected_alpn_protocol() == "xmpp-server"
         stream.send(_s2s_header(target, home(_other(receiver))))
@@ -304,3 +315,33 @@ def test_direct_tls_negotiates_alpn_xmpp_server(federation: Federation, receiver
         assert b"xmpp-tls" not in features
         stream.send(b"</stream:stream>")
         assert stream.read_all().endswith(b"</stream:stream>")
+
+
+@pytest.mark.parametrize(
+    ("presented", "condition"),
+    [(None, b"not-authorized"), ("ejabberd", b"invalid-from")],
+    ids=["no-certificate", "another-servers-certificate"],
+)
+def test_a_peer_without_a_certificate_for_its_domain_never_reaches_the_server(
+    federation: Federation, presented: Server | None, condition: bytes
+) -> None:
+    """A stream claiming Prosody's domain into ejabberd, with no certificate
+    or with ejabberd's own (valid, but not for that domain): the listeners
+    refuse it before the backend is opened, whatever dialback would say."""
+    tap = federation.taps["ejabberd"]
+    before = len(tap.recordings())
+    target = behind_proxy("ejabberd", "starttls")
+    sender = home("prosody")
+    context = ssl.create_default_context(cafile=str(federation.ca))
+    if presented is not None:
+        context.load_cert_chain(federation.certs[presented].cert, federation.certs[presented].key)
+    with contextlib.closing(_connect(federation, listener_name("ejabberd", "starttls"))) as stream:
+        stream.send(_s2s_header(target, sender))
+        stream.read_until(b"</stream:features>")
+        stream.send(STARTTLS)
+        stream.read_until(PROCEED)
+        stream.wrap(context, target)
+        stream.send(_s2s_header(target, sender))
+        reply = stream.read_all()
+    assert b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" % condition in reply
+    assert len(tap.recordings()) == before

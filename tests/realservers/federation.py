@@ -82,6 +82,8 @@ class Federation:
     taps: dict[Server, RecordingTap]
     #: The CA of every certificate here.
     ca: Path
+    #: Each server's own certificate, which it presents on its outgoing streams.
+    certs: dict[Server, CertFiles]
 
     def c2s_port(self, server: Server) -> int:
         """The server's plaintext c2s port (clients log in there directly)."""
@@ -98,9 +100,12 @@ def _proxied_port(server: Server, prosody: ProsodyInstance, ejabberd: EjabberdIn
     return port
 
 
-def proxy_listeners(backends: dict[Server, int]) -> list[dict[str, Any]]:
+def proxy_listeners(backends: dict[Server, int], trust: Path) -> list[dict[str, Any]]:
     """One ``xmpp-server`` listener per server and mode, to ``backends[server]``;
-    PROXY v2 to ejabberd."""
+    PROXY v2 to ejabberd. Each refuses a peer whose certificate does not chain
+    to ``trust`` for the domain its stream claims: both servers present their
+    own on their outgoing streams, so every stream that gets through was
+    verified by the proxy, and then authenticated by dialback all the same."""
     entries = []
     for server in SERVERS:
         backend_port = backends[server]
@@ -115,6 +120,7 @@ def proxy_listeners(backends: dict[Server, int]) -> list[dict[str, Any]]:
                     domains=[behind_proxy(server, mode)],
                     tls="starttls" if mode == "starttls" else "implicit",
                     backend={"identity": identity},
+                    peer_certificates={"trust": str(trust), "on_failure": "refuse"},
                 )
             )
     return entries
@@ -181,9 +187,9 @@ def running_federation(base: Path, ca: trustme.CA, start_proxy: StartProxy) -> I
         for tap in taps.values():
             stack.enter_context(tap)
         proxy = start_proxy(
-            proxy_listeners({server: tap.port for server, tap in taps.items()}),
+            proxy_listeners({server: tap.port for server, tap in taps.items()}, proxy_certs.ca),
             certificates=[(proxy_certs.cert, proxy_certs.key)],
         )
-        federation = Federation(prosody, ejabberd, proxy, dns, taps, proxy_certs.ca)
+        federation = Federation(prosody, ejabberd, proxy, dns, taps, proxy_certs.ca, certs)
         _route(federation)
         yield federation
