@@ -585,6 +585,29 @@ def test_server_machine_refuses_client_streams() -> None:
     assert close.reason == "wrong content namespace (invalid-namespace)"
 
 
+@pytest.mark.parametrize(
+    "restarted",
+    [
+        S2S_HEADER.replace(b"xmlns='jabber:server'", b"xmlns='jabber:client'"),
+        S2S_HEADER.replace(b"xmlns:stream='http://etherx.jabber.org/streams'", b"xmlns:stream='x'"),
+    ],
+    ids=["content-namespace", "stream-namespace"],
+)
+def test_a_server_stream_that_switches_namespaces_after_tls_is_refused(restarted: bytes) -> None:
+    """The restarted stream (RFC 6120 section 5.3.3) is checked as the first
+    was: a peer that began as a server cannot continue as a client (or with
+    another stream namespace) and so reach the backend's c2s handling."""
+    machine = XMPPServerMachine(settings(), PEER)
+    machine.receive_data(Side.CLIENT, S2S_HEADER + STARTTLS)
+    drain(machine)
+    TLS().apply(machine)
+    machine.receive_data(Side.CLIENT, restarted)
+    commands = drain(machine)
+    assert client_bytes(commands).endswith(error("invalid-namespace"))
+    assert not any(isinstance(c, OpenBackend | SendToBackend) for c in commands)
+    assert machine.state is State.CLOSED
+
+
 def test_starttls_without_to_gives_no_hint() -> None:
     machine = XMPPClientMachine(settings(), PEER)
     run(
