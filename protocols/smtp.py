@@ -143,15 +143,22 @@ _END_OF_DATA: Final = b"\r\n.\r\n"
 _BARE_LINE_ENDING: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 
+#: A CR that no LF follows.
+_BARE_CR: Final = re.compile(rb"\r(?!\n)")
 #: Every octet but CR and LF: deleted, they leave a body's line endings.
 _NOT_LINE_ENDING: Final = bytes(sorted(set(range(256)) - set(_CRLF)))
+#: ``re`` finds a literal about twice as fast as ``bytes.find`` (CPython 3.11).
+_find_end_of_data: Final = re.compile(re.escape(_END_OF_DATA)).search
 
 
 def _bare_line_ending(body: bytes) -> int | None:
     """Where in ``body`` the first bare CR or LF is, or None."""
-    # DATA is the proxy's bulk path: the CRs and LFs of the usual body
-    # all pair up, which two passes at memory speed tell.
-    if body.count(_CRLF) * len(_CRLF) == len(body.translate(None, _NOT_LINE_ENDING)):
+    # DATA is the proxy's bulk path, so the usual body is told clean by two
+    # passes at memory speed: no CR lacks its LF, and the line endings are
+    # CR LF CR LF ..., so that every LF has a CR before it, and (that CR not
+    # being bare) right before it. bytes.count(CRLF) took longer than both.
+    endings = body.translate(None, _NOT_LINE_ENDING)
+    if endings == _CRLF * (len(endings) // 2) and _BARE_CR.search(body) is None:
         return None
     bare = _BARE_LINE_ENDING.search(body)
     return None if bare is None else bare.start()
@@ -451,7 +458,11 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         data = self._client.pop_all()
         seen = self._body_seen
         straddling = (seen + data[: len(_END_OF_DATA) - 1]).find(_END_OF_DATA)
-        start = straddling - len(seen) if straddling >= 0 else data.find(_END_OF_DATA)
+        if straddling >= 0:
+            start = straddling - len(seen)
+        else:
+            end_of_data = _find_end_of_data(data)
+            start = -1 if end_of_data is None else end_of_data.start()
         ended = straddling >= 0 or start >= 0
         limit = start + len(_END_OF_DATA) if ended else len(data)
         body = data[:limit]
