@@ -149,16 +149,20 @@ _BARE_CR: Final = re.compile(rb"\r(?!\n)")
 _NOT_LINE_ENDING: Final = bytes(sorted(set(range(256)) - set(_CRLF)))
 #: ``re`` finds a literal about twice as fast as ``bytes.find`` (CPython 3.11).
 _find_end_of_data: Final = re.compile(re.escape(_END_OF_DATA)).search
+#: The first of the end-of-data line and a CR that no LF follows (bare, or
+#: the last octet read), in one pass.
+_find_body_stop: Final = re.compile(rb"\r(?:\n\.\r\n|(?!\n))").search
 
 
-def _bare_line_ending(body: bytes) -> int | None:
-    """Where in ``body`` the first bare CR or LF is, or None."""
+def _bare_line_ending(body: bytes, *, crs_paired: bool = False) -> int | None:
+    """Where in ``body`` the first bare CR or LF is, or None; ``crs_paired``:
+    every CR of ``body`` is known to have its LF."""
     # DATA is the proxy's bulk path, so the usual body is told clean by two
     # passes at memory speed: no CR lacks its LF, and the line endings are
     # CR LF CR LF ..., so that every LF has a CR before it, and (that CR not
     # being bare) right before it. bytes.count(CRLF) took longer than both.
     endings = body.translate(None, _NOT_LINE_ENDING)
-    if endings == _CRLF * (len(endings) // 2) and _BARE_CR.search(body) is None:
+    if endings == _CRLF * (len(endings) // 2) and (crs_paired or _BARE_CR.search(body) is None):
         return None
     bare = _BARE_LINE_ENDING.search(body)
     return None if bare is None else bare.start()
@@ -457,21 +461,26 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         """
         data = self._client.pop_all()
         seen = self._body_seen
+        reject = self.settings.smtp_bare_line_endings is BareLineEndings.REJECT
         straddling = (seen + data[: len(_END_OF_DATA) - 1]).find(_END_OF_DATA)
         if straddling >= 0:
-            start = straddling - len(seen)
+            ended, limit = True, straddling - len(seen) + len(_END_OF_DATA)
+            crs_paired = False
         else:
-            end_of_data = _find_end_of_data(data)
-            start = -1 if end_of_data is None else end_of_data.start()
-        ended = straddling >= 0 or start >= 0
-        limit = start + len(_END_OF_DATA) if ended else len(data)
+            # Rejecting, the search also stops at the first CR without its
+            # LF: stopping at the end of data or the last octet, it vouches
+            # for every CR before.
+            stop = (_find_body_stop if reject else _find_end_of_data)(data)
+            ended = stop is not None and stop.end() - stop.start() == len(_END_OF_DATA)
+            limit = stop.end() if stop is not None and ended else len(data)
+            crs_paired = stop is None or ended or stop.start() == len(data) - 1
         body = data[:limit]
-        if self.settings.smtp_bare_line_endings is BareLineEndings.REJECT:
+        if reject:
             if not ended and body.endswith(b"\r"):
                 # Bare or not, the next octet tells.
                 body = body[:-1]
                 self._client.feed(b"\r")
-            bare = _bare_line_ending(body)
+            bare = _bare_line_ending(body, crs_paired=crs_paired)
             if bare is not None:
                 # No end-of-data ever reaches the backend: it drops the
                 # partial message when the connection goes.
