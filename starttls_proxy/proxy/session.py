@@ -79,12 +79,18 @@ class Deadline(enum.Enum):
 
     def seconds(self, config: ListenerConfig) -> float:
         """How long the limit is on a listener of ``config``."""
-        return {
-            Deadline.PRE_TLS: config.timeouts.pre_tls,
-            Deadline.HANDSHAKE: config.timeouts.handshake,
-            Deadline.COMMAND: config.timeouts.command,
-            Deadline.IDLE: config.session_idle,
-        }[self]
+        # A match, not a dict built per call: each session asks several
+        # times, and an Enum member hashes in Python.
+        match self:
+            case Deadline.PRE_TLS:
+                return config.timeouts.pre_tls
+            case Deadline.HANDSHAKE:
+                return config.timeouts.handshake
+            case Deadline.COMMAND:
+                return config.timeouts.command
+            case Deadline.IDLE:
+                return config.session_idle
+        raise AssertionError(self)
 
     def reason(self, config: ListenerConfig) -> str:
         """What the session's log line says."""
@@ -95,6 +101,13 @@ class Deadline(enum.Enum):
             Deadline.IDLE: "idle for",
         }[self]
         return f"{what} {self.seconds(config):g} s"
+
+
+def _set_reading(transport: asyncio.Transport, reading: bool) -> None:
+    if reading:
+        transport.resume_reading()
+    else:
+        transport.pause_reading()
 
 
 class Sessions(Protocol):
@@ -139,8 +152,10 @@ class Session:
         self.tls: TLSInfo | None = None
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
-        self._write_paused = {Side.CLIENT: False, Side.BACKEND: False}
-        self._reading = {Side.CLIENT: True, Side.BACKEND: True}
+        # Per side, as attributes: this is looked at after every read, and
+        # a dict keyed by Side hashes the member in Python each time.
+        self._client_write_paused = self._backend_write_paused = False
+        self._client_reading = self._backend_reading = True
         self._last_activity = self._phase_started = self.loop.time()
         #: When the client began the command it has not finished, if any.
         self._command_started: float | None = None
@@ -180,7 +195,7 @@ class Session:
     # Inputs from transports.
 
     def data_received(self, side: Side, data: bytes) -> None:
-        if self.phase is Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             return
         self._last_activity = self.loop.time()
         if side is Side.CLIENT:
@@ -203,7 +218,10 @@ class Session:
         self._run_commands()
 
     def set_write_paused(self, side: Side, paused: bool) -> None:
-        self._write_paused[side] = paused
+        if side is Side.CLIENT:
+            self._client_write_paused = paused
+        else:
+            self._backend_write_paused = paused
         self._update_reading()
 
     def tls_report(self, outcome: TLSInfo | HandshakeFailure, channel: ChannelEndpoint) -> None:
@@ -234,17 +252,21 @@ class Session:
         # What one batch of input makes the machine send leaves in one write
         # a side: one system call here and, towards the client, one TLS
         # record in the worker instead of one per reply line.
-        pending: dict[Side, list[bytes]] = {Side.CLIENT: [], Side.BACKEND: []}
-        while self.phase is not Phase.CLOSED:
-            command = self.machine.next_command()
+        to_client: list[bytes] = []
+        to_backend: list[bytes] = []
+        next_command = self.machine.next_command
+        while self._phase is not Phase.CLOSED:
+            command = next_command()
             if command is None:
                 break
-            if isinstance(command, SendToClient | SendToBackend):
-                side = Side.CLIENT if isinstance(command, SendToClient) else Side.BACKEND
-                pending[side].append(command.data)
+            if isinstance(command, SendToClient):
+                to_client.append(command.data)
+                continue
+            if isinstance(command, SendToBackend):
+                to_backend.append(command.data)
                 continue
             # Whatever comes next (a hand-off, a close) comes after them.
-            self._write(pending)
+            self._write(to_client, to_backend)
             match command:
                 case OpenBackend():
                     if self.phase is Phase.PRE_TLS:
@@ -256,15 +278,15 @@ class Session:
                     self.close(reason, clean=clean)
                 case _:
                     raise RuntimeError(f"Unexpected command: {command}")
-        self._write(pending)
+        self._write(to_client, to_backend)
         self._update_reading()
 
-    def _write(self, pending: dict[Side, list[bytes]]) -> None:
-        for side, endpoint in ((Side.CLIENT, self.client), (Side.BACKEND, self.backend)):
-            if pending[side]:
+    def _write(self, to_client: list[bytes], to_backend: list[bytes]) -> None:
+        for pending, endpoint in ((to_client, self.client), (to_backend, self.backend)):
+            if pending:
                 assert endpoint is not None and endpoint.transport is not None
-                endpoint.transport.writelines(pending[side])
-                pending[side].clear()
+                endpoint.transport.writelines(pending)
+                pending.clear()
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -372,22 +394,22 @@ class Session:
     # Flow control and timers.
 
     def _update_reading(self) -> None:
-        if self.phase is Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             return
-        wanted = {
-            Side.CLIENT: not self._write_paused[Side.BACKEND]
-            and self.machine.unprocessed_client_bytes < HOLD_LIMIT,
-            Side.BACKEND: not self._write_paused[Side.CLIENT],
-        }
-        for endpoint in (self.client, self.backend):
-            if endpoint is None or endpoint.transport is None:
-                continue
-            if wanted[endpoint.side] != self._reading[endpoint.side]:
-                self._reading[endpoint.side] = wanted[endpoint.side]
-                if wanted[endpoint.side]:
-                    endpoint.transport.resume_reading()
-                else:
-                    endpoint.transport.pause_reading()
+        client, backend = self.client, self.backend
+        if client is not None and client.transport is not None:
+            wanted = (
+                not self._backend_write_paused
+                and self.machine.unprocessed_client_bytes < HOLD_LIMIT
+            )
+            if wanted != self._client_reading:
+                self._client_reading = wanted
+                _set_reading(client.transport, wanted)
+        if backend is not None and backend.transport is not None:
+            wanted = not self._client_write_paused
+            if wanted != self._backend_reading:
+                self._backend_reading = wanted
+                _set_reading(backend.transport, wanted)
 
     def _watch_command(self) -> None:
         if not self.machine.client_mid_command:
