@@ -224,7 +224,7 @@ def _count_worker_exit(pid: int, status: int) -> None:
     if status == EXIT_SPARE_UNUSED:
         return
     reason = _EXIT_REASONS.get(status, "crash")
-    metrics.WORKER_EXITS.labels(reason).inc()
+    metrics.labelled(metrics.WORKER_EXITS, reason).inc()
     if reason in ("crash", "seccomp", "sandbox_failed"):
         log.warning("TLS worker %d ended abnormally (%s, status %d)", pid, reason, status)
 

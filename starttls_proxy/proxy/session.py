@@ -145,7 +145,7 @@ class Session:
         self.machine = runtime.new_machine(self.peer)
         self._labels = (runtime.config.name, runtime.config.protocol.value)
         self._phase = Phase.PRE_TLS
-        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).inc()
+        metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, self._phase.value).inc()
         self._handshake_started = 0.0
         self.client: Endpoint | None = endpoint
         self.backend: Endpoint | None = None
@@ -182,9 +182,9 @@ class Session:
             self._phase.value,
             phase.value,
         )
-        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).dec()
+        metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, self._phase.value).dec()
         if phase is not Phase.CLOSED:
-            metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()
+            metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, phase.value).inc()
         self._phase = phase
         self._phase_started = self.loop.time()
         if phase is not Phase.CLOSED:
@@ -231,13 +231,13 @@ class Session:
             metrics.HANDSHAKES.labels(*self._labels, "failed").inc()
             self.close(f"TLS handshake failed: {outcome.reason}")
             return
-        metrics.HANDSHAKES.labels(*self._labels, "ok").inc()
-        metrics.HANDSHAKE_SECONDS.labels(*self._labels).observe(
+        metrics.labelled(metrics.HANDSHAKES, *self._labels, "ok").inc()
+        metrics.labelled(metrics.HANDSHAKE_SECONDS, *self._labels).observe(
             time.monotonic() - self._handshake_started
         )
         self.tls = outcome
-        metrics.TLS_SESSIONS.labels(
-            self.runtime.config.name, self.tls.version, self.tls.cipher
+        metrics.labelled(
+            metrics.TLS_SESSIONS, self.runtime.config.name, self.tls.version, self.tls.cipher
         ).inc()
         # The client side from now on: it ends as a client's does, lingering.
         self.client, self._pending_channel = channel, None
@@ -315,7 +315,9 @@ class Session:
             self.machine.backend_failed(reason)
             self._run_commands()
             return
-        metrics.BACKEND_CONNECT_SECONDS.labels(config.name).observe(time.monotonic() - started)
+        metrics.labelled(metrics.BACKEND_CONNECT_SECONDS, config.name).observe(
+            time.monotonic() - started
+        )
         if self.phase is Phase.CLOSED:
             transport.close()
             return
@@ -490,8 +492,12 @@ class Session:
                 endpoint.transport.close()
         self.runtime.sessions.discard(self)
         config = self.runtime.config
-        metrics.SESSIONS_CLOSED.labels(*self._labels, "clean" if clean else "other").inc()
-        metrics.SESSION_SECONDS.labels(*self._labels).observe(time.monotonic() - self.started)
+        metrics.labelled(
+            metrics.SESSIONS_CLOSED, *self._labels, "clean" if clean else "other"
+        ).inc()
+        metrics.labelled(metrics.SESSION_SECONDS, *self._labels).observe(
+            time.monotonic() - self.started
+        )
         log.info(
             "%s: %s:%s closed after %.3fs: %s; tls=%s cipher=%s sni=%s in=%d out=%d",
             config.name,
