@@ -351,16 +351,18 @@ class Session:
     async def _hand_off(
         self, endpoint: Endpoint, transport: asyncio.Transport, server_name_hint: str | None
     ) -> None:
-        try:
-            async with asyncio.timeout(FLUSH_TIMEOUT):
-                # The upgrade reply must be on the wire before the worker owns
-                # the socket.
-                while transport.get_write_buffer_size():
-                    await asyncio.sleep(0.005)
-        except TimeoutError:
-            transport.abort()
-            self.close("client did not take the TLS upgrade reply")
-            return
+        # The upgrade reply must be on the wire before the worker owns the
+        # socket. It nearly always is (a short reply to a socket with room):
+        # then no timer is armed and cancelled.
+        if transport.get_write_buffer_size():
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    while transport.get_write_buffer_size():
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                transport.abort()
+                self.close("client did not take the TLS upgrade reply")
+                return
         raw = transport.get_extra_info("socket")
         client = socket.socket(fileno=os.dup(raw.fileno()))
         # The duplicate keeps the TCP connection alive: closing the transport
