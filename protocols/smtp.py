@@ -46,6 +46,7 @@ accepted, and the client sends it again later.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -292,6 +293,15 @@ def _advertised(texts: Iterable[bytes], *, auth: bool) -> list[bytes]:
     return kept
 
 
+@functools.lru_cache(maxsize=64)
+def _extensions(capabilities: tuple[str, ...]) -> tuple[bool, tuple[bytes, ...]]:
+    """Whether the backend's EHLO ``capabilities`` include CHUNKING, and the
+    extension lines offered before TLS: the same for every session of a
+    listener, so worked out once, not per session."""
+    lines = [line.encode() for line in capabilities]
+    return b"CHUNKING" in map(_keyword, lines), tuple(_advertised(lines, auth=False))
+
+
 def _multiline(code: bytes, texts: Sequence[bytes]) -> bytes:
     """A reply with ``code-`` on every line but the last (RFC 5321 section 4.2.1)."""
     last = len(texts) - 1
@@ -328,8 +338,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         greeting = b"220 %s ESMTP starttls-proxy\r\n" % settings.hostname.encode()
         super().__init__(settings, peer, greeting=greeting)
-        self._extensions = [line.encode() for line in settings.capabilities]
-        self._chunking = b"CHUNKING" in map(_keyword, self._extensions)
+        self._chunking, self._offered = _extensions(settings.capabilities)
         self._replies = ReplyReader(settings.max_reply_line_length)
         #: The client's HELO or EHLO before TLS, as (verb, name).
         self._helo: tuple[bytes, bytes] | None = None
@@ -428,8 +437,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         if verb == b"HELO":
             self._answer(b"250 %s\r\n" % self._host)
         else:
-            extensions = _advertised(self._extensions, auth=False)
-            self._answer(_multiline(b"250", [self._host, *extensions, b"STARTTLS"]))
+            self._answer(_multiline(b"250", [self._host, *self._offered, b"STARTTLS"]))
 
     def _relay_command(self, line: bytes, verb: bytes, size: int) -> None:
         if verb == b"STARTTLS":
