@@ -101,7 +101,9 @@ class ClientEndpoint(Endpoint):
         super().connection_made(transport)
         assert self.transport is not None
         runtime = self.runtime
-        metrics.CONNECTIONS.labels(runtime.config.name, runtime.config.protocol.value).inc()
+        metrics.labelled(
+            metrics.CONNECTIONS, runtime.config.name, runtime.config.protocol.value
+        ).inc()
         peername = transport.get_extra_info("peername")
         if peername is None:
             # Reset before the loop got to it (a balancer's health check

@@ -294,6 +294,12 @@ class TLSHelper:
             message = request.encode()
         except ValueError as error:
             raise HandoffError(f"unusable spawn request: {error}") from None
+        if self._running.is_set() and self.control is not None:
+            # The usual case, without a timer armed and cancelled.
+            try:
+                return self._send_spawn(client, message)
+            except _HelperGoneError:
+                self._drop_control()
         try:
             async with asyncio.timeout(patience):
                 while True:

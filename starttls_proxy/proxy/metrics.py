@@ -7,9 +7,26 @@ so their number is bounded.
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
+_children: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: _Metric, *values: str) -> _Metric:
+    """``metric.labels(*values)``, looked up once: a session counts itself
+    a dozen times, and each ``labels()`` takes a lock and checks its values
+    (~0.9 us, a dict lookup ~0.06 us). Only for metrics never cleared."""
+    key = (metric, values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
 
 CONNECTIONS = Counter(
     "starttls_proxy_connections_accepted_total",

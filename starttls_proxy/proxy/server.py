@@ -215,7 +215,7 @@ def _count_worker_exit(pid: int, status: int) -> None:
     if status == WorkerExit.SPARE_UNUSED:
         return
     reason = _EXIT_REASONS.get(status, "crash")
-    metrics.WORKER_EXITS.labels(reason).inc()
+    metrics.labelled(metrics.WORKER_EXITS, reason).inc()
     if reason in ("crash", "seccomp", "sandbox_failed"):
         log.warning("TLS worker %d ended abnormally (%s, status %d)", pid, reason, status)
 

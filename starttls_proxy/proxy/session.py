@@ -80,12 +80,18 @@ class Deadline(enum.Enum):
 
     def seconds(self, config: ListenerConfig) -> float:
         """How long the limit is on a listener of ``config``."""
-        return {
-            Deadline.PRE_TLS: config.timeouts.pre_tls,
-            Deadline.HANDSHAKE: config.timeouts.handshake,
-            Deadline.COMMAND: config.timeouts.command,
-            Deadline.IDLE: config.session_idle,
-        }[self]
+        # A match, not a dict built per call: each session asks several
+        # times, and an Enum member hashes in Python.
+        match self:
+            case Deadline.PRE_TLS:
+                return config.timeouts.pre_tls
+            case Deadline.HANDSHAKE:
+                return config.timeouts.handshake
+            case Deadline.COMMAND:
+                return config.timeouts.command
+            case Deadline.IDLE:
+                return config.session_idle
+        raise AssertionError(self)
 
     def reason(self, config: ListenerConfig) -> str:
         """What the session's log line says."""
@@ -96,6 +102,13 @@ class Deadline(enum.Enum):
             Deadline.IDLE: "idle for",
         }[self]
         return f"{what} {self.seconds(config):g} s"
+
+
+def _set_reading(transport: asyncio.Transport, reading: bool) -> None:
+    if reading:
+        transport.resume_reading()
+    else:
+        transport.pause_reading()
 
 
 class Sessions(Protocol):
@@ -133,7 +146,7 @@ class Session:
         self.machine = runtime.new_machine(self.peer)
         self._labels = (runtime.config.name, runtime.config.protocol.value)
         self._phase = Phase.PRE_TLS
-        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).inc()
+        metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, self._phase.value).inc()
         self._handshake_started = 0.0
         self.client: Endpoint | None = endpoint
         self.backend: Endpoint | None = None
@@ -142,8 +155,10 @@ class Session:
         self.verified_peer: str | None = None
         self.bytes_from_client = 0
         self.bytes_from_backend = 0
-        self._write_paused = {Side.CLIENT: False, Side.BACKEND: False}
-        self._reading = {Side.CLIENT: True, Side.BACKEND: True}
+        # Per side, as attributes: this is looked at after every read, and
+        # a dict keyed by Side hashes the member in Python each time.
+        self._client_write_paused = self._backend_write_paused = False
+        self._client_reading = self._backend_reading = True
         self._last_activity = self._phase_started = self.loop.time()
         #: When the client began the command it has not finished, if any.
         self._command_started: float | None = None
@@ -170,9 +185,9 @@ class Session:
             self._phase.value,
             phase.value,
         )
-        metrics.SESSIONS_ACTIVE.labels(*self._labels, self._phase.value).dec()
+        metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, self._phase.value).dec()
         if phase is not Phase.CLOSED:
-            metrics.SESSIONS_ACTIVE.labels(*self._labels, phase.value).inc()
+            metrics.labelled(metrics.SESSIONS_ACTIVE, *self._labels, phase.value).inc()
         self._phase = phase
         self._phase_started = self.loop.time()
         if phase is not Phase.CLOSED:
@@ -183,7 +198,7 @@ class Session:
     # Inputs from transports.
 
     def data_received(self, side: Side, data: bytes) -> None:
-        if self.phase is Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             return
         self._last_activity = self.loop.time()
         if side is Side.CLIENT:
@@ -206,7 +221,10 @@ class Session:
         self._run_commands()
 
     def set_write_paused(self, side: Side, paused: bool) -> None:
-        self._write_paused[side] = paused
+        if side is Side.CLIENT:
+            self._client_write_paused = paused
+        else:
+            self._backend_write_paused = paused
         self._update_reading()
 
     def tls_report(self, outcome: TLSInfo | HandshakeFailure, channel: ChannelEndpoint) -> None:
@@ -216,13 +234,13 @@ class Session:
             metrics.HANDSHAKES.labels(*self._labels, "failed").inc()
             self.close(f"TLS handshake failed: {outcome.reason}")
             return
-        metrics.HANDSHAKES.labels(*self._labels, "ok").inc()
-        metrics.HANDSHAKE_SECONDS.labels(*self._labels).observe(
+        metrics.labelled(metrics.HANDSHAKES, *self._labels, "ok").inc()
+        metrics.labelled(metrics.HANDSHAKE_SECONDS, *self._labels).observe(
             time.monotonic() - self._handshake_started
         )
         self.tls = outcome
-        metrics.TLS_SESSIONS.labels(
-            self.runtime.config.name, self.tls.version, self.tls.cipher
+        metrics.labelled(
+            metrics.TLS_SESSIONS, self.runtime.config.name, self.tls.version, self.tls.cipher
         ).inc()
         # The client side from now on: it ends as a client's does, lingering.
         self.client, self._pending_channel = channel, None
@@ -237,17 +255,21 @@ class Session:
         # What one batch of input makes the machine send leaves in one write
         # a side: one system call here and, towards the client, one TLS
         # record in the worker instead of one per reply line.
-        pending: dict[Side, list[bytes]] = {Side.CLIENT: [], Side.BACKEND: []}
-        while self.phase is not Phase.CLOSED:
-            command = self.machine.next_command()
+        to_client: list[bytes] = []
+        to_backend: list[bytes] = []
+        next_command = self.machine.next_command
+        while self._phase is not Phase.CLOSED:
+            command = next_command()
             if command is None:
                 break
-            if isinstance(command, SendToClient | SendToBackend):
-                side = Side.CLIENT if isinstance(command, SendToClient) else Side.BACKEND
-                pending[side].append(command.data)
+            if isinstance(command, SendToClient):
+                to_client.append(command.data)
+                continue
+            if isinstance(command, SendToBackend):
+                to_backend.append(command.data)
                 continue
             # Whatever comes next (a hand-off, a close) comes after them.
-            self._write(pending)
+            self._write(to_client, to_backend)
             match command:
                 case OpenBackend():
                     if self.phase is Phase.PRE_TLS:
@@ -261,15 +283,15 @@ class Session:
                     self.close(reason, clean=clean)
                 case _:
                     raise RuntimeError(f"Unexpected command: {command}")
-        self._write(pending)
+        self._write(to_client, to_backend)
         self._update_reading()
 
-    def _write(self, pending: dict[Side, list[bytes]]) -> None:
-        for side, endpoint in ((Side.CLIENT, self.client), (Side.BACKEND, self.backend)):
-            if pending[side]:
+    def _write(self, to_client: list[bytes], to_backend: list[bytes]) -> None:
+        for pending, endpoint in ((to_client, self.client), (to_backend, self.backend)):
+            if pending:
                 assert endpoint is not None and endpoint.transport is not None
-                endpoint.transport.writelines(pending[side])
-                pending[side].clear()
+                endpoint.transport.writelines(pending)
+                pending.clear()
 
     def _start_task(self, coroutine: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coroutine)
@@ -298,7 +320,9 @@ class Session:
             self.machine.backend_failed(reason)
             self._run_commands()
             return
-        metrics.BACKEND_CONNECT_SECONDS.labels(config.name).observe(time.monotonic() - started)
+        metrics.labelled(metrics.BACKEND_CONNECT_SECONDS, config.name).observe(
+            time.monotonic() - started
+        )
         if self.phase is Phase.CLOSED:
             transport.close()
             return
@@ -347,16 +371,18 @@ class Session:
     async def _hand_off(
         self, endpoint: Endpoint, transport: asyncio.Transport, server_name_hint: str | None
     ) -> None:
-        try:
-            async with asyncio.timeout(FLUSH_TIMEOUT):
-                # The upgrade reply must be on the wire before the worker owns
-                # the socket.
-                while transport.get_write_buffer_size():
-                    await asyncio.sleep(0.005)
-        except TimeoutError:
-            transport.abort()
-            self.close("client did not take the TLS upgrade reply")
-            return
+        # The upgrade reply must be on the wire before the worker owns the
+        # socket. It nearly always is (a short reply to a socket with room):
+        # then no timer is armed and cancelled.
+        if transport.get_write_buffer_size():
+            try:
+                async with asyncio.timeout(FLUSH_TIMEOUT):
+                    while transport.get_write_buffer_size():
+                        await asyncio.sleep(0.005)
+            except TimeoutError:
+                transport.abort()
+                self.close("client did not take the TLS upgrade reply")
+                return
         raw = transport.get_extra_info("socket")
         client = socket.socket(fileno=os.dup(raw.fileno()))
         # The duplicate keeps the TCP connection alive: closing the transport
@@ -394,22 +420,22 @@ class Session:
     # Flow control and timers.
 
     def _update_reading(self) -> None:
-        if self.phase is Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             return
-        wanted = {
-            Side.CLIENT: not self._write_paused[Side.BACKEND]
-            and self.machine.unprocessed_client_bytes < HOLD_LIMIT,
-            Side.BACKEND: not self._write_paused[Side.CLIENT],
-        }
-        for endpoint in (self.client, self.backend):
-            if endpoint is None or endpoint.transport is None:
-                continue
-            if wanted[endpoint.side] != self._reading[endpoint.side]:
-                self._reading[endpoint.side] = wanted[endpoint.side]
-                if wanted[endpoint.side]:
-                    endpoint.transport.resume_reading()
-                else:
-                    endpoint.transport.pause_reading()
+        client, backend = self.client, self.backend
+        if client is not None and client.transport is not None:
+            wanted = (
+                not self._backend_write_paused
+                and self.machine.unprocessed_client_bytes < HOLD_LIMIT
+            )
+            if wanted != self._client_reading:
+                self._client_reading = wanted
+                _set_reading(client.transport, wanted)
+        if backend is not None and backend.transport is not None:
+            wanted = not self._client_write_paused
+            if wanted != self._backend_reading:
+                self._backend_reading = wanted
+                _set_reading(backend.transport, wanted)
 
     def _watch_command(self) -> None:
         if not self.machine.client_mid_command:
@@ -490,8 +516,12 @@ class Session:
                 endpoint.transport.close()
         self.runtime.sessions.discard(self)
         config = self.runtime.config
-        metrics.SESSIONS_CLOSED.labels(*self._labels, "clean" if clean else "other").inc()
-        metrics.SESSION_SECONDS.labels(*self._labels).observe(time.monotonic() - self.started)
+        metrics.labelled(
+            metrics.SESSIONS_CLOSED, *self._labels, "clean" if clean else "other"
+        ).inc()
+        metrics.labelled(metrics.SESSION_SECONDS, *self._labels).observe(
+            time.monotonic() - self.started
+        )
         log.info(
             "%s: %s:%s closed after %.3fs: %s; tls=%s cipher=%s sni=%s in=%d out=%d",
             config.name,
