@@ -23,8 +23,8 @@ import enum
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, Self, TypeVar
 
 
 def opens_tls(first_bytes: bytes) -> bool:
@@ -263,16 +263,59 @@ def transition(
         raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
 
 
+MemberT = TypeVar("MemberT", bound=enum.Enum)
+
+
+@dataclass(frozen=True)
+class Members(Generic[MemberT]):
+    """The members of one of a machine's enums that shared code uses.
+
+    Each field holds the member its name names in upper case (``closed``,
+    ``CLOSED``). ``of`` finds them once, when a machine's class is made, and
+    fails then if one is missing; from there on shared code reads the fields,
+    typed, and never looks a member up by its name.
+    """
+
+    @classmethod
+    def of(cls, members: type[MemberT]) -> Self:
+        """The fields' members in ``members``; ``TypeError`` names those it lacks."""
+        names = {entry.name: entry.name.upper() for entry in fields(cls)}
+        missing = sorted(name for name in names.values() if name not in members.__members__)
+        if missing:
+            raise TypeError(f"{members.__name__} lacks {', '.join(missing)}")
+        return cls(**{attribute: members[name] for attribute, name in names.items()})
+
+
+@dataclass(frozen=True)
+class SharedStates(Members[StateT]):
+    """The states every machine has: how a session ends."""
+
+    #: The session ended; ``CloseConnection`` has been queued.
+    closed: StateT
+    #: A violation ended the session.
+    error: StateT
+
+
+@dataclass(frozen=True)
+class SharedInputs(Members[InputT]):
+    """The inputs every machine has: the ways out of a session."""
+
+    #: The session ends as the protocol or the driver says.
+    close: InputT
+    #: A violation ends the session.
+    violation: InputT
+
+
 def ending_transitions(
     states: type[StateT], inputs: type[InputT]
 ) -> dict[tuple[StateT, InputT], StateT]:
     """The table entries that let a session end from every live state: CLOSE
     leads to CLOSED, VIOLATION to ERROR."""
-    closed, error = states["CLOSED"], states["ERROR"]
-    live = [state for state in states if state not in (closed, error)]
+    end, by = SharedStates.of(states), SharedInputs.of(inputs)
+    live = [state for state in states if state not in (end.closed, end.error)]
     return {
-        **{(state, inputs["CLOSE"]): closed for state in live},
-        **{(state, inputs["VIOLATION"]): error for state in live},
+        **{(state, by.close): end.closed for state in live},
+        **{(state, by.violation): end.error for state in live},
     }
 
 
@@ -329,35 +372,40 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     a STARTTLS listener, or ``StartTLS(b"")`` on an implicit-TLS listener,
     and sets the first ``state``.
 
-    A subclass sets ``states``, ``inputs`` and ``transitions``. The way out
-    of a session goes by name: its ``State`` enum has CLOSED and ERROR, its
-    ``Input`` enum CLOSE and VIOLATION (see ``ending_transitions``).
+    A subclass sets ``states``, ``inputs`` and ``transitions``. Shared code
+    reads the members it needs from ``shared_states`` and ``shared_inputs``,
+    found when the subclass is made (see ``Members``): its ``State`` enum has
+    CLOSED and ERROR, its ``Input`` enum CLOSE and VIOLATION (see
+    ``ending_transitions``), or the class is refused.
     """
 
     states: type[StateT]
     inputs: type[InputT]
     transitions: Mapping[tuple[StateT, InputT], StateT]
     state: StateT
-    #: The members the shared code looks up by name, which a machine's
-    #: enums must have: checked when the machine's class is made.
-    shared_states: ClassVar[frozenset[str]] = frozenset({"CLOSED", "ERROR"})
-    shared_inputs: ClassVar[frozenset[str]] = frozenset({"CLOSE", "VIOLATION"})
+    #: What shared code uses of ``states`` and ``inputs``; a subclass whose
+    #: shared code takes steps of its own names more.
+    state_members: ClassVar[type[SharedStates[Any]]] = SharedStates
+    input_members: ClassVar[type[SharedInputs[Any]]] = SharedInputs
+    #: Those members, found when the class is made.
+    shared_states: SharedStates[StateT]
+    shared_inputs: SharedInputs[InputT]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for kind, shared in (("states", cls.shared_states), ("inputs", cls.shared_inputs)):
-            members = cls.__dict__.get(kind)
-            if members is None:
-                continue  # a base class on the way: its subclass names the enums
-            missing = shared - set(members.__members__)
-            if missing:
-                raise TypeError(f"{cls.__name__}.{kind} lacks {', '.join(sorted(missing))}")
+        if not (hasattr(cls, "states") and hasattr(cls, "inputs")):
+            return  # a base class on the way: its subclass names the enums
+        try:
+            cls.shared_states = cls.state_members.of(cls.states)
+            cls.shared_inputs = cls.input_members.of(cls.inputs)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}: {error}") from None
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         self.settings = settings
         self.peer = peer
         self._outbox = CommandQueue()
-        self._ended = (self.states["CLOSED"], self.states["ERROR"])
+        self._ended = (self.shared_states.closed, self.shared_states.error)
 
     @abc.abstractmethod
     def receive_data(self, side: Side, data: bytes) -> None:
@@ -432,7 +480,7 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         violation: bool = False,
     ) -> None:
         """Send the client its last words, if any, and close both sides."""
-        self._go(self.inputs["VIOLATION" if violation else "CLOSE"])
+        self._go(self.shared_inputs.violation if violation else self.shared_inputs.close)
         if reply is not None:
             self._send_client(reply)
         self._outbox.push(CloseConnection(reason, clean))
