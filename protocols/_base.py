@@ -288,8 +288,10 @@ class Members(Generic[MemberT]):
 
 @dataclass(frozen=True)
 class SharedStates(Members[StateT]):
-    """The states every machine has: how a session ends."""
+    """The states every machine has: the handshake, and how a session ends."""
 
+    #: The upgrade accepted (or implicit TLS): waiting for the worker's handshake.
+    tls_handshake: StateT
     #: The session ended; ``CloseConnection`` has been queued.
     closed: StateT
     #: A violation ended the session.
@@ -375,8 +377,11 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     A subclass sets ``states``, ``inputs`` and ``transitions``. Shared code
     reads the members it needs from ``shared_states`` and ``shared_inputs``,
     found when the subclass is made (see ``Members``): its ``State`` enum has
-    CLOSED and ERROR, its ``Input`` enum CLOSE and VIOLATION (see
-    ``ending_transitions``), or the class is refused.
+    TLS_HANDSHAKE, CLOSED and ERROR, its ``Input`` enum CLOSE and VIOLATION
+    (see ``ending_transitions``), or the class is refused. It says what the
+    bytes of each side mean (``_from_client``, ``_from_backend``) and how it
+    refuses an early ClientHello; ``receive_data`` keeps the rules of the
+    handshake for all.
     """
 
     states: type[StateT]
@@ -406,10 +411,29 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         self.peer = peer
         self._outbox = CommandQueue()
         self._ended = (self.shared_states.closed, self.shared_states.error)
+        #: No client byte has come yet on a plaintext connection.
+        self._before_first_byte = settings.tls_mode is TLSMode.STARTTLS
 
-    @abc.abstractmethod
+    @event
     def receive_data(self, side: Side, data: bytes) -> None:
-        """Bytes arrived from ``side`` (decrypted, for a TLS client)."""
+        """Bytes arrived from ``side`` (decrypted, for a TLS client).
+
+        Between the upgrade reply and the end of the handshake nothing from
+        the client is interpreted, not even buffered (RFC 3207 section 4.2,
+        RFC 2595 section 3.1, RFC 6120 section 5.4.3.3, CVE-2011-0411). A TLS
+        ClientHello as the client's first bytes on a plaintext connection is
+        an implicit-TLS client on the wrong port, refused by the protocol's
+        ``_refuse_early_tls``.
+        """
+        if side is Side.BACKEND:
+            self._from_backend(data)
+        elif self.state is self.shared_states.tls_handshake:
+            pass
+        elif self._before_first_byte and opens_tls(data):
+            self._refuse_early_tls()
+        else:
+            self._before_first_byte = self._before_first_byte and not data
+            self._from_client(data)
 
     @abc.abstractmethod
     def receive_eof(self, side: Side) -> None:
@@ -465,6 +489,10 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         """The session has ended (what ``event`` needs)."""
         return self.state in self._ended
 
+    @abc.abstractmethod
+    def violated(self, reason: str) -> None:
+        """End the session after a ``ProtocolViolation`` (what ``event`` needs)."""
+
     # ------------------------------------------------------------------
     # Steps every protocol takes.
 
@@ -490,6 +518,20 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
 
     def _send_backend(self, data: bytes) -> None:
         self._outbox.push(SendToBackend(data))
+
+    # ------------------------------------------------------------------
+    # What each protocol says (see ``receive_data``): what the client's bytes
+    # mean outside the handshake, what the backend's mean, and how a client
+    # whose first bytes are a ClientHello is refused.
+
+    @abc.abstractmethod
+    def _from_client(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _from_backend(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _refuse_early_tls(self) -> None: ...
 
 
 class CapabilityProbe(abc.ABC):

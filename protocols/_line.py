@@ -30,7 +30,6 @@ from protocols._base import (
     TLSInfo,
     TLSMode,
     event,
-    opens_tls,
 )
 from protocols._buffers import LineBuffer, LineTooLong
 
@@ -41,8 +40,6 @@ class LineStates(SharedStates[StateT]):
 
     #: The proxy answers the client itself; no backend yet.
     pre_tls: StateT
-    #: The upgrade accepted (or implicit TLS): waiting for the worker's handshake.
-    tls_handshake: StateT
     #: ``OpenBackend`` queued, waiting for ``backend_connected``.
     backend_connecting: StateT
     #: Waiting for the backend's greeting.
@@ -94,12 +91,10 @@ class LineMachine(ProxyMachine[StateT, InputT]):
 
     It opens with the proxy's greeting on a STARTTLS listener, with the
     handshake on an implicit-TLS one. A TLS ClientHello as the client's first
-    bytes is an implicit-TLS client on the wrong port and ends the session.
-    Between the upgrade reply and the end of the handshake nothing from the
-    client is interpreted, not even buffered (RFC 3207 section 4.2, RFC 2595
-    section 3.1, CVE-2011-0411); once it ends, the backend is opened. In every
-    other state ``_steps`` says how the client's bytes are read, and they wait
-    in ``_client`` where it says nothing.
+    bytes gets ``early_tls_reply`` and the client's bytes during the handshake
+    are dropped (``ProxyMachine.receive_data``); once the handshake ends, the
+    backend is opened. In every other state ``_steps`` says how the client's
+    bytes are read, and they wait in ``_client`` where it says nothing.
 
     A subclass sets ``states``, ``inputs``, ``transitions`` and its replies,
     and says what the backend's bytes and end mean. Its enums have the
@@ -133,9 +128,8 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         self._unavailable = self.unavailable_reply % self._host
         self._client = LineBuffer(settings.max_line_length)
         self._tls = False
-        self._client_spoke = False
         #: While the backend's bytes of one read are interpreted, the
-        #: client's wait (see ``receive_data``); whether some are waiting.
+        #: client's wait (see ``_from_backend``); whether some are waiting.
         self._reading_backend = False
         self._client_waits = False
         #: How the client's bytes are read in each state.
@@ -150,32 +144,26 @@ class LineMachine(ProxyMachine[StateT, InputT]):
     # ------------------------------------------------------------------
     # Inputs.
 
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            # A command goes to the backend only once everything the backend
-            # had said by then is read: a reply that came before its command
-            # answers nothing (response injection), and must not be taken for
-            # the answer to a command relayed in the middle of this read.
-            self._reading_backend = True
-            try:
-                self._backend_data(data)
-            finally:
-                self._reading_backend = False
-            if self._client_waits and not self.finished:
-                self._client_waits = False
-                self._pump_client()
-        elif self.state is self.shared_states.tls_handshake:
-            # Not even buffered: see the class docstring.
-            pass
-        elif (
-            self.state is self.shared_states.pre_tls and not self._client_spoke and opens_tls(data)
-        ):
-            self._end(f"TLS ClientHello before {self.upgrade_command}", reply=self.early_tls_reply)
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
+    def _from_backend(self, data: bytes) -> None:
+        # A command goes to the backend only once everything the backend had
+        # said by then is read: a reply that came before its command answers
+        # nothing (response injection), and must not be taken for the answer
+        # to a command relayed in the middle of this read.
+        self._reading_backend = True
+        try:
+            self._backend_data(data)
+        finally:
+            self._reading_backend = False
+        if self._client_waits and not self.finished:
+            self._client_waits = False
             self._pump_client()
+
+    def _from_client(self, data: bytes) -> None:
+        self._client.feed(data)
+        self._pump_client()
+
+    def _refuse_early_tls(self) -> None:
+        self._end(f"TLS ClientHello before {self.upgrade_command}", reply=self.early_tls_reply)
 
     @event
     def receive_eof(self, side: Side) -> None:

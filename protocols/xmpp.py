@@ -84,7 +84,6 @@ from protocols._base import (
     TLSMode,
     ending_transitions,
     event,
-    opens_tls,
 )
 from protocols._xmlstream import (
     NS_DIALBACK,
@@ -310,7 +309,6 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._client_stream_ended = False
         self._tls = False
         self._peer_certificate: PeerCertificate | None = None
-        self._client_spoke = False
         if settings.tls_mode is TLSMode.STARTTLS:
             self.state = State.PRE_TLS_HEADER
         else:
@@ -320,21 +318,16 @@ class XMPPMachine(ProxyMachine[State, Input]):
     # ------------------------------------------------------------------
     # Inputs.
 
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            self._backend.feed(data)
-            self._pump_backend()
-        elif self.state is State.TLS_HANDSHAKE:
-            # Between <proceed/> and the handshake nothing from the client is
-            # interpreted (RFC 6120 section 5.4.3.3): not even buffered.
-            pass
-        elif self.state is State.PRE_TLS_HEADER and not self._client_spoke and opens_tls(data):
-            self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
-            self._pump_client()
+    def _from_backend(self, data: bytes) -> None:
+        self._backend.feed(data)
+        self._pump_backend()
+
+    def _from_client(self, data: bytes) -> None:
+        self._client.feed(data)
+        self._pump_client()
+
+    def _refuse_early_tls(self) -> None:
+        self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
 
     @event
     def receive_eof(self, side: Side) -> None:

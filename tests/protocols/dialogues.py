@@ -89,6 +89,8 @@ class Dialogue(Generic[MachineT]):
     relayed: bytes
     #: Commands an attacker pipelines after STARTTLS.
     injected: bytes
+    #: The answer to a TLS ClientHello as the client's first bytes.
+    client_hello_refused: tuple[SendToClient, CloseConnection]
     #: Protocol words the fuzzers mix with random octets.
     words: tuple[bytes, ...]
 
@@ -149,7 +151,6 @@ class LineDialogue(Dialogue[MachineT]):
     local: bytes
     local_reply: SendToClient
     line_too_long: SendToClient
-    client_hello_refused: tuple[SendToClient, CloseConnection]
     #: The answer to a line that starts with a ClientHello's first octet,
     #: once the session has begun.
     handshake_octet_line_reply: SendToClient
@@ -382,6 +383,15 @@ XMPP = Dialogue(
     backend_greeting_relayed=(SendToClient(BACKEND_HEADER), SendToClient(STRIPPED_FEATURES)),
     relayed=b"<iq type='get' id='ok'/>",
     injected=b"<iq type='set' id='evil'><query xmlns='jabber:iq:roster'/></iq>",
+    client_hello_refused=(
+        SendToClient(
+            proxy_header("proxy.example")
+            + b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
+            b"<not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>"
+            b"</stream:stream>"
+        ),
+        CloseConnection("TLS ClientHello before STARTTLS (not-well-formed)"),
+    ),
     words=(b"<iq>", b"</iq>", b"<a x='", b"'>", b"<![CDATA[", b"]]>", b"&amp;", b"\xe9"),
 )
 

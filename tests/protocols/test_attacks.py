@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols._base import CloseConnection, SendToBackend, Side
+from protocols._base import CloseConnection, SendToBackend, Side, StartTLS, TLSMode
 from tests.protocols.dialogues import (
     DIALOGUES,
     IMAP,
@@ -75,17 +75,58 @@ def test_starttls_pipelined_command_injection(dialogue: Dialogue[Any]) -> None:
 
 @every_protocol
 def test_starttls_injection_across_packets_before_tls(dialogue: Dialogue[Any]) -> None:
+    """Not even a ClientHello's first octet counts before the handshake's end."""
     machine = dialogue.new()
-    run(machine, *dialogue.opening(), *dialogue.started_tls(), Client(dialogue.injected))
+    run(
+        machine,
+        *dialogue.opening(),
+        *dialogue.started_tls(),
+        Client(CLIENT_HELLO_START),
+        Client(dialogue.injected),
+    )
     assert machine.unprocessed_client_bytes == 0
     _check_only_commands_after_tls_relayed(dialogue, machine)
 
 
+@every_protocol
+def test_tls_client_hello_as_the_first_bytes_is_refused(dialogue: Dialogue[Any]) -> None:
+    """An implicit-TLS client on a STARTTLS port, for every protocol the same
+    rule (``ProxyMachine.receive_data``), in each protocol's words."""
+    for first_reads in [CLIENT_HELLO_START], [b"", CLIENT_HELLO_START[:1]]:
+        machine = dialogue.new()
+        drain(machine)  # the proxy's greeting, if it speaks first
+        for data in first_reads[:-1]:
+            run(machine, Client(data))
+        run(machine, Client(first_reads[-1]), *dialogue.client_hello_refused)
+        assert machine.state.name == "CLOSED"
+
+
+@every_protocol
+def test_a_handshake_octet_after_the_first_bytes_is_no_client_hello(
+    dialogue: Dialogue[Any],
+) -> None:
+    after_first_bytes = dialogue.new()
+    run(
+        after_first_bytes,
+        *dialogue.opening(),
+        Client(dialogue.capability),
+        *dialogue.capability_reply,
+    )
+    # Over TLS from the first byte, no byte is a plaintext ClientHello.
+    implicit = dialogue.new(tls_mode=TLSMode.IMPLICIT)
+    run(implicit, StartTLS(b""), TLS(), *dialogue.to_backend())
+    for machine in after_first_bytes, implicit:
+        machine.receive_data(Side.CLIENT, CLIENT_HELLO_START)
+        assert not any(
+            isinstance(command, CloseConnection) and command.reason.startswith("TLS ClientHello")
+            for command in drain(machine)
+        )
+
+
 @line_protocols
-def test_tls_client_hello_before_starttls(dialogue: LineDialogue[Any]) -> None:
-    machine = dialogue.new()
-    run(machine, *dialogue.opening(), Client(CLIENT_HELLO_START), *dialogue.client_hello_refused)
-    # Only the very first byte counts.
+def test_a_line_that_starts_with_the_handshake_octet_is_a_command(
+    dialogue: LineDialogue[Any],
+) -> None:
     machine = dialogue.new()
     run(machine, *dialogue.opening(), Client(dialogue.local), dialogue.local_reply)
     run(machine, Client(b"\x16\r\n"), dialogue.handshake_octet_line_reply)
