@@ -4,16 +4,39 @@ Theory of operation
 -------------------
 Every protocol module holds one *machine*: a sans-I/O object that sits between
 the client and the backend for the whole life of a connection.  The driver
-(``starttls_proxy.connection``) feeds it what happened on the wire --
+(the proxy's ``Session``) feeds it what happened on the wire --
 ``receive_data(side, data)``, ``receive_eof(side)``, ``tls_established(info)``,
 ``backend_connected()``, ``backend_failed(reason)`` -- and then drains
 ``next_command()`` until it returns ``None``.  Each command is exactly one
 transport action (events in, commands out, as in mitmproxy's proxy core).
 
-Machines never raise on bad input from the network: a client gets a protocol
-error reply, a misbehaving backend ends the session with ``CloseConnection``.
-States are enums and legal moves are a transitions table; ``transition``
-below turns a missing entry into the ERROR state, as h2 does.
+States are enums and legal moves are a transitions table (``transition``).
+
+Errors
+------
+Two kinds, as in h11, both ``ProtocolError``:
+
+``RemoteProtocolError``
+    A peer broke its protocol beyond what one reply mends: a backend's
+    malformed or untimely reply, an XMPP stream that cannot go on
+    (``_xmlstream.XMLStreamError``), a load balancer's PROXY header
+    (``proxy_header.ProxyHeaderError``). Raised where the fault is found and
+    caught at the machine's boundary (``event``): the client gets the
+    protocol's last words (an error reply, a stream error), the session ends
+    with ``CloseConnection`` in the ERROR state. A probe turns it into its
+    ``error``; only ``proxy_header.parse``, a parser of the driver's, raises
+    it to its caller. A client's lesser faults (an unknown command, a line
+    too long) get an error reply and raise nothing. Machines never raise on
+    input from the network.
+``LocalProtocolError``
+    The proxy broke the rules of its own machine: the driver gave an input
+    the transitions table does not allow in the current state
+    (``backend_connected`` with no ``OpenBackend`` asked for,
+    ``tls_established`` with no ``StartTLS``), or the machine's own code took
+    a step its table lacks. A bug, never a peer's doing: ``event`` ends the
+    session as after a remote error, so the client still gets the protocol's
+    last words, then raises it to the driver, which logs an internal error
+    and carries out the queued commands.
 """
 
 from __future__ import annotations
@@ -249,18 +272,29 @@ StateT = TypeVar("StateT", bound=enum.Enum)
 InputT = TypeVar("InputT", bound=enum.Enum)
 
 
-class ProtocolViolation(Exception):  # noqa: N818 (named after what it reports)
-    """An input that the transitions table does not allow in this state."""
+class ProtocolError(Exception):
+    """A protocol's rules were broken; the subclass says by whom."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer broke its protocol: it ends the session, never the driver's call
+    (see the module docstring)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The proxy misused its machine, a bug: the session ends and the driver
+    hears of it (see the module docstring)."""
 
 
 def transition(
     table: Mapping[tuple[StateT, InputT], StateT], state: StateT, input_: InputT
 ) -> StateT:
-    """Look up the next state; a missing entry is a protocol violation."""
+    """Look up the next state. Every input a peer can cause is checked before
+    it gets here, so a missing entry is the proxy's own error."""
     try:
         return table[(state, input_)]
     except KeyError:
-        raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
+        raise LocalProtocolError(f"{input_.name} is not allowed in state {state.name}") from None
 
 
 MemberT = TypeVar("MemberT", bound=enum.Enum)
@@ -294,7 +328,7 @@ class SharedStates(Members[StateT]):
     tls_handshake: StateT
     #: The session ended; ``CloseConnection`` has been queued.
     closed: StateT
-    #: A violation ended the session.
+    #: A protocol error ended the session.
     error: StateT
 
 
@@ -304,7 +338,7 @@ class SharedInputs(Members[InputT]):
 
     #: The session ends as the protocol or the driver says.
     close: InputT
-    #: A violation ends the session.
+    #: A protocol error ends the session.
     violation: InputT
 
 
@@ -329,7 +363,7 @@ class Guarded(Protocol):
         """The session has ended: inputs are ignored from now on."""
 
     def violated(self, reason: str) -> None:
-        """End the session after a ``ProtocolViolation``."""
+        """End the session after a ``ProtocolError``."""
 
 
 GuardedT = TypeVar("GuardedT", bound=Guarded)
@@ -340,7 +374,8 @@ def event(
     method: Callable[Concatenate[GuardedT, _P], None],
 ) -> Callable[Concatenate[GuardedT, _P], None]:
     """Marks a machine's public input: ignored once the session has ended,
-    and turning a ``ProtocolViolation`` into the machine's error ending."""
+    and turning a ``ProtocolError`` into the machine's error ending; a
+    ``LocalProtocolError`` then goes on to the driver."""
 
     @functools.wraps(method)
     def guarded(machine: GuardedT, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
@@ -348,8 +383,13 @@ def event(
             return
         try:
             method(machine, *args, **kwargs)
-        except ProtocolViolation as violation:
-            machine.violated(str(violation))
+        except RemoteProtocolError as error:
+            if not machine.finished:
+                machine.violated(str(error))
+        except LocalProtocolError as error:
+            if not machine.finished:
+                machine.violated(f"internal error: {error}")
+            raise
 
     return guarded
 
@@ -491,7 +531,7 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
 
     @abc.abstractmethod
     def violated(self, reason: str) -> None:
-        """End the session after a ``ProtocolViolation`` (what ``event`` needs)."""
+        """End the session after a ``ProtocolError`` (what ``event`` needs)."""
 
     # ------------------------------------------------------------------
     # Steps every protocol takes.

@@ -19,8 +19,8 @@ from protocols._base import (
     InputT,
     OpenBackend,
     Peer,
-    ProtocolViolation,
     ProxyMachine,
+    RemoteProtocolError,
     SessionSettings,
     SharedInputs,
     SharedStates,
@@ -342,7 +342,7 @@ class PipelinedMachine(LineMachine[StateT, InputT], Generic[StateT, InputT, Owed
 
 class LineProbe(CapabilityProbe):
     """A probe whose backend answers in lines, each read by ``_line``, which
-    raises ``ProtocolViolation`` or sets ``error`` when the dialogue fails."""
+    raises ``RemoteProtocolError`` or sets ``error`` when the dialogue fails."""
 
     def __init__(self, hostname: str) -> None:
         super().__init__(hostname)
@@ -356,9 +356,9 @@ class LineProbe(CapabilityProbe):
                 if line is None:
                     return
                 if isinstance(line, LineTooLong):
-                    raise ProtocolViolation("response line too long from backend")
+                    raise RemoteProtocolError("response line too long from backend")
                 self._line(line)
-        except ProtocolViolation as violation:
+        except RemoteProtocolError as violation:
             self.error = str(violation)
 
     @abc.abstractmethod

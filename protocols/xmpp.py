@@ -75,8 +75,8 @@ from protocols._base import (
     PeerCertificateFailure,
     PeerChecked,
     PeerVerification,
-    ProtocolViolation,
     ProxyMachine,
+    RemoteProtocolError,
     SessionSettings,
     Side,
     StartTLS,
@@ -135,7 +135,7 @@ class Input(enum.Enum):
     BACKEND_CONNECTED = enum.auto()  #: The driver connected the backend.
     BACKEND_READY = enum.auto()  #: The backend answered the stream header.
     CLOSE = enum.auto()  #: The session ends (stream closed, timeout, refused client...).
-    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+    VIOLATION = enum.auto()  #: A ``ProtocolError`` ended the session.
 
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
@@ -223,7 +223,9 @@ def _serialize(element: etree._Element) -> bytes:
     try:
         return etree.tostring(element, method="c14n", exclusive=True)
     except (etree.LxmlError, ValueError) as error:
-        raise ProtocolViolation(f"{_name(element.tag)} cannot be canonicalized: {error}") from None
+        raise RemoteProtocolError(
+            f"{_name(element.tag)} cannot be canonicalized: {error}"
+        ) from None
 
 
 def strip_features(features: etree._Element) -> bool:
@@ -269,7 +271,7 @@ def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
     for child in features:
         try:
             own += _serialize(child)
-        except ProtocolViolation:
+        except RemoteProtocolError:
             continue
     return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
 
@@ -504,7 +506,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
             try:
                 token = self._backend.next_token()
             except XMLStreamError as error:
-                raise ProtocolViolation(f"backend: {error.reason}") from None
+                raise RemoteProtocolError(f"backend: {error.reason}") from None
             if token is None:
                 return
             self._backend_token(token)
@@ -512,7 +514,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
     def _backend_token(self, token: Token) -> None:
         if isinstance(token, StreamHeader):
             if token.element.tag != STREAM:
-                raise ProtocolViolation(f"backend stream root is {token.element.tag!r}")
+                raise RemoteProtocolError(f"backend stream root is {token.element.tag!r}")
             greeting = self.state is State.BACKEND_GREETING
             # Plaintext relay: the client has the proxy's header already.
             if self._tls or not greeting:
@@ -670,10 +672,8 @@ class XMPPCapabilityProbe(CapabilityProbe):
                 if token is None:
                     return
                 self._token(token)
-        except XMLStreamError as error:
-            self.error = f"backend: {error.reason}"
-        except ProtocolViolation as violation:
-            self.error = f"backend: {violation}"
+        except RemoteProtocolError as error:  # an XMLStreamError among them
+            self.error = f"backend: {error}"
 
     def _token(self, token: Token) -> None:
         if isinstance(token, StreamEnd):

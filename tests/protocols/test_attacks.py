@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols._base import CloseConnection, SendToBackend, Side, StartTLS, TLSMode
+from protocols._base import (
+    CloseConnection,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SendToBackend,
+    Side,
+    StartTLS,
+    TLSMode,
+)
+from protocols._xmlstream import XMLStreamError
+from protocols.proxy_header import ProxyHeaderError
 from tests.protocols.dialogues import (
     DIALOGUES,
     IMAP,
@@ -199,15 +210,53 @@ def test_backend_refusing_the_session(dialogue: LineDialogue[Any]) -> None:
     assert machine.state.name == "ERROR"
 
 
+def test_a_peer_s_errors_and_the_proxy_s_are_apart() -> None:
+    """What the parsers raise on a peer's bytes is a remote error, which a
+    machine turns into its ending; only a local one reaches the driver."""
+    for remote in XMLStreamError, ProxyHeaderError:
+        assert issubclass(remote, RemoteProtocolError)
+    for kind in RemoteProtocolError, LocalProtocolError:
+        assert issubclass(kind, ProtocolError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
+    assert not issubclass(RemoteProtocolError, LocalProtocolError)
+
+
 @line_protocols
-def test_driver_misuse_is_a_violation(dialogue: LineDialogue[Any]) -> None:
+def test_driver_misuse_is_a_local_error(dialogue: LineDialogue[Any]) -> None:
+    """A backend connection the machine never asked for is the proxy's bug,
+    not a peer's: the session ends as after a violation, then the driver
+    gets a ``LocalProtocolError`` to log."""
     machine = dialogue.new()
-    reason = "BACKEND_CONNECTED is not allowed in state PRE_TLS"
-    run(machine, *dialogue.opening(), Connected(), dialogue.unavailable, CloseConnection(reason))
+    run(machine, *dialogue.opening())
+    message = "BACKEND_CONNECTED is not allowed in state PRE_TLS"
+    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+        machine.backend_connected()
+    assert drain(machine) == [dialogue.unavailable, CloseConnection(f"internal error: {message}")]
     assert machine.state.name == "ERROR"
-    # Once failed, the machine ignores all that comes.
-    run(machine, TLS(), Client(dialogue.local), EOF(Side.CLIENT), Failed("x"))
-    # A backend that speaks before there is one.
+    # Once failed, the machine ignores all that comes, more misuse too.
+    run(machine, TLS(), Connected(), Client(dialogue.local), EOF(Side.CLIENT), Failed("x"))
+
+
+@line_protocols
+def test_a_step_missing_from_the_table_is_a_local_error(dialogue: LineDialogue[Any]) -> None:
+    """The machine's own code taking a step its table lacks is a bug too,
+    even when client bytes led there."""
+    machine = dialogue.new()
+    table = machine.shared_states.pre_tls, machine.shared_inputs.client_starttls
+    machine.transitions = {key: to for key, to in machine.transitions.items() if key != table}
+    run(machine, *dialogue.opening())
+    message = "CLIENT_STARTTLS is not allowed in state PRE_TLS"
+    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+        machine.receive_data(Side.CLIENT, dialogue.starttls)
+    commands = drain(machine)
+    assert commands[-2:] == [dialogue.unavailable, CloseConnection(f"internal error: {message}")]
+    assert machine.state.name == "ERROR"
+
+
+@line_protocols
+def test_a_backend_speaking_out_of_turn_is_a_remote_error(dialogue: LineDialogue[Any]) -> None:
+    """Bytes from a backend that is not there yet: the peer's fault, which
+    ends the session and never raises."""
     machine = dialogue.new()
     reason = f"backend {dialogue.answer} in state PRE_TLS"
     run(
@@ -217,6 +266,7 @@ def test_driver_misuse_is_a_violation(dialogue: LineDialogue[Any]) -> None:
         dialogue.unavailable,
         CloseConnection(reason),
     )
+    assert machine.state.name == "ERROR"
 
 
 def _fuzz_chunks(dialogue: Dialogue[Any]) -> st.SearchStrategy[list[bytes]]:
