@@ -66,6 +66,7 @@ from tests.protocols.dialogues import (
     proxy_header,
     split_invariance_tests,
 )
+from tests.protocols.dialogues import stream_error as error
 from tests.protocols.transcript import (
     EOF,
     HOST,
@@ -88,14 +89,6 @@ from tests.protocols.transcript import (
 PEER = XMPP.peer
 settings = XMPP.settings
 relaying = XMPP.relaying
-
-
-def error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
-    return (
-        b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
-        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>%s"
-        % (condition.encode(), closing)
-    )
 
 
 HEADER = XMPP.client_opening
