@@ -4,16 +4,39 @@ Theory of operation
 -------------------
 Every protocol module holds one *machine*: a sans-I/O object that sits between
 the client and the backend for the whole life of a connection.  The driver
-(``starttls_proxy.connection``) feeds it what happened on the wire --
+(the proxy's ``Session``) feeds it what happened on the wire --
 ``receive_data(side, data)``, ``receive_eof(side)``, ``tls_established(info)``,
 ``backend_connected()``, ``backend_failed(reason)`` -- and then drains
 ``next_command()`` until it returns ``None``.  Each command is exactly one
 transport action (events in, commands out, as in mitmproxy's proxy core).
 
-Machines never raise on bad input from the network: a client gets a protocol
-error reply, a misbehaving backend ends the session with ``CloseConnection``.
-States are enums and legal moves are a transitions table; ``transition``
-below turns a missing entry into the ERROR state, as h2 does.
+States are enums and legal moves are a transitions table (``transition``).
+
+Errors
+------
+Two kinds, as in h11, both ``ProtocolError``:
+
+``RemoteProtocolError``
+    A peer broke its protocol beyond what one reply mends: a backend's
+    malformed or untimely reply, an XMPP stream that cannot go on
+    (``_xmlstream.XMLStreamError``), a load balancer's PROXY header
+    (``proxy_header.ProxyHeaderError``). Raised where the fault is found and
+    caught at the machine's boundary (``event``): the client gets the
+    protocol's last words (an error reply, a stream error), the session ends
+    with ``CloseConnection`` in the ERROR state. A probe turns it into its
+    ``error``; only ``proxy_header.parse``, a parser of the driver's, raises
+    it to its caller. A client's lesser faults (an unknown command, a line
+    too long) get an error reply and raise nothing. Machines never raise on
+    input from the network.
+``LocalProtocolError``
+    The proxy broke the rules of its own machine: the driver gave an input
+    the transitions table does not allow in the current state
+    (``backend_connected`` with no ``OpenBackend`` asked for,
+    ``tls_established`` with no ``StartTLS``), or the machine's own code took
+    a step its table lacks. A bug, never a peer's doing: ``event`` ends the
+    session as after a remote error, so the client still gets the protocol's
+    last words, then raises it to the driver, which logs an internal error
+    and carries out the queued commands.
 """
 
 from __future__ import annotations
@@ -23,8 +46,8 @@ import enum
 import functools
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Concatenate, Generic, ParamSpec, Protocol, Self, TypeVar
 
 
 def opens_tls(first_bytes: bytes) -> bool:
@@ -249,18 +272,74 @@ StateT = TypeVar("StateT", bound=enum.Enum)
 InputT = TypeVar("InputT", bound=enum.Enum)
 
 
-class ProtocolViolation(Exception):  # noqa: N818 (named after what it reports)
-    """An input that the transitions table does not allow in this state."""
+class ProtocolError(Exception):
+    """A protocol's rules were broken; the subclass says by whom."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer broke its protocol: it ends the session, never the driver's call
+    (see the module docstring)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """The proxy misused its machine, a bug: the session ends and the driver
+    hears of it (see the module docstring)."""
 
 
 def transition(
     table: Mapping[tuple[StateT, InputT], StateT], state: StateT, input_: InputT
 ) -> StateT:
-    """Look up the next state; a missing entry is a protocol violation."""
+    """Look up the next state. Every input a peer can cause is checked before
+    it gets here, so a missing entry is the proxy's own error."""
     try:
         return table[(state, input_)]
     except KeyError:
-        raise ProtocolViolation(f"{input_.name} is not allowed in state {state.name}") from None
+        raise LocalProtocolError(f"{input_.name} is not allowed in state {state.name}") from None
+
+
+MemberT = TypeVar("MemberT", bound=enum.Enum)
+
+
+@dataclass(frozen=True)
+class Members(Generic[MemberT]):
+    """The members of one of a machine's enums that shared code uses.
+
+    Each field holds the member its name names in upper case (``closed``,
+    ``CLOSED``). ``of`` finds them once, when a machine's class is made, and
+    fails then if one is missing; from there on shared code reads the fields,
+    typed, and never looks a member up by its name.
+    """
+
+    @classmethod
+    def of(cls, members: type[MemberT]) -> Self:
+        """The fields' members in ``members``; ``TypeError`` names those it lacks."""
+        names = {entry.name: entry.name.upper() for entry in fields(cls)}
+        missing = sorted(name for name in names.values() if name not in members.__members__)
+        if missing:
+            raise TypeError(f"{members.__name__} lacks {', '.join(missing)}")
+        return cls(**{attribute: members[name] for attribute, name in names.items()})
+
+
+@dataclass(frozen=True)
+class SharedStates(Members[StateT]):
+    """The states every machine has: the handshake, and how a session ends."""
+
+    #: The upgrade accepted (or implicit TLS): waiting for the worker's handshake.
+    tls_handshake: StateT
+    #: The session ended; ``CloseConnection`` has been queued.
+    closed: StateT
+    #: A protocol error ended the session.
+    error: StateT
+
+
+@dataclass(frozen=True)
+class SharedInputs(Members[InputT]):
+    """The inputs every machine has: the ways out of a session."""
+
+    #: The session ends as the protocol or the driver says.
+    close: InputT
+    #: A protocol error ends the session.
+    violation: InputT
 
 
 def ending_transitions(
@@ -268,11 +347,11 @@ def ending_transitions(
 ) -> dict[tuple[StateT, InputT], StateT]:
     """The table entries that let a session end from every live state: CLOSE
     leads to CLOSED, VIOLATION to ERROR."""
-    closed, error = states["CLOSED"], states["ERROR"]
-    live = [state for state in states if state not in (closed, error)]
+    end, by = SharedStates.of(states), SharedInputs.of(inputs)
+    live = [state for state in states if state not in (end.closed, end.error)]
     return {
-        **{(state, inputs["CLOSE"]): closed for state in live},
-        **{(state, inputs["VIOLATION"]): error for state in live},
+        **{(state, by.close): end.closed for state in live},
+        **{(state, by.violation): end.error for state in live},
     }
 
 
@@ -284,7 +363,7 @@ class Guarded(Protocol):
         """The session has ended: inputs are ignored from now on."""
 
     def violated(self, reason: str) -> None:
-        """End the session after a ``ProtocolViolation``."""
+        """End the session after a ``ProtocolError``."""
 
 
 GuardedT = TypeVar("GuardedT", bound=Guarded)
@@ -295,7 +374,8 @@ def event(
     method: Callable[Concatenate[GuardedT, _P], None],
 ) -> Callable[Concatenate[GuardedT, _P], None]:
     """Marks a machine's public input: ignored once the session has ended,
-    and turning a ``ProtocolViolation`` into the machine's error ending."""
+    and turning a ``ProtocolError`` into the machine's error ending; a
+    ``LocalProtocolError`` then goes on to the driver."""
 
     @functools.wraps(method)
     def guarded(machine: GuardedT, /, *args: _P.args, **kwargs: _P.kwargs) -> None:
@@ -303,8 +383,13 @@ def event(
             return
         try:
             method(machine, *args, **kwargs)
-        except ProtocolViolation as violation:
-            machine.violated(str(violation))
+        except RemoteProtocolError as error:
+            if not machine.finished:
+                machine.violated(str(error))
+        except LocalProtocolError as error:
+            if not machine.finished:
+                machine.violated(f"internal error: {error}")
+            raise
 
     return guarded
 
@@ -329,39 +414,66 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     a STARTTLS listener, or ``StartTLS(b"")`` on an implicit-TLS listener,
     and sets the first ``state``.
 
-    A subclass sets ``states``, ``inputs`` and ``transitions``. The way out
-    of a session goes by name: its ``State`` enum has CLOSED and ERROR, its
-    ``Input`` enum CLOSE and VIOLATION (see ``ending_transitions``).
+    A subclass sets ``states``, ``inputs`` and ``transitions``. Shared code
+    reads the members it needs from ``shared_states`` and ``shared_inputs``,
+    found when the subclass is made (see ``Members``): its ``State`` enum has
+    TLS_HANDSHAKE, CLOSED and ERROR, its ``Input`` enum CLOSE and VIOLATION
+    (see ``ending_transitions``), or the class is refused. It says what the
+    bytes of each side mean (``_from_client``, ``_from_backend``) and how it
+    refuses an early ClientHello; ``receive_data`` keeps the rules of the
+    handshake for all.
     """
 
     states: type[StateT]
     inputs: type[InputT]
     transitions: Mapping[tuple[StateT, InputT], StateT]
     state: StateT
-    #: The members the shared code looks up by name, which a machine's
-    #: enums must have: checked when the machine's class is made.
-    shared_states: ClassVar[frozenset[str]] = frozenset({"CLOSED", "ERROR"})
-    shared_inputs: ClassVar[frozenset[str]] = frozenset({"CLOSE", "VIOLATION"})
+    #: What shared code uses of ``states`` and ``inputs``; a subclass whose
+    #: shared code takes steps of its own names more.
+    state_members: ClassVar[type[SharedStates[Any]]] = SharedStates
+    input_members: ClassVar[type[SharedInputs[Any]]] = SharedInputs
+    #: Those members, found when the class is made.
+    shared_states: SharedStates[StateT]
+    shared_inputs: SharedInputs[InputT]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for kind, shared in (("states", cls.shared_states), ("inputs", cls.shared_inputs)):
-            members = cls.__dict__.get(kind)
-            if members is None:
-                continue  # a base class on the way: its subclass names the enums
-            missing = shared - set(members.__members__)
-            if missing:
-                raise TypeError(f"{cls.__name__}.{kind} lacks {', '.join(sorted(missing))}")
+        if not (hasattr(cls, "states") and hasattr(cls, "inputs")):
+            return  # a base class on the way: its subclass names the enums
+        try:
+            cls.shared_states = cls.state_members.of(cls.states)
+            cls.shared_inputs = cls.input_members.of(cls.inputs)
+        except TypeError as error:
+            raise TypeError(f"{cls.__name__}: {error}") from None
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         self.settings = settings
         self.peer = peer
         self._outbox = CommandQueue()
-        self._ended = (self.states["CLOSED"], self.states["ERROR"])
+        self._ended = (self.shared_states.closed, self.shared_states.error)
+        #: No client byte has come yet on a plaintext connection.
+        self._before_first_byte = settings.tls_mode is TLSMode.STARTTLS
 
-    @abc.abstractmethod
+    @event
     def receive_data(self, side: Side, data: bytes) -> None:
-        """Bytes arrived from ``side`` (decrypted, for a TLS client)."""
+        """Bytes arrived from ``side`` (decrypted, for a TLS client).
+
+        Between the upgrade reply and the end of the handshake nothing from
+        the client is interpreted, not even buffered (RFC 3207 section 4.2,
+        RFC 2595 section 3.1, RFC 6120 section 5.4.3.3, CVE-2011-0411). A TLS
+        ClientHello as the client's first bytes on a plaintext connection is
+        an implicit-TLS client on the wrong port, refused by the protocol's
+        ``_refuse_early_tls``.
+        """
+        if side is Side.BACKEND:
+            self._from_backend(data)
+        elif self.state is self.shared_states.tls_handshake:
+            pass
+        elif self._before_first_byte and opens_tls(data):
+            self._refuse_early_tls()
+        else:
+            self._before_first_byte = self._before_first_byte and not data
+            self._from_client(data)
 
     @abc.abstractmethod
     def receive_eof(self, side: Side) -> None:
@@ -417,6 +529,10 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         """The session has ended (what ``event`` needs)."""
         return self.state in self._ended
 
+    @abc.abstractmethod
+    def violated(self, reason: str) -> None:
+        """End the session after a ``ProtocolError`` (what ``event`` needs)."""
+
     # ------------------------------------------------------------------
     # Steps every protocol takes.
 
@@ -432,7 +548,7 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         violation: bool = False,
     ) -> None:
         """Send the client its last words, if any, and close both sides."""
-        self._go(self.inputs["VIOLATION" if violation else "CLOSE"])
+        self._go(self.shared_inputs.violation if violation else self.shared_inputs.close)
         if reply is not None:
             self._send_client(reply)
         self._outbox.push(CloseConnection(reason, clean))
@@ -442,6 +558,20 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
 
     def _send_backend(self, data: bytes) -> None:
         self._outbox.push(SendToBackend(data))
+
+    # ------------------------------------------------------------------
+    # What each protocol says (see ``receive_data``): what the client's bytes
+    # mean outside the handshake, what the backend's mean, and how a client
+    # whose first bytes are a ClientHello is refused.
+
+    @abc.abstractmethod
+    def _from_client(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _from_backend(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _refuse_early_tls(self) -> None: ...
 
 
 class CapabilityProbe(abc.ABC):

@@ -19,18 +19,49 @@ from protocols._base import (
     InputT,
     OpenBackend,
     Peer,
-    ProtocolViolation,
     ProxyMachine,
+    RemoteProtocolError,
     SessionSettings,
+    SharedInputs,
+    SharedStates,
     Side,
     StartTLS,
     StateT,
     TLSInfo,
     TLSMode,
     event,
-    opens_tls,
 )
 from protocols._buffers import LineBuffer, LineTooLong
+
+
+@dataclass(frozen=True)
+class LineStates(SharedStates[StateT]):
+    """The states of the steps ``LineMachine`` takes for every protocol."""
+
+    #: The proxy answers the client itself; no backend yet.
+    pre_tls: StateT
+    #: ``OpenBackend`` queued, waiting for ``backend_connected``.
+    backend_connecting: StateT
+    #: Waiting for the backend's greeting.
+    backend_greeting: StateT
+    #: Client commands go to the backend, replies come back.
+    relay: StateT
+
+
+@dataclass(frozen=True)
+class LineInputs(SharedInputs[InputT]):
+    """The inputs of the steps ``LineMachine`` takes for every protocol."""
+
+    #: The client issued an acceptable upgrade command.
+    client_starttls: InputT
+    #: Without ``require_tls``, a command needs the backend.
+    plaintext_relay: InputT
+    #: The TLS worker finished the handshake.
+    tls_established: InputT
+    #: The driver connected the backend.
+    backend_connected: InputT
+    #: The backend is ready for the client's commands.
+    backend_ready: InputT
 
 
 def opening_transitions(
@@ -39,13 +70,12 @@ def opening_transitions(
     """The table entries for the steps ``LineMachine`` takes up to the
     backend's greeting: from PRE_TLS the upgrade or a plaintext relay, the
     backend opened once the handshake is done, then connected."""
-    pre_tls, handshake = states["PRE_TLS"], states["TLS_HANDSHAKE"]
-    connecting = states["BACKEND_CONNECTING"]
+    at, by = LineStates.of(states), LineInputs.of(inputs)
     return {
-        (pre_tls, inputs["CLIENT_STARTTLS"]): handshake,
-        (pre_tls, inputs["PLAINTEXT_RELAY"]): connecting,
-        (handshake, inputs["TLS_ESTABLISHED"]): connecting,
-        (connecting, inputs["BACKEND_CONNECTED"]): states["BACKEND_GREETING"],
+        (at.pre_tls, by.client_starttls): at.tls_handshake,
+        (at.pre_tls, by.plaintext_relay): at.backend_connecting,
+        (at.tls_handshake, by.tls_established): at.backend_connecting,
+        (at.backend_connecting, by.backend_connected): at.backend_greeting,
     }
 
 
@@ -61,34 +91,22 @@ class LineMachine(ProxyMachine[StateT, InputT]):
 
     It opens with the proxy's greeting on a STARTTLS listener, with the
     handshake on an implicit-TLS one. A TLS ClientHello as the client's first
-    bytes is an implicit-TLS client on the wrong port and ends the session.
-    Between the upgrade reply and the end of the handshake nothing from the
-    client is interpreted, not even buffered (RFC 3207 section 4.2, RFC 2595
-    section 3.1, CVE-2011-0411); once it ends, the backend is opened. In every
-    other state ``_steps`` says how the client's bytes are read, and they wait
-    in ``_client`` where it says nothing.
+    bytes gets ``early_tls_reply`` and the client's bytes during the handshake
+    are dropped (``ProxyMachine.receive_data``); once the handshake ends, the
+    backend is opened. In every other state ``_steps`` says how the client's
+    bytes are read, and they wait in ``_client`` where it says nothing.
 
     A subclass sets ``states``, ``inputs``, ``transitions`` and its replies,
-    and says what the backend's bytes and end mean. The steps all these
-    protocols share go by name (``shared_states``, ``shared_inputs``, checked
-    when the subclass is made); its table starts from ``opening_transitions``
-    and ``ending_transitions``.
+    and says what the backend's bytes and end mean. Its enums have the
+    members of ``LineStates`` and ``LineInputs`` (checked when the subclass
+    is made); its table starts from ``opening_transitions`` and
+    ``ending_transitions``.
     """
 
-    shared_states = ProxyMachine.shared_states | {
-        "PRE_TLS",
-        "TLS_HANDSHAKE",
-        "BACKEND_CONNECTING",
-        "BACKEND_GREETING",
-        "RELAY",
-    }
-    shared_inputs = ProxyMachine.shared_inputs | {
-        "CLIENT_STARTTLS",
-        "PLAINTEXT_RELAY",
-        "TLS_ESTABLISHED",
-        "BACKEND_CONNECTED",
-        "BACKEND_READY",
-    }
+    state_members = LineStates
+    input_members = LineInputs
+    shared_states: LineStates[StateT]
+    shared_inputs: LineInputs[InputT]
 
     # The protocol's replies, ``%s`` standing for the proxy's hostname.
     #: The backend failed or misbehaved: the session cannot go on.
@@ -110,47 +128,42 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         self._unavailable = self.unavailable_reply % self._host
         self._client = LineBuffer(settings.max_line_length)
         self._tls = False
-        self._client_spoke = False
         #: While the backend's bytes of one read are interpreted, the
-        #: client's wait (see ``receive_data``); whether some are waiting.
+        #: client's wait (see ``_from_backend``); whether some are waiting.
         self._reading_backend = False
         self._client_waits = False
         #: How the client's bytes are read in each state.
         self._steps: Mapping[StateT, Callable[[], bool]] = {}
         if settings.tls_mode is TLSMode.STARTTLS:
-            self.state = self.states["PRE_TLS"]
+            self.state = self.shared_states.pre_tls
             self._send_client(greeting)
         else:
-            self.state = self.states["TLS_HANDSHAKE"]
+            self.state = self.shared_states.tls_handshake
             self._outbox.push(StartTLS(b""))
 
     # ------------------------------------------------------------------
     # Inputs.
 
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            # A command goes to the backend only once everything the backend
-            # had said by then is read: a reply that came before its command
-            # answers nothing (response injection), and must not be taken for
-            # the answer to a command relayed in the middle of this read.
-            self._reading_backend = True
-            try:
-                self._backend_data(data)
-            finally:
-                self._reading_backend = False
-            if self._client_waits and not self.finished:
-                self._client_waits = False
-                self._pump_client()
-        elif self.state is self.states["TLS_HANDSHAKE"]:
-            # Not even buffered: see the class docstring.
-            pass
-        elif self.state is self.states["PRE_TLS"] and not self._client_spoke and opens_tls(data):
-            self._end(f"TLS ClientHello before {self.upgrade_command}", reply=self.early_tls_reply)
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
+    def _from_backend(self, data: bytes) -> None:
+        # A command goes to the backend only once everything the backend had
+        # said by then is read: a reply that came before its command answers
+        # nothing (response injection), and must not be taken for the answer
+        # to a command relayed in the middle of this read.
+        self._reading_backend = True
+        try:
+            self._backend_data(data)
+        finally:
+            self._reading_backend = False
+        if self._client_waits and not self.finished:
+            self._client_waits = False
             self._pump_client()
+
+    def _from_client(self, data: bytes) -> None:
+        self._client.feed(data)
+        self._pump_client()
+
+    def _refuse_early_tls(self) -> None:
+        self._end(f"TLS ClientHello before {self.upgrade_command}", reply=self.early_tls_reply)
 
     @event
     def receive_eof(self, side: Side) -> None:
@@ -161,13 +174,13 @@ class LineMachine(ProxyMachine[StateT, InputT]):
 
     @event
     def tls_established(self, info: TLSInfo) -> None:
-        self._go(self.inputs["TLS_ESTABLISHED"])
+        self._go(self.shared_inputs.tls_established)
         self._tls = True
         self._outbox.push(OpenBackend())
 
     @event
     def backend_connected(self) -> None:
-        self._go(self.inputs["BACKEND_CONNECTED"])
+        self._go(self.shared_inputs.backend_connected)
 
     @event
     def backend_failed(self, reason: str) -> None:
@@ -243,18 +256,18 @@ class LineMachine(ProxyMachine[StateT, InputT]):
         the driver uninterpreted."""
         self._answer(reply)
         self._outbox.push(StartTLS(self._client.pop_all()))
-        self._go(self.inputs["CLIENT_STARTTLS"])
+        self._go(self.shared_inputs.client_starttls)
 
     def _start_plaintext_relay(self, line: bytes) -> None:
         """Open the backend for a command the proxy cannot answer; it and
         everything after it wait until the backend is ready to take them."""
         self._client.feed(line + self._client.pop_all())
         self._outbox.push(OpenBackend())
-        self._go(self.inputs["PLAINTEXT_RELAY"])
+        self._go(self.shared_inputs.plaintext_relay)
 
     def _ready(self) -> None:
         """The backend takes the client's commands from now on."""
-        self._go(self.inputs["BACKEND_READY"])
+        self._go(self.shared_inputs.backend_ready)
         self._pump_client()
 
 
@@ -321,7 +334,7 @@ class PipelinedMachine(LineMachine[StateT, InputT], Generic[StateT, InputT, Owed
         return owed
 
     def _backend_closed(self) -> None:
-        if self.state is self.states["RELAY"] and not self._owed:
+        if self.state is self.shared_states.relay and not self._owed:
             self._end("backend closed")
         else:
             self._end("backend closed", reply=self._unavailable)
@@ -329,7 +342,7 @@ class PipelinedMachine(LineMachine[StateT, InputT], Generic[StateT, InputT, Owed
 
 class LineProbe(CapabilityProbe):
     """A probe whose backend answers in lines, each read by ``_line``, which
-    raises ``ProtocolViolation`` or sets ``error`` when the dialogue fails."""
+    raises ``RemoteProtocolError`` or sets ``error`` when the dialogue fails."""
 
     def __init__(self, hostname: str) -> None:
         super().__init__(hostname)
@@ -343,9 +356,9 @@ class LineProbe(CapabilityProbe):
                 if line is None:
                     return
                 if isinstance(line, LineTooLong):
-                    raise ProtocolViolation("response line too long from backend")
+                    raise RemoteProtocolError("response line too long from backend")
                 self._line(line)
-        except ProtocolViolation as violation:
+        except RemoteProtocolError as violation:
             self.error = str(violation)
 
     @abc.abstractmethod

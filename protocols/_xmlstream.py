@@ -41,6 +41,8 @@ from typing import Final
 
 from lxml import etree
 
+from protocols._base import RemoteProtocolError
+
 NS_STREAMS: Final = "http://etherx.jabber.org/streams"
 NS_STREAM_ERRORS: Final = "urn:ietf:params:xml:ns:xmpp-streams"
 NS_DIALBACK: Final = "jabber:server:dialback"
@@ -69,8 +71,8 @@ class StreamErrorCondition(enum.Enum):
     UNSUPPORTED_VERSION = "unsupported-version"
 
 
-class XMLStreamError(Exception):
-    """The stream cannot go on; ``condition`` is the stream error to send."""
+class XMLStreamError(RemoteProtocolError):
+    """The peer's stream cannot go on; ``condition`` is the stream error to send."""
 
     def __init__(self, condition: StreamErrorCondition, reason: str) -> None:
         super().__init__(reason)

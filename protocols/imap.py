@@ -74,7 +74,7 @@ from typing import Final
 from protocols._base import (
     BackendIdentity,
     Peer,
-    ProtocolViolation,
+    RemoteProtocolError,
     SessionSettings,
     TLSMode,
     ending_transitions,
@@ -141,7 +141,7 @@ class Input(enum.Enum):
     DONE = enum.auto()  #: The client's DONE was forwarded.
     COMPLETED = enum.auto()  #: The waiting command got its tagged response instead.
     CLOSE = enum.auto()  #: The session ends (logout, timeout, either side gone, refused client).
-    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+    VIOLATION = enum.auto()  #: A ``ProtocolError`` ended the session.
 
 
 _WAITING: Final = (State.CONTINUATION, State.SASL, State.IDLING)
@@ -455,12 +455,12 @@ class IMAPMachine(LineMachine[State, Input]):
         elif self.state in _RELAYING:
             self._relay_response(head)
         else:
-            raise ProtocolViolation(f"backend response in state {self.state.name}")
+            raise RemoteProtocolError(f"backend response in state {self.state.name}")
 
     def _greeting(self, head: Head) -> None:
         if untagged(head.data) != b"OK":
             text = head.data.decode("utf-8", "replace").strip()
-            raise ProtocolViolation(f"backend refused the session: {text}")
+            raise RemoteProtocolError(f"backend refused the session: {text}")
         if self.settings.tls_mode is TLSMode.IMPLICIT:
             # The client has not been greeted yet.
             self._relay(head)
@@ -487,10 +487,10 @@ class IMAPMachine(LineMachine[State, Input]):
         word = untagged(head.data)
         if word == b"BYE":
             text = head.data.decode("utf-8", "replace").strip()
-            raise ProtocolViolation(f"backend refused the proxy's ID: {text}")
+            raise RemoteProtocolError(f"backend refused the proxy's ID: {text}")
         if word is None:
             if tag_of(head.data) != _ID_TAG:
-                raise ProtocolViolation(
+                raise RemoteProtocolError(
                     f"unexpected response to the proxy's ID: {head.data[:64]!r}"
                 )
             # NO or BAD too: an untrusted proxy is the backend's to log.
@@ -500,7 +500,7 @@ class IMAPMachine(LineMachine[State, Input]):
         """Send a response on, its capability list filtered."""
         filtered = with_visible_capabilities(head.data, tls=self._tls)
         if filtered is not None and not head.whole:
-            raise ProtocolViolation("capability list too long from backend")
+            raise RemoteProtocolError("capability list too long from backend")
         self._send_client(head.data if filtered is None else filtered)
         self._relay_rest = True
 
@@ -516,7 +516,7 @@ class IMAPMachine(LineMachine[State, Input]):
         elif tag in self._in_flight:
             self._in_flight.remove(tag)
         else:
-            raise ProtocolViolation(f"unexpected response from backend: {data[:64]!r}")
+            raise RemoteProtocolError(f"unexpected response from backend: {data[:64]!r}")
         self._relay(head)
         wait = self._wait
         if wait is not None and tag == wait.tag:
@@ -534,7 +534,7 @@ class IMAPMachine(LineMachine[State, Input]):
     def _continuation(self, head: Head) -> None:
         wait = self._wait
         if self.state is not State.CONTINUATION or wait is None:
-            raise ProtocolViolation(f"unexpected continuation from backend: {head.data[:64]!r}")
+            raise RemoteProtocolError(f"unexpected continuation from backend: {head.data[:64]!r}")
         if wait.literal is None:
             self._relay(head)
             self._go(Input.CHALLENGE if wait.verb == b"AUTHENTICATE" else Input.IDLE_ACCEPTED)

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from protocols._base import ProtocolViolation
+from protocols._base import RemoteProtocolError
 from protocols._buffers import ByteQueue
 
 #: A literal announced at the end of a line (``~{n}`` of RFC 3516 included).
@@ -105,7 +105,7 @@ class ResponseReader:
     of it: the end of a long first line, literals and the lines after them,
     streamed as they come. Only untagged data responses (FETCH, LIST, ID...)
     may hold literals. A literal larger than ``literal_limit`` raises
-    ``ProtocolViolation``.
+    ``RemoteProtocolError``.
     """
 
     def __init__(self, line_limit: int, literal_limit: int) -> None:
@@ -156,6 +156,6 @@ class ResponseReader:
         if literal is None:
             self._inside = False
         elif literal.size > self._literal_limit:
-            raise ProtocolViolation(f"literal of {literal.size} octets from backend")
+            raise RemoteProtocolError(f"literal of {literal.size} octets from backend")
         else:
             self._literal = literal.size

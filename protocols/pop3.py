@@ -53,7 +53,7 @@ from typing import Final
 from protocols._base import (
     BackendIdentity,
     Peer,
-    ProtocolViolation,
+    RemoteProtocolError,
     SessionSettings,
     TLSMode,
     ending_transitions,
@@ -103,7 +103,7 @@ class Input(enum.Enum):
     RESPONSE_SENT = enum.auto()  #: A SASL response was forwarded.
     AUTH_DONE = enum.auto()  #: The backend ended the exchange with +OK or -ERR.
     CLOSE = enum.auto()  #: The session ends (quit, timeout, either side gone).
-    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+    VIOLATION = enum.auto()  #: A ``ProtocolError`` ended the session.
 
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
@@ -211,13 +211,13 @@ def _indicator(line: bytes) -> bytes:
     """``+OK``, ``-ERR`` or ``+`` (a continuation), from a status line."""
     match = _STATUS_LINE.fullmatch(line)
     if match is None:
-        raise ProtocolViolation(f"malformed response from backend: {line[:64]!r}")
+        raise RemoteProtocolError(f"malformed response from backend: {line[:64]!r}")
     return match[1]
 
 
 def _require_ok(line: bytes, what: str) -> None:
     if _indicator(line) != _OK:
-        raise ProtocolViolation(f"{what}: {_text(line)}")
+        raise RemoteProtocolError(f"{what}: {_text(line)}")
 
 
 def _text(line: bytes) -> str:
@@ -228,7 +228,7 @@ def _text(line: bytes) -> str:
 def _list_item(line: bytes) -> bytes:
     """A line of a multi-line list without its CRLF and dot-stuffing."""
     if not line.endswith(_CRLF) or b"\r" in line[:-2]:
-        raise ProtocolViolation(f"malformed list line from backend: {line[:64]!r}")
+        raise RemoteProtocolError(f"malformed list line from backend: {line[:64]!r}")
     return line[1:-2] if line.startswith(b".") else line[:-2]
 
 
@@ -367,7 +367,7 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
             if line is None:
                 return
             if isinstance(line, LineTooLong):
-                raise ProtocolViolation("response line too long from backend")
+                raise RemoteProtocolError("response line too long from backend")
             self._backend_line(line)
 
     def _stream_body(self, body: _EndOfBody) -> bool:
@@ -389,13 +389,13 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
         if self.state in (State.BACKEND_GREETING, State.XCLIENT_REPLY) and len(self._responses):
             # One line, then the backend waits for the proxy's command: what
             # comes before that command cannot answer it.
-            raise ProtocolViolation(f"backend spoke out of turn after: {_text(line)}")
+            raise RemoteProtocolError(f"backend spoke out of turn after: {_text(line)}")
         if self.state is State.BACKEND_GREETING:
             _require_ok(line, "backend refused the session")
             self._greeting = line
             if self.settings.identity is BackendIdentity.POP3_XCLIENT:
                 if not line.startswith(_XCLIENT_GREETING):
-                    raise ProtocolViolation(
+                    raise RemoteProtocolError(
                         "backend does not offer XCLIENT to the proxy: add the proxy's"
                         " address to Dovecot's login_trusted_networks"
                     )
@@ -409,7 +409,7 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
         elif self.state in (State.RELAY, State.AUTH_PENDING, State.SASL_RESPONSE):
             self._relay_line(line)
         else:
-            raise ProtocolViolation(f"backend response in state {self.state.name}")
+            raise RemoteProtocolError(f"backend response in state {self.state.name}")
 
     def _xclient(self) -> bytes:
         """Dovecot's XCLIENT; without TLS, CLIENT-TRANSPORT keeps a trusted
@@ -430,7 +430,7 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
 
     def _relay_line(self, line: bytes) -> None:
         if not self._owed:
-            raise ProtocolViolation(f"unsolicited response from backend: {_text(line)}")
+            raise RemoteProtocolError(f"unsolicited response from backend: {_text(line)}")
         shape = self._owed[0].shape
         if self._listing is not None:
             if line != _END_OF_LIST:
@@ -448,7 +448,7 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
         indicator = _indicator(line)
         if indicator == _CONTINUATION:
             if shape is not _Shape.EXCHANGE or self.state is not State.AUTH_PENDING:
-                raise ProtocolViolation(f"unexpected continuation from backend: {_text(line)}")
+                raise RemoteProtocolError(f"unexpected continuation from backend: {_text(line)}")
             self._send_client(line)
             self._go(Input.CHALLENGE)
             self._pump_client()
@@ -465,6 +465,8 @@ class POP3Machine(PipelinedMachine[State, Input, _Owed]):
         """The response at the head of the queue has been relayed whole."""
         owed = self._settle()
         if owed is not None and owed.shape is _Shape.EXCHANGE:
+            if self.state is State.SASL_RESPONSE:
+                raise RemoteProtocolError("backend ended the SASL exchange before the response")
             self._go(Input.AUTH_DONE)
             self._pump_client()
 
@@ -488,7 +490,7 @@ class POP3CapabilityProbe(LineProbe):
         elif not self._greeted:
             if len(self._lines):
                 # What comes before the probe's CAPA cannot answer it.
-                raise ProtocolViolation(f"backend spoke out of turn after: {_text(line)}")
+                raise RemoteProtocolError(f"backend spoke out of turn after: {_text(line)}")
             _require_ok(line, "backend refused the session")
             self._greeted = True
             self._send = b"CAPA\r\n"

@@ -33,7 +33,7 @@ import re
 import struct
 from dataclasses import dataclass
 
-from protocols._base import BackendIdentity, Peer, TLSInfo
+from protocols._base import BackendIdentity, Peer, RemoteProtocolError, TLSInfo
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_PREFIX = b"PROXY "
@@ -65,8 +65,8 @@ _V1_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _COMMAND_LOCAL, _COMMAND_PROXY = 0x0, 0x1
 
 
-class ProxyHeaderError(Exception):
-    """The bytes are not a valid PROXY header."""
+class ProxyHeaderError(RemoteProtocolError):
+    """The load balancer's bytes are not a valid PROXY header."""
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ from protocols._base import (
     BareLineEndings,
     CapabilityProbe,
     Peer,
-    ProtocolViolation,
+    RemoteProtocolError,
     SessionSettings,
     TLSMode,
     ending_transitions,
@@ -115,7 +115,7 @@ class Input(enum.Enum):
     BDAT_SENT = enum.auto()  #: A BDAT command was forwarded.
     END_OF_CHUNK = enum.auto()  #: The last octet of a BDAT chunk was forwarded.
     CLOSE = enum.auto()  #: The session ends (quit, timeout, either side gone, refused client).
-    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+    VIOLATION = enum.auto()  #: A ``ProtocolError`` ended the session.
 
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
@@ -224,7 +224,7 @@ class Reply:
 class ReplyReader:
     """Assembles multi-line replies (RFC 5321 section 4.2.1) from a byte stream.
 
-    A malformed or overlong line raises ``ProtocolViolation``: the stream can
+    A malformed or overlong line raises ``RemoteProtocolError``: the stream can
     no longer be matched to the commands it answers.
     """
 
@@ -243,11 +243,11 @@ class ReplyReader:
     def pop(self) -> Reply | None:
         while (line := self._lines.pop_line()) is not None:
             if isinstance(line, LineTooLong):
-                raise ProtocolViolation("reply line too long from backend")
+                raise RemoteProtocolError("reply line too long from backend")
             match = _REPLY_LINE.fullmatch(line)
             # Every line of a reply carries the same code.
             if match is None or (self._partial and not line.startswith(self._partial[0][:3])):
-                raise ProtocolViolation(f"malformed reply from backend: {line[:64]!r}")
+                raise RemoteProtocolError(f"malformed reply from backend: {line[:64]!r}")
             self._partial.append(line)
             if match[2] != b"-":
                 lines, self._partial = tuple(self._partial), []
@@ -265,7 +265,7 @@ def xtext(value: bytes) -> bytes:
 
 def _require_2xx(reply: Reply, what: str) -> None:
     if reply.code // 100 != 2:
-        raise ProtocolViolation(f"{what}: {reply.text}")
+        raise RemoteProtocolError(f"{what}: {reply.text}")
 
 
 #: What ends an EHLO keyword (compiled once: ``re.split`` looks its pattern
@@ -519,7 +519,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
     def _backend_reply(self, reply: Reply) -> None:
         if self.state in _LOCKSTEP and self._replies.holds_more:
             # The proxy has yet to send what the next reply would answer.
-            raise ProtocolViolation(f"backend spoke out of turn after: {reply.text}")
+            raise RemoteProtocolError(f"backend spoke out of turn after: {reply.text}")
         if self.state is State.BACKEND_GREETING:
             _require_2xx(reply, "backend refused the session")
             if self.settings.identity is BackendIdentity.XCLIENT:
@@ -531,7 +531,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
             _require_2xx(reply, "backend refused the proxy's EHLO")
             offered = [t.split()[1:] for t in reply.texts[1:] if _keyword(t) == b"XCLIENT"]
             if not offered or not offered[0]:
-                raise ProtocolViolation("backend does not offer XCLIENT to the proxy")
+                raise RemoteProtocolError("backend does not offer XCLIENT to the proxy")
             self._send_backend(self._xclient({name.upper() for name in offered[0]}))
             self._go(Input.PROXY_XCLIENT)
         elif self.state is State.XCLIENT_REPLY:
@@ -543,7 +543,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
         elif self.state in (State.RELAY, State.DATA_PENDING, State.DATA_BODY, State.BDAT_CHUNK):
             self._relay_reply(reply)
         else:
-            raise ProtocolViolation(f"backend reply in state {self.state.name}")
+            raise RemoteProtocolError(f"backend reply in state {self.state.name}")
 
     def _xclient(self, offered: set[bytes]) -> bytes:
         """The XCLIENT command, with the attributes the backend lists."""
@@ -573,7 +573,7 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
 
     def _relay_reply(self, reply: Reply) -> None:
         if not self._owed:
-            raise ProtocolViolation(f"unsolicited reply from backend: {reply.text}")
+            raise RemoteProtocolError(f"unsolicited reply from backend: {reply.text}")
         verb = self._owed[0].verb
         if verb == b"EHLO" and reply.code == 250:
             texts = reply.texts
@@ -609,13 +609,13 @@ class SMTPCapabilityProbe(CapabilityProbe):
                 if reply is None:
                     return
                 self._reply(reply)
-        except ProtocolViolation as violation:
+        except RemoteProtocolError as violation:
             self.error = str(violation)
 
     def _reply(self, reply: Reply) -> None:
         if self._replies.holds_more:
             # What comes before the probe's command cannot answer it.
-            raise ProtocolViolation(f"backend spoke out of turn after: {reply.text}")
+            raise RemoteProtocolError(f"backend spoke out of turn after: {reply.text}")
         if not self._greeted:
             _require_2xx(reply, "backend refused the session")
             self._greeted = True

@@ -75,8 +75,8 @@ from protocols._base import (
     PeerCertificateFailure,
     PeerChecked,
     PeerVerification,
-    ProtocolViolation,
     ProxyMachine,
+    RemoteProtocolError,
     SessionSettings,
     Side,
     StartTLS,
@@ -84,7 +84,6 @@ from protocols._base import (
     TLSMode,
     ending_transitions,
     event,
-    opens_tls,
 )
 from protocols._xmlstream import (
     NS_DIALBACK,
@@ -136,7 +135,7 @@ class Input(enum.Enum):
     BACKEND_CONNECTED = enum.auto()  #: The driver connected the backend.
     BACKEND_READY = enum.auto()  #: The backend answered the stream header.
     CLOSE = enum.auto()  #: The session ends (stream closed, timeout, refused client...).
-    VIOLATION = enum.auto()  #: A ``ProtocolViolation`` was raised.
+    VIOLATION = enum.auto()  #: A ``ProtocolError`` ended the session.
 
 
 TRANSITIONS: Final[Mapping[tuple[State, Input], State]] = {
@@ -224,7 +223,9 @@ def _serialize(element: etree._Element) -> bytes:
     try:
         return etree.tostring(element, method="c14n", exclusive=True)
     except (etree.LxmlError, ValueError) as error:
-        raise ProtocolViolation(f"{_name(element.tag)} cannot be canonicalized: {error}") from None
+        raise RemoteProtocolError(
+            f"{_name(element.tag)} cannot be canonicalized: {error}"
+        ) from None
 
 
 def strip_features(features: etree._Element) -> bool:
@@ -270,7 +271,7 @@ def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
     for child in features:
         try:
             own += _serialize(child)
-        except ProtocolViolation:
+        except RemoteProtocolError:
             continue
     return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
 
@@ -310,7 +311,6 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._client_stream_ended = False
         self._tls = False
         self._peer_certificate: PeerCertificate | None = None
-        self._client_spoke = False
         if settings.tls_mode is TLSMode.STARTTLS:
             self.state = State.PRE_TLS_HEADER
         else:
@@ -320,21 +320,16 @@ class XMPPMachine(ProxyMachine[State, Input]):
     # ------------------------------------------------------------------
     # Inputs.
 
-    @event
-    def receive_data(self, side: Side, data: bytes) -> None:
-        if side is Side.BACKEND:
-            self._backend.feed(data)
-            self._pump_backend()
-        elif self.state is State.TLS_HANDSHAKE:
-            # Between <proceed/> and the handshake nothing from the client is
-            # interpreted (RFC 6120 section 5.4.3.3): not even buffered.
-            pass
-        elif self.state is State.PRE_TLS_HEADER and not self._client_spoke and opens_tls(data):
-            self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
-        else:
-            self._client_spoke = self._client_spoke or bool(data)
-            self._client.feed(data)
-            self._pump_client()
+    def _from_backend(self, data: bytes) -> None:
+        self._backend.feed(data)
+        self._pump_backend()
+
+    def _from_client(self, data: bytes) -> None:
+        self._client.feed(data)
+        self._pump_client()
+
+    def _refuse_early_tls(self) -> None:
+        self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
 
     @event
     def receive_eof(self, side: Side) -> None:
@@ -511,7 +506,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
             try:
                 token = self._backend.next_token()
             except XMLStreamError as error:
-                raise ProtocolViolation(f"backend: {error.reason}") from None
+                raise RemoteProtocolError(f"backend: {error.reason}") from None
             if token is None:
                 return
             self._backend_token(token)
@@ -519,7 +514,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
     def _backend_token(self, token: Token) -> None:
         if isinstance(token, StreamHeader):
             if token.element.tag != STREAM:
-                raise ProtocolViolation(f"backend stream root is {token.element.tag!r}")
+                raise RemoteProtocolError(f"backend stream root is {token.element.tag!r}")
             greeting = self.state is State.BACKEND_GREETING
             # Plaintext relay: the client has the proxy's header already.
             if self._tls or not greeting:
@@ -677,10 +672,8 @@ class XMPPCapabilityProbe(CapabilityProbe):
                 if token is None:
                     return
                 self._token(token)
-        except XMLStreamError as error:
-            self.error = f"backend: {error.reason}"
-        except ProtocolViolation as violation:
-            self.error = f"backend: {violation}"
+        except RemoteProtocolError as error:  # an XMLStreamError among them
+            self.error = f"backend: {error}"
 
     def _token(self, token: Token) -> None:
         if isinstance(token, StreamEnd):

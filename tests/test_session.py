@@ -5,13 +5,15 @@ here) and the transports, without a network, a backend or a TLS worker."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
-from protocols._base import Side
+from protocols import smtp
+from protocols._base import LocalProtocolError, Side
 from starttls_proxy.config import ListenerConfig
 from starttls_proxy.proxy import endpoints
 from starttls_proxy.proxy.endpoints import ChannelEndpoint, Endpoint
@@ -492,3 +494,53 @@ def test_a_failure_report_or_a_worker_gone_without_one_closes_the_session(
                 sock.close()
 
     run(monkeypatch, test)
+
+
+# ----------------------------------------------------------------------
+# 6. Errors.
+
+UNAVAILABLE = b"421 4.3.0 proxy.test Service not available\r\n"
+
+
+def test_a_local_protocol_error_is_logged_as_an_internal_error_and_ends_the_session(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A machine that refuses an input of the driver's (here its table lacks
+    the step a connected backend takes) is the proxy's bug: an error with
+    its traceback in the log, the protocol's last words to the client."""
+
+    async def test(backends: list[FakeTransport]) -> None:
+        session = open_session(FakeListener(listener_config(require_tls=False)))
+        step = (smtp.State.BACKEND_CONNECTING, smtp.Input.BACKEND_CONNECTED)
+        table = {key: to for key, to in smtp.TRANSITIONS.items() if key != step}
+        monkeypatch.setattr(session.machine, "transitions", table)
+        relaying(session)
+        await until(lambda: session.closed)
+        message = "BACKEND_CONNECTED is not allowed in state BACKEND_CONNECTING"
+        assert session.outcome == f"internal error: {message}"
+        assert client(session)[1].written.endswith(UNAVAILABLE)
+        assert backends[0].closing
+
+    with caplog.at_level(logging.ERROR, logger="starttls_proxy.session"):
+        run(monkeypatch, test)
+    (record,) = caplog.records
+    assert "internal error in the protocol machine" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is LocalProtocolError
+
+
+def test_a_remote_protocol_error_ends_the_session_without_an_error_log(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def test(backends: list[FakeTransport]) -> None:
+        session = open_session(FakeListener(listener_config(require_tls=False)))
+        relaying(session)
+        await until(lambda: session.backend is not None)
+        assert session.backend is not None
+        session.backend.data_received(b"hello?\r\n")
+        assert session.closed
+        assert session.outcome == "malformed reply from backend: b'hello?\\r\\n'"
+        assert client(session)[1].written.endswith(UNAVAILABLE)
+
+    with caplog.at_level(logging.ERROR, logger="starttls_proxy.session"):
+        run(monkeypatch, test)
+    assert caplog.records == []

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
-from protocols._base import BackendIdentity, ProtocolViolation, SessionSettings
+from protocols._base import BackendIdentity, RemoteProtocolError, SessionSettings
 from protocols._buffers import LineBuffer
 from protocols.imap_syntax import capability_atoms
 from protocols.smtp import ReplyReader
@@ -113,7 +113,7 @@ def _smtp(data: bytes) -> list[str] | None:
         while (reply := reader.pop()) is not None:
             if reply.code == 250 and len(reply.lines) > 1:
                 found = [text.decode("utf-8", "replace") for text in reply.texts[1:]]
-    except ProtocolViolation:
+    except RemoteProtocolError:
         pass
     return found
 

@@ -19,12 +19,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol
 
 from protocols import proxy_header
 from protocols._base import (
     CloseConnection,
+    LocalProtocolError,
     OpenBackend,
     Peer,
     PeerChecked,
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from starttls_proxy.config import ListenerConfig
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 #: Client bytes the machine may hold uninterpreted (waiting for a backend
 #: reply) before the driver stops reading from the client.
@@ -205,8 +207,7 @@ class Session:
             self.bytes_from_client += len(data)
         else:
             self.bytes_from_backend += len(data)
-        self.machine.receive_data(side, data)
-        self._run_commands()
+        self._tell(self.machine.receive_data, side, data)
         self._watch_command()
 
     def connection_lost(self, endpoint: Endpoint) -> None:
@@ -217,8 +218,7 @@ class Session:
             return
         if self.phase is Phase.CLOSED or endpoint not in (self.client, self.backend):
             return
-        self.machine.receive_eof(endpoint.side)
-        self._run_commands()
+        self._tell(self.machine.receive_eof, endpoint.side)
 
     def set_write_paused(self, side: Side, paused: bool) -> None:
         if side is Side.CLIENT:
@@ -245,11 +245,25 @@ class Session:
         # The client side from now on: it ends as a client's does, lingering.
         self.client, self._pending_channel = channel, None
         self.phase = Phase.TLS
-        self.machine.tls_established(self.tls)
-        self._run_commands()
+        self._tell(self.machine.tls_established, self.tls)
 
     # ------------------------------------------------------------------
     # Carrying out the machine's commands.
+
+    def _tell(self, event: Callable[_P, None], *args: _P.args, **kwargs: _P.kwargs) -> None:
+        """Give the machine one input, then carry out what it asks for. A
+        ``LocalProtocolError`` is the proxy's bug, not a peer's: logged as
+        such, after the machine has queued the end of the session."""
+        try:
+            event(*args, **kwargs)
+        except LocalProtocolError:
+            log.exception(
+                "%s: %s:%s internal error in the protocol machine",
+                self.runtime.config.name,
+                self.peer.client_address,
+                self.peer.client_port,
+            )
+        self._run_commands()
 
     def _run_commands(self) -> None:
         # What one batch of input makes the machine send leaves in one write
@@ -317,8 +331,7 @@ class Session:
             metrics.BACKEND_FAILURES.labels(config.name).inc()
             reason = f"backend {address} unreachable: {error or 'timeout'}"
             log.warning("%s: %s", config.name, reason)
-            self.machine.backend_failed(reason)
-            self._run_commands()
+            self._tell(self.machine.backend_failed, reason)
             return
         metrics.labelled(metrics.BACKEND_CONNECT_SECONDS, config.name).observe(
             time.monotonic() - started
@@ -332,8 +345,7 @@ class Session:
         )
         if header:
             transport.write(header)
-        self.machine.backend_connected()
-        self._run_commands()
+        self._tell(self.machine.backend_connected)
         endpoint.release()
 
     def _peer_checked(self, checked: PeerChecked) -> None:
@@ -483,8 +495,7 @@ class Session:
             self.close(which.reason(self.runtime.config))
             return
         metrics.SESSIONS_TIMED_OUT.labels(*self._labels, which.value).inc()
-        self.machine.timed_out(which.reason(self.runtime.config))
-        self._run_commands()
+        self._tell(self.machine.timed_out, which.reason(self.runtime.config))
 
     # ------------------------------------------------------------------
     # The end.
@@ -494,8 +505,7 @@ class Session:
         if self.phase is Phase.HANDSHAKE or self.client is None:
             self.close("proxy shutting down")
             return
-        self.machine.shutting_down()
-        self._run_commands()
+        self._tell(self.machine.shutting_down)
         self.close("proxy shutting down")
 
     @property

@@ -13,11 +13,13 @@ The driver model delivers an event only where ``starttls_proxy.proxy.session``
 could: the handshake's end after a ``StartTLS``, the backend's news after an
 ``OpenBackend``, backend bytes once it is connected, client bytes while the
 machine holds less than ``HOLD_LIMIT`` of them. One settings flag turns the
-model off: a driver that misuses the machine must get a defined ending too.
+model off: a driver that misuses the machine must get a defined ending too,
+and may get a ``LocalProtocolError`` besides.
 
 The invariant is h11's: every input gives commands or a defined ending
-(``CloseConnection``), no exception escapes, and the bytes a machine holds
-stay within its configured limits plus one read.
+(``CloseConnection``), no exception escapes but a ``LocalProtocolError``
+from a driver's misuse, and the bytes a machine holds stay within its
+configured limits plus one read.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 from protocols._base import (
     CloseConnection,
     Command,
+    LocalProtocolError,
     OpenBackend,
     PeerCertificate,
     PeerChecked,
@@ -61,6 +64,8 @@ class Op(enum.IntEnum):
 
 
 DATA_OPS = (Op.CLIENT, Op.BACKEND)
+#: What the peers do; the other events are the driver's.
+NETWORK_OPS = (*DATA_OPS, Op.CLIENT_EOF, Op.BACKEND_EOF)
 Step = tuple[Op, bytes]
 
 
@@ -246,6 +251,21 @@ class Session:
         machine = self.machine
         if self.faithful and not self._possible(op):
             return
+        try:
+            self._deliver(op, data)
+        except LocalProtocolError as error:
+            # The driver's misuse; never the network's doing.
+            check(
+                not self.faithful and op not in NETWORK_OPS,
+                f"{op.name} raised LocalProtocolError: {error}",
+            )
+            check(machine.finished, f"{op.name} raised LocalProtocolError but the session goes on")
+        self.drain(op.name)
+        held = held_bytes(machine)
+        check(held <= self.limit, f"holds {held} bytes after {op.name}, limit {self.limit}")
+
+    def _deliver(self, op: Op, data: bytes) -> None:
+        machine = self.machine
         if op is Op.CLIENT:
             self.largest_read = max(self.largest_read, len(data))
             machine.receive_data(Side.CLIENT, data)
@@ -271,9 +291,6 @@ class Session:
             machine.timed_out("idle timeout")
         else:
             machine.shutting_down()
-        self.drain(op.name)
-        held = held_bytes(machine)
-        check(held <= self.limit, f"holds {held} bytes after {op.name}, limit {self.limit}")
 
     def _possible(self, op: Op) -> bool:
         if self.closed:

@@ -64,8 +64,6 @@ class MachineTarget:
     #: The client's stream header, where it differs from the dialogue's.
     client_opening: bytes | None = None
     backend_greeting: bytes | None = None
-    #: The backend's answer to the dialogue's relayed command.
-    relayed_answer: bytes = b""
     #: What the backend answers the proxy's announcement, per identity.
     announced: dict[BackendIdentity, bytes] = dataclasses.field(default_factory=dict)
 
@@ -106,7 +104,7 @@ class MachineTarget:
             (Op.CONNECTED, b""),
             (Op.BACKEND, greeting),
             (Op.CLIENT, d.relayed),
-            (Op.BACKEND, self.relayed_answer),
+            (Op.BACKEND, d.relayed_answer),
         ]
         plaintext = [*hello, (Op.CLIENT, d.relayed), (Op.CONNECTED, b""), (Op.BACKEND, greeting)]
         implicit = [*hello, (Op.TLS, b""), (Op.CONNECTED, b""), (Op.BACKEND, greeting)]
@@ -138,7 +136,6 @@ def _exchange(*pairs: tuple[bytes, bytes]) -> tuple[Step, ...]:
 SMTP_TARGET = MachineTarget(
     dialogue=SMTP,
     identities=(BackendIdentity.NONE, BackendIdentity.XCLIENT, BackendIdentity.PROXY_V2),
-    relayed_answer=b"250 2.0.0 Ok\r\n",
     announced={
         BackendIdentity.XCLIENT: b"250-mx\r\n250 XCLIENT ADDR PORT PROTO HELO NAME\r\n220 mx\r\n"
     },
@@ -167,7 +164,6 @@ SMTP_TARGET = MachineTarget(
 POP3_TARGET = MachineTarget(
     dialogue=POP3,
     identities=(BackendIdentity.NONE, BackendIdentity.POP3_XCLIENT, BackendIdentity.PROXY_V1),
-    relayed_answer=b"+OK\r\n",
     announced={BackendIdentity.POP3_XCLIENT: b"+OK\r\n"},
     exchanges=(
         _exchange(
@@ -187,7 +183,6 @@ POP3_TARGET = MachineTarget(
 IMAP_TARGET = MachineTarget(
     dialogue=IMAP,
     identities=(BackendIdentity.NONE, BackendIdentity.IMAP_ID, BackendIdentity.PROXY_V2),
-    relayed_answer=b"a3 OK done\r\n",
     announced={BackendIdentity.IMAP_ID: b"* ID NIL\r\nstp0 OK done\r\n"},
     exchanges=(
         _exchange(
@@ -244,7 +239,6 @@ XMPP_CLIENT_TARGET = MachineTarget(
     identities=(BackendIdentity.NONE, BackendIdentity.PROXY_V2),
     exchanges=_XMPP_EXCHANGES,
     machine=XMPPClientMachine,
-    relayed_answer=b"<iq type='result' id='ok'/>",
 )
 
 _SERVER_HEADER = (

@@ -85,10 +85,13 @@ class Dialogue(Generic[MachineT]):
     backend_greeting: bytes
     #: What the client sees of ``backend_greeting`` when it is not forwarded as is.
     backend_greeting_relayed: tuple[SendToClient, ...] = ()
-    #: A command the relay forwards.
+    #: A command the relay forwards, and the backend's answer.
     relayed: bytes
+    relayed_answer: bytes
     #: Commands an attacker pipelines after STARTTLS.
     injected: bytes
+    #: The answer to a TLS ClientHello as the client's first bytes.
+    client_hello_refused: tuple[SendToClient, CloseConnection]
     #: Protocol words the fuzzers mix with random octets.
     words: tuple[bytes, ...]
 
@@ -149,7 +152,6 @@ class LineDialogue(Dialogue[MachineT]):
     local: bytes
     local_reply: SendToClient
     line_too_long: SendToClient
-    client_hello_refused: tuple[SendToClient, CloseConnection]
     #: The answer to a line that starts with a ClientHello's first octet,
     #: once the session has begun.
     handshake_octet_line_reply: SendToClient
@@ -204,6 +206,7 @@ SMTP = LineDialogue(
     tls_ready=SendToClient(b"220 2.0.0 Ready to start TLS\r\n"),
     backend_greeting=b"220 mx.backend.test ESMTP Postfix\r\n",
     relayed=b"RSET\r\n",
+    relayed_answer=b"250 2.0.0 Ok\r\n",
     injected=b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\n",
     words=(b"EHLO x", b"STARTTLS", b"MAIL FROM:<>", b"DATA", b"BDAT 3", b"\r\n.\r\n", b"\r\n"),
     local=b"NOOP\r\n",
@@ -249,6 +252,7 @@ POP3 = LineDialogue(
     tls_ready=SendToClient(b"+OK Begin TLS negotiation\r\n"),
     backend_greeting=b"+OK Dovecot (Debian) ready.\r\n",
     relayed=b"USER alice\r\n",
+    relayed_answer=b"+OK\r\n",
     injected=b"USER u\r\nPASS p\r\n",
     words=(b"USER x", b"STLS", b"AUTH PLAIN", b"RETR 1", b"+OK", b"\r\n.\r\n", b"\r\n"),
     local=b"NOOP\r\n",
@@ -300,6 +304,7 @@ IMAP = LineDialogue(
         b" AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n"
     ),
     relayed=b"a3 NOOP\r\n",
+    relayed_answer=b"a3 OK done\r\n",
     injected=b"b LOGIN user pass\r\n",
     words=(
         *(b"a1 ", b"NOOP", b"STARTTLS", b"LOGIN", b"IDLE", b"{3}", b"{2+}"),
@@ -335,6 +340,15 @@ def proxy_header(domain: str = "example.com", namespace: str = "jabber:client") 
         b"<?xml version='1.0'?><stream:stream xmlns=\"%s\" "
         b'xmlns:stream="http://etherx.jabber.org/streams" id="ID" from="%s" version="1.0">'
         % (namespace.encode(), domain.encode())
+    )
+
+
+def stream_error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
+    """The proxy's stream error ``condition``, and the end of its stream."""
+    return (
+        b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
+        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>%s"
+        % (condition.encode(), closing)
     )
 
 
@@ -381,7 +395,12 @@ XMPP = Dialogue(
     backend_greeting=BACKEND_HEADER + BACKEND_FEATURES,
     backend_greeting_relayed=(SendToClient(BACKEND_HEADER), SendToClient(STRIPPED_FEATURES)),
     relayed=b"<iq type='get' id='ok'/>",
+    relayed_answer=b"<iq type='result' id='ok'/>",
     injected=b"<iq type='set' id='evil'><query xmlns='jabber:iq:roster'/></iq>",
+    client_hello_refused=(
+        SendToClient(proxy_header("proxy.example") + stream_error("not-well-formed")),
+        CloseConnection("TLS ClientHello before STARTTLS (not-well-formed)"),
+    ),
     words=(b"<iq>", b"</iq>", b"<a x='", b"'>", b"<![CDATA[", b"]]>", b"&amp;", b"\xe9"),
 )
 

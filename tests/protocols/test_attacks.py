@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from protocols._base import CloseConnection, SendToBackend, Side
+from protocols._base import (
+    CloseConnection,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    SendToBackend,
+    Side,
+    StartTLS,
+    TLSMode,
+)
+from protocols._xmlstream import XMLStreamError
+from protocols.proxy_header import ProxyHeaderError
 from tests.protocols.dialogues import (
     DIALOGUES,
     IMAP,
@@ -75,17 +86,58 @@ def test_starttls_pipelined_command_injection(dialogue: Dialogue[Any]) -> None:
 
 @every_protocol
 def test_starttls_injection_across_packets_before_tls(dialogue: Dialogue[Any]) -> None:
+    """Not even a ClientHello's first octet counts before the handshake's end."""
     machine = dialogue.new()
-    run(machine, *dialogue.opening(), *dialogue.started_tls(), Client(dialogue.injected))
+    run(
+        machine,
+        *dialogue.opening(),
+        *dialogue.started_tls(),
+        Client(CLIENT_HELLO_START),
+        Client(dialogue.injected),
+    )
     assert machine.unprocessed_client_bytes == 0
     _check_only_commands_after_tls_relayed(dialogue, machine)
 
 
+@every_protocol
+def test_tls_client_hello_as_the_first_bytes_is_refused(dialogue: Dialogue[Any]) -> None:
+    """An implicit-TLS client on a STARTTLS port, for every protocol the same
+    rule (``ProxyMachine.receive_data``), in each protocol's words."""
+    for first_reads in [CLIENT_HELLO_START], [b"", CLIENT_HELLO_START[:1]]:
+        machine = dialogue.new()
+        drain(machine)  # the proxy's greeting, if it speaks first
+        for data in first_reads[:-1]:
+            run(machine, Client(data))
+        run(machine, Client(first_reads[-1]), *dialogue.client_hello_refused)
+        assert machine.state.name == "CLOSED"
+
+
+@every_protocol
+def test_a_handshake_octet_after_the_first_bytes_is_no_client_hello(
+    dialogue: Dialogue[Any],
+) -> None:
+    after_first_bytes = dialogue.new()
+    run(
+        after_first_bytes,
+        *dialogue.opening(),
+        Client(dialogue.capability),
+        *dialogue.capability_reply,
+    )
+    # Over TLS from the first byte, no byte is a plaintext ClientHello.
+    implicit = dialogue.new(tls_mode=TLSMode.IMPLICIT)
+    run(implicit, StartTLS(b""), TLS(), *dialogue.to_backend())
+    for machine in after_first_bytes, implicit:
+        machine.receive_data(Side.CLIENT, CLIENT_HELLO_START)
+        assert not any(
+            isinstance(command, CloseConnection) and command.reason.startswith("TLS ClientHello")
+            for command in drain(machine)
+        )
+
+
 @line_protocols
-def test_tls_client_hello_before_starttls(dialogue: LineDialogue[Any]) -> None:
-    machine = dialogue.new()
-    run(machine, *dialogue.opening(), Client(CLIENT_HELLO_START), *dialogue.client_hello_refused)
-    # Only the very first byte counts.
+def test_a_line_that_starts_with_the_handshake_octet_is_a_command(
+    dialogue: LineDialogue[Any],
+) -> None:
     machine = dialogue.new()
     run(machine, *dialogue.opening(), Client(dialogue.local), dialogue.local_reply)
     run(machine, Client(b"\x16\r\n"), dialogue.handshake_octet_line_reply)
@@ -158,15 +210,53 @@ def test_backend_refusing_the_session(dialogue: LineDialogue[Any]) -> None:
     assert machine.state.name == "ERROR"
 
 
+def test_a_peer_s_errors_and_the_proxy_s_are_apart() -> None:
+    """What the parsers raise on a peer's bytes is a remote error, which a
+    machine turns into its ending; only a local one reaches the driver."""
+    for remote in XMLStreamError, ProxyHeaderError:
+        assert issubclass(remote, RemoteProtocolError)
+    for kind in RemoteProtocolError, LocalProtocolError:
+        assert issubclass(kind, ProtocolError)
+    assert not issubclass(LocalProtocolError, RemoteProtocolError)
+    assert not issubclass(RemoteProtocolError, LocalProtocolError)
+
+
 @line_protocols
-def test_driver_misuse_is_a_violation(dialogue: LineDialogue[Any]) -> None:
+def test_driver_misuse_is_a_local_error(dialogue: LineDialogue[Any]) -> None:
+    """A backend connection the machine never asked for is the proxy's bug,
+    not a peer's: the session ends as after a violation, then the driver
+    gets a ``LocalProtocolError`` to log."""
     machine = dialogue.new()
-    reason = "BACKEND_CONNECTED is not allowed in state PRE_TLS"
-    run(machine, *dialogue.opening(), Connected(), dialogue.unavailable, CloseConnection(reason))
+    run(machine, *dialogue.opening())
+    message = "BACKEND_CONNECTED is not allowed in state PRE_TLS"
+    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+        machine.backend_connected()
+    assert drain(machine) == [dialogue.unavailable, CloseConnection(f"internal error: {message}")]
     assert machine.state.name == "ERROR"
-    # Once failed, the machine ignores all that comes.
-    run(machine, TLS(), Client(dialogue.local), EOF(Side.CLIENT), Failed("x"))
-    # A backend that speaks before there is one.
+    # Once failed, the machine ignores all that comes, more misuse too.
+    run(machine, TLS(), Connected(), Client(dialogue.local), EOF(Side.CLIENT), Failed("x"))
+
+
+@line_protocols
+def test_a_step_missing_from_the_table_is_a_local_error(dialogue: LineDialogue[Any]) -> None:
+    """The machine's own code taking a step its table lacks is a bug too,
+    even when client bytes led there."""
+    machine = dialogue.new()
+    table = machine.shared_states.pre_tls, machine.shared_inputs.client_starttls
+    machine.transitions = {key: to for key, to in machine.transitions.items() if key != table}
+    run(machine, *dialogue.opening())
+    message = "CLIENT_STARTTLS is not allowed in state PRE_TLS"
+    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+        machine.receive_data(Side.CLIENT, dialogue.starttls)
+    commands = drain(machine)
+    assert commands[-2:] == [dialogue.unavailable, CloseConnection(f"internal error: {message}")]
+    assert machine.state.name == "ERROR"
+
+
+@line_protocols
+def test_a_backend_speaking_out_of_turn_is_a_remote_error(dialogue: LineDialogue[Any]) -> None:
+    """Bytes from a backend that is not there yet: the peer's fault, which
+    ends the session and never raises."""
     machine = dialogue.new()
     reason = f"backend {dialogue.answer} in state PRE_TLS"
     run(
@@ -176,6 +266,7 @@ def test_driver_misuse_is_a_violation(dialogue: LineDialogue[Any]) -> None:
         dialogue.unavailable,
         CloseConnection(reason),
     )
+    assert machine.state.name == "ERROR"
 
 
 def _fuzz_chunks(dialogue: Dialogue[Any]) -> st.SearchStrategy[list[bytes]]:
@@ -246,13 +337,6 @@ def test_a_literal_under_way_is_not_a_command() -> None:
 # --------------------------------------------------------------------------
 # Response injection: the backend speaking before it was asked.
 
-#: A reply each line protocol's backend might send, with a word to find.
-INJECTED_REPLY = {
-    "smtp": b"250 2.0.0 INJECTED\r\n",
-    "pop3": b"+OK INJECTED\r\n",
-    "imap": b"a3 OK INJECTED\r\n",
-}
-
 
 @line_protocols
 def test_backend_reply_before_its_command_is_a_violation(dialogue: LineDialogue[Any]) -> None:
@@ -262,9 +346,9 @@ def test_backend_reply_before_its_command_is_a_violation(dialogue: LineDialogue[
     command's answer it would shift every reply after it; the session ends."""
     machine = dialogue.connecting()
     run(machine, Client(dialogue.relayed), Connected())
-    machine.receive_data(Side.BACKEND, dialogue.backend_greeting + INJECTED_REPLY[dialogue.name])
+    machine.receive_data(Side.BACKEND, dialogue.backend_greeting + dialogue.relayed_answer)
     commands = drain(machine)
-    assert b"INJECTED" not in client_bytes(commands)
+    assert dialogue.relayed_answer not in client_bytes(commands)
     assert isinstance(commands[-1], CloseConnection)
     assert not commands[-1].clean
 
@@ -276,5 +360,5 @@ def test_backend_reply_after_its_command_is_relayed(dialogue: LineDialogue[Any])
     run(machine, Client(dialogue.relayed), Connected())
     machine.receive_data(Side.BACKEND, dialogue.backend_greeting)
     assert dialogue.relayed in backend_bytes(drain(machine))
-    machine.receive_data(Side.BACKEND, INJECTED_REPLY[dialogue.name])
-    assert b"INJECTED" in client_bytes(drain(machine))
+    machine.receive_data(Side.BACKEND, dialogue.relayed_answer)
+    assert client_bytes(drain(machine)) == dialogue.relayed_answer

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from protocols._base import (
     CloseConnection,
     Command,
+    LocalProtocolError,
     OpenBackend,
     PeerCertificate,
     PeerCertificateFailure,
@@ -65,6 +66,7 @@ from tests.protocols.dialogues import (
     proxy_header,
     split_invariance_tests,
 )
+from tests.protocols.dialogues import stream_error as error
 from tests.protocols.transcript import (
     EOF,
     HOST,
@@ -87,14 +89,6 @@ from tests.protocols.transcript import (
 PEER = XMPP.peer
 settings = XMPP.settings
 relaying = XMPP.relaying
-
-
-def error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
-    return (
-        b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
-        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>%s"
-        % (condition.encode(), closing)
-    )
 
 
 HEADER = XMPP.client_opening
@@ -801,18 +795,17 @@ def test_held_client_bytes_are_reported_while_the_backend_connects() -> None:
     assert machine.unprocessed_client_bytes == 0
 
 
-def test_driver_misuse_is_a_violation() -> None:
+def test_driver_misuse_is_a_local_error() -> None:
     machine = XMPPClientMachine(settings(), PEER)
-    run(
-        machine,
-        Connected(),
+    message = "BACKEND_CONNECTED is not allowed in state PRE_TLS_HEADER"
+    with pytest.raises(LocalProtocolError, match=f"^{message}$"):
+        machine.backend_connected()
+    assert drain(machine) == [
         SendToClient(proxy_header(HOST) + error("internal-server-error")),
-        CloseConnection(
-            "BACKEND_CONNECTED is not allowed in state PRE_TLS_HEADER (internal-server-error)"
-        ),
-    )
+        CloseConnection(f"internal error: {message} (internal-server-error)"),
+    ]
     assert machine.state is State.ERROR
-    run(machine, TLS(), Client(b"<iq/>"), EOF(Side.CLIENT), Failed("x"))
+    run(machine, TLS(), Connected(), Client(b"<iq/>"), EOF(Side.CLIENT), Failed("x"))
 
 
 # --------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from protocols._base import (
     CloseConnection,
     Command,
     InputT,
+    LocalProtocolError,
     OpenBackend,
     PeerCertificate,
-    ProtocolViolation,
     ProxyMachine,
     SendToBackend,
     SendToClient,
@@ -235,7 +235,7 @@ def check_transition(
     ``None`` for a missing entry."""
     try:
         target = transition(table, state, input_)
-    except ProtocolViolation:
+    except LocalProtocolError:
         assert (state, input_) not in table
         assert state in endings.values() or input_ not in endings
         return None
