@@ -121,19 +121,23 @@ static bool out_of_memory(void)
     return found;
 }
 
-/* The report frame: u32 length, then JSON. */
-static void send_report(int channel, const char *json, size_t size)
+/* The report frame: u32 length, then JSON, in one send (one wakeup of the
+ * main process, not two). `frame`: REPORT_HEADER bytes left for the length,
+ * then the `size` bytes of JSON. */
+#define REPORT_HEADER 4
+static void send_report(int channel, char *frame, size_t size)
 {
-    uint8_t header[4] = {(uint8_t)(size >> 24), (uint8_t)(size >> 16), (uint8_t)(size >> 8),
-                         (uint8_t)size};
-    if (send_all(channel, header, sizeof header))
-        send_all(channel, json, size);
+    frame[0] = (char)(uint8_t)(size >> 24);
+    frame[1] = (char)(uint8_t)(size >> 16);
+    frame[2] = (char)(uint8_t)(size >> 8);
+    frame[3] = (char)(uint8_t)size;
+    send_all(channel, frame, REPORT_HEADER + size);
 }
 
 static void report_failure(int channel, const char *reason)
 {
-    char buffer[1024];
-    struct json out = {buffer, sizeof buffer, 0, false};
+    char buffer[REPORT_HEADER + 1024];
+    struct json out = {buffer + REPORT_HEADER, sizeof buffer - REPORT_HEADER, 0, false};
     json_raw(&out, "{\"ok\": false, \"reason\": ");
     json_string(&out, reason);
     json_raw(&out, "}");
@@ -151,8 +155,8 @@ static void report_handshake(struct pump *pump, X509_STORE *peer_store)
 {
     /* In the BSS: only a report with a peer certificate's names touches
      * more than its first page. */
-    static char buffer[HANDSHAKE_REPORT + MAX_PEER_REPORT];
-    struct json out = {buffer, sizeof buffer, 0, false};
+    static char buffer[REPORT_HEADER + HANDSHAKE_REPORT + MAX_PEER_REPORT];
+    struct json out = {buffer + REPORT_HEADER, sizeof buffer - REPORT_HEADER, 0, false};
     const char *name = SSL_get_servername(pump->ssl, TLSEXT_NAMETYPE_host_name);
     const unsigned char *alpn = NULL;
     unsigned int alpn_size = 0;
