@@ -45,6 +45,10 @@
  * buffer, so that the stack stays small and no page of it is mapped before
  * a transfer touches it. */
 static uint8_t incoming[READ_SIZE];
+/* How long the pump waits idle before giving the handshake's freed heap
+ * back to the kernel (malloc_trim): a short session ends before, and
+ * never pays for the trim and the faults that would map it again. */
+#define IDLE_TRIM_MS 200
 /* How long a closing worker waits for the client's FIN after its own. */
 #define LINGER_MS 2000
 /* First byte of a TLS handshake record (RFC 8446 section 5.1). */
@@ -67,6 +71,8 @@ struct pump {
     bool channel_eof;
     /* The main process closed the channel for writing: drop what would go there. */
     bool channel_write_closed;
+    /* The handshake's freed heap went back to the kernel. */
+    bool trimmed;
 };
 
 static void deadline_passed(int signal_number)
@@ -121,19 +127,23 @@ static bool out_of_memory(void)
     return found;
 }
 
-/* The report frame: u32 length, then JSON. */
-static void send_report(int channel, const char *json, size_t size)
+/* The report frame: u32 length, then JSON, in one send (one wakeup of the
+ * main process, not two). `frame`: REPORT_HEADER bytes left for the length,
+ * then the `size` bytes of JSON. */
+#define REPORT_HEADER 4
+static void send_report(int channel, char *frame, size_t size)
 {
-    uint8_t header[4] = {(uint8_t)(size >> 24), (uint8_t)(size >> 16), (uint8_t)(size >> 8),
-                         (uint8_t)size};
-    if (send_all(channel, header, sizeof header))
-        send_all(channel, json, size);
+    frame[0] = (char)(uint8_t)(size >> 24);
+    frame[1] = (char)(uint8_t)(size >> 16);
+    frame[2] = (char)(uint8_t)(size >> 8);
+    frame[3] = (char)(uint8_t)size;
+    send_all(channel, frame, REPORT_HEADER + size);
 }
 
 static void report_failure(int channel, const char *reason)
 {
-    char buffer[1024];
-    struct json out = {buffer, sizeof buffer, 0, false};
+    char buffer[REPORT_HEADER + 1024];
+    struct json out = {buffer + REPORT_HEADER, sizeof buffer - REPORT_HEADER, 0, false};
     json_raw(&out, "{\"ok\": false, \"reason\": ");
     json_string(&out, reason);
     json_raw(&out, "}");
@@ -151,8 +161,8 @@ static void report_handshake(struct pump *pump, X509_STORE *peer_store)
 {
     /* In the BSS: only a report with a peer certificate's names touches
      * more than its first page. */
-    static char buffer[HANDSHAKE_REPORT + MAX_PEER_REPORT];
-    struct json out = {buffer, sizeof buffer, 0, false};
+    static char buffer[REPORT_HEADER + HANDSHAKE_REPORT + MAX_PEER_REPORT];
+    struct json out = {buffer + REPORT_HEADER, sizeof buffer - REPORT_HEADER, 0, false};
     const char *name = SSL_get_servername(pump->ssl, TLSEXT_NAMETYPE_host_name);
     const unsigned char *alpn = NULL;
     unsigned int alpn_size = 0;
@@ -381,10 +391,19 @@ static int relay(struct pump *pump)
         for (size_t i = 0; i < 2; i++)
             if (fds[i].events == 0)
                 fds[i].fd = -1;
-        if (poll(fds, 2, -1) < 0) {
+        int ready = poll(fds, 2, pump->trimmed ? -1 : IDLE_TRIM_MS);
+        if (ready < 0) {
             if (errno == EINTR)
                 continue;
             return EXIT_INTERNAL_ERROR;
+        }
+        if (ready == 0) {
+            /* Idle: the handshake's memory (its state, the certificate
+             * flight) goes back to the kernel, as the session may now stay
+             * open for hours. */
+            malloc_trim(0);
+            pump->trimmed = true;
+            continue;
         }
         short client = fds[0].revents, channel = fds[1].revents;
         if ((client & (POLLOUT | POLLERR | POLLHUP)) && !flush_client(pump, false))
@@ -447,9 +466,6 @@ static int serve(const struct settings *settings, const struct spawn_request *re
         return status;
     }
     cancel_deadline();
-    /* The handshake's memory (its state, the certificate flight) goes back
-     * to the kernel: a worker is mostly idle for the rest of its life. */
-    malloc_trim(0);
     const char *name = SSL_get_servername(pump.ssl, TLSEXT_NAMETYPE_host_name);
     if (settings->self_test && name != NULL && strcmp(name, FORBIDDEN_SYSCALL_SNI) == 0) {
         /* uname(2) is not on the allow-list: the filter kills the process here. */
