@@ -344,3 +344,36 @@ def test_an_unusable_keeper_message_is_refused_and_the_server_lives_on(
         assert len(references) == 1
     finally:
         process.stop()
+
+
+def test_a_connection_dropped_while_its_granter_still_holds_it_is_forgotten(
+    key_server: RunningKeyServer, keys: Keys
+) -> None:
+    """The TLS helper closes its copy of the key server's end of a worker's
+    connection only after ``grant`` sent it (helper.c), so under load the
+    key server may drop the connection (its worker already gone; a request
+    refused or malformed) while that copy is still open. Closing a
+    descriptor does not take its socket out of an epoll set while another
+    descriptor, in any process, still holds the socket: unless the key
+    service removes it itself, epoll goes on reporting the freed connection
+    (readable at end of file) and the key server works on freed memory. It
+    died of it (a double free; glibc's message, written with writev, was
+    what the seccomp filter killed it for)."""
+    key = _key(keys.paths[0])
+    cases = ((None, ""), (b"\x00", "dropped"), (_request(key, b"not a handshake"), "refused"))
+    for garbage, result in cases:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with ours, theirs:
+            socket.send_fds(key_server.link.sock, [struct.pack(">HH", 1, 0)], [ours.fileno()])
+            if garbage is not None:
+                before = key_server.total(result)
+                theirs.send(garbage)
+                _wait_for_count(key_server, result, before + 1)
+            theirs.close()  # the worker's end: readable at end of file now
+            # Long enough for the key server to drop the connection and
+            # wait again, with our copy still open.
+            time.sleep(0.3)
+            assert key_server.process.process.poll() is None
+            assert _signs(key_server, key)
+        assert _signs(key_server, key)
+    assert key_server.process.process.poll() is None

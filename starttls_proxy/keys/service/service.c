@@ -119,7 +119,16 @@ static struct endpoint *endpoint_add(Service *service, enum endpoint_kind kind, 
 }
 
 /* Forget the endpoint; close its descriptor unless it is the control socket
- * (keyserver.py's). */
+ * (keyserver.py's).
+ *
+ * Always out of the epoll set first: close() alone removes a socket from it
+ * only when no other descriptor holds that socket, and another process may
+ * still hold a connection's (the TLS helper closes its copy only after
+ * grant() sent it; a link's peer may have passed it on). Left in the set, an
+ * endpoint freed here would be reported again (level-triggered, readable at
+ * end of file) and the next wait would work on freed memory: a double free
+ * that glibc aborted on, its message written with writev, which the seccomp
+ * filter killed the key server for. */
 static void endpoint_drop(Service *service, struct endpoint *endpoint)
 {
     if (endpoint->previous != NULL)
@@ -128,9 +137,8 @@ static void endpoint_drop(Service *service, struct endpoint *endpoint)
         service->endpoints = endpoint->next;
     if (endpoint->next != NULL)
         endpoint->next->previous = endpoint->previous;
-    if (endpoint->kind == ENDPOINT_CONTROL)
-        epoll_ctl(service->epoll_fd, EPOLL_CTL_DEL, endpoint->fd, NULL);
-    else
+    epoll_ctl(service->epoll_fd, EPOLL_CTL_DEL, endpoint->fd, NULL);
+    if (endpoint->kind != ENDPOINT_CONTROL)
         close(endpoint->fd);
     table_release(endpoint->table);
     free(endpoint);
