@@ -118,7 +118,7 @@ static int read_bytes(const unsigned char **cursor, const unsigned char *end, un
 }
 
 /*
- * The reference body (see keyserver.py: encode_reference):
+ * The reference body (see keys/server.py: encode_reference):
  *   "STPK" | version | kind | key id (16)
  *   EC:  curve | point size (u16) | uncompressed point
  *   RSA: modulus size (u16) | modulus | exponent size (u16) | exponent

@@ -3,7 +3,7 @@
  *
  * A TLS worker holds no private key. Its certificate's "private key" is a
  * key reference (a PEM block of our own, written by the key server, see
- * starttls_proxy/keyserver.py) carrying only public facts: the algorithm,
+ * starttls_proxy/keys/server.py) carrying only public facts: the algorithm,
  * the curve or modulus, the public key and a key id. OpenSSL decodes it
  * with this provider's DECODER, manages it with its KEYMGMT and signs with
  * its SIGNATURE implementation, which asks the key server over a socket the

@@ -1,7 +1,7 @@
 /*
  * The key server's request loop: signs for the TLS workers.
  *
- * keyserver.py starts the process, confines it, reads the key files and
+ * keys/server.py starts the process, confines it, reads the key files and
  * talks to the keeper; everything a TLS session waits for happens here.
  * Why C: each session wakes the key server twice (a new connection, then
  * its one signature) in a process that was idle, so its caches are cold. A
@@ -10,7 +10,7 @@
  *
  * Descriptors, all in one epoll set:
  *   control     the keeper's socket; never read here: serve() returns when
- *               it is readable and keyserver.py reads it.
+ *               it is readable and keys/server.py reads it.
  *   link        one per TLS helper (add_link): each datagram is a count
  *               and that many certificate indexes (u16 each, big-endian)
  *               with one descriptor attached, a new worker connection that
@@ -119,7 +119,7 @@ static struct endpoint *endpoint_add(Service *service, enum endpoint_kind kind, 
 }
 
 /* Forget the endpoint; close its descriptor unless it is the control socket
- * (keyserver.py's).
+ * (server.py's).
  *
  * Always out of the epoll set first: close() alone removes a socket from it
  * only when no other descriptor holds that socket, and another process may

@@ -1,6 +1,6 @@
 /*
  * The workers' sandbox, layer by layer (the threat model and the reasons
- * for each layer are in starttls_proxy/sandbox.py's docstring, which the
+ * for each layer are in starttls_proxy/sandbox/layers.py's docstring, which the
  * key server shares; this file is the workers' implementation).
  *
  * A spare enters the outer layers while it waits (enclose): the shared
