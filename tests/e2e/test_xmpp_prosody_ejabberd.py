@@ -29,7 +29,7 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.ejabberd import EjabberdInstance
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
-from tests.realservers.xmpp import DOMAIN, STARTTLS, XMPPStream, stream_header
+from tests.realservers.xmpp import DOMAIN, STARTTLS, XMPPStream, start_session, stream_header
 
 #: Markup as text, an end of CDATA, non-ASCII and a character the serializer escapes.
 BODY = (
@@ -92,25 +92,6 @@ def _slixmpp_client(user: str, certs: CertFiles, *, tls: str) -> slixmpp.ClientX
     return client
 
 
-async def _session(client: slixmpp.ClientXMPP, port: int) -> None:
-    ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def started(_: object) -> None:
-        client.send_presence()
-        if not ready.done():
-            ready.set_result(None)
-
-    def failed(event: object) -> None:
-        if not ready.done():
-            ready.set_exception(RuntimeError(f"slixmpp: {event}"))
-
-    client.add_event_handler("session_start", started)
-    client.add_event_handler("failed_auth", failed)
-    client.add_event_handler("connection_failed", failed)
-    client.connect("127.0.0.1", port)
-    await asyncio.wait_for(ready, 20)
-
-
 async def _alice_to_bob(
     port: int, certs: CertFiles, *, tls: str = "starttls", source: str | None = None
 ) -> str:
@@ -127,8 +108,8 @@ async def _alice_to_bob(
 
     bob.add_event_handler("message", received)
     try:
-        await _session(bob, port)
-        await _session(alice, port)
+        await start_session(bob, port)
+        await start_session(alice, port)
         alice.send_message(mto=slixmpp.JID(f"bob@{DOMAIN}"), mbody=BODY, mtype="chat")
         return await asyncio.wait_for(got, 20)
     finally:

@@ -92,14 +92,9 @@ class XMPPStream:
         self.sock.close()
 
 
-async def slixmpp_session(jid: str, password: str, port: int) -> slixmpp.ClientXMPP:
-    """A slixmpp client logged in as ``jid`` on ``127.0.0.1:port``, a server's
-    plaintext c2s listener (PLAIN without TLS), its presence sent."""
-    client = slixmpp.ClientXMPP(jid, password)
-    client.enable_direct_tls = False
-    client.enable_starttls = False
-    client.enable_plaintext = True
-    client.plugin["feature_mechanisms"].unencrypted_plain = True
+async def start_session(client: slixmpp.ClientXMPP, port: int) -> None:
+    """Connect ``client`` to ``127.0.0.1:port`` and wait until its session has
+    started and its presence is sent; disconnect it again if that fails."""
     ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def started(_: object) -> None:
@@ -109,7 +104,7 @@ async def slixmpp_session(jid: str, password: str, port: int) -> slixmpp.ClientX
 
     def failed(event: object) -> None:
         if not ready.done():
-            ready.set_exception(ConnectionError(f"slixmpp {jid}: {event}"))
+            ready.set_exception(ConnectionError(f"slixmpp {client.boundjid}: {event}"))
 
     client.add_event_handler("session_start", started)
     client.add_event_handler("failed_auth", failed)
@@ -120,4 +115,15 @@ async def slixmpp_session(jid: str, password: str, port: int) -> slixmpp.ClientX
     except BaseException:
         await client.disconnect()
         raise
+
+
+async def slixmpp_session(jid: str, password: str, port: int) -> slixmpp.ClientXMPP:
+    """A slixmpp client logged in as ``jid`` on ``127.0.0.1:port``, a server's
+    plaintext c2s listener (PLAIN without TLS), its presence sent."""
+    client = slixmpp.ClientXMPP(jid, password)
+    client.enable_direct_tls = False
+    client.enable_starttls = False
+    client.enable_plaintext = True
+    client.plugin["feature_mechanisms"].unencrypted_plain = True
+    await start_session(client, port)
     return client
