@@ -231,12 +231,16 @@ def _connect(federation: Federation, name: str) -> XMPPStream:
     return XMPPStream(federation.proxy.connect(name))
 
 
-def _tls_context(federation: Federation, sender: Server, alpn: str | None = None) -> ssl.SSLContext:
-    """A connecting server's context, with ``sender``'s own certificate: the
-    listeners refuse a peer that presents none valid for its stream's ``from``."""
+def _tls_context(
+    federation: Federation, sender: Server | None, alpn: str | None = None
+) -> ssl.SSLContext:
+    """A connecting server's context, with ``sender``'s own certificate (None:
+    none): the listeners refuse a peer that presents none valid for its
+    stream's ``from``."""
     context = ssl.create_default_context(cafile=str(federation.ca))
-    certificate = federation.certs[sender]
-    context.load_cert_chain(certificate.cert, certificate.key)
+    if sender is not None:
+        certificate = federation.certs[sender]
+        context.load_cert_chain(certificate.cert, certificate.key)
     if alpn is not None:
         context.set_alpn_protocols([alpn])
     return context
@@ -332,9 +336,7 @@ def test_a_peer_without_a_certificate_for_its_domain_never_reaches_the_server(
     before = len(tap.recordings())
     target = behind_proxy("ejabberd", "starttls")
     sender = home("prosody")
-    context = ssl.create_default_context(cafile=str(federation.ca))
-    if presented is not None:
-        context.load_cert_chain(federation.certs[presented].cert, federation.certs[presented].key)
+    context = _tls_context(federation, presented)
     with contextlib.closing(_connect(federation, listener_name("ejabberd", "starttls"))) as stream:
         stream.send(_s2s_header(target, sender))
         stream.read_until(b"</stream:features>")
