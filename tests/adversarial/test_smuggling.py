@@ -28,6 +28,7 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
+from tests.realservers.net import read_to_end
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 from tests.realservers.tap import wait_for
@@ -82,16 +83,6 @@ def _begin_data(tls: ssl.SSLSocket, sender: str) -> None:
         assert reply.startswith(code), (command, reply)
 
 
-def _read_all(tls: ssl.SSLSocket) -> bytes:
-    said = b""
-    try:
-        while chunk := tls.recv(4096):
-            said += chunk
-    except (TimeoutError, ssl.SSLError, OSError):
-        pass
-    return said
-
-
 def _holding(postfix: PostfixInstance, token: bytes) -> list[bytes]:
     return [message for message in postfix.delivered() if token in message]
 
@@ -144,7 +135,7 @@ def test_smuggled_envelope_is_never_delivered(
         tls.close()
         _one_message_from(postfix, token)
         return
-    said = _read_all(tls)
+    said = read_to_end(tls, ends=(OSError,))
     tls.close()
     assert said == REFUSED, said
     # Postfix drops the partial message once the proxy hangs up on it.
@@ -179,7 +170,7 @@ def test_with_bare_line_endings_allowed_the_backend_decides(
     tls, _ = _session(proxy, "allow", test_certs)
     _begin_data(tls, f"legit-{token.decode()}@client.test")
     tls.sendall(_smuggling_body(token, VARIANTS[variant]))
-    said = _read_all(tls)
+    said = read_to_end(tls, ends=(OSError,))
     tls.close()
     if variant not in POSTFIX_37_ENDS_DATA:
         assert re.fullmatch(rb"250 [^\r\n]*\r\n", said), said

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import itertools
 import re
-import socket
 
 import pytest
 
 from tests.realservers.certs import CertFiles
+from tests.realservers.net import read_to_end
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 from tests.realservers.xmpp import PROCEED, XMPPStream, stream_header
@@ -89,16 +89,6 @@ def proxy(module_proxy: StartProxy, prosody: ProsodyInstance) -> ProxyProcess:
     )
 
 
-def _read_to_end(sock: socket.socket) -> bytes:
-    said = b""
-    try:
-        while chunk := sock.recv(4096):
-            said += chunk
-    except OSError:
-        pass
-    return said
-
-
 def _stream_error(said: bytes) -> str:
     found = re.search(
         rb"<stream:error[^>]*><([a-z-]+) xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>", said
@@ -117,7 +107,7 @@ def test_restricted_xml_before_tls_gets_its_stream_error(proxy: ProxyProcess, ca
     sock = proxy.connect("xmpp", next(_sources))
     sock.settimeout(READ_TIMEOUT)
     sock.sendall(sent)
-    said = _read_to_end(sock)
+    said = read_to_end(sock, ends=(OSError,))
     sock.close()
     assert _stream_error(said) == condition
     assert PROCEED not in said

@@ -35,7 +35,7 @@ from tests.realservers.daemons import process_table
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.memory import memory_contains, private_key_patterns
 from tests.realservers.metrics import scrape, total
-from tests.realservers.net import free_port
+from tests.realservers.net import free_port, read_to_end
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.proxy import (
     ProxyProcess,
@@ -126,17 +126,6 @@ def _self_checks(proxy: ProxyProcess, pids: list[int]) -> dict[int, dict[str, ob
         time.sleep(0.05)
 
 
-def _rest(sock: socket.socket) -> bytes:
-    """What the peer still sends before its end (a reset counts as an end)."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
 def _worker_exits(port: int, **labels: str) -> float:
     """Worker exits counted so far (of the ``reason`` given, or of any)."""
     return total(scrape(port), "starttls_proxy_worker_exits_total", **labels)
@@ -194,7 +183,7 @@ def test_forbidden_syscall_kills_the_worker_and_is_counted(
     sock = proxy.connect("implicit", "127.0.0.42")
     tls = context.wrap_socket(sock, server_hostname=FORBIDDEN_SYSCALL_SNI)
     tls.settimeout(10)
-    assert _rest(tls) == b""
+    assert read_to_end(tls, ends=(ConnectionResetError,)) == b""
     tls.close()
     deadline = time.monotonic() + 10
     while _worker_exits(metrics_port, reason="seccomp") <= before:
@@ -383,7 +372,7 @@ def test_a_crashing_worker_takes_only_its_own_connection(
     else:
         _segfault(worker)
     victim.settimeout(10)
-    _rest(victim)  # ends (no hang), whatever came before
+    read_to_end(victim, ends=(ConnectionResetError,))  # ends (no hang), whatever came before
     victim.close()
     # The bystander session goes on, and so does the proxy.
     _still_works(bystander)

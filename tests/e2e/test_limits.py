@@ -15,7 +15,7 @@ import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_smtp_reply, smtp_starttls
-from tests.realservers.net import free_port
+from tests.realservers.net import free_port, read_to_end
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
 
 
@@ -57,16 +57,9 @@ def _connect(proxy: ProxyProcess) -> socket.socket:
     return sock
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(4096):
-        data += chunk
-    return data
-
-
 def test_pre_tls_timeout(proxy: ProxyProcess) -> None:
     sock = _connect(proxy)
-    greeting_and_goodbye = _read_all(sock)
+    greeting_and_goodbye = read_to_end(sock)
     assert greeting_and_goodbye.startswith(b"220 proxy.test")
     assert greeting_and_goodbye.endswith(b"421 4.4.2 proxy.test Error: timeout exceeded\r\n")
     sock.close()
@@ -78,7 +71,7 @@ def test_handshake_timeout(proxy: ProxyProcess) -> None:
     sock.sendall(b"STARTTLS\r\n")
     assert sock.recv(4096).startswith(b"220 2.0.0")
     sock.sendall(b"\x16\x03\x01")  # a ClientHello that never completes
-    assert _read_all(sock) == b""
+    assert read_to_end(sock) == b""
     sock.close()
 
 
@@ -98,7 +91,7 @@ def test_max_connections(proxy: ProxyProcess) -> None:
     assert first.recv(4096).startswith(b"220 ")
     assert second.recv(4096).startswith(b"220 ")
     third = _connect(proxy)
-    assert _read_all(third) == b"421 4.7.0 proxy.test Error: too many connections\r\n"
+    assert read_to_end(third) == b"421 4.7.0 proxy.test Error: too many connections\r\n"
     for sock in (first, second, third):
         sock.close()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import ssl
 import tempfile
 import time
@@ -35,6 +34,7 @@ from tests.isolation.conftest import (
     served,
     worker_uid,
 )
+from tests.realservers.net import read_to_end
 from tests.tlshelper.harness import Connection, RunningHelper
 
 #: The layers in the order a worker enters them (``tls/helper/wire.h``).
@@ -182,7 +182,7 @@ def test_seccomp_refuses_and_kills(
             assert running.exit_of(doomed.pid) == -signal.SIGSYS
             with pytest.raises(EOFError):  # killed before it could report
                 doomed.report()
-            assert _rest(tls) == b""
+            assert read_to_end(tls, ends=(ConnectionResetError, ssl.SSLError)) == b""
         doomed.close()
     assert report["status"]["Seccomp"] == "2"
     for action in ("open", "socket", "connect", "fork"):
@@ -191,17 +191,6 @@ def test_seccomp_refuses_and_kills(
     assert str(first.pid) in report["kill"]
     for attempt in ("kill", "ptrace"):
         assert set(report[attempt].values()) == {"EPERM"}, (attempt, report[attempt])
-
-
-def _rest(sock: socket.socket) -> bytes:
-    """What the peer still sends before its end (a reset counts as an end)."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except (ConnectionResetError, ssl.SSLError):
-        pass
-    return data
 
 
 def test_memory_limit_stops_a_large_allocation(

@@ -61,3 +61,19 @@ def sourced(client_class: type[ClientT], source: str) -> type[ClientT]:
     name = f"{client_class.__name__}From{source}"
     subclass: type[ClientT] = type(name, (client_class,), {"_create_socket": create_socket})
     return subclass
+
+
+def read_to_end(sock: socket.socket, *, ends: tuple[type[BaseException], ...] = ()) -> bytes:
+    """Everything ``sock`` still receives until the peer's end of stream.
+
+    ``ends``: errors that count as that end too (a reset, a TLS alert, the
+    socket's timeout), for the tests where how a peer hangs up is not the point;
+    any other error propagates.
+    """
+    data = bytearray()
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ends:
+        pass
+    return bytes(data)

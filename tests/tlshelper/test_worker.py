@@ -46,6 +46,7 @@ from hypothesis import strategies as st
 from OpenSSL import SSL
 
 from starttls_proxy.wire import Ready, WorkerExit
+from tests.realservers.net import read_to_end
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
@@ -133,10 +134,7 @@ def _read_exactly(sock: socket.socket, size: int, timeout: float = 10.0) -> byte
 
 def _read_to_eof(sock: socket.socket, timeout: float = 10.0) -> bytes:
     sock.settimeout(timeout)
-    data = bytearray()
-    while chunk := sock.recv(65536):
-        data += chunk
-    return bytes(data)
+    return read_to_end(sock)
 
 
 def _finish(
@@ -535,17 +533,9 @@ def test_the_main_process_closing_the_channel_sends_close_notify(
     connection.channel.sendall(b"221 bye\r\n")
     connection.channel.close()
     # Ragged EOFs raise here: b"" is close_notify.
-    assert _read_until_close_notify(tls) == b"221 bye\r\n"
+    assert read_to_end(tls) == b"221 bye\r\n"
     tls.close()
     assert helper.exit_of(connection.pid) == WorkerExit.OK
-
-
-def _read_until_close_notify(tls: ssl.SSLSocket) -> bytes:
-    """Everything up to the server's close_notify."""
-    data = b""
-    while chunk := tls.recv(65536):
-        data += chunk
-    return data
 
 
 # ----------------------------------------------------------------------
