@@ -221,7 +221,14 @@ class SendToBackend:
 @dataclass(frozen=True)
 class OpenBackend:
     """Connect the backend and announce the client, then report the result
-    with ``backend_connected()`` or ``backend_failed(reason)``."""
+    with ``backend_connected()`` or ``backend_failed(reason)``.
+
+    With a ``route`` (``xmpp-server-out``) the backend is the server of that
+    domain, found by the listener's routes or DNS and not announced; the
+    result is ``route_connected(direct_tls)`` or ``backend_failed(reason)``.
+    """
+
+    route: str | None = None
 
 
 @dataclass(frozen=True)
@@ -235,8 +242,15 @@ class StartTLS:
 
     discarded: bytes
     #: Certificate to present when the client sends no SNI: XMPP knows the
-    #: domain from the stream header's ``to`` (RFC 6120 section 4.7.2).
+    #: domain from the stream header's ``to`` (RFC 6120 section 4.7.2). On
+    #: the backend side, the one to present if the remote server asks.
     server_name_hint: str | None = None
+    #: The side whose connection goes to the worker: the backend only for an
+    #: outgoing stream, whose worker does the client's part of the handshake.
+    side: Side = Side.CLIENT
+    #: The backend side's server name: sent as SNI, and the name its
+    #: certificate is judged for.
+    peer_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -435,6 +449,9 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     #: Those members, found when the class is made.
     shared_states: SharedStates[StateT]
     shared_inputs: SharedInputs[InputT]
+    #: The side that goes to a TLS worker: the client, but for an outgoing
+    #: stream, whose client (the local server) stays in plaintext.
+    tls_side: ClassVar[Side] = Side.CLIENT
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -459,7 +476,7 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         """Bytes arrived from ``side`` (decrypted, for a TLS client).
 
         Between the upgrade reply and the end of the handshake nothing from
-        the client is interpreted, not even buffered (RFC 3207 section 4.2,
+        the client (``tls_side``) is interpreted, not even buffered (RFC 3207 section 4.2,
         RFC 2595 section 3.1, RFC 6120 section 5.4.3.3, CVE-2011-0411). A TLS
         ClientHello as the client's first bytes on a plaintext connection is
         an implicit-TLS client on the wrong port, refused by the protocol's
@@ -467,7 +484,7 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
         """
         if side is Side.BACKEND:
             self._from_backend(data)
-        elif self.state is self.shared_states.tls_handshake:
+        elif self.state is self.shared_states.tls_handshake and self.tls_side is Side.CLIENT:
             pass
         elif self._before_first_byte and opens_tls(data):
             self._refuse_early_tls()
@@ -486,6 +503,12 @@ class ProxyMachine(abc.ABC, Generic[StateT, InputT]):
     @abc.abstractmethod
     def backend_connected(self) -> None:
         """The connection asked for by ``OpenBackend`` is up, identity sent."""
+
+    def route_connected(self, direct_tls: bool) -> None:
+        """The connection asked for by ``OpenBackend(route=...)`` is up;
+        TLS starts at once there (``direct_tls``) or by STARTTLS. Only a
+        machine that asks for routes has it."""
+        raise LocalProtocolError(f"{type(self).__name__} asks for no route")
 
     @abc.abstractmethod
     def backend_failed(self, reason: str) -> None:

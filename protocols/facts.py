@@ -94,4 +94,15 @@ FACTS: dict[str, ProtocolFacts] = {
         probe_only_for_plaintext=True,
         max_stanza_size=512 * 1024,
     ),
+    # The same streams, the other way: ALPN is what the proxy offers on a
+    # direct-TLS route. Nothing is probed (there is no backend).
+    "xmpp-server-out": ProtocolFacts(
+        in_band_identities=frozenset(),
+        max_line_length=8192,
+        session_idle=900.0,
+        fallback_capabilities=(),
+        alpn=("xmpp-server",),
+        probe_only_for_plaintext=True,
+        max_stanza_size=512 * 1024,
+    ),
 }

@@ -23,6 +23,7 @@ from protocols.xmpp import (
     XMPPServerMachine,
     XMPPServerProbe,
 )
+from protocols.xmpp_out import XMPPOutgoingMachine
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ _MACHINES: dict[str, tuple[type[ProxyMachine[Any, Any]], type[CapabilityProbe]]]
     "pop3": (POP3Machine, POP3CapabilityProbe),
     "xmpp-client": (XMPPClientMachine, XMPPClientProbe),
     "xmpp-server": (XMPPServerMachine, XMPPServerProbe),
+    # Never probed: an outgoing listener has no backend to ask.
+    "xmpp-server-out": (XMPPOutgoingMachine, XMPPServerProbe),
 }
 PROTOCOLS: dict[str, ProtocolSpec] = {
     name: ProtocolSpec(machine, probe, FACTS[name]) for name, (machine, probe) in _MACHINES.items()

@@ -47,6 +47,9 @@ class Protocol(enum.Enum):
     POP3 = "pop3"
     XMPP_CLIENT = "xmpp-client"
     XMPP_SERVER = "xmpp-server"
+    #: Outgoing server-to-server streams: the local server connects in
+    #: plaintext, the proxy connects out with TLS (``routes``).
+    XMPP_SERVER_OUT = "xmpp-server-out"
 
 
 class _Model(BaseModel):
@@ -104,6 +107,64 @@ class BackendConfig(_Model):
     @classmethod
     def _parse_address(cls, value: object) -> object:
         return SocketAddress.parse(value, allow_unix=True) if isinstance(value, str) else value
+
+
+class StaticRoute(_Model):
+    """One address an outgoing stream to a domain may go to."""
+
+    address: SocketAddress
+    #: ``starttls`` (RFC 6120 section 5) or ``implicit`` (XEP-0368 direct TLS).
+    tls: TLSMode = TLSMode.STARTTLS
+
+    @field_validator("address", mode="before")
+    @classmethod
+    def _parse_address(cls, value: object) -> object:
+        return SocketAddress.parse(value, allow_unix=False) if isinstance(value, str) else value
+
+    @property
+    def direct_tls(self) -> bool:
+        return self.tls is TLSMode.IMPLICIT
+
+
+class RoutesConfig(_Model):
+    """``xmpp-server-out``: where the remote domains' servers are."""
+
+    #: Domains reached at these addresses, tried in order, instead of by
+    #: their SRV records.
+    static: dict[str, tuple[StaticRoute, ...]] = {}
+    #: Name servers (``host`` or ``host:port``) for SRV, A and AAAA
+    #: lookups; empty: the system's (``/etc/resolv.conf``).
+    nameservers: tuple[SocketAddress, ...] = ()
+
+    @field_validator("nameservers", mode="before")
+    @classmethod
+    def _parse_nameservers(cls, value: object) -> object:
+        if not isinstance(value, list | tuple):
+            return value
+        return tuple(_nameserver(text) if isinstance(text, str) else text for text in value)
+
+    @field_validator("static")
+    @classmethod
+    def _static_domains(
+        cls, value: dict[str, tuple[StaticRoute, ...]]
+    ) -> dict[str, tuple[StaticRoute, ...]]:
+        for domain, routes in value.items():
+            if not routes:
+                raise ValueError(f"{domain}: no address")
+        return {domain.strip().rstrip(".").lower(): routes for domain, routes in value.items()}
+
+
+def _nameserver(text: str) -> SocketAddress:
+    """A name server's address: an IP address, with a port or on 53."""
+    try:
+        return SocketAddress(host=str(ipaddress.ip_address(text)), port=53)
+    except ValueError:
+        address = SocketAddress.parse(text, allow_unix=False)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(f"a name server is an IP address, not {address.host!r}") from None
+    return address
 
 
 class Timeouts(_Model):
@@ -203,13 +264,17 @@ class ListenerConfig(_Model):
     listen: SocketAddress
     tls: TLSMode = TLSMode.STARTTLS
     require_tls: bool = True
-    backend: BackendConfig
+    #: Where sessions go; every protocol but ``xmpp-server-out`` has one.
+    backend: BackendConfig | None = None
+    #: ``xmpp-server-out``: how remote domains are found (default: DNS).
+    routes: RoutesConfig | None = None
     #: Name used in the proxy's own greetings; default: this machine's name.
     hostname: str = Field(default_factory=socket.gethostname)
     #: Overrides the probed backend capabilities (EHLO keywords for SMTP,
     #: CAPABILITY atoms for IMAP, CAPA lines for POP3).
     capabilities: tuple[str, ...] | None = None
     #: XMPP: domains served; others get ``<host-unknown/>``. Empty = any.
+    #: ``xmpp-server-out``: the domains the local server may send from.
     domains: tuple[str, ...] = ()
     #: ALPN protocols to offer on implicit TLS; ``null`` = protocol default
     #: (``xmpp-client`` / ``xmpp-server`` for XMPP direct TLS, none otherwise).
@@ -221,7 +286,8 @@ class ListenerConfig(_Model):
     limits: Limits = Limits()
     smtp: SMTPOptions = SMTPOptions()
     #: ``xmpp-server``: the peer's certificate is asked for and verified
-    #: (``null``: the proxy asks for none). Other protocols: ``null``.
+    #: (``null``: the proxy asks for none). ``xmpp-server-out``: the remote
+    #: server's, always verified. Other protocols: ``null``.
     peer_certificates: PeerCertificates | None = None
 
     @field_validator("listen", mode="before")
@@ -240,23 +306,48 @@ class ListenerConfig(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _peer_certificates_default(cls, data: object) -> object:
-        # Checked on server-to-server listeners unless set to null.
-        if (
-            isinstance(data, dict)
-            and data.get("protocol") == Protocol.XMPP_SERVER.value
-            and "peer_certificates" not in data
-        ):
-            return {**data, "peer_certificates": {}}
+    def _server_to_server_defaults(cls, data: object) -> object:
+        # Peers' certificates are checked on server-to-server listeners
+        # unless set to null; outgoing ones resolve by DNS unless told.
+        if not isinstance(data, dict):
+            return data
+        protocol = data.get("protocol")
+        server = (Protocol.XMPP_SERVER.value, Protocol.XMPP_SERVER_OUT.value)
+        if protocol in server and "peer_certificates" not in data:
+            data = {**data, "peer_certificates": {}}
+        if protocol == Protocol.XMPP_SERVER_OUT.value and "routes" not in data:
+            data = {**data, "routes": {}}
         return data
+
+    @model_validator(mode="after")
+    def _check_outgoing(self) -> ListenerConfig:
+        if self.protocol is not Protocol.XMPP_SERVER_OUT:
+            if self.backend is None:
+                raise ValueError("backend: required")
+            if self.routes is not None:
+                raise ValueError("routes is for xmpp-server-out listeners")
+            return self
+        if self.backend is not None:
+            raise ValueError(
+                "backend: an xmpp-server-out listener has none; its streams go where"
+                " routes (or DNS) say"
+            )
+        if self.tls is not TLSMode.STARTTLS or not self.require_tls:
+            raise ValueError(
+                "an xmpp-server-out listener takes plaintext from the local server and"
+                " always uses TLS towards the remote one: leave tls and require_tls as they are"
+            )
+        if self.peer_certificates is None:
+            raise ValueError("peer_certificates: an outgoing stream's peer is always verified")
+        return self
 
     @model_validator(mode="after")
     def _check_peer_certificates(self) -> ListenerConfig:
         peer = self.peer_certificates
         if peer is None:
             return self
-        if self.protocol is not Protocol.XMPP_SERVER:
-            raise ValueError("peer_certificates is for xmpp-server listeners")
+        if self.protocol not in (Protocol.XMPP_SERVER, Protocol.XMPP_SERVER_OUT):
+            raise ValueError("peer_certificates is for xmpp-server and xmpp-server-out listeners")
         if peer.on_failure is PeerCertificateFailure.REFUSE and not self.require_tls:
             raise ValueError(
                 "peer_certificates.on_failure: refuse needs require_tls: a plaintext"
@@ -266,6 +357,8 @@ class ListenerConfig(_Model):
 
     @model_validator(mode="after")
     def _check_identity(self) -> ListenerConfig:
+        if self.backend is None:
+            return self
         identity = self.backend.identity
         proxy_headers = {BackendIdentity.NONE, BackendIdentity.PROXY_V1, BackendIdentity.PROXY_V2}
         if identity not in proxy_headers | self.facts.in_band_identities:
@@ -278,6 +371,14 @@ class ListenerConfig(_Model):
     def facts(self) -> ProtocolFacts:
         """What this listener's protocol is (``protocols.facts``)."""
         return FACTS[self.protocol.value]
+
+    @property
+    def fixed_backend(self) -> BackendConfig:
+        """The backend: every listener has one but ``xmpp-server-out``'s,
+        whose streams go where their routes say."""
+        if self.backend is None:
+            raise ValueError(f"{self.name}: an {self.protocol.value} listener has no backend")
+        return self.backend
 
     @property
     def session_idle(self) -> float:
@@ -297,9 +398,12 @@ class ListenerConfig(_Model):
 
     @property
     def alpn_protocols(self) -> tuple[str, ...]:
+        """What the worker may select on implicit TLS, or offers on an
+        outgoing stream's direct TLS."""
         if self.alpn is not None:
             return self.alpn
-        return self.facts.alpn if self.tls is TLSMode.IMPLICIT else ()
+        outgoing = self.protocol is Protocol.XMPP_SERVER_OUT
+        return self.facts.alpn if self.tls is TLSMode.IMPLICIT or outgoing else ()
 
 
 def resolve_trust(listener: ListenerConfig, base: Path) -> ListenerConfig:

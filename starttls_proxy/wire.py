@@ -470,6 +470,11 @@ SELF_TEST_LOG_PREFIX = "starttls_proxy.selftest "
 FORBIDDEN_SYSCALL_SNI = "forbidden-syscall.self-test"
 
 
+class TLSRole(enum.IntEnum):
+    ACCEPT = 0
+    CONNECT = 1
+
+
 @dataclass(frozen=True)
 class SpawnRequest:
     handshake_timeout: float
@@ -483,6 +488,8 @@ class SpawnRequest:
     #: Ask the client for a certificate and verify it against the helper's
     #: trust store of this number (1-based); 0: ask for none.
     peer_trust: int = 0
+    role: TLSRole = TLSRole.ACCEPT
+    peer_name: str | None = None
 
     def encode(self) -> bytes:
         """The request as ``tls/helper/wire.h`` lays it out; ``ValueError`` if

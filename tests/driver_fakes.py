@@ -19,6 +19,7 @@ from starttls_proxy.config import ListenerConfig
 from starttls_proxy.proxy.admission import SessionTable
 from starttls_proxy.proxy.endpoints import Endpoint
 from starttls_proxy.proxy.handoff import TLSHelper
+from starttls_proxy.proxy.routes import Router
 from starttls_proxy.proxy.server import session_settings
 from starttls_proxy.wire import SpawnRequest
 
@@ -130,6 +131,8 @@ class FakeListener:
         spec = PROTOCOLS[config.protocol.value]
         self._settings = session_settings(config, spec.facts.fallback_capabilities)
         self._machine = spec.machine
+        routes = config.routes
+        self._router = Router(routes, config.timeouts.backend_connect) if routes else None
 
     @property
     def config(self) -> ListenerConfig:
@@ -142,6 +145,10 @@ class FakeListener:
     @property
     def sessions(self) -> SessionTable:
         return self._sessions
+
+    @property
+    def router(self) -> Router | None:
+        return self._router
 
     def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]:
         return self._machine(self._settings, peer)

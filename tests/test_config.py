@@ -48,7 +48,7 @@ def test_minimal_config_gets_defaults(cert_dir: Path, tmp_path: Path) -> None:
     listener = config.listeners[0]
     assert listener.require_tls is True
     assert listener.tls.value == "starttls"
-    assert listener.backend.identity.value == "none"
+    assert listener.fixed_backend.identity.value == "none"
     assert listener.session_idle == 300.0
     assert listener.max_line_length == 2048
     assert str(listener.listen) == "127.0.0.1:2525"
@@ -140,7 +140,7 @@ def test_unix_and_ipv6_addresses(cert_dir: Path, tmp_path: Path) -> None:
     raw = _minimal(cert_dir, listen="[::1]:2525", backend={"address": "unix:/run/postfix.sock"})
     listener = load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners[0]
     assert (listener.listen.host, listener.listen.port) == ("::1", 2525)
-    assert listener.backend.address.unix_path == "/run/postfix.sock"
+    assert listener.fixed_backend.address.unix_path == "/run/postfix.sock"
 
 
 def test_xclient_only_for_smtp_and_duplicates_refused(cert_dir: Path, tmp_path: Path) -> None:
@@ -287,7 +287,7 @@ def test_trust_files_are_relative_to_the_config_and_each_a_store_once(
     [
         (
             lambda d: _minimal(d, peer_certificates={}),
-            "listeners[0]: Value error, peer_certificates is for xmpp-server listeners",
+            "listeners[0]: Value error, peer_certificates is for xmpp-server and xmpp-server-out",
         ),
         (
             lambda d: _s2s(d, require_tls=False, peer_certificates={"on_failure": "refuse"}),
@@ -335,3 +335,88 @@ def test_the_example_server_to_server_listener_checks_when_uncommented(
     config = load_config(_write(tmp_path, yaml.safe_dump(raw)))
     peer = config.listeners[0].peer_certificates
     assert peer is not None and peer == type(peer)()
+
+
+def _outgoing(cert_dir: Path, **listener: object) -> dict[str, object]:
+    raw = _minimal(cert_dir, name="s2s-out", protocol="xmpp-server-out", listen="127.0.0.1:5270")
+    entry = raw["listeners"][0]  # type: ignore[index]
+    del entry["backend"]
+    entry.update(listener)
+    return raw
+
+
+def test_outgoing_listener_defaults(cert_dir: Path, tmp_path: Path) -> None:
+    """An xmpp-server-out listener resolves by DNS with the system's name
+    servers, verifies every remote against the system's CAs, and offers
+    ALPN xmpp-server on direct TLS."""
+    config = load_config(_write(tmp_path, yaml.safe_dump(_outgoing(cert_dir))))
+    listener = config.listeners[0]
+    assert listener.backend is None
+    assert listener.routes is not None
+    assert listener.routes.static == {}
+    assert listener.routes.nameservers == ()
+    assert listener.peer_certificates is not None
+    assert listener.peer_certificates.trust == "system"
+    assert listener.alpn_protocols == ("xmpp-server",)
+    assert listener.max_stanza_size == 512 * 1024
+    with pytest.raises(ValueError, match="has no backend"):
+        _ = listener.fixed_backend
+
+
+def test_outgoing_routes(cert_dir: Path, tmp_path: Path) -> None:
+    raw = _outgoing(
+        cert_dir,
+        routes={
+            "static": {
+                "Chat.Example.": [
+                    {"address": "192.0.2.1:5269"},
+                    {"address": "[2001:db8::1]:5270", "tls": "implicit"},
+                ]
+            },
+            "nameservers": ["127.0.0.1", "127.0.0.1:5353", "[::1]:53", "::1"],
+        },
+        domains=["example.org"],
+    )
+    listener = load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners[0]
+    assert listener.routes is not None
+    routes = listener.routes.static["chat.example"]
+    assert [(str(r.address), r.direct_tls) for r in routes] == [
+        ("192.0.2.1:5269", False),
+        ("[2001:db8::1]:5270", True),
+    ]
+    assert [str(server) for server in listener.routes.nameservers] == [
+        "127.0.0.1:53",
+        "127.0.0.1:5353",
+        "[::1]:53",
+        "[::1]:53",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("listener", "problem"),
+    [
+        ({"backend": {"address": "127.0.0.1:5269"}}, "backend: an xmpp-server-out listener"),
+        ({"tls": "implicit"}, "an xmpp-server-out listener takes plaintext"),
+        ({"require_tls": False}, "an xmpp-server-out listener takes plaintext"),
+        ({"peer_certificates": None}, "peer_certificates: an outgoing stream's peer"),
+        ({"routes": {"static": {"a.example": []}}}, "a.example: no address"),
+        ({"routes": {"nameservers": ["ns.example"]}}, "listeners[0].routes.nameservers"),
+    ],
+)
+def test_outgoing_listener_problems(
+    cert_dir: Path, tmp_path: Path, listener: dict[str, object], problem: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, yaml.safe_dump(_outgoing(cert_dir, **listener))))
+    assert any(problem in line for line in refused.value.problems), refused.value.problems
+
+
+def test_routes_only_on_outgoing_listeners(cert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, yaml.safe_dump(_minimal(cert_dir, routes={}))))
+    assert any("routes is for xmpp-server-out" in line for line in refused.value.problems)
+    raw = _minimal(cert_dir)
+    del raw["listeners"][0]["backend"]  # type: ignore[index]
+    with pytest.raises(ConfigError) as refused:
+        load_config(_write(tmp_path, yaml.safe_dump(raw)))
+    assert any("backend: required" in line for line in refused.value.problems)

@@ -110,7 +110,7 @@ def _local_address(listener: ListenerConfig) -> str:
 
 async def _unasked(listener: ListenerConfig, seen: Observation) -> None:
     """Connect and send nothing: the backend should stay silent."""
-    reader, writer = await open_backend(listener.backend.address)
+    reader, writer = await open_backend(listener.fixed_backend.address)
     try:
         seen.own_address = own_connection(writer).client_address
         try:
@@ -144,13 +144,13 @@ async def _session(listener: ListenerConfig, seen: Observation) -> None:
                 case OpenBackend():
                     try:
                         async with asyncio.timeout(timeout):
-                            backend = await open_backend(listener.backend.address)
+                            backend = await open_backend(listener.fixed_backend.address)
                     except (OSError, TimeoutError) as error:
                         machine.backend_failed(probe_failure(error, timeout))
                         continue
                     seen.own_address = own_connection(backend[1]).client_address
                     backend[1].write(
-                        proxy_header.session_header(listener.backend.identity, peer, TLS)
+                        proxy_header.session_header(listener.fixed_backend.identity, peer, TLS)
                     )
                     machine.backend_connected()
                 case StartTLS():
@@ -187,7 +187,7 @@ async def _session(listener: ListenerConfig, seen: Observation) -> None:
 async def examine(listener: ListenerConfig) -> Observation:
     """Everything the doctor learns about ``listener``'s backend."""
     seen = Observation(listener)
-    address, timeout = listener.backend.address, listener.timeouts.backend_connect
+    address, timeout = listener.fixed_backend.address, listener.timeouts.backend_connect
     try:
         async with asyncio.timeout(timeout):
             _, writer = await open_backend(address)
@@ -195,7 +195,10 @@ async def examine(listener: ListenerConfig) -> Observation:
     except (OSError, TimeoutError) as error:
         seen.unreachable = f"{address}: {probe_failure(error, timeout)}"
         return seen
-    if listener.backend.identity in _PROXY_HEADERS and listener.protocol in _SERVER_SPEAKS_FIRST:
+    if (
+        listener.fixed_backend.identity in _PROXY_HEADERS
+        and listener.protocol in _SERVER_SPEAKS_FIRST
+    ):
         with contextlib.suppress(OSError):
             await _unasked(listener, seen)
     spec = PROTOCOLS[listener.protocol.value]
@@ -213,4 +216,4 @@ async def examine(listener: ListenerConfig) -> Observation:
 
 async def examine_all(config: Config) -> list[Observation]:
     """The listeners' backends, one after the other (their logs stay apart)."""
-    return [await examine(listener) for listener in config.listeners]
+    return [await examine(listener) for listener in config.listeners if listener.backend]

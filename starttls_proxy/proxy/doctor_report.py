@@ -188,7 +188,7 @@ def _login(seen: Observation, backend: list[str]) -> tuple[str, Finding | None]:
     """Whether the user's login can cross the relayed plaintext."""
     protocol, names = seen.listener.protocol, {name.upper() for name in backend}
     auth = [name for name in backend if name.upper().startswith(("AUTH", "SASL"))]
-    variant = seen.listener.backend.identity.value
+    variant = seen.listener.fixed_backend.identity.value
     if protocol is Protocol.SMTP:
         if auth:
             return " ".join(auth), None
@@ -222,7 +222,7 @@ def _login(seen: Observation, backend: list[str]) -> tuple[str, Finding | None]:
 
 def _identity(seen: Observation) -> tuple[str, Finding | None]:
     """How the client's identity fared; a problem when the session failed."""
-    identity = seen.listener.backend.identity
+    identity = seen.listener.fixed_backend.identity
     if seen.unasked:
         return "refused", Finding(
             True,
@@ -266,8 +266,8 @@ def judge(seen: Observation) -> Verdict:
     rows.append(
         (
             "backend",
-            f"{listener.backend.address} ({listener.protocol.value}, "
-            f"identity {listener.backend.identity.value})",
+            f"{listener.fixed_backend.address} ({listener.protocol.value}, "
+            f"identity {listener.fixed_backend.identity.value})",
         )
     )
     if seen.unreachable is not None:

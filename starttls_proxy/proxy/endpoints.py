@@ -88,18 +88,24 @@ class Endpoint(asyncio.Protocol):
 
 
 class ChannelEndpoint(Endpoint):
-    """The worker's plaintext channel: a report frame, then client bytes."""
+    """The worker's plaintext channel: a report frame, then the decrypted
+    bytes of ``side`` (the client's, or an outgoing stream's remote server's)."""
 
-    def __init__(self, session: Session, *, peer: bool = False) -> None:
-        """``peer``: the worker was asked to verify the client's certificate."""
-        super().__init__(session, Side.CLIENT)
+    def __init__(
+        self, session: Session, side: Side, *, alpn: tuple[str, ...], peer: bool = False
+    ) -> None:
+        """``alpn``: the protocols the worker could agree on; ``peer``: it
+        was asked to verify the peer's certificate."""
+        super().__init__(session, side)
+        self.held = None
         self._report: bytearray | None = bytearray()
+        self._alpn = alpn
         self._peer = peer
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
         if self._report is None:
-            self.session.data_received(Side.CLIENT, data)
+            self.session.data_received(self.side, data)
             return
         self._report += data
         if len(self._report) < REPORT_HEADER.size:
@@ -114,12 +120,10 @@ class ChannelEndpoint(Endpoint):
         report, rest = bytes(self._report[REPORT_HEADER.size : end]), bytes(self._report[end:])
         self._report = None
         try:
-            outcome = read_report(
-                report, self.session.runtime.config.alpn_protocols, peer=self._peer
-            )
+            outcome = read_report(report, self._alpn, peer=self._peer)
         except ValueError as error:
             self.session.close(f"malformed report from the TLS worker: {error}")
             return
         self.session.tls_report(outcome, self)
         if rest:
-            self.session.data_received(Side.CLIENT, rest)
+            self.session.data_received(self.side, rest)

@@ -20,13 +20,14 @@ from cryptography import x509
 from prometheus_client import generate_latest
 
 from protocols import proxy_header
-from protocols._base import Peer, ProxyMachine, SessionSettings
+from protocols._base import BackendIdentity, Peer, ProxyMachine, SessionSettings
 from protocols.registry import PROTOCOLS, ProtocolSpec
 from starttls_proxy.config import Config, ListenerConfig, SocketAddress, load_config
 from starttls_proxy.privileges import drop_privileges
 from starttls_proxy.proxy import metrics
 from starttls_proxy.proxy.admission import ClientEndpoint, SessionTable
 from starttls_proxy.proxy.handoff import TLSHelper
+from starttls_proxy.proxy.routes import Router
 from starttls_proxy.proxy.session import Session
 from starttls_proxy.settings import ConfigError
 from starttls_proxy.wire import ProxyExit, WorkerExit
@@ -60,7 +61,7 @@ def session_settings(config: ListenerConfig, capabilities: tuple[str, ...]) -> S
         tls_mode=config.tls,
         require_tls=config.require_tls,
         capabilities=capabilities,
-        identity=config.backend.identity,
+        identity=config.backend.identity if config.backend else BackendIdentity.NONE,
         max_line_length=config.max_line_length,
         smtp_bare_line_endings=config.smtp.bare_line_endings,
         max_literal_size=config.limits.max_literal_size,
@@ -78,9 +79,11 @@ async def probe_backend(config: ListenerConfig) -> tuple[str, ...]:
     """Ask ``config``'s backend for its capabilities, over one short dialogue."""
     spec = PROTOCOLS[config.protocol.value]
     async with asyncio.timeout(config.timeouts.backend_connect):
-        reader, writer = await open_backend(config.backend.address)
+        reader, writer = await open_backend(config.fixed_backend.address)
         try:
-            writer.write(proxy_header.probe_header(config.backend.identity, own_connection(writer)))
+            writer.write(
+                proxy_header.probe_header(config.fixed_backend.identity, own_connection(writer))
+            )
             probe = spec.probe(config.hostname)
             while True:
                 while (out := probe.next_send()) is not None:
@@ -117,6 +120,8 @@ class ListenerRuntime:
         )
         #: Set once the first probe has succeeded or failed.
         self.probed = asyncio.Event()
+        routes = config.routes
+        self.router = Router(routes, config.timeouts.backend_connect) if routes else None
 
     def _settings(self, capabilities: tuple[str, ...]) -> SessionSettings:
         return session_settings(self.config, capabilities)
@@ -126,13 +131,12 @@ class ListenerRuntime:
         backend in the same way: a reload would otherwise advertise the
         fallback list until the next probe answers, for good while the
         backend is down."""
-        old = self.config
-        same = (config.protocol, config.backend.address, config.backend.identity) == (
-            old.protocol,
-            old.backend.address,
-            old.backend.identity,
-        )
-        return self.probed_capabilities if same else None
+
+        def asks(listener: ListenerConfig) -> object:
+            backend = listener.backend
+            return listener.protocol, backend and (backend.address, backend.identity)
+
+        return self.probed_capabilities if asks(config) == asks(self.config) else None
 
     def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]:
         return self.spec.machine(self.settings, peer)
@@ -154,7 +158,7 @@ class ListenerRuntime:
                 log.warning(
                     "%s: capability probe of %s failed (%s); advertising %s",
                     self.config.name,
-                    self.config.backend.address,
+                    self.config.fixed_backend.address,
                     probe_failure(error, self.config.timeouts.backend_connect),
                     " ".join(self.settings.capabilities),
                 )
@@ -166,7 +170,7 @@ class ListenerRuntime:
                     )
                     self.settings = self._settings(capabilities)
             self.probed.set()
-            await asyncio.sleep(self.config.backend.probe_interval)
+            await asyncio.sleep(self.config.fixed_backend.probe_interval)
 
 
 def probe_failure(error: Exception, timeout: float) -> str:
@@ -345,14 +349,14 @@ class Server:
         runtime.server = server
         await server.start_serving()
         config = runtime.config
+        backend = config.backend
         log.info(
-            "%s: %s %s on %s -> %s (identity %s)",
+            "%s: %s %s on %s -> %s",
             config.name,
             config.protocol.value,
             config.tls.value,
             config.listen,
-            config.backend.address,
-            config.backend.identity.value,
+            f"{backend.address} (identity {backend.identity.value})" if backend else "routes",
         )
 
     def _start_probe(self, runtime: ListenerRuntime) -> None:

@@ -8,12 +8,16 @@ action. The protocols are parsed by the machines, not here.
 A session's client side changes once: before TLS it is the accepted TCP
 socket; at ``StartTLS`` the socket is handed to a TLS worker and from then on
 the client side is the worker's plaintext channel, whose first bytes are the
-worker's handshake report.
+worker's handshake report. An outgoing stream (``xmpp-server-out``) changes
+its backend side instead: the remote server's socket goes to a worker that
+does the client's part of the handshake, and the local server, the client
+here, stays in plaintext.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import os
@@ -39,7 +43,8 @@ from protocols._base import (
 from starttls_proxy.proxy import metrics
 from starttls_proxy.proxy.endpoints import ChannelEndpoint, Endpoint
 from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
-from starttls_proxy.wire import HandshakeFailure, SpawnRequest, usable_hint
+from starttls_proxy.proxy.routes import RouteError, Router
+from starttls_proxy.wire import HandshakeFailure, SpawnRequest, TLSRole, usable_hint
 
 if TYPE_CHECKING:
     from starttls_proxy.config import ListenerConfig
@@ -134,6 +139,10 @@ class Listener(Protocol):
     @property
     def sessions(self) -> Sessions: ...
 
+    @property
+    def router(self) -> Router | None:
+        """Where outgoing streams go (``xmpp-server-out`` listeners only)."""
+
     def new_machine(self, peer: Peer) -> ProxyMachine[Any, Any]: ...
 
 
@@ -166,8 +175,11 @@ class Session:
         self._command_started: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        #: The worker's channel until its report makes it the client side.
+        #: The worker's channel until its report makes it the client side
+        #: (the backend side, for an outgoing stream).
         self._pending_channel: Endpoint | None = None
+        #: ALPN protocols to offer the remote server of an outgoing stream.
+        self._route_alpn: tuple[str, ...] = ()
         self.outcome = "open"
         runtime.sessions.add(self)
         self._arm_timer()
@@ -242,8 +254,12 @@ class Session:
         metrics.labelled(
             metrics.TLS_SESSIONS, self.runtime.config.name, self.tls.version, self.tls.cipher
         ).inc()
-        # The client side from now on: it ends as a client's does, lingering.
-        self.client, self._pending_channel = channel, None
+        # The TLS side from now on; the client's ends lingering, as a client's does.
+        if channel.side is Side.CLIENT:
+            self.client = channel
+        else:
+            self.backend = channel
+        self._pending_channel = None
         self.phase = Phase.TLS
         self._tell(self.machine.tls_established, self.tls)
 
@@ -285,12 +301,12 @@ class Session:
             # Whatever comes next (a hand-off, a close) comes after them.
             self._write(to_client, to_backend)
             match command:
-                case OpenBackend():
-                    if self.phase is Phase.PRE_TLS:
+                case OpenBackend(route):
+                    if self.phase is Phase.PRE_TLS and route is None:
                         self.phase = Phase.PLAINTEXT_RELAY
-                    self._start_task(self._open_backend())
-                case StartTLS(discarded, server_name_hint):
-                    self._start_tls(discarded, server_name_hint)
+                    self._start_task(self._open_backend(route))
+                case StartTLS():
+                    self._start_tls(command)
                 case PeerChecked():
                     self._peer_checked(command)
                 case CloseConnection(reason, clean):
@@ -312,26 +328,20 @@ class Session:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _open_backend(self) -> None:
+    async def _open_backend(self, route: str | None) -> None:
+        """Connect the listener's backend, or the server of ``route`` (a domain)."""
         config = self.runtime.config
-        address = config.backend.address
-        factory = lambda: Endpoint(self, Side.BACKEND)  # noqa: E731
         started = time.monotonic()
         try:
-            async with asyncio.timeout(config.timeouts.backend_connect):
-                if address.unix_path is not None:
-                    transport, endpoint = await self.loop.create_unix_connection(
-                        factory, address.unix_path
-                    )
-                else:
-                    transport, endpoint = await self.loop.create_connection(
-                        factory, address.host, address.port
-                    )
-        except (OSError, TimeoutError) as error:
+            if route is None:
+                transport, endpoint = await self._connect_backend()
+                direct_tls = False
+            else:
+                transport, endpoint, direct_tls = await self._connect_route(route)
+        except (RouteError, ConnectionError) as error:
             metrics.BACKEND_FAILURES.labels(config.name).inc()
-            reason = f"backend {address} unreachable: {error or 'timeout'}"
-            log.warning("%s: %s", config.name, reason)
-            self._tell(self.machine.backend_failed, reason)
+            log.warning("%s: %s", config.name, error)
+            self._tell(self.machine.backend_failed, str(error))
             return
         metrics.labelled(metrics.BACKEND_CONNECT_SECONDS, config.name).observe(
             time.monotonic() - started
@@ -340,13 +350,65 @@ class Session:
             transport.close()
             return
         self.backend = endpoint
-        header = proxy_header.session_header(
-            config.backend.identity, self.peer, self.tls, self.verified_peer
-        )
-        if header:
-            transport.write(header)
-        self._tell(self.machine.backend_connected)
-        endpoint.release()
+        if route is None:
+            header = proxy_header.session_header(
+                config.fixed_backend.identity, self.peer, self.tls, self.verified_peer
+            )
+            if header:
+                transport.write(header)
+            self._tell(self.machine.backend_connected)
+        else:
+            self._route_alpn = config.alpn_protocols if direct_tls else ()
+            self._tell(self.machine.route_connected, direct_tls)
+        # Unless it went to a TLS worker meanwhile (a direct-TLS route).
+        if self.backend is endpoint:
+            endpoint.release()
+
+    def _backend_endpoint(self) -> Endpoint:
+        return Endpoint(self, Side.BACKEND)
+
+    async def _connect_backend(self) -> tuple[asyncio.Transport, Endpoint]:
+        config = self.runtime.config
+        address = config.fixed_backend.address
+        try:
+            async with asyncio.timeout(config.timeouts.backend_connect):
+                if address.unix_path is not None:
+                    return await self.loop.create_unix_connection(
+                        self._backend_endpoint, address.unix_path
+                    )
+                return await self.loop.create_connection(
+                    self._backend_endpoint, address.host, address.port
+                )
+        except (OSError, TimeoutError) as error:
+            raise ConnectionError(f"backend {address} unreachable: {error or 'timeout'}") from None
+
+    async def _connect_route(self, domain: str) -> tuple[asyncio.Transport, Endpoint, bool]:
+        """The first of ``domain``'s servers that answers, and whether TLS
+        starts there at once."""
+        config = self.runtime.config
+        router = self.runtime.router
+        if router is None:
+            raise RouteError(f"listener {config.name} has no routes")
+        failures = []
+        for target in await router.targets(domain):
+            try:
+                async with asyncio.timeout(config.timeouts.backend_connect):
+                    transport, endpoint = await self.loop.create_connection(
+                        self._backend_endpoint, target.address, target.port
+                    )
+            except (OSError, TimeoutError) as error:
+                failures.append(f"{target}: {error or 'timeout'}")
+                continue
+            log.info(
+                "%s: %s:%s to %s via %s",
+                config.name,
+                self.peer.client_address,
+                self.peer.client_port,
+                domain,
+                target,
+            )
+            return transport, endpoint, target.direct_tls
+        raise ConnectionError(f"no server of {domain} answered: {'; '.join(failures)}")
 
     def _peer_checked(self, checked: PeerChecked) -> None:
         config = self.runtime.config
@@ -361,27 +423,55 @@ class Session:
             f" for {checked.domain}" if checked.domain else f" ({checked.detail})",
         )
 
-    def _start_tls(self, discarded: bytes, server_name_hint: str | None) -> None:
+    def _discarded(self, side: Side, size: int) -> None:
+        """Count and log what ``side`` sent after the upgrade, unread."""
         config = self.runtime.config
-        if discarded:
-            metrics.DISCARDED_BYTES.labels(config.name, config.protocol.value).inc(len(discarded))
-            log.warning(
-                "%s: %s:%s sent %d bytes after the TLS upgrade command; discarded",
-                config.name,
-                self.peer.client_address,
-                self.peer.client_port,
-                len(discarded),
-            )
-        endpoint, self.client = self.client, None
+        metrics.DISCARDED_BYTES.labels(config.name, config.protocol.value).inc(size)
+        log.warning(
+            "%s: %s:%s: the %s sent %d bytes after the TLS upgrade; discarded",
+            config.name,
+            self.peer.client_address,
+            self.peer.client_port,
+            "client" if side is Side.CLIENT else "remote server",
+            size,
+        )
+
+    def _start_tls(self, command: StartTLS) -> None:
+        if command.discarded:
+            self._discarded(command.side, len(command.discarded))
+        if command.side is Side.CLIENT:
+            endpoint, self.client = self.client, None
+        else:
+            endpoint, self.backend = self.backend, None
         assert endpoint is not None and endpoint.transport is not None
         endpoint.held = bytearray()
         endpoint.transport.pause_reading()
         self.phase = Phase.HANDSHAKE
         self._handshake_started = time.monotonic()
-        self._start_task(self._hand_off(endpoint, endpoint.transport, server_name_hint))
+        self._start_task(self._hand_off(endpoint, endpoint.transport, command))
+
+    def _spawn_request(self, endpoint: Endpoint, command: StartTLS) -> SpawnRequest:
+        config = self.runtime.config
+        trust = config.peer_certificates
+        peer_trust = self.runtime.helper.trust_number(trust.trust_file) if trust else 0
+        held = bytes(endpoint.held or b"")
+        request = SpawnRequest(
+            handshake_timeout=config.timeouts.handshake,
+            server_name_hint=usable_hint(command.server_name_hint),
+            peer_trust=peer_trust,
+        )
+        if command.side is Side.CLIENT:
+            return dataclasses.replace(request, alpn=config.alpn_protocols, early=held)
+        # The remote server speaks after the ClientHello: anything before
+        # came after <proceed/>, and is never interpreted.
+        if held:
+            self._discarded(Side.BACKEND, len(held))
+        return dataclasses.replace(
+            request, alpn=self._route_alpn, role=TLSRole.CONNECT, peer_name=command.peer_name
+        )
 
     async def _hand_off(
-        self, endpoint: Endpoint, transport: asyncio.Transport, server_name_hint: str | None
+        self, endpoint: Endpoint, transport: asyncio.Transport, command: StartTLS
     ) -> None:
         # The upgrade reply must be on the wire before the worker owns the
         # socket. It nearly always is (a short reply to a socket with room):
@@ -396,33 +486,29 @@ class Session:
                 self.close("client did not take the TLS upgrade reply")
                 return
         raw = transport.get_extra_info("socket")
-        client = socket.socket(fileno=os.dup(raw.fileno()))
+        connection = socket.socket(fileno=os.dup(raw.fileno()))
         # The duplicate keeps the TCP connection alive: closing the transport
         # only drops the event loop's descriptor, no FIN is sent.
         transport.abort()
-        config = self.runtime.config
-        trust = config.peer_certificates
-        request = SpawnRequest(
-            handshake_timeout=config.timeouts.handshake,
-            server_name_hint=usable_hint(server_name_hint),
-            alpn=config.alpn_protocols,
-            early=bytes(endpoint.held or b""),
-            peer_trust=self.runtime.helper.trust_number(trust.trust_file) if trust else 0,
-        )
+        request = self._spawn_request(endpoint, command)
+        timeout = self.runtime.config.timeouts.handshake
         try:
-            channel = await self.runtime.helper.spawn(client, request, config.timeouts.handshake)
+            channel = await self.runtime.helper.spawn(connection, request, timeout)
         except HandoffError as error:
             self.close(str(error))
             return
         finally:
-            client.close()
+            connection.close()
         if self.phase is Phase.CLOSED:
             channel.close()
             return
         _, endpoint = await self.loop.connect_accepted_socket(
-            lambda: ChannelEndpoint(self, peer=request.peer_trust > 0), sock=channel
+            lambda: ChannelEndpoint(
+                self, command.side, alpn=request.alpn, peer=request.peer_trust > 0
+            ),
+            sock=channel,
         )
-        # Until the report arrives the channel is not the client side yet, but
+        # Until the report arrives the channel is not the TLS side yet, but
         # closing the session must close it.
         self._pending_channel = endpoint
         if self.closed and endpoint.transport is not None:

@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from protocols import imap, pop3, smtp, xmpp
+from protocols import imap, pop3, smtp, xmpp, xmpp_out
 from protocols._base import ProxyMachine, SharedInputs, SharedStates
 from protocols.imap import IMAPMachine
 from protocols.pop3 import POP3Machine
 from protocols.smtp import SMTPMachine
 from protocols.xmpp import XMPPClientMachine
+from protocols.xmpp_out import XMPPOutgoingMachine
 from tests.protocols.dialogues import SMTP, XMPP
 from tests.protocols.transcript import check_transition, reachable
 
@@ -26,9 +27,11 @@ FIRST_STATES: dict[Machine, tuple[Enum, Enum]] = {
     POP3Machine: (pop3.State.PRE_TLS, pop3.State.TLS_HANDSHAKE),
     IMAPMachine: (imap.State.PRE_TLS, imap.State.TLS_HANDSHAKE),
     XMPPClientMachine: (xmpp.State.PRE_TLS_HEADER, xmpp.State.TLS_HANDSHAKE),
+    # Outgoing streams always start in plaintext (the local server's).
+    XMPPOutgoingMachine: (xmpp_out.State.LOCAL_HEADER, xmpp_out.State.LOCAL_HEADER),
 }
 every_machine = pytest.mark.parametrize(
-    "machine", FIRST_STATES, ids=["smtp", "pop3", "imap", "xmpp"]
+    "machine", FIRST_STATES, ids=["smtp", "pop3", "imap", "xmpp", "xmpp-out"]
 )
 
 

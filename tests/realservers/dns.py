@@ -1,12 +1,13 @@
-"""A static DNS server on loopback: SRV records that the tests set.
+"""A static DNS server on loopback: SRV and A records that the tests set.
 
 The federation tests give each XMPP server its own domain and route it by
-configuration, never through real DNS. ejabberd resolves with Erlang's own
+configuration, never through real DNS, and so do the proxy's outgoing
+listeners (``routes.nameservers``). ejabberd resolves with Erlang's own
 resolver, which can be pointed at a name server on any address and port
 (``{nameserver, IP, Port}`` in its ``inetrc``): this one answers it. Records
 may change while it runs. Unknown names get NXDOMAIN at once, so that no
 lookup waits for a timeout; a known name has no other records. Only what a
-resolver needs for SRV is implemented (one question per query, UDP, no
+resolver needs for SRV and A is implemented (one question per query, UDP, no
 compression in answers). ejabberd (p1_xmpp 1.6.1) resolves SRV targets
 with the C library's ``getaddrinfo()``, outside Erlang's configuration:
 give addresses as targets, never names.
@@ -20,6 +21,7 @@ import threading
 from dataclasses import dataclass
 
 #: Record types and classes (RFC 1035, RFC 2782).
+TYPE_A = 1
 TYPE_SRV = 33
 CLASS_IN = 1
 _NXDOMAIN = 3
@@ -60,7 +62,8 @@ def _decode_question(packet: bytes) -> tuple[str, int, int, int]:
 
 
 class StaticDNS:
-    """A UDP name server on ``127.0.0.1:port`` for the SRV records given to ``set_srv``."""
+    """A UDP name server on ``127.0.0.1:port`` for the SRV and A records
+    given to ``set_srv`` and ``set_a``."""
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -70,6 +73,7 @@ class StaticDNS:
         self.port: int = self._socket.getsockname()[1]
         self._lock = threading.Lock()
         self._srv: dict[str, list[SRV]] = {}
+        self._a: dict[str, list[str]] = {}
         #: Every question asked, as ``(name, type)``, oldest first.
         self.questions: list[tuple[str, int]] = []
         self._closing = threading.Event()
@@ -88,6 +92,11 @@ class StaticDNS:
         """Answer SRV queries for ``name`` (``_xmpp-server._tcp.DOMAIN``) with ``records``."""
         with self._lock:
             self._srv[name.lower()] = list(records)
+
+    def set_a(self, name: str, *addresses: str) -> None:
+        """Answer A queries for ``name`` with ``addresses`` (IPv4)."""
+        with self._lock:
+            self._a[name.lower()] = list(addresses)
 
     def _run(self) -> None:
         while not self._closing.is_set():
@@ -115,7 +124,7 @@ class StaticDNS:
             return struct.pack("!HHHHHH", query_id, flags, 0, 0, 0, 0)
         with self._lock:
             self.questions.append((name, qtype))
-            known = name in self._srv
+            known = name in self._srv or name in self._a
             answers = self._records(name, qtype) if qclass == CLASS_IN else []
         rcode = 0 if known else _NXDOMAIN
         header = struct.pack(
@@ -129,6 +138,8 @@ class StaticDNS:
             for srv in self._srv.get(name, []):
                 fields = struct.pack("!HHH", srv.priority, srv.weight, srv.port)
                 datas.append(fields + _encode_name(srv.target))
+        elif qtype == TYPE_A:
+            datas = [socket.inet_aton(address) for address in self._a.get(name, [])]
         owner = _encode_name(name)
         # A time to live of 0: records change between tests, nothing may cache them.
         return [owner + struct.pack("!HHIH", qtype, CLASS_IN, 0, len(d)) + d for d in datas]
