@@ -276,7 +276,11 @@ static void flush_channel(struct pump *pump)
     pump->plaintext_size = pump->plaintext_sent = 0;
 }
 
-/* Run the handshake; the client bytes the main process read come first. */
+/*
+ * Run the handshake: OpenSSL first, then whatever it waits for. The client
+ * bytes the main process read come first, and the first byte must start a
+ * handshake record.
+ */
 static int handshake(struct pump *pump, const struct spawn_request *request, const char **reason)
 {
     static char failure[PROBLEM_SIZE];
@@ -285,6 +289,21 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
     ssize_t size = (ssize_t)request->early_size;
     bool first = true;
     for (;;) {
+        int done = SSL_do_handshake(pump->ssl);
+        if (done != 1 && SSL_get_error(pump->ssl, done) != SSL_ERROR_WANT_READ) {
+            flush_client(pump, true); /* the alert */
+            /* OpenSSL's reasons are static strings ("no shared cipher"). */
+            const char *why = ERR_reason_error_string(ERR_peek_last_error());
+            snprintf(failure, PROBLEM_SIZE, "handshake failed: %s", why ? why : "unknown");
+            *reason = failure;
+            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_HANDSHAKE_FAILED;
+        }
+        if (!flush_client(pump, true)) {
+            *reason = "client gone during the handshake";
+            return EXIT_CLIENT_GONE;
+        }
+        if (done == 1)
+            return EXIT_OK;
         if (size == 0) {
             size = recv(pump->client, buffer, READ_SIZE, 0);
             if (size < 0 && (errno == EINTR || errno == EAGAIN)) {
@@ -315,21 +334,6 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
             return EXIT_INTERNAL_ERROR;
         }
         size = 0;
-        int done = SSL_do_handshake(pump->ssl);
-        if (done != 1 && SSL_get_error(pump->ssl, done) != SSL_ERROR_WANT_READ) {
-            flush_client(pump, true); /* the alert */
-            /* OpenSSL's reasons are static strings ("no shared cipher"). */
-            const char *why = ERR_reason_error_string(ERR_peek_last_error());
-            snprintf(failure, PROBLEM_SIZE, "handshake failed: %s", why ? why : "unknown");
-            *reason = failure;
-            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_HANDSHAKE_FAILED;
-        }
-        if (!flush_client(pump, true)) {
-            *reason = "client gone during the handshake";
-            return EXIT_CLIENT_GONE;
-        }
-        if (done == 1)
-            return EXIT_OK;
     }
 }
 
