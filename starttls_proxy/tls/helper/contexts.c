@@ -112,7 +112,8 @@ static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *out_size,
 }
 
 /* A peer's certificate is verified after the handshake (peer.c), against
- * the trust store its listener names: whatever it is, the handshake goes on. */
+ * the trust store its spawn request names: whatever it is, the handshake
+ * goes on (in the connect role the main process then refuses the stream). */
 static int verify_later(X509_STORE_CTX *unused, void *unused_too)
 {
     (void)unused;
