@@ -20,11 +20,14 @@ worker's channel)::
                            HelperUnusable, Fatal, ReloadFailed
     keeper -> helper       DESCRIPTION (+ its memfd [+ the key server link])
     helper -> keeper       Ready or Problems (then the socket goes to main)
-    main -> helper         SpawnRequest, binary (+ client socket, channel)
+    main -> helper         SpawnRequest, binary (+ network socket, channel):
+                           the worker accepts a client's TLS, or connects
+                           to a remote server (TLSRole)
     helper -> main         WorkerExited
     worker -> main         its report, first on its channel (read_report);
                            with the peer certificate's verification and
                            names when the spawn request named a trust store
+                           (always when it connects)
     keeper -> key server   KeyServerStart (first), LoadKeys (+ link, key files)
     key server -> keeper   Ready or Problems, KeysLoaded or Problems,
                            KeyServerCounts
@@ -428,10 +431,11 @@ def _expect(kind: type[T], data: object, where: str) -> T:
 #: Client bytes that may ride along with a spawn request: a ClientHello the
 #: main process read before handing the socket off (16 KiB record + header).
 MAX_EARLY_BYTES = 16 * 1024 + 5
-#: The handshake timeout (ms) and the peer trust store; then the hint,
-#: the ALPN list and the early bytes, each after its length (u8, u8, u16).
-SPAWN_HEADER = struct.Struct("!IB")
-SPAWN_FIXED_SIZE = SPAWN_HEADER.size + 1 + 1 + 2
+#: The handshake timeout (ms), the peer trust store and the role; then
+#: the hint, the peer name, the ALPN list and the early bytes, each after
+#: its length (u8, u8, u8, u16).
+SPAWN_HEADER = struct.Struct("!IBB")
+SPAWN_FIXED_SIZE = SPAWN_HEADER.size + 1 + 1 + 1 + 2
 #: Trust stores for peers' certificates a helper may hold (and so the
 #: largest trust store number of a spawn request).
 MAX_TRUST_STORES = 16
@@ -439,9 +443,10 @@ MAX_TRUST_STORES = 16
 MAX_PEER_DNS_NAMES = 100
 MAX_PEER_XMPP_ADDRS = 10
 MAX_PEER_NAME = 255
-#: A one-byte length: the most a server name hint or an ALPN list can be.
+#: A one-byte length: the most a server name hint, a peer name or an ALPN
+#: list can be.
 MAX_SHORT_FIELD = 255
-MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 2 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
+MAX_SPAWN_REQUEST = SPAWN_FIXED_SIZE + 3 * MAX_SHORT_FIELD + MAX_EARLY_BYTES
 #: The handshake timeout travels in milliseconds, as a u32.
 MAX_HANDSHAKE_TIMEOUT = (2**32 - 1) / 1000
 
@@ -471,29 +476,44 @@ FORBIDDEN_SYSCALL_SNI = "forbidden-syscall.self-test"
 
 
 class TLSRole(enum.IntEnum):
+    """Which side of TLS a worker takes (``enum tls_role`` in ``tls/helper/wire.h``)."""
+
+    #: The socket is a client's: the worker is the TLS server (STARTTLS
+    #: and direct TLS listeners).
     ACCEPT = 0
+    #: The socket is connected to a remote server (an outgoing XMPP
+    #: server-to-server stream, STARTTLS already negotiated by the main
+    #: process): the worker is the TLS client, and verifies the server's
+    #: certificate against ``peer_trust``.
     CONNECT = 1
 
 
 @dataclass(frozen=True)
 class SpawnRequest:
     handshake_timeout: float
-    #: Certificate choice when the client sends no SNI (XMPP's stream ``to``).
+    #: Which of the proxy's certificates: on accept, when the client sends no
+    #: SNI (XMPP's stream ``to``); on connect, the one presented if the server
+    #: asks for a client certificate.
     server_name_hint: str | None = None
-    #: ALPN protocols the worker may select (XEP-0368 direct TLS).
+    #: ALPN protocols the worker may select (XEP-0368 direct TLS); on
+    #: connect, those it offers.
     alpn: tuple[str, ...] = ()
     #: Client bytes already read by the main process (see MAX_EARLY_BYTES):
-    #: the start of a ClientHello, handled before anything read from the socket.
+    #: the start of a ClientHello, handled before anything read from the
+    #: socket. Accept only.
     early: bytes = b""
-    #: Ask the client for a certificate and verify it against the helper's
-    #: trust store of this number (1-based); 0: ask for none.
+    #: Verify the peer's certificate against the helper's trust store of this
+    #: number (1-based): on accept, ask the client for one (0: ask for none);
+    #: on connect, the server's, always (0 is refused).
     peer_trust: int = 0
     role: TLSRole = TLSRole.ACCEPT
+    #: Connect only, and required there: the remote server's name, sent as
+    #: SNI (printable ASCII without spaces, at most 255 bytes).
     peer_name: str | None = None
 
     def encode(self) -> bytes:
         """The request as ``tls/helper/wire.h`` lays it out; ``ValueError`` if
-        a field does not fit in it."""
+        a field does not fit in it, or does not go with the role."""
         hint = (self.server_name_hint or "").encode("ascii")
         if len(hint) > MAX_SHORT_FIELD:
             raise ValueError(f"server name hint longer than {MAX_SHORT_FIELD} bytes")
@@ -504,19 +524,43 @@ class SpawnRequest:
             raise ValueError(f"handshake timeout of {self.handshake_timeout} s")
         if not 0 <= self.peer_trust <= MAX_TRUST_STORES:
             raise ValueError(f"peer trust store {self.peer_trust}")
+        peer_name = self._peer_name()
         # At least 1 ms: 0 would read as "no deadline" to an alarm.
         timeout = max(1, round(self.handshake_timeout * 1000))
         return b"".join(
             (
-                SPAWN_HEADER.pack(timeout, self.peer_trust),
+                SPAWN_HEADER.pack(timeout, self.peer_trust, self.role),
                 bytes((len(hint),)),
                 hint,
+                bytes((len(peer_name),)),
+                peer_name,
                 bytes((len(alpn),)),
                 alpn,
                 len(self.early).to_bytes(2, "big"),
                 self.early,
             )
         )
+
+    def _peer_name(self) -> bytes:
+        """The peer name field, checked against the role as the helper checks it."""
+        if self.role == TLSRole.ACCEPT:
+            if self.peer_name is not None:
+                raise ValueError("a peer name for a worker that accepts")
+            return b""
+        if self.role != TLSRole.CONNECT:
+            raise ValueError(f"role {self.role!r}")
+        if self.peer_name is None:
+            raise ValueError("no peer name for a worker that connects")
+        if not _NAME.fullmatch(self.peer_name):
+            raise ValueError(
+                f"peer name {self.peer_name[:80]!r}: not 1 to {MAX_SHORT_FIELD} printable"
+                " ASCII characters without spaces"
+            )
+        if self.peer_trust == 0:
+            raise ValueError("no trust store for a worker that connects")
+        if self.early:
+            raise ValueError("early bytes for a worker that connects")
+        return self.peer_name.encode("ascii")
 
 
 def usable_hint(name: str | None) -> str | None:
@@ -561,10 +605,11 @@ def read_report(
     """The worker's report (its JSON), checked before anything of it reaches
     a metric label, a log line or a PROXY TLV: the worker is the process the
     design assumes may be compromised. ``alpn``: what the listener offered
-    (the worker may have selected only one of those); ``peer``: whether the
-    spawn request named a trust store (a handshake's report then says what
-    came of the peer's certificate, and only then). ``WireError`` for a
-    report no sound worker writes."""
+    (the worker may have selected only one of those); on connect, what it
+    offered (the server selected one of those); ``peer``: whether the spawn
+    request named a trust store, as it always does on connect (a
+    handshake's report then says what came of the peer's certificate, and
+    only then). ``WireError`` for a report no sound worker writes."""
     report = _json(payload)
     if not isinstance(report, dict):
         raise WireError("not an object")

@@ -19,6 +19,7 @@ from starttls_proxy.wire import (
     SPAWN_HEADER,
     HandshakeFailure,
     SpawnRequest,
+    TLSRole,
     encode_alpn,
     read_report,
     usable_hint,
@@ -34,24 +35,34 @@ def decode(message: bytes) -> SpawnRequest:
     if len(message) > MAX_SPAWN_REQUEST:
         raise ValueError("spawn request too long")
     reader = _Reader(message)
-    timeout, peer_trust = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
+    timeout, peer_trust, role = SPAWN_HEADER.unpack(reader.take(SPAWN_HEADER.size))
     if peer_trust > wire.MAX_TRUST_STORES:
         raise ValueError(f"peer trust store {peer_trust}")
     hint = reader.field(1)
+    peer_name = reader.field(1)
     alpn = _alpn_names(reader.field(1))
     early = reader.field(2)
     if reader.offset != len(message):
         raise ValueError("bytes after the spawn request")
     if len(early) > MAX_EARLY_BYTES:
         raise ValueError(f"more than {MAX_EARLY_BYTES} early bytes")
-    if hint and usable_hint(hint.decode("latin-1")) is None:
-        raise ValueError("the server name hint is no host name")
+    for name in (hint, peer_name):
+        if name and usable_hint(name.decode("latin-1")) is None:
+            raise ValueError("a host name field holds no host name")
+    if role not in set(TLSRole):
+        raise ValueError(f"role {role}")
+    if role == TLSRole.ACCEPT and peer_name:
+        raise ValueError("a peer name on accept")
+    if role == TLSRole.CONNECT and not (peer_name and peer_trust and not early):
+        raise ValueError("connect without a peer name or a trust store, or with early bytes")
     return SpawnRequest(
         handshake_timeout=timeout / 1000,
         server_name_hint=hint.decode("ascii") if hint else None,
         alpn=alpn,
         early=early,
         peer_trust=peer_trust,
+        role=TLSRole(role),
+        peer_name=peer_name.decode("ascii") if peer_name else None,
     )
 
 
@@ -85,6 +96,24 @@ class _Reader:
         return self.take(int.from_bytes(self.take(length_size), "big"))
 
 
+def _raw(
+    *, role: int, peer_name: bytes = b"", trust: int = 0, early: bytes = b"", hint: bytes = b""
+) -> bytes:
+    """A spawn request field by field, whether or not it is well-formed."""
+    return b"".join(
+        (
+            SPAWN_HEADER.pack(10_000, trust, role),
+            bytes((len(hint),)),
+            hint,
+            bytes((len(peer_name),)),
+            peer_name,
+            b"\x00",
+            len(early).to_bytes(2, "big"),
+            early,
+        )
+    )
+
+
 _ASCII_NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1)
 
 
@@ -92,14 +121,25 @@ _ASCII_NAME = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min
 _ALPN = st.lists(_ASCII_NAME.filter(lambda name: len(name) < 40), max_size=6).map(tuple)
 
 
+_HOST_NAME = _ASCII_NAME.filter(lambda name: len(name) <= 255)
+# Whole milliseconds: what the wire carries.
+_TIMEOUT = st.integers(1, 2**32 - 1).map(lambda ms: ms / 1000)
+
 _REQUESTS = st.builds(
     SpawnRequest,
-    # Whole milliseconds: what the wire carries.
-    handshake_timeout=st.integers(1, 2**32 - 1).map(lambda ms: ms / 1000),
-    server_name_hint=st.none() | _ASCII_NAME.filter(lambda name: len(name) <= 255),
+    handshake_timeout=_TIMEOUT,
+    server_name_hint=st.none() | _HOST_NAME,
     alpn=_ALPN,
     early=st.binary(max_size=MAX_EARLY_BYTES),
     peer_trust=st.integers(0, wire.MAX_TRUST_STORES),
+) | st.builds(
+    SpawnRequest,
+    handshake_timeout=_TIMEOUT,
+    server_name_hint=st.none() | _HOST_NAME,
+    alpn=_ALPN,
+    peer_trust=st.integers(1, wire.MAX_TRUST_STORES),
+    role=st.just(TLSRole.CONNECT),
+    peer_name=_HOST_NAME,
 )
 
 
@@ -113,10 +153,31 @@ def test_a_request_as_wire_h_lays_it_out() -> None:
     )
     assert request.encode() == (
         struct.pack("!I", 30_000)
-        + b"\x02"
+        + b"\x02\x00"
         + b"\x0cxmpp.example"
+        + b"\x00"
         + b"\x0f\x0bxmpp-client\x02h2"
         + b"\x00\x03\x16\x03\x01"
+    )
+    assert decode(request.encode()) == request
+
+
+def test_a_connect_request_as_wire_h_lays_it_out() -> None:
+    request = SpawnRequest(
+        handshake_timeout=30.0,
+        server_name_hint="xmpp.example",
+        alpn=("xmpp-server",),
+        peer_trust=1,
+        role=TLSRole.CONNECT,
+        peer_name="remote.example",
+    )
+    assert request.encode() == (
+        struct.pack("!I", 30_000)
+        + b"\x01\x01"
+        + b"\x0cxmpp.example"
+        + b"\x0eremote.example"
+        + b"\x0c\x0bxmpp-server"
+        + b"\x00\x00"
     )
     assert decode(request.encode()) == request
 
@@ -137,6 +198,7 @@ def test_requests_survive_the_wire(request: SpawnRequest) -> None:
 
 @given(st.binary(max_size=600))
 @example(b"\x00" * wire.SPAWN_FIXED_SIZE)
+@example(b"\x00\x00\x00\x01" + b"\x01\x01" + b"\x00" + b"\x01a" + b"\x00" + b"\x00\x00")
 def test_decode_takes_only_what_encode_makes(message: bytes) -> None:
     """Whatever the main process could be made to send: a request, or ValueError."""
     try:
@@ -148,8 +210,15 @@ def test_decode_takes_only_what_encode_makes(message: bytes) -> None:
         assert request.encode() == message
 
 
-def test_every_truncation_is_refused() -> None:
-    encoded = SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03").encode()
+@pytest.mark.parametrize(
+    "request_",
+    [
+        SpawnRequest(30.0, "a.example", ("imap",), b"\x16\x03"),
+        SpawnRequest(30.0, "a.example", ("x",), peer_trust=1, role=TLSRole.CONNECT, peer_name="b"),
+    ],
+)
+def test_every_truncation_is_refused(request_: SpawnRequest) -> None:
+    encoded = request_.encode()
     for end in range(len(encoded)):
         with pytest.raises(ValueError):
             decode(encoded[:end])
@@ -159,18 +228,26 @@ def test_every_truncation_is_refused() -> None:
     ("message", "why"),
     [
         (SpawnRequest(1.0).encode() + b"x", "bytes after"),
-        (b"\x00" * 5 + b"\x01\xff" + b"\x00\x00\x00", "non-ASCII hint"),
-        (b"\x00" * 5 + b"\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
-        (b"\x00" * 5 + b"\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN name overruns its list"),
-        (b"\x00" * 4 + b"\x11" + b"\x00\x00\x00\x00", "no such trust store"),
+        (b"\x00" * 6 + b"\x01\xff" + b"\x00\x00\x00\x00", "non-ASCII hint"),
+        (b"\x00" * 6 + b"\x00\x00" + b"\x02\x00\x00" + b"\x00\x00", "empty ALPN name"),
+        (b"\x00" * 6 + b"\x00\x00" + b"\x02\x05a" + b"\x00\x00", "ALPN overruns its list"),
+        (b"\x00" * 4 + b"\x11\x00" + b"\x00\x00\x00\x00\x00", "no such trust store"),
         (
-            b"\x00" * 5
-            + b"\x00\x00"
+            b"\x00" * 6
+            + b"\x00\x00\x00"
             + struct.pack("!H", MAX_EARLY_BYTES + 1)
             + b"\x16" * (MAX_EARLY_BYTES + 1),
             "more early bytes than allowed",
         ),
         (b"\x00" * (MAX_SPAWN_REQUEST + 1), "longer than any request"),
+        (_raw(role=2), "no such role"),
+        (_raw(role=1, peer_name=b"", trust=1), "connect without a peer name"),
+        (_raw(role=1, peer_name=b"b.example", trust=0), "connect without a trust store"),
+        (_raw(role=1, peer_name=b"b.example", trust=1, early=b"\x16"), "connect, early bytes"),
+        (_raw(role=0, peer_name=b"b.example"), "accept with a peer name"),
+        (_raw(role=1, peer_name=b"b example", trust=1), "a space in the peer name"),
+        (_raw(role=1, peer_name="b\u00e9.example".encode(), trust=1), "non-ASCII peer name"),
+        (_raw(role=1, peer_name=b"b.example\x00", trust=1), "NUL in the peer name"),
     ],
 )
 def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
@@ -192,6 +269,17 @@ def test_malformed_requests_are_refused(message: bytes, why: str) -> None:
         SpawnRequest(float("nan")),
         SpawnRequest(1.0, peer_trust=wire.MAX_TRUST_STORES + 1),
         SpawnRequest(1.0, peer_trust=-1),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT, peer_name=""),
+        SpawnRequest(1.0, role=TLSRole.CONNECT, peer_name="b.example"),
+        SpawnRequest(1.0, early=b"\x16", peer_trust=1, role=TLSRole.CONNECT, peer_name="b.example"),
+        SpawnRequest(1.0, peer_name="b.example"),
+        SpawnRequest(1.0, peer_name=""),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT, peer_name="b example"),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT, peer_name="b\u00e9.example"),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT, peer_name="b.example\n"),
+        SpawnRequest(1.0, peer_trust=1, role=TLSRole.CONNECT, peer_name="x" * 256),
+        SpawnRequest(1.0, role=2, peer_name="b.example", peer_trust=1),  # type: ignore[arg-type]
     ],
 )
 def test_encode_refuses_what_does_not_fit(request_: SpawnRequest) -> None:
@@ -206,8 +294,20 @@ def test_the_longest_fields_fit() -> None:
         alpn=("a" * 254,),
         early=b"\x16" * MAX_EARLY_BYTES,
     )
-    assert len(request.encode()) == MAX_SPAWN_REQUEST
+    # An accept request has no peer name: the largest of the layout is
+    # larger than any request.
+    assert len(request.encode()) == MAX_SPAWN_REQUEST - wire.MAX_SHORT_FIELD
     assert decode(request.encode()) == request
+    connect = SpawnRequest(
+        wire.MAX_HANDSHAKE_TIMEOUT,
+        server_name_hint="h" * 255,
+        alpn=("a" * 254,),
+        peer_trust=wire.MAX_TRUST_STORES,
+        role=TLSRole.CONNECT,
+        peer_name="p" * 255,
+    )
+    assert len(connect.encode()) == MAX_SPAWN_REQUEST - MAX_EARLY_BYTES
+    assert decode(connect.encode()) == connect
 
 
 def test_alpn_wire_format() -> None:
@@ -246,6 +346,7 @@ def test_wire_agrees_with_wire_h() -> None:
         "MAX_PEER_NAME",
     ):
         assert getattr(wire, name) == defines[name], name
+    assert wire_h.enum("tls_role") == {f"ROLE_{role.name}": role.value for role in TLSRole}
 
 
 # ----------------------------------------------------------------------

@@ -4,7 +4,9 @@ driven as the main process drives it, without the rest of the proxy.
 ``running_helper`` execs the built helper with a description made by the
 keeper's own code; ``RunningHelper.spawn`` hands it a real loopback TCP
 connection and a plaintext channel exactly as ``handoff.TLSHelper.spawn``
-does, and returns the client's end with the worker's PID. The helper does
+does, and returns the client's end with the worker's PID (``spawn_on``: a
+connection the test made, e.g. one whose other end is a TLS server for a
+worker that connects). The helper does
 not say which worker took a connection (the main process has no use for
 it): the test finds the child holding the channel's end. Root only: the
 helper enters namespaces, chroots and other UIDs for real.
@@ -26,7 +28,7 @@ from typing import Any
 
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
-from starttls_proxy.wire import HELPER_TO_MAIN, HelperToKeeper, Ready, SpawnRequest
+from starttls_proxy.wire import HELPER_TO_MAIN, HelperToKeeper, Ready, SpawnRequest, TLSRole
 
 #: Far from the proxy's default range and from the other test suites'.
 TEST_UIDS = (320_000, 1_000)
@@ -37,7 +39,8 @@ REPORT_HEADER = struct.Struct("!I")
 class Connection:
     """One connection handed to a worker."""
 
-    #: The client's end of the TCP connection (plain: the test wraps it).
+    #: The test's end of the TCP connection (plain: the test wraps it): the
+    #: client's, or the remote server's for a worker that connects.
     client: socket.socket
     #: The main process's end of the worker's plaintext channel.
     channel: socket.socket
@@ -92,6 +95,8 @@ class RunningHelper:
         early: bytes = b"",
         handshake_timeout: float = 10.0,
         peer_trust: int = 0,
+        role: TLSRole = TLSRole.ACCEPT,
+        peer_name: str | None = None,
     ) -> Connection:
         """A loopback TCP connection whose server end goes to a new worker."""
         with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -106,6 +111,8 @@ class RunningHelper:
             early=early,
             handshake_timeout=handshake_timeout,
             peer_trust=peer_trust,
+            role=role,
+            peer_name=peer_name,
         )
 
     def _next_exit(self, timeout: float) -> None:
@@ -228,6 +235,8 @@ def spawn_on(
     early: bytes = b"",
     handshake_timeout: float = 10.0,
     peer_trust: int = 0,
+    role: TLSRole = TLSRole.ACCEPT,
+    peer_name: str | None = None,
 ) -> Connection:
     """``RunningHelper.spawn`` for a connection the test made itself (small
     socket buffers, say): ``server_end`` goes to a new worker (and is closed
@@ -239,6 +248,8 @@ def spawn_on(
         alpn=alpn,
         early=early,
         peer_trust=peer_trust,
+        role=role,
+        peer_name=peer_name,
     )
     exits_before = len(helper.exits)
     with server_end, theirs:

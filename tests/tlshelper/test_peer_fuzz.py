@@ -221,7 +221,8 @@ def fuzzed_helper(
 
 
 def _spawn_request(early: bytes) -> bytes:
-    return struct.pack("!IBBH", 10_000, 0, 0, len(early)) + early
+    """An accept request: no trust store, hint, peer name or ALPN."""
+    return struct.pack("!IBBBBBH", 10_000, 0, 0, 0, 0, 0, len(early)) + early
 
 
 _ASSIGNMENTS = st.one_of(
@@ -233,15 +234,22 @@ _ASSIGNMENTS = st.one_of(
         st.integers(0, 0xFFFF),
         st.binary(max_size=64),
     ),
-    # A request whose lengths overrun it.
+    # A request (either role) whose lengths overrun it.
     st.builds(
-        lambda hint, alpn, early, cut: (
-            struct.pack("!IB", 10_000, hint) + b"h" * hint + bytes([alpn]) + early
+        lambda role, hint, name, alpn, early, cut: (
+            struct.pack("!IBBB", 10_000, 1, role, hint)
+            + b"h" * hint
+            + bytes([name])
+            + b"p" * name
+            + bytes([alpn])
+            + early
         )[:cut],
+        st.integers(0, 2),
+        st.integers(0, 255),
         st.integers(0, 255),
         st.integers(0, 255),
         st.binary(max_size=64),
-        st.integers(0, 600),
+        st.integers(0, 900),
     ),
 )
 
@@ -268,3 +276,58 @@ def test_malformed_assignments_end_the_worker_cleanly(
         WorkerExit.INTERNAL_ERROR,
     }, status
     assert helper.process.poll() is None
+
+
+def _request(role: int, trust: int = 0, peer_name: bytes = b"", early: bytes = b"") -> bytes:
+    """A spawn request (wire.h section 3) without hint or ALPN."""
+    return b"".join(
+        (
+            struct.pack("!IBBBB", 10_000, trust, role, 0, len(peer_name)),
+            peer_name,
+            b"\x00",
+            struct.pack("!H", len(early)),
+            early,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("request_", "status"),
+    [
+        pytest.param(_request(0), WorkerExit.CLIENT_GONE, id="accept"),
+        pytest.param(_request(2), WorkerExit.INTERNAL_ERROR, id="no-such-role"),
+        pytest.param(
+            _request(0, peer_name=b"b.example"), WorkerExit.INTERNAL_ERROR, id="accept-peer-name"
+        ),
+        pytest.param(
+            _request(1, peer_name=b"b.example"), WorkerExit.INTERNAL_ERROR, id="connect-no-trust"
+        ),
+        pytest.param(_request(1, 1), WorkerExit.INTERNAL_ERROR, id="connect-no-peer-name"),
+        pytest.param(
+            _request(1, 1, b"b.example", b"\x16"), WorkerExit.INTERNAL_ERROR, id="connect-early"
+        ),
+        pytest.param(_request(1, 1, b"b example"), WorkerExit.INTERNAL_ERROR, id="connect-space"),
+        # This helper holds no trust store.
+        pytest.param(
+            _request(1, 1, b"b.example"), WorkerExit.INTERNAL_ERROR, id="connect-no-store"
+        ),
+    ],
+)
+def test_a_worker_checks_the_role_of_its_assignment_itself(
+    fuzzed_helper: tuple[RunningHelper, Path], request_: bytes, status: WorkerExit
+) -> None:
+    """What the helper would have refused, a worker refuses too: only a
+    request it accepts gets as far as waiting for its client."""
+    helper, payload = fuzzed_helper
+    payload.write_bytes(request_ + b"\x00\x00")  # no siblings
+    connection = helper.spawn()
+    if status == WorkerExit.INTERNAL_ERROR:
+        assert helper.exit_of(connection.pid) == status
+        connection.close()
+        return
+    # A worker that took it waits for its client's ClientHello.
+    with pytest.raises(TimeoutError):
+        helper.exit_of(connection.pid, timeout=0.5)
+    connection.client.close()
+    assert helper.exit_of(connection.pid) == status
+    connection.channel.close()

@@ -1,8 +1,13 @@
 /*
- * TLS server contexts: one per certificate, made once in the helper (every
- * worker inherits them), with the policy the keeper described (wire.h
- * section 2; Python's tls_contexts builds the same policy with pyOpenSSL,
- * and a test holds the two in agreement).
+ * TLS contexts: one per certificate, made once in the helper (every worker
+ * inherits them), with the policy the keeper described (wire.h section 2;
+ * Python's tls_contexts builds the same policy with pyOpenSSL, and a test
+ * holds the two in agreement).
+ *
+ * Each serves both roles of a spawn request (TLS_method): a worker that
+ * accepts presents the certificate as a server, one that connects to a
+ * remote server as its client certificate, when asked for one. The policy
+ * holds for both.
  *
  * Policy applied: the minimum version, the TLS 1.2 cipher list (ECDHE
  * only), the TLS 1.3 suites, the key share groups; no compression, no
@@ -107,7 +112,8 @@ static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *out_size,
 }
 
 /* A peer's certificate is verified after the handshake (peer.c), against
- * the trust store its listener names: whatever it is, the handshake goes on. */
+ * the trust store its spawn request names: whatever it is, the handshake
+ * goes on (in the connect role the main process then refuses the stream). */
 static int verify_later(X509_STORE_CTX *unused, void *unused_too)
 {
     (void)unused;
@@ -117,7 +123,7 @@ static int verify_later(X509_STORE_CTX *unused, void *unused_too)
 
 static SSL_CTX *new_context(const struct settings *s)
 {
-    SSL_CTX *context = SSL_CTX_new(TLS_server_method());
+    SSL_CTX *context = SSL_CTX_new(TLS_method());
     if (context == NULL)
         return NULL;
     SSL_CTX_set_options(context, SSL_OP_NO_COMPRESSION | SSL_OP_CIPHER_SERVER_PREFERENCE |

@@ -230,41 +230,95 @@ bool read_description(uint8_t *data, size_t size, struct settings *settings,
     return true;
 }
 
+/* The spawn request, read front to back: every length is checked against
+ * what is left before the bytes it counts are touched. Once a read has
+ * run past the end, every later one fails too (`ended`), so that no field
+ * is read from where an earlier one should have been. */
+struct reader {
+    const uint8_t *data;
+    size_t size;
+    size_t offset;
+    bool ended;
+};
+
+/* The next `count` bytes, or NULL when the message ends first. */
+static const uint8_t *take(struct reader *in, size_t count)
+{
+    if (in->ended || in->size - in->offset < count) {
+        in->ended = true;
+        return NULL;
+    }
+    const uint8_t *at = in->data + in->offset;
+    in->offset += count;
+    return at;
+}
+
+/* A field after its big-endian length of `length_size` (1 or 2) bytes. */
+static const uint8_t *field(struct reader *in, size_t length_size, size_t *size)
+{
+    const uint8_t *length = take(in, length_size);
+    if (length == NULL)
+        return NULL;
+    *size = length_size == 1 ? length[0] : (size_t)length[0] << 8 | length[1];
+    return take(in, *size);
+}
+
+/* A host name as a C string: printable ASCII without space only, as
+ * certificates and SNI name hosts (A-labels). At most 255 bytes: a u8
+ * length counted it. */
+static bool host_name(const uint8_t *name, size_t size, char out[static 256])
+{
+    if (size > 255)
+        return false;
+    for (size_t i = 0; i < size; i++) {
+        if (name[i] <= ' ' || name[i] >= 0x7f)
+            return false;
+    }
+    memcpy(out, name, size);
+    out[size] = '\0';
+    return true;
+}
+
+/* Each ALPN name: a u8 length, at least 1, within the list. */
+static bool alpn_list(const uint8_t *alpn, size_t size)
+{
+    for (size_t at = 0; at < size; at += 1 + alpn[at]) {
+        if (alpn[at] == 0 || alpn[at] > size - at - 1)
+            return false;
+    }
+    return true;
+}
+
 bool parse_spawn_request(const uint8_t *data, size_t size, struct spawn_request *request)
 {
     memset(request, 0, sizeof *request);
-    /* The timeout, the trust store and the hint's length. */
-    if (size < 6)
+    struct reader in = {data, size, 0, false};
+    /* The timeout, the trust store and the role. */
+    const uint8_t *fixed = take(&in, 6);
+    size_t hint_size = 0, peer_name_size = 0;
+    const uint8_t *hint = field(&in, 1, &hint_size);
+    const uint8_t *peer_name = field(&in, 1, &peer_name_size);
+    request->alpn = field(&in, 1, &request->alpn_size);
+    request->early = field(&in, 2, &request->early_size);
+    if (in.ended)
         return false;
-    request->handshake_timeout_ms = read_u32(data);
-    size_t offset = 4;
-    request->peer_trust = data[offset++];
-    size_t hint = data[offset++];
-    if (size - offset < hint + 1)
+    request->handshake_timeout_ms = read_u32(fixed);
+    request->peer_trust = fixed[4];
+    if (!host_name(hint, hint_size, request->server_name_hint) ||
+        !host_name(peer_name, peer_name_size, request->peer_name) ||
+        !alpn_list(request->alpn, request->alpn_size) || request->early_size > MAX_EARLY_BYTES)
         return false;
-    for (size_t i = 0; i < hint; i++) {
-        /* A host name: printable ASCII only (it is compared, never shown). */
-        if (data[offset + i] <= ' ' || data[offset + i] >= 0x7f)
-            return false;
+    request->size = in.offset;
+    switch (fixed[5]) {
+    case ROLE_ACCEPT:
+        request->role = ROLE_ACCEPT;
+        return peer_name_size == 0;
+    case ROLE_CONNECT:
+        /* The server's certificate is always verified. Early data are
+         * bytes a TLS client sent, and here the worker is the client. */
+        request->role = ROLE_CONNECT;
+        return peer_name_size > 0 && request->peer_trust > 0 && request->early_size == 0;
+    default:
+        return false;
     }
-    memcpy(request->server_name_hint, data + offset, hint);
-    request->server_name_hint[hint] = '\0';
-    offset += hint;
-    request->alpn_size = data[offset++];
-    request->alpn = data + offset;
-    if (size - offset < request->alpn_size + 2)
-        return false;
-    /* Each name: a u8 length, at least 1, within the list. */
-    for (size_t at = 0; at < request->alpn_size; at += 1 + request->alpn[at]) {
-        if (request->alpn[at] == 0 || request->alpn[at] > request->alpn_size - at - 1)
-            return false;
-    }
-    offset += request->alpn_size;
-    request->early_size = (size_t)data[offset] << 8 | data[offset + 1];
-    offset += 2;
-    if (request->early_size > MAX_EARLY_BYTES || size - offset < request->early_size)
-        return false;
-    request->early = data + offset;
-    request->size = offset + request->early_size;
-    return true;
 }

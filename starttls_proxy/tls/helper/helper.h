@@ -105,13 +105,17 @@ void report_peer(struct json *out, SSL *ssl, X509_STORE *store);
 struct spawn_request {
     uint32_t handshake_timeout_ms;
     uint8_t peer_trust;        /* 0, or the trust store (1-based) for a peer certificate */
+    enum tls_role role;
     char server_name_hint[256];
+    char peer_name[256];       /* connect: the SNI sent; accept: empty */
     const uint8_t *alpn;
     size_t alpn_size;
     const uint8_t *early;
     size_t early_size;
     size_t size;               /* bytes the request took in the message */
 };
+/* Whether `data` starts with a spawn request that keeps the rules of its
+ * role; request->size says where it ends. */
 bool parse_spawn_request(const uint8_t *data, size_t size, struct spawn_request *request);
 
 /* sandbox.c */

@@ -7,7 +7,9 @@
  * spawn request named. The report says what came of it and which names the
  * certificate holds; the main process matches them against the stream's
  * 'from' (protocols/xmpp.py), since only the stream says which domain the
- * peer claims.
+ * peer claims. A worker in the connect role reports the remote server's
+ * certificate the same way, and the main process matches it against the
+ * domain it connected to.
  *
  * Everything taken from the certificate is bounded before it is written:
  * at most MAX_PEER_DNS_NAMES dNSNames and MAX_PEER_XMPP_ADDRS xmppAddrs

@@ -20,28 +20,45 @@
  *    DESCRIPTION_VERSION. An unknown tag, a repeated single record, a wrong
  *    length or a missing record refuses the whole description.
  *
- * 3. main -> helper: a *spawn request* with two descriptors (the client
+ * 3. main -> helper: a *spawn request* with two descriptors (the network
  *    socket, the worker's end of its plaintext channel):
- *        u32 handshake timeout (ms) | u8 peer trust store |
- *        u8 n | n bytes SNI hint |
+ *        u32 handshake timeout (ms) | u8 peer trust store | u8 role |
+ *        u8 n | n bytes server name hint |
+ *        u8 n | n bytes peer name |
  *        u8 n | n bytes ALPN (wire format: u8-prefixed names) |
- *        u16 n | n bytes early client data (at most MAX_EARLY_BYTES)
+ *        u16 n | n bytes early data (at most MAX_EARLY_BYTES)
  *    helper -> main, when a worker ends: {"exited": PID, "status": CODE}
  *    (wire.WorkerExited; a negative code is the killing signal).
- *    The peer trust store: 0, or N (1-based) to ask the client for a
- *    certificate (xmpp-server listeners: the peer server's) and verify it
- *    against the description's Nth D_TRUST store; a client without one
- *    still gets its session.
+ *    The server name hint and the peer name: printable ASCII without space.
+ *    The hint picks the proxy's certificate: on accept the one served
+ *    unless the client's SNI picks another, on connect the one presented
+ *    if the server asks for a client certificate.
+ *    The role (enum tls_role):
+ *    - ROLE_ACCEPT: the socket is a client's; the worker is the TLS server.
+ *      No peer name. ALPN: the protocols it may select; early data: client
+ *      bytes the main process read. Peer trust store 0, or N (1-based) to
+ *      ask the client for a certificate (xmpp-server listeners: the peer
+ *      server's) and verify it against the description's Nth D_TRUST
+ *      store; a client without one still gets its session.
+ *    - ROLE_CONNECT: the socket is connected to a remote server (an
+ *      outgoing XMPP server-to-server stream, its STARTTLS negotiated by
+ *      the main process); the worker is the TLS client. The peer name (1
+ *      to 255 bytes) goes out as SNI; ALPN: the protocols offered (may be
+ *      none); no early data. The peer trust store (1 to the description's
+ *      count) verifies the server's certificate after the handshake.
+ *    Anything else is malformed: the helper closes the descriptors.
  *
  * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
  *    then u16 n | n u32 PIDs of the other live workers (self test only),
- *    with the client socket, the channel and, with the key server, the
+ *    with the network socket, the channel and, with the key server, the
  *    worker's own connection to it.
  *
  * 5. worker -> main, first on the channel: a *report*, u32 length and a
  *    JSON object {"ok": true, "version", "cipher", "server_name", "alpn"}
- *    or {"ok": false, "reason"}, then the client's plaintext. When the
- *    request named a peer trust store, the handshake's report also has
+ *    or {"ok": false, "reason"}, then the peer's plaintext. In the connect
+ *    role "server_name" is the SNI sent and "alpn" the server's choice.
+ *    When the request named a peer trust store (always in the connect
+ *    role), the handshake's report also has
  *    "peer": {"verify": "ok" | "untrusted" | "none", "error": the X509
  *    error when untrusted, else null, "dns_names": [...], "xmpp_addrs":
  *    [...]}: the leaf's subjectAltName dNSNames (letters, digits, '-',
@@ -105,10 +122,16 @@ enum layer {
     LAYER_COUNT
 };
 
+/* A spawn request's role: which side of TLS its worker takes. */
+enum tls_role {
+    ROLE_ACCEPT = 0,
+    ROLE_CONNECT = 1,
+};
+
 /* Client bytes that may ride along with a spawn request (16 KiB record + header). */
 #define MAX_EARLY_BYTES (16 * 1024 + 5)
-#define SPAWN_FIXED_SIZE (4 + 1 + 1 + 1 + 2)
-#define MAX_SPAWN_REQUEST (SPAWN_FIXED_SIZE + 255 + 255 + MAX_EARLY_BYTES)
+#define SPAWN_FIXED_SIZE (4 + 1 + 1 + 1 + 1 + 1 + 2)
+#define MAX_SPAWN_REQUEST (SPAWN_FIXED_SIZE + 255 + 255 + 255 + MAX_EARLY_BYTES)
 /* The self check's sibling list is cut to this many PIDs. */
 #define MAX_SIBLINGS 1000
 #define MAX_ASSIGNMENT (MAX_SPAWN_REQUEST + 2 + 4 * MAX_SIBLINGS)

@@ -3,13 +3,16 @@
  *
  * Forked by the helper ahead of time, a spare encloses itself (sandbox.c)
  * and waits on its assignment socket for exactly one assignment (wire.h
- * section 4): the client socket, its end of a plaintext channel to the main
- * process and, with the key server, its own connection to it. Then it arms
- * the handshake deadline, reseeds OpenSSL's random generator, confines
- * itself and only then reads a byte from the client. It does the
- * handshake, sends one report frame on the channel (the TLS version,
- * cipher, SNI and ALPN, or the failure), then pumps decrypted bytes both
- * ways until one side closes, and exits.
+ * section 4): the network socket, its end of a plaintext channel to the
+ * main process and, with the key server, its own connection to it. Then it
+ * arms the handshake deadline, reseeds OpenSSL's random generator, confines
+ * itself and only then touches the socket. It does the handshake, as the
+ * TLS server (the accept role: the socket is a client's) or as the TLS
+ * client (the connect role: the main process connected it to a remote
+ * server), sends one report frame on the channel (the TLS version, cipher,
+ * SNI and ALPN, or the failure), then pumps decrypted bytes both ways until
+ * one side closes, and exits. The pump does not know the role: its
+ * "client" is the network peer, whichever side of TLS it is.
  *
  * TLS runs over memory BIOs (the mitmproxy way): the client bytes the main
  * process read before the hand-off go in first, and writes never block
@@ -58,7 +61,7 @@ struct pump {
     SSL *ssl;
     BIO *from_client; /* ciphertext in */
     BIO *to_client;   /* ciphertext out */
-    int client;
+    int client;       /* the network socket (a remote server's on connect) */
     int channel;
     /* Decrypted client bytes not yet taken by the channel. */
     uint8_t *plaintext;
@@ -276,15 +279,39 @@ static void flush_channel(struct pump *pump)
     pump->plaintext_size = pump->plaintext_sent = 0;
 }
 
-/* Run the handshake; the client bytes the main process read come first. */
+/*
+ * Run the handshake. On accept the client bytes the main process read come
+ * first, and the first byte must start a handshake record. On connect the
+ * ClientHello goes out before anything is read, and nothing is checked
+ * before OpenSSL: a server may answer with an alert record, and whatever
+ * else it sends fails the handshake there.
+ */
 static int handshake(struct pump *pump, const struct spawn_request *request, const char **reason)
 {
     static char failure[PROBLEM_SIZE];
+    bool connecting = request->role == ROLE_CONNECT;
+    const char *peer = connecting ? "server" : "client";
     uint8_t *buffer = incoming;
     const uint8_t *data = request->early;
     ssize_t size = (ssize_t)request->early_size;
-    bool first = true;
+    bool first = !connecting;
     for (;;) {
+        int done = SSL_do_handshake(pump->ssl);
+        if (done != 1 && SSL_get_error(pump->ssl, done) != SSL_ERROR_WANT_READ) {
+            flush_client(pump, true); /* the alert */
+            /* OpenSSL's reasons are static strings ("no shared cipher"). */
+            const char *why = ERR_reason_error_string(ERR_peek_last_error());
+            snprintf(failure, PROBLEM_SIZE, "handshake failed: %s", why ? why : "unknown");
+            *reason = failure;
+            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_HANDSHAKE_FAILED;
+        }
+        if (!flush_client(pump, true)) {
+            snprintf(failure, PROBLEM_SIZE, "%s gone during the handshake", peer);
+            *reason = failure;
+            return EXIT_CLIENT_GONE;
+        }
+        if (done == 1)
+            return EXIT_OK;
         if (size == 0) {
             size = recv(pump->client, buffer, READ_SIZE, 0);
             if (size < 0 && (errno == EINTR || errno == EAGAIN)) {
@@ -293,12 +320,10 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
                 size = 0;
                 continue;
             }
-            if (size < 0) {
-                *reason = "client socket error during the handshake";
-                return EXIT_CLIENT_GONE;
-            }
-            if (size == 0) {
-                *reason = "client closed during the handshake";
+            if (size <= 0) {
+                snprintf(failure, PROBLEM_SIZE, "%s %s during the handshake", peer,
+                         size < 0 ? "socket error" : "closed");
+                *reason = failure;
                 return EXIT_CLIENT_GONE;
             }
             data = buffer;
@@ -315,21 +340,6 @@ static int handshake(struct pump *pump, const struct spawn_request *request, con
             return EXIT_INTERNAL_ERROR;
         }
         size = 0;
-        int done = SSL_do_handshake(pump->ssl);
-        if (done != 1 && SSL_get_error(pump->ssl, done) != SSL_ERROR_WANT_READ) {
-            flush_client(pump, true); /* the alert */
-            /* OpenSSL's reasons are static strings ("no shared cipher"). */
-            const char *why = ERR_reason_error_string(ERR_peek_last_error());
-            snprintf(failure, PROBLEM_SIZE, "handshake failed: %s", why ? why : "unknown");
-            *reason = failure;
-            return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_HANDSHAKE_FAILED;
-        }
-        if (!flush_client(pump, true)) {
-            *reason = "client gone during the handshake";
-            return EXIT_CLIENT_GONE;
-        }
-        if (done == 1)
-            return EXIT_OK;
     }
 }
 
@@ -433,12 +443,28 @@ static int relay(struct pump *pump)
     }
 }
 
+/*
+ * The connect role's side of the handshake: the peer name as SNI, the ALPN
+ * list offered. No SSL_VERIFY_PEER: the chain is verified after the
+ * handshake against the request's trust store (report_peer), and the main
+ * process matches the names and refuses the stream before any of its data
+ * is sent. The context's certificate answers a CertificateRequest.
+ */
+static bool set_up_connect(SSL *ssl, const struct spawn_request *request)
+{
+    SSL_set_connect_state(ssl);
+    /* SSL_set_alpn_protos alone returns 0 on success. */
+    return SSL_set_tlsext_host_name(ssl, request->peer_name) == 1 &&
+           (request->alpn_size == 0 ||
+            SSL_set_alpn_protos(ssl, request->alpn, (unsigned int)request->alpn_size) == 0);
+}
+
 static int serve(const struct settings *settings, const struct spawn_request *request,
                  int client, int channel)
 {
     struct pump pump = {.client = client, .channel = channel};
+    /* Either role: the hint picks the proxy's certificate. */
     size_t start = context_for(settings, request->server_name_hint);
-    set_worker_alpn(request->alpn, request->alpn_size);
     pump.ssl = SSL_new(settings->certificates[start].context);
     pump.from_client = BIO_new(BIO_s_mem());
     pump.to_client = BIO_new(BIO_s_mem());
@@ -451,14 +477,22 @@ static int serve(const struct settings *settings, const struct spawn_request *re
     }
     BIO_set_mem_eof_return(pump.from_client, -1);
     SSL_set_bio(pump.ssl, pump.from_client, pump.to_client);
-    SSL_set_accept_state(pump.ssl);
     /* An idle session (most IMAP and XMPP sessions, for hours) holds no
      * record buffers. */
     SSL_set_mode(pump.ssl, SSL_MODE_RELEASE_BUFFERS);
     X509_STORE *peer_store =
         request->peer_trust > 0 ? settings->trust[request->peer_trust - 1].store : NULL;
-    if (peer_store != NULL)
-        request_peer_certificate(pump.ssl);
+    if (request->role == ROLE_CONNECT) {
+        if (!set_up_connect(pump.ssl, request)) {
+            report_failure(channel, "out of memory");
+            return EXIT_INTERNAL_ERROR;
+        }
+    } else {
+        SSL_set_accept_state(pump.ssl);
+        set_worker_alpn(request->alpn, request->alpn_size);
+        if (peer_store != NULL)
+            request_peer_certificate(pump.ssl);
+    }
     const char *reason = NULL;
     int status = handshake(&pump, request, &reason);
     if (status != EXIT_OK) {
