@@ -1,4 +1,4 @@
-"""End to end: XMPP federation through starttls-proxy (issue 16, incoming s2s).
+"""End to end: XMPP federation through starttls-proxy (issue 16).
 
 A real Prosody and a real ejabberd federate on loopback, each with its s2s
 port behind one of the proxy's ``xmpp-server`` listeners (STARTTLS, and
@@ -7,7 +7,9 @@ XEP-0368 direct TLS with ALPN ``xmpp-server``); see
 originating server authenticates its stream through the proxy by dialback
 (XEP-0220): the receiving server calls it back directly, never through the
 proxy. A recording tap between the proxy and each server shows exactly what
-the server read, and what it answered.
+the server read, and what it answered. Prosody's streams to some of
+ejabberd's domains leave through the proxy's outgoing listener
+(``xmpp-server-out``), which does TLS with the remote server and verifies it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ import slixmpp
 import trustme
 
 from tests.realservers.federation import (
+    IMPOSTOR,
     MODES,
+    OUTGOING,
     PROSODY_SOURCE,
     Federation,
     Mode,
@@ -32,6 +36,7 @@ from tests.realservers.federation import (
     home,
     listener_name,
     running_federation,
+    via_outgoing,
 )
 from tests.realservers.proxy import StartProxy
 from tests.realservers.tap import wait_for
@@ -347,3 +352,72 @@ def test_a_peer_without_a_certificate_for_its_domain_never_reaches_the_server(
         reply = stream.read_all()
     assert b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" % condition in reply
     assert len(tap.recordings()) == before
+
+
+# --------------------------------------------------------------------------
+# Outgoing streams: Prosody's way out goes through the proxy.
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_outgoing_stream_leaves_through_the_proxy_under_tls(
+    federation: Federation, mode: Mode
+) -> None:
+    """Prosody opens a plaintext stream to the proxy; the proxy finds the
+    remote by SRV (``_xmpp-server`` or ``_xmpps-server``), does TLS with it,
+    verifies its certificate for the domain, and relays: dialback works
+    across it, both ways the messages arrive exactly."""
+    target = via_outgoing(mode)
+    to_bob, to_alice = asyncio.run(_exchange(federation, "prosody", target))
+    assert to_bob == BODY
+    assert to_alice == REPLY
+    log = federation.proxy.log_path.read_text()
+    how = "STARTTLS" if mode == "starttls" else "direct TLS"
+    routed = rf"^.*{OUTGOING}: \S+ to {re.escape(target)} via 127\.0\.0\.1:\d+ \({how}\)$"
+    assert re.search(routed, log, re.M), routed
+    verified = rf"{OUTGOING}: \S+ peer certificate: verified for {re.escape(target)}$"
+    assert re.search(verified, log, re.M), verified
+    if mode == "direct":
+        # The proxy's listener in front of ejabberd asked the outgoing
+        # listener (127.0.0.1, where Prosody is 127.0.0.2) for a certificate,
+        # and verified the one it presented for prosody.example.
+        presented = (
+            rf"{listener_name('ejabberd', 'direct')}: 127\.0\.0\.1:\d+ peer certificate: "
+            rf"verified for {re.escape(home('prosody'))}$"
+        )
+        assert re.search(presented, log, re.M), presented
+
+
+async def _bounced(federation: Federation, recipient: str) -> slixmpp.Message:
+    """What alice on Prosody gets back for a message to ``recipient``."""
+    loop = asyncio.get_running_loop()
+    bounced: asyncio.Future[slixmpp.Message] = loop.create_future()
+    alice = await slixmpp_session(
+        f"alice@{home('prosody')}/bounce", "alicepw", federation.c2s_port("prosody")
+    )
+
+    def alice_got(message: slixmpp.Message) -> None:
+        if message["type"] == "error" and not bounced.done():
+            bounced.set_result(message)
+
+    alice.add_event_handler("message", alice_got)
+    try:
+        alice.send_message(mto=slixmpp.JID(recipient), mbody=BODY, mtype="chat")
+        return await asyncio.wait_for(bounced, 20)
+    finally:
+        await alice.disconnect()
+
+
+def test_an_outgoing_stream_to_a_server_without_a_certificate_for_it_is_refused(
+    federation: Federation,
+) -> None:
+    """``impostor.example``'s SRV record leads to a server that completes
+    the handshake with a trusted certificate for other names: the proxy
+    sends it nothing of the stream, and Prosody bounces the message."""
+    bounce = asyncio.run(_bounced(federation, f"bob@{IMPOSTOR}"))
+    assert bounce["from"].bare == f"bob@{IMPOSTOR}" or bounce["from"].domain == IMPOSTOR
+    log = federation.proxy.wait_for_log("remote certificate: name_mismatch")
+    refused = (
+        rf"{OUTGOING}: \S+ peer certificate: name_mismatch "
+        rf"\(not valid for '{re.escape(IMPOSTOR)}'\)$"
+    )
+    assert re.search(refused, log, re.M), refused

@@ -10,9 +10,20 @@ the proxy: a test that sends to ``bob@starttls.ejabberd.example`` makes a
 fresh s2s stream from ``prosody.example`` through the proxy's STARTTLS
 listener, authenticated by dialback, whatever other tests did before.
 
+Outgoing streams (``xmpp-server-out``): Prosody sends its streams to
+ejabberd's ``out-starttls`` and ``out-direct`` domains, and to
+``impostor.example``, in plaintext to the proxy's :data:`OUTGOING` listener,
+which finds their servers by SRV in the name server below and does TLS
+itself: ``out-starttls`` is ejabberd's own s2s port (ejabberd's STARTTLS,
+ejabberd's certificate), ``out-direct`` the proxy's own direct-TLS listener
+in front of ejabberd (two proxies in a row: the second verifies the
+certificate the first presents for ``prosody.example``), and
+``impostor.example`` a direct-TLS listener whose certificate does not name
+it.
+
 Nothing asks real DNS (``.example`` is reserved anyway): Prosody reads its
-routes from a file (``ProsodyInstance.set_routes``), ejabberd asks a
-:class:`~tests.realservers.dns.StaticDNS` on loopback. Prosody's outgoing
+routes from a file (``ProsodyInstance.set_routes``), ejabberd and the proxy's
+outgoing listener ask a :class:`~tests.realservers.dns.StaticDNS` on loopback. Prosody's outgoing
 s2s streams start from :data:`PROSODY_SOURCE`, so that ejabberd's log can
 prove that the proxy told it the originating server's address (PROXY v2)
 rather than its own (127.0.0.1). Prosody has no PROXY support in Debian
@@ -49,6 +60,10 @@ PROSODY_SOURCE = "127.0.0.2"
 #: would ask the system's resolver (p1_xmpp 1.6.1).
 _LOOPBACK = "127.0.0.1"
 _SERVICES: dict[Mode, str] = {"starttls": "xmpp-server", "direct": "xmpps-server"}
+#: The proxy's listener for Prosody's outgoing streams.
+OUTGOING = "prosody-out"
+#: A domain whose SRV record leads to a server without a certificate for it.
+IMPOSTOR = "impostor.example"
 
 
 def home(server: Server) -> str:
@@ -61,8 +76,14 @@ def behind_proxy(server: Server, mode: Mode) -> str:
     return f"{mode}.{server}.example"
 
 
+def via_outgoing(mode: Mode) -> str:
+    """ejabberd's domain that Prosody reaches through the proxy's outgoing listener."""
+    return f"out-{mode}.ejabberd.example"
+
+
 def domains(server: Server) -> tuple[str, ...]:
-    return (home(server), *(behind_proxy(server, mode) for mode in MODES))
+    outgoing = tuple(via_outgoing(mode) for mode in MODES) if server == "ejabberd" else ()
+    return (home(server), *(behind_proxy(server, mode) for mode in MODES), *outgoing)
 
 
 def listener_name(server: Server, mode: Mode) -> str:
@@ -100,30 +121,47 @@ def _proxied_port(server: Server, prosody: ProsodyInstance, ejabberd: EjabberdIn
     return port
 
 
-def proxy_listeners(backends: dict[Server, int], trust: Path) -> list[dict[str, Any]]:
+def proxy_listeners(
+    backends: dict[Server, int], trust: Path, nameserver: int
+) -> list[dict[str, Any]]:
     """One ``xmpp-server`` listener per server and mode, to ``backends[server]``;
     PROXY v2 to ejabberd. Each refuses a peer whose certificate does not chain
     to ``trust`` for the domain its stream claims: both servers present their
     own on their outgoing streams, so every stream that gets through was
-    verified by the proxy, and then authenticated by dialback all the same."""
+    verified by the proxy, and then authenticated by dialback all the same.
+    And the :data:`OUTGOING` listener, which resolves with the name server on
+    port ``nameserver`` and refuses remotes that ``trust`` does not verify."""
+    peers = {"trust": str(trust), "on_failure": "refuse"}
     entries = []
     for server in SERVERS:
         backend_port = backends[server]
         identity = "proxy-v2" if server == "ejabberd" else "none"
         for mode in MODES:
+            served = [behind_proxy(server, mode)]
+            if server == "ejabberd" and mode == "direct":
+                served.append(via_outgoing(mode))
             entries.append(
                 listener(
                     listener_name(server, mode),
                     backend_port,
                     protocol="xmpp-server",
                     hostname=behind_proxy(server, mode),
-                    domains=[behind_proxy(server, mode)],
+                    domains=served,
                     tls="starttls" if mode == "starttls" else "implicit",
                     backend={"identity": identity},
-                    peer_certificates={"trust": str(trust), "on_failure": "refuse"},
+                    peer_certificates=peers,
                 )
             )
-    return entries
+    outgoing = listener(
+        OUTGOING,
+        0,
+        protocol="xmpp-server-out",
+        domains=[home("prosody")],
+        peer_certificates=peers,
+        routes={"nameservers": [f"127.0.0.1:{nameserver}"]},
+    )
+    del outgoing["backend"]
+    return [*entries, outgoing]
 
 
 def _route(federation: Federation) -> None:
@@ -139,7 +177,19 @@ def _route(federation: Federation) -> None:
     for mode in MODES:
         port = proxy.ports[listener_name("ejabberd", mode)]
         routes.append(S2SRoute(behind_proxy("ejabberd", mode), _SERVICES[mode], "127.0.0.1", port))
+    outgoing = proxy.ports[OUTGOING]
+    for domain in (*(via_outgoing(mode) for mode in MODES), IMPOSTOR):
+        routes.append(S2SRoute(domain, "xmpp-server", "127.0.0.1", outgoing))
     prosody.set_routes([route._replace(source=PROSODY_SOURCE) for route in routes])
+    # What the outgoing listener finds: ejabberd's own STARTTLS, the proxy's
+    # direct-TLS listener in front of it, and one whose certificate is another's.
+    dns.set_srv(
+        f"_xmpp-server._tcp.{via_outgoing('starttls')}", SRV(_LOOPBACK, ejabberd.s2s_port)
+    )
+    ejabberd_direct = proxy.ports[listener_name("ejabberd", "direct")]
+    dns.set_srv(f"_xmpps-server._tcp.{via_outgoing('direct')}", SRV(_LOOPBACK, ejabberd_direct))
+    prosody_direct = proxy.ports[listener_name("prosody", "direct")]
+    dns.set_srv(f"_xmpps-server._tcp.{IMPOSTOR}", SRV(_LOOPBACK, prosody_direct))
     dns.set_srv(f"_xmpp-server._tcp.{home('prosody')}", SRV(_LOOPBACK, prosody.s2s_port))
     for mode in MODES:
         port = proxy.ports[listener_name("prosody", mode)]
@@ -158,7 +208,13 @@ def running_federation(base: Path, ca: trustme.CA, start_proxy: StartProxy) -> I
     """Start the name server, Prosody, ejabberd and the proxy in ``base``; stop
     them when the block ends (the proxy is ``start_proxy``'s to stop)."""
     certs = {server: server_certs(base / "certs", ca, server) for server in SERVERS}
-    proxy_names = [behind_proxy(server, mode) for server in SERVERS for mode in MODES]
+    # The outgoing listener presents the certificate for prosody.example when
+    # the remote asks (the proxy's own listener in front of ejabberd does).
+    proxy_names = [
+        *(behind_proxy(server, mode) for server in SERVERS for mode in MODES),
+        via_outgoing("direct"),
+        home("prosody"),
+    ]
     proxy_certs = write_test_certs(base / "certs" / "proxy", ca, proxy_names)
     with contextlib.ExitStack() as stack:
         dns = stack.enter_context(StaticDNS())
@@ -187,7 +243,9 @@ def running_federation(base: Path, ca: trustme.CA, start_proxy: StartProxy) -> I
         for tap in taps.values():
             stack.enter_context(tap)
         proxy = start_proxy(
-            proxy_listeners({server: tap.port for server, tap in taps.items()}, proxy_certs.ca),
+            proxy_listeners(
+                {server: tap.port for server, tap in taps.items()}, proxy_certs.ca, dns.port
+            ),
             certificates=[(proxy_certs.cert, proxy_certs.key)],
         )
         federation = Federation(prosody, ejabberd, proxy, dns, taps, proxy_certs.ca, certs)
