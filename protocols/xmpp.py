@@ -48,6 +48,17 @@ not be negotiated without authenticating, section 4.9.3.12),
 without the proxy. A ``from`` that is not a domain is
 ``<improper-addressing/>`` either way.
 
+*Stream errors* carry a ``<text/>`` (section 4.9.2) for the peer's
+administrator where the peer caused them: what is wrong with its header, its
+certificate or its XML, in the log's words. These may quote what the peer
+sent: ``_xmlstream.error_text`` makes them one line of at most 200
+characters without what XML forbids, and ``stream_error`` escapes it. The
+proxy's own endings say what the line protocols say (``backend
+unavailable``, ``timeout exceeded``, ``server shutting down``, ``too many
+connections``), never the driver's reason, which names sockets and
+addresses; ``<internal-server-error/>`` (a misbehaving backend, or the
+proxy's own bug) says nothing.
+
 *Plaintext sessions* (``require_tls: false``): the pre-TLS features also list
 the backend's own, learned by the capability probe. The first element that
 needs the backend opens it; the proxy replays the client's stream header,
@@ -201,6 +212,13 @@ _REQUIRED_STARTTLS: Final = (
     b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
 )
 _OPTIONAL_STARTTLS: Final = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+#: The ``<text/>`` of the proxy's own endings, in the line protocols' words;
+#: never the driver's reason, which names sockets and addresses.
+_EARLY_TLS: Final = "TLS handshake received before STARTTLS"
+_UNAVAILABLE: Final = "backend unavailable"
+_TIMEOUT: Final = "timeout exceeded"
+_SHUTDOWN: Final = "server shutting down"
+_BUSY: Final = "too many connections"
 
 
 def new_stream_id() -> str:
@@ -210,7 +228,7 @@ def new_stream_id() -> str:
 
 def _busy_reply(content_namespace: str, hostname: str) -> bytes:
     header = stream_header(content_namespace, sender=hostname, stream_id=new_stream_id())
-    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT)
+    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT, text=_BUSY)
 
 
 def _serialize(element: etree._Element) -> bytes:
@@ -329,7 +347,9 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._pump_client()
 
     def _refuse_early_tls(self) -> None:
-        self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
+        self._fail(
+            StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS", text=_EARLY_TLS
+        )
 
     @event
     def receive_eof(self, side: Side) -> None:
@@ -354,15 +374,15 @@ class XMPPMachine(ProxyMachine[State, Input]):
 
     @event
     def backend_failed(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
+        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=_UNAVAILABLE)
 
     @event
     def timed_out(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason)
+        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason, text=_TIMEOUT)
 
     @event
     def shutting_down(self) -> None:
-        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down")
+        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down", text=_SHUTDOWN)
 
     @property
     def client_mid_command(self) -> bool:
@@ -392,13 +412,26 @@ class XMPPMachine(ProxyMachine[State, Input]):
         )
 
     def _fail(
-        self, condition: StreamErrorCondition, reason: str, *, violation: bool = False
+        self,
+        condition: StreamErrorCondition,
+        reason: str,
+        *,
+        text: str | None = None,
+        violation: bool = False,
     ) -> None:
         """End the session with a stream error, opening the client's stream
-        first if it has no header yet (RFC 6120 section 4.9.1.2)."""
+        first if it has no header yet (RFC 6120 section 4.9.1.2). ``reason``
+        is for the log; ``text``, for the peer (see the module docstring),
+        is none unless the caller gives one."""
         header = b"" if self._client_stream_open else self._own_header()
-        reply = header + stream_error(condition, self._closing_tag)
+        reply = header + stream_error(condition, self._closing_tag, text=text)
         self._end(f"{reason} ({condition.value})", reply=reply, violation=violation)
+
+    def _refuse(self, problem: tuple[StreamErrorCondition, str]) -> None:
+        """End the session for what is wrong with the client's stream header:
+        the peer's doing, so its administrator is told what."""
+        condition, reason = problem
+        self._fail(condition, reason, text=reason)
 
     def _check_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
         """Remember who the client is and what it asks for; what is wrong with it."""
@@ -435,7 +468,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
             try:
                 token = self._client.next_token()
             except XMLStreamError as error:
-                self._fail(error.condition, f"client: {error.reason}")
+                self._fail(error.condition, f"client: {error.reason}", text=error.reason)
                 return
             if token is None:
                 return
@@ -456,7 +489,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
         if problem is None and self.state is State.TLS_HEADER:
             problem = self._check_peer(header.element.get("from"))
         if problem is not None:
-            self._fail(*problem)
+            self._refuse(problem)
             return
         self._client_header = header.raw
         if self.state is State.PRE_TLS_HEADER:
@@ -482,7 +515,8 @@ class XMPPMachine(ProxyMachine[State, Input]):
         elif tag == SASL_AUTH:
             self._send_client(_ENCRYPTION_REQUIRED)
         else:
-            self._fail(StreamErrorCondition.POLICY_VIOLATION, f"{_name(tag)} before STARTTLS")
+            reason = f"{_name(tag)} before STARTTLS"
+            self._fail(StreamErrorCondition.POLICY_VIOLATION, reason, text=reason)
 
     def _relay_client_token(self, token: Token) -> None:
         if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
