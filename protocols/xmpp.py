@@ -28,7 +28,8 @@ stream compression, SASL ``-PLUS`` mechanisms and channel-binding types,
 whose binding (RFC 5056) cannot cross a terminated TLS session) and are the
 only element re-serialized. A second ``<starttls/>`` gets ``<failure/>`` and the
 stream ends (section 5.4.2.2). After SASL ``<success/>`` both sides restart
-their streams (section 6.4.6), and so do both parsers. Server-to-server
+their streams (section 6.4.6), and so do both parsers; the client's new
+header is checked like the first before it is relayed. Server-to-server
 streams (``jabber:server``, incoming) are relayed the same way; dialback
 (XEP-0220) and SASL EXTERNAL are ordinary elements to the relay.
 
@@ -46,7 +47,14 @@ not be negotiated without authenticating, section 4.9.3.12),
 4.9.3.9) or ``<improper-addressing/>`` (no ``from`` to check); with
 ``dialback`` its stream goes on and the backend authenticates it as it would
 without the proxy. A ``from`` that is not a domain is
-``<improper-addressing/>`` either way.
+``<improper-addressing/>`` either way. The stream a verified peer restarts
+after SASL ``<success/>`` (section 6.4.6) must claim the same domain: another
+is ``<invalid-from/>`` (section 4.9.3.9: not the domain validated), none
+``<improper-addressing/>`` (section 4.7.1: a server MUST name itself; so on
+the first stream), and the header never reaches the backend. That takes no
+second ``PeerChecked``. A peer that failed under ``dialback`` may restart
+from any domain, the backend authenticates it; but a ``from`` that is no
+domain is ``<improper-addressing/>`` here too.
 
 *Stream errors* carry a ``<text/>`` (section 4.9.2) for the peer's
 administrator where the peer caused them: what is wrong with its header, its
@@ -460,6 +468,11 @@ class XMPPMachine(ProxyMachine[State, Input]):
         (``sender``: its ``from``); nothing, but on server streams."""
         return None
 
+    def _check_restart(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        """What is wrong with the ``from`` of a stream restarted after SASL;
+        nothing, but on server streams."""
+        return None
+
     # ------------------------------------------------------------------
     # The client's stream.
 
@@ -519,6 +532,12 @@ class XMPPMachine(ProxyMachine[State, Input]):
             self._fail(StreamErrorCondition.POLICY_VIOLATION, reason, text=reason)
 
     def _relay_client_token(self, token: Token) -> None:
+        if isinstance(token, StreamHeader):
+            # Restarted after SASL success (section 6.4.6): checked as the first was.
+            problem = self._check_header(token) or self._check_restart(token.element.get("from"))
+            if problem is not None:
+                self._refuse(problem)
+                return
         if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
             # RFC 6120 section 5.4.2.2: failure, then the stream ends.
             reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"
@@ -645,6 +664,8 @@ class XMPPServerMachine(XMPPMachine):
     """``xmpp-server``: incoming server-to-server streams (``jabber:server``, port 5269)."""
 
     content_namespace = JABBER_SERVER
+    #: The domain the peer's certificate verified on the stream under TLS.
+    _verified: str | None = None
 
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
@@ -667,7 +688,7 @@ class XMPPServerMachine(XMPPMachine):
             PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
             PeerVerification.NAME_MISMATCH: f"not valid for {domain!r}" if domain else "no 'from'",
         }[result]
-        verified = domain if result is PeerVerification.VERIFIED else None
+        verified = self._verified = domain if result is PeerVerification.VERIFIED else None
         self._outbox.push(PeerChecked(result, verified, detail))
         if result is PeerVerification.VERIFIED or on_failure is PeerCertificateFailure.DIALBACK:
             return None
@@ -676,6 +697,21 @@ class XMPPServerMachine(XMPPMachine):
             return StreamErrorCondition.NOT_AUTHORIZED, reason
         if domain is None:
             return StreamErrorCondition.IMPROPER_ADDRESSING, reason
+        return StreamErrorCondition.INVALID_FROM, reason
+
+    def _check_restart(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        if self.settings.peer_certificate_failure is None:
+            return None
+        domain = _normalize_domain(sender) if sender is not None else None
+        if domain is not None and not _DOMAIN.fullmatch(domain):
+            return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
+        verified = self._verified
+        if verified is None or domain == verified:
+            return None
+        if domain is None:
+            reason = f"restarted stream without 'from', verified {verified!r}"
+            return StreamErrorCondition.IMPROPER_ADDRESSING, reason
+        reason = f"restarted stream from {domain!r}, verified {verified!r}"
         return StreamErrorCondition.INVALID_FROM, reason
 
 

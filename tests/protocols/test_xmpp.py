@@ -503,6 +503,156 @@ def test_servers_without_a_policy_are_not_judged() -> None:
     assert drain(machine) == [OpenBackend()]
 
 
+# The stream restarted after SASL (RFC 6120 section 6.4.6).
+
+S2S_BACKEND_HEADER = S2S_HEADER.replace(b"from='remote.example' to='example.com'", b"id='s2s'")
+S2S_EXTERNAL_FEATURES = (
+    b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+    b"<mechanism>EXTERNAL</mechanism></mechanisms></stream:features>"
+)
+#: SASL EXTERNAL for ``remote.example``.
+EXTERNAL = (
+    b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>"
+    b"cmVtb3RlLmV4YW1wbGU=</auth>"
+)
+
+
+def s2s_proxy_header(to: str | None) -> bytes:
+    """The proxy's own header on a server stream (to ``to``, if any)."""
+    recipient = b' to="%s"' % to.encode() if to is not None else b""
+    return (
+        b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
+        b'xmlns:stream="http://etherx.jabber.org/streams" xmlns:db="jabber:server:dialback" '
+        b'id="ID" from="example.com"%s version="1.0">' % recipient
+    )
+
+
+def _s2s_restarted(
+    on_failure: PeerCertificateFailure | None,
+    certificate: PeerCertificate | None,
+    restarted: bytes,
+) -> list[Command]:
+    """A server stream from ``remote.example`` through TLS, SASL EXTERNAL
+    and its success: what its ``restarted`` header gets."""
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    for event in (
+        Client(S2S_HEADER + STARTTLS),
+        TLS(certificate),
+        Client(S2S_HEADER),
+        Connected(),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        Client(EXTERNAL),
+        Backend(SUCCESS),
+    ):
+        event.apply(machine)
+        drain(machine)
+    assert machine.state is State.RELAY
+    machine.receive_data(Side.CLIENT, restarted)
+    return drain(machine)
+
+
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+def test_a_verified_peer_restarts_from_its_domain(on_failure: PeerCertificateFailure) -> None:
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    restarted = S2S_HEADER.replace(b"from='remote.example'", b"from='Remote.Example.'")
+    run(
+        machine,
+        *S2S_TO_TLS,
+        TLS(TRUSTED),
+        Client(S2S_HEADER),
+        PeerChecked(PeerVerification.VERIFIED, "remote.example"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(S2S_HEADER),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(S2S_EXTERNAL_FEATURES),
+        *exchange(EXTERNAL, SUCCESS),
+        # Checked, relayed, and no second PeerChecked.
+        Client(restarted),
+        SendToBackend(restarted),
+        Backend(S2S_BACKEND_HEADER + b"<stream:features/>"),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(b"<stream:features/>"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("restarted", "condition", "text", "to"),
+    [
+        (
+            S2S_HEADER.replace(b"remote.example", b"evil.example"),
+            "invalid-from",
+            "restarted stream from 'evil.example', verified 'remote.example'",
+            "evil.example",
+        ),
+        (
+            S2S_HEADER.replace(b" from='remote.example'", b""),
+            "improper-addressing",
+            "restarted stream without 'from', verified 'remote.example'",
+            None,
+        ),
+        (
+            S2S_HEADER.replace(b"from='remote.example'", b"from='user@remote.example'"),
+            "improper-addressing",
+            "'from' is not a domain",
+            "user@remote.example",
+        ),
+        (
+            S2S_HEADER.replace(b"xmlns='jabber:server'", b"xmlns='jabber:client'"),
+            "invalid-namespace",
+            "wrong content namespace",
+            "remote.example",
+        ),
+        (
+            S2S_HEADER.replace(b" version='1.0'", b""),
+            "unsupported-version",
+            "stream version None",
+            "remote.example",
+        ),
+    ],
+    ids=["other-domain", "no-from", "no-domain", "client-namespace", "no-version"],
+)
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+def test_a_verified_peer_s_restart_is_checked_before_the_backend(
+    on_failure: PeerCertificateFailure,
+    restarted: bytes,
+    condition: str,
+    text: str,
+    to: str | None,
+) -> None:
+    commands = _s2s_restarted(on_failure, TRUSTED, restarted)
+    assert commands == [
+        SendToClient(s2s_proxy_header(to) + error(condition, text=text)),
+        CloseConnection(f"{text} ({condition})"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("on_failure", "certificate"),
+    [
+        (PeerCertificateFailure.DIALBACK, OTHER_DOMAIN),
+        (PeerCertificateFailure.DIALBACK, None),
+        (None, TRUSTED),
+    ],
+    ids=["dialback-name-mismatch", "dialback-no-certificate", "no-policy"],
+)
+def test_an_unverified_peer_s_restart_is_relayed_from_any_domain(
+    on_failure: PeerCertificateFailure | None, certificate: PeerCertificate | None
+) -> None:
+    restarted = S2S_HEADER.replace(b"remote.example", b"evil.example")
+    assert _s2s_restarted(on_failure, certificate, restarted) == [SendToBackend(restarted)]
+
+
+def test_a_client_s_restart_is_checked_too() -> None:
+    """A client stream cannot restart as a server's after SASL."""
+    machine = relaying()
+    run(machine, *exchange(AUTH, SUCCESS))
+    data, close = refused(machine, client_header(namespace="jabber:server"))
+    assert data == proxy_header() + error("invalid-namespace", text="wrong content namespace")
+    assert close.reason == "wrong content namespace (invalid-namespace)"
+
+
 @pytest.mark.parametrize(
     ("certificate", "domain", "result"),
     [
@@ -1046,6 +1196,41 @@ def test_attacks_after_tls_never_reach_the_backend() -> None:
         assert len(commands) == 2 and isinstance(commands[0], SendToClient)
         assert said(commands[0].data)[0] == condition
         assert isinstance(commands[-1], CloseConnection)
+
+
+def test_s2s_sasl_restart_cannot_switch_domain() -> None:
+    """A peer whose certificate verified for remote.example authenticates by
+    SASL EXTERNAL, then restarts its stream from evil.example: the backend,
+    whose PROXY header names remote.example, must never read a stream from
+    evil.example on that connection."""
+    machine = XMPPServerMachine(
+        settings(peer_certificate_failure=PeerCertificateFailure.REFUSE), PEER
+    )
+    run(
+        machine,
+        *S2S_TO_TLS,
+        TLS(TRUSTED),
+        Client(S2S_HEADER),
+        PeerChecked(PeerVerification.VERIFIED, "remote.example"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(S2S_HEADER),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(S2S_EXTERNAL_FEATURES),
+        *exchange(EXTERNAL, SUCCESS),
+    )
+    evil = S2S_HEADER.replace(b"remote.example", b"evil.example")
+    data, close = refused(machine, evil + b"<db:result from='evil.example' to='example.com'/>")
+    assert data == s2s_proxy_header("evil.example") + error(
+        "invalid-from", text="restarted stream from 'evil.example', verified 'remote.example'"
+    )
+    assert said(data) == (
+        "invalid-from",
+        "restarted stream from 'evil.example', verified 'remote.example'",
+    )
+    assert close.reason.endswith("(invalid-from)")
+    assert machine.state is State.CLOSED
 
 
 def test_billion_laughs_in_bounded_time() -> None:
