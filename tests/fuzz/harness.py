@@ -259,6 +259,8 @@ class Session:
     closed: bool = False
     largest_read: int = 0
     baseline: int = 0
+    #: Every command the machine gave, in order (for the corpus's tests).
+    commands: list[Command] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.baseline = held_bytes(self.machine)
@@ -345,6 +347,7 @@ class Session:
 
     def _command(self, command: Command, after: str) -> None:
         check(not self.closed, f"{command!r} after CloseConnection ({after})")
+        self.commands.append(command)
         if isinstance(command, SendToClient | SendToBackend):
             check(type(command.data) is bytes, f"{command!r}: data is not bytes")
         if isinstance(command, CloseConnection):
