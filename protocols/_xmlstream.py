@@ -551,17 +551,52 @@ def stream_header(
     return b"<?xml version='1.0'?><stream:stream %s>" % b" ".join(attributes)
 
 
+#: The longest ``<text/>`` of the proxy's stream errors, in characters.
+STREAM_ERROR_TEXT_LIMIT: Final = 200
+#: Line ends and tabs: a text is one line.
+_TEXT_BREAKS: Final = re.compile("[\t\n\r]+")
+#: What a text may not hold: characters XML 1.0 forbids (its production [2]
+#: Char: C0 controls, lone surrogates, U+FFFE and U+FFFF) and those it
+#: discourages (DEL, C1 controls).
+_UNFIT_TEXT: Final = re.compile("[^\x20-\x7e\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def error_text(text: str) -> str:
+    """``text`` as a stream error's ``<text/>`` carries it, before escaping:
+    one line, without the characters XML forbids or discourages (each
+    becomes U+FFFD), at most ``STREAM_ERROR_TEXT_LIMIT`` characters (a
+    longer one is cut and ends with an ellipsis)."""
+    clean = _UNFIT_TEXT.sub("\ufffd", _TEXT_BREAKS.sub(" ", text)).strip()
+    if len(clean) > STREAM_ERROR_TEXT_LIMIT:
+        clean = clean[: STREAM_ERROR_TEXT_LIMIT - 1] + "\u2026"
+    return clean
+
+
 def stream_error(
-    condition: StreamErrorCondition, closing_tag: bytes = b"</stream:stream>"
+    condition: StreamErrorCondition,
+    closing_tag: bytes = b"</stream:stream>",
+    *,
+    text: str | None = None,
 ) -> bytes:
     """A stream error and the end of the stream (RFC 6120 section 4.9).
 
     The error declares the streams namespace itself: after TLS the client's
     stream was opened by the backend's header, whatever prefix it chose.
+    ``text``, for the peer's administrator, follows the condition as
+    ``<text xml:lang='en'/>`` (section 4.9.2), made fit by ``error_text``
+    and escaped: it may hold what the peer sent.
     """
-    return b"<stream:error xmlns:stream='%s'><%s xmlns='%s'/></stream:error>%s" % (
+    fit = error_text(text) if text is not None else ""
+    described = (
+        b"<text xmlns='%s' xml:lang='en'>%s</text>"
+        % (NS_STREAM_ERRORS.encode(), html.escape(fit, quote=False).encode())
+        if fit
+        else b""
+    )
+    return b"<stream:error xmlns:stream='%s'><%s xmlns='%s'/>%s</stream:error>%s" % (
         NS_STREAMS.encode(),
         condition.value.encode(),
         NS_STREAM_ERRORS.encode(),
+        described,
         closing_tag,
     )

@@ -28,7 +28,8 @@ stream compression, SASL ``-PLUS`` mechanisms and channel-binding types,
 whose binding (RFC 5056) cannot cross a terminated TLS session) and are the
 only element re-serialized. A second ``<starttls/>`` gets ``<failure/>`` and the
 stream ends (section 5.4.2.2). After SASL ``<success/>`` both sides restart
-their streams (section 6.4.6), and so do both parsers. Server-to-server
+their streams (section 6.4.6), and so do both parsers; the client's new
+header is checked like the first before it is relayed. Server-to-server
 streams (``jabber:server``, incoming) are relayed the same way; dialback
 (XEP-0220) and SASL EXTERNAL are ordinary elements to the relay.
 
@@ -46,7 +47,25 @@ not be negotiated without authenticating, section 4.9.3.12),
 4.9.3.9) or ``<improper-addressing/>`` (no ``from`` to check); with
 ``dialback`` its stream goes on and the backend authenticates it as it would
 without the proxy. A ``from`` that is not a domain is
-``<improper-addressing/>`` either way.
+``<improper-addressing/>`` either way. The stream a verified peer restarts
+after SASL ``<success/>`` (section 6.4.6) must claim the same domain: another
+is ``<invalid-from/>`` (section 4.9.3.9: not the domain validated), none
+``<improper-addressing/>`` (section 4.7.1: a server MUST name itself; so on
+the first stream), and the header never reaches the backend. That takes no
+second ``PeerChecked``. A peer that failed under ``dialback`` may restart
+from any domain, the backend authenticates it; but a ``from`` that is no
+domain is ``<improper-addressing/>`` here too.
+
+*Stream errors* carry a ``<text/>`` (section 4.9.2) for the peer's
+administrator where the peer caused them: what is wrong with its header, its
+certificate or its XML, in the log's words. These may quote what the peer
+sent: ``_xmlstream.error_text`` makes them one line of at most 200
+characters without what XML forbids, and ``stream_error`` escapes it. The
+proxy's own endings say what the line protocols say (``backend
+unavailable``, ``timeout exceeded``, ``server shutting down``, ``too many
+connections``), never the driver's reason, which names sockets and
+addresses; ``<internal-server-error/>`` (a misbehaving backend, or the
+proxy's own bug) says nothing.
 
 *Plaintext sessions* (``require_tls: false``): the pre-TLS features also list
 the backend's own, learned by the capability probe. The first element that
@@ -201,6 +220,13 @@ _REQUIRED_STARTTLS: Final = (
     b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
 )
 _OPTIONAL_STARTTLS: Final = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+#: The ``<text/>`` of the proxy's own endings, in the line protocols' words;
+#: never the driver's reason, which names sockets and addresses.
+_EARLY_TLS: Final = "TLS handshake received before STARTTLS"
+_UNAVAILABLE: Final = "backend unavailable"
+_TIMEOUT: Final = "timeout exceeded"
+_SHUTDOWN: Final = "server shutting down"
+_BUSY: Final = "too many connections"
 
 
 def new_stream_id() -> str:
@@ -210,7 +236,7 @@ def new_stream_id() -> str:
 
 def _busy_reply(content_namespace: str, hostname: str) -> bytes:
     header = stream_header(content_namespace, sender=hostname, stream_id=new_stream_id())
-    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT)
+    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT, text=_BUSY)
 
 
 def _serialize(element: etree._Element) -> bytes:
@@ -329,7 +355,9 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._pump_client()
 
     def _refuse_early_tls(self) -> None:
-        self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
+        self._fail(
+            StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS", text=_EARLY_TLS
+        )
 
     @event
     def receive_eof(self, side: Side) -> None:
@@ -354,15 +382,15 @@ class XMPPMachine(ProxyMachine[State, Input]):
 
     @event
     def backend_failed(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
+        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=_UNAVAILABLE)
 
     @event
     def timed_out(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason)
+        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason, text=_TIMEOUT)
 
     @event
     def shutting_down(self) -> None:
-        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down")
+        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down", text=_SHUTDOWN)
 
     @property
     def client_mid_command(self) -> bool:
@@ -392,13 +420,26 @@ class XMPPMachine(ProxyMachine[State, Input]):
         )
 
     def _fail(
-        self, condition: StreamErrorCondition, reason: str, *, violation: bool = False
+        self,
+        condition: StreamErrorCondition,
+        reason: str,
+        *,
+        text: str | None = None,
+        violation: bool = False,
     ) -> None:
         """End the session with a stream error, opening the client's stream
-        first if it has no header yet (RFC 6120 section 4.9.1.2)."""
+        first if it has no header yet (RFC 6120 section 4.9.1.2). ``reason``
+        is for the log; ``text``, for the peer (see the module docstring),
+        is none unless the caller gives one."""
         header = b"" if self._client_stream_open else self._own_header()
-        reply = header + stream_error(condition, self._closing_tag)
+        reply = header + stream_error(condition, self._closing_tag, text=text)
         self._end(f"{reason} ({condition.value})", reply=reply, violation=violation)
+
+    def _refuse(self, problem: tuple[StreamErrorCondition, str]) -> None:
+        """End the session for what is wrong with the client's stream header:
+        the peer's doing, so its administrator is told what."""
+        condition, reason = problem
+        self._fail(condition, reason, text=reason)
 
     def _check_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
         """Remember who the client is and what it asks for; what is wrong with it."""
@@ -427,6 +468,11 @@ class XMPPMachine(ProxyMachine[State, Input]):
         (``sender``: its ``from``); nothing, but on server streams."""
         return None
 
+    def _check_restart(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        """What is wrong with the ``from`` of a stream restarted after SASL;
+        nothing, but on server streams."""
+        return None
+
     # ------------------------------------------------------------------
     # The client's stream.
 
@@ -435,7 +481,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
             try:
                 token = self._client.next_token()
             except XMLStreamError as error:
-                self._fail(error.condition, f"client: {error.reason}")
+                self._fail(error.condition, f"client: {error.reason}", text=error.reason)
                 return
             if token is None:
                 return
@@ -456,7 +502,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
         if problem is None and self.state is State.TLS_HEADER:
             problem = self._check_peer(header.element.get("from"))
         if problem is not None:
-            self._fail(*problem)
+            self._refuse(problem)
             return
         self._client_header = header.raw
         if self.state is State.PRE_TLS_HEADER:
@@ -482,9 +528,16 @@ class XMPPMachine(ProxyMachine[State, Input]):
         elif tag == SASL_AUTH:
             self._send_client(_ENCRYPTION_REQUIRED)
         else:
-            self._fail(StreamErrorCondition.POLICY_VIOLATION, f"{_name(tag)} before STARTTLS")
+            reason = f"{_name(tag)} before STARTTLS"
+            self._fail(StreamErrorCondition.POLICY_VIOLATION, reason, text=reason)
 
     def _relay_client_token(self, token: Token) -> None:
+        if isinstance(token, StreamHeader):
+            # Restarted after SASL success (section 6.4.6): checked as the first was.
+            problem = self._check_header(token) or self._check_restart(token.element.get("from"))
+            if problem is not None:
+                self._refuse(problem)
+                return
         if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
             # RFC 6120 section 5.4.2.2: failure, then the stream ends.
             reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"
@@ -611,6 +664,8 @@ class XMPPServerMachine(XMPPMachine):
     """``xmpp-server``: incoming server-to-server streams (``jabber:server``, port 5269)."""
 
     content_namespace = JABBER_SERVER
+    #: The domain the peer's certificate verified on the stream under TLS.
+    _verified: str | None = None
 
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
@@ -633,7 +688,7 @@ class XMPPServerMachine(XMPPMachine):
             PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
             PeerVerification.NAME_MISMATCH: f"not valid for {domain!r}" if domain else "no 'from'",
         }[result]
-        verified = domain if result is PeerVerification.VERIFIED else None
+        verified = self._verified = domain if result is PeerVerification.VERIFIED else None
         self._outbox.push(PeerChecked(result, verified, detail))
         if result is PeerVerification.VERIFIED or on_failure is PeerCertificateFailure.DIALBACK:
             return None
@@ -642,6 +697,21 @@ class XMPPServerMachine(XMPPMachine):
             return StreamErrorCondition.NOT_AUTHORIZED, reason
         if domain is None:
             return StreamErrorCondition.IMPROPER_ADDRESSING, reason
+        return StreamErrorCondition.INVALID_FROM, reason
+
+    def _check_restart(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
+        if self.settings.peer_certificate_failure is None:
+            return None
+        domain = _normalize_domain(sender) if sender is not None else None
+        if domain is not None and not _DOMAIN.fullmatch(domain):
+            return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
+        verified = self._verified
+        if verified is None or domain == verified:
+            return None
+        if domain is None:
+            reason = f"restarted stream without 'from', verified {verified!r}"
+            return StreamErrorCondition.IMPROPER_ADDRESSING, reason
+        reason = f"restarted stream from {domain!r}, verified {verified!r}"
         return StreamErrorCondition.INVALID_FROM, reason
 
 

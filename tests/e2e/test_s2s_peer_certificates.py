@@ -53,6 +53,10 @@ BACKEND_REPLY = (
     b"id='backend-stream' from='example.com' version='1.0'>"
     b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
 )
+SASL = b"urn:ietf:params:xml:ns:xmpp-sasl"
+#: SASL EXTERNAL for the peer's domain, and the success the backend answers it.
+EXTERNAL = b"<auth xmlns='%s' mechanism='EXTERNAL'>YS5leGFtcGxl</auth>" % SASL
+SUCCESS = b"<success xmlns='%s'/>" % SASL
 
 
 @dataclass
@@ -65,7 +69,8 @@ class Recorded:
 
 @dataclass
 class RecordingBackend:
-    """Reads a PROXY v2 header and a stream header, answers as a server does."""
+    """Reads a PROXY v2 header and a stream header, answers as a server does,
+    then records the stream until the proxy closes it, granting SASL."""
 
     server: socket.socket
     connections: list[Recorded] = field(default_factory=list)
@@ -93,9 +98,13 @@ class RecordingBackend:
                 length = 16 + struct.unpack_from("!H", data, 14)[0]
                 while b">" not in data[length:]:
                     data += sock.recv(4096)
-                self.connections.append(Recorded(data[:length], data[length:]))
+                recorded = Recorded(data[:length], data[length:])
+                self.connections.append(recorded)
                 sock.sendall(BACKEND_REPLY)
-                sock.recv(4096)  # until the peer leaves
+                while chunk := sock.recv(4096):  # until the peer leaves
+                    recorded.stream += chunk
+                    if b"<auth " in chunk:
+                        sock.sendall(SUCCESS)
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +256,47 @@ def test_refuse_ends_a_peer_that_fails_and_the_backend_never_hears_of_it(
     issuer = None if authority is None else peer_authorities[authority]
     got = _s2s(proxy, name, _context(issuer, tmp_path, dns), header)
     assert b"<" + condition + b" xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
+    # The peer's administrator reads why (RFC 6120 section 4.9.2).
+    assert b"xml:lang='en'>peer certificate: %s (" % result.encode() in got
     assert len(backend.connections) == before
     assert total(scrape(metrics_port), metric, listener=name, result=result) == counted + 1
+
+
+def test_a_verified_peer_cannot_restart_its_stream_from_another_domain(
+    proxy: ProxyProcess,
+    backend: RecordingBackend,
+    peer_authorities: tuple[Authority, Authority],
+    tmp_path: Path,
+    metrics_port: int,
+) -> None:
+    """RFC 6120 section 6.4.6: after SASL EXTERNAL the peer restarts its
+    stream; the backend, told a.example, never reads one from another
+    domain, and the certificate is counted once."""
+    metric = "starttls_proxy_s2s_peer_verification_total"
+    counted = total(scrape(metrics_port), metric, listener="s2s-refuse", result="verified")
+    before = len(backend.connections)
+    stream = XMPPStream(proxy.connect("s2s-refuse", "127.0.0.5"))
+    stream.send(s2s_header())
+    stream.read_until(b"</stream:features>")
+    stream.send(STARTTLS)
+    stream.read_until(PROCEED)
+    stream.wrap(_context(peer_authorities[0], tmp_path), LOCAL)
+    try:
+        stream.send(s2s_header())
+        stream.read_until(b"</stream:features>")
+        stream.send(EXTERNAL)
+        stream.read_until(SUCCESS)
+        stream.send(s2s_header(sender="evil.example"))
+        got = stream.read_until(b"</stream:stream>")
+    finally:
+        stream.close()
+    assert b"<invalid-from xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>" in got
+    assert b">restarted stream from 'evil.example', verified 'a.example'</text>" in got
+    recorded = backend.connections[before]
+    assert EXTERNAL in recorded.stream
+    assert b"evil.example" not in recorded.stream
+    after = total(scrape(metrics_port), metric, listener="s2s-refuse", result="verified")
+    assert after == counted + 1
 
 
 def test_dialback_lets_a_peer_without_a_certificate_through_unverified(

@@ -4,10 +4,14 @@ and the invariant checked after every event.
 An input is a *program*: one octet of settings flags, then steps. A step is
 one octet naming a driver event (any octet is one: it is taken modulo the
 number of events), and for data events a two-octet length and that many
-octets (fewer if the input ends first). Programs are what the seed corpus
-holds, written from the real dialogues of ``tests.protocols.dialogues``, so
-that mutations start from deep states (relay, DATA, literals, SASL, XMPP
-features) instead of having to find their way there.
+octets (fewer if the input ends first). For the end of the handshake, what
+the octet holds beyond the event (its quotient by the number of events)
+picks the certificate the peer presented among ``PEER_CERTIFICATES``
+(modulo their number): the event's own number, as in every program written
+before there was a choice, picks the first. Programs are what the seed
+corpus holds, written from the real dialogues of ``tests.protocols.dialogues``,
+so that mutations start from deep states (relay, DATA, literals, SASL, XMPP
+features, peer certificates) instead of having to find their way there.
 
 The driver model delivers an event only where ``starttls_proxy.proxy.session``
 could: the handshake's end after a ``StartTLS``, the backend's news after an
@@ -105,10 +109,15 @@ SLACK = 1024
 
 
 def encode(settings: int, steps: Sequence[Step]) -> bytes:
-    """The program that ``decode`` reads back as ``settings`` and ``steps``."""
+    """The program that ``decode`` reads back as ``settings`` and ``steps``.
+    A TLS step's data is the number of the peer's certificate, one octet
+    (none: the first)."""
     out = bytearray([settings])
     for op, data in steps:
-        out.append(op)
+        if op is Op.TLS and data:
+            out.append(op + len(Op) * data[0])
+        else:
+            out.append(op)
         if op in DATA_OPS:
             out += len(data).to_bytes(2, "big") + data
     return bytes(out)
@@ -120,9 +129,13 @@ def decode(program: bytes) -> tuple[int, list[Step]]:
     steps: list[Step] = []
     at = 1
     while at < len(program):
-        op = Op(program[at] % len(Op))
+        octet = program[at]
+        op = Op(octet % len(Op))
         at += 1
         data = b""
+        certificate = octet // len(Op) % len(PEER_CERTIFICATES)
+        if op is Op.TLS and certificate:
+            data = bytes([certificate])
         if op in DATA_OPS:
             length = int.from_bytes(program[at : at + 2], "big")
             data = program[at + 2 : at + 2 + length]
@@ -207,13 +220,26 @@ def _attributes(item: object) -> Iterator[object]:
 # The driver model.
 
 Machine = ProxyMachine[Any, Any]
-#: The server dialogue's peer has a certificate for its domain (xmpp-server
-#: machines judge it; the others never look).
-TLS_INFO = TLSInfo(
-    "TLSv1.3",
-    "TLS_AES_128_GCM_SHA256",
-    peer_certificate=PeerCertificate(trusted=True, dns_names=("remote.example",)),
+#: What the peer presents at the end of the handshake, as a TLS step picks
+#: it: xmpp-server machines judge it against the server dialogue's domain,
+#: ``remote.example``; the others never look.
+PEER_CERTIFICATES: tuple[PeerCertificate | None, ...] = (
+    PeerCertificate(trusted=True, dns_names=("remote.example",)),
+    None,
+    PeerCertificate(
+        trusted=False, problem="certificate has expired", dns_names=("remote.example",)
+    ),
+    PeerCertificate(trusted=True, dns_names=("other.example",)),
 )
+
+
+def tls_info(certificate: int) -> TLSInfo:
+    """The handshake's outcome, with the peer's certificate number ``certificate``."""
+    return TLSInfo(
+        "TLSv1.3",
+        "TLS_AES_128_GCM_SHA256",
+        peer_certificate=PEER_CERTIFICATES[certificate % len(PEER_CERTIFICATES)],
+    )
 
 
 @dataclasses.dataclass
@@ -233,6 +259,8 @@ class Session:
     closed: bool = False
     largest_read: int = 0
     baseline: int = 0
+    #: Every command the machine gave, in order (for the corpus's tests).
+    commands: list[Command] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.baseline = held_bytes(self.machine)
@@ -274,7 +302,7 @@ class Session:
             machine.receive_data(Side.BACKEND, data)
         elif op is Op.TLS:
             self.handshake_owed, self.tls_done = False, True
-            machine.tls_established(TLS_INFO)
+            machine.tls_established(tls_info(data[0] if data else 0))
         elif op is Op.CONNECTED:
             self.backend_owed, self.backend_up = False, True
             machine.backend_connected()
@@ -319,6 +347,7 @@ class Session:
 
     def _command(self, command: Command, after: str) -> None:
         check(not self.closed, f"{command!r} after CloseConnection ({after})")
+        self.commands.append(command)
         if isinstance(command, SendToClient | SendToBackend):
             check(type(command.data) is bytes, f"{command!r}: data is not bytes")
         if isinstance(command, CloseConnection):

@@ -5,7 +5,8 @@ invariant breaks, with the seed programs its corpus starts from.
 The seeds are the dialogues of ``tests.protocols.dialogues`` played to the
 relay, then one deep exchange each: a DATA body, a BDAT chunk, a SASL
 exchange, an IMAP literal and IDLE, a POP3 RETR body, XMPP SASL and stream
-restarts.
+restarts; and for xmpp-server every outcome of the peer's certificate, on
+the stream under TLS and on the one restarted after SASL EXTERNAL.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from protocols.xmpp import XMPPClientMachine, XMPPClientProbe, XMPPServerMachine
 from tests.fuzz.harness import (
     IDENTITY_BITS,
     LIMITS,
+    PEER_CERTIFICATES,
     Flag,
     Machine,
     Op,
@@ -66,6 +68,8 @@ class MachineTarget:
     backend_greeting: bytes | None = None
     #: What the backend answers the proxy's announcement, per identity.
     announced: dict[BackendIdentity, bytes] = dataclasses.field(default_factory=dict)
+    #: Whole programs of their own, beside those made of the dialogue.
+    programs: tuple[bytes, ...] = ()
 
     def make(self, flags: int) -> tuple[Machine, SessionSettings]:
         identity = self.identities[
@@ -122,7 +126,7 @@ class MachineTarget:
             steps = [*relay[:-2], (Op.BACKEND, announced), *relay[-2:]]
             seeds.append(encode(required | index * Flag.IDENTITY_SHIFT, steps))
         seeds += [encode(required, [*relay, *exchange]) for exchange in self.exchanges]
-        return seeds
+        return [*seeds, *self.programs]
 
 
 def _exchange(*pairs: tuple[bytes, bytes]) -> tuple[Step, ...]:
@@ -246,6 +250,79 @@ _SERVER_HEADER = (
     b"xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
     b"from='remote.example' to='example.com' version='1.0'>"
 )
+_SERVER_BACKEND_HEADER = BACKEND_HEADER.replace(b"jabber:client", b"jabber:server")
+_EXTERNAL_FEATURES = (
+    b"<stream:features><mechanisms xmlns='%s'><mechanism>EXTERNAL</mechanism>"
+    b"</mechanisms><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>" % _SASL
+)
+
+
+def _restart(sender: bytes | None) -> tuple[Step, ...]:
+    """SASL EXTERNAL for remote.example, its success, and the stream the
+    peer restarts from ``sender`` (None: without ``from``)."""
+    claimed = b"" if sender is None else b" from='%s'" % sender
+    return (
+        (Op.CLIENT, b"<auth xmlns='%s' mechanism='EXTERNAL'>cmVtb3RlLmV4YW1wbGU=</auth>" % _SASL),
+        (Op.BACKEND, b"<success xmlns='%s'/>" % _SASL),
+        (Op.CLIENT, _SERVER_HEADER.replace(b" from='remote.example'", claimed)),
+        (Op.BACKEND, _SERVER_BACKEND_HEADER + b"<stream:features/>"),
+        (Op.CLIENT, b"<iq type='get' id='ok' from='remote.example' to='example.com'/>"),
+    )
+
+
+#: The peer's certificates, as ``harness.PEER_CERTIFICATES`` numbers them.
+_TRUSTED, _NONE, _EXPIRED, _OTHER_DOMAIN = range(len(PEER_CERTIFICATES))
+#: Settings octets: the peer's certificate required, or dialback allowed.
+_REFUSE = Flag.REQUIRE_TLS | Flag.VARIANT
+_DIALBACK = int(Flag.REQUIRE_TLS)
+
+
+def _peer(
+    flags: int, certificate: int, sender: bytes | None = b"remote.example", *after: Step
+) -> bytes:
+    """An xmpp-server program: STARTTLS (direct TLS with ``Flag.IMPLICIT_TLS``),
+    the peer's ``certificate``, its stream under TLS from ``sender``, then
+    ``after`` once the backend answered."""
+    claimed = b"" if sender is None else b" from='%s'" % sender
+    opening = (
+        []
+        if flags & Flag.IMPLICIT_TLS
+        else [(Op.CLIENT, _SERVER_HEADER), (Op.CLIENT, XMPP.starttls)]
+    )
+    return encode(
+        flags,
+        [
+            *opening,
+            (Op.TLS, bytes([certificate]) if certificate else b""),
+            (Op.CLIENT, _SERVER_HEADER.replace(b" from='remote.example'", claimed)),
+            (Op.CONNECTED, b""),
+            (Op.BACKEND, _SERVER_BACKEND_HEADER + _EXTERNAL_FEATURES),
+            *after,
+        ],
+    )
+
+
+#: Every outcome of a peer's certificate (protocols/xmpp.py, "Peer certificates").
+_PEER_PROGRAMS = (
+    # Verified, restarted after SASL from the same domain, then from another,
+    # without 'from', from a JID.
+    _peer(_REFUSE, _TRUSTED, b"remote.example", *_restart(b"Remote.Example.")),
+    _peer(_REFUSE, _TRUSTED, b"remote.example", *_restart(b"evil.example")),
+    _peer(_DIALBACK, _TRUSTED, b"remote.example", *_restart(None)),
+    _peer(_DIALBACK, _TRUSTED, b"remote.example", *_restart(b"a@remote.example")),
+    # Refused on the stream under TLS: no certificate, an untrusted one (by
+    # direct TLS), one for another domain, a 'from' it does not name, none,
+    # a 'from' that is no domain.
+    _peer(_REFUSE, _NONE),
+    _peer(_REFUSE | Flag.IMPLICIT_TLS, _EXPIRED),
+    _peer(_REFUSE, _OTHER_DOMAIN),
+    _peer(_REFUSE, _TRUSTED, b"evil.example"),
+    _peer(_REFUSE, _TRUSTED, None),
+    _peer(_REFUSE, _TRUSTED, b"a@remote.example"),
+    # Unverified under dialback: through, and restarted from any domain.
+    _peer(_DIALBACK, _OTHER_DOMAIN, b"remote.example", *_restart(b"evil.example")),
+    _peer(_DIALBACK, _EXPIRED, b"remote.example", *_restart(b"remote.example")),
+)
 XMPP_SERVER_TARGET = MachineTarget(
     dialogue=XMPP,
     identities=(BackendIdentity.NONE, BackendIdentity.PROXY_V2),
@@ -257,8 +334,9 @@ XMPP_SERVER_TARGET = MachineTarget(
     ),
     machine=XMPPServerMachine,
     client_opening=_SERVER_HEADER,
-    backend_greeting=BACKEND_HEADER.replace(b"jabber:client", b"jabber:server")
+    backend_greeting=_SERVER_BACKEND_HEADER
     + b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>",
+    programs=_PEER_PROGRAMS,
 )
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from protocols._base import CloseConnection, PeerChecked, PeerVerification
 from tests.fuzz.__main__ import corpus_dir, fuzz
-from tests.fuzz.targets import TARGETS, seeds
+from tests.fuzz.harness import run_program
+from tests.fuzz.targets import TARGETS, XMPP_SERVER_TARGET, seeds
 
 NEW_INPUTS = 3000
 
@@ -24,6 +26,31 @@ def test_corpus(name: str) -> None:
         target(path.read_bytes())
     for program in seeds(name):
         target(program)
+
+
+def test_the_server_corpus_reaches_every_peer_outcome() -> None:
+    """The committed xmpp-server corpus starts the fuzzer from every verdict
+    on the peer's certificate and every refusal of its stream, under TLS and
+    restarted after SASL."""
+    results: set[PeerVerification] = set()
+    endings: set[str] = set()
+    for path in sorted(corpus_dir("xmpp-server").iterdir()):
+        for command in run_program(path.read_bytes(), XMPP_SERVER_TARGET.make).commands:
+            if isinstance(command, PeerChecked):
+                results.add(command.result)
+            elif isinstance(command, CloseConnection):
+                endings.add(command.reason)
+    assert results == set(PeerVerification)
+    for ending in (
+        "peer certificate: no_certificate (no certificate) (not-authorized)",
+        "peer certificate: untrusted (certificate has expired) (not-authorized)",
+        "peer certificate: name_mismatch (not valid for 'remote.example') (invalid-from)",
+        "peer certificate: name_mismatch (no 'from') (improper-addressing)",
+        "'from' is not a domain (improper-addressing)",
+        "restarted stream from 'evil.example', verified 'remote.example' (invalid-from)",
+        "restarted stream without 'from', verified 'remote.example' (improper-addressing)",
+    ):
+        assert ending in endings
 
 
 @every_target

@@ -343,12 +343,20 @@ def proxy_header(domain: str = "example.com", namespace: str = "jabber:client") 
     )
 
 
-def stream_error(condition: str, closing: bytes = b"</stream:stream>") -> bytes:
-    """The proxy's stream error ``condition``, and the end of its stream."""
+def stream_error(
+    condition: str, closing: bytes = b"</stream:stream>", text: str | None = None
+) -> bytes:
+    """The proxy's stream error ``condition``, with ``text`` (as sent: fit and
+    escaped) if any, and the end of its stream."""
+    described = (
+        b"<text xmlns='urn:ietf:params:xml:ns:xmpp-streams' xml:lang='en'>%s</text>" % text.encode()
+        if text is not None
+        else b""
+    )
     return (
         b"<stream:error xmlns:stream='http://etherx.jabber.org/streams'>"
-        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>%s"
-        % (condition.encode(), closing)
+        b"<%s xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>%s</stream:error>%s"
+        % (condition.encode(), described, closing)
     )
 
 
@@ -398,7 +406,10 @@ XMPP = Dialogue(
     relayed_answer=b"<iq type='result' id='ok'/>",
     injected=b"<iq type='set' id='evil'><query xmlns='jabber:iq:roster'/></iq>",
     client_hello_refused=(
-        SendToClient(proxy_header("proxy.example") + stream_error("not-well-formed")),
+        SendToClient(
+            proxy_header("proxy.example")
+            + stream_error("not-well-formed", text="TLS handshake received before STARTTLS")
+        ),
         CloseConnection("TLS ClientHello before STARTTLS (not-well-formed)"),
     ),
     words=(b"<iq>", b"</iq>", b"<a x='", b"'>", b"<![CDATA[", b"]]>", b"&amp;", b"\xe9"),

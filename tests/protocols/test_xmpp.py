@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lxml import etree
 
 from protocols._base import (
     CloseConnection,
@@ -32,6 +33,9 @@ from protocols._base import (
     TLSMode,
 )
 from protocols._xmlstream import (
+    NS_STREAM_ERRORS,
+    NS_STREAMS,
+    STREAM_ERROR_TEXT_LIMIT,
     Limits,
     StreamElement,
     StreamEnd,
@@ -41,6 +45,8 @@ from protocols._xmlstream import (
     Whitespace,
     XMLStreamError,
     XMLStreamReader,
+    error_text,
+    stream_error,
 )
 from protocols.facts import FACTS
 from protocols.xmpp import (
@@ -127,6 +133,26 @@ def refused(machine: XMPPMachine, data: bytes) -> tuple[bytes, CloseConnection]:
     assert not any(isinstance(c, SendToBackend | OpenBackend | StartTLS) for c in commands)
     assert isinstance(commands[-1], CloseConnection)
     return client_bytes(commands), commands[-1]
+
+
+def said(data: bytes) -> tuple[str, str | None]:
+    """The condition and the ``<text/>`` of the stream error that ends
+    ``data`` (what the client got), as lxml reads them. Where the proxy's
+    own header opens ``data``, all of it must parse as one document."""
+    if data.startswith(b"<?xml"):
+        assert etree.fromstring(data).tag == f"{{{NS_STREAMS}}}stream"
+    start = data.rindex(b"<stream:error ")
+    end = data.index(b"</stream:error>", start) + len(b"</stream:error>")
+    assert data[end:].startswith(b"</") and data.endswith(b"stream>")
+    condition, *rest = etree.fromstring(data[start:end])
+    assert etree.QName(condition).namespace == NS_STREAM_ERRORS
+    if not rest:
+        return etree.QName(condition).localname, None
+    (text,) = rest
+    assert text.tag == f"{{{NS_STREAM_ERRORS}}}text"
+    assert text.get("{http://www.w3.org/XML/1998/namespace}lang") == "en"
+    assert text.text is not None and 0 < len(text.text) <= STREAM_ERROR_TEXT_LIMIT
+    return etree.QName(condition).localname, text.text
 
 
 # --------------------------------------------------------------------------
@@ -338,7 +364,9 @@ def test_direct_tls_peers_are_checked_too() -> None:
     machine.receive_data(Side.CLIENT, S2S_HEADER)
     commands = drain(machine)
     assert commands[0] == PeerChecked(PeerVerification.UNTRUSTED, None, "certificate has expired")
-    assert client_bytes(commands).endswith(error("not-authorized"))
+    assert client_bytes(commands).endswith(
+        error("not-authorized", text="peer certificate: untrusted (certificate has expired)")
+    )
     assert not any(isinstance(c, SendToBackend | OpenBackend) for c in commands)
 
 
@@ -372,21 +400,41 @@ def test_dialback_lets_a_peer_that_fails_through_to_the_backend(
 
 
 @pytest.mark.parametrize(
-    ("certificate", "header", "result", "condition"),
+    ("certificate", "header", "result", "condition", "text"),
     [
-        (None, S2S_HEADER, PeerVerification.NO_CERTIFICATE, "not-authorized"),
-        (EXPIRED, S2S_HEADER, PeerVerification.UNTRUSTED, "not-authorized"),
-        (OTHER_DOMAIN, S2S_HEADER, PeerVerification.NAME_MISMATCH, "invalid-from"),
+        (
+            None,
+            S2S_HEADER,
+            PeerVerification.NO_CERTIFICATE,
+            "not-authorized",
+            "peer certificate: no_certificate (no certificate)",
+        ),
+        (
+            EXPIRED,
+            S2S_HEADER,
+            PeerVerification.UNTRUSTED,
+            "not-authorized",
+            "peer certificate: untrusted (certificate has expired)",
+        ),
+        (
+            OTHER_DOMAIN,
+            S2S_HEADER,
+            PeerVerification.NAME_MISMATCH,
+            "invalid-from",
+            "peer certificate: name_mismatch (not valid for 'remote.example')",
+        ),
         (
             TRUSTED,
             S2S_HEADER.replace(b" from='remote.example'", b""),
             PeerVerification.NAME_MISMATCH,
             "improper-addressing",
+            "peer certificate: name_mismatch (no 'from')",
         ),
         (
             TRUSTED,
             S2S_HEADER.replace(b"from='remote.example'", b"from='Remote.Example.'"),
             PeerVerification.VERIFIED,
+            None,
             None,
         ),
     ],
@@ -397,6 +445,7 @@ def test_refuse_ends_a_peer_that_fails_before_the_backend(
     header: bytes,
     result: PeerVerification,
     condition: str | None,
+    text: str | None,
 ) -> None:
     commands = _s2s_after_tls(PeerCertificateFailure.REFUSE, certificate, header)
     assert isinstance(commands[0], PeerChecked) and commands[0].result is result
@@ -407,7 +456,8 @@ def test_refuse_ends_a_peer_that_fails_before_the_backend(
     sent = client_bytes(commands)
     # The proxy's own header first: the restarted stream has none yet.
     assert sent.startswith(b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\"")
-    assert sent.endswith(error(condition))
+    assert sent.endswith(error(condition, text=text))
+    assert said(sent) == (condition, text)
     assert isinstance(commands[-1], CloseConnection)
     assert commands[-1].reason.startswith(f"peer certificate: {result.value}")
 
@@ -421,7 +471,9 @@ def test_a_from_that_is_no_domain_is_improper_addressing(
     commands = _s2s_after_tls(on_failure, TRUSTED, header)
     assert commands[0] == PeerChecked(PeerVerification.NAME_MISMATCH, None, "'from' no domain")
     assert not any(isinstance(c, SendToBackend | OpenBackend) for c in commands)
-    assert client_bytes(commands).endswith(error("improper-addressing"))
+    assert client_bytes(commands).endswith(
+        error("improper-addressing", text="'from' is not a domain")
+    )
 
 
 def test_only_the_stream_under_tls_is_judged() -> None:
@@ -449,6 +501,156 @@ def test_servers_without_a_policy_are_not_judged() -> None:
     TLS().apply(machine)
     machine.receive_data(Side.CLIENT, S2S_HEADER)
     assert drain(machine) == [OpenBackend()]
+
+
+# The stream restarted after SASL (RFC 6120 section 6.4.6).
+
+S2S_BACKEND_HEADER = S2S_HEADER.replace(b"from='remote.example' to='example.com'", b"id='s2s'")
+S2S_EXTERNAL_FEATURES = (
+    b"<stream:features><mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"
+    b"<mechanism>EXTERNAL</mechanism></mechanisms></stream:features>"
+)
+#: SASL EXTERNAL for ``remote.example``.
+EXTERNAL = (
+    b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>"
+    b"cmVtb3RlLmV4YW1wbGU=</auth>"
+)
+
+
+def s2s_proxy_header(to: str | None) -> bytes:
+    """The proxy's own header on a server stream (to ``to``, if any)."""
+    recipient = b' to="%s"' % to.encode() if to is not None else b""
+    return (
+        b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
+        b'xmlns:stream="http://etherx.jabber.org/streams" xmlns:db="jabber:server:dialback" '
+        b'id="ID" from="example.com"%s version="1.0">' % recipient
+    )
+
+
+def _s2s_restarted(
+    on_failure: PeerCertificateFailure | None,
+    certificate: PeerCertificate | None,
+    restarted: bytes,
+) -> list[Command]:
+    """A server stream from ``remote.example`` through TLS, SASL EXTERNAL
+    and its success: what its ``restarted`` header gets."""
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    for event in (
+        Client(S2S_HEADER + STARTTLS),
+        TLS(certificate),
+        Client(S2S_HEADER),
+        Connected(),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        Client(EXTERNAL),
+        Backend(SUCCESS),
+    ):
+        event.apply(machine)
+        drain(machine)
+    assert machine.state is State.RELAY
+    machine.receive_data(Side.CLIENT, restarted)
+    return drain(machine)
+
+
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+def test_a_verified_peer_restarts_from_its_domain(on_failure: PeerCertificateFailure) -> None:
+    machine = XMPPServerMachine(settings(peer_certificate_failure=on_failure), PEER)
+    restarted = S2S_HEADER.replace(b"from='remote.example'", b"from='Remote.Example.'")
+    run(
+        machine,
+        *S2S_TO_TLS,
+        TLS(TRUSTED),
+        Client(S2S_HEADER),
+        PeerChecked(PeerVerification.VERIFIED, "remote.example"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(S2S_HEADER),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(S2S_EXTERNAL_FEATURES),
+        *exchange(EXTERNAL, SUCCESS),
+        # Checked, relayed, and no second PeerChecked.
+        Client(restarted),
+        SendToBackend(restarted),
+        Backend(S2S_BACKEND_HEADER + b"<stream:features/>"),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(b"<stream:features/>"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("restarted", "condition", "text", "to"),
+    [
+        (
+            S2S_HEADER.replace(b"remote.example", b"evil.example"),
+            "invalid-from",
+            "restarted stream from 'evil.example', verified 'remote.example'",
+            "evil.example",
+        ),
+        (
+            S2S_HEADER.replace(b" from='remote.example'", b""),
+            "improper-addressing",
+            "restarted stream without 'from', verified 'remote.example'",
+            None,
+        ),
+        (
+            S2S_HEADER.replace(b"from='remote.example'", b"from='user@remote.example'"),
+            "improper-addressing",
+            "'from' is not a domain",
+            "user@remote.example",
+        ),
+        (
+            S2S_HEADER.replace(b"xmlns='jabber:server'", b"xmlns='jabber:client'"),
+            "invalid-namespace",
+            "wrong content namespace",
+            "remote.example",
+        ),
+        (
+            S2S_HEADER.replace(b" version='1.0'", b""),
+            "unsupported-version",
+            "stream version None",
+            "remote.example",
+        ),
+    ],
+    ids=["other-domain", "no-from", "no-domain", "client-namespace", "no-version"],
+)
+@pytest.mark.parametrize("on_failure", list(PeerCertificateFailure))
+def test_a_verified_peer_s_restart_is_checked_before_the_backend(
+    on_failure: PeerCertificateFailure,
+    restarted: bytes,
+    condition: str,
+    text: str,
+    to: str | None,
+) -> None:
+    commands = _s2s_restarted(on_failure, TRUSTED, restarted)
+    assert commands == [
+        SendToClient(s2s_proxy_header(to) + error(condition, text=text)),
+        CloseConnection(f"{text} ({condition})"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("on_failure", "certificate"),
+    [
+        (PeerCertificateFailure.DIALBACK, OTHER_DOMAIN),
+        (PeerCertificateFailure.DIALBACK, None),
+        (None, TRUSTED),
+    ],
+    ids=["dialback-name-mismatch", "dialback-no-certificate", "no-policy"],
+)
+def test_an_unverified_peer_s_restart_is_relayed_from_any_domain(
+    on_failure: PeerCertificateFailure | None, certificate: PeerCertificate | None
+) -> None:
+    restarted = S2S_HEADER.replace(b"remote.example", b"evil.example")
+    assert _s2s_restarted(on_failure, certificate, restarted) == [SendToBackend(restarted)]
+
+
+def test_a_client_s_restart_is_checked_too() -> None:
+    """A client stream cannot restart as a server's after SASL."""
+    machine = relaying()
+    run(machine, *exchange(AUTH, SUCCESS))
+    data, close = refused(machine, client_header(namespace="jabber:server"))
+    assert data == proxy_header() + error("invalid-namespace", text="wrong content namespace")
+    assert close.reason == "wrong content namespace (invalid-namespace)"
 
 
 @pytest.mark.parametrize(
@@ -534,30 +736,50 @@ def test_stream_ids_are_fresh() -> None:
 
 
 @pytest.mark.parametrize(
-    ("header", "domains", "condition", "domain"),
+    ("header", "domains", "condition", "domain", "text"),
     [
-        (client_header("Example.COM."), ("example.com",), None, "example.com"),
-        (client_header("other.example"), ("example.com",), "host-unknown", HOST),
-        (client_header("bad domain"), (), "host-unknown", HOST),
-        (client_header(namespace="jabber:server"), (), "invalid-namespace", "example.com"),
+        (client_header("Example.COM."), ("example.com",), None, "example.com", None),
+        (
+            client_header("other.example"),
+            ("example.com",),
+            "host-unknown",
+            HOST,
+            "unknown domain 'other.example'",
+        ),
+        (client_header("bad domain"), (), "host-unknown", HOST, "malformed domain in 'to'"),
+        (
+            client_header(namespace="jabber:server"),
+            (),
+            "invalid-namespace",
+            "example.com",
+            "wrong content namespace",
+        ),
         (
             HEADER.replace(b"etherx.jabber.org/streams", b"example.org/x"),
             (),
             "invalid-namespace",
             "example.com",
+            "stream root is '{http://example.org/x}stream'",
         ),
-        (HEADER.replace(b" version='1.0'>", b">"), (), "unsupported-version", "example.com"),
+        (
+            HEADER.replace(b" version='1.0'>", b">"),
+            (),
+            "unsupported-version",
+            "example.com",
+            "stream version None",
+        ),
         (
             HEADER.replace(b"version='1.0'>", b"version='2.0'>"),
             (),
             "unsupported-version",
             "example.com",
+            "stream version '2.0'",
         ),
-        (HEADER.replace(b" to='example.com'", b""), ("example.com",), None, HOST),
+        (HEADER.replace(b" to='example.com'", b""), ("example.com",), None, HOST, None),
     ],
 )
 def test_stream_header_checks(
-    header: bytes, domains: tuple[str, ...], condition: str | None, domain: str
+    header: bytes, domains: tuple[str, ...], condition: str | None, domain: str, text: str | None
 ) -> None:
     machine = XMPPClientMachine(settings(domains=domains), PEER)
     machine.receive_data(Side.CLIENT, header)
@@ -566,7 +788,7 @@ def test_stream_header_checks(
         assert commands == [SendToClient(proxy_header(domain) + REQUIRED_FEATURES)]
         assert machine.state is State.PRE_TLS
     else:
-        assert commands[0] == SendToClient(proxy_header(domain) + error(condition))
+        assert commands[0] == SendToClient(proxy_header(domain) + error(condition, text=text))
         assert isinstance(commands[1], CloseConnection)
         assert condition in commands[1].reason
         assert machine.state is State.CLOSED
@@ -575,7 +797,9 @@ def test_stream_header_checks(
 def test_server_machine_refuses_client_streams() -> None:
     machine = XMPPServerMachine(settings(), PEER)
     data, close = refused(machine, HEADER)
-    assert data == proxy_header(namespace="jabber:server") + error("invalid-namespace")
+    assert data == proxy_header(namespace="jabber:server") + error(
+        "invalid-namespace", text="wrong content namespace"
+    )
     assert close.reason == "wrong content namespace (invalid-namespace)"
 
 
@@ -597,7 +821,7 @@ def test_a_server_stream_that_switches_namespaces_after_tls_is_refused(restarted
     TLS().apply(machine)
     machine.receive_data(Side.CLIENT, restarted)
     commands = drain(machine)
-    assert client_bytes(commands).endswith(error("invalid-namespace"))
+    assert said(client_bytes(commands))[0] == "invalid-namespace"
     assert not any(isinstance(c, OpenBackend | SendToBackend) for c in commands)
     assert machine.state is State.CLOSED
 
@@ -637,7 +861,7 @@ def test_stanza_before_tls_is_a_policy_violation() -> None:
     machine = XMPPClientMachine(settings(), PEER)
     run(machine, Client(HEADER), SendToClient(proxy_header() + REQUIRED_FEATURES))
     data, close = refused(machine, b"<message to='bob@example.com'><body>hi</body></message>")
-    assert data == error("policy-violation")
+    assert data == error("policy-violation", text="message before STARTTLS")
     assert close.reason == "message before STARTTLS (policy-violation)"
 
 
@@ -657,8 +881,82 @@ def test_header_after_tls_is_checked_too() -> None:
     machine = XMPPClientMachine(settings(tls_mode=TLSMode.IMPLICIT, domains=("example.com",)), PEER)
     run(machine, StartTLS(b""), TLS())
     data, close = refused(machine, client_header("elsewhere.example"))
-    assert data == proxy_header(HOST) + error("host-unknown")
+    assert data == proxy_header(HOST) + error(
+        "host-unknown", text="unknown domain 'elsewhere.example'"
+    )
     assert "elsewhere.example" in close.reason
+
+
+# --------------------------------------------------------------------------
+# The <text/> of the proxy's stream errors.
+
+
+def test_error_text_is_escaped_fit_and_bounded() -> None:
+    text = "a<b>&c]]>'\"\x00\x1b\x7f\x85\ud800\ufffe\r\n\tz" + "\u00e9" * 300
+    sent = stream_error(StreamErrorCondition.POLICY_VIOLATION, text=text)
+    sent.decode("utf-8")
+    assert b"<b>" not in sent and b"]]>" not in sent
+    assert said(sent) == ("policy-violation", error_text(text))
+    fit = error_text(text)
+    assert fit.startswith("a<b>&c]]>'\"" + "\ufffd" * 6 + " z\u00e9")
+    assert len(fit) == STREAM_ERROR_TEXT_LIMIT and fit.endswith("\u00e9\u2026")
+    assert error_text("x" * STREAM_ERROR_TEXT_LIMIT) == "x" * STREAM_ERROR_TEXT_LIMIT
+
+
+def test_an_empty_text_is_left_out() -> None:
+    bare = stream_error(StreamErrorCondition.BAD_FORMAT)
+    assert stream_error(StreamErrorCondition.BAD_FORMAT, text=" \r\n") == bare
+    assert said(bare) == ("bad-format", None)
+
+
+def test_the_peer_s_words_in_the_text_stay_text() -> None:
+    """The version the client sent comes back in the text: markup in it is escaped."""
+    header = HEADER.replace(
+        b" version='1.0'>", b" version='1.0&lt;/text&gt;&lt;evil/&gt;&amp;&quot;&apos;'>"
+    )
+    data, close = refused(XMPPClientMachine(settings(), PEER), header)
+    assert said(data) == ("unsupported-version", "stream version '1.0</text><evil/>&\"\\''")
+    assert b"<evil/>" not in data
+    assert close.reason == "stream version '1.0</text><evil/>&\"\\'' (unsupported-version)"
+
+
+def test_a_long_domain_in_the_text_is_cut() -> None:
+    domain = "\u00e9" * 300 + ".example"
+    machine = XMPPClientMachine(settings(domains=("example.com",)), PEER)
+    data, close = refused(machine, client_header(domain))
+    expected = f"unknown domain {domain!r}"[: STREAM_ERROR_TEXT_LIMIT - 1] + "\u2026"
+    assert said(data) == ("host-unknown", expected)
+    # The log keeps all of it.
+    assert domain in close.reason
+
+
+def test_the_peer_never_reads_the_driver_s_or_the_proxy_s_own_reasons() -> None:
+    unreachable = "backend 10.1.2.3:5222 unreachable: [Errno 111] Connection refused"
+    machine = XMPPClientMachine(settings(), PEER)
+    run(machine, *TO_BACKEND)
+    machine.backend_failed(unreachable)
+    data = client_bytes(drain(machine))
+    assert said(data) == ("remote-connection-failed", "backend unavailable")
+    assert b"10.1.2.3" not in data and b"Errno" not in data
+
+    machine = relaying()
+    machine.timed_out("idle for 300 s")
+    assert said(client_bytes(drain(machine))) == ("connection-timeout", "timeout exceeded")
+
+    machine = relaying()
+    machine.receive_data(Side.BACKEND, b"<a>\xff</a>")
+    commands = drain(machine)
+    assert said(client_bytes(commands)) == ("internal-server-error", None)
+    assert isinstance(commands[-1], CloseConnection)
+    assert "backend: not well-formed" in commands[-1].reason
+
+    machine = XMPPClientMachine(settings(), PEER)
+    with pytest.raises(LocalProtocolError):
+        machine.tls_established(TLSInfo("TLSv1.3", "TLS_AES_128_GCM_SHA256"))
+    commands = drain(machine)
+    assert said(client_bytes(commands)) == ("internal-server-error", None)
+    assert isinstance(commands[-1], CloseConnection)
+    assert commands[-1].reason.startswith("internal error: ")
 
 
 # --------------------------------------------------------------------------
@@ -710,7 +1008,7 @@ def test_backend_prefix_is_used_to_close_the_stream() -> None:
         Backend(header),
         SendToClient(header),
         Timeout(),
-        SendToClient(error("connection-timeout", b"</s:stream>")),
+        SendToClient(error("connection-timeout", b"</s:stream>", text="timeout exceeded")),
         CloseConnection("idle timeout (connection-timeout)"),
     )
 
@@ -719,19 +1017,21 @@ def test_endings() -> None:
     assert XMPPClientMachine.busy_reply("busy.example").startswith(
         b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:client\""
     )
-    assert XMPPServerMachine.busy_reply("busy.example").endswith(error("resource-constraint"))
+    assert XMPPServerMachine.busy_reply("busy.example").endswith(
+        error("resource-constraint", text="too many connections")
+    )
     assert b'from="busy.example"' in XMPPServerMachine.busy_reply("busy.example")
     run(
         XMPPClientMachine(settings(), PEER),
         Timeout(),
-        SendToClient(proxy_header(HOST) + error("connection-timeout")),
+        SendToClient(proxy_header(HOST) + error("connection-timeout", text="timeout exceeded")),
         CloseConnection("idle timeout (connection-timeout)"),
     )
     run(relaying(), EOF(Side.CLIENT), CloseConnection("client closed"))
     run(
         relaying(),
         ShuttingDown(),
-        SendToClient(error("system-shutdown")),
+        SendToClient(error("system-shutdown", text="server shutting down")),
         CloseConnection("proxy shutting down (system-shutdown)"),
     )
     run(
@@ -756,7 +1056,10 @@ def test_backend_unreachable() -> None:
         machine,
         *TO_BACKEND,
         Failed("backend 127.0.0.1:5222 unreachable: refused"),
-        SendToClient(proxy_header() + error("remote-connection-failed")),
+        # The driver's reason names the backend's address: the peer gets none of it.
+        SendToClient(
+            proxy_header() + error("remote-connection-failed", text="backend unavailable")
+        ),
         CloseConnection("backend 127.0.0.1:5222 unreachable: refused (remote-connection-failed)"),
     )
 
@@ -871,7 +1174,11 @@ def test_attacks_before_tls(opening: bytes, attack: bytes, condition: str, reaso
     machine = XMPPClientMachine(settings(), PEER)
     data, close = refused(machine, opening + attack)
     assert data.startswith(b"<?xml version='1.0'?><stream:stream ")
-    assert data.endswith(error(condition))
+    sent_condition, text = said(data)
+    assert sent_condition == condition
+    # The peer is told what the log says of its bytes (a ClientHello, in SMTP's words).
+    assert text is not None
+    assert reason in text or close.reason == "TLS ClientHello before STARTTLS (not-well-formed)"
     assert reason in close.reason
     assert close.reason.endswith(f"({condition})")
 
@@ -886,15 +1193,51 @@ def test_attacks_after_tls_never_reach_the_backend() -> None:
         machine.receive_data(Side.CLIENT, attack)
         commands = drain(machine)
         assert backend_bytes(commands) == b""
-        assert commands == [SendToClient(error(condition)), commands[-1]]
+        assert len(commands) == 2 and isinstance(commands[0], SendToClient)
+        assert said(commands[0].data)[0] == condition
         assert isinstance(commands[-1], CloseConnection)
+
+
+def test_s2s_sasl_restart_cannot_switch_domain() -> None:
+    """A peer whose certificate verified for remote.example authenticates by
+    SASL EXTERNAL, then restarts its stream from evil.example: the backend,
+    whose PROXY header names remote.example, must never read a stream from
+    evil.example on that connection."""
+    machine = XMPPServerMachine(
+        settings(peer_certificate_failure=PeerCertificateFailure.REFUSE), PEER
+    )
+    run(
+        machine,
+        *S2S_TO_TLS,
+        TLS(TRUSTED),
+        Client(S2S_HEADER),
+        PeerChecked(PeerVerification.VERIFIED, "remote.example"),
+        OpenBackend(),
+        Connected(),
+        SendToBackend(S2S_HEADER),
+        Backend(S2S_BACKEND_HEADER + S2S_EXTERNAL_FEATURES),
+        SendToClient(S2S_BACKEND_HEADER),
+        SendToClient(S2S_EXTERNAL_FEATURES),
+        *exchange(EXTERNAL, SUCCESS),
+    )
+    evil = S2S_HEADER.replace(b"remote.example", b"evil.example")
+    data, close = refused(machine, evil + b"<db:result from='evil.example' to='example.com'/>")
+    assert data == s2s_proxy_header("evil.example") + error(
+        "invalid-from", text="restarted stream from 'evil.example', verified 'remote.example'"
+    )
+    assert said(data) == (
+        "invalid-from",
+        "restarted stream from 'evil.example', verified 'remote.example'",
+    )
+    assert close.reason.endswith("(invalid-from)")
+    assert machine.state is State.CLOSED
 
 
 def test_billion_laughs_in_bounded_time() -> None:
     started = time.monotonic()
     machine = XMPPClientMachine(settings(), PEER)
     data, _ = refused(machine, BILLION_LAUGHS)
-    assert data.endswith(error("restricted-xml"))
+    assert said(data) == ("restricted-xml", "a DTD or entity declaration")
     assert time.monotonic() - started < 0.5
 
 
@@ -924,7 +1267,9 @@ def test_ten_megabyte_attribute_is_refused_after_the_limit() -> None:
         fed += len(chunk)
         assert fed < 10 * 1024 * 1024
     assert fed <= limit + len(chunk)
-    assert commands[0] == SendToClient(error("policy-violation"))
+    assert commands[0] == SendToClient(
+        error("policy-violation", text=f"attribute value longer than {limit} bytes")
+    )
 
 
 def test_limits_are_inclusive() -> None:
@@ -1014,9 +1359,9 @@ def test_transcripts_end_as_expected(name: str) -> None:
         )
         assert to_client.endswith(MESSAGE + b"</stream:stream>")
     if name == "attack":
-        assert to_client.endswith(error("policy-violation"))
+        assert said(to_client) == ("policy-violation", "elements nested deeper than 16")
     if name == "bad utf-8":
-        assert to_client.endswith(error("not-well-formed"))
+        assert said(to_client)[0] == "not-well-formed"
 
 
 test_split_one_byte_at_a_time, test_split_invariance = split_invariance_tests(TRANSCRIPTS)
@@ -1194,7 +1539,7 @@ def test_fuzz_namespace_holding_a_brace_before_starttls() -> None:
         Client(HEADER),
         SendToClient(proxy_header() + REQUIRED_FEATURES),
         Client(b"<starttls xmlns='urn:a}b'/>"),
-        SendToClient(error("policy-violation")),
+        SendToClient(error("policy-violation", text="starttls before STARTTLS")),
         CloseConnection("starttls before STARTTLS (policy-violation)"),
     )
 
