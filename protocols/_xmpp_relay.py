@@ -22,9 +22,22 @@ still parsed (RFC 6120 section 4):
 A machine here names, in its ``State`` and ``Input`` enums, the members of
 ``RelayStates`` and ``RelayInputs`` besides the shared ones, and says in
 which states the client's tokens are read (``reads_client``) and the
-backend's (``reads_backend``); tokens wait in their reader otherwise. The
-proxy's own words to the client are stream errors (``_fail``), opened with a
-header of the proxy's own when the client has none yet (section 4.9.1.2).
+backend's (``reads_backend``); tokens wait in their reader otherwise. A
+stream the client restarts during the relay (after SASL) is checked by the
+machine (``_check_restarted_header``) before it goes on.
+
+The proxy's own words to the client are stream errors (``_fail``), opened
+with a header of the proxy's own when the client has none yet (section
+4.9.1.2). They carry a ``<text/>`` (section 4.9.2) for the peer's
+administrator where the peer caused them: what is wrong with its header, its
+certificate or its XML, in the log's words, which may quote what the peer
+sent (``_xmlstream.error_text`` makes them one line of at most 200
+characters without what XML forbids, and ``stream_error`` escapes it). The
+proxy's own endings say what the line protocols say (``backend
+unavailable``, ``timeout exceeded``, ``server shutting down``, ``too many
+connections``), never the driver's reason, which names sockets and
+addresses; ``<internal-server-error/>`` (a misbehaving backend, or the
+proxy's own bug) says nothing.
 """
 
 from __future__ import annotations
@@ -97,6 +110,14 @@ VERSION: Final = re.compile(r"1\.[0-9]+")
 BACKEND_LIMIT_FACTOR: Final = 4
 
 TLS_FAILURE: Final = b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+#: What the proxy's own endings tell the peer (``<text/>``): the words the
+#: line protocols use, never the driver's reason, which names sockets and
+#: addresses.
+_EARLY_TLS: Final = "TLS handshake received before STARTTLS"
+_UNAVAILABLE: Final = "backend unavailable"
+_TIMEOUT: Final = "timeout exceeded"
+_SHUTDOWN: Final = "server shutting down"
+_BUSY: Final = "too many connections"
 _COMPRESSION_FAILURE: Final = (
     b"<failure xmlns='http://jabber.org/protocol/compress'><setup-failed/></failure>"
 )
@@ -110,7 +131,7 @@ def new_stream_id() -> str:
 def busy_reply(content_namespace: str, hostname: str) -> bytes:
     """A stream of the proxy's own that ends at once: it is too busy."""
     header = stream_header(content_namespace, sender=hostname, stream_id=new_stream_id())
-    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT)
+    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT, text=_BUSY)
 
 
 def serialize(element: etree._Element) -> bytes:
@@ -221,7 +242,9 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
         self._pump_client()
 
     def _refuse_early_tls(self) -> None:
-        self._fail(StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS")
+        self._fail(
+            StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS", text=_EARLY_TLS
+        )
 
     @event
     def receive_eof(self, side: Side) -> None:
@@ -234,15 +257,15 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
 
     @event
     def backend_failed(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
+        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=_UNAVAILABLE)
 
     @event
     def timed_out(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason)
+        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason, text=_TIMEOUT)
 
     @event
     def shutting_down(self) -> None:
-        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down")
+        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down", text=_SHUTDOWN)
 
     @property
     def client_mid_command(self) -> bool:
@@ -272,13 +295,26 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
         )
 
     def _fail(
-        self, condition: StreamErrorCondition, reason: str, *, violation: bool = False
+        self,
+        condition: StreamErrorCondition,
+        reason: str,
+        *,
+        text: str | None = None,
+        violation: bool = False,
     ) -> None:
         """End the session with a stream error, opening the client's stream
-        first if it has no header yet (RFC 6120 section 4.9.1.2)."""
+        first if it has no header yet (RFC 6120 section 4.9.1.2). ``reason``
+        is for the log; ``text``, for the peer (see the module docstring),
+        is none unless the caller gives one."""
         header = b"" if self._client_stream_open else self._own_header()
-        reply = header + stream_error(condition, self._closing_tag)
+        reply = header + stream_error(condition, self._closing_tag, text=text)
         self._end(f"{reason} ({condition.value})", reply=reply, violation=violation)
+
+    def _refuse(self, problem: tuple[StreamErrorCondition, str]) -> None:
+        """End the session for what is wrong with the client's stream header:
+        the peer's doing, so its administrator is told what."""
+        condition, reason = problem
+        self._fail(condition, reason, text=reason)
 
     # ------------------------------------------------------------------
     # The client's stream.
@@ -288,7 +324,7 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
             try:
                 token = self._client.next_token()
             except XMLStreamError as error:
-                self._fail(error.condition, f"client: {error.reason}")
+                self._fail(error.condition, f"client: {error.reason}", text=error.reason)
                 return
             if token is None:
                 return
@@ -301,7 +337,19 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
         """A client token before the relay (the machine's own phase)."""
         raise NotImplementedError
 
+    def _check_restarted_header(
+        self, header: StreamHeader
+    ) -> tuple[StreamErrorCondition, str] | None:
+        """What is wrong with a stream the client restarted during the relay."""
+        raise NotImplementedError
+
     def _relay_client_token(self, token: Token) -> None:
+        if isinstance(token, StreamHeader):
+            # Restarted after SASL success (section 6.4.6).
+            problem = self._check_restarted_header(token)
+            if problem is not None:
+                self._refuse(problem)
+                return
         if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
             # RFC 6120 section 5.4.2.2: failure, then the stream ends.
             reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"

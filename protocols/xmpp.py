@@ -56,16 +56,8 @@ second ``PeerChecked``. A peer that failed under ``dialback`` may restart
 from any domain, the backend authenticates it; but a ``from`` that is no
 domain is ``<improper-addressing/>`` here too.
 
-*Stream errors* carry a ``<text/>`` (section 4.9.2) for the peer's
-administrator where the peer caused them: what is wrong with its header, its
-certificate or its XML, in the log's words. These may quote what the peer
-sent: ``_xmlstream.error_text`` makes them one line of at most 200
-characters without what XML forbids, and ``stream_error`` escapes it. The
-proxy's own endings say what the line protocols say (``backend
-unavailable``, ``timeout exceeded``, ``server shutting down``, ``too many
-connections``), never the driver's reason, which names sockets and
-addresses; ``<internal-server-error/>`` (a misbehaving backend, or the
-proxy's own bug) says nothing.
+*Stream errors* carry a ``<text/>`` (section 4.9.2) where the peer caused
+them, in the log's words; see ``protocols._xmpp_relay``.
 
 *Plaintext sessions* (``require_tls: false``): the pre-TLS features also list
 the backend's own, learned by the capability probe. The first element that
@@ -80,7 +72,6 @@ from __future__ import annotations
 import enum
 import functools
 import re
-import secrets
 from collections.abc import Mapping
 from typing import ClassVar, Final
 
@@ -94,10 +85,8 @@ from protocols._base import (
     PeerCertificateFailure,
     PeerChecked,
     PeerVerification,
-    ProxyMachine,
     RemoteProtocolError,
     SessionSettings,
-    Side,
     StartTLS,
     TLSInfo,
     TLSMode,
@@ -114,10 +103,25 @@ from protocols._xmlstream import (
     StreamErrorCondition,
     StreamHeader,
     Token,
-    XMLStreamError,
     XMLStreamReader,
-    stream_error,
     stream_header,
+)
+from protocols._xmpp_relay import (
+    BACKEND_LIMIT_FACTOR,
+    DOMAIN,
+    FEATURES,
+    JABBER_CLIENT,
+    JABBER_SERVER,
+    SASL_AUTH,
+    STARTTLS,
+    STREAM_ERROR,
+    VERSION,
+    XMPPRelayMachine,
+    busy_reply,
+    local_name,
+    normalize_domain,
+    serialize,
+    strip_features,
 )
 
 
@@ -173,103 +177,17 @@ _READS_CLIENT: Final = frozenset(
     {State.PRE_TLS_HEADER, State.PRE_TLS, State.TLS_HEADER, State.RELAY}
 )
 
-JABBER_CLIENT: Final = "jabber:client"
-JABBER_SERVER: Final = "jabber:server"
-NS_TLS: Final = "urn:ietf:params:xml:ns:xmpp-tls"
-NS_SASL: Final = "urn:ietf:params:xml:ns:xmpp-sasl"
-NS_SASL2: Final = "urn:xmpp:sasl:2"
-NS_COMPRESS: Final = "http://jabber.org/protocol/compress"
-NS_COMPRESS_FEATURE: Final = "http://jabber.org/features/compress"
-NS_CHANNEL_BINDING: Final = "urn:xmpp:sasl-cb:0"
-
-FEATURES: Final = f"{{{NS_STREAMS}}}features"
-STREAM_ERROR: Final = f"{{{NS_STREAMS}}}error"
-STARTTLS: Final = f"{{{NS_TLS}}}starttls"
-SASL_AUTH: Final = f"{{{NS_SASL}}}auth"
-SASL_SUCCESS: Final = f"{{{NS_SASL}}}success"
-COMPRESS: Final = f"{{{NS_COMPRESS}}}compress"
-#: Features the proxy terminates or that cannot cross it.
-_TERMINATED_FEATURES: Final = frozenset(
-    {
-        STARTTLS,
-        f"{{{NS_COMPRESS_FEATURE}}}compression",
-        f"{{{NS_CHANNEL_BINDING}}}sasl-channel-binding",
-    }
-)
-#: Feature elements listing SASL mechanisms, one ``<mechanism>`` child each.
-_MECHANISM_LISTS: Final = frozenset({f"{{{NS_SASL}}}mechanisms", f"{{{NS_SASL2}}}authentication"})
-
-#: Backend stanzas come from other users and the server itself; the backend
-#: enforces its own limits on what clients send, so the proxy allows it more.
-BACKEND_LIMIT_FACTOR: Final = 4
-#: A stream header's ``to``: a domain (RFC 7622 section 3.2), loosely.
-_DOMAIN: Final = re.compile(r"[^\s@/<>&'\"]{1,1023}")
 #: A stream header's ``from``: a JID (RFC 7622 section 3), loosely.
 _ADDRESS: Final = re.compile(r"[^\s<>&'\"]{1,3071}")
-_VERSION: Final = re.compile(r"1\.[0-9]+")
 
 _PROCEED: Final = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
-_TLS_FAILURE: Final = b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
 _ENCRYPTION_REQUIRED: Final = (
     b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><encryption-required/></failure>"
-)
-_COMPRESSION_FAILURE: Final = (
-    b"<failure xmlns='http://jabber.org/protocol/compress'><setup-failed/></failure>"
 )
 _REQUIRED_STARTTLS: Final = (
     b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>"
 )
 _OPTIONAL_STARTTLS: Final = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
-#: The ``<text/>`` of the proxy's own endings, in the line protocols' words;
-#: never the driver's reason, which names sockets and addresses.
-_EARLY_TLS: Final = "TLS handshake received before STARTTLS"
-_UNAVAILABLE: Final = "backend unavailable"
-_TIMEOUT: Final = "timeout exceeded"
-_SHUTDOWN: Final = "server shutting down"
-_BUSY: Final = "too many connections"
-
-
-def new_stream_id() -> str:
-    """A fresh, unpredictable stream id (RFC 6120 section 4.7.3)."""
-    return secrets.token_hex(8)
-
-
-def _busy_reply(content_namespace: str, hostname: str) -> bytes:
-    header = stream_header(content_namespace, sender=hostname, stream_id=new_stream_id())
-    return header + stream_error(StreamErrorCondition.RESOURCE_CONSTRAINT, text=_BUSY)
-
-
-def _serialize(element: etree._Element) -> bytes:
-    """Exclusive canonical XML: only the namespace declarations it uses.
-
-    libxml2 refuses to canonicalize some documents that it parses, such as
-    a namespace name that is not a URI (``xmlns='a|b'``): that is a peer's
-    violation, not the proxy's failure.
-    """
-    try:
-        return etree.tostring(element, method="c14n", exclusive=True)
-    except (etree.LxmlError, ValueError) as error:
-        raise RemoteProtocolError(
-            f"{_name(element.tag)} cannot be canonicalized: {error}"
-        ) from None
-
-
-def strip_features(features: etree._Element) -> bool:
-    """Remove from ``features`` what the proxy terminates; True if anything went."""
-    changed = False
-    for child in list(features):
-        if child.tag in _TERMINATED_FEATURES:
-            features.remove(child)
-            changed = True
-        elif child.tag in _MECHANISM_LISTS:
-            for mechanism in list(child):
-                name = (mechanism.text or "").strip().upper()
-                if _name(mechanism.tag) == "mechanism" and name.endswith("-PLUS"):
-                    child.remove(mechanism)
-                    changed = True
-            if not any(_name(node.tag) == "mechanism" for node in child):
-                features.remove(child)
-    return changed
 
 
 _FRAGMENT_PARSER: Final = etree.XMLParser(
@@ -296,46 +214,28 @@ def pre_tls_features(capabilities: tuple[str, ...], require_tls: bool) -> bytes:
     own = b""
     for child in features:
         try:
-            own += _serialize(child)
+            own += serialize(child)
         except RemoteProtocolError:
             continue
     return b"<stream:features>%s%s</stream:features>" % (_OPTIONAL_STARTTLS, own)
 
 
-class XMPPMachine(ProxyMachine[State, Input]):
+class XMPPMachine(XMPPRelayMachine):
     """One XMPP session; see the module docstring. Use a subclass per stream type."""
 
     states = State
     inputs = Input
     transitions = TRANSITIONS
-    #: The content namespace of the streams this listener accepts.
-    content_namespace: ClassVar[str]
+    reads_client = _READS_CLIENT
+    reads_backend = frozenset({State.BACKEND_GREETING, State.RELAY})
 
     def __init__(self, settings: SessionSettings, peer: Peer) -> None:
         super().__init__(settings, peer)
-        limits = Limits(
-            settings.max_stanza_size, settings.max_xml_depth, settings.max_attribute_size
-        )
-        self._client = XMLStreamReader(limits)
-        self._backend = XMLStreamReader(limits.scaled(BACKEND_LIMIT_FACTOR))
-        self._domains = frozenset(_normalize_domain(domain) for domain in settings.domains)
-        #: The ``from`` of the proxy's own headers: the domain the client asked for.
-        self._domain = settings.hostname
+        self._domains = frozenset(normalize_domain(domain) for domain in settings.domains)
         #: The client's ``to``, as the certificate hint.
         self._requested: str | None = None
-        #: The client's ``from``, the ``to`` of the proxy's header.
-        self._peer_address: str | None = None
-        self._dialback = False
-        #: The stream header the backend gets first.
-        self._client_header = b""
         #: The client element that started a plaintext relay.
         self._held: Token | None = None
-        #: Whether the client has a stream header for its current stream, and
-        #: the end tag that closes that stream.
-        self._client_stream_open = False
-        self._closing_tag = b"</stream:stream>"
-        self._client_stream_ended = False
-        self._tls = False
         self._peer_certificate: PeerCertificate | None = None
         if settings.tls_mode is TLSMode.STARTTLS:
             self.state = State.PRE_TLS_HEADER
@@ -345,28 +245,6 @@ class XMPPMachine(ProxyMachine[State, Input]):
 
     # ------------------------------------------------------------------
     # Inputs.
-
-    def _from_backend(self, data: bytes) -> None:
-        self._backend.feed(data)
-        self._pump_backend()
-
-    def _from_client(self, data: bytes) -> None:
-        self._client.feed(data)
-        self._pump_client()
-
-    def _refuse_early_tls(self) -> None:
-        self._fail(
-            StreamErrorCondition.NOT_WELL_FORMED, "TLS ClientHello before STARTTLS", text=_EARLY_TLS
-        )
-
-    @event
-    def receive_eof(self, side: Side) -> None:
-        if side is Side.CLIENT:
-            self._end("client closed")
-        elif self._client_stream_ended:
-            self._end("client closed the stream", clean=True)
-        else:
-            self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, "backend closed")
 
     @event
     def tls_established(self, info: TLSInfo) -> None:
@@ -380,74 +258,16 @@ class XMPPMachine(ProxyMachine[State, Input]):
         self._go(Input.BACKEND_CONNECTED)
         self._send_backend(self._client_header)
 
-    @event
-    def backend_failed(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=_UNAVAILABLE)
-
-    @event
-    def timed_out(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.CONNECTION_TIMEOUT, reason, text=_TIMEOUT)
-
-    @event
-    def shutting_down(self) -> None:
-        self._fail(StreamErrorCondition.SYSTEM_SHUTDOWN, "proxy shutting down", text=_SHUTDOWN)
-
-    @property
-    def client_mid_command(self) -> bool:
-        # The reader holds bytes only until they make a whole token.
-        return self.state in _READS_CLIENT and self._client.buffered > 0
-
-    @property
-    def unprocessed_client_bytes(self) -> int:
-        # Elsewhere the reader takes everything, within its limits.
-        return 0 if self.state in _READS_CLIENT else self._client.buffered
-
-    def violated(self, reason: str) -> None:
-        self._fail(StreamErrorCondition.INTERNAL_SERVER_ERROR, reason, violation=True)
-
     # ------------------------------------------------------------------
-    # Stream headers and errors.
-
-    def _own_header(self) -> bytes:
-        self._client_stream_open = True
-        self._closing_tag = b"</stream:stream>"
-        return stream_header(
-            self.content_namespace,
-            sender=self._domain,
-            recipient=self._peer_address,
-            stream_id=new_stream_id(),
-            dialback=self._dialback,
-        )
-
-    def _fail(
-        self,
-        condition: StreamErrorCondition,
-        reason: str,
-        *,
-        text: str | None = None,
-        violation: bool = False,
-    ) -> None:
-        """End the session with a stream error, opening the client's stream
-        first if it has no header yet (RFC 6120 section 4.9.1.2). ``reason``
-        is for the log; ``text``, for the peer (see the module docstring),
-        is none unless the caller gives one."""
-        header = b"" if self._client_stream_open else self._own_header()
-        reply = header + stream_error(condition, self._closing_tag, text=text)
-        self._end(f"{reason} ({condition.value})", reply=reply, violation=violation)
-
-    def _refuse(self, problem: tuple[StreamErrorCondition, str]) -> None:
-        """End the session for what is wrong with the client's stream header:
-        the peer's doing, so its administrator is told what."""
-        condition, reason = problem
-        self._fail(condition, reason, text=reason)
+    # Stream headers.
 
     def _check_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
         """Remember who the client is and what it asks for; what is wrong with it."""
         root = header.element
         self._peer_address = _peer_address(root.get("from"))
         to = root.get("to")
-        requested = _normalize_domain(to) if to is not None else None
-        if requested is not None and _DOMAIN.fullmatch(requested):
+        requested = normalize_domain(to) if to is not None else None
+        if requested is not None and DOMAIN.fullmatch(requested):
             if self._domains and requested not in self._domains:
                 return StreamErrorCondition.HOST_UNKNOWN, f"unknown domain {requested!r}"
             self._domain = self._requested = requested
@@ -459,7 +279,7 @@ class XMPPMachine(ProxyMachine[State, Input]):
         if root.nsmap.get(None) != self.content_namespace:
             return StreamErrorCondition.INVALID_NAMESPACE, "wrong content namespace"
         version = root.get("version")
-        if version is None or not _VERSION.fullmatch(version):
+        if version is None or not VERSION.fullmatch(version):
             return StreamErrorCondition.UNSUPPORTED_VERSION, f"stream version {version!r}"
         return None
 
@@ -473,24 +293,17 @@ class XMPPMachine(ProxyMachine[State, Input]):
         nothing, but on server streams."""
         return None
 
+    def _check_restarted_header(
+        self, header: StreamHeader
+    ) -> tuple[StreamErrorCondition, str] | None:
+        # Checked as the first was.
+        return self._check_header(header) or self._check_restart(header.element.get("from"))
+
     # ------------------------------------------------------------------
-    # The client's stream.
+    # The client's stream before the relay.
 
-    def _pump_client(self) -> None:
-        while self.state in _READS_CLIENT:
-            try:
-                token = self._client.next_token()
-            except XMLStreamError as error:
-                self._fail(error.condition, f"client: {error.reason}", text=error.reason)
-                return
-            if token is None:
-                return
-            self._client_token(token)
-
-    def _client_token(self, token: Token) -> None:
-        if self.state is State.RELAY:
-            self._relay_client_token(token)
-        elif isinstance(token, StreamHeader):
+    def _client_stream_token(self, token: Token) -> None:
+        if isinstance(token, StreamHeader):
             self._client_header_token(token)
         elif isinstance(token, StreamEnd):
             self._end("client closed the stream", reply=self._closing_tag, clean=True)
@@ -528,76 +341,8 @@ class XMPPMachine(ProxyMachine[State, Input]):
         elif tag == SASL_AUTH:
             self._send_client(_ENCRYPTION_REQUIRED)
         else:
-            reason = f"{_name(tag)} before STARTTLS"
+            reason = f"{local_name(tag)} before STARTTLS"
             self._fail(StreamErrorCondition.POLICY_VIOLATION, reason, text=reason)
-
-    def _relay_client_token(self, token: Token) -> None:
-        if isinstance(token, StreamHeader):
-            # Restarted after SASL success (section 6.4.6): checked as the first was.
-            problem = self._check_header(token) or self._check_restart(token.element.get("from"))
-            if problem is not None:
-                self._refuse(problem)
-                return
-        if isinstance(token, StreamElement) and token.element.tag == STARTTLS:
-            # RFC 6120 section 5.4.2.2: failure, then the stream ends.
-            reason = "STARTTLS under TLS" if self._tls else "STARTTLS in a plaintext relay"
-            self._end(reason, reply=_TLS_FAILURE + self._closing_tag)
-            return
-        if isinstance(token, StreamElement) and token.element.tag == COMPRESS:
-            # The proxy parses the stream: it cannot be compressed (XEP-0138).
-            self._send_client(_COMPRESSION_FAILURE)
-            return
-        if isinstance(token, StreamEnd):
-            self._client_stream_ended = True
-        self._send_backend(token.raw)
-
-    # ------------------------------------------------------------------
-    # The backend's stream.
-
-    def _pump_backend(self) -> None:
-        while self.state in (State.BACKEND_GREETING, State.RELAY):
-            try:
-                token = self._backend.next_token()
-            except XMLStreamError as error:
-                raise RemoteProtocolError(f"backend: {error.reason}") from None
-            if token is None:
-                return
-            self._backend_token(token)
-
-    def _backend_token(self, token: Token) -> None:
-        if isinstance(token, StreamHeader):
-            if token.element.tag != STREAM:
-                raise RemoteProtocolError(f"backend stream root is {token.element.tag!r}")
-            greeting = self.state is State.BACKEND_GREETING
-            # Plaintext relay: the client has the proxy's header already.
-            if self._tls or not greeting:
-                self._send_client(token.raw)
-                self._client_stream_open = True
-                prefix = token.element.prefix
-                self._closing_tag = b"</%s:stream>" % prefix.encode() if prefix else b"</stream>"
-            if self._tls and greeting:
-                self._ready()
-        elif isinstance(token, StreamElement):
-            self._backend_element(token)
-        elif isinstance(token, StreamEnd):
-            self._end("backend closed the stream", reply=token.raw, clean=self._client_stream_ended)
-        else:
-            self._send_client(token.raw)
-
-    def _backend_element(self, token: StreamElement) -> None:
-        element = token.element
-        if element.tag == FEATURES and self.state is State.BACKEND_GREETING:
-            # Plaintext relay: the client has the proxy's features already.
-            self._ready()
-        elif element.tag == FEATURES:
-            self._send_client(_serialize(element) if strip_features(element) else token.raw)
-        elif element.tag == SASL_SUCCESS:
-            self._send_client(token.raw)
-            self._client.restart()
-            self._backend.restart()
-            self._client_stream_open = False
-        else:
-            self._send_client(token.raw)
 
     def _ready(self) -> None:
         self._go(Input.BACKEND_READY)
@@ -605,10 +350,6 @@ class XMPPMachine(ProxyMachine[State, Input]):
         if held is not None:
             self._relay_client_token(held)
         self._pump_client()
-
-
-def _normalize_domain(domain: str) -> str:
-    return domain.strip().rstrip(".").lower()
 
 
 def peer_verification(certificate: PeerCertificate | None, domain: str | None) -> PeerVerification:
@@ -644,12 +385,6 @@ def _peer_address(sender: str | None) -> str | None:
     return sender if sender is not None and _ADDRESS.fullmatch(sender) else None
 
 
-def _name(tag: object) -> str:
-    # Not etree.QName, which raises on a namespace name holding a "}": a
-    # local name never holds one, so it is all after the last.
-    return tag.rpartition("}")[2] if isinstance(tag, str) else "element"
-
-
 class XMPPClientMachine(XMPPMachine):
     """``xmpp-client``: client-to-server streams (``jabber:client``, port 5222)."""
 
@@ -657,7 +392,7 @@ class XMPPClientMachine(XMPPMachine):
 
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
-        return _busy_reply(JABBER_CLIENT, hostname)
+        return busy_reply(JABBER_CLIENT, hostname)
 
 
 class XMPPServerMachine(XMPPMachine):
@@ -669,14 +404,14 @@ class XMPPServerMachine(XMPPMachine):
 
     @staticmethod
     def busy_reply(hostname: str) -> bytes:
-        return _busy_reply(JABBER_SERVER, hostname)
+        return busy_reply(JABBER_SERVER, hostname)
 
     def _check_peer(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
         on_failure = self.settings.peer_certificate_failure
         if on_failure is None:
             return None
-        domain = _normalize_domain(sender) if sender is not None else None
-        if domain is not None and not _DOMAIN.fullmatch(domain):
+        domain = normalize_domain(sender) if sender is not None else None
+        if domain is not None and not DOMAIN.fullmatch(domain):
             # RFC 6120 section 4.7.1: a server's stream is from a domain.
             self._outbox.push(PeerChecked(PeerVerification.NAME_MISMATCH, None, "'from' no domain"))
             return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
@@ -702,8 +437,8 @@ class XMPPServerMachine(XMPPMachine):
     def _check_restart(self, sender: str | None) -> tuple[StreamErrorCondition, str] | None:
         if self.settings.peer_certificate_failure is None:
             return None
-        domain = _normalize_domain(sender) if sender is not None else None
-        if domain is not None and not _DOMAIN.fullmatch(domain):
+        domain = normalize_domain(sender) if sender is not None else None
+        if domain is not None and not DOMAIN.fullmatch(domain):
             return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
         verified = self._verified
         if verified is None or domain == verified:
@@ -749,13 +484,13 @@ class XMPPCapabilityProbe(CapabilityProbe):
         if isinstance(token, StreamEnd):
             self.error = "the backend closed the stream"
         elif isinstance(token, StreamElement) and token.element.tag == FEATURES:
-            self.result = tuple(_serialize(child).decode() for child in token.element)
+            self.result = tuple(serialize(child).decode() for child in token.element)
             self._send = b"</stream:stream>"
         elif isinstance(token, StreamElement) and token.element.tag == STREAM_ERROR:
-            conditions = [_name(child.tag) for child in token.element]
+            conditions = [local_name(child.tag) for child in token.element]
             self.error = f"backend stream error: {' '.join(conditions)}"
         elif isinstance(token, StreamElement):
-            self.error = f"unexpected {_name(token.element.tag)} from the backend"
+            self.error = f"unexpected {local_name(token.element.tag)} from the backend"
 
 
 class XMPPClientProbe(XMPPCapabilityProbe):

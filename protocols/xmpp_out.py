@@ -220,7 +220,7 @@ class XMPPOutgoingMachine(XMPPRelayMachine):
         refuse = self.settings.peer_certificate_failure is PeerCertificateFailure.REFUSE
         if result is not PeerVerification.VERIFIED and refuse:
             reason = f"remote certificate: {result.value}" + (f" ({detail})" if detail else "")
-            self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason)
+            self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=reason)
             return
         self._send_backend(self._client_header)
         self._pump_backend()
@@ -232,7 +232,7 @@ class XMPPOutgoingMachine(XMPPRelayMachine):
         if isinstance(token, StreamHeader):
             problem = self._check_local_header(token)
             if problem is not None:
-                self._fail(*problem)
+                self._refuse(problem)
                 return
             self._client_header = token.raw
             self._outbox.push(OpenBackend(route=self._remote_ascii))
@@ -242,6 +242,19 @@ class XMPPOutgoingMachine(XMPPRelayMachine):
         else:
             name = local_name(token.element.tag) if isinstance(token, StreamElement) else "text"
             self._fail(StreamErrorCondition.POLICY_VIOLATION, f"{name} before a stream header")
+
+    def _check_restarted_header(
+        self, header: StreamHeader
+    ) -> tuple[StreamErrorCondition, str] | None:
+        # After SASL with the remote: the same two domains, or nothing.
+        sender, to = header.element.get("from"), header.element.get("to")
+        if header.element.tag != STREAM or header.element.nsmap.get(None) != JABBER_SERVER:
+            return StreamErrorCondition.INVALID_NAMESPACE, "not a server-to-server stream"
+        if to is None or normalize_domain(to) != self._remote:
+            return StreamErrorCondition.HOST_UNKNOWN, f"restarted stream not to {self._remote!r}"
+        if sender is None or normalize_domain(sender) != self._peer_address:
+            return StreamErrorCondition.INVALID_FROM, "restarted stream from another domain"
+        return None
 
     def _check_local_header(self, header: StreamHeader) -> tuple[StreamErrorCondition, str] | None:
         root = header.element
@@ -314,7 +327,9 @@ class XMPPOutgoingMachine(XMPPRelayMachine):
             self._remote_failed(f"unexpected {local_name(element.tag)} before TLS")
 
     def _remote_failed(self, why: str) -> None:
-        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, f"remote {self._remote}: {why}")
+        # The remote's doing: the local server's administrator is told what.
+        reason = f"remote {self._remote}: {why}"
+        self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=reason)
 
     def _start_tls(self, discarded: bytes) -> None:
         self._outbox.push(

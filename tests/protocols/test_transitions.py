@@ -74,7 +74,8 @@ def test_a_machine_without_a_shared_state_is_refused_when_its_class_is_made() ->
 
 
 def test_a_machine_without_a_shared_input_is_refused_when_its_class_is_made() -> None:
-    with pytest.raises(TypeError, match=r"^Machine: Broken lacks CLOSE, VIOLATION$"):
+    lacks = "BACKEND_READY, CLOSE, VIOLATION"
+    with pytest.raises(TypeError, match=rf"^Machine: Broken lacks {lacks}$"):
 
         class Machine(XMPPClientMachine):
             inputs = Broken  # type: ignore[assignment]

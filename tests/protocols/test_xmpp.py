@@ -48,6 +48,7 @@ from protocols._xmlstream import (
     error_text,
     stream_error,
 )
+from protocols._xmpp_relay import new_stream_id
 from protocols.facts import FACTS
 from protocols.xmpp import (
     State,
@@ -56,7 +57,6 @@ from protocols.xmpp import (
     XMPPMachine,
     XMPPServerMachine,
     XMPPServerProbe,
-    new_stream_id,
     peer_verification,
     pre_tls_features,
 )

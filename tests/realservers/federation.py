@@ -183,9 +183,7 @@ def _route(federation: Federation) -> None:
     prosody.set_routes([route._replace(source=PROSODY_SOURCE) for route in routes])
     # What the outgoing listener finds: ejabberd's own STARTTLS, the proxy's
     # direct-TLS listener in front of it, and one whose certificate is another's.
-    dns.set_srv(
-        f"_xmpp-server._tcp.{via_outgoing('starttls')}", SRV(_LOOPBACK, ejabberd.s2s_port)
-    )
+    dns.set_srv(f"_xmpp-server._tcp.{via_outgoing('starttls')}", SRV(_LOOPBACK, ejabberd.s2s_port))
     ejabberd_direct = proxy.ports[listener_name("ejabberd", "direct")]
     dns.set_srv(f"_xmpps-server._tcp.{via_outgoing('direct')}", SRV(_LOOPBACK, ejabberd_direct))
     prosody_direct = proxy.ports[listener_name("prosody", "direct")]
