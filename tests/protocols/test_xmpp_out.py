@@ -214,9 +214,7 @@ def test_a_remote_that_fails_verification_is_refused(
             b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" "
             b'xmlns:stream="http://etherx.jabber.org/streams" xmlns:db="jabber:server:dialback" '
             b'id="ID" from="remote.example" to="local.example" version="1.0">'
-            + stream_error(
-                "remote-connection-failed", text=reason(result, detail).replace("'", "&apos;")
-            )
+            + stream_error("remote-connection-failed", text=reason(result, detail))
         ),
         CloseConnection(f"{reason(result, detail)} (remote-connection-failed)"),
     )
