@@ -322,19 +322,27 @@ def test_check_reads_the_trust_files(
     assert main(["--config", str(_write(tmp_path, yaml.safe_dump(raw))), "--check"]) == 0
 
 
-def test_the_example_server_to_server_listener_checks_when_uncommented(
+def _commented_example(name: str) -> list[object]:
+    """The listener ``name`` that config.example.yaml shows commented out."""
+    text = (ROOT / "config.example.yaml").read_text()
+    start = text.index(f"  # - name: {name}\n")
+    block = text[start : text.index("\n\n", start)]
+    entries = yaml.safe_load("\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()))
+    assert isinstance(entries, list)
+    return entries
+
+
+def test_the_example_server_to_server_listeners_check_when_uncommented(
     cert_dir: Path, tmp_path: Path
 ) -> None:
-    """config.example.yaml shows it commented out (no demo server federates)."""
-    text = (ROOT / "config.example.yaml").read_text()
-    start = text.index("  # - name: xmpp-s2s")
-    block = text[start : text.index("\nmetrics:", start)]
-    entry = yaml.safe_load("\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()))
+    """config.example.yaml shows them commented out (no demo server federates)."""
     raw = _minimal(cert_dir)
-    raw["listeners"] = entry
-    config = load_config(_write(tmp_path, yaml.safe_dump(raw)))
-    peer = config.listeners[0].peer_certificates
+    raw["listeners"] = _commented_example("xmpp-s2s") + _commented_example("xmpp-s2s-out")
+    incoming, outgoing = load_config(_write(tmp_path, yaml.safe_dump(raw))).listeners
+    peer = incoming.peer_certificates
     assert peer is not None and peer == type(peer)()
+    assert outgoing.routes is not None
+    assert list(outgoing.routes.static) == ["partner.example.net"]
 
 
 def _outgoing(cert_dir: Path, **listener: object) -> dict[str, object]:
