@@ -327,7 +327,9 @@ def _commented_example(name: str) -> list[object]:
     text = (ROOT / "config.example.yaml").read_text()
     start = text.index(f"  # - name: {name}\n")
     block = text[start : text.index("\n\n", start)]
-    entries = yaml.safe_load("\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines()))
+    entries = yaml.safe_load(
+        "\n".join(line.replace("  # ", "  ", 1) for line in block.splitlines())
+    )
     assert isinstance(entries, list)
     return entries
 
