@@ -43,6 +43,7 @@ connection, DNS) are ``<remote-connection-failed/>``.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from typing import Final
 
@@ -139,13 +140,18 @@ _PROCEED: Final = f"{{{NS_TLS}}}proceed"
 _TLS_REFUSED: Final = f"{{{NS_TLS}}}failure"
 
 
+#: A domain as DNS and SNI take it: letters, digits, hyphens (A-labels),
+#: dots, and underscores, which DNS allows.
+_ASCII_DOMAIN: Final = re.compile(r"[A-Za-z0-9_.-]{1,253}")
+
+
 def ascii_domain(domain: str) -> str | None:
     """``domain`` as DNS and SNI take it (A-labels), or None if it is none."""
     try:
         ace = domain.encode("idna").decode("ascii")
     except UnicodeError:
         return None
-    return ace if 0 < len(ace) <= 253 else None
+    return ace if _ASCII_DOMAIN.fullmatch(ace) else None
 
 
 class XMPPOutgoingMachine(XMPPRelayMachine):

@@ -54,7 +54,8 @@ PROXY_HEADER_REFUSED = Counter(
 )
 DISCARDED_BYTES = Counter(
     "starttls_proxy_discarded_after_starttls_bytes_total",
-    "Plaintext bytes a client sent after its TLS upgrade command (injection attempts).",
+    "Plaintext bytes a peer sent after the TLS upgrade (injection attempts): a client"
+    " after its upgrade command, an outgoing stream's remote server after <proceed/>.",
     ["listener", "protocol"],
     registry=REGISTRY,
 )

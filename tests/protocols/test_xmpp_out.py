@@ -242,6 +242,8 @@ def _refusal(machine: XMPPOutgoingMachine, data: bytes) -> tuple[bytes, list[obj
     [
         (local_header(to=""), "improper-addressing"),
         (local_header(to="a@b"), "host-unknown"),
+        (local_header(to="a\x7fb.example"), "host-unknown"),
+        (local_header(to="a" * 254), "host-unknown"),
         (local_header(**{"from": ""}), "improper-addressing"),
         (local_header(**{"from": "intruder.example"}), "invalid-from"),
         (local_header(version=""), "unsupported-version"),
