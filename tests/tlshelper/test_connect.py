@@ -41,6 +41,7 @@ from OpenSSL import SSL
 
 from protocols._base import PeerCertificate, TLSInfo
 from starttls_proxy.keys import provider
+from starttls_proxy.keys.server import encode_grant, encode_reference, read_private_key
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
 from starttls_proxy.wire import KeyServerCounts, Ready, TLSRole, WorkerExit, read_report
@@ -558,13 +559,6 @@ def _signed_more_than(signing: Signing, before: int) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SSL.Error,
-    reason="the key server signs server handshake inputs only (keys/service/signing.c"
-    " looks_like_handshake): it refuses a client's CertificateVerify, the worker fails the"
-    " handshake (EVP lib) and the remote gets an internal_error alert",
-)
 @pytest.mark.parametrize(
     ("hint", "names"),
     [
@@ -579,7 +573,9 @@ def test_the_client_certificates_key_signs_through_the_key_server(
     names: list[str],
 ) -> None:
     """The helper holds key references only: the CertificateVerify the
-    server checked was the key server's signature."""
+    server checked was the key server's signature, which it makes for a
+    worker that connects (the grant says so) over a TLS 1.3 client's
+    CertificateVerify input."""
     before = signing.signed()
     connection, remote, report = _handshake(
         signing.helper, remote_certificate, hint=hint, request_certificate=True
@@ -588,6 +584,80 @@ def test_the_client_certificates_key_signs_through_the_key_server(
     assert _dns_names(remote.seen.client_certificate) == names
     assert _finish(signing.helper, connection) == WorkerExit.OK
     assert _signed_more_than(signing, before)
+
+
+@dataclass
+class Granting:
+    """A helper with key references whose link's other end is the test's:
+    it reads the grants the helper sends for its workers."""
+
+    helper: RunningHelper
+    link: socket.socket
+
+
+@pytest.fixture(scope="module")
+def granting(
+    cert_dir: Path,
+    peer_authorities: tuple[Authority, Authority],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Granting]:
+    directory = tmp_path_factory.mktemp("connect-grants")
+    certificates = _helper_certificates(cert_dir)
+    references = [
+        encode_reference(read_private_key(key.read_bytes(), str(key))).decode()
+        for _, key in certificates
+    ]
+    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with (
+        ours,
+        theirs,
+        running_helper(
+            directory / "helper",
+            certificates,
+            key_references=references,
+            link=theirs,
+            env=env,
+            tls={"peer_trust": _trust_stores(directory, peer_authorities)},
+        ) as running,
+    ):
+        theirs.close()
+        assert isinstance(running.reply, Ready), running.reply
+        yield Granting(running, ours)
+
+
+@pytest.mark.parametrize(
+    ("role", "hint", "indexes"),
+    [
+        (TLSRole.ACCEPT, None, [0, 1]),
+        (TLSRole.ACCEPT, "other.example.test", [1]),
+        (TLSRole.CONNECT, None, [0]),
+        (TLSRole.CONNECT, "other.example.test", [1]),
+        (TLSRole.CONNECT, "unknown.example", [0]),
+    ],
+    ids=["accept", "accept-other", "connect", "connect-other", "connect-unknown-hint"],
+)
+def test_the_grant_names_the_workers_role_and_the_certificates_it_may_use(
+    granting: Granting, role: TLSRole, hint: str | None, indexes: list[int]
+) -> None:
+    """keys/keyserver_wire.h: the role, then the certificates. A worker that
+    accepts may serve any certificate SNI may switch to from the default; a
+    worker that connects has no SNI to switch on: the hint's alone."""
+    if role == TLSRole.CONNECT:
+        connection = _connect(granting.helper, hint=hint)
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=10)
+            server_end, _ = listener.accept()
+        connection = spawn_on(granting.helper, client, server_end, server_name_hint=hint)
+    granting.link.settimeout(10)
+    message, fds, _, _ = socket.recv_fds(granting.link, 1024, 1)
+    for fd in fds:
+        os.close(fd)
+    assert len(fds) == 1
+    assert message == encode_grant(indexes, role)
+    connection.close()
+    assert granting.helper.exit_of(connection.pid) == WorkerExit.CLIENT_GONE
 
 
 def test_without_a_certificate_request_nothing_is_signed(

@@ -122,7 +122,10 @@ enum layer {
     LAYER_COUNT
 };
 
-/* A spawn request's role: which side of TLS its worker takes. */
+/* A spawn request's role: which side of TLS its worker takes. With the key
+ * server, the grant of the worker's connection carries it (the values of
+ * keys/keyserver_wire.h's enum grant_role), and it signs only that role's
+ * handshake signatures. */
 enum tls_role {
     ROLE_ACCEPT = 0,
     ROLE_CONNECT = 1,
