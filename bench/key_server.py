@@ -42,6 +42,7 @@ from starttls_proxy.keys.server import (
 )
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
+from starttls_proxy.wire import TLSRole
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.proxy import ProxyProcess, listener, start_proxy
 
@@ -144,7 +145,7 @@ def _round_trips(samples: int) -> dict[str, tuple[float, float]]:
         key = read_private_key(paths[index].read_bytes(), label)
         times = []
         for _ in range(samples):
-            with socket.socket(fileno=link.connection_for([index])) as connection:
+            with socket.socket(fileno=link.connection_for([index], TLSRole.ACCEPT)) as connection:
                 data = TLS13_SERVER_CONTEXT + os.urandom(32)
                 request = signature_request(key.public_key(), data, scheme, 1)
                 started = time.perf_counter()

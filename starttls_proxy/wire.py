@@ -493,7 +493,8 @@ class SpawnRequest:
     handshake_timeout: float
     #: Which of the proxy's certificates: on accept, when the client sends no
     #: SNI (XMPP's stream ``to``); on connect, the one presented if the server
-    #: asks for a client certificate.
+    #: asks for a client certificate, on TLS 1.3 only (on TLS 1.2 the worker
+    #: sends none: ``tls/helper/wire.h`` section 3).
     server_name_hint: str | None = None
     #: ALPN protocols the worker may select (XEP-0368 direct TLS); on
     #: connect, those it offers.

@@ -6,8 +6,10 @@ bytes held them. Here the TLS workers hold key *references* (see
 disclosure in a worker, in the TLS helper or in the main process finds no
 key. A compromised worker is at most a signing oracle, and a narrow one:
 for the certificates its own connection may use, for as many signatures as
-one handshake needs (one), over data shaped like a TLS handshake
-signature, for its lifetime.
+one handshake needs (one), over data shaped like what a TLS endpoint of its
+role signs in a handshake (a server's TLS 1.3 CertificateVerify or TLS 1.2
+ServerKeyExchange for a worker that accepts, a client's TLS 1.3
+CertificateVerify for one that connects), for its lifetime.
 
 Process: the keeper starts it (``python -m starttls_proxy.keys.server FD``, a
 fresh interpreter, no OpenSSL provider) before any TLS helper and restarts
@@ -25,9 +27,10 @@ Sockets (all SOCK_SEQPACKET: one message per datagram):
   ``wire.KEY_SERVER_TO_KEEPER`` (JSON); the exit statuses are
   ``wire.SubordinateExit``.
 
-* link, with one TLS helper (binary, ``Link``): a count and that many
-  certificate indexes (u16 each) with one descriptor attached: a worker's
-  connection, which may use the keys of those certificates and no other.
+* link, with one TLS helper (binary, ``Link``): a grant, the worker's role
+  (``wire.TLSRole``), a count and that many certificate indexes (u16 each),
+  with one descriptor attached: a worker's connection, which may use the
+  keys of those certificates and no other, for its role's signatures.
 
 * connection, with one worker (binary, ``keys/keyserver_wire.h``): one signature
   request, one answer.
@@ -78,6 +81,7 @@ from starttls_proxy.wire import (
     Ready,
     SigningCounts,
     SubordinateExit,
+    TLSRole,
     WireError,
 )
 
@@ -110,10 +114,14 @@ MAX_DATA = 1024
 MAX_REQUEST = HEADER.size + KEY_ID_SIZE + MAX_DATA
 STATUS_SIGNED, STATUS_REFUSED = 0, 1
 #: RFC 8446 section 4.4.3: what a TLS 1.3 server's CertificateVerify signs,
-#: followed by the transcript hash.
+#: followed by the transcript hash (a worker that accepts), and a client's
+#: (a worker that connects).
 TLS13_SERVER_CONTEXT = b" " * 64 + b"TLS 1.3, server CertificateVerify\x00"
-#: The most certificate indexes one link message may carry
-#: (``keys/keyserver_wire.h``).
+TLS13_CLIENT_CONTEXT = b" " * 64 + b"TLS 1.3, client CertificateVerify\x00"
+#: A grant (``keys/keyserver_wire.h``): the role (``enum grant_role``, whose
+#: values are ``wire.TLSRole``'s) and the count of certificate indexes.
+GRANT_HEADER = struct.Struct(">BH")
+#: The most certificate indexes one grant may carry.
 MAX_CERTIFICATES = 4096
 
 
@@ -159,6 +167,15 @@ def signature_request(
     """A worker's request to sign ``data`` (``keys/keyserver_wire.h``), as tests and
     benchmarks make it; in a worker, the provider makes it."""
     return HEADER.pack(WIRE_VERSION, scheme, digest, 0, request_id) + key_id(key) + data
+
+
+def encode_grant(certificates: list[int], role: TLSRole) -> bytes:
+    """A grant (``keys/keyserver_wire.h``): a worker of ``role`` may use the
+    keys of ``certificates``, as the TLS helper sends it."""
+    if len(certificates) > MAX_CERTIFICATES:
+        raise ValueError(f"{len(certificates)} certificates: at most {MAX_CERTIFICATES}")
+    indexes = struct.pack(f">{len(certificates)}H", *certificates)
+    return GRANT_HEADER.pack(TLSRole(role), len(certificates)) + indexes
 
 
 def _sized(data: bytes) -> bytes:
@@ -214,23 +231,21 @@ class Link:
         # its handshake.
         sock.setblocking(False)
 
-    def grant(self, connection: socket.socket, certificates: list[int]) -> None:
+    def grant(self, connection: socket.socket, certificates: list[int], role: TLSRole) -> None:
         """Hand the key server its end of a worker's ``connection``, good for
-        the keys of ``certificates`` only, and close ours. When the key server
-        cannot be reached the worker's end has no peer, and its signatures
-        fail at once. Requests the worker sends before the key server took
-        its end wait in the socket."""
-        if len(certificates) > MAX_CERTIFICATES:
-            raise ValueError(f"{len(certificates)} certificates: at most {MAX_CERTIFICATES}")
+        the keys of ``certificates`` only and the signatures of ``role``, and
+        close ours. When the key server cannot be reached the worker's end
+        has no peer, and its signatures fail at once. Requests the worker
+        sends before the key server took its end wait in the socket."""
+        message = encode_grant(certificates, role)
         with connection, contextlib.suppress(OSError):
-            message = struct.pack(f">H{len(certificates)}H", len(certificates), *certificates)
             socket.send_fds(self.sock, [message], [connection.fileno()])
 
-    def connection_for(self, certificates: list[int]) -> int:
+    def connection_for(self, certificates: list[int], role: TLSRole) -> int:
         """A new connection for one worker (see ``grant``); returns the
         worker's end, which the caller closes."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.grant(ours, certificates)
+        self.grant(ours, certificates, role)
         return theirs.detach()
 
 

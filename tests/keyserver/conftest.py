@@ -18,7 +18,7 @@ import trustme
 from starttls_proxy.keys.server import Link
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
-from starttls_proxy.wire import KeyServerCounts
+from starttls_proxy.wire import KeyServerCounts, TLSRole
 
 #: Far from the proxy's default range (and from tests/isolation's workers).
 TEST_UIDS = (310_000, 1_000)
@@ -44,9 +44,9 @@ class RunningKeyServer:
         self.process.read_counts()
         return sum(getattr(message.counts, result) for message in self.counts)
 
-    def connect(self, certificates: list[int]) -> socket.socket:
-        """A worker's connection, good for ``certificates``."""
-        return socket.socket(fileno=self.link.connection_for(certificates))
+    def connect(self, certificates: list[int], role: TLSRole = TLSRole.ACCEPT) -> socket.socket:
+        """A connection of a worker of ``role``, good for ``certificates``."""
+        return socket.socket(fileno=self.link.connection_for(certificates, role))
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,9 @@
 gets, what it is refused, and what only drops it.
 
 The requests are what the provider's ``signature.c`` sends; the signatures
-are checked with the public keys.
+are checked with the public keys. A connection's grant names its worker's
+role: one that accepts may have a TLS server's handshake inputs signed, one
+that connects a TLS 1.3 client's CertificateVerify input only.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from starttls_proxy.keys.server import (
+    GRANT_HEADER,
     HEADER,
     KEY_ID_SIZE,
     MAX_DATA,
     MAX_REQUEST,
     STATUS_REFUSED,
     STATUS_SIGNED,
+    TLS13_CLIENT_CONTEXT,
     TLS13_SERVER_CONTEXT,
     WIRE_VERSION,
     PrivateKey,
     Scheme,
+    encode_grant,
     read_private_key,
     signature_request,
     user_id,
@@ -37,7 +42,7 @@ from starttls_proxy.keys.server import (
 from starttls_proxy.privileged.helper_start import HelperStartError
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import encode
-from starttls_proxy.wire import LoadKeys, Problems, Ready
+from starttls_proxy.wire import LoadKeys, Problems, Ready, TLSRole
 from tests.keyserver.conftest import Keys, RunningKeyServer, isolation
 
 CONCURRENT_CONNECTIONS = 64
@@ -60,6 +65,10 @@ def tls13_input() -> bytes:
 def tls12_input() -> bytes:
     # Randoms, then named_curve x25519 (29) and a 32-byte share.
     return os.urandom(64) + bytes([3, 0, 29, 32]) + os.urandom(32)
+
+
+def tls13_client_input() -> bytes:
+    return TLS13_CLIENT_CONTEXT + os.urandom(32)
 
 
 def _ask(connection: socket.socket, request: bytes) -> bytes:
@@ -107,23 +116,30 @@ def test_the_key_server_is_confined(key_server: RunningKeyServer, key_server_roo
 
 
 @pytest.mark.parametrize(
-    ("index", "scheme", "make_input"),
+    ("role", "index", "scheme", "make_input"),
     [
-        (0, Scheme.ECDSA, tls13_input),
-        (0, Scheme.ECDSA, tls12_input),
-        (1, Scheme.RSA_PSS, tls13_input),
-        (1, Scheme.RSA_PSS, tls12_input),
-        (1, Scheme.RSA_PKCS1, tls12_input),
+        (TLSRole.ACCEPT, 0, Scheme.ECDSA, tls13_input),
+        (TLSRole.ACCEPT, 0, Scheme.ECDSA, tls12_input),
+        (TLSRole.ACCEPT, 1, Scheme.RSA_PSS, tls13_input),
+        (TLSRole.ACCEPT, 1, Scheme.RSA_PSS, tls12_input),
+        (TLSRole.ACCEPT, 1, Scheme.RSA_PKCS1, tls12_input),
+        (TLSRole.CONNECT, 0, Scheme.ECDSA, tls13_client_input),
+        (TLSRole.CONNECT, 1, Scheme.RSA_PSS, tls13_client_input),
     ],
 )
 def test_signs_for_the_connection_s_certificate(
-    key_server: RunningKeyServer, keys: Keys, index: int, scheme: Scheme, make_input: object
+    key_server: RunningKeyServer,
+    keys: Keys,
+    role: TLSRole,
+    index: int,
+    scheme: Scheme,
+    make_input: object,
 ) -> None:
     assert callable(make_input)
     key = _key(keys.paths[index])
     data = make_input()
     signed = key_server.total("signed")
-    with key_server.connect([index]) as connection:
+    with key_server.connect([index], role) as connection:
         answer = _ask(connection, _request(key, data, scheme, request_id=0xDEADBEEF))
     version, status, _, _, request_id = HEADER.unpack_from(answer)
     assert (version, status, request_id) == (WIRE_VERSION, STATUS_SIGNED, 0xDEADBEEF)
@@ -149,43 +165,95 @@ def test_one_signature_per_connection(key_server: RunningKeyServer, keys: Keys) 
         assert HEADER.unpack_from(second)[1] == STATUS_REFUSED
 
 
+ACCEPT, CONNECT = TLSRole.ACCEPT, TLSRole.CONNECT
+SIGNED, REFUSED = STATUS_SIGNED, STATUS_REFUSED
+
+
 @pytest.mark.parametrize(
-    ("data", "status"),
+    ("role", "data", "status"),
     [
-        (TLS13_SERVER_CONTEXT + bytes(32), STATUS_SIGNED),
-        (TLS13_SERVER_CONTEXT + bytes(48), STATUS_SIGNED),
-        (TLS13_SERVER_CONTEXT + bytes(64), STATUS_SIGNED),
-        (bytes(64) + bytes([3, 0, 23, 65]) + bytes(65), STATUS_SIGNED),
-        (b"a certificate to be signed", STATUS_REFUSED),
-        (b" " * 64 + b"TLS 1.3, client CertificateVerify\x00" + bytes(32), STATUS_REFUSED),
-        (b"-" + TLS13_SERVER_CONTEXT[1:] + bytes(32), STATUS_REFUSED),
-        (TLS13_SERVER_CONTEXT + bytes(31), STATUS_REFUSED),
-        (TLS13_SERVER_CONTEXT + bytes(33), STATUS_REFUSED),
-        (bytes(64) + bytes([3, 0, 29, 33]) + bytes(32), STATUS_REFUSED),
-        (bytes(64) + bytes([1, 0, 23, 65]) + bytes(65), STATUS_REFUSED),
-        (bytes(64) + bytes([3, 0, 23, 0]), STATUS_REFUSED),
+        # A worker that accepts: a TLS server's inputs.
+        (ACCEPT, TLS13_SERVER_CONTEXT + bytes(32), SIGNED),
+        (ACCEPT, TLS13_SERVER_CONTEXT + bytes(48), SIGNED),
+        (ACCEPT, TLS13_SERVER_CONTEXT + bytes(64), SIGNED),
+        (ACCEPT, bytes(64) + bytes([3, 0, 23, 65]) + bytes(65), SIGNED),
+        (ACCEPT, b"a certificate to be signed", REFUSED),
+        (ACCEPT, TLS13_CLIENT_CONTEXT + bytes(32), REFUSED),
+        (ACCEPT, b"-" + TLS13_SERVER_CONTEXT[1:] + bytes(32), REFUSED),
+        (ACCEPT, TLS13_SERVER_CONTEXT + bytes(31), REFUSED),
+        (ACCEPT, TLS13_SERVER_CONTEXT + bytes(33), REFUSED),
+        (ACCEPT, bytes(64) + bytes([3, 0, 29, 33]) + bytes(32), REFUSED),
+        (ACCEPT, bytes(64) + bytes([1, 0, 23, 65]) + bytes(65), REFUSED),
+        (ACCEPT, bytes(64) + bytes([3, 0, 23, 0]), REFUSED),
+        # A worker that connects: a TLS 1.3 client's CertificateVerify only.
+        (CONNECT, TLS13_CLIENT_CONTEXT + bytes(32), SIGNED),
+        (CONNECT, TLS13_CLIENT_CONTEXT + bytes(48), SIGNED),
+        (CONNECT, TLS13_CLIENT_CONTEXT + bytes(64), SIGNED),
+        (CONNECT, TLS13_SERVER_CONTEXT + bytes(32), REFUSED),
+        (CONNECT, bytes(64) + bytes([3, 0, 23, 65]) + bytes(65), REFUSED),
+        (CONNECT, bytes(64) + bytes([3, 0, 29, 32]) + bytes(32), REFUSED),
+        (CONNECT, b"a certificate to be signed", REFUSED),
+        (CONNECT, b"-" + TLS13_CLIENT_CONTEXT[1:] + bytes(32), REFUSED),
+        (CONNECT, TLS13_CLIENT_CONTEXT[:-1] + b"!" + bytes(32), REFUSED),
+        (CONNECT, TLS13_CLIENT_CONTEXT + bytes(31), REFUSED),
+        (CONNECT, TLS13_CLIENT_CONTEXT + bytes(33), REFUSED),
+        (CONNECT, TLS13_CLIENT_CONTEXT, REFUSED),
     ],
     ids=[
-        "tls13-sha256",
-        "tls13-sha384",
-        "tls13-sha512",
-        "tls12-p256-share",
-        "arbitrary",
-        "client-context",
-        "not-spaces",
-        "short-hash",
-        "long-hash",
-        "bad-share-length",
-        "explicit-curve",
-        "no-share",
+        "accept-tls13-sha256",
+        "accept-tls13-sha384",
+        "accept-tls13-sha512",
+        "accept-tls12-p256-share",
+        "accept-arbitrary",
+        "accept-client-context",
+        "accept-not-spaces",
+        "accept-short-hash",
+        "accept-long-hash",
+        "accept-bad-share-length",
+        "accept-explicit-curve",
+        "accept-no-share",
+        "connect-tls13-sha256",
+        "connect-tls13-sha384",
+        "connect-tls13-sha512",
+        "connect-server-context",
+        "connect-tls12-p256-share",
+        "connect-tls12-x25519-share",
+        "connect-arbitrary",
+        "connect-not-spaces",
+        "connect-no-zero-byte",
+        "connect-short-hash",
+        "connect-long-hash",
+        "connect-no-hash",
     ],
 )
-def test_only_handshake_signature_inputs_are_signed(
-    key_server: RunningKeyServer, keys: Keys, data: bytes, status: int
+def test_only_the_role_s_handshake_signature_inputs_are_signed(
+    key_server: RunningKeyServer, keys: Keys, role: TLSRole, data: bytes, status: int
 ) -> None:
     key = _key(keys.paths[0])
-    with key_server.connect([0]) as connection:
+    with key_server.connect([0], role) as connection:
         assert HEADER.unpack_from(_ask(connection, _request(key, data)))[1] == status
+
+
+@pytest.mark.parametrize(
+    ("role", "data"),
+    [
+        (ACCEPT, TLS13_CLIENT_CONTEXT + bytes(32)),
+        (CONNECT, TLS13_SERVER_CONTEXT + bytes(32)),
+        (CONNECT, bytes(64) + bytes([3, 0, 29, 32]) + bytes(32)),
+    ],
+    ids=["accept-client-context", "connect-server-context", "connect-tls12"],
+)
+def test_the_other_role_s_input_is_refused_counted_and_ends_the_connection(
+    key_server: RunningKeyServer, keys: Keys, role: TLSRole, data: bytes
+) -> None:
+    """A compromised worker gains nothing from the other role: not even with
+    both certificates granted, and not on a second try."""
+    refused = key_server.total("refused")
+    with key_server.connect([0, 1], role) as connection:
+        answer = _ask(connection, _request(_key(keys.paths[0]), data, request_id=11))
+        assert answer == HEADER.pack(WIRE_VERSION, STATUS_REFUSED, 0, 0, 11)
+        assert connection.recv(4096) == b""
+    _wait_for_count(key_server, "refused", refused + 1)
 
 
 @pytest.mark.parametrize(
@@ -223,37 +291,125 @@ REQUESTS = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(request=REQUESTS)
+@given(request=REQUESTS, role=st.sampled_from(TLSRole))
 def test_any_request_is_answered_or_dropped_and_the_server_lives_on(
-    key_server: RunningKeyServer, keys: Keys, request: bytes
+    key_server: RunningKeyServer, keys: Keys, request: bytes, role: TLSRole
 ) -> None:
-    with key_server.connect([0, 1]) as connection:
+    with key_server.connect([0, 1], role) as connection:
         answer = _ask(connection, request)
     if answer:
         assert answer == HEADER.pack(WIRE_VERSION, STATUS_REFUSED, 0, 0, 7)
     assert _signs(key_server, _key(keys.paths[0]))
 
 
+def _granted(key_server: RunningKeyServer, message: bytes) -> socket.socket:
+    """The worker's end of a connection the test grants with ``message``."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours:
+        socket.send_fds(key_server.link.sock, [message], [ours.fileno()])
+    theirs.settimeout(10)
+    return theirs
+
+
 @pytest.mark.parametrize(
     "message",
     [
-        struct.pack(">HH", 1, 2),  # no such certificate
-        struct.pack(">HH", 2, 0),  # fewer indexes than counted
-        struct.pack(">HHH", 1, 0, 0),  # more
+        GRANT_HEADER.pack(0, 1) + struct.pack(">H", 2),  # no such certificate
+        GRANT_HEADER.pack(0, 2) + struct.pack(">H", 0),  # fewer indexes than counted
+        GRANT_HEADER.pack(1, 1) + struct.pack(">HH", 0, 0),  # more
+        GRANT_HEADER.pack(0, 1) + b"\x00",  # half an index
+        struct.pack(">HH", 1, 0),  # no role (the grant before roles)
+        GRANT_HEADER.pack(2, 1) + struct.pack(">H", 0),
+        GRANT_HEADER.pack(255, 1) + struct.pack(">H", 0),
         b"\x00",
+        b"\x00\x00",
         b'{"certificates": [0]}',
     ],
-    ids=["out-of-range", "short", "long", "odd", "json"],
+    ids=[
+        "out-of-range",
+        "short",
+        "long",
+        "odd",
+        "no-role",
+        "role-2",
+        "role-255",
+        "one-byte",
+        "no-count",
+        "json",
+    ],
 )
-def test_a_malformed_link_message_gets_no_connection(
+def test_a_malformed_grant_gets_no_connection(
     key_server: RunningKeyServer, keys: Keys, message: bytes
 ) -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with ours, theirs:
-        socket.send_fds(key_server.link.sock, [message], [ours.fileno()])
-        ours.close()
-        theirs.settimeout(10)
-        assert theirs.recv(1) == b""  # the key server closed its end unserved
+    with _granted(key_server, message) as worker:
+        assert worker.recv(1) == b""  # the key server closed its end unserved
+    assert _signs(key_server, _key(keys.paths[0]))
+
+
+def _grant_scope(message: bytes, certificates: int) -> tuple[TLSRole, set[int]] | None:
+    """What a grant allows (keys/keyserver_wire.h), None if it is malformed."""
+    if len(message) < GRANT_HEADER.size:
+        return None
+    role, count = GRANT_HEADER.unpack_from(message)
+    indexes = message[GRANT_HEADER.size :]
+    if role not in set(TLSRole) or len(indexes) != 2 * count:
+        return None
+    allowed = {index for (index,) in struct.iter_unpack(">H", indexes)}
+    if any(index >= certificates for index in allowed):
+        return None
+    return TLSRole(role), allowed
+
+
+#: Plain bytes, well-formed grants, and grants shaped like them with any
+#: role byte, a count that may be wrong, indexes in and out of range, a
+#: stray byte. Never empty: a zero-length datagram reads as the link's end.
+GRANTS = st.one_of(
+    st.binary(min_size=1, max_size=12),
+    st.builds(
+        encode_grant, st.lists(st.sampled_from([0, 1]), max_size=3), st.sampled_from(TLSRole)
+    ),
+    st.builds(
+        lambda role, count, indexes, extra: (
+            GRANT_HEADER.pack(role, len(indexes) if count is None else count)
+            + struct.pack(f">{len(indexes)}H", *indexes)
+            + extra
+        ),
+        st.one_of(st.sampled_from(TLSRole), st.sampled_from([2, 255])),
+        st.one_of(st.none(), st.sampled_from([0, 1, 3, 0xFFFF])),
+        st.lists(st.one_of(st.sampled_from([0, 1]), st.sampled_from([2, 0xFFFF])), max_size=4),
+        st.one_of(st.just(b""), st.just(b"\x00")),
+    ),
+)
+#: What the connection then asks to have signed, with key 0, and the roles
+#: whose worker signs that.
+INPUTS = {
+    "tls13-server": (tls13_input, {ACCEPT}),
+    "tls12-server": (tls12_input, {ACCEPT}),
+    "tls13-client": (tls13_client_input, {CONNECT}),
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(message=GRANTS, kind=st.sampled_from(sorted(INPUTS)))
+def test_any_grant_gets_exactly_its_scope_or_no_connection(
+    key_server: RunningKeyServer, keys: Keys, message: bytes, kind: str
+) -> None:
+    """Through the real process: a well-formed grant's connection signs for
+    its certificates and its role only; any other closes it unserved; the
+    link and the server live on."""
+    scope = _grant_scope(message, len(keys.paths))
+    make_input, roles = INPUTS[kind]
+    with _granted(key_server, message) as worker:
+        try:
+            answer = _ask(worker, _request(_key(keys.paths[0]), make_input()))
+        except (BrokenPipeError, ConnectionResetError):  # closed before the request
+            answer = b""
+    if scope is None:
+        assert answer == b""
+    else:
+        role, allowed = scope
+        status = STATUS_SIGNED if 0 in allowed and role in roles else STATUS_REFUSED
+        assert HEADER.unpack_from(answer)[1] == status
     assert _signs(key_server, _key(keys.paths[0]))
 
 
@@ -364,7 +520,8 @@ def test_a_connection_dropped_while_its_granter_still_holds_it_is_forgotten(
     for garbage, result in cases:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with ours, theirs:
-            socket.send_fds(key_server.link.sock, [struct.pack(">HH", 1, 0)], [ours.fileno()])
+            grant = encode_grant([0], TLSRole.ACCEPT)
+            socket.send_fds(key_server.link.sock, [grant], [ours.fileno()])
             if garbage is not None:
                 before = key_server.total(result)
                 theirs.send(garbage)

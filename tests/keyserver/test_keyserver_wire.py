@@ -10,7 +10,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from starttls_proxy.keys import server as keyserver
-from starttls_proxy.keys.server import Digest, Scheme, encode_reference, key_id
+from starttls_proxy.keys.server import Digest, Scheme, encode_grant, encode_reference, key_id
+from starttls_proxy.wire import TLSRole
 from tests import wire_h
 
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -52,6 +53,11 @@ def test_the_connection_and_link_values_agree_with_keyserver_wire_h() -> None:
     assert defines["MAX_DATA_SIZE"] == keyserver.MAX_DATA
     assert defines["REQUEST_HEADER_SIZE"] + defines["MAX_DATA_SIZE"] == keyserver.MAX_REQUEST
     assert defines["MAX_CERTIFICATES"] == keyserver.MAX_CERTIFICATES
+    assert defines["GRANT_HEADER_SIZE"] == keyserver.GRANT_HEADER.size
+    # The TLS helper writes its enum tls_role into the grant as it is.
+    roles = {f"GRANT_{role.name}": role.value for role in TLSRole}
+    assert wire_h.enum("grant_role", header) == roles
+    assert {f"ROLE_{role.name}": role.value for role in TLSRole} == wire_h.enum("tls_role")
     assert {f"SCHEME_{s.name}": int(s) for s in Scheme} == wire_h.enum("scheme", header)
     assert {f"DIGEST_{d.name}": int(d) for d in Digest} == wire_h.enum("digest", header)
     assert wire_h.enum("status", header) == {
@@ -75,7 +81,19 @@ def test_the_key_reference_values_agree_with_keyref_h() -> None:
     assert curves == wire_h.enum("curve", header)
 
 
-def test_the_tls13_context_agrees_with_signing_c() -> None:
+def test_a_grant_is_the_role_the_count_and_the_indexes() -> None:
+    assert encode_grant([0, 1], TLSRole.ACCEPT) == bytes([0, 0, 2, 0, 0, 0, 1])
+    assert encode_grant([258], TLSRole.CONNECT) == bytes([1, 0, 1, 1, 2])
+    assert encode_grant([], TLSRole.CONNECT) == bytes([1, 0, 0])
+
+
+def test_the_tls13_contexts_agree_with_signing_c() -> None:
     signing_c = Path(keyserver.__file__).with_name("service") / "signing.c"
-    context = wire_h.strings(signing_c)["TLS13_CONTEXT"]
-    assert b" " * 64 + context.encode() + b"\0" == keyserver.TLS13_SERVER_CONTEXT
+    contexts = wire_h.strings(signing_c)
+    for side, expected in (
+        ("SERVER", keyserver.TLS13_SERVER_CONTEXT),
+        ("CLIENT", keyserver.TLS13_CLIENT_CONTEXT),
+    ):
+        assert b" " * 64 + contexts[f"TLS13_{side}_CONTEXT"].encode() + b"\0" == expected
+    # RFC 8446 section 4.4.3.
+    assert keyserver.TLS13_CLIENT_CONTEXT[64:] == b"TLS 1.3, client CertificateVerify\0"

@@ -22,6 +22,7 @@ from starttls_proxy.keys.server import (
     key_id,
     signature_request,
 )
+from starttls_proxy.wire import TLSRole
 
 KEY = ec.generate_private_key(ec.SECP256R1())
 DER = KEY.private_bytes(
@@ -42,7 +43,7 @@ def test_serves_a_link_signs_and_counts() -> None:
         service = Service(control.fileno())
         service.add_link(link_theirs.detach(), [(key_id(KEY.public_key()), DER)])
         data = TLS13_SERVER_CONTEXT + os.urandom(32)
-        with socket.socket(fileno=Link(link_ours).connection_for([0])) as worker:
+        with socket.socket(fileno=Link(link_ours).connection_for([0], TLSRole.ACCEPT)) as worker:
             worker.send(signature_request(KEY.public_key(), data, Scheme.ECDSA, 9))
             # Serves the link message, then the request; returns once the
             # count has waited the interval.

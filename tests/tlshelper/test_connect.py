@@ -4,16 +4,19 @@ For an outgoing XMPP server-to-server stream the main process connects to
 the remote server itself (and may have negotiated STARTTLS in plaintext),
 then hands the socket to a worker in the connect role
 (``TLSRole.CONNECT``). The worker sends its ClientHello with the spawn
-request's peer name as SNI and its ALPN list, answers a CertificateRequest
-with the certificate the server name hint picks, verifies the server's
-chain after the handshake against the request's trust store, reports as on
-accept, and pumps.
+request's peer name as SNI and its ALPN list, answers a TLS 1.3
+CertificateRequest with the certificate the server name hint picks (a TLS
+1.2 one with no certificate: the key server signs no TLS 1.2 client's
+CertificateVerify, and the worker behaves the same without it), verifies
+the server's chain after the handshake against the request's trust store,
+reports as on accept, and pumps.
 
 The remote server here is pyOpenSSL over memory BIOs on the test's end of
 a loopback TCP connection (``Remote``; the worker holds the end that
 connected, as the main process would): it records what the worker sent
-(SNI, the ALPN list offered, a client certificate), and fails the handshake
-in the ways a remote can (an alert, plaintext, leaving, silence). Reports
+(SNI, the ALPN list offered, a client certificate, the handshake messages
+the worker sent in the clear), and fails the handshake in the ways a remote
+can (an alert, plaintext, leaving, silence). Reports
 also go through the main process's reading (``wire.read_report``).
 
 The helper holds two certificates (``cert_dir``'s: localhost and
@@ -41,6 +44,7 @@ from OpenSSL import SSL
 
 from protocols._base import PeerCertificate, TLSInfo
 from starttls_proxy.keys import provider
+from starttls_proxy.keys.server import encode_grant, encode_reference, read_private_key
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
 from starttls_proxy.wire import KeyServerCounts, Ready, TLSRole, WorkerExit, read_report
@@ -164,6 +168,31 @@ class Seen:
     #: The ALPN protocols offered; None: no ALPN extension.
     alpn: list[bytes] | None = None
     client_certificate: x509.Certificate | None = None
+    #: Every byte the worker sent, as it came.
+    received: bytes = b""
+
+
+#: TLS record and handshake message types (RFC 5246, RFC 8446).
+CHANGE_CIPHER_SPEC, HANDSHAKE = 20, 22
+CERTIFICATE, CERTIFICATE_VERIFY = 11, 15
+
+
+def _clear_handshake_messages(received: bytes) -> list[tuple[int, bytes]]:
+    """The handshake messages (type, body) the worker sent before its
+    ChangeCipherSpec: all of a TLS 1.2 client's but its Finished, only the
+    ClientHello of a TLS 1.3 client's."""
+    stream, at = b"", 0
+    while at + 5 <= len(received) and received[at] == HANDSHAKE:
+        size = int.from_bytes(received[at + 3 : at + 5], "big")
+        stream += received[at + 5 : at + 5 + size]
+        at += 5 + size
+    assert at < len(received) and received[at] == CHANGE_CIPHER_SPEC, "no ChangeCipherSpec"
+    messages = []
+    while stream:
+        size = int.from_bytes(stream[1:4], "big")
+        messages.append((stream[0], stream[4 : 4 + size]))
+        stream = stream[4 + size :]
+    return messages
 
 
 class Remote:
@@ -177,6 +206,7 @@ class Remote:
         *,
         select_alpn: bytes | None = None,
         request_certificate: bool = False,
+        require_certificate: bool = False,
         maximum: int | None = None,
         ciphers: str | None = None,
     ) -> None:
@@ -192,9 +222,12 @@ class Remote:
         if ciphers is not None:
             context.set_cipher_list(ciphers.encode())
         context.set_alpn_select_callback(self._on_alpn)
-        if request_certificate:
+        if request_certificate or require_certificate:
             # Any certificate: which one came is the point.
-            context.set_verify(SSL.VERIFY_PEER, lambda *_: True)
+            mode = SSL.VERIFY_PEER
+            if require_certificate:
+                mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            context.set_verify(mode, lambda *_: True)
         self.tls = SSL.Connection(context)
         self.tls.set_accept_state()
 
@@ -214,6 +247,7 @@ class Remote:
         data = self.sock.recv(65536)
         if not data:
             raise EOFError("the worker closed")
+        self.seen.received += data
         self.tls.bio_write(data)
 
     def handshake(self) -> None:
@@ -293,7 +327,13 @@ def _handshake(
     and ``_connect``'s); the worker's report."""
     remote_options = {
         key: options.pop(key)
-        for key in ("select_alpn", "request_certificate", "maximum", "ciphers")
+        for key in (
+            "select_alpn",
+            "request_certificate",
+            "require_certificate",
+            "maximum",
+            "ciphers",
+        )
         if key in options
     }
     connection = _connect(helper, **options)
@@ -520,22 +560,76 @@ def test_the_alpn_list_offered_and_the_servers_choice(
         ("unknown.example", ["localhost", "mail.example.test"]),
     ],
 )
-@pytest.mark.parametrize("maximum", [TLS12, TLS13], ids=["tls12", "tls13"])
-def test_a_server_that_asks_gets_the_certificate_the_hint_picks(
+def test_a_tls13_server_that_asks_gets_the_certificate_the_hint_picks(
     helper: RunningHelper,
     remote_certificate: tuple[Path, Path],
     hint: str | None,
     names: list[str],
-    maximum: int,
 ) -> None:
     connection, remote, report = _handshake(
-        helper, remote_certificate, hint=hint, request_certificate=True, maximum=maximum
+        helper, remote_certificate, hint=hint, request_certificate=True, maximum=TLS13
     )
-    assert report["ok"] is True
+    assert report["ok"] is True and report["version"] == "TLSv1.3"
     assert _dns_names(remote.seen.client_certificate) == names
     # Not the hint: the peer name stays the SNI.
     assert remote.seen.server_name == REMOTE.encode()
     assert _finish(helper, connection) == WorkerExit.OK
+
+
+def _helper(request: pytest.FixtureRequest, key_server: bool) -> RunningHelper:
+    """The module's helper with or without the key server."""
+    if key_server:
+        signing: Signing = request.getfixturevalue("signing")
+        return signing.helper
+    helper: RunningHelper = request.getfixturevalue("helper")
+    return helper
+
+
+@pytest.mark.parametrize("key_server", [False, True], ids=["key-in-helper", "key-server"])
+@pytest.mark.parametrize("hint", [None, "other.example.test"])
+def test_a_tls12_server_that_asks_gets_no_certificate_and_the_handshake_goes_on(
+    request: pytest.FixtureRequest,
+    remote_certificate: tuple[Path, Path],
+    key_server: bool,
+    hint: str | None,
+) -> None:
+    """A TLS 1.2 client certificate would need a signature over the raw
+    transcript, which the key server refuses: the worker answers with an
+    empty Certificate message, and signs nothing (no CertificateVerify),
+    with the key server or without."""
+    helper = _helper(request, key_server)
+    connection, remote, report = _handshake(
+        helper, remote_certificate, hint=hint, request_certificate=True, maximum=TLS12
+    )
+    assert report["ok"] is True and report["version"] == "TLSv1.2"
+    assert report["peer"]["verify"] == "ok"
+    assert remote.seen.client_certificate is None
+    messages = _clear_handshake_messages(remote.seen.received)
+    # An empty certificate_list (u24 length 0), and no CertificateVerify.
+    assert (CERTIFICATE, b"\x00\x00\x00") in messages
+    assert [kind for kind, _ in messages if kind in (CERTIFICATE, CERTIFICATE_VERIFY)] == [
+        CERTIFICATE
+    ]
+    # The session works.
+    remote.send(b"<stream:features/>")
+    assert _read_exactly(connection.channel, 18) == b"<stream:features/>"
+    assert _finish(helper, connection) == WorkerExit.OK
+
+
+@pytest.mark.parametrize("key_server", [False, True], ids=["key-in-helper", "key-server"])
+def test_a_tls12_server_that_requires_a_certificate_ends_the_handshake(
+    request: pytest.FixtureRequest, remote_certificate: tuple[Path, Path], key_server: bool
+) -> None:
+    helper = _helper(request, key_server)
+    connection = _connect(helper)
+    remote = Remote(connection.client, remote_certificate, require_certificate=True, maximum=TLS12)
+    with pytest.raises(SSL.Error, match="peer did not return a certificate"):
+        remote.handshake()
+    assert connection.report() == {
+        "ok": False,
+        "reason": "handshake failed: sslv3 alert handshake failure",
+    }
+    assert _finish(helper, connection) == WorkerExit.HANDSHAKE_FAILED
 
 
 def test_a_server_that_does_not_ask_gets_no_certificate(
@@ -558,13 +652,6 @@ def _signed_more_than(signing: Signing, before: int) -> bool:
     return True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SSL.Error,
-    reason="the key server signs server handshake inputs only (keys/service/signing.c"
-    " looks_like_handshake): it refuses a client's CertificateVerify, the worker fails the"
-    " handshake (EVP lib) and the remote gets an internal_error alert",
-)
 @pytest.mark.parametrize(
     ("hint", "names"),
     [
@@ -579,15 +666,91 @@ def test_the_client_certificates_key_signs_through_the_key_server(
     names: list[str],
 ) -> None:
     """The helper holds key references only: the CertificateVerify the
-    server checked was the key server's signature."""
+    server checked was the key server's signature, which it makes for a
+    worker that connects (the grant says so) over a TLS 1.3 client's
+    CertificateVerify input."""
     before = signing.signed()
     connection, remote, report = _handshake(
-        signing.helper, remote_certificate, hint=hint, request_certificate=True
+        signing.helper, remote_certificate, hint=hint, request_certificate=True, maximum=TLS13
     )
     assert report["ok"] is True and report["peer"]["verify"] == "ok"
     assert _dns_names(remote.seen.client_certificate) == names
     assert _finish(signing.helper, connection) == WorkerExit.OK
     assert _signed_more_than(signing, before)
+
+
+@dataclass
+class Granting:
+    """A helper with key references whose link's other end is the test's:
+    it reads the grants the helper sends for its workers."""
+
+    helper: RunningHelper
+    link: socket.socket
+
+
+@pytest.fixture(scope="module")
+def granting(
+    cert_dir: Path,
+    peer_authorities: tuple[Authority, Authority],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Granting]:
+    directory = tmp_path_factory.mktemp("connect-grants")
+    certificates = _helper_certificates(cert_dir)
+    references = [
+        encode_reference(read_private_key(key.read_bytes(), str(key))).decode()
+        for _, key in certificates
+    ]
+    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with (
+        ours,
+        theirs,
+        running_helper(
+            directory / "helper",
+            certificates,
+            key_references=references,
+            link=theirs,
+            env=env,
+            tls={"peer_trust": _trust_stores(directory, peer_authorities)},
+        ) as running,
+    ):
+        theirs.close()
+        assert isinstance(running.reply, Ready), running.reply
+        yield Granting(running, ours)
+
+
+@pytest.mark.parametrize(
+    ("role", "hint", "indexes"),
+    [
+        (TLSRole.ACCEPT, None, [0, 1]),
+        (TLSRole.ACCEPT, "other.example.test", [1]),
+        (TLSRole.CONNECT, None, [0]),
+        (TLSRole.CONNECT, "other.example.test", [1]),
+        (TLSRole.CONNECT, "unknown.example", [0]),
+    ],
+    ids=["accept", "accept-other", "connect", "connect-other", "connect-unknown-hint"],
+)
+def test_the_grant_names_the_workers_role_and_the_certificates_it_may_use(
+    granting: Granting, role: TLSRole, hint: str | None, indexes: list[int]
+) -> None:
+    """keys/keyserver_wire.h: the role, then the certificates. A worker that
+    accepts may serve any certificate SNI may switch to from the default; a
+    worker that connects has no SNI to switch on: the hint's alone."""
+    if role == TLSRole.CONNECT:
+        connection = _connect(granting.helper, hint=hint)
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            client = socket.create_connection(listener.getsockname(), timeout=10)
+            server_end, _ = listener.accept()
+        connection = spawn_on(granting.helper, client, server_end, server_name_hint=hint)
+    granting.link.settimeout(10)
+    message, fds, _, _ = socket.recv_fds(granting.link, 1024, 1)
+    for fd in fds:
+        os.close(fd)
+    assert len(fds) == 1
+    assert message == encode_grant(indexes, role)
+    connection.close()
+    assert granting.helper.exit_of(connection.pid) == WorkerExit.CLIENT_GONE
 
 
 def test_without_a_certificate_request_nothing_is_signed(

@@ -11,15 +11,17 @@
  * Descriptors, all in one epoll set:
  *   control     the keeper's socket; never read here: serve() returns when
  *               it is readable and keys/server.py reads it.
- *   link        one per TLS helper (add_link): each datagram is a count
- *               and that many certificate indexes (u16 each, big-endian)
- *               with one descriptor attached, a new worker connection that
- *               may use the keys of those certificates and no other.
+ *   link        one per TLS helper (add_link): each datagram is a grant
+ *               (keyserver_wire.h: the worker's role, a count and that many
+ *               certificate indexes) with one descriptor attached, a new
+ *               worker connection that may use the keys of those
+ *               certificates and no other, for its role's signatures only.
  *   connection  one per worker: one request, one answer (keyserver_wire.h). A
  *               malformed request (sizes, codes) drops the connection
  *               without an answer; a refused one (a key out of scope, a
  *               second signature, data that is no TLS handshake signature
- *               input) is answered with STATUS_REFUSED, then dropped.
+ *               input of its role) is answered with STATUS_REFUSED, then
+ *               dropped.
  *
  * What a request gets is decided in signing.c. The keys of one add_link (a
  * table) live while the link or a connection made through it is open: a
@@ -103,7 +105,8 @@ static struct endpoint *endpoint_add(Service *service, enum endpoint_kind kind, 
     endpoint->fd = fd;
     endpoint->table = table;
     if (kind == ENDPOINT_CONNECTION)
-        endpoint->scope = (struct scope){table->keys, endpoint->allowed, table->count, 0};
+        endpoint->scope = (struct scope){
+            .keys = table->keys, .allowed = endpoint->allowed, .count = table->count};
     event.data.ptr = endpoint;
     if (epoll_ctl(service->epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0) {
         free(endpoint);
@@ -181,12 +184,12 @@ static void on_connection(Service *service, struct endpoint *connection)
 
 static void on_link(Service *service, struct endpoint *link)
 {
-    static unsigned char indexes[2 + 2 * MAX_CERTIFICATES];
+    static unsigned char grant[GRANT_HEADER_SIZE + 2 * MAX_CERTIFICATES];
     union {
         char buffer[CMSG_SPACE(sizeof(int))];
         struct cmsghdr align;
     } control;
-    struct iovec iov = {.iov_base = indexes, .iov_len = sizeof(indexes)};
+    struct iovec iov = {.iov_base = grant, .iov_len = sizeof(grant)};
     struct msghdr message = {
         .msg_iov = &iov,
         .msg_iovlen = 1,
@@ -212,19 +215,23 @@ static void on_link(Service *service, struct endpoint *link)
         return;
     }
     /* A message or descriptors cut short (MSG_TRUNC, MSG_CTRUNC: the kernel
-     * closed what did not fit) are ignored, like an index out of range. */
-    valid = fd >= 0 && got >= 2 && got == 2 + 2 * (indexes[0] << 8 | indexes[1])
+     * closed what did not fit) are ignored, like an unknown role or an
+     * index out of range. */
+    valid = fd >= 0 && got >= GRANT_HEADER_SIZE
+            && (grant[0] == GRANT_ACCEPT || grant[0] == GRANT_CONNECT)
+            && got == GRANT_HEADER_SIZE + 2 * (grant[1] << 8 | grant[2])
             && !(message.msg_flags & (MSG_TRUNC | MSG_CTRUNC));
-    for (ssize_t i = 2; valid && i < got; i += 2)
-        valid = (size_t)(indexes[i] << 8 | indexes[i + 1]) < link->table->count;
+    for (ssize_t i = GRANT_HEADER_SIZE; valid && i < got; i += 2)
+        valid = (size_t)(grant[i] << 8 | grant[i + 1]) < link->table->count;
     connection = valid ? endpoint_add(service, ENDPOINT_CONNECTION, fd, link->table) : NULL;
     if (connection == NULL) {
         if (fd >= 0)
             close(fd);
         return;
     }
-    for (ssize_t i = 2; i < got; i += 2)
-        connection->allowed[indexes[i] << 8 | indexes[i + 1]] = true;
+    connection->scope.role = grant[0] == GRANT_CONNECT ? GRANT_CONNECT : GRANT_ACCEPT;
+    for (ssize_t i = GRANT_HEADER_SIZE; i < got; i += 2)
+        connection->allowed[grant[i] << 8 | grant[i + 1]] = true;
 }
 
 static bool counts_pending(const Service *service)

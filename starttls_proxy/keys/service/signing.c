@@ -2,8 +2,10 @@
  * The key server's signing (signing.h): which requests it answers, and how
  * it signs. Requests come from TLS workers, which may be compromised: every
  * size and code is checked before use, and data is signed only when it is
- * shaped like what a TLS server signs, so that a worker is at most an oracle
- * for handshake signatures.
+ * shaped like what a TLS endpoint of the worker's role signs in a handshake
+ * (keyserver_wire.h), so that a worker is at most an oracle for its own
+ * role's handshake signatures: a server's for a worker that accepts, a TLS
+ * 1.3 client's for one that connects.
  */
 #include "signing.h"
 
@@ -12,10 +14,13 @@
 
 #include <openssl/rsa.h>
 
-/* RFC 8446 section 4.4.3: 64 spaces, this context string and a zero byte,
- * then the transcript hash. */
-#define TLS13_CONTEXT "TLS 1.3, server CertificateVerify"
-#define TLS13_PREFIX_SIZE (64 + sizeof(TLS13_CONTEXT))
+/* RFC 8446 section 4.4.3: 64 spaces, the context string of the side that
+ * signs and a zero byte, then the transcript hash. */
+#define TLS13_SERVER_CONTEXT "TLS 1.3, server CertificateVerify"
+#define TLS13_CLIENT_CONTEXT "TLS 1.3, client CertificateVerify"
+#define TLS13_PREFIX_SIZE (64 + sizeof(TLS13_SERVER_CONTEXT))
+_Static_assert(sizeof(TLS13_SERVER_CONTEXT) == sizeof(TLS13_CLIENT_CONTEXT),
+               "both contexts make one prefix size");
 /* RFC 8422 section 5.4: client and server random, then ECParameters
  * (named_curve, a 2-byte group) and the 1-byte-sized ECDHE point. */
 #define TLS12_RANDOMS 64
@@ -29,22 +34,44 @@ void key_clear(struct key *key)
     EVP_PKEY_free(key->pkey);
 }
 
-static bool looks_like_handshake(const unsigned char *data, size_t size)
+/* A TLS 1.3 CertificateVerify input with this context (a string of
+ * sizeof(TLS13_SERVER_CONTEXT) bytes with its NUL) and a SHA-256, SHA-384
+ * or SHA-512 transcript hash. */
+static bool tls13_input(const unsigned char *data, size_t size, const char *context)
 {
-    bool tls13 = size >= TLS13_PREFIX_SIZE
-                 && memcmp(data + 64, TLS13_CONTEXT, sizeof(TLS13_CONTEXT)) == 0;
+    bool shaped = size >= TLS13_PREFIX_SIZE
+                  && memcmp(data + 64, context, sizeof(TLS13_SERVER_CONTEXT)) == 0;
 
-    for (size_t i = 0; tls13 && i < 64; i++)
-        tls13 = data[i] == ' ';
-    if (tls13) {
-        size_t hash = size - TLS13_PREFIX_SIZE;
-        return hash == 32 || hash == 48 || hash == 64;
-    }
+    for (size_t i = 0; shaped && i < 64; i++)
+        shaped = data[i] == ' ';
+    if (!shaped)
+        return false;
+    size -= TLS13_PREFIX_SIZE;
+    return size == 32 || size == 48 || size == 64;
+}
+
+/* A TLS 1.2 ECDHE ServerKeyExchange input: the randoms, a named curve and
+ * a point that ends the data. */
+static bool tls12_server_input(const unsigned char *data, size_t size)
+{
     if (size <= TLS12_RANDOMS + 4)
         return false;
     data += TLS12_RANDOMS;
     size -= TLS12_RANDOMS;
     return data[0] == NAMED_CURVE && data[3] == size - 4;
+}
+
+/* Whether a TLS endpoint of this role signs data like this in a handshake.
+ * A TLS 1.2 client signs the transcript itself: nothing to check, so never. */
+static bool signed_by_role(enum grant_role role, const unsigned char *data, size_t size)
+{
+    switch (role) {
+    case GRANT_ACCEPT:
+        return tls13_input(data, size, TLS13_SERVER_CONTEXT) || tls12_server_input(data, size);
+    case GRANT_CONNECT:
+        return tls13_input(data, size, TLS13_CLIENT_CONTEXT);
+    }
+    return false;
 }
 
 /* Fetched once: an EVP_MD from EVP_sha256() and friends is looked up
@@ -158,8 +185,9 @@ enum outcome answer_request(struct scope *scope, const unsigned char *request, s
         snprintf(reason, reason_size, "one signature per connection");
         return REFUSED;
     }
-    if (!looks_like_handshake(data, data_size)) {
-        snprintf(reason, reason_size, "not a TLS handshake signature input");
+    if (!signed_by_role(scope->role, data, data_size)) {
+        snprintf(reason, reason_size, "not what a TLS %s signs in a handshake",
+                 scope->role == GRANT_CONNECT ? "1.3 client" : "server");
         return REFUSED;
     }
     scope->signatures++;

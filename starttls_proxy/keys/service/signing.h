@@ -34,6 +34,8 @@ struct scope {
     const bool *allowed;
     size_t count;
     unsigned signatures;
+    /* Its worker's role: which handshake signature inputs it may have signed. */
+    enum grant_role role;
 };
 
 enum outcome { SIGNED, REFUSED, MALFORMED };
@@ -47,9 +49,10 @@ size_t sign(struct key *key, int scheme, int digest, const unsigned char *data, 
             unsigned char *signature);
 
 /* The answer to one request of size bytes (into answer, ANSWER_CAPACITY
- * bytes; its size in *answer_size): SIGNED, REFUSED (a refusal to send; why
- * in reason, cut to reason_size > 0 bytes with its NUL) or MALFORMED (send
- * nothing, drop the connection). */
+ * bytes; its size in *answer_size): SIGNED, REFUSED (a refusal to send: a
+ * key out of scope, a second signature, data that is not what a TLS
+ * endpoint of the scope's role signs; why in reason, cut to reason_size > 0
+ * bytes with its NUL) or MALFORMED (send nothing, drop the connection). */
 enum outcome answer_request(struct scope *scope, const unsigned char *request, size_t size,
                             unsigned char *answer, size_t *answer_size, char *reason,
                             size_t reason_size);

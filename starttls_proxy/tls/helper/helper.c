@@ -22,7 +22,8 @@
  *
  * With the key server the helper holds no private key, only references
  * (the provider decodes them): for each worker it makes a connection to
- * the key server, good for the certificates that worker may serve.
+ * the key server, good for the certificates that worker may use and for
+ * the signatures of its role (grant).
  *
  * The helper stays root: entering namespaces, chroot and a fresh UID per
  * worker all need it. It talks only to the keeper and the main process,
@@ -152,24 +153,35 @@ static void take_spare(size_t index)
 }
 
 /*
- * Hand the key server its end of a worker's connection, good for the keys
- * of the certificates it may serve. When the key server cannot be reached
- * the worker's end has no peer and its signatures fail at once. Never
- * waits: a request the worker sends first waits in the socket.
+ * Hand the key server its end of a worker's connection: a grant
+ * (keys/keyserver_wire.h: role, count, certificate indexes). The role is
+ * the request's (enum tls_role has the values of the key server's enum
+ * grant_role; a test holds them together), and the key server signs only
+ * what a TLS endpoint of that role signs. The certificates: those the
+ * worker may serve on accept (SNI may switch away from the default), the
+ * one the hint picks on connect (a client has no SNI to switch on). When
+ * the key server cannot be reached the worker's end has no peer and its
+ * signatures fail at once. Never waits: a request the worker sends first
+ * waits in the socket.
  */
 static void grant(int connection, const struct spawn_request *request)
 {
     uint16_t indexes[MAX_CERTIFICATES];
-    size_t count = reachable_from(helper.settings,
-                                  context_for(helper.settings, request->server_name_hint), indexes);
-    uint8_t message[2 + 2 * MAX_CERTIFICATES];
-    message[0] = (uint8_t)(count >> 8);
-    message[1] = (uint8_t)count;
+    size_t first = context_for(helper.settings, request->server_name_hint);
+    size_t count = 1;
+    if (request->role == ROLE_CONNECT)
+        indexes[0] = (uint16_t)first;
+    else
+        count = reachable_from(helper.settings, first, indexes);
+    uint8_t message[3 + 2 * MAX_CERTIFICATES];
+    message[0] = (uint8_t)request->role;
+    message[1] = (uint8_t)(count >> 8);
+    message[2] = (uint8_t)count;
     for (size_t i = 0; i < count; i++) {
-        message[2 + 2 * i] = (uint8_t)(indexes[i] >> 8);
-        message[3 + 2 * i] = (uint8_t)indexes[i];
+        message[3 + 2 * i] = (uint8_t)(indexes[i] >> 8);
+        message[4 + 2 * i] = (uint8_t)indexes[i];
     }
-    send_with_fds(helper.key_server, message, 2 + 2 * count, &connection, 1, MSG_DONTWAIT);
+    send_with_fds(helper.key_server, message, 3 + 2 * count, &connection, 1, MSG_DONTWAIT);
 }
 
 /* The assignment: the request as it came, then the other live workers

@@ -32,7 +32,10 @@
  *    The server name hint and the peer name: printable ASCII without space.
  *    The hint picks the proxy's certificate: on accept the one served
  *    unless the client's SNI picks another, on connect the one presented
- *    if the server asks for a client certificate.
+ *    if the server asks for a client certificate, on TLS 1.3 only: on TLS
+ *    1.2 the worker sends none (an empty Certificate message), with or
+ *    without the key server, which signs no TLS 1.2 client's
+ *    CertificateVerify (keys/keyserver_wire.h).
  *    The role (enum tls_role):
  *    - ROLE_ACCEPT: the socket is a client's; the worker is the TLS server.
  *      No peer name. ALPN: the protocols it may select; early data: client
@@ -45,7 +48,8 @@
  *      the main process); the worker is the TLS client. The peer name (1
  *      to 255 bytes) goes out as SNI; ALPN: the protocols offered (may be
  *      none); no early data. The peer trust store (1 to the description's
- *      count) verifies the server's certificate after the handshake.
+ *      count) verifies the server's certificate after the handshake. A
+ *      client certificate goes out on TLS 1.3 only (above).
  *    Anything else is malformed: the helper closes the descriptors.
  *
  * 4. helper -> spare worker: an *assignment*: the spawn request as it came,
@@ -122,7 +126,10 @@ enum layer {
     LAYER_COUNT
 };
 
-/* A spawn request's role: which side of TLS its worker takes. */
+/* A spawn request's role: which side of TLS its worker takes. With the key
+ * server, the grant of the worker's connection carries it (the values of
+ * keys/keyserver_wire.h's enum grant_role), and it signs only that role's
+ * handshake signatures. */
 enum tls_role {
     ROLE_ACCEPT = 0,
     ROLE_CONNECT = 1,

@@ -444,15 +444,35 @@ static int relay(struct pump *pump)
 }
 
 /*
+ * A server's CertificateRequest, in the connect role: the context's
+ * certificate answers it on TLS 1.3 only. Below, the worker's SSL drops
+ * its certificate, so OpenSSL sends an empty Certificate message and the
+ * handshake goes on (a server that requires a certificate then ends it).
+ * A TLS 1.2 client signs its raw handshake transcript, which has no shape
+ * the key server could check, so it refuses that signature (the grant's
+ * role, keys/keyserver_wire.h); without the key server the rule is the
+ * same, so that the worker behaves one way (wire.h section 3).
+ */
+static int client_certificate(SSL *ssl, void *unused)
+{
+    (void)unused;
+    if (SSL_version(ssl) < TLS1_3_VERSION)
+        SSL_certs_clear(ssl);
+    return 1;
+}
+
+/*
  * The connect role's side of the handshake: the peer name as SNI, the ALPN
  * list offered. No SSL_VERIFY_PEER: the chain is verified after the
  * handshake against the request's trust store (report_peer), and the main
  * process matches the names and refuses the stream before any of its data
- * is sent. The context's certificate answers a CertificateRequest.
+ * is sent. The context's certificate answers a TLS 1.3 CertificateRequest
+ * (client_certificate).
  */
 static bool set_up_connect(SSL *ssl, const struct spawn_request *request)
 {
     SSL_set_connect_state(ssl);
+    SSL_set_cert_cb(ssl, client_certificate, NULL);
     /* SSL_set_alpn_protos alone returns 0 on success. */
     return SSL_set_tlsext_host_name(ssl, request->peer_name) == 1 &&
            (request->alpn_size == 0 ||
