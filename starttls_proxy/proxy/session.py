@@ -427,14 +427,11 @@ class Session:
         """Count and log what ``side`` sent after the upgrade, unread."""
         config = self.runtime.config
         metrics.DISCARDED_BYTES.labels(config.name, config.protocol.value).inc(size)
-        log.warning(
-            "%s: %s:%s: the %s sent %d bytes after the TLS upgrade; discarded",
-            config.name,
-            self.peer.client_address,
-            self.peer.client_port,
-            "client" if side is Side.CLIENT else "remote server",
-            size,
-        )
+        if side is Side.CLIENT:
+            what = "%s: %s:%s sent %d bytes after the TLS upgrade command; discarded"
+        else:
+            what = "%s: %s:%s: the remote server sent %d bytes after <proceed/>; discarded"
+        log.warning(what, config.name, self.peer.client_address, self.peer.client_port, size)
 
     def _start_tls(self, command: StartTLS) -> None:
         if command.discarded:
