@@ -35,6 +35,21 @@ class ProtocolFacts:
     max_stanza_size: int = 256 * 1024
 
 
+# A server relays what its c2s limit let through (Prosody's
+# c2s_stanza_size_limit, 256 KiB) with its own stamps added (from=): s2s
+# needs more room, as both servers give it (Prosody's s2s_stanza_size_limit
+# and ejabberd's example s2s max_stanza_size, 512 KiB). One stanza over the
+# limit ends the whole s2s stream.
+SERVER_TO_SERVER = ProtocolFacts(
+    in_band_identities=frozenset(),
+    max_line_length=8192,
+    session_idle=900.0,
+    fallback_capabilities=(),
+    alpn=("xmpp-server",),
+    probe_only_for_plaintext=True,
+    max_stanza_size=512 * 1024,
+)
+
 # Line lengths: SMTP, Postfix's line_length_limit; IMAP, RFC 7162 section 4
 # asks for at least 8192 and Dovecot allows 64 KiB (imap_max_line_length);
 # POP3, RFC 2449 section 4 says 255 but SASL initial responses need more;
@@ -80,29 +95,8 @@ FACTS: dict[str, ProtocolFacts] = {
         alpn=("xmpp-client",),
         probe_only_for_plaintext=True,
     ),
-    # A server relays what its c2s limit let through (Prosody's
-    # c2s_stanza_size_limit, 256 KiB) with its own stamps added (from=):
-    # s2s needs more room, as both servers give it (Prosody's
-    # s2s_stanza_size_limit and ejabberd's example s2s max_stanza_size,
-    # 512 KiB). One stanza over the limit ends the whole s2s stream.
-    "xmpp-server": ProtocolFacts(
-        in_band_identities=frozenset(),
-        max_line_length=8192,
-        session_idle=900.0,
-        fallback_capabilities=(),
-        alpn=("xmpp-server",),
-        probe_only_for_plaintext=True,
-        max_stanza_size=512 * 1024,
-    ),
+    "xmpp-server": SERVER_TO_SERVER,
     # The same streams, the other way: ALPN is what the proxy offers on a
     # direct-TLS route. Nothing is probed (there is no backend).
-    "xmpp-server-out": ProtocolFacts(
-        in_band_identities=frozenset(),
-        max_line_length=8192,
-        session_idle=900.0,
-        fallback_capabilities=(),
-        alpn=("xmpp-server",),
-        probe_only_for_plaintext=True,
-        max_stanza_size=512 * 1024,
-    ),
+    "xmpp-server-out": SERVER_TO_SERVER,
 }
