@@ -142,10 +142,17 @@ _records = st.lists(
 
 @given(_records, st.integers())
 def test_rfc2782_order_is_a_permutation_by_priority(records: list[_Record], seed: int) -> None:
+    """By priority, and within one direct TLS first (XEP-0368's _xmpps-server)."""
     ordered = rfc2782_order(records, random.Random(seed))
     assert sorted(ordered, key=repr) == sorted(records, key=repr)
-    priorities = [record.priority for record in ordered]
-    assert priorities == sorted(priorities)
+    keys = [(record.priority, not record.direct_tls) for record in ordered]
+    assert keys == sorted(keys)
+
+
+def test_direct_tls_first_within_a_priority(dns: StaticDNS) -> None:
+    dns.set_srv("_xmpp-server._tcp.a.example", SRV("192.0.2.2", 5269, weight=100))
+    dns.set_srv("_xmpps-server._tcp.a.example", SRV("192.0.2.1", 5270, weight=0))
+    assert [t.direct_tls for t in _targets(_router(dns), "a.example")] == [True, False]
 
 
 def test_rfc2782_weights_are_proportional() -> None:

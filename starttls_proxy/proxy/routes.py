@@ -3,7 +3,8 @@
 RFC 6120 section 3.2 as XEP-0368 extends it: the SRV records of
 ``_xmpps-server._tcp.DOMAIN`` (direct TLS) and ``_xmpp-server._tcp.DOMAIN``
 (STARTTLS) are merged and ordered as RFC 2782 says (priority, then a
-weighted random draw within one); a single record whose target is ``.``
+weighted random draw within one), direct TLS first within a priority (it
+saves the STARTTLS round trips); a single record whose target is ``.``
 means the service is decidedly not offered there, and nothing else is
 tried. Only when the domain has no SRV record at all is it connected
 directly, on port 5269 with STARTTLS (section 3.2.2). A listener's
@@ -72,11 +73,13 @@ class _Record:
 
 
 def rfc2782_order(records: Sequence[_Record], draw: random.Random) -> list[_Record]:
-    """``records`` in the order to try them: by priority, and within one
-    priority a weighted random draw (RFC 2782, "Usage rules")."""
+    """``records`` in the order to try them: by priority, direct TLS before
+    STARTTLS within one, and within each a weighted random draw (RFC 2782,
+    "Usage rules")."""
     ordered: list[_Record] = []
-    for priority in sorted({record.priority for record in records}):
-        pool = [record for record in records if record.priority == priority]
+    groups = sorted({(record.priority, not record.direct_tls) for record in records})
+    for priority, starttls in groups:
+        pool = [r for r in records if (r.priority, not r.direct_tls) == (priority, starttls)]
         # Zero weights first, so that they have a small chance too.
         pool.sort(key=lambda record: record.weight != 0)
         while pool:
