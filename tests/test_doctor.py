@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 from starttls_proxy.config import ListenerConfig
-from starttls_proxy.proxy.doctor import examine
+from starttls_proxy.proxy.doctor import examine, examine_routes
 from starttls_proxy.proxy.doctor_report import judge, table
 from tests.realservers.net import free_port
 
@@ -46,4 +46,37 @@ def test_backend_speaking_garbage() -> None:
 
     report = asyncio.run(run())
     assert "PROBLEM       the session failed: malformed reply from backend: " in report
+    assert report.endswith("verdict       NOT USABLE")
+
+
+def test_an_outgoing_listener_has_routes_not_a_backend() -> None:
+    """xmpp-server-out: its static routes are connected, the rest is DNS."""
+
+    async def run() -> str:
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        up, down = server.sockets[0].getsockname()[1], free_port()
+        listener = ListenerConfig.model_validate(
+            {
+                "name": "s2s-out",
+                "protocol": "xmpp-server-out",
+                "listen": "127.0.0.1:5299",
+                "timeouts": {"backend_connect": 2},
+                "routes": {
+                    "static": {
+                        "a.example": [{"address": f"127.0.0.1:{up}"}],
+                        "b.example": [{"address": f"127.0.0.1:{down}"}],
+                    }
+                },
+            }
+        )
+        async with server:
+            return table([judge(await examine_routes(listener))])
+
+    report = asyncio.run(run())
+    assert "the system resolver (/etc/resolv.conf), the static routes first" in report
+    assert "a.example: 127.0.0.1:" in report and ", reachable" in report
+    assert "PROBLEM       static route of b.example unreachable: 127.0.0.1:" in report
     assert report.endswith("verdict       NOT USABLE")

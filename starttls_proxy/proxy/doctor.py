@@ -78,6 +78,15 @@ class Observation:
     clean: bool = False
 
 
+@dataclass
+class RoutesObservation:
+    """What an outgoing listener (``xmpp-server-out``, no backend) could reach."""
+
+    listener: ListenerConfig
+    #: Each static route (domain, address) and why it cannot be reached, or None.
+    reached: list[tuple[str, str, str | None]]
+
+
 def _scripts(listener: ListenerConfig) -> tuple[bytes, bytes]:
     """What the client says before the upgrade, and once under TLS: ask for
     the capabilities, then leave."""
@@ -214,6 +223,28 @@ async def examine(listener: ListenerConfig) -> Observation:
     return seen
 
 
-async def examine_all(config: Config) -> list[Observation]:
-    """The listeners' backends, one after the other (their logs stay apart)."""
-    return [await examine(listener) for listener in config.listeners if listener.backend]
+async def examine_routes(listener: ListenerConfig) -> RoutesObservation:
+    """Connect each of an outgoing listener's static routes (no TLS, nothing said)."""
+    assert listener.routes is not None
+    timeout = listener.timeouts.backend_connect
+    reached: list[tuple[str, str, str | None]] = []
+    for domain, routes in listener.routes.static.items():
+        for route in routes:
+            problem = None
+            try:
+                async with asyncio.timeout(timeout):
+                    _, writer = await open_backend(route.address)
+                writer.close()
+            except (OSError, TimeoutError) as error:
+                problem = probe_failure(error, timeout)
+            reached.append((domain, str(route.address), problem))
+    return RoutesObservation(listener, reached)
+
+
+async def examine_all(config: Config) -> list[Observation | RoutesObservation]:
+    """The listeners' backends (an outgoing listener's static routes), one
+    after the other (their logs stay apart)."""
+    return [
+        await examine(listener) if listener.backend else await examine_routes(listener)
+        for listener in config.listeners
+    ]

@@ -13,7 +13,7 @@ from protocols._buffers import LineBuffer
 from protocols.imap_syntax import capability_atoms
 from protocols.smtp import ReplyReader
 from starttls_proxy.config import Protocol
-from starttls_proxy.proxy.doctor import CLIENT, Observation
+from starttls_proxy.proxy.doctor import CLIENT, Observation, RoutesObservation
 
 _PROXY_HEADERS = frozenset({BackendIdentity.PROXY_V1, BackendIdentity.PROXY_V2})
 _FEATURES = re.compile(rb"<(?:stream:)?features\b.*?</(?:stream:)?features>", re.DOTALL)
@@ -258,7 +258,36 @@ def _stream_error(seen: Observation) -> None:
         seen.clean, seen.ended = False, f"backend stream error: {error[1].decode()}"
 
 
-def judge(seen: Observation) -> Verdict:
+def judge_routes(seen: RoutesObservation) -> Verdict:
+    """An outgoing listener: where its streams go, and its static routes."""
+    listener = seen.listener
+    assert listener.routes is not None
+    servers = ", ".join(str(server) for server in listener.routes.nameservers)
+    verdict = Verdict(listener.name)
+    verdict.rows.append(
+        (
+            "routes",
+            f"no backend ({listener.protocol.value}): remote domains by SRV, A and AAAA "
+            f"through {servers or 'the system resolver (/etc/resolv.conf)'}"
+            + (", the static routes first" if seen.reached else ""),
+        )
+    )
+    for domain, address, problem in seen.reached:
+        verdict.rows.append(("static route", f"{domain}: {address}, {problem or 'reachable'}"))
+        if problem is not None:
+            verdict.findings.append(
+                Finding(
+                    True,
+                    f"static route of {domain} unreachable: {address}: {problem}",
+                    "start that server, or correct routes.static",
+                )
+            )
+    return verdict
+
+
+def judge(seen: Observation | RoutesObservation) -> Verdict:
+    if isinstance(seen, RoutesObservation):
+        return judge_routes(seen)
     listener = seen.listener
     _stream_error(seen)
     verdict = Verdict(listener.name)
