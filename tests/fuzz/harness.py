@@ -8,7 +8,8 @@ octets (fewer if the input ends first). For the end of the handshake, what
 the octet holds beyond the event (its quotient by the number of events)
 picks the certificate the peer presented among ``PEER_CERTIFICATES``
 (modulo their number): the event's own number, as in every program written
-before there was a choice, picks the first. Programs are what the seed
+before there was a choice, picks the first. For a connected route (an
+outgoing stream's), an odd quotient says that TLS starts at once there. Programs are what the seed
 corpus holds, written from the real dialogues of ``tests.protocols.dialogues``,
 so that mutations start from deep states (relay, DATA, literals, SASL, XMPP
 features, peer certificates) instead of having to find their way there.
@@ -23,7 +24,10 @@ and may get a ``LocalProtocolError`` besides.
 The invariant is h11's: every input gives commands or a defined ending
 (``CloseConnection``), no exception escapes but a ``LocalProtocolError``
 from a driver's misuse, and the bytes a machine holds stay within its
-configured limits plus one read.
+configured limits plus one read. A machine whose backend side goes to TLS
+(an outgoing stream) also keeps both sides apart until the handshake: the
+remote gets only the proxy's own stream header and ``<starttls/>``, the
+local server only a stream error.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ def encode(settings: int, steps: Sequence[Step]) -> bytes:
     (none: the first)."""
     out = bytearray([settings])
     for op, data in steps:
-        if op is Op.TLS and data:
+        if op in (Op.TLS, Op.CONNECTED) and data:
             out.append(op + len(Op) * data[0])
         else:
             out.append(op)
@@ -136,6 +140,8 @@ def decode(program: bytes) -> tuple[int, list[Step]]:
         certificate = octet // len(Op) % len(PEER_CERTIFICATES)
         if op is Op.TLS and certificate:
             data = bytes([certificate])
+        if op is Op.CONNECTED and octet // len(Op) % 2:
+            data = b"\x01"
         if op in DATA_OPS:
             length = int.from_bytes(program[at : at + 2], "big")
             data = program[at + 2 : at + 2 + length]
@@ -256,6 +262,10 @@ class Session:
     client_gone: bool = False
     backend_gone: bool = False
     peer_checked: bool = False
+    #: The backend asked for is a route (an outgoing stream's remote).
+    routed: bool = False
+    #: The side the last StartTLS gave a worker.
+    tls_side: Side = Side.CLIENT
     closed: bool = False
     largest_read: int = 0
     baseline: int = 0
@@ -305,7 +315,10 @@ class Session:
             machine.tls_established(tls_info(data[0] if data else 0))
         elif op is Op.CONNECTED:
             self.backend_owed, self.backend_up = False, True
-            machine.backend_connected()
+            if self.routed:
+                machine.route_connected(bool(data))
+            else:
+                machine.backend_connected()
         elif op is Op.FAILED:
             self.backend_owed = False
             machine.backend_failed("connection refused")
@@ -326,7 +339,9 @@ class Session:
         if op is Op.CLIENT:
             return not self.client_gone and self.machine.unprocessed_client_bytes < HOLD_LIMIT
         if op is Op.BACKEND:
-            return self.backend_up and not self.backend_gone
+            # A backend with a worker says nothing until its handshake ends.
+            with_worker = self.tls_side is Side.BACKEND and self.handshake_owed
+            return self.backend_up and not self.backend_gone and not with_worker
         if op is Op.TLS:
             return self.handshake_owed
         if op in (Op.CONNECTED, Op.FAILED):
@@ -356,13 +371,25 @@ class Session:
             return
         if not self.faithful:
             return
+        outgoing = self.machine.tls_side is Side.BACKEND
         if isinstance(command, SendToBackend):
             check(self.backend_up, f"bytes for a backend not connected ({after})")
             check(not self.backend_gone, f"bytes for a backend that closed ({after})")
+            check(
+                not outgoing or self.tls_done or _proxy_own_pre_tls(command.data),
+                f"the local stream reached the remote before TLS ({after})",
+            )
+        elif isinstance(command, SendToClient):
+            check(
+                not outgoing or self.tls_done or b"<stream:error" in command.data,
+                f"the remote's stream reached the local server before TLS ({after})",
+            )
         elif isinstance(command, OpenBackend):
             check(not (self.backend_owed or self.backend_up), f"second OpenBackend ({after})")
+            self.routed = command.route is not None
             check(
                 self.tls_done
+                or self.routed
                 or not self.settings.require_tls
                 or self.settings.tls_mode is TLSMode.IMPLICIT,
                 f"OpenBackend before TLS on a listener that requires it ({after})",
@@ -371,15 +398,33 @@ class Session:
         elif isinstance(command, PeerChecked):
             check(self.tls_done and not self.peer_checked, f"PeerChecked out of turn ({after})")
             check(
-                not (self.backend_owed or self.backend_up),
+                self.tls_side is Side.BACKEND or not (self.backend_owed or self.backend_up),
                 f"PeerChecked after OpenBackend ({after})",
             )
             self.peer_checked = True
         elif isinstance(command, StartTLS):
             check(not (self.handshake_owed or self.tls_done), f"second StartTLS ({after})")
-            self.handshake_owed = True
+            check(
+                command.side is Side.CLIENT or self.backend_up,
+                f"StartTLS for a backend not connected ({after})",
+            )
+            self.handshake_owed, self.tls_side = True, command.side
         else:
             check(isinstance(command, SendToClient), f"unknown command {command!r}")
+
+
+_STARTTLS_ELEMENT = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+
+
+def _proxy_own_pre_tls(data: bytes) -> bool:
+    """Whether ``data`` is what an outgoing stream may send the remote before
+    TLS: the proxy's own stream header (``_xmlstream.stream_header``: the XML
+    declaration, one start tag, attributes in double quotes) or ``<starttls/>``."""
+    header = (
+        data.startswith(b"<?xml version='1.0'?><stream:stream xmlns=\"jabber:server\" ")
+        and data.count(b">") == 2
+    )
+    return header or data == _STARTTLS_ELEMENT
 
 
 def run_program(program: bytes, make: Callable[[int], tuple[Machine, SessionSettings]]) -> Session:

@@ -6,7 +6,9 @@ The seeds are the dialogues of ``tests.protocols.dialogues`` played to the
 relay, then one deep exchange each: a DATA body, a BDAT chunk, a SASL
 exchange, an IMAP literal and IDLE, a POP3 RETR body, XMPP SASL and stream
 restarts; and for xmpp-server every outcome of the peer's certificate, on
-the stream under TLS and on the one restarted after SASL EXTERNAL.
+the stream under TLS and on the one restarted after SASL EXTERNAL; for
+xmpp-server-out the remote's STARTTLS, direct TLS, every verdict on its
+certificate and every way it can fail before TLS.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from protocols.imap import IMAPCapabilityProbe
 from protocols.pop3 import POP3CapabilityProbe
 from protocols.smtp import SMTPCapabilityProbe
 from protocols.xmpp import XMPPClientMachine, XMPPClientProbe, XMPPServerMachine, XMPPServerProbe
+from protocols.xmpp_out import XMPPOutgoingMachine
 from tests.fuzz.harness import (
     IDENTITY_BITS,
     LIMITS,
@@ -341,6 +344,119 @@ XMPP_SERVER_TARGET = MachineTarget(
 
 
 # --------------------------------------------------------------------------
+# Outgoing server-to-server streams: the client is the local server, the
+# backend the remote one, whose side goes to TLS.
+
+_LOCAL_HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+    b"from='local.example' to='remote.example' version='1.0'>"
+)
+_REMOTE_HEADER = (
+    b"<?xml version='1.0'?><stream:stream xmlns='jabber:server' "
+    b"xmlns:stream='http://etherx.jabber.org/streams' xmlns:db='jabber:server:dialback' "
+    b"id='r3m0t3' from='remote.example' to='local.example' version='1.0'>"
+)
+_STARTTLS_FEATURES = (
+    b"<stream:features><starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/></stream:features>"
+)
+_PROCEED = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"
+_DIALBACK_FEATURES = (
+    b"<stream:features><dialback xmlns='urn:xmpp:features:dialback'/></stream:features>"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutgoingTarget:
+    """``xmpp-server-out``. ``Flag.REQUIRE_TLS`` refuses a remote whose
+    certificate does not verify (else dialback), ``Flag.VARIANT`` lets the
+    local server send only from ``local.example``."""
+
+    def make(self, flags: int) -> tuple[Machine, SessionSettings]:
+        settings = SessionSettings(
+            hostname="proxy.example",
+            tls_mode=TLSMode.STARTTLS,
+            require_tls=True,
+            capabilities=(),
+            domains=("local.example",) if flags & Flag.VARIANT else (),
+            peer_certificate_failure=(
+                PeerCertificateFailure.REFUSE
+                if flags & Flag.REQUIRE_TLS
+                else PeerCertificateFailure.DIALBACK
+            ),
+            **LIMITS,  # type: ignore[arg-type]
+        )
+        return XMPPOutgoingMachine(settings, XMPP.peer), settings
+
+    def __call__(self, program: bytes) -> None:
+        run_program(program, self.make)
+
+    def seeds(self) -> list[bytes]:
+        local: Step = (Op.CLIENT, _LOCAL_HEADER)
+        starttls = [
+            local,
+            (Op.CONNECTED, b""),
+            (Op.BACKEND, _REMOTE_HEADER + _STARTTLS_FEATURES),
+            (Op.BACKEND, _PROCEED),
+        ]
+        relay = [
+            (Op.BACKEND, _REMOTE_HEADER + _DIALBACK_FEATURES),
+            (Op.CLIENT, b"<db:result from='local.example' to='remote.example'>k3y</db:result>"),
+            (Op.BACKEND, b"<db:result from='remote.example' to='local.example' type='valid'/>"),
+            (Op.CLIENT, b"<message to='a@remote.example'><body>&lt;starttls/&gt;</body></message>"),
+            (Op.CLIENT, b"</stream:stream>"),
+            (Op.BACKEND, b"</stream:stream>"),
+        ]
+        direct = [local, (Op.CONNECTED, b"\x01")]
+        refuse, both = int(Flag.REQUIRE_TLS), Flag.REQUIRE_TLS | Flag.VARIANT
+        return [
+            # Verified, by STARTTLS and by direct TLS; pipelined after <proceed/>.
+            encode(both, [*starttls, (Op.TLS, b""), *relay]),
+            encode(refuse, [*direct, (Op.TLS, b""), *relay]),
+            encode(refuse, [*starttls[:-1], (Op.BACKEND, _PROCEED + b"<message/>")]),
+            # Every other verdict on the remote's certificate, refused or let through.
+            *(
+                encode(flags, [*starttls, (Op.TLS, bytes([certificate])), *relay])
+                for flags in (refuse, 0)
+                for certificate in range(1, len(PEER_CERTIFICATES))
+            ),
+            # The remote fails before TLS: no STARTTLS, <failure/>, a stream
+            # error, the end of its stream; DNS or the connection fails.
+            encode(
+                refuse,
+                [local, (Op.CONNECTED, b""), (Op.BACKEND, _REMOTE_HEADER + _DIALBACK_FEATURES)],
+            ),
+            encode(
+                refuse,
+                [
+                    *starttls[:-1],
+                    (Op.BACKEND, b"<failure xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"),
+                ],
+            ),
+            encode(
+                refuse,
+                [
+                    local,
+                    (Op.CONNECTED, b""),
+                    (
+                        Op.BACKEND,
+                        _REMOTE_HEADER + b"<stream:error><host-unknown "
+                        b"xmlns='urn:ietf:params:xml:ns:xmpp-streams'/></stream:error>",
+                    ),
+                ],
+            ),
+            encode(refuse, [local, (Op.CONNECTED, b""), (Op.BACKEND_EOF, b"")]),
+            encode(refuse, [local, (Op.FAILED, b"")]),
+            # The local server's header refused: another sender, no 'to'.
+            encode(both, [(Op.CLIENT, _LOCAL_HEADER.replace(b"local.", b"intruder."))]),
+            encode(refuse, [(Op.CLIENT, _LOCAL_HEADER.replace(b" to='remote.example'", b""))]),
+        ]
+
+
+XMPP_SERVER_OUT_TARGET = OutgoingTarget()
+
+
+# --------------------------------------------------------------------------
 # Capability probes: the first octet picks one, the rest are two-octet
 # length-prefixed reads from the backend.
 
@@ -470,6 +586,7 @@ MACHINES: dict[str, MachineTarget] = {
 }
 TARGETS: dict[str, Target] = {
     **MACHINES,
+    "xmpp-server-out": XMPP_SERVER_OUT_TARGET,
     "probes": probe_target,
     "proxy-header": proxy_header_target,
 }
@@ -478,6 +595,8 @@ TARGETS: dict[str, Target] = {
 def seeds(name: str) -> Sequence[bytes]:
     if name in MACHINES:
         return MACHINES[name].seeds()
+    if name == "xmpp-server-out":
+        return XMPP_SERVER_OUT_TARGET.seeds()
     return PROBE_SEEDS if name == "probes" else PROXY_HEADER_SEEDS
 
 
@@ -559,6 +678,7 @@ EXTRA_WORDS: dict[str, tuple[bytes, ...]] = {
     ),
 }
 EXTRA_WORDS["xmpp-server"] = (*EXTRA_WORDS["xmpp-client"], b"jabber:server", b"db:result")
+EXTRA_WORDS["xmpp-server-out"] = (*EXTRA_WORDS["xmpp-server"], _PROCEED, _STARTTLS_FEATURES)
 
 
 def dictionary(name: str) -> list[bytes]:

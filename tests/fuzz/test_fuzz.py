@@ -10,7 +10,7 @@ import pytest
 from protocols._base import CloseConnection, PeerChecked, PeerVerification
 from tests.fuzz.__main__ import corpus_dir, fuzz
 from tests.fuzz.harness import run_program
-from tests.fuzz.targets import TARGETS, XMPP_SERVER_TARGET, seeds
+from tests.fuzz.targets import TARGETS, XMPP_SERVER_OUT_TARGET, XMPP_SERVER_TARGET, seeds
 
 NEW_INPUTS = 3000
 
@@ -49,6 +49,30 @@ def test_the_server_corpus_reaches_every_peer_outcome() -> None:
         "'from' is not a domain (improper-addressing)",
         "restarted stream from 'evil.example', verified 'remote.example' (invalid-from)",
         "restarted stream without 'from', verified 'remote.example' (improper-addressing)",
+    ):
+        assert ending in endings
+
+
+def test_the_outgoing_corpus_reaches_every_verdict_and_failure() -> None:
+    """The committed xmpp-server-out corpus starts the fuzzer from every
+    verdict on the remote's certificate, and from each way the remote or the
+    local server's header fails before TLS."""
+    results: set[PeerVerification] = set()
+    endings: set[str] = set()
+    for path in sorted(corpus_dir("xmpp-server-out").iterdir()):
+        for command in run_program(path.read_bytes(), XMPP_SERVER_OUT_TARGET.make).commands:
+            if isinstance(command, PeerChecked):
+                results.add(command.result)
+            elif isinstance(command, CloseConnection):
+                endings.add(command.reason)
+    assert results == set(PeerVerification)
+    for ending in (
+        "remote certificate: no_certificate (no certificate) (remote-connection-failed)",
+        "remote remote.example: it offers no STARTTLS (remote-connection-failed)",
+        "remote remote.example: it refused STARTTLS (remote-connection-failed)",
+        "remote remote.example: stream error: host-unknown (remote-connection-failed)",
+        "not a local domain: 'intruder.example' (invalid-from)",
+        "backend closed the stream",
     ):
         assert ending in endings
 
