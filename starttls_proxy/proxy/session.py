@@ -41,6 +41,7 @@ from protocols._base import (
     TLSInfo,
 )
 from starttls_proxy.proxy import metrics
+from starttls_proxy.proxy.connect import connect_backend, connect_route
 from starttls_proxy.proxy.endpoints import ChannelEndpoint, Endpoint
 from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
 from starttls_proxy.proxy.routes import RouteError, Router
@@ -334,7 +335,12 @@ class Session:
         started = time.monotonic()
         try:
             if route is None:
-                transport, endpoint = await self._connect_backend()
+                transport, endpoint = await connect_backend(
+                    self.loop,
+                    config.fixed_backend.address,
+                    config.timeouts.backend_connect,
+                    self._backend_endpoint,
+                )
                 direct_tls = False
             else:
                 transport, endpoint, direct_tls = await self._connect_route(route)
@@ -367,21 +373,6 @@ class Session:
     def _backend_endpoint(self) -> Endpoint:
         return Endpoint(self, Side.BACKEND)
 
-    async def _connect_backend(self) -> tuple[asyncio.Transport, Endpoint]:
-        config = self.runtime.config
-        address = config.fixed_backend.address
-        try:
-            async with asyncio.timeout(config.timeouts.backend_connect):
-                if address.unix_path is not None:
-                    return await self.loop.create_unix_connection(
-                        self._backend_endpoint, address.unix_path
-                    )
-                return await self.loop.create_connection(
-                    self._backend_endpoint, address.host, address.port
-                )
-        except (OSError, TimeoutError) as error:
-            raise ConnectionError(f"backend {address} unreachable: {error or 'timeout'}") from None
-
     async def _connect_route(self, domain: str) -> tuple[asyncio.Transport, Endpoint, bool]:
         """The first of ``domain``'s servers that answers, and whether TLS
         starts there at once."""
@@ -389,26 +380,18 @@ class Session:
         router = self.runtime.router
         if router is None:
             raise RouteError(f"listener {config.name} has no routes")
-        failures = []
-        for target in await router.targets(domain):
-            try:
-                async with asyncio.timeout(config.timeouts.backend_connect):
-                    transport, endpoint = await self.loop.create_connection(
-                        self._backend_endpoint, target.address, target.port
-                    )
-            except (OSError, TimeoutError) as error:
-                failures.append(f"{target}: {error or 'timeout'}")
-                continue
-            log.info(
-                "%s: %s:%s to %s via %s",
-                config.name,
-                self.peer.client_address,
-                self.peer.client_port,
-                domain,
-                target,
-            )
-            return transport, endpoint, target.direct_tls
-        raise ConnectionError(f"no server of {domain} answered: {'; '.join(failures)}")
+        transport, endpoint, target = await connect_route(
+            self.loop, router, domain, config.timeouts.backend_connect, self._backend_endpoint
+        )
+        log.info(
+            "%s: %s:%s to %s via %s",
+            config.name,
+            self.peer.client_address,
+            self.peer.client_port,
+            domain,
+            target,
+        )
+        return transport, endpoint, target.direct_tls
 
     def _peer_checked(self, checked: PeerChecked) -> None:
         config = self.runtime.config
