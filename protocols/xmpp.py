@@ -352,6 +352,20 @@ class XMPPMachine(XMPPRelayMachine):
         self._pump_client()
 
 
+def peer_checked(certificate: PeerCertificate | None, domain: str | None) -> PeerChecked:
+    """The verdict on ``certificate`` for a stream with ``domain`` (see
+    ``peer_verification``): the domain when it verified, else why not, for
+    the log."""
+    result = peer_verification(certificate, domain)
+    detail = {
+        PeerVerification.VERIFIED: "",
+        PeerVerification.NO_CERTIFICATE: "no certificate",
+        PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
+        PeerVerification.NAME_MISMATCH: f"not valid for {domain!r}" if domain else "no 'from'",
+    }[result]
+    return PeerChecked(result, domain if result is PeerVerification.VERIFIED else None, detail)
+
+
 def peer_verification(certificate: PeerCertificate | None, domain: str | None) -> PeerVerification:
     """What ``certificate`` (None: none was sent) proves for a stream from
     ``domain`` (normalized; None: the stream names none)."""
@@ -415,16 +429,10 @@ class XMPPServerMachine(XMPPMachine):
             # RFC 6120 section 4.7.1: a server's stream is from a domain.
             self._outbox.push(PeerChecked(PeerVerification.NAME_MISMATCH, None, "'from' no domain"))
             return StreamErrorCondition.IMPROPER_ADDRESSING, "'from' is not a domain"
-        result = peer_verification(self._peer_certificate, domain)
-        certificate = self._peer_certificate
-        detail = {
-            PeerVerification.VERIFIED: "",
-            PeerVerification.NO_CERTIFICATE: "no certificate",
-            PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
-            PeerVerification.NAME_MISMATCH: f"not valid for {domain!r}" if domain else "no 'from'",
-        }[result]
-        verified = self._verified = domain if result is PeerVerification.VERIFIED else None
-        self._outbox.push(PeerChecked(result, verified, detail))
+        checked = peer_checked(self._peer_certificate, domain)
+        self._verified = checked.domain
+        self._outbox.push(checked)
+        result, detail = checked.result, checked.detail
         if result is PeerVerification.VERIFIED or on_failure is PeerCertificateFailure.DIALBACK:
             return None
         reason = f"peer certificate: {result.value}" + (f" ({detail})" if detail else "")

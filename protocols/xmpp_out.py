@@ -22,7 +22,7 @@ remote server. The proxy is the *initiating entity* towards the remote one:
    handshake (SNI: the remote domain; ALPN ``xmpp-server`` on direct TLS),
    presents the certificate of the local ``from`` domain if asked, and
    reports the remote's certificate. It must be valid for the remote domain
-   (RFC 6120 section 13.7.2, RFC 7590, as ``xmpp.peer_verification`` judges
+   (RFC 6120 section 13.7.2, RFC 7590, as ``xmpp.peer_checked`` judges
    it: the domain itself, never an SRV target). With ``on_failure:
    refuse`` a remote that fails gets nothing and the local server a
    ``<remote-connection-failed/>`` stream error; with ``dialback`` the
@@ -52,7 +52,6 @@ from protocols._base import (
     OpenBackend,
     Peer,
     PeerCertificateFailure,
-    PeerChecked,
     PeerVerification,
     SessionSettings,
     Side,
@@ -84,7 +83,7 @@ from protocols._xmpp_relay import (
     local_name,
     normalize_domain,
 )
-from protocols.xmpp import peer_verification
+from protocols.xmpp import peer_checked
 
 
 class State(enum.Enum):
@@ -213,19 +212,12 @@ class XMPPOutgoingMachine(XMPPRelayMachine):
     def tls_established(self, info: TLSInfo) -> None:
         self._go(Input.TLS_ESTABLISHED)
         self._tls = True
-        result = peer_verification(info.peer_certificate, self._remote)
-        certificate = info.peer_certificate
-        detail = {
-            PeerVerification.VERIFIED: "",
-            PeerVerification.NO_CERTIFICATE: "no certificate",
-            PeerVerification.UNTRUSTED: (certificate.problem or "") if certificate else "",
-            PeerVerification.NAME_MISMATCH: f"not valid for {self._remote!r}",
-        }[result]
-        verified = self._remote if result is PeerVerification.VERIFIED else None
-        self._outbox.push(PeerChecked(result, verified, detail))
+        checked = peer_checked(info.peer_certificate, self._remote)
+        self._outbox.push(checked)
         refuse = self.settings.peer_certificate_failure is PeerCertificateFailure.REFUSE
-        if result is not PeerVerification.VERIFIED and refuse:
-            reason = f"remote certificate: {result.value}" + (f" ({detail})" if detail else "")
+        if checked.result is not PeerVerification.VERIFIED and refuse:
+            detail = f" ({checked.detail})" if checked.detail else ""
+            reason = f"remote certificate: {checked.result.value}{detail}"
             self._fail(StreamErrorCondition.REMOTE_CONNECTION_FAILED, reason, text=reason)
             return
         self._send_backend(self._client_header)
