@@ -5,11 +5,13 @@ The longer run is ``python -m tests.fuzz --minutes 10``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
-from protocols._base import CloseConnection, PeerChecked, PeerVerification
+from protocols._base import CloseConnection, PeerChecked, PeerVerification, SessionSettings
 from tests.fuzz.__main__ import corpus_dir, fuzz
-from tests.fuzz.harness import run_program
+from tests.fuzz.harness import Machine, run_program
 from tests.fuzz.targets import TARGETS, XMPP_SERVER_OUT_TARGET, XMPP_SERVER_TARGET, seeds
 
 NEW_INPUTS = 3000
@@ -28,18 +30,27 @@ def test_corpus(name: str) -> None:
         target(program)
 
 
-def test_the_server_corpus_reaches_every_peer_outcome() -> None:
-    """The committed xmpp-server corpus starts the fuzzer from every verdict
-    on the peer's certificate and every refusal of its stream, under TLS and
-    restarted after SASL."""
+def _outcomes(
+    name: str, make: Callable[[int], tuple[Machine, SessionSettings]]
+) -> tuple[set[PeerVerification], set[str]]:
+    """The verdicts on the peer's certificate and the endings that the
+    committed corpus of target ``name`` reaches."""
     results: set[PeerVerification] = set()
     endings: set[str] = set()
-    for path in sorted(corpus_dir("xmpp-server").iterdir()):
-        for command in run_program(path.read_bytes(), XMPP_SERVER_TARGET.make).commands:
+    for path in sorted(corpus_dir(name).iterdir()):
+        for command in run_program(path.read_bytes(), make).commands:
             if isinstance(command, PeerChecked):
                 results.add(command.result)
             elif isinstance(command, CloseConnection):
                 endings.add(command.reason)
+    return results, endings
+
+
+def test_the_server_corpus_reaches_every_peer_outcome() -> None:
+    """The committed xmpp-server corpus starts the fuzzer from every verdict
+    on the peer's certificate and every refusal of its stream, under TLS and
+    restarted after SASL."""
+    results, endings = _outcomes("xmpp-server", XMPP_SERVER_TARGET.make)
     assert results == set(PeerVerification)
     for ending in (
         "peer certificate: no_certificate (no certificate) (not-authorized)",
@@ -57,14 +68,7 @@ def test_the_outgoing_corpus_reaches_every_verdict_and_failure() -> None:
     """The committed xmpp-server-out corpus starts the fuzzer from every
     verdict on the remote's certificate, and from each way the remote or the
     local server's header fails before TLS."""
-    results: set[PeerVerification] = set()
-    endings: set[str] = set()
-    for path in sorted(corpus_dir("xmpp-server-out").iterdir()):
-        for command in run_program(path.read_bytes(), XMPP_SERVER_OUT_TARGET.make).commands:
-            if isinstance(command, PeerChecked):
-                results.add(command.result)
-            elif isinstance(command, CloseConnection):
-                endings.add(command.reason)
+    results, endings = _outcomes("xmpp-server-out", XMPP_SERVER_OUT_TARGET.make)
     assert results == set(PeerVerification)
     for ending in (
         "remote certificate: no_certificate (no certificate) (remote-connection-failed)",
