@@ -29,13 +29,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import pytest
 
 from tests.realservers.certs import CertFiles
 from tests.realservers.dovecot import DovecotInstance
 from tests.realservers.memorytls import MemoryTLS
+from tests.realservers.net import Channel, read_until
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
@@ -49,21 +49,6 @@ GAP = 0.2
 INJECTED = b"INJECTED-BY-BACKEND"
 
 _sources = (f"127.0.7.{n}" for n in itertools.count(1))
-
-
-class Channel(Protocol):
-    def sendall(self, data: bytes, /) -> Any: ...
-    def recv(self, size: int, /) -> bytes: ...
-
-
-def read_until(channel: Channel, done: Callable[[bytes], bool]) -> bytes:
-    data = b""
-    while not done(data):
-        chunk = channel.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 def read_to_end(channel: Channel) -> bytes:

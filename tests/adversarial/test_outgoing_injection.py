@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from tests.realservers.certs import CertFiles, write_test_certs
-from tests.realservers.net import read_to_end
+from tests.realservers.net import Channel, read_to_end, read_until
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener
 from tests.realservers.tap import FakeBackend
 
@@ -45,14 +45,8 @@ INJECTED = (
 HONEST = b"<message from='b@remote.example' to='a@local.example'><body>honest</body></message>"
 
 
-def _read_until(sock: socket.socket | ssl.SSLSocket, end: bytes) -> bytes:
-    data = b""
-    while end not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
+def _read_until(channel: Channel, end: bytes) -> bytes:
+    return read_until(channel, lambda data: end in data)
 
 
 def _injecting_remote(certs: CertFiles) -> FakeBackend:

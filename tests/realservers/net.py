@@ -6,7 +6,8 @@ import imaplib
 import poplib
 import socket
 import time
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,3 +78,21 @@ def read_to_end(sock: socket.socket, *, ends: tuple[type[BaseException], ...] = 
     except ends:
         pass
     return bytes(data)
+
+
+class Channel(Protocol):
+    """A socket, or a TLS session over one (``ssl.SSLSocket``, ``MemoryTLS``)."""
+
+    def sendall(self, data: bytes, /) -> Any: ...
+    def recv(self, size: int, /) -> bytes: ...
+
+
+def read_until(channel: Channel, done: Callable[[bytes], bool]) -> bytes:
+    """What ``channel`` receives until ``done`` holds of all of it, or the peer's end."""
+    data = b""
+    while not done(data):
+        chunk = channel.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
