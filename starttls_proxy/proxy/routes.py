@@ -97,7 +97,8 @@ class Router:
     """Resolves domains for one ``xmpp-server-out`` listener."""
 
     def __init__(self, config: RoutesConfig, timeout: float) -> None:
-        self._static = {domain.lower(): routes for domain, routes in config.static.items()}
+        # Normalized by the configuration (RoutesConfig), as the machine's domains are.
+        self._static = config.static
         servers = [
             dns.nameserver.Do53Nameserver(server.host, server.port) for server in config.nameservers
         ]
