@@ -42,6 +42,7 @@ proxy's own bug) says nothing.
 
 from __future__ import annotations
 
+import abc
 import re
 import secrets
 from dataclasses import dataclass
@@ -333,15 +334,15 @@ class XMPPRelayMachine(ProxyMachine[Any, Any]):
             else:
                 self._client_stream_token(token)
 
+    @abc.abstractmethod
     def _client_stream_token(self, token: Token) -> None:
         """A client token before the relay (the machine's own phase)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _check_restarted_header(
         self, header: StreamHeader
     ) -> tuple[StreamErrorCondition, str] | None:
         """What is wrong with a stream the client restarted during the relay."""
-        raise NotImplementedError
 
     def _relay_client_token(self, token: Token) -> None:
         if isinstance(token, StreamHeader):

@@ -79,11 +79,10 @@ async def probe_backend(config: ListenerConfig) -> tuple[str, ...]:
     """Ask ``config``'s backend for its capabilities, over one short dialogue."""
     spec = PROTOCOLS[config.protocol.value]
     async with asyncio.timeout(config.timeouts.backend_connect):
-        reader, writer = await open_backend(config.fixed_backend.address)
+        backend = config.fixed_backend
+        reader, writer = await open_backend(backend.address)
         try:
-            writer.write(
-                proxy_header.probe_header(config.fixed_backend.identity, own_connection(writer))
-            )
+            writer.write(proxy_header.probe_header(backend.identity, own_connection(writer)))
             probe = spec.probe(config.hostname)
             while True:
                 while (out := probe.next_send()) is not None:
