@@ -21,7 +21,7 @@ import socket
 import struct
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from typing import Any
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
 from starttls_proxy.wire import HELPER_TO_MAIN, HelperToKeeper, Ready, SpawnRequest, TLSRole
+from tests.peer_certs import Authority
 
 #: Far from the proxy's default range and from the other test suites'.
 TEST_UIDS = (320_000, 1_000)
@@ -189,6 +190,16 @@ def settings_for(
         "isolation",
     )
     return {"tls": encode(tls), "isolation": encode(config)}
+
+
+def trust_stores(directory: Path, authorities: Sequence[Authority]) -> list[Path]:
+    """``tls.peer_trust`` for a helper: a PEM file in ``directory`` per
+    authority, the helper's trust stores 1, 2, ... in that order."""
+    stores = []
+    for index, authority in enumerate(authorities, 1):
+        stores.append(directory / f"trust-{index}.pem")
+        stores[-1].write_bytes(authority.pem())
+    return stores
 
 
 @contextlib.contextmanager

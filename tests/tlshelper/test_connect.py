@@ -50,7 +50,13 @@ from starttls_proxy.settings import IsolationConfig, checked, encode
 from starttls_proxy.wire import KeyServerCounts, Ready, TLSRole, WorkerExit, read_report
 from tests.peer_certs import Authority
 from tests.realservers.net import read_to_end
-from tests.tlshelper.harness import Connection, RunningHelper, running_helper, spawn_on
+from tests.tlshelper.harness import (
+    Connection,
+    RunningHelper,
+    running_helper,
+    spawn_on,
+    trust_stores,
+)
 
 #: The remote server's name: the peer name, and its certificate's.
 REMOTE = "remote.example"
@@ -69,14 +75,6 @@ def _helper_certificates(cert_dir: Path) -> list[tuple[Path, Path]]:
     ]
 
 
-def _trust_stores(directory: Path, authorities: tuple[Authority, Authority]) -> list[Path]:
-    stores = []
-    for index, authority in enumerate(authorities, 1):
-        stores.append(directory / f"trust-{index}.pem")
-        stores[-1].write_bytes(authority.pem())
-    return stores
-
-
 @pytest.fixture(scope="module")
 def helper(
     cert_dir: Path,
@@ -87,7 +85,7 @@ def helper(
     with running_helper(
         directory,
         _helper_certificates(cert_dir),
-        tls={"peer_trust": _trust_stores(directory, peer_authorities)},
+        tls={"peer_trust": trust_stores(directory, peer_authorities)},
     ) as running:
         assert isinstance(running.reply, Ready), running.reply
         yield running
@@ -137,7 +135,7 @@ def signing(
                 key_references=references,
                 link=link,
                 env=env,
-                tls={"peer_trust": _trust_stores(directory, peer_authorities)},
+                tls={"peer_trust": trust_stores(directory, peer_authorities)},
             ) as running,
         ):
             link.close()
@@ -711,7 +709,7 @@ def granting(
             key_references=references,
             link=theirs,
             env=env,
-            tls={"peer_trust": _trust_stores(directory, peer_authorities)},
+            tls={"peer_trust": trust_stores(directory, peer_authorities)},
         ) as running,
     ):
         theirs.close()

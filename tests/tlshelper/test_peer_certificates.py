@@ -36,7 +36,7 @@ from starttls_proxy.wire import (
     read_report,
 )
 from tests.peer_certs import Authority, Issued, xmpp_addr
-from tests.tlshelper.harness import Connection, RunningHelper, running_helper
+from tests.tlshelper.harness import Connection, RunningHelper, running_helper, trust_stores
 
 #: The domain the peer's stream claims in these cases.
 PEER = "a.example"
@@ -49,10 +49,7 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("peer-certificates")
-    stores = []
-    for index, authority in enumerate(peer_authorities, 1):
-        stores.append(directory / f"trust-{index}.pem")
-        stores[-1].write_bytes(authority.pem())
+    stores = trust_stores(directory, peer_authorities)
     with running_helper(
         directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], tls={"peer_trust": stores}
     ) as running:

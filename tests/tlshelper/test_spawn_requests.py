@@ -43,7 +43,7 @@ from starttls_proxy.wire import (
     WorkerExit,
 )
 from tests.peer_certs import Authority
-from tests.tlshelper.harness import RunningHelper, running_helper
+from tests.tlshelper.harness import RunningHelper, running_helper, trust_stores
 
 #: How a worker given a fuzzed (but well-formed) request may end once the
 #: test closes its client: never by a signal.
@@ -66,10 +66,9 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("spawn-requests")
-    store = directory / "trust.pem"
-    store.write_bytes(peer_authorities[0].pem())
+    stores = trust_stores(directory, peer_authorities[:TRUST_STORES])
     with running_helper(
-        directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], tls={"peer_trust": [store]}
+        directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], tls={"peer_trust": stores}
     ) as running:
         assert isinstance(running.reply, Ready), running.reply
         yield running
