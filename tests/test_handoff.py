@@ -10,11 +10,18 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from starttls_proxy.proxy import metrics
-from starttls_proxy.proxy.handoff import HandoffError, TLSHelper
+from starttls_proxy.proxy.handoff import (
+    CHANNEL_SEND_BUFFER,
+    SEND_BUFFER_CEILING,
+    HandoffError,
+    TLSHelper,
+    channel_buffer_shortfall,
+)
 from starttls_proxy.wire import (
     HelperStarted,
     HelperUnusable,
@@ -99,6 +106,41 @@ def test_after_the_key_server_died_connections_wait_for_the_new_helper(
         assert not _spawned_on(old)
 
     asyncio.run(scenario())
+
+
+def test_a_channel_holds_what_a_worker_and_uvloop_move_at_once(helpers: Helpers) -> None:
+    """Both ends of a new channel take the configured send buffer (doubled
+    by the kernel), as far as the kernel's ceiling lets them."""
+    ceiling = int(SEND_BUFFER_CEILING.read_text())
+
+    async def scenario() -> None:
+        control = helpers.new_helper(100)
+        helpers.handle.attach(asyncio.get_running_loop())
+        await asyncio.sleep(0.05)
+        client, other = socket.socketpair()
+        with client, other:
+            channel = await helpers.handle.spawn(client, REQUEST, 5.0)
+            _, fds, _, _ = socket.recv_fds(control, 1024, 2)
+            worker_end = socket.socket(fileno=fds[1])
+            socket.socket(fileno=fds[0]).close()
+            with channel, worker_end:
+                for end in (channel, worker_end):
+                    size = end.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                    assert size == 2 * min(CHANNEL_SEND_BUFFER, ceiling)
+
+    asyncio.run(scenario())
+
+
+def test_a_kernel_ceiling_below_the_channel_buffer_is_named(tmp_path: Path) -> None:
+    ceiling = tmp_path / "wmem_max"
+    ceiling.write_text("212992\n")
+    shortfall = channel_buffer_shortfall(ceiling)
+    assert shortfall is not None
+    assert "net.core.wmem_max is 212992" in shortfall
+    assert f"sysctl -w net.core.wmem_max={CHANNEL_SEND_BUFFER}" in shortfall
+    ceiling.write_text(f"{CHANNEL_SEND_BUFFER}\n")
+    assert channel_buffer_shortfall(ceiling) is None
+    assert channel_buffer_shortfall(tmp_path / "absent") is None
 
 
 def test_a_helper_that_never_comes_back_is_a_handoff_error(helpers: Helpers) -> None:
