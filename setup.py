@@ -9,12 +9,15 @@ The project metadata is in pyproject.toml; this file only adds
   plain shared object that OpenSSL dlopen()s in the TLS workers and Python
   never imports; it links the C library only;
 * the key server's request loop (``starttls_proxy/keys/service/*.c``), a
-  Python extension linked with the system's libcrypto.
+  Python extension linked with the system's libcrypto;
+* the SMTP DATA body scan (``protocols/_smtp_data.c``), a Python extension
+  that the main process runs over every message body (``protocols/smtp.py``).
 
-All three are built with warnings as errors and the hardening flags: each
-reads bytes from a process the design assumes may be compromised (the
-helper a client's, the key service a worker's, the provider the key
-server's answers), so a memory bug in any is a security bug.
+All are built with warnings as errors and the hardening flags: each reads
+bytes from a process the design assumes may be compromised or from a
+client (the helper a client's, the key service a worker's, the provider
+the key server's answers, the body scan a client's), so a memory bug in
+any is a security bug.
 
 All need a C compiler and OpenSSL 3 headers (Debian: gcc, libssl-dev).
 The TLS helper is required; the key server's parts are optional: without
@@ -122,6 +125,12 @@ setup(
             libraries=["ssl", "crypto"],
             extra_compile_args=HELPER_FLAGS,
             extra_link_args=HELPER_LINK_FLAGS,
+        ),
+        Extension(
+            "protocols._smtp_data",
+            sources=["protocols/_smtp_data.c"],
+            extra_compile_args=C_FLAGS,
+            extra_link_args=LINK_FLAGS,
         ),
         Extension(
             PROVIDER,

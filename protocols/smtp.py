@@ -34,7 +34,8 @@ cross a terminated TLS session.
 4.1.1.4) streams to the backend until CRLF "." CRLF, dot-stuffing untouched
 (the backend undoes it, section 4.5.2). A bare CR or LF there is what SMTP
 smuggling exploits (the two ends disagree on where the message stops), so by
-default it ends the session, as in Postfix 3.9. A BDAT chunk (RFC 3030
+default it ends the session, as in Postfix 3.9. Both are looked for in one
+pass by ``_smtp_data`` (C: the body is the proxy's bulk path). A BDAT chunk (RFC 3030
 section 2) is exactly its announced octets, counted and never looked at; the
 chunk of a refused BDAT is consumed all the same.
 
@@ -52,6 +53,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from protocols import _smtp_data
 from protocols._base import (
     BackendIdentity,
     BareLineEndings,
@@ -140,33 +142,6 @@ _CRLF: Final = b"\r\n"
 #: RFC 5321 section 4.1.1.4; the body starts at a line start, so the CRLF
 #: that ended the DATA command counts as the first two octets.
 _END_OF_DATA: Final = b"\r\n.\r\n"
-#: RFC 5321 section 2.3.8: CR and LF only travel together.
-_BARE_LINE_ENDING: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-#: A CR that no LF follows.
-_BARE_CR: Final = re.compile(rb"\r(?!\n)")
-#: Every octet but CR and LF: deleted, they leave a body's line endings.
-_NOT_LINE_ENDING: Final = bytes(sorted(set(range(256)) - set(_CRLF)))
-#: ``re`` finds a literal about twice as fast as ``bytes.find`` (CPython 3.11).
-_find_end_of_data: Final = re.compile(re.escape(_END_OF_DATA)).search
-#: The first of the end-of-data line and a CR that no LF follows (bare, or
-#: the last octet read), in one pass.
-_find_body_stop: Final = re.compile(rb"\r(?:\n\.\r\n|(?!\n))").search
-
-
-def _bare_line_ending(body: bytes, *, crs_paired: bool = False) -> int | None:
-    """Where in ``body`` the first bare CR or LF is, or None; ``crs_paired``:
-    every CR of ``body`` is known to have its LF."""
-    # DATA is the proxy's bulk path, so the usual body is told clean by two
-    # passes at memory speed: no CR lacks its LF, and the line endings are
-    # CR LF CR LF ..., so that every LF has a CR before it, and (that CR not
-    # being bare) right before it. bytes.count(CRLF) took longer than both.
-    endings = body.translate(None, _NOT_LINE_ENDING)
-    if endings == _CRLF * (len(endings) // 2) and (crs_paired or _BARE_CR.search(body) is None):
-        return None
-    bare = _BARE_LINE_ENDING.search(body)
-    return None if bare is None else bare.start()
 
 
 #: One reply line, RFC 5321 section 4.2.1: the text may be absent.
@@ -470,45 +445,36 @@ class SMTPMachine(PipelinedMachine[State, Input, Owed]):
 
         An end-of-data line that straddles two reads is found with the
         body's last octets, kept aside, so each octet is looked at once
-        however the body is split; only a final CR waits for the next read.
+        however the body is split; only a final CR waits for the next read
+        (bare or not, the octet after it tells).
         """
         data = self._client.pop_all()
         seen = self._body_seen
         reject = self.settings.smtp_bare_line_endings is BareLineEndings.REJECT
         straddling = (seen + data[: len(_END_OF_DATA) - 1]).find(_END_OF_DATA)
         if straddling >= 0:
-            ended, limit = True, straddling - len(seen) + len(_END_OF_DATA)
-            crs_paired = False
+            # What is left of that line holds no bare CR or LF: a CR is
+            # never forwarded before the octet after it is known.
+            stop, at = _smtp_data.END_OF_DATA, straddling - len(seen)
         else:
-            # Rejecting, the search also stops at the first CR without its
-            # LF: stopping at the end of data or the last octet, it vouches
-            # for every CR before.
-            stop = (_find_body_stop if reject else _find_end_of_data)(data)
-            ended = stop is not None and stop.end() - stop.start() == len(_END_OF_DATA)
-            limit = stop.end() if stop is not None and ended else len(data)
-            crs_paired = stop is None or ended or stop.start() == len(data) - 1
-        body = data[:limit]
-        if reject:
-            if not ended and body.endswith(b"\r"):
-                # Bare or not, the next octet tells.
-                body = body[:-1]
-                self._client.feed(b"\r")
-            bare = _bare_line_ending(body, crs_paired=crs_paired)
-            if bare is not None:
-                # No end-of-data ever reaches the backend: it drops the
-                # partial message when the connection goes.
-                if bare:
-                    self._send_backend(body[:bare])
-                reply = b"521 5.5.2 %s Error: bare <CR> or <LF> received\r\n" % self._host
-                self._end("bare CR or LF in DATA", reply=reply)
-                return False
-        if not body:
+            stop, at = _smtp_data.first_stop(data, reject)
+        ended = stop == _smtp_data.END_OF_DATA
+        body = data[: at + len(_END_OF_DATA)] if ended else data[:at]
+        if stop == _smtp_data.BARE:
+            # No end-of-data ever reaches the backend: it drops the partial
+            # message when the connection goes.
+            if body:
+                self._send_backend(body)
+            reply = b"521 5.5.2 %s Error: bare <CR> or <LF> received\r\n" % self._host
+            self._end("bare CR or LF in DATA", reply=reply)
             return False
-        self._send_backend(body)
+        if body:
+            self._send_backend(body)
         if not ended:
+            self._client.feed(data[at:])
             self._body_seen = (seen + body[1 - len(_END_OF_DATA) :])[1 - len(_END_OF_DATA) :]
             return False
-        self._client.feed(data[limit:])
+        self._client.feed(data[at + len(_END_OF_DATA) :])
         self._owed.append(Owed(b"."))
         self._go(Input.END_OF_DATA)
         return True

@@ -3,8 +3,8 @@
 # usage: scripts/bootstrap.sh [--test]   (--test adds the test tools)
 # Idempotent: does nothing when neither pyproject.toml nor the build of the
 # C parts (setup.py, starttls_proxy/tls/helper/*.[ch], starttls_proxy/keys/provider/*.[ch],
-# starttls_proxy/keys/service/*.[ch], starttls_proxy/keys/*.h) changed since
-# the last run and all are built.
+# starttls_proxy/keys/service/*.[ch], starttls_proxy/keys/*.h, protocols/*.c)
+# changed since the last run and all are built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=""
@@ -33,9 +33,10 @@ fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed$extras"
 wanted="$(cat pyproject.toml setup.py starttls_proxy/tls/helper/*.[ch] starttls_proxy/keys/provider/*.[ch] \
-    starttls_proxy/keys/service/*.[ch] starttls_proxy/keys/*.h | sha256sum | cut -d' ' -f1)"
+    starttls_proxy/keys/service/*.[ch] starttls_proxy/keys/*.h protocols/*.c | sha256sum | cut -d' ' -f1)"
 [ -x starttls_proxy/tls/helper/stp-helper ] && [ -f starttls_proxy/keys/provider/keyref.so ] \
     && compgen -G 'starttls_proxy/keys/_service.*.so' >/dev/null \
+    && compgen -G 'protocols/_smtp_data.*.so' >/dev/null \
     || rm -f .venv/.installed .venv/.installed\[test\]
 # An install with the test tools is also a plain one (run-example.sh after test.sh).
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] \

@@ -10,10 +10,14 @@
 #   and a worker that a report aborts breaks its session;
 # * the key service (a Python extension), driven by the key server's tests
 #   (tests/keyserver, Hypothesis included) in a real, confined key server
-#   and in pytest itself. A Python extension cannot bring the ASan runtime:
-#   it must be loaded before anything else, so it is preloaded into every
-#   Python of that run. A report aborts the key server or pytest, which
-#   fails the run.
+#   and in pytest itself;
+# * the SMTP DATA body scan (a Python extension), driven by its own tests
+#   (Hypothesis against the rule it implements), the SMTP machine's, and
+#   the smuggling attacks through a real proxy into the real Postfix.
+#   A Python extension cannot bring the ASan runtime: it must be loaded
+#   before anything else, so it is preloaded into every Python of that
+#   run. A report aborts the key server, the proxy or pytest, which fails
+#   the run.
 #
 # The sanitized builds take the place of the normal ones for the run, which
 # are put back afterwards. LeakSanitizer stays off: the workers' seccomp
@@ -25,8 +29,10 @@ cd "$(dirname "$0")/.."
 python=.venv/bin/python
 helper=starttls_proxy/tls/helper/stp-helper
 provider=starttls_proxy/keys/provider/keyref.so
-keyservice=starttls_proxy/keys/_service$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
-built=("$helper" "$provider" "$keyservice")
+suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+keyservice=starttls_proxy/keys/_service$suffix
+bodyscan=protocols/_smtp_data$suffix
+built=("$helper" "$provider" "$keyservice" "$bodyscan")
 for file in "${built[@]}"; do
     cp -p "$file" "$file.normal"
 done
@@ -45,12 +51,15 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:color=never
     tests/e2e/test_pop3_dovecot.py tests/e2e/test_xmpp_prosody_ejabberd.py \
     tests/e2e/test_s2s_peer_certificates.py tests/e2e/test_federation.py \
     tests/tlshelper "$@"
-# The key service only now: the proxies of the end-to-end tests above start
-# key servers too, without the runtime preloaded, which could not load it.
-gcc "${sanitize[@]}" -shared -fPIC -Istarttls_proxy/keys \
-    -I"$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+# The Python extensions only now: the proxies of the end-to-end tests above
+# start key servers and run the body scan too, without the runtime
+# preloaded, which could not load them.
+include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+gcc "${sanitize[@]}" -shared -fPIC -Istarttls_proxy/keys -I"$include" \
     -o "$keyservice" starttls_proxy/keys/service/*.c -lcrypto
+gcc "${sanitize[@]}" -shared -fPIC -I"$include" -o "$bodyscan" protocols/_smtp_data.c
 # --capture=sys: a report that aborts pytest itself must reach the terminal,
 # not a capture file that goes with it.
 LD_PRELOAD="$(gcc -print-file-name=libasan.so)" "$python" -m pytest -p no:randomly \
-    --capture=sys tests/keyserver "$@"
+    --capture=sys tests/keyserver tests/protocols/test_smtp_data.py tests/protocols/test_smtp.py \
+    tests/adversarial/test_smuggling.py "$@"

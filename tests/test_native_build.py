@@ -1,6 +1,6 @@
-"""The C parts as ``setup.py`` built them: all three hardened alike (its
+"""The C parts as ``setup.py`` built them: all hardened alike (its
 ``C_FLAGS`` and ``LINK_FLAGS``), since each reads bytes from a process that
-may be compromised. ``scripts/test-sanitized.sh`` swaps in other builds and
+may be compromised, or from a client. ``scripts/test-sanitized.sh`` swaps in other builds and
 does not run this file."""
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from starttls_proxy.keys import provider
 from starttls_proxy.privileged import helper_start
 
 
-def _keyservice() -> Path:
-    spec = importlib.util.find_spec("starttls_proxy.keys._service")
-    assert spec is not None and spec.origin is not None, "the key service is not built"
+def _extension(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None, f"{name} is not built"
     return Path(spec.origin)
 
 
 BUILT = {
     "tls-helper": lambda: helper_start.HELPER,
     "provider": lambda: provider.LIBRARY,
-    "key-service": _keyservice,
+    "key-service": lambda: _extension("starttls_proxy.keys._service"),
+    "smtp-body-scan": lambda: _extension("protocols._smtp_data"),
 }
 
 

@@ -75,6 +75,7 @@ def test_the_wheel_built_from_the_sdist_installs_into_a_fresh_virtualenv(
     assert os.access(installed / "tls" / "helper" / "stp-helper", os.X_OK)
     assert (installed / "keys" / "provider" / "keyref.so").is_file()
     assert list(installed.glob("keys/_service.*.so"))
+    assert list(installed.parent.glob("protocols/_smtp_data.*.so"))
     for package in ("proxy", "privileged", "tls", "sandbox", "keys"):
         assert (installed / package / "__init__.py").is_file(), package
 
