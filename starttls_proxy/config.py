@@ -262,6 +262,12 @@ class ListenerConfig(_Model):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     protocol: Protocol
     listen: SocketAddress
+    #: Several instances of the proxy on this host listen on ``listen``
+    #: together and the kernel spreads new connections over them
+    #: (SO_REUSEPORT): to use more cores, or more descriptors than one
+    #: process may hold. Every instance must set it, run as the same user,
+    #: and have its own ``isolation.uid_range``.
+    reuse_port: bool = False
     tls: TLSMode = TLSMode.STARTTLS
     require_tls: bool = True
     #: Where sessions go; every protocol but ``xmpp-server-out`` has one.

@@ -338,6 +338,7 @@ class Server:
                 listen.port,
                 family=socket.AF_INET6 if ":" in listen.host else socket.AF_UNSPEC,
                 reuse_address=True,
+                reuse_port=listener.reuse_port,
                 backlog=LISTEN_BACKLOG,
                 start_serving=False,
             )
@@ -436,6 +437,17 @@ class Server:
         if self.config_path is None:
             raise ConfigError(["no configuration file to reload from"])
         new = load_config(self.config_path)
+        rebind = [
+            f"{listener.name}: reuse_port changes only at a restart"
+            for listener in new.listeners
+            if listener.name in self.runtimes
+            and self.runtimes[listener.name].config.listen == listener.listen
+            and self.runtimes[listener.name].config.reuse_port != listener.reuse_port
+        ]
+        if rebind:
+            # The socket would have to be bound again beside itself, which
+            # the kernel allows only when both have SO_REUSEPORT.
+            raise ConfigError(rebind)
         changed = [
             listener
             for listener in new.listeners

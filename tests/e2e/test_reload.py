@@ -148,6 +148,27 @@ def test_reload_opens_and_closes_listeners(
         proxy.connect("added")
 
 
+def test_a_reload_that_turns_reuse_port_on_is_refused_and_the_listener_serves_on(
+    proxy: ProxyProcess, renewal: dict[str, CertFiles], live: Path
+) -> None:
+    """The socket would have to be bound again on its own address: the
+    reload says why it cannot, instead of "address already in use"."""
+    serving = _served_serial(proxy, "smtp", renewal["new"])
+    original = proxy.config_path.read_text()
+    config = yaml.safe_load(original)
+    config["listeners"][0]["reuse_port"] = True
+    proxy.config_path.write_text(yaml.safe_dump(config))
+    try:
+        mark = len(proxy.log())
+        proxy.process.send_signal(signal.SIGHUP)
+        outcome = _reload_outcome(proxy, mark)
+    finally:
+        proxy.config_path.write_text(original)
+    assert "reload refused" in outcome
+    assert "smtp: reuse_port changes only at a restart" in outcome
+    assert _served_serial(proxy, "smtp", renewal["new"]) == serving
+
+
 def test_a_reload_drops_the_expiry_of_a_certificate_it_removed(
     module_proxy: StartProxy,
     postfix: PostfixInstance,

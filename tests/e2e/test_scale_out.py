@@ -6,6 +6,7 @@ What the README's "Scale-out" section promises: sessions of every protocol
 spread over both instances; the backends log the real client's address,
 not HAProxy's nor the proxy's; killing one instance loses only its own
 sessions while new ones go to the other; a rolling reload keeps serving.
+Without a balancer, instances on one host share a port (``reuse_port``).
 Each client connects from an address of its own, so that the instance that
 served it can be read from the instances' logs.
 """
@@ -32,7 +33,7 @@ from tests.realservers.certs import CertFiles
 from tests.realservers.dialogue import read_until
 from tests.realservers.dovecot import DovecotInstance
 from tests.realservers.haproxy import HAProxyInstance, running_haproxy
-from tests.realservers.net import sourced, wait_until
+from tests.realservers.net import free_port, sourced, wait_until
 from tests.realservers.postfix import PostfixInstance
 from tests.realservers.prosody import ProsodyInstance
 from tests.realservers.proxy import ProxyProcess, StartProxy, listener, start_proxy
@@ -292,3 +293,48 @@ def test_a_rolling_reload_keeps_serving(
         done.set()
         runner.join(60)
     assert failures == []
+
+
+def test_instances_on_one_host_share_a_port_with_reuse_port(
+    dovecot: DovecotInstance, test_certs: CertFiles, sessions: dict[str, Session], tmp_path: Path
+) -> None:
+    """The kernel spreads new connections over the instances that listen
+    with ``reuse_port``; once one has stopped, the other takes them all."""
+    address = f"127.0.0.1:{free_port()}"
+    instances = [
+        start_proxy(
+            tmp_path / f"instance{n}",
+            [(test_certs.cert, test_certs.key)],
+            [
+                listener(
+                    "imap",
+                    dovecot.imap_proxy_port,
+                    "imap",
+                    backend={"identity": "proxy-v2"},
+                    listen=address,
+                    reuse_port=True,
+                )
+            ],
+            # Workers of different instances must never share a UID.
+            isolation={"uid_range": [300_000 + n * 1_000, 1_000]},
+        )
+        for n in range(2)
+    ]
+    port = instances[0].ports["imap"]
+    try:
+        served = []
+        for _ in range(16):
+            source = next(_SOURCES)
+            sessions["imap"](port, source)
+            served.append(_served_by(instances, source))
+            dovecot.wait_for_line("Login: user=<alice>", f"rip={source}")
+        assert set(served) == {0, 1}, served
+
+        assert instances[0].stop() == 0
+        for _ in range(8):
+            source = next(_SOURCES)
+            sessions["imap"](port, source)
+            assert _served_by(instances, source) == 1
+    finally:
+        for proxy in instances:
+            proxy.stop()

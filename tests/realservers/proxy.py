@@ -105,8 +105,8 @@ def start_proxy(
     ensure_traversable(base)
     ports = {}
     for entry in listeners:
-        ports[entry["name"]] = free_port()
-        entry.setdefault("listen", f"127.0.0.1:{ports[entry['name']]}")
+        entry.setdefault("listen", f"127.0.0.1:{free_port()}")
+        ports[entry["name"]] = int(entry["listen"].rpartition(":")[2])
     config = {
         "tls": {"certificates": [{"cert": str(c), "key": str(k)} for c, k in certificates]},
         "listeners": listeners,
