@@ -111,6 +111,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-pin", action="store_true", help="do not split the CPUs between servers and generator"
     )
+    parser.add_argument(
+        "--proxy-instances",
+        type=int,
+        default=1,
+        help="starttls-proxy instances sharing each port (listeners' reuse_port; default 1)",
+    )
     return parser.parse_args(argv)
 
 
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         max_sessions=plan.idle_levels[-1] + 1000,
         message_size=plan.bulk_size,
         smtpd_processes=max(200, plan.idle_levels[-1] + 100) if idle_protocol == "smtp" else 200,
+        proxy_instances=args.proxy_instances,
     )
     results = Results(
         machine=describe(ROOT),
@@ -236,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             "generator CPUs": sorted(generator_cpus) or "all",
             "generator processes": processes,
             "descriptor limit": fd_limit,
+            "proxy instances": args.proxy_instances,
             "idle protocol": idle_protocol,
             "proxy protocols": sorted(PROTOCOLS),
         },

@@ -298,21 +298,19 @@ def total_memory(memories: dict[int, Memory]) -> Memory:
     return Memory(*(sum(column) for column in columns)) if memories else EMPTY_MEMORY
 
 
-def session_holder_pid(before: dict[int, Memory], after: dict[int, Memory]) -> int | None:
-    """The process that gained the most descriptors between two snapshots.
+def session_holder_pids(
+    before: dict[int, Memory], after: dict[int, Memory], count: int = 1
+) -> list[int]:
+    """The ``count`` processes that gained the most descriptors between two snapshots.
 
-    That is the one holding the sessions' sockets: the proxy's or nginx's event loop,
-    stunnel, the busiest Dovecot login process.  ``None`` for an empty tree.
+    Those hold the sessions' sockets: the proxy's event loop (one per instance),
+    nginx's, stunnel, the busiest Dovecot login process.  Empty for an empty tree.
     """
-    if not after:
-        return None
-    return max(after, key=lambda p: (after[p].fds - before.get(p, EMPTY_MEMORY).fds, after[p].uss))
 
+    def gained(pid: int) -> tuple[int, int]:
+        return after[pid].fds - before.get(pid, EMPTY_MEMORY).fds, after[pid].uss
 
-def session_holder(before: dict[int, Memory], after: dict[int, Memory]) -> Memory:
-    """:func:`session_holder_pid`'s memory after; :data:`EMPTY_MEMORY` for an empty tree."""
-    pid = session_holder_pid(before, after)
-    return EMPTY_MEMORY if pid is None else after[pid]
+    return sorted(after, key=gained, reverse=True)[:count]
 
 
 def pin_tree(roots: Iterable[int], cpus: set[int]) -> None:

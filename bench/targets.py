@@ -15,11 +15,12 @@ while it starts them (children inherit it), then pins every thread of their tree
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trustme
 
@@ -31,8 +32,9 @@ from starttls_proxy import procname
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.daemons import HOST, find_program, run_command, wait_for_text
 from tests.realservers.dovecot import DovecotInstance, start_dovecot
+from tests.realservers.net import free_port
 from tests.realservers.postfix import PostfixInstance, start_postfix
-from tests.realservers.proxy import listener, start_proxy
+from tests.realservers.proxy import ProxyProcess, listener, start_proxy
 
 PROXY = "starttls-proxy"
 STUNNEL = "stunnel"
@@ -71,6 +73,10 @@ ALL_PROTOCOLS = ("smtp", "imap", "pop3")
 KEY_TYPES = {"ecdsa": trustme.KeyType.ECDSA, "rsa": trustme.KeyType.RSA}
 #: What the report says where the proxy has no machine for a protocol yet.
 NOT_IMPLEMENTED = "not measured (protocol not implemented)"
+#: Worker UIDs of the proxy's instances when several share the ports: a
+#: range each (the default range starts at 200,000).
+UID_BASE = 300_000
+UIDS_EACH = 20_000
 BACKENDS = {"smtp": "Postfix", "imap": "Dovecot", "pop3": "Dovecot"}
 
 
@@ -95,6 +101,9 @@ class Target:
     roots: list[int] = field(default_factory=list)
     #: protocol -> why it is not measured on this target.
     missing: dict[str, str] = field(default_factory=dict)
+    #: Processes that each hold sessions (the proxy's instances sharing its
+    #: ports with reuse_port); 1 for every other target.
+    instances: int = 1
 
 
 @dataclass
@@ -128,6 +137,8 @@ class Settings:
     message_size: int
     #: Postfix smtpd processes allowed (one per SMTP session).
     smtpd_processes: int
+    #: starttls-proxy instances sharing each listener's port (reuse_port).
+    proxy_instances: int = 1
 
 
 _T = TypeVar("_T")
@@ -245,6 +256,47 @@ def start_run(
     return Run(key_type, certs, postfix, dovecot, targets, backend_roots)
 
 
+def _start_proxies(
+    stack: contextlib.ExitStack,
+    base: Path,
+    certs: CertFiles,
+    protocols: list[str],
+    plain_ports: dict[str, int],
+    settings: Settings,
+    missing: dict[str, str],
+) -> list[ProxyProcess]:
+    """``settings.proxy_instances`` proxies; several share each listener's
+    port (reuse_port), each with UIDs of its own."""
+    shared = settings.proxy_instances > 1
+    listen = {p: f"{HOST}:{free_port()}" for p in protocols}
+    limits = {"max_connections": settings.max_sessions}
+    proxies = []
+    for n in range(settings.proxy_instances):
+        entries = [listener(p, plain_ports[p], p, limits=limits) for p in protocols]
+        top: dict[str, Any] = {}
+        if shared:
+            for entry in entries:
+                entry |= {"listen": listen[entry["name"]], "reuse_port": True}
+            top["isolation"] = {"uid_range": [UID_BASE + n * UIDS_EACH, UIDS_EACH]}
+        proxy = _attempt(
+            missing,
+            protocols,
+            functools.partial(
+                start_proxy,
+                base / f"proxy{n}",
+                [(certs.cert, certs.key)],
+                entries,
+                log_level="info",
+                **top,
+            ),
+        )
+        if proxy is None:
+            return []
+        stack.callback(proxy.stop)
+        proxies.append(proxy)
+    return proxies
+
+
 def _start_terminators(
     stack: contextlib.ExitStack,
     base: Path,
@@ -262,22 +314,14 @@ def _start_terminators(
         if protocol not in PROTOCOLS:
             proxy_target.missing[protocol] = NOT_IMPLEMENTED
     if implemented:
-        limits = {"max_connections": settings.max_sessions}
-        proxy = _attempt(
-            proxy_target.missing,
-            implemented,
-            lambda: start_proxy(
-                base / "proxy",
-                [(certs.cert, certs.key)],
-                [listener(p, plain_ports[p], p, limits=limits) for p in implemented],
-                log_level="info",
-            ),
+        proxies = _start_proxies(
+            stack, base, certs, implemented, plain_ports, settings, proxy_target.missing
         )
-        if proxy is not None:
-            stack.callback(proxy.stop)
-            proxy_target.roots = [proxy.process.pid]
+        if proxies:
+            proxy_target.roots = [proxy.process.pid for proxy in proxies]
+            proxy_target.instances = len(proxies)
             proxy_target.endpoints = {
-                p: Endpoint(HOST, proxy.ports[p], p, True) for p in implemented
+                p: Endpoint(HOST, proxies[0].ports[p], p, True) for p in implemented
             }
     started = _attempt(
         targets[STUNNEL].missing,

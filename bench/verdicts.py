@@ -273,6 +273,8 @@ def _capacity_verdict(results: Results, record: Record, key: str, protocol: str)
     held = int(record.values["held"])
     errors = int(record.values["open_errors"] + record.values["close_errors"])
     measured = f"{held:,} held, {errors} errors"
+    if (instances := int(record.values.get("instances", 1))) > 1:
+        measured += f", by {instances} instances sharing the port (reuse_port)"
     if record.param < IDLE_GOAL_SESSIONS:
         why = f"this run asked for {record.param:,} sessions only"
         return Verdict(CAPACITY_GOAL, key, protocol, measured, NOT_MEASURED, why)

@@ -50,7 +50,7 @@ from bench.procfs import (
     cpu_seconds_by_role,
     machine_cpu,
     meminfo,
-    session_holder_pid,
+    session_holder_pids,
     total_memory,
     tree,
     tree_cpu_seconds,
@@ -532,9 +532,10 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
     if held:
         extra = total_memory(terminator) - total_memory(base_terminator)
         extra_backend = total_memory(backend) - total_memory(base_backend)
-        main_pid = session_holder_pid(base_terminator, terminator)
-        main = EMPTY_MEMORY if main_pid is None else terminator[main_pid]
-        main_before = base_terminator.get(main_pid or 0, EMPTY_MEMORY)
+        mains = session_holder_pids(base_terminator, terminator, target.instances)
+        main_uss = sum(terminator[pid].uss for pid in mains)
+        main_pss = sum(terminator[pid].pss for pid in mains)
+        main_before = sum(base_terminator.get(pid, EMPTY_MEMORY).uss for pid in mains)
         record.values = {
             "held": held,
             "open_errors": sum(errors.values()),
@@ -543,11 +544,12 @@ def measure_idle(bench: Bench, target: Target, protocol: str) -> list[Record]:
             "uss_per_session": extra.uss / held,
             "pss_per_session": extra.pss / held,
             "pte_per_session": extra.pte / held,
-            "main_uss_per_session": (main.uss - main_before.uss) / held,
+            "main_uss_per_session": (main_uss - main_before) / held,
             "backend_uss_per_session": extra_backend.uss / held,
             "backend_pss_per_session": extra_backend.pss / held,
-            "main_uss": main.uss,
-            "main_pss": main.pss,
+            "main_uss": main_uss,
+            "main_pss": main_pss,
+            "instances": target.instances,
             "fds": total_memory(terminator).fds,
             "processes": len(terminator),
             "opened_per_s": held / opening if opening else 0.0,

@@ -8,11 +8,13 @@ import pytest
 from bench.procfs import (
     CLOCK_TICKS,
     OTHER_ROLE,
+    Memory,
     ProcStat,
     cpu_seconds,
     cpu_seconds_by_role,
     kb_field,
     parse_stat,
+    session_holder_pids,
 )
 from bench.targets import (
     HELPER_ROLE,
@@ -78,3 +80,17 @@ def test_cpu_split_names_every_role_and_survives_a_parent_loop() -> None:
     assert set(split) == {MAIN_ROLE, KEEPER_ROLE, KEY_SERVER_ROLE, HELPER_ROLE, OTHER_ROLE}
     assert split[OTHER_ROLE] == pytest.approx(12 / CLOCK_TICKS)
     assert split[MAIN_ROLE] == 0.0
+
+
+def _memory(fds: int, uss: int = 0) -> Memory:
+    return Memory(uss, uss, uss, 0, fds, 1)
+
+
+def test_the_session_holders_are_the_processes_that_gained_most_descriptors() -> None:
+    """One event loop per instance holds the sessions: with two instances,
+    both mains, not a worker that was forked meanwhile."""
+    before = {1: _memory(20), 2: _memory(20), 3: _memory(5)}
+    after = {1: _memory(10_020), 2: _memory(9_990), 3: _memory(5, uss=10**9), 4: _memory(4)}
+    assert session_holder_pids(before, after) == [1]
+    assert session_holder_pids(before, after, 2) == [1, 2]
+    assert session_holder_pids({}, {}) == []

@@ -119,6 +119,12 @@ def test_idle_goals() -> None:
     )
     assert (uss.status, uss.margin) == (MET, "58 KiB below the limit")
     assert (capacity.status, capacity.measured) == (MET, "10,000 held, 0 errors")
+    _, capacity = idle_verdicts(
+        results_of(idle_record(10_000, 10_000, 262 * 1024, instances=2)), "ecdsa", "imap"
+    )
+    assert capacity.measured == (
+        "10,000 held, 0 errors, by 2 instances sharing the port (reuse_port)"
+    )
     short = idle_record(9_000, 10_000, 3 * 1024 * 1024, errors=1000)
     short.note = "stopped at 9000 sessions to keep the memory reserve; errors: 1000x refused"
     uss, capacity = idle_verdicts(results_of(short), "ecdsa", "imap")
