@@ -260,6 +260,8 @@ def _bulk_section(results: Results, key: str) -> str:
             cells += [
                 _cell(record, "mb_per_s"),
                 _cell(record, "cpu_s"),
+                # A backend doing the TLS itself is the terminator: no second row.
+                MISSING if target in (BACKEND_TLS, PLAINTEXT) else _cell(record, "backend_cpu_s"),
                 _cell(record, "generator_cpu_s"),
             ]
         if any(cell != MISSING for cell in cells):
@@ -269,7 +271,12 @@ def _bulk_section(results: Results, key: str) -> str:
     headers = ["target"]
     for protocol in protocols:
         name = "SMTP DATA" if protocol == "smtp" else "IMAP FETCH"
-        headers += [f"{name} MB/s", f"{name} terminator CPU s", f"{name} generator CPU s"]
+        headers += [
+            f"{name} MB/s",
+            f"{name} terminator CPU s",
+            f"{name} backend CPU s",
+            f"{name} generator CPU s",
+        ]
     figures = [
         _figure(results, BULK, key, protocol, None, "mb_per_s", f"{protocol.upper()} MB/s")
         for protocol in protocols
@@ -277,7 +284,9 @@ def _bulk_section(results: Results, key: str) -> str:
     missing = "".join(_not_measured(results, BULK, key, protocol) for protocol in protocols)
     return (
         f"### {KEY_LABELS.get(key, key)}\n\n"
-        "(The backend rows name the SMTP backend; IMAP figures come from Dovecot.)\n\n"
+        "(The backend rows name the SMTP backend; IMAP figures come from Dovecot. CPU is per\n"
+        "transfer. The terminator and the backend share the server CPUs: where the backend's\n"
+        "CPU is most of it, as Postfix's is for DATA, the backend sets the pace.)\n\n"
         + markdown_table(headers, rows)
         + "\n"
         + missing

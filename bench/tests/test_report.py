@@ -161,3 +161,17 @@ def test_before_and_after_compares_only_the_proxys_shared_figures() -> None:
     )
     assert "70.0" not in section  # stunnel is not compared
     assert before_after_section(Results({}, {}), after, "- spare workers") == ""
+
+
+def test_bulk_table_shows_what_the_backend_spent_beside_the_terminator() -> None:
+    """Postfix's CPU for a DATA is most of the server's: the column shows why
+    every terminator moves about as fast."""
+    values = {"mb_per_s": 187.0, "cpu_s": 0.08, "backend_cpu_s": 0.553, "generator_cpu_s": 0.09}
+    results = results_of(
+        Record(BULK, "ecdsa", "smtp", PROXY, 100_000_000, values),
+        Record(BULK, "ecdsa", "smtp", PLAINTEXT, 100_000_000, values | {"backend_cpu_s": 0.0}),
+    )
+    text = render(results, "plots")
+    assert "| SMTP DATA terminator CPU s | SMTP DATA backend CPU s |" in text
+    assert "| starttls-proxy | 187 | 0.0800 | 0.553 | 0.0900 |" in text
+    assert f"| plaintext Postfix (floor) | 187 | 0.0800 | {MISSING} | 0.0900 |" in text
