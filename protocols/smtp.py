@@ -35,9 +35,9 @@ cross a terminated TLS session.
 (the backend undoes it, section 4.5.2). A bare CR or LF there is what SMTP
 smuggling exploits (the two ends disagree on where the message stops), so by
 default it ends the session, as in Postfix 3.9. Both are looked for in one
-pass by ``_smtp_data`` (C: the body is the proxy's bulk path). A BDAT chunk (RFC 3030
-section 2) is exactly its announced octets, counted and never looked at; the
-chunk of a refused BDAT is consumed all the same.
+pass by ``_smtp_data`` (C: the body is the proxy's bulk path). A BDAT chunk
+(RFC 3030 section 2) is exactly its announced octets, counted and never
+looked at; the chunk of a refused BDAT is consumed all the same.
 
 *Shutdown*: the client gets 421 (RFC 5321 section 3.8), except inside a DATA
 body or a BDAT chunk, where the connection just closes: the message is not
