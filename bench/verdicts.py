@@ -15,6 +15,7 @@ them, measured by this suite side by side with stunnel and nginx mail:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -205,17 +206,31 @@ def latency_verdict(results: Results, key: str, protocol: str) -> Verdict:
 
 
 def bulk_verdict(results: Results, key: str, protocol: str) -> Verdict:
-    def speed(target: str) -> float | None:
-        return results.value(BULK, key, protocol, target, None, "mb_per_s")
+    """Throughput against stunnel's, with what each terminator and the
+    backend spent per transfer: on shared server CPUs, a backend that spends
+    most of it sets the pace for every terminator."""
 
-    return _ratio_verdict(
+    def figure(target: str, name: str) -> float | None:
+        return results.value(BULK, key, protocol, target, None, name)
+
+    verdict = _ratio_verdict(
         f"bulk throughput ≥ {MIN_BULK_VS_STUNNEL:g}{TIMES} stunnel's",
         key,
         protocol,
-        speed(PROXY),
-        speed(STUNNEL),
+        figure(PROXY, "mb_per_s"),
+        figure(STUNNEL, "mb_per_s"),
         MIN_BULK_VS_STUNNEL,
         "MB/s",
+    )
+    spent = [figure(target, "cpu_s") for target in (PROXY, STUNNEL)]
+    backend = figure(PROXY, "backend_cpu_s")
+    if verdict.status == NOT_MEASURED or None in spent or backend is None:
+        return verdict
+    ours, theirs = (format_number(value) for value in spent)
+    return dataclasses.replace(
+        verdict,
+        measured=f"{verdict.measured}; CPU s per transfer: terminator {ours} vs {theirs}, "
+        f"backend {format_number(backend)}",
     )
 
 

@@ -100,6 +100,31 @@ def test_bulk_goal_is_stunnels_throughput() -> None:
     assert verdict.measured == f"0.700{TIMES} (70.0 vs 100 MB/s)"
 
 
+def test_bulk_goal_names_what_the_terminators_and_the_backend_spent() -> None:
+    verdict = bulk_verdict(
+        results_of(
+            Record(BULK, "ecdsa", "smtp", PROXY, 10**8, {"mb_per_s": 187.0, "cpu_s": 0.08}),
+            Record(BULK, "ecdsa", "smtp", STUNNEL, 10**8, {"mb_per_s": 189.0, "cpu_s": 0.08}),
+        ),
+        "ecdsa",
+        "smtp",
+    )
+    assert verdict.measured == f"0.989{TIMES} (187 vs 189 MB/s)"
+    proxy = {"mb_per_s": 187.0, "cpu_s": 0.08, "backend_cpu_s": 0.553}
+    verdict = bulk_verdict(
+        results_of(
+            Record(BULK, "ecdsa", "smtp", PROXY, 10**8, proxy),
+            Record(BULK, "ecdsa", "smtp", STUNNEL, 10**8, {"mb_per_s": 189.0, "cpu_s": 0.083}),
+        ),
+        "ecdsa",
+        "smtp",
+    )
+    assert verdict.measured == (
+        f"0.989{TIMES} (187 vs 189 MB/s); CPU s per transfer: terminator 0.0800 vs 0.0830, "
+        "backend 0.553"
+    )
+
+
 def test_idle_goals() -> None:
     met = idle_record(10_000, 10_000, 262 * 1024, pte_per_session=52 * 1024)
     met.values["main_uss_per_session"] = 30 * 1024
