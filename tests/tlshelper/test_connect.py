@@ -301,14 +301,9 @@ def _connect(
     alpn: tuple[str, ...] = (),
     handshake_timeout: float = 10.0,
 ) -> Connection:
-    """A worker connecting to the test (``Connection.client``: the remote's end)."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        worker_end = socket.create_connection(listener.getsockname(), timeout=10)
-        remote_end, _ = listener.accept()
-    return spawn_on(
-        helper,
-        remote_end,
-        worker_end,
+    """A worker connecting to the test (``Connection.client``: the remote's
+    end; which end of the TCP connection opened it does not matter to TLS)."""
+    return helper.spawn(
         server_name_hint=hint,
         alpn=alpn,
         handshake_timeout=handshake_timeout,
