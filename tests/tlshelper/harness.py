@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import struct
 import subprocess
 import time
@@ -25,6 +26,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
@@ -267,6 +270,16 @@ def spawn_on(
         helper.send_request(request.encode(), [server_end.fileno(), theirs.fileno()])
         inode = os.fstat(theirs.fileno()).st_ino
     return Connection(client, ours, helper.worker_holding(inode, exits_before))
+
+
+def stdlib_reason(tls: ssl.SSLObject, incoming: ssl.MemoryBIO, data: bytes) -> str:
+    """OpenSSL's reason for ``data`` arriving at ``tls`` mid-handshake, as the
+    standard library (the system OpenSSL, as the helper's) names it:
+    "[SSL: CODE] reason (_ssl.c:N)" gives "reason"."""
+    incoming.write(data)
+    with pytest.raises(ssl.SSLError) as caught:
+        tls.do_handshake()
+    return str(caught.value).partition("] ")[2].rpartition(" (")[0]
 
 
 def sanitizer_runtime() -> str | None:

@@ -55,6 +55,7 @@ from tests.tlshelper.harness import (
     RunningHelper,
     running_helper,
     spawn_on,
+    stdlib_reason,
     trust_stores,
 )
 
@@ -779,8 +780,7 @@ def test_a_server_that_shares_no_cipher_fails_the_handshake(
 
 def _stdlib_client_error(data: bytes) -> str:
     """OpenSSL's reason for ``data`` as a server's answer to a ClientHello,
-    as the standard library's client (the system OpenSSL, as the helper's)
-    names it: "[SSL: CODE] reason (_ssl.c:N)"."""
+    as the standard library's client names it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -788,10 +788,7 @@ def _stdlib_client_error(data: bytes) -> str:
     client = context.wrap_bio(incoming, outgoing, server_hostname=REMOTE)
     with pytest.raises(ssl.SSLWantReadError):
         client.do_handshake()
-    incoming.write(data)
-    with pytest.raises(ssl.SSLError) as caught:
-        client.do_handshake()
-    return str(caught.value).partition("] ")[2].rpartition(" (")[0]
+    return stdlib_reason(client, incoming, data)
 
 
 @pytest.mark.parametrize(

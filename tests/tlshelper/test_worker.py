@@ -53,6 +53,7 @@ from tests.tlshelper.harness import (
     running_helper,
     sanitizer_runtime,
     spawn_on,
+    stdlib_reason,
 )
 
 MIB = 1024 * 1024
@@ -434,16 +435,12 @@ def test_a_client_leaving_during_the_handshake(
 
 def _stdlib_server_error(cert_dir: Path, data: bytes) -> str:
     """OpenSSL's reason for ``data`` as the first bytes of a handshake, as
-    the standard library's server (the system OpenSSL, as the helper's)
-    names it: "[SSL: CODE] reason (_ssl.c:N)"."""
+    the standard library's server names it."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_dir / "cert.pem", cert_dir / "key.pem")
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     server = context.wrap_bio(incoming, outgoing, server_side=True)
-    incoming.write(data)
-    with pytest.raises(ssl.SSLError) as caught:
-        server.do_handshake()
-    return str(caught.value).partition("] ")[2].rpartition(" (")[0]
+    return stdlib_reason(server, incoming, data)
 
 
 @pytest.mark.parametrize(
