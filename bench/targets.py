@@ -272,11 +272,12 @@ def _start_proxies(
     limits = {"max_connections": settings.max_sessions}
     proxies = []
     for n in range(settings.proxy_instances):
-        entries = [listener(p, plain_ports[p], p, limits=limits) for p in protocols]
+        entries = [
+            listener(p, plain_ports[p], p, limits=limits, listen=listen[p], reuse_port=shared)
+            for p in protocols
+        ]
         top: dict[str, Any] = {}
         if shared:
-            for entry in entries:
-                entry |= {"listen": listen[entry["name"]], "reuse_port": True}
             top["isolation"] = {"uid_range": [UID_BASE + n * UIDS_EACH, UIDS_EACH]}
         proxy = _attempt(
             missing,
