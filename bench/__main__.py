@@ -35,6 +35,7 @@ from bench.targets import (
     TARGET_IDS,
     Run,
     Settings,
+    Target,
     start_run,
 )
 from bench.workloads import (
@@ -162,6 +163,8 @@ def _measure_run(bench: Bench, args: argparse.Namespace, idle_protocol: str) -> 
     for workload in (w for w in WORKLOADS if w in args.workloads):
         protocols, params = plans[workload]
         for protocol in protocols:
+            # Bulk transfers take turns between the targets (measure_bulk).
+            interleaved: list[Target] = []
             for name in (TARGET_IDS[target_id] for target_id in args.targets):
                 target = run.targets[name]
                 note = target.missing.get(protocol) or failed.get((name, protocol))
@@ -174,9 +177,11 @@ def _measure_run(bench: Bench, args: argparse.Namespace, idle_protocol: str) -> 
                 elif workload == RATE:
                     records += measure_rate(bench, target, protocol)
                 elif workload == BULK:
-                    records.append(measure_bulk(bench, target, protocol))
+                    interleaved.append(target)
                 else:
                     records += measure_idle(bench, target, protocol)
+            if interleaved:
+                records += measure_bulk(bench, interleaved, protocol)
         if workload == RATE:
             probe = saturation_probe(bench, records)
             records += [probe] if probe else []

@@ -533,6 +533,13 @@ METHOD = """\
   connect() to the QUIT reply.  nginx answers all of it itself (it calls auth_http and
   the backend only at RCPT TO or LOGIN); stunnel waits 200 ms for a client that speaks
   first before it relays the greeting (the *greeting p50* column shows it).
+- **Bulk** (workload 2): one 100 MB message sent through SMTP DATA (timed from its
+  first byte to the `250`, Postfix delivering it before the next transfer), one 100 MB
+  message fetched over IMAP (from `FETCH` to its tagged `OK`).  Five rounds (quick: one) of one
+  transfer per target, the order turned by one each round; the table shows each
+  target's median, and the verdict compares starttls-proxy with stunnel round by round
+  (the median of the rounds' ratios, and their range).  CPU is per transfer (for SMTP
+  including the delivery).
 - **CPU** (workload 4): user + system time from `/proc/PID/stat` of every process of the
   target (children reaped meanwhile included), over the measuring window, divided by
   the sessions completed.  *Terminator* = the target's own processes (for the backends

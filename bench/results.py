@@ -15,6 +15,8 @@ IDLE = "idle"
 SATURATION = "saturation"
 #: Memory of the idle workload at each step (``param`` = sessions held).
 IDLE_CURVE = "idle-curve"
+#: A bulk record's MB/s in one round: ``mb_per_s_1``, ``mb_per_s_2``, ...
+ROUND_MB_PER_S = "mb_per_s_"
 
 
 @dataclass
@@ -35,6 +37,14 @@ class Record:
 
     def get(self, name: str) -> float | None:
         return self.values.get(name)
+
+    def rounds(self) -> dict[int, float]:
+        """A bulk record's MB/s by round (rounds whose transfer failed are absent)."""
+        return {
+            int(name.removeprefix(ROUND_MB_PER_S)): value
+            for name, value in self.values.items()
+            if name.startswith(ROUND_MB_PER_S)
+        }
 
 
 @dataclass

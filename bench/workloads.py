@@ -5,7 +5,7 @@
    LOGOUT) on 1, 16 and 64 concurrent lanes: sessions/s, p50 and p99 latency, the
    greeting's p50 (stunnel's 200 ms wait shows there).
 2. **Bulk**: one 100 MB message through SMTP DATA, one 100 MB IMAP FETCH: MB/s
-   (10^6 bytes) from the first byte to the final reply.
+   (10^6 bytes) from the first byte to the final reply, the targets taking turns.
 3. **Idle capacity**: N upgraded sessions held open (not logged in), memory measured
    at each step: USS, PSS and page tables per session of the terminator's processes
    and of the backend behind it, the busiest process's own USS/PSS and its share per
@@ -56,7 +56,7 @@ from bench.procfs import (
     tree_cpu_seconds,
     tree_memory,
 )
-from bench.results import BULK, IDLE, IDLE_CURVE, RATE, SATURATION, Record
+from bench.results import BULK, IDLE, IDLE_CURVE, RATE, ROUND_MB_PER_S, SATURATION, Record
 from bench.stats import TIMES, percentile
 from bench.targets import PLAINTEXT, PROXY, PROXY_OWN_ONLY, PROXY_ROLES, Run, Target
 
@@ -115,7 +115,7 @@ FULL = Plan(
     warmup=1.0,
     max_sessions_per_point=50_000,
     bulk_size=100_000_000,
-    bulk_repeats=3,
+    bulk_repeats=5,
     idle_levels=(1000, 2500, 5000, 10_000),
     settle=1.0,
     opening_sessions=1000,
@@ -176,6 +176,13 @@ class CPUUsed:
     #: The terminator's seconds by role, adding up to ``terminator`` (starttls-proxy
     #: only: :data:`bench.targets.PROXY_ROLES`; empty for the others).
     roles: dict[str, float] = field(default_factory=dict)
+
+    def __add__(self, other: CPUUsed) -> CPUUsed:
+        roles = {
+            role: self.roles.get(role, 0.0) + other.roles.get(role, 0.0)
+            for role in self.roles.keys() | other.roles.keys()
+        }
+        return CPUUsed(self.terminator + other.terminator, self.backend + other.backend, roles)
 
     def role_values(self, unit: str, scale: float) -> dict[str, float]:
         """``{"<role>_<unit>": seconds * scale}`` (e.g. ``main_cpu_ms``)."""
@@ -316,38 +323,78 @@ def place_imap_message(mailbox: Path, message: bytes) -> None:
     os.chown(path, owner.st_uid, owner.st_gid)
 
 
-def measure_bulk(bench: Bench, target: Target, protocol: str) -> Record:
-    endpoint = target.endpoints[protocol]
-    record = Record(BULK, bench.run.key_type, protocol, target.name, bench.plan.bulk_size)
-    seconds: list[float] = []
-    errors: Counter[str] = Counter()
-    cpu = _CPU(bench, target, protocol)
-    generator_cpu = 0.0
-    for _ in range(bench.plan.bulk_repeats):
-        (result,) = bench.generator.run([BulkJob(endpoint, bench.plan.bulk_size)])
-        errors.update(result.errors)
-        if result.latencies and result.transferred != bench.plan.bulk_size:
-            errors[f"moved {result.transferred} bytes, not {bench.plan.bulk_size}"] += 1
-            result.latencies.clear()
-        generator_cpu += result.cpu
-        seconds += result.latencies
-        if protocol == "smtp" and bench.run.postfix is not None and result.latencies:
-            bench.run.postfix.wait_for_delivery(1, timeout=120)
-            bench.run.postfix.clear_mailbox()
-    used = cpu.used()
-    record.note = _errors_note(errors)
-    if seconds:
-        middle = percentile(seconds, 0.5)
+@dataclass
+class _Transfers:
+    """One target's bulk transfers: seconds per round (``None`` where it failed)."""
+
+    target: Target
+    seconds: list[float | None] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    cpu: CPUUsed = field(default_factory=lambda: CPUUsed(0.0, 0.0))
+    generator_cpu: float = 0.0
+
+
+def measure_bulk(bench: Bench, targets: Sequence[Target], protocol: str) -> list[Record]:
+    """:attr:`Plan.bulk_repeats` rounds of one transfer per target, the targets'
+    order turned by one each round.
+
+    Over a run the backend, the page cache and the machine's neighbours drift by
+    more than the terminators differ, and a delivery written back to disk slows
+    the transfer after it. Interleaving spreads both over every target; the
+    figures of each round (``mb_per_s_<round>``) let a verdict compare two targets
+    round by round (:func:`bench.verdicts.bulk_verdict`).
+    """
+    transfers = [_Transfers(target) for target in targets]
+    for round_ in range(bench.plan.bulk_repeats):
+        turned = transfers[round_ % len(transfers) :] + transfers[: round_ % len(transfers)]
+        for measured in turned:
+            measured.seconds.append(_transfer(bench, measured, protocol))
+    return [_bulk_record(bench, measured, protocol) for measured in transfers]
+
+
+def _transfer(bench: Bench, measured: _Transfers, protocol: str) -> float | None:
+    """One transfer, its CPU (the SMTP delivery included) added to ``measured``."""
+    cpu = _CPU(bench, measured.target, protocol)
+    (result,) = bench.generator.run(
+        [BulkJob(measured.target.endpoints[protocol], bench.plan.bulk_size)]
+    )
+    measured.errors.update(result.errors)
+    measured.generator_cpu += result.cpu
+    seconds = result.latencies[0] if result.latencies else None
+    if seconds is not None and result.transferred != bench.plan.bulk_size:
+        measured.errors[f"moved {result.transferred} bytes, not {bench.plan.bulk_size}"] += 1
+        seconds = None
+    if protocol == "smtp" and bench.run.postfix is not None and seconds is not None:
+        bench.run.postfix.wait_for_delivery(1, timeout=120)
+        bench.run.postfix.clear_mailbox()
+    measured.cpu += cpu.used()
+    return seconds
+
+
+def _bulk_record(bench: Bench, measured: _Transfers, protocol: str) -> Record:
+    size = bench.plan.bulk_size
+    record = Record(BULK, bench.run.key_type, protocol, measured.target.name, size)
+    record.note = _errors_note(measured.errors)
+    done = [seconds for seconds in measured.seconds if seconds is not None]
+    if done:
+        middle = percentile(done, 0.5)
+        per_transfer = 1 / len(done)
         record.values = {
-            "mb_per_s": bench.plan.bulk_size / middle / 1e6,
+            "mb_per_s": size / middle / 1e6,
             "seconds": middle,
-            "cpu_s": used.terminator / len(seconds),
-            "backend_cpu_s": used.backend / len(seconds),
-            "generator_cpu_s": generator_cpu / len(seconds),
-            **used.role_values("cpu_s", 1 / len(seconds)),
+            "cpu_s": measured.cpu.terminator * per_transfer,
+            "backend_cpu_s": measured.cpu.backend * per_transfer,
+            "generator_cpu_s": measured.generator_cpu * per_transfer,
+            **measured.cpu.role_values("cpu_s", per_transfer),
+            **{
+                f"{ROUND_MB_PER_S}{round_}": size / seconds / 1e6
+                for round_, seconds in enumerate(measured.seconds, 1)
+                if seconds is not None
+            },
         }
     bench.say(
-        f"  bulk {protocol} {target.name}: {record.get('mb_per_s') or 0:.0f} MB/s {record.note}"
+        f"  bulk {protocol} {measured.target.name}: "
+        f"{record.get('mb_per_s') or 0:.0f} MB/s {record.note}"
     )
     return record
 

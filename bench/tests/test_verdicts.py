@@ -232,3 +232,41 @@ def test_all_verdicts_follow_the_issues_order() -> None:
         "bulk throughput",
         "1,000 idle",
     ]
+
+
+def test_bulk_goal_compares_round_by_round_when_the_targets_took_turns() -> None:
+    # Round 3's drift slowed both; the medians of the two series (190 vs 189) hide
+    # that the proxy was behind in three rounds of five.
+    ours = {"mb_per_s": 190.0} | {
+        f"mb_per_s_{i}": v for i, v in enumerate((190, 186, 150, 192, 195), 1)
+    }
+    theirs = {"mb_per_s": 189.0} | {
+        f"mb_per_s_{i}": v for i, v in enumerate((200, 189, 140, 196, 180), 1)
+    }
+    verdict = bulk_verdict(
+        results_of(
+            Record(BULK, "ecdsa", "smtp", PROXY, 10**8, ours),
+            Record(BULK, "ecdsa", "smtp", STUNNEL, 10**8, theirs),
+        ),
+        "ecdsa",
+        "smtp",
+    )
+    assert verdict.measured == (
+        f"0.984{TIMES} median of 5 rounds (0.950-1.08; medians 190 vs 189 MB/s)"
+    )
+    assert (verdict.status, verdict.margin) == (MISSED, "-2 % against the goal")
+
+
+def test_bulk_goal_pairs_only_the_rounds_both_targets_completed() -> None:
+    ours = {"mb_per_s": 100.0, "mb_per_s_1": 100.0, "mb_per_s_3": 110.0}
+    theirs = {"mb_per_s": 100.0, "mb_per_s_1": 100.0, "mb_per_s_2": 90.0, "mb_per_s_3": 100.0}
+    verdict = bulk_verdict(
+        results_of(
+            Record(BULK, "ecdsa", "imap", PROXY, 10**8, ours),
+            Record(BULK, "ecdsa", "imap", STUNNEL, 10**8, theirs),
+        ),
+        "ecdsa",
+        "imap",
+    )
+    assert verdict.measured.startswith(f"1.05{TIMES} median of 2 rounds (1.00-1.10;")
+    assert verdict.status == MET

@@ -27,3 +27,12 @@ def test_the_timed_opening_keeps_sixteen_lanes_over_the_generator(
     workers: int, jobs: list[tuple[int, int]]
 ) -> None:
     assert lanes_and_counts(1000, 16, workers) == jobs
+
+
+def test_cpu_used_adds_up_transfer_by_transfer() -> None:
+    first = CPUUsed(0.05, 0.5, {MAIN_ROLE: 0.02, HELPER_ROLE: 0.03})
+    second = CPUUsed(0.06, 0.6, {MAIN_ROLE: 0.01, HELPER_ROLE: 0.05})
+    total = CPUUsed(0.0, 0.0) + first + second
+    assert total.terminator == pytest.approx(0.11)
+    assert total.backend == pytest.approx(1.1)
+    assert total.roles == pytest.approx({MAIN_ROLE: 0.03, HELPER_ROLE: 0.08})
