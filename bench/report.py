@@ -535,7 +535,8 @@ METHOD = """\
   first before it relays the greeting (the *greeting p50* column shows it).
 - **Bulk** (workload 2): one 100 MB message sent through SMTP DATA (timed from its
   first byte to the `250`, Postfix delivering it before the next transfer), one 100 MB
-  message fetched over IMAP (from `FETCH` to its tagged `OK`).  Five rounds (quick: one) of one
+  message fetched over IMAP (from `FETCH` to its tagged `OK`).  After one untimed
+  transfer (the first reads the message from disk), five rounds (quick: one) of one
   transfer per target, the order turned by one each round; the table shows each
   target's median, and the verdict compares starttls-proxy with stunnel round by round
   (the median of the rounds' ratios, and their range).  CPU is per transfer (for SMTP

@@ -336,7 +336,7 @@ class _Transfers:
 
 def measure_bulk(bench: Bench, targets: Sequence[Target], protocol: str) -> list[Record]:
     """:attr:`Plan.bulk_repeats` rounds of one transfer per target, the targets'
-    order turned by one each round.
+    order turned by one each round, after one untimed transfer.
 
     Over a run the backend, the page cache and the machine's neighbours drift by
     more than the terminators differ, and a delivery written back to disk slows
@@ -345,6 +345,9 @@ def measure_bulk(bench: Bench, targets: Sequence[Target], protocol: str) -> list
     round by round (:func:`bench.verdicts.bulk_verdict`).
     """
     transfers = [_Transfers(target) for target in targets]
+    # Untimed: the first transfer of a run reads the IMAP message from disk and
+    # starts Postfix's delivery agents, whichever target makes it.
+    _transfer(bench, _Transfers(targets[0]), protocol)
     for round_ in range(bench.plan.bulk_repeats):
         turned = transfers[round_ % len(transfers) :] + transfers[: round_ % len(transfers)]
         for measured in turned:
