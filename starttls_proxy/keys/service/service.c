@@ -182,6 +182,35 @@ static void on_connection(Service *service, struct endpoint *connection)
     }
 }
 
+/* The one descriptor a message carried, or -1: one a grant carries, but the
+ * control buffer, rounded up for alignment, has room for two, and a message
+ * with several gets none of them kept (all are closed). */
+static int single_descriptor(struct msghdr *message)
+{
+    int fd = -1;
+    size_t count = 0;
+    for (struct cmsghdr *header = CMSG_FIRSTHDR(message); header != NULL;
+         header = CMSG_NXTHDR(message, header)) {
+        if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS
+            || header->cmsg_len < CMSG_LEN(0))
+            continue;
+        size_t carried = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < carried; i++, count++) {
+            int received;
+            memcpy(&received, CMSG_DATA(header) + i * sizeof(int), sizeof(int));
+            if (count == 0)
+                fd = received;
+            else
+                close(received);
+        }
+    }
+    if (count > 1) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
 static void on_link(Service *service, struct endpoint *link)
 {
     static unsigned char grant[GRANT_HEADER_SIZE + 2 * MAX_CERTIFICATES];
@@ -196,18 +225,14 @@ static void on_link(Service *service, struct endpoint *link)
         .msg_control = control.buffer,
         .msg_controllen = sizeof(control.buffer),
     };
-    struct cmsghdr *header;
     struct endpoint *connection;
     ssize_t got = recvmsg(link->fd, &message, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-    int fd = -1;
+    int fd;
     bool valid;
 
     if (got < 0 && (errno == EAGAIN || errno == EINTR))
         return;
-    header = got >= 0 ? CMSG_FIRSTHDR(&message) : NULL;
-    if (header != NULL && header->cmsg_level == SOL_SOCKET && header->cmsg_type == SCM_RIGHTS
-        && header->cmsg_len == CMSG_LEN(sizeof(int)))
-        memcpy(&fd, CMSG_DATA(header), sizeof(int));
+    fd = got >= 0 ? single_descriptor(&message) : -1;
     if (got <= 0) {
         if (fd >= 0)
             close(fd);
