@@ -292,12 +292,15 @@ static int remote_sign(const struct signature_context *context, const unsigned c
         report(context, got == 0 ? "key server connection closed" : "no answer (errno %d)", errno);
         return 0;
     }
-    if ((size_t)got <= HEADER_SIZE || (size_t)got == sizeof(reply) || reply[0] != WIRE_VERSION
-        || memcmp(reply + 4, request + 4, 4) != 0) {
+    /* A refusal is a header alone; a signature fills the rest. */
+    if ((size_t)got < HEADER_SIZE || (size_t)got == sizeof(reply) || reply[0] != WIRE_VERSION
+        || memcmp(reply + 4, request + 4, 4) != 0
+        || (reply[1] == STATUS_SIGNED
+            && ((size_t)got == HEADER_SIZE || (size_t)got - HEADER_SIZE > capacity))) {
         report(context, "malformed answer from the key server");
         return 0;
     }
-    if (reply[1] != STATUS_SIGNED || (size_t)got - HEADER_SIZE > capacity) {
+    if (reply[1] != STATUS_SIGNED) {
         report(context, "the key server refused to sign");
         return 0;
     }
