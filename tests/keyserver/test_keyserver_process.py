@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -270,6 +271,19 @@ def test_a_scheme_that_does_not_fit_the_key_is_refused(
         assert HEADER.unpack_from(answer)[1] == STATUS_REFUSED
 
 
+@pytest.mark.parametrize(
+    ("role", "make_input"), [(TLSRole.ACCEPT, tls13_input), (TLSRole.CONNECT, tls13_client_input)]
+)
+def test_rsa_pkcs1_is_refused_for_a_tls13_certificate_verify(
+    key_server: RunningKeyServer, keys: Keys, role: TLSRole, make_input: Callable[[], bytes]
+) -> None:
+    # RFC 8446 section 4.4.3: TLS 1.3 signs with RSASSA-PSS only.
+    key = _key(keys.paths[1])
+    with key_server.connect([1], role) as connection:
+        answer = _ask(connection, _request(key, make_input(), Scheme.RSA_PKCS1))
+        assert HEADER.unpack_from(answer)[1] == STATUS_REFUSED
+
+
 def _signs(key_server: RunningKeyServer, key: PrivateKey) -> bool:
     """Whether a new connection of the link still gets a signature."""
     with key_server.connect([0]) as connection:
@@ -343,6 +357,23 @@ def test_a_malformed_grant_gets_no_connection(
 ) -> None:
     with _granted(key_server, message) as worker:
         assert worker.recv(1) == b""  # the key server closed its end unserved
+    assert _signs(key_server, _key(keys.paths[0]))
+
+
+@pytest.mark.parametrize("descriptors", [2, 3])
+def test_a_grant_with_more_than_one_descriptor_gets_no_connection_and_keeps_none(
+    key_server: RunningKeyServer, keys: Keys, descriptors: int
+) -> None:
+    # Two fit the key server's control buffer (rounded up for alignment), the
+    # kernel closes a third: each must be closed, or its worker never sees the end.
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(descriptors)]
+    grant = GRANT_HEADER.pack(0, 1) + struct.pack(">H", 0)
+    socket.send_fds(key_server.link.sock, [grant], [ours.fileno() for ours, _ in pairs])
+    for ours, theirs in pairs:
+        ours.close()
+        with theirs:
+            theirs.settimeout(10)
+            assert theirs.recv(1) == b""
     assert _signs(key_server, _key(keys.paths[0]))
 
 

@@ -195,6 +195,12 @@ enum outcome answer_request(struct scope *scope, const unsigned char *request, s
         snprintf(reason, reason_size, "scheme %d does not fit the key", scheme);
         return REFUSED;
     }
+    /* RFC 8446 section 4.4.3: no PKCS #1 v1.5 in a TLS 1.3 CertificateVerify
+     * (a TLS 1.2 input never has its context at byte 64). */
+    if (scheme == SCHEME_RSA_PKCS1 && !tls12_server_input(data, data_size)) {
+        snprintf(reason, reason_size, "RSA PKCS #1 v1.5 signs no TLS 1.3 handshake");
+        return REFUSED;
+    }
     signature_size = sign(key, scheme, digest, data, data_size, answer + HEADER_SIZE);
     if (signature_size == 0) {
         snprintf(reason, reason_size, "libcrypto could not sign");
