@@ -51,10 +51,10 @@ _COMMON = (
     "gettimeofday",
     "rt_sigreturn",
     "rt_sigprocmask",
-    # Memory, bounded by RLIMIT_AS; no mprotect, so no page is ever made
-    # executable.
+    # Memory, bounded by RLIMIT_AS. mmap only without PROT_EXEC
+    # (compile_filter) and no mprotect: no page is ever made executable, so
+    # code an attacker writes into a worker's memory cannot be run.
     "brk",
-    "mmap",
     "munmap",
     "mremap",
     "madvise",
@@ -134,6 +134,9 @@ REFUSED = (
     "process_vm_writev",
 )
 
+#: ``mmap``'s ``prot`` argument (its third) may not hold this.
+PROT_EXEC = 0x4
+
 #: ``ioctl`` only for FIONBIO (``compile_filter(fionbio=True)``), which
 #: Python's ``socket.setblocking`` uses; never TIOCSTI and friends on an
 #: inherited terminal.
@@ -151,8 +154,9 @@ class _SockFprog(ctypes.Structure):
 
 
 def compile_filter(allowed: tuple[str, ...], *, fionbio: bool = False) -> bytes:
-    """The BPF program allowing ``allowed`` (and, with ``fionbio``, ioctl
-    FIONBIO) for this machine's architecture (raw ``sock_filter``s).
+    """The BPF program allowing ``allowed``, mmap without PROT_EXEC (and,
+    with ``fionbio``, ioctl FIONBIO) for this machine's architecture (raw
+    ``sock_filter``s).
 
     Raises ``ImportError`` or ``OSError`` when libseccomp is not usable.
     """
@@ -169,6 +173,7 @@ def compile_filter(allowed: tuple[str, ...], *, fionbio: bool = False) -> bytes:
             if pyseccomp.resolve_syscall(native, name) == NR_SCMP_ERROR:
                 continue  # unknown to this libseccomp
             selected.add_rule(action, name)
+    selected.add_rule(pyseccomp.ALLOW, "mmap", pyseccomp.Arg(2, pyseccomp.MASKED_EQ, PROT_EXEC, 0))
     if fionbio:
         selected.add_rule(pyseccomp.ALLOW, "ioctl", pyseccomp.Arg(1, pyseccomp.EQ, FIONBIO))
     with tempfile.TemporaryFile() as out:
