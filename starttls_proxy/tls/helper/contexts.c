@@ -162,6 +162,7 @@ static void openssl_reason(char *out, size_t size)
 
 static bool use_chain(SSL_CTX *context, const struct certificate *c, struct problems *problems)
 {
+    ERR_clear_error(); /* what is on the queue after the chain is the chain's */
     BIO *bio = BIO_new_mem_buf(c->chain, (int)c->chain_size);
     X509 *leaf = bio ? PEM_read_bio_X509(bio, NULL, NULL, NULL) : NULL;
     bool ok = leaf != NULL && SSL_CTX_use_certificate(context, leaf) == 1;
@@ -172,10 +173,13 @@ static bool use_chain(SSL_CTX *context, const struct certificate *c, struct prob
             ok = false;
         }
     }
-    /* The end of the PEM data is an error on the queue, not a failure. */
+    /* The end of the PEM data is an error on the queue, not a failure; any
+     * other ended the chain early (a garbled certificate after the leaf),
+     * and a chain cut short is not served. */
     unsigned long last = ERR_peek_last_error();
     if (ok && ERR_GET_REASON(last) == PEM_R_NO_START_LINE)
         ERR_clear_error();
+    ok = ok && ERR_peek_error() == 0;
     X509_free(leaf);
     BIO_free(bio);
     if (!ok) {
