@@ -212,6 +212,52 @@ def test_a_garbled_certificate_after_the_leaf_is_refused(cert_dir: Path, tmp_pat
         _describe(tls)
 
 
+def test_more_certificates_than_the_helper_takes_are_refused(cert_dir: Path) -> None:
+    entry = CertificateConfig(cert_dir / "cert.pem", cert_dir / "key.pem")
+    tls = TLSConfig(certificates=[entry] * (tls_description.MAX_CERTIFICATES + 1))
+    with pytest.raises(ConfigError) as raised:
+        _describe(tls)
+    assert raised.value.problems == [
+        f"tls.certificates: {tls_description.MAX_CERTIFICATES + 1} certificates; the TLS"
+        f" helper takes at most {tls_description.MAX_CERTIFICATES}"
+    ]
+
+
+def test_a_leaf_with_more_names_than_the_helper_takes_is_refused(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "many.example.test")])
+    hosts = [f"host{i}.example.test" for i in range(tls_description.MAX_NAMES + 1)]
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(host) for host in hosts]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert, key_file = tmp_path / "many.pem", tmp_path / "many-key.pem"
+    cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ConfigError) as raised:
+        _describe(TLSConfig(certificates=[CertificateConfig(cert, key_file)]))
+    assert raised.value.problems == [
+        f"tls.certificates[0].cert: the certificate names {len(hosts)} hosts; the TLS helper"
+        f" takes at most {tls_description.MAX_NAMES} per certificate"
+    ]
+
+
 def test_a_leaf_without_san_is_named_by_its_cn() -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Mail.Example.TEST")])
@@ -251,6 +297,8 @@ def test_tags_and_layers_agree_with_wire_h() -> None:
     defines = wire_h.defines()
     assert defines["DESCRIPTION_VERSION"] == tls_description.DESCRIPTION_VERSION
     assert defines["MAX_DESCRIPTION"] == tls_description.MAX_DESCRIPTION
+    assert defines["MAX_CERTIFICATES"] == tls_description.MAX_CERTIFICATES
+    assert defines["MAX_NAMES"] == tls_description.MAX_NAMES
 
 
 def test_every_layer_has_its_switch() -> None:

@@ -43,8 +43,11 @@ TLS13_SUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_
 KEY_SHARE_GROUPS = "X25519:P-256"
 
 DESCRIPTION_VERSION = 1
-#: The helper refuses a larger description.
+#: The helper refuses a larger description, more certificates, or more
+#: names for one certificate (its leaf's DNS names) than these.
 MAX_DESCRIPTION = 4 * 1024 * 1024
+MAX_CERTIFICATES = 64
+MAX_NAMES = 256
 _RECORD_HEADER = struct.Struct("!HI")
 _MIN_VERSIONS = {"1.2": 0x0303, "1.3": 0x0304}
 
@@ -144,6 +147,11 @@ def describe(
     out.add(Tag.TLS13_SUITES, TLS13_SUITES.encode())
     out.add(Tag.GROUPS, KEY_SHARE_GROUPS.encode())
     problems: list[str] = []
+    if len(tls.certificates) > MAX_CERTIFICATES:
+        problems.append(
+            f"tls.certificates: {len(tls.certificates)} certificates; the TLS helper"
+            f" takes at most {MAX_CERTIFICATES}"
+        )
     for index, entry in enumerate(tls.certificates):
         where = f"tls.certificates[{index}]"
         reference = key_references[index] if key_references is not None else None
@@ -151,6 +159,12 @@ def describe(
             chain, names = _read_chain(entry.cert, entry.key, where, reference is None)
         except ConfigError as error:
             problems.extend(error.problems)
+            continue
+        if len(names) > MAX_NAMES:
+            problems.append(
+                f"{where}.cert: the certificate names {len(names)} hosts; the TLS helper"
+                f" takes at most {MAX_NAMES} per certificate"
+            )
             continue
         out.add(Tag.CERTIFICATE, where.encode())
         out.add(Tag.CHAIN, chain)

@@ -15,8 +15,6 @@
 
 #include "wire.h"
 
-#define MAX_CERTIFICATES 64
-#define MAX_NAMES 256
 #define MAX_PROBLEMS 64
 #define PROBLEM_SIZE 512
 

@@ -109,6 +109,9 @@ enum description_tag {
 
 /* Trust stores a description may hold. */
 #define MAX_TRUST_STORES 16
+/* Certificates a description may hold, and names (D_NAME) per certificate. */
+#define MAX_CERTIFICATES 64
+#define MAX_NAMES 256
 /* A peer certificate's names in the report (wire.h section 5). */
 #define MAX_PEER_DNS_NAMES 100
 #define MAX_PEER_XMPP_ADDRS 10
