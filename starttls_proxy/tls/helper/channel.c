@@ -18,10 +18,16 @@
 
 #define MAX_FDS 4
 
+/* A control buffer aligned for the cmsghdr that CMSG_FIRSTHDR lays in it. */
+union control {
+    char buffer[CMSG_SPACE(MAX_FDS * sizeof(int))];
+    struct cmsghdr align;
+};
+
 bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size_t count,
                    int flags)
 {
-    char control[CMSG_SPACE(MAX_FDS * sizeof(int))] = {0};
+    union control control = {0};
     struct iovec vector = {(void *)(uintptr_t)data, size};
     struct msghdr header = {.msg_iov = &vector, .msg_iovlen = 1};
     if (count > MAX_FDS) {
@@ -29,7 +35,7 @@ bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size
         return false;
     }
     if (count > 0) {
-        header.msg_control = control;
+        header.msg_control = control.buffer;
         header.msg_controllen = CMSG_SPACE(count * sizeof(int));
         struct cmsghdr *c = CMSG_FIRSTHDR(&header);
         c->cmsg_level = SOL_SOCKET;
@@ -42,9 +48,9 @@ bool send_with_fds(int sock, const void *data, size_t size, const int *fds, size
 
 ssize_t receive_with_fds(int sock, void *data, size_t size, int *fds, size_t max, size_t *count)
 {
-    char control[CMSG_SPACE(MAX_FDS * sizeof(int))];
+    union control control;
     struct iovec vector = {data, size};
-    struct msghdr header = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control};
+    struct msghdr header = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control.buffer};
     *count = 0;
     if (max > MAX_FDS) {
         errno = EINVAL;
