@@ -17,7 +17,9 @@
  * TLS runs over memory BIOs (the mitmproxy way): the client bytes the main
  * process read before the hand-off go in first, and writes never block
  * inside OpenSSL. Each direction buffers at most BUFFER_LIMIT before the
- * worker stops reading the other side (back pressure, bounded memory).
+ * worker stops reading the other side (back pressure, bounded memory); a
+ * full direction to the client stops the client being read as well, as
+ * reading makes OpenSSL write to it (alerts, a key update's answer).
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -228,13 +230,18 @@ static size_t pending_to_client(struct pump *pump)
 
 enum decrypted { DRAINED, FULL, BROKEN };
 
-/* Decrypt what has arrived into pump->plaintext while it has room: DRAINED
+/*
+ * Decrypt what has arrived into pump->plaintext while it has room: DRAINED
  * when OpenSSL holds no whole record any more (or the client sent
- * close_notify), FULL when records wait for room, BROKEN on a TLS error. */
+ * close_notify), FULL when records may wait for room, BROKEN on a TLS error.
+ * Reading writes too (an alert for each renegotiation attempt, a key
+ * update's answer), so a full to_client is no room either: otherwise a
+ * client that never reads could grow it without bound.
+ */
 static enum decrypted decrypt(struct pump *pump)
 {
     while (!pump->close_notify) {
-        if (pump->plaintext_size == BUFFER_LIMIT)
+        if (pump->plaintext_size == BUFFER_LIMIT || pending_to_client(pump) >= BUFFER_LIMIT)
             return FULL;
         int got = SSL_read(pump->ssl, pump->plaintext + pump->plaintext_size,
                            (int)(BUFFER_LIMIT - pump->plaintext_size));
@@ -373,13 +380,15 @@ static int relay(struct pump *pump)
         if (state == BROKEN)
             return out_of_memory() ? EXIT_INTERNAL_ERROR : EXIT_TLS_ERROR;
         flush_channel(pump);
-        /* The channel took it all: records still wait, decrypt them now
-         * (the client may have nothing more to send to wake this loop). */
-        if (state == FULL && pump->plaintext_size == 0)
-            continue;
         /* Reading may have written (a key update's answer). */
         if (!flush_client(pump, false))
             return EXIT_CLIENT_GONE;
+        /* The channel or the client took enough to make room: records may
+         * still wait, decrypt them now (the client may have nothing more
+         * to send to wake this loop). */
+        if (state == FULL && pump->plaintext_size < BUFFER_LIMIT &&
+            pending_to_client(pump) < BUFFER_LIMIT)
+            continue;
         bool client_done = pump->close_notify || (pump->client_eof && state == DRAINED);
         if (client_done && pump->plaintext_size == 0)
             return EXIT_OK;
@@ -388,7 +397,11 @@ static int relay(struct pump *pump)
             return EXIT_OK;
         }
         struct pollfd fds[2] = {{.fd = pump->client}, {.fd = pump->channel}};
-        if (!pump->client_eof && !pump->close_notify && state == DRAINED)
+        /* A client that leaves to_client full is not read until it reads
+         * (DRAINED may come with it full): what OpenSSL writes while
+         * reading would pile up there. */
+        if (!pump->client_eof && !pump->close_notify && state == DRAINED &&
+            pending_to_client(pump) < BUFFER_LIMIT)
             fds[0].events |= POLLIN;
         if (pending_to_client(pump) > 0)
             fds[0].events |= POLLOUT;
