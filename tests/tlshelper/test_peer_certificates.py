@@ -14,16 +14,19 @@ no certificate or a name mismatch.
 
 from __future__ import annotations
 
+import datetime
 import json
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocols._base import PeerCertificate, PeerVerification, TLSInfo
 from protocols.xmpp import peer_verification
@@ -208,6 +211,101 @@ def test_expired_or_not_for_tls_is_untrusted(
 ) -> None:
     report = _handshake(helper, tmp_path, peer_authorities[0].issue(dns=[PEER], **issue))
     assert (report["peer"]["verify"], report["peer"]["error"]) == ("untrusted", error)
+    assert _verdict(report)[0] is PeerVerification.UNTRUSTED
+
+
+SERVER_AUTH, CLIENT_AUTH = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+EMAIL, ANY = ExtendedKeyUsageOID.EMAIL_PROTECTION, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE
+
+
+def _intermediate(root: Authority, usages: Sequence[x509.ObjectIdentifier] | None) -> Authority:
+    """An intermediate CA of ``root`` with the extended key usage ``usages``
+    (None: no such extension; ``Authority.issue`` gives a CA none)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Peer intermediate")]))
+        .issuer_name(root.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=90))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    if usages is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
+    certificate = builder.sign(root.key, hashes.SHA256())
+    return Authority(key, certificate, [certificate, *root.chain])
+
+
+@pytest.mark.parametrize(
+    ("intermediate", "leaf"),
+    [
+        (None, None),
+        ([SERVER_AUTH], None),
+        ([SERVER_AUTH], [SERVER_AUTH]),
+        ([CLIENT_AUTH], [CLIENT_AUTH]),
+        ([SERVER_AUTH, CLIENT_AUTH], [CLIENT_AUTH]),
+        ([CLIENT_AUTH], [SERVER_AUTH, CLIENT_AUTH]),
+        ([SERVER_AUTH, EMAIL], [SERVER_AUTH, CLIENT_AUTH]),
+        ([ANY], None),
+        (None, [ANY]),
+    ],
+    ids=[
+        "none-none",
+        "server-none",
+        "server-server",
+        "client-client",
+        "both-client",
+        "client-both",
+        "server+email-both",
+        "any-none",
+        "none-any",
+    ],
+)
+def test_a_chain_verifies_when_all_of_it_allows_one_tls_purpose(
+    helper: RunningHelper,
+    peer_authorities: tuple[Authority, Authority],
+    tmp_path: Path,
+    intermediate: list[x509.ObjectIdentifier] | None,
+    leaf: list[x509.ObjectIdentifier] | None,
+) -> None:
+    """The intermediate's extended key usage, then the leaf's: either TLS
+    purpose will do (peer servers connect with their server certificates),
+    as long as every certificate allows it."""
+    issuer = _intermediate(peer_authorities[0], intermediate)
+    report = _handshake(helper, tmp_path, issuer.issue(dns=[PEER], usages=leaf))
+    assert (report["peer"]["verify"], report["peer"]["error"]) == ("ok", None)
+    assert _verdict(report)[0] is PeerVerification.VERIFIED
+
+
+@pytest.mark.parametrize(
+    ("intermediate", "leaf"),
+    [
+        ([EMAIL], None),
+        ([EMAIL], [SERVER_AUTH, CLIENT_AUTH]),
+        ([SERVER_AUTH], [CLIENT_AUTH]),
+        ([CLIENT_AUTH], [SERVER_AUTH]),
+    ],
+    ids=["email-none", "email-both", "server-client", "client-server"],
+)
+def test_an_intermediate_that_leaves_the_leaf_no_tls_purpose_makes_it_untrusted(
+    helper: RunningHelper,
+    peer_authorities: tuple[Authority, Authority],
+    tmp_path: Path,
+    intermediate: list[x509.ObjectIdentifier],
+    leaf: list[x509.ObjectIdentifier] | None,
+) -> None:
+    """Regression: only the leaf's extended key usage was checked, so a CA
+    confined to e-mail (S/MIME) under a trusted root could issue a
+    certificate for any server that verified."""
+    issuer = _intermediate(peer_authorities[0], intermediate)
+    report = _handshake(helper, tmp_path, issuer.issue(dns=[PEER], usages=leaf))
+    assert (report["peer"]["verify"], report["peer"]["error"]) == (
+        "untrusted",
+        "unsuitable certificate purpose",
+    )
     assert _verdict(report)[0] is PeerVerification.UNTRUSTED
 
 

@@ -145,12 +145,31 @@ static void report_names(struct json *out, const GENERAL_NAMES *names, const cha
     json_raw(out, "]");
 }
 
+/* The TLS purposes (XKU_SSL_SERVER, XKU_SSL_CLIENT) that a certificate's
+ * extended key usage allows: both without one, or with anyExtendedKeyUsage,
+ * which restricts nothing (RFC 5280 section 4.2.1.12). */
+static uint32_t tls_purposes(X509 *certificate)
+{
+    const uint32_t both = XKU_SSL_SERVER | XKU_SSL_CLIENT;
+    if (!(X509_get_extension_flags(certificate) & EXFLAG_XKUSAGE))
+        return both;
+    uint32_t usages = X509_get_extended_key_usage(certificate);
+    return (usages & XKU_ANYEKU) ? both : usages & both;
+}
+
 /*
  * The chain to `store`, at the time of the handshake, with OpenSSL's
  * defaults otherwise (no revocation checks). The leaf's extended key
  * usage, when it has one, must allow TLS: a server's certificate
  * (serverAuth) as well as a client's, since XMPP servers present their
  * server certificates when they connect and CAs stopped issuing clientAuth.
+ * An intermediate's restricts what it issues, as in OpenSSL's TLS checks
+ * (`openssl verify -purpose sslserver`), or a CA confined to e-mail could
+ * issue for any server: one of the two purposes must be allowed all along
+ * the chain, the trust anchor aside (trusted as configured, as OpenSSL
+ * trusts a self-signed root). No OpenSSL purpose on the context: it would
+ * also refuse anyExtendedKeyUsage and check the leaf's key usage, refusing
+ * leaves that verify today.
  * Returns the X509 error's text, or NULL when the chain is trusted.
  */
 static const char *verify(SSL *ssl, X509 *leaf, X509_STORE *store)
@@ -164,13 +183,19 @@ static const char *verify(SSL *ssl, X509 *leaf, X509_STORE *store)
     }
     int verified = X509_verify_cert(context);
     int error = X509_STORE_CTX_get_error(context);
+    /* The verified chain: the leaf first, the trust anchor last. */
+    STACK_OF(X509) *chain = X509_STORE_CTX_get0_chain(context);
+    uint32_t purposes = tls_purposes(leaf);
+    for (int i = 1; verified == 1 && i < sk_X509_num(chain) - 1; i++)
+        purposes &= tls_purposes(sk_X509_value(chain, i));
     X509_STORE_CTX_free(context);
     ERR_clear_error();
     if (verified != 1)
         return X509_verify_cert_error_string(error != X509_V_OK ? error : X509_V_ERR_UNSPECIFIED);
-    if ((X509_get_extension_flags(leaf) & EXFLAG_XKUSAGE) &&
-        !(X509_get_extended_key_usage(leaf) & (XKU_SSL_SERVER | XKU_SSL_CLIENT | XKU_ANYEKU)))
+    if (tls_purposes(leaf) == 0)
         return "the certificate's extended key usage allows no TLS";
+    if (purposes == 0)
+        return X509_verify_cert_error_string(X509_V_ERR_INVALID_PURPOSE);
     return NULL;
 }
 
