@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from starttls_proxy.wire import SpawnRequest
+from starttls_proxy.wire import Problems, SpawnRequest
 from tests.isolation.conftest import TEST_UIDS, handshake, helper, worker_uid
 from tests.tlshelper.harness import Connection, RunningHelper
 
@@ -103,3 +103,41 @@ def test_a_uid_held_by_an_older_process_stays_taken(
     finally:
         older.kill()
         older.wait()
+
+
+@pytest.mark.parametrize("mode", ["strict", "best-effort"])
+def test_a_range_held_in_full_at_start_is_refused_never_served_as_root(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path, mode: str
+) -> None:
+    """Regression: with every UID of the range held (an earlier helper's
+    workers at a restart or reload) the probe had no UID, the identity layer
+    was reported as not working here, and in best-effort mode every worker
+    of the new helper then ran as root. A full range is a shortage of
+    capacity: the new helper refuses to start and says so."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    last = FIRST + COUNT - 1
+    with (
+        helper(tmp_path / "old", certificates, uid_range=(FIRST, COUNT), spare_workers=0) as old,
+        contextlib.ExitStack() as held,
+    ):
+        for _ in range(COUNT):
+            held.enter_context(_live(old, cert_dir))
+        with helper(
+            tmp_path / "new", certificates, uid_range=(FIRST, COUNT), spare_workers=0, mode=mode
+        ) as new:
+            assert new.reply == Problems(
+                (
+                    f"isolation.uid_range: all {COUNT} UIDs for workers ({FIRST}-{last}) are"
+                    " held by running processes (workers of an earlier helper still serving?);"
+                    " start again once some have ended, or widen the range",
+                )
+            )
+            assert new.process.wait(10) == 1
+    # Once they have ended, the same range serves with the identity layer on.
+    with helper(
+        tmp_path / "new", certificates, uid_range=(FIRST, COUNT), spare_workers=0, mode=mode
+    ) as new:
+        assert new.layers["identity"][0]
+        with _live(new, cert_dir) as (_, uid):
+            assert uid in POOL

@@ -423,8 +423,12 @@ static int start(void)
         return 1;
     uid_t probe_uid = take_uid();
     struct layer_status statuses[LAYER_COUNT];
-    prepare_sandbox(&settings, probe_uid, statuses);
+    bool prepared = prepare_sandbox(&settings, probe_uid, statuses, &problems);
     give_back_uid(probe_uid);
+    if (!prepared) {
+        send_problems(&problems);
+        return 1;
+    }
     helper.identity = active_layers & (1u << LAYER_IDENTITY);
     if (settings.probe_only) {
         send_ready(statuses);

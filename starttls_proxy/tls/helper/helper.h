@@ -124,9 +124,10 @@ struct layer_status {
 extern const char *const LAYER_NAMES[LAYER_COUNT];
 extern const char *const LAYER_DESCRIPTIONS[LAYER_COUNT];
 /* Set up what the layers need, probe them with a throwaway worker and keep
- * those that work; fills `statuses`. */
-void prepare_sandbox(struct settings *settings, uid_t probe_uid,
-                     struct layer_status statuses[LAYER_COUNT]);
+ * those that work; fills `statuses`. False (with the problem) when the
+ * helper cannot start. */
+bool prepare_sandbox(struct settings *settings, uid_t probe_uid,
+                     struct layer_status statuses[LAYER_COUNT], struct problems *problems);
 void note_address_space(void);
 /* fork(), the child being PID 1 of a new PID namespace when planned. */
 pid_t fork_worker(void);

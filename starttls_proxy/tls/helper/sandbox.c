@@ -412,8 +412,8 @@ static bool probe(const struct settings *settings, uid_t uid, char failures[][PR
     return true;
 }
 
-void prepare_sandbox(struct settings *settings, uid_t probe_uid,
-                     struct layer_status statuses[LAYER_COUNT])
+bool prepare_sandbox(struct settings *settings, uid_t probe_uid,
+                     struct layer_status statuses[LAYER_COUNT], struct problems *problems)
 {
     char missing[LAYER_COUNT][PROBLEM_SIZE] = {{0}};
     char failure[PROBLEM_SIZE];
@@ -451,6 +451,19 @@ void prepare_sandbox(struct settings *settings, uid_t probe_uid,
             active_layers &= ~(1u << LAYER_PID_NAMESPACE);
         }
     }
+    /* Every UID held (by workers of an earlier helper still serving, at a
+     * restart or reload) is a shortage of capacity, not a layer that does
+     * not work here: dropping the layer for it would leave every worker of
+     * this helper root. */
+    if (ACTIVE(LAYER_IDENTITY) && probe_uid == 0) {
+        problem(problems,
+                "isolation.uid_range: all %u UIDs for workers (%u-%u) are held by running "
+                "processes (workers of an earlier helper still serving?); start again once "
+                "some have ended, or widen the range",
+                settings->uid_count, settings->uid_first,
+                settings->uid_first + settings->uid_count - 1);
+        return false;
+    }
     char probed[LAYER_COUNT][PROBLEM_SIZE] = {{0}};
     if (!probe(settings, probe_uid, probed)) {
         /* unshare(CLONE_NEWPID) refused, e.g. in a container. */
@@ -473,4 +486,5 @@ void prepare_sandbox(struct settings *settings, uid_t probe_uid,
         else
             snprintf(statuses[i].detail, PROBLEM_SIZE, "off (isolation.layers)");
     }
+    return true;
 }
