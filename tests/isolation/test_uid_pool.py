@@ -11,8 +11,10 @@ and the channel are closed, without a report.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import pytest
 
 from starttls_proxy.wire import Problems, SpawnRequest
 from tests.isolation.conftest import TEST_UIDS, handshake, helper, worker_uid
+from tests.isolation.test_spares import _eventually, _named
 from tests.tlshelper.harness import Connection, RunningHelper
 
 #: Just past the other isolation tests' range: no worker of theirs holds one.
@@ -141,3 +144,37 @@ def test_a_range_held_in_full_at_start_is_refused_never_served_as_root(
         assert new.layers["identity"][0]
         with _live(new, cert_dir) as (_, uid):
             assert uid in POOL
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_range_held_in_full_neither_spins_nor_floods_the_log(
+    tmp_path: Path,
+    certificates: list[tuple[Path, Path]],
+    cert_dir: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """Regression: with every UID held by live workers, the helper retried
+    forking a spare at once, forever: a whole core, and millions of "no
+    free UID" lines. It now waits longer after each failure and logs it at
+    most once a minute; connections meanwhile are refused, and the spares
+    come back once UIDs are free."""
+    with helper(tmp_path, certificates, uid_range=(FIRST, COUNT), spare_workers=2) as running:
+        _eventually(lambda: _named(running, "stp-spare"), 2)
+        with contextlib.ExitStack() as held:
+            for _ in range(COUNT):
+                held.enter_context(_live(running, cert_dir))
+            _refused(running)
+            pid = running.process.pid
+            before = _cpu_seconds(pid)
+            time.sleep(1)
+            # Busy, it used the whole second; a few retries take milliseconds.
+            assert _cpu_seconds(pid) - before < 0.25
+            assert _named(running, "stp-spare") == []
+            err = capfd.readouterr().err
+            assert err.count("no free UID in isolation.uid_range") == 1, err
+        _eventually(lambda: _named(running, "stp-spare"), 2)

@@ -18,7 +18,13 @@
  * waits. Replacements are forked only when no request is pending, and
  * TOP_UP_DELAY_MS after a spare was handed out (unless none is left): a
  * fork and the new spare's sandbox set-up would otherwise compete for the
- * CPU with the handshake just assigned.
+ * CPU with the handshake just assigned. After a failed fork (no free UID,
+ * fork or socketpair refused) the next top-up waits RETRY_FIRST_MS, twice
+ * as long after each further failure up to RETRY_MAX_MS: a range held in
+ * full lasts as long as its sessions, and retrying at once spun the loop.
+ * A failure is logged at most once every FAILURE_LOG_INTERVAL_MS: at full
+ * capacity every connection tries again, and every worker's exit lets one
+ * fork succeed before the next fails.
  *
  * With the key server the helper holds no private key, only references
  * (the provider decodes them): for each worker it makes a connection to
@@ -49,6 +55,9 @@
 #include "helper.h"
 
 #define TOP_UP_DELAY_MS 10
+#define RETRY_FIRST_MS 50
+#define RETRY_MAX_MS 1000
+#define FAILURE_LOG_INTERVAL_MS 60000
 #define MAX_SPARES 256
 
 struct spare {
@@ -66,9 +75,14 @@ static struct {
     size_t spare_count;
     /* A spare died before it was given a connection. */
     bool spares_failing;
-    /* When the replacement of the spare last handed out may be forked. */
+    /* When the next top-up may fork: TOP_UP_DELAY_MS after a spare was
+     * handed out, retry_ms after a failed fork. */
     long long top_up_at;
-} helper = {.key_server = -1};
+    /* The wait before the next top-up; 0 while forks work. */
+    int retry_ms;
+    unsigned long fork_failures;
+    long long failure_logged_at;
+} helper = {.key_server = -1, .failure_logged_at = -FAILURE_LOG_INTERVAL_MS};
 
 void process_name(const char *name)
 {
@@ -89,18 +103,35 @@ static void tell(const char *message, size_t size)
     (void)!send(helper.control, message, size, MSG_NOSIGNAL);
 }
 
+static bool fork_failed(const char *what, int error)
+{
+    long long now = now_ms();
+    helper.fork_failures++;
+    if (now - helper.failure_logged_at >= FAILURE_LOG_INTERVAL_MS) {
+        fprintf(stderr,
+                "TLS helper: cannot fork a worker (%lu times so far, logged at most once a "
+                "minute): %s%s%s\n",
+                helper.fork_failures, what, error != 0 ? ": " : "",
+                error != 0 ? strerror(error) : "");
+        helper.failure_logged_at = now;
+    }
+    helper.retry_ms = helper.retry_ms == 0 ? RETRY_FIRST_MS : 2 * helper.retry_ms;
+    if (helper.retry_ms > RETRY_MAX_MS)
+        helper.retry_ms = RETRY_MAX_MS;
+    helper.top_up_at = now + helper.retry_ms;
+    return false;
+}
+
 static bool fork_spare(struct spare *spare)
 {
     uid_t uid = helper.identity ? take_uid() : 0;
-    if (helper.identity && uid == 0) {
-        fprintf(stderr, "TLS helper: no free UID in isolation.uid_range\n");
-        return false;
-    }
+    if (helper.identity && uid == 0)
+        return fork_failed("no free UID in isolation.uid_range", 0);
     int pair[2];
     if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
-        perror("TLS helper: socketpair");
+        int error = errno;
         give_back_uid(uid);
-        return false;
+        return fork_failed("socketpair", error);
     }
     pid_t pid = fork_worker();
     if (pid == 0) {
@@ -114,11 +145,12 @@ static bool fork_spare(struct spare *spare)
     }
     close(pair[1]);
     if (pid < 0 || !add_worker(pid, uid)) {
-        perror("TLS helper: fork");
+        int error = errno;
         close(pair[0]);
         give_back_uid(uid);
-        return false;
+        return fork_failed("fork", error);
     }
+    helper.retry_ms = 0;
     *spare = (struct spare){pid, pair[0]};
     return true;
 }
@@ -133,7 +165,7 @@ static int top_up_timeout(void)
 {
     if (!spares_short())
         return -1;
-    if (helper.spare_count == 0)
+    if (helper.spare_count == 0 && helper.retry_ms == 0)
         return 0;
     long long left = helper.top_up_at - now_ms();
     return left > 0 ? (int)left : 0;
