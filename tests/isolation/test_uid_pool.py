@@ -49,7 +49,8 @@ def _refused(running: RunningHelper) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with client, ours:
         with accepted, theirs:
-            request = SpawnRequest(handshake_timeout=10.0)
+            # Longer than the wait below: a worker that took it would hold it.
+            request = SpawnRequest(handshake_timeout=60.0)
             running.send_request(request.encode(), [accepted.fileno(), theirs.fileno()])
         ours.settimeout(10)
         assert ours.recv(1) == b""
@@ -106,6 +107,37 @@ def test_a_uid_held_by_an_older_process_stays_taken(
     finally:
         older.kill()
         older.wait()
+
+
+def test_a_uid_held_by_two_older_processes_stays_taken_while_one_is_left(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """Regression: the helper looked only at the first older process found
+    with a UID; once that one had ended, the UID counted as free although
+    another still held it."""
+    occupied = FIRST + 1
+    first, second = (
+        subprocess.Popen(["sleep", "60"], user=occupied, group=occupied, extra_groups=[])
+        for _ in range(2)
+    )
+    try:
+        with (
+            helper(tmp_path, certificates, uid_range=(FIRST, 2), spare_workers=0) as running,
+            contextlib.ExitStack() as held,
+        ):
+            _, uid = held.enter_context(_live(running, cert_dir))
+            assert uid == FIRST
+            first.kill()
+            first.wait()
+            _refused(running)
+            second.kill()
+            second.wait()
+            _, uid = held.enter_context(_live(running, cert_dir))
+            assert uid == occupied
+    finally:
+        for older in (first, second):
+            older.kill()
+            older.wait()
 
 
 @pytest.mark.parametrize("mode", ["strict", "best-effort"])

@@ -103,16 +103,20 @@ static void set_taken(uid_t uid, bool value)
         pool.taken[i / 8] &= (uint8_t)~(1u << (i % 8));
 }
 
-/* Whether a process from before this helper still holds `uid`. */
+/* Whether a process from before this helper still holds `uid`; those
+ * gone are forgotten. Several may hold one UID (a range that overlaps a
+ * user's, say): one of them gone frees nothing. */
 static bool held_by_inherited(uid_t uid)
 {
-    for (size_t i = 0; i < pool.inherited_count; i++) {
-        if (pool.inherited[i].uid != uid)
-            continue;
-        if (real_uid(pool.inherited[i].pid) == uid)
+    for (size_t i = 0; i < pool.inherited_count;) {
+        if (pool.inherited[i].uid != uid) {
+            i++;
+        } else if (real_uid(pool.inherited[i].pid) == uid) {
             return true;
-        pool.inherited[i] = pool.inherited[--pool.inherited_count];
-        return false;
+        } else {
+            /* The last entry moves here: look at slot i again. */
+            pool.inherited[i] = pool.inherited[--pool.inherited_count];
+        }
     }
     return false;
 }
