@@ -14,6 +14,7 @@ status the helper reports for it.
 from __future__ import annotations
 
 import contextlib
+import resource
 import shutil
 import signal
 import ssl
@@ -49,6 +50,8 @@ LAYERS = (
 )
 OFF = "off (isolation.layers)"
 NOBODY = 65534
+#: A UID no process has: RLIMIT_NPROC counts a user's processes.
+LONER = 339_000
 MiB = 1024 * 1024
 
 
@@ -303,6 +306,47 @@ def test_best_effort_as_an_ordinary_user(
     assert report["root_entries"] == []
     assert (report["status"]["Seccomp"], report["status"]["NoNewPrivs"]) == ("2", "1")
     assert report["socket"] == report["open"] == "EPERM"
+
+
+@contextlib.contextmanager
+def _one_process_a_user() -> Iterator[None]:
+    """RLIMIT_NPROC 1 for what this (root, exempt) process starts meanwhile:
+    a helper started as LONER is its one process and can fork nothing."""
+    limit = resource.getrlimit(resource.RLIMIT_NPROC)
+    resource.setrlimit(resource.RLIMIT_NPROC, (1, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NPROC, limit)
+
+
+@pytest.mark.parametrize("namespaces", [True, False])
+def test_a_fork_that_fails_while_probing_stops_the_start_and_drops_no_layer(
+    tmp_path: Path, readable_certificates: list[tuple[Path, Path]], namespaces: bool
+) -> None:
+    """Regression: a probe worker that could not be forked (EAGAIN here)
+    was taken for a PID namespace refused: that layer was dropped with
+    "unshare(pid)", and when the second probe failed too, every other layer
+    was reported applied without a test. Making the shared namespaces
+    (their child comes first) dropped that layer the same way. Out of
+    processes, the helper cannot start."""
+    with (
+        _one_process_a_user(),
+        helper(
+            tmp_path,
+            readable_certificates,
+            user=LONER,
+            mode="best-effort",
+            layers={"namespaces": namespaces},
+        ) as running,
+    ):
+        assert running.reply == Problems(
+            (
+                "the workers' sandbox cannot be probed (fork: Resource temporarily"
+                " unavailable); start again",
+            )
+        )
+        assert running.process.wait(10) == 1
 
 
 def _server_random(connection: Connection, cert_dir: Path) -> bytes:

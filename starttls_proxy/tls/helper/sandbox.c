@@ -288,8 +288,9 @@ pid_t fork_worker(void)
 
 /* New network, IPC and UTS namespaces, made by a throwaway child so that
  * the helper stays where it is; their descriptors are opened through /proc
- * while the child waits. */
-static bool make_empty_namespaces(char failure[PROBLEM_SIZE])
+ * while the child waits. False (`failure` says why) when that child cannot
+ * be made; the namespaces refused leave the reason in `refused`. */
+static bool make_empty_namespaces(char refused[PROBLEM_SIZE], char failure[PROBLEM_SIZE])
 {
     int ready[2], done[2];
     if (pipe2(ready, O_CLOEXEC) != 0 || pipe2(done, O_CLOEXEC) != 0)
@@ -323,7 +324,9 @@ static bool make_empty_namespaces(char failure[PROBLEM_SIZE])
     close(ready[0]);
     waitpid(pid, NULL, 0);
     errno = saved;
-    return ok || failed(failure, "unshare(net, ipc, uts)");
+    if (!ok)
+        failed(refused, "unshare(net, ipc, uts)");
+    return true;
 }
 
 static bool write_file(const char *path, const char *text)
@@ -365,14 +368,16 @@ static bool deleted_directory(char failure[PROBLEM_SIZE])
 }
 
 /* Fork a throwaway worker that enters every layer; collect what failed.
- * False when it could not be forked (a PID namespace refused). */
-static bool probe(const struct settings *settings, uid_t uid, char failures[][PROBLEM_SIZE])
+ * False (`cause` says why) when it could not be forked. */
+static bool probe(const struct settings *settings, uid_t uid, char failures[][PROBLEM_SIZE],
+                  char cause[PROBLEM_SIZE])
 {
     int report[2];
     if (pipe2(report, O_CLOEXEC) != 0)
-        return false;
+        return failed(cause, "pipe");
     pid_t pid = fork_worker();
     if (pid < 0) {
+        failed(cause, "fork");
         close(report[0]);
         close(report[1]);
         return false;
@@ -412,6 +417,15 @@ static bool probe(const struct settings *settings, uid_t uid, char failures[][PR
     return true;
 }
 
+/* A process the probing needs could not be made (out of processes or
+ * memory, say): no layer is at fault, and none may be dropped for it, for
+ * the helper's whole life. */
+static bool cannot_probe(struct problems *problems, const char *failure)
+{
+    problem(problems, "the workers' sandbox cannot be probed (%s); start again", failure);
+    return false;
+}
+
 bool prepare_sandbox(struct settings *settings, uid_t probe_uid,
                      struct layer_status statuses[LAYER_COUNT], struct problems *problems)
 {
@@ -440,16 +454,27 @@ bool prepare_sandbox(struct settings *settings, uid_t probe_uid,
     for (size_t i = 0; i < LAYER_COUNT; i++)
         if (missing[i][0] != '\0')
             active_layers &= ~(1u << i);
-    if (ACTIVE(LAYER_NAMESPACES) && !make_empty_namespaces(failure)) {
-        memcpy(missing[LAYER_NAMESPACES], failure, PROBLEM_SIZE);
-        active_layers &= ~(1u << LAYER_NAMESPACES);
+    if (ACTIVE(LAYER_NAMESPACES)) {
+        if (!make_empty_namespaces(missing[LAYER_NAMESPACES], failure))
+            return cannot_probe(problems, failure);
+        if (missing[LAYER_NAMESPACES][0] != '\0')
+            active_layers &= ~(1u << LAYER_NAMESPACES);
     }
     if (ACTIVE(LAYER_PID_NAMESPACE)) {
+        /* unshare is tried on its own (and undone) so that a fork failing
+         * in the probe is never taken for a PID namespace refused, e.g. in
+         * a container. */
         own_pid_namespace = open("/proc/self/ns/pid", O_RDONLY | O_CLOEXEC);
         if (own_pid_namespace < 0) {
             failed(missing[LAYER_PID_NAMESPACE], "open(/proc/self/ns/pid)");
-            active_layers &= ~(1u << LAYER_PID_NAMESPACE);
+        } else if (unshare(CLONE_NEWPID) != 0) {
+            failed(missing[LAYER_PID_NAMESPACE], "unshare(pid)");
+        } else if (setns(own_pid_namespace, CLONE_NEWPID) != 0) {
+            failed(failure, "setns(pid)");
+            return cannot_probe(problems, failure);
         }
+        if (missing[LAYER_PID_NAMESPACE][0] != '\0')
+            active_layers &= ~(1u << LAYER_PID_NAMESPACE);
     }
     /* Every UID held (by workers of an earlier helper still serving, at a
      * restart or reload) is a shortage of capacity, not a layer that does
@@ -465,12 +490,8 @@ bool prepare_sandbox(struct settings *settings, uid_t probe_uid,
         return false;
     }
     char probed[LAYER_COUNT][PROBLEM_SIZE] = {{0}};
-    if (!probe(settings, probe_uid, probed)) {
-        /* unshare(CLONE_NEWPID) refused, e.g. in a container. */
-        failed(missing[LAYER_PID_NAMESPACE], "unshare(pid)");
-        active_layers &= ~(1u << LAYER_PID_NAMESPACE);
-        probe(settings, probe_uid, probed);
-    }
+    if (!probe(settings, probe_uid, probed, failure))
+        return cannot_probe(problems, failure);
     for (size_t i = 0; i < LAYER_COUNT; i++) {
         if (probed[i][0] != '\0') {
             memcpy(missing[i], probed[i], PROBLEM_SIZE);
