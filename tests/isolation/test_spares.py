@@ -10,7 +10,9 @@ The helper's children are read from /proc (``stp-spare`` while one waits,
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import time
 from collections.abc import Callable
@@ -92,3 +94,41 @@ def test_the_spares_leave_with_the_helper_and_are_reaped_by_it(
     for pid in spares:
         # Reaped by the helper itself: not even a zombie is left.
         assert not Path(f"/proc/{pid}").exists(), pid
+
+
+def _writable_memory(pid: int) -> bytes:
+    """What ``pid`` may write to (data, heap, stack), read from outside."""
+    chunks = []
+    with (
+        open(f"/proc/{pid}/maps") as maps,
+        open(f"/proc/{pid}/mem", "rb", buffering=0) as memory,
+    ):
+        for line in maps:
+            where, permissions = line.split()[:2]
+            if permissions.startswith("rw"):
+                start, end = (int(address, 16) for address in where.split("-"))
+                with contextlib.suppress(OSError):
+                    chunks.append(os.pread(memory.fileno(), end - start, start))
+    return b"".join(chunks)
+
+
+def test_a_spare_forked_later_holds_nothing_of_an_earlier_request(
+    tmp_path: Path, certificates: list[tuple[Path, Path]]
+) -> None:
+    """Regression: the helper kept the last spawn request and assignment
+    (SNI, ALPN, a client's first bytes) in static buffers, which every spare
+    forked later inherited."""
+    marker = f"marker-{secrets.token_hex(8)}"
+    with helper(tmp_path, certificates, spare_workers=1) as running:
+        (first,) = _eventually(lambda: _named(running, "stp-spare"), 1)
+        connection = running.spawn(
+            server_name_hint=f"{marker}.example", alpn=(marker,), early=marker.encode()
+        )
+        assert connection.pid == first
+        (later,) = _eventually(
+            lambda: [pid for pid in _named(running, "stp-spare") if pid != first], 1
+        )
+        memory = _writable_memory(later)
+        connection.close()
+    assert len(memory) > 1024 * 1024  # the helper's heap and data: it was read
+    assert memory.count(marker.encode()) == 0

@@ -230,6 +230,7 @@ static size_t assignment_message(uint8_t *out, const uint8_t *request, size_t si
         pids[4 * i + 2] = (uint8_t)(siblings[i] >> 8);
         pids[4 * i + 3] = (uint8_t)siblings[i];
     }
+    explicit_bzero(siblings, count * sizeof *siblings);
     out[size] = (uint8_t)(count >> 8);
     out[size + 1] = (uint8_t)count;
     return size + 2 + 4 * count;
@@ -248,7 +249,7 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
             spare = helper.spares[0];
             take_spare(0);
         } else if (!fork_spare(&spare)) {
-            return;
+            break;
         }
         size_t size = assignment_message(message, request_bytes, request->size, spare.pid);
         bool sent;
@@ -258,7 +259,7 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
             int pair[2];
             if (socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, pair) != 0) {
                 close(spare.assignment);
-                return;
+                break;
             }
             int all[3] = {fds[0], fds[1], pair[1]};
             sent = send_with_fds(spare.assignment, message, size, all, 3, 0);
@@ -273,10 +274,13 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
             long long now = now_ms();
             if (helper.top_up_at <= now)
                 helper.top_up_at = now + TOP_UP_DELAY_MS;
-            return;
+            break;
         }
         /* The spare is gone (killed while it waited): the next one. */
     }
+    /* Every spare forked later would inherit it: the client's SNI, ALPN
+     * and first bytes, the peer name, the other workers' PIDs. */
+    explicit_bzero(message, sizeof message);
 }
 
 static void reap(void)
@@ -326,6 +330,9 @@ static bool serve_request(bool hung_up)
                 size, fd_count);
     for (size_t i = 0; i < fd_count; i++)
         close(fds[i]);
+    /* As in assign: not for the spares forked later. */
+    explicit_bzero(message, sizeof message);
+    explicit_bzero(&request, sizeof request);
     return true;
 }
 
