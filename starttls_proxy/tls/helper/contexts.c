@@ -49,6 +49,19 @@ static bool name_matches(const char *pattern, const char *name)
     return dot != NULL && dot != name && strcasecmp(dot + 1, pattern + 2) == 0;
 }
 
+/* The first certificate naming `name`, or else the first certificate. */
+static size_t first_naming(const struct settings *settings, const char *name)
+{
+    for (size_t i = 0; i < settings->certificate_count; i++) {
+        const struct certificate *c = &settings->certificates[i];
+        for (size_t n = 0; n < c->name_count; n++) {
+            if (name_matches(c->names[n], name))
+                return i;
+        }
+    }
+    return 0;
+}
+
 size_t context_for(const struct settings *settings, const char *server_name)
 {
     if (server_name == NULL || server_name[0] == '\0')
@@ -59,14 +72,10 @@ size_t context_for(const struct settings *settings, const char *server_name)
     if (length > 0 && name[length - 1] == '.')
         length--;
     name[length] = '\0';
-    for (size_t i = 0; i < settings->certificate_count; i++) {
-        const struct certificate *c = &settings->certificates[i];
-        for (size_t n = 0; n < c->name_count; n++) {
-            if (name_matches(c->names[n], name))
-                return i;
-        }
-    }
-    return 0;
+    size_t index = first_naming(settings, name);
+    /* The helper's stack is every later spare's: no client's name stays in it. */
+    explicit_bzero(name, sizeof name);
+    return index;
 }
 
 size_t reachable_from(const struct settings *settings, size_t index, uint16_t *out)
