@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import struct
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.privileged.helper_start import HELPER_MISSING, HelperStartError, describe_helper
-from starttls_proxy.privileged.keeper import Keeper, checked_configuration
+from starttls_proxy.privileged.keeper import Keeper, _reap, checked_configuration
 from starttls_proxy.tls.description import Tag, records
 from starttls_proxy.wire import KEEPER_TO_MAIN, MAX_MESSAGE, Configuration, Reload, ReloadFailed
 
@@ -29,7 +30,7 @@ def test_the_keeper_outlives_a_main_process_that_has_left() -> None:
     configuration = json.dumps({"tls": TLS, "isolation": {}}).encode()
     with ours:
         keeper = Keeper(ours, configuration)
-        assert keeper.on_child_exit(pid=123_456, code=0)
+        assert keeper.on_child_exit(pid=123_456, code=0, uid=0)
 
 
 def _settings(cert_dir: Path, tmp_path: Path, **isolation: object) -> dict[str, Any]:
@@ -102,3 +103,55 @@ def test_the_keeper_answers_an_unusable_reload_and_ignores_garbage(
     err = capsys.readouterr().err
     assert "keeper: unusable message from the main process: not a JSON object" in err
     assert "keeper: unexpected Configuration message" in err
+
+
+def test_a_reload_keeps_the_uid_range_in_service() -> None:
+    """Workers of the helper in service hold UIDs of its range, which the
+    UID map shared by every helper covers: a new range waits for a restart."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        keeper = Keeper(ours, Configuration(TLS, {}).encode())
+        keeper.on_request(Reload(Configuration(TLS, {"uid_range": [300_000, 1000]})).encode())
+        assert KEEPER_TO_MAIN.decode(theirs.recv(MAX_MESSAGE)) == ReloadFailed(
+            ("isolation.uid_range changes only at a restart",)
+        )
+        keeper.close()
+
+
+def test_an_orphan_worker_reaped_by_the_keeper_frees_its_uid() -> None:
+    """A worker whose helper is gone becomes the keeper's child: the keeper
+    gives its UID back in the map the helpers share; a retired helper's own
+    exit gives nothing back."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        keeper = Keeper(ours, Configuration(TLS, {"uid_range": [300_000, 100]}).encode())
+        for offset in (5, 6):
+            os.pwrite(keeper.uid_map.fileno(), b"\x01", offset)
+        keeper.retired.add(4242)
+        assert keeper.on_child_exit(pid=4242, code=0, uid=300_006)
+        assert keeper.on_child_exit(pid=123_456, code=-9, uid=300_005)
+        assert os.pread(keeper.uid_map.fileno(), 2, 5) == b"\x00\x01"
+        keeper.close()
+
+
+def test_reaping_names_how_each_child_ended_and_the_uid_it_ran_as() -> None:
+    """Checked in a process of its own, which nothing of pytest's is a child of."""
+    results, reported = os.pipe()
+    tester = os.fork()
+    if tester == 0:  # pragma: no cover (the tester)
+        try:
+            for uid, killed in ((300_010, False), (300_011, True)):
+                child = os.fork()
+                if child == 0:
+                    os.setresuid(uid, uid, uid)
+                    if killed:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    os._exit(3)
+                os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # ended, not yet reaped
+            os.write(reported, json.dumps(sorted(exit[1:] for exit in _reap())).encode())
+        finally:
+            os._exit(0)
+    os.close(reported)
+    os.waitpid(tester, 0)
+    with os.fdopen(results, "rb") as answer:
+        assert json.loads(answer.read()) == [[-signal.SIGKILL, 300_011], [3, 300_010]]

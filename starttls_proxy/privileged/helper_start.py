@@ -20,6 +20,7 @@ from typing import Any
 
 from starttls_proxy._process import EXIT_TIMEOUT, STARTUP_TIMEOUT, memfd, start_process
 from starttls_proxy.keys import provider
+from starttls_proxy.privileged.uid_map import UIDMap
 from starttls_proxy.sandbox import seccomp
 from starttls_proxy.sandbox.layers import prepare_root_directory
 from starttls_proxy.settings import ConfigError, IsolationConfig, TLSConfig, decode
@@ -69,14 +70,18 @@ def launch_helper(
     env: dict[str, str] | None = None,
     *,
     user: int | None = None,
+    uid_map: UIDMap | None = None,
 ) -> tuple[subprocess.Popen[bytes], socket.socket, HelperToKeeper]:
-    """Exec the helper, hand it ``description`` (and the key server ``link``),
-    and wait for its first answer; return the process, its control socket
-    and that answer (``Ready`` or ``Problems``)."""
+    """Exec the helper, hand it ``description`` (with the ``uid_map`` it
+    was described with, and the key server ``link``), and wait for its
+    first answer; return the process, its control socket and that answer
+    (``Ready`` or ``Problems``)."""
     with memfd(description) as description_fd:
         process, ours = start_process([str(HELPER)], env, user=user)
         try:
-            fds = [description_fd] if link is None else [description_fd, link.fileno()]
+            fds = [description_fd]
+            fds += [] if uid_map is None else [uid_map.fileno()]
+            fds += [] if link is None else [link.fileno()]
             socket.send_fds(ours, [DESCRIPTION], fds)
         except OSError:
             ours.close()
@@ -110,11 +115,16 @@ def probe_layers(settings: dict[str, Any]) -> tuple[LayerStatus, ...]:
 
 
 def describe_helper(
-    settings: dict[str, Any], references: list[str] | None, *, probe_only: bool = False
+    settings: dict[str, Any],
+    references: list[str] | None,
+    *,
+    uid_map: UIDMap | None = None,
+    probe_only: bool = False,
 ) -> bytes:
     """What a helper is to know (``tls.description``), with what this
     process prepares for it; ``HelperStartError`` naming every certificate
-    file that cannot be served."""
+    file that cannot be served. ``uid_map``: the map it will share (handed
+    to ``launch_helper`` too)."""
     tls = decode(TLSConfig, settings["tls"])
     isolation = decode(IsolationConfig, settings["isolation"])
     seccomp_program: bytes | None = None
@@ -136,6 +146,7 @@ def describe_helper(
             chroot_missing=_prepare_chroot(isolation),
             # The last UID is the key server's (``keys.server.user_id``).
             uid_range=(first, count - 1 if isolation.key_server else count),
+            uid_map_size=None if uid_map is None else uid_map.size,
             probe_only=probe_only,
         )
     except ConfigError as error:

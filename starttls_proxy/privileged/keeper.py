@@ -75,6 +75,7 @@ from starttls_proxy.privileged.helper_start import (
     launch_helper,
     require_helper,
 )
+from starttls_proxy.privileged.uid_map import UIDMap
 from starttls_proxy.settings import (
     ConfigError,
     IsolationConfig,
@@ -278,6 +279,8 @@ class Keeper:
         self.key_files: list[int] = []
         #: Holds the helpers' OpenSSL configuration (the provider).
         self.runtime: Path | None = None
+        #: Which UIDs of the range are taken, shared by every helper started.
+        self.uid_map = UIDMap(*isolation["uid_range"])
 
     def start_helper(
         self, configuration: dict[str, Any] | None = None, *, reloaded: bool = False
@@ -336,9 +339,10 @@ class Keeper:
         reloaded: bool,
     ) -> None:
         process, ours, reply = launch_helper(
-            describe_helper(settings, references),
+            describe_helper(settings, references, uid_map=self.uid_map),
             link,
             self._helper_environment(references is not None),
+            uid_map=self.uid_map,
         )
         with ours:
             if not isinstance(reply, Ready):
@@ -356,6 +360,9 @@ class Keeper:
         old = self.helper
         try:
             settings = validated(configuration)
+            if settings["isolation"]["uid_range"] != self.configuration["isolation"]["uid_range"]:
+                # The UID map is the range's, and workers still hold its UIDs.
+                raise HelperStartError(["isolation.uid_range changes only at a restart"])
             self.start_helper(settings, reloaded=True)
         except (HelperStartError, OSError) as error:
             problems = error.problems if isinstance(error, HelperStartError) else [str(error)]
@@ -365,15 +372,17 @@ class Keeper:
         if old is not None:
             self.retired.add(old.pid)
 
-    def on_child_exit(self, pid: int, code: int) -> bool:
-        """Restart a dead helper or key server, or report a worker's exit;
-        False to give up."""
+    def on_child_exit(self, pid: int, code: int, uid: int) -> bool:
+        """Restart a dead helper or key server, or report a worker's exit
+        (``uid``: the one it ran as, free again); False to give up."""
         if pid in self.retired:
             self.retired.discard(pid)
             return True
         if self.key_server is not None and pid == self.key_server.process.pid:
             return self._restart_key_server(code)
         if self.helper is None or pid != self.helper.pid:
+            # An orphan: its helper is gone, and gives nothing back.
+            self.uid_map.release(uid)
             _send(self.main, WorkerExited(pid, code))
             return True
         self.helper = None
@@ -465,8 +474,8 @@ class Keeper:
                         os.read(wake_read, 512)
                     except BlockingIOError:
                         break
-                for pid, code in _reap():
-                    if not self.on_child_exit(pid, code):
+                for pid, code, uid in _reap():
+                    if not self.on_child_exit(pid, code, uid):
                         return SubordinateExit.GAVE_UP
 
     def on_request(self, message: bytes) -> None:
@@ -491,27 +500,30 @@ class Keeper:
         return SubordinateExit.DONE
 
     def close(self) -> None:
-        """Stop the key server, forget the key files and the OpenSSL configuration."""
+        """Stop the key server, forget the key files, the OpenSSL configuration
+        and the UID map."""
         if self.key_server is not None:
             self.key_server.stop()
+        self.uid_map.close()
         _close_all(self.key_files)
         self.key_files = []
         if self.runtime is not None:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
 
-def _reap() -> list[tuple[int, int]]:
-    exits: list[tuple[int, int]] = []
+def _reap() -> list[tuple[int, int, int]]:
+    """Each child that ended: its PID, its exit code (a negative one is the
+    killing signal) and the UID it ran as."""
+    exits: list[tuple[int, int, int]] = []
     while True:
         try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
             return exits
-        if pid == 0:
+        if ended is None:
             return exits
-        exits.append(
-            (pid, -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
-        )
+        code = ended.si_status if ended.si_code == os.CLD_EXITED else -ended.si_status
+        exits.append((ended.si_pid, code, ended.si_uid))
 
 
 def serve(main: socket.socket) -> int:

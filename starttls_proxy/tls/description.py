@@ -79,6 +79,7 @@ class Tag(enum.IntEnum):
     PROVIDER = 22
     PROBE_ONLY = 23
     TRUST = 24
+    UID_MAP = 25
 
 
 class Layer(enum.IntEnum):
@@ -120,6 +121,7 @@ def describe(
     seccomp_missing: str | None,
     chroot_missing: str | None,
     uid_range: tuple[int, int],
+    uid_map_size: int | None = None,
     probe_only: bool = False,
 ) -> bytes:
     """The description of a helper serving ``tls`` in workers isolated as
@@ -130,7 +132,9 @@ def describe(
     provider the helper loads. ``seccomp_program``, or why there is none
     (``seccomp_missing``), when the seccomp layer is on. ``chroot_missing``:
     why the chroot directory could not be prepared. ``uid_range``: the
-    workers' UIDs, the key server's excluded. ``probe_only``: the helper
+    workers' UIDs, the key server's excluded. ``uid_map_size``: the keeper's
+    map of the range comes with the description (``tls/helper/wire.h``
+    section 2a), this many bytes. ``probe_only``: the helper
     only reports which layers work here, and exits (``--isolation-report``).
 
     Raises ``ConfigError`` naming every certificate file that is missing or
@@ -184,6 +188,8 @@ def describe(
     if problems:
         raise ConfigError(problems)
     out.add(Tag.UID_RANGE, struct.pack("!II", *uid_range))
+    if uid_map_size is not None:
+        out.add(Tag.UID_MAP, struct.pack("!I", uid_map_size))
     out.add(Tag.CHROOT, os.fsencode(isolation.chroot))
     if chroot_missing is not None:
         out.add(Tag.CHROOT_MISSING, chroot_missing.encode())

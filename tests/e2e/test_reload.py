@@ -22,6 +22,7 @@ import trustme
 import yaml
 from cryptography import x509
 
+from tests.realservers import processes
 from tests.realservers.certs import CertFiles, write_test_certs
 from tests.realservers.dialogue import read_smtp_reply, smtp_upgraded
 from tests.realservers.fs import ensure_traversable
@@ -118,7 +119,14 @@ def test_renewal_with_sessions_open(
     assert "does not match the certificate" in proxy.log()
     assert _served_serial(proxy, "smtp", new) == _serial_of_file(new.cert)
 
-    # Every session opened before the reloads completes normally.
+    # The old helper's workers and the new one's: never one UID for two.
+    sessions += [
+        smtp_upgraded(proxy.connect("smtp", "127.0.0.60"), new, ehlo=False) for _ in range(SESSIONS)
+    ]
+    uids = processes.worker_uids(proxy)
+    assert len(uids) >= 2 * SESSIONS and len(set(uids)) == len(uids)
+
+    # Every session opened before and after the reloads completes normally.
     for tls in sessions:
         tls.sendall(b"NOOP\r\n")
         assert read_smtp_reply(tls).startswith(b"250")

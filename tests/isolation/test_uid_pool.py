@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from starttls_proxy.privileged.uid_map import UIDMap
 from starttls_proxy.wire import Problems, SpawnRequest
 from tests.isolation.conftest import TEST_UIDS, handshake, helper, worker_uid
 from tests.isolation.test_spares import _eventually, _named
@@ -210,3 +211,37 @@ def test_a_range_held_in_full_neither_spins_nor_floods_the_log(
             err = capfd.readouterr().err
             assert err.count("no free UID in isolation.uid_range") == 1, err
         _eventually(lambda: _named(running, "stp-spare"), 2)
+
+
+def test_two_helpers_sharing_the_keepers_map_never_give_one_uid_twice(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """Regression: a reload starts a new helper while the old one still forks
+    workers for the sessions sent to it; each saw the other's UIDs only as
+    /proc showed them at its start, and the new one handed out a UID that the
+    old one had taken since (found in review)."""
+    first, count = FIRST + 10, 4  # a range of this test's own
+    uid_map = UIDMap(first, count)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    with contextlib.ExitStack() as held:
+        held.callback(uid_map.close)
+        old, new = (
+            helper(
+                tmp_path / name,
+                certificates,
+                uid_range=(first, count),
+                spare_workers=0,
+                uid_map=uid_map,
+            )
+            for name in ("old", "new")
+        )
+        replaced = held.enter_context(old)
+        uids = [held.enter_context(_live(replaced, cert_dir))[1] for _ in range(2)]
+        successor = held.enter_context(new)
+        uids.append(held.enter_context(_live(replaced, cert_dir))[1])
+        uids.append(held.enter_context(_live(successor, cert_dir))[1])
+        assert sorted(uids) == list(range(first, first + count))
+        # The range is full, whichever helper is asked.
+        _refused(successor)
+        _refused(replaced)

@@ -88,3 +88,17 @@ def helper_children_named(proxy: ProxyProcess, name: str) -> set[int]:
             if status(pid)["Name"] == name:
                 found.add(pid)
     return found
+
+
+def worker_uids(proxy: ProxyProcess) -> list[int]:
+    """The UID of every live worker and spare, whichever helper forked it
+    (the keeper's own children: those of a helper gone)."""
+    uids, pending = [], children(keeper(proxy))
+    while pending:
+        pid = pending.pop()
+        with contextlib.suppress(*ENDED):
+            found = status(pid)
+            if found["Name"] in ("stp-worker", "stp-spare"):
+                uids.append(int(found["Uid"].split()[0]))
+            pending += children(pid)
+    return uids

@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from starttls_proxy.privileged import helper_start
+from starttls_proxy.privileged.uid_map import UIDMap
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
 from starttls_proxy.wire import HELPER_TO_MAIN, HelperToKeeper, Ready, SpawnRequest, TLSRole
 from tests.peer_certs import Authority
@@ -214,6 +215,7 @@ def running_helper(
     key_references: list[str] | None = None,
     link: socket.socket | None = None,
     env: dict[str, str] | None = None,
+    uid_map: UIDMap | None = None,
     **isolation: Any,
 ) -> Iterator[RunningHelper]:
     """The helper serving ``certificates``; it leaves when its socket closes.
@@ -221,11 +223,16 @@ def running_helper(
     ``user``: run it as this UID instead of root (the best-effort mode).
     ``key_references`` and ``link``: sign through a key server (or what the
     test puts at the other end of ``link``); ``env`` then needs the
-    provider's ``OPENSSL_CONF``.
+    provider's ``OPENSSL_CONF``. ``uid_map``: share the keeper's map of the
+    range (as every helper of a keeper does).
     """
     settings = settings_for(directory, certificates, **isolation)
     process, control, reply = helper_start.launch_helper(
-        helper_start.describe_helper(settings, key_references), link, env, user=user
+        helper_start.describe_helper(settings, key_references, uid_map=uid_map),
+        link,
+        env,
+        user=user,
+        uid_map=uid_map,
     )
     helper = RunningHelper(process, control, reply)
     try:

@@ -156,6 +156,11 @@ static bool apply(struct settings *s, uint16_t tag, uint8_t *value, uint32_t siz
         return string_value(value, size, &s->seccomp_missing);
     case D_PROVIDER:
         return string_value(value, size, &s->provider);
+    case D_UID_MAP:
+        if (!fixed(size, 4))
+            return false;
+        s->uid_map_size = read_u32(value);
+        return s->uid_map_size > 0;
     case D_TRUST:
         if (s->trust_count >= MAX_TRUST_STORES || size == 0)
             return false;

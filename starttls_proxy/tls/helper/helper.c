@@ -408,21 +408,26 @@ static void send_ready(const struct layer_status statuses[LAYER_COUNT])
     tell(buffer, out.used);
 }
 
-/* The keeper's first message: "D", the description's memfd and, with the
- * key server, the link. The description stays in memory for good. */
-static uint8_t *receive_description(size_t *size, struct problems *problems)
+/* The keeper's first message: "D", the description's memfd, then the UID
+ * map and the key server link, each when there is one (which is known from
+ * the description: `extra` gets them in order). The description stays in
+ * memory for good. */
+static uint8_t *receive_description(size_t *size, int extra[2], size_t *extra_count,
+                                    struct problems *problems)
 {
     char tag[2];
-    int fds[2];
+    int fds[3];
     size_t count;
-    ssize_t got = receive_with_fds(helper.control, tag, sizeof tag, fds, 2, &count);
+    ssize_t got = receive_with_fds(helper.control, tag, sizeof tag, fds, 3, &count);
     if (got != 1 || tag[0] != 'D' || count < 1) {
         while (count > 0)
             close(fds[--count]);
         problem(problems, "the keeper's first message is not a description");
         return NULL;
     }
-    helper.key_server = count == 2 ? fds[1] : -1;
+    *extra_count = count - 1;
+    for (size_t i = 1; i < count; i++)
+        extra[i - 1] = fds[i];
     struct stat info;
     uint8_t *data = NULL;
     if (fstat(fds[0], &info) != 0 || info.st_size <= 0 || info.st_size > MAX_DESCRIPTION ||
@@ -451,15 +456,27 @@ static int start(void)
 {
     static struct settings settings;
     static struct problems problems;
-    size_t size = 0;
-    uint8_t *description = receive_description(&size, &problems);
+    size_t size = 0, extra_count = 0;
+    int extra[2];
+    uint8_t *description = receive_description(&size, extra, &extra_count, &problems);
     if (description == NULL || !read_description(description, size, &settings, &problems)) {
         send_problems(&problems);
         return 1;
     }
-    helper.settings = &settings;
-    if (!pool_init(settings.uid_first, settings.uid_count))
+    size_t uid_maps = settings.uid_map_size > 0 ? 1 : 0;
+    if (extra_count < uid_maps) {
+        problem(&problems, "the description names a UID map that did not come with it");
+        send_problems(&problems);
         return 1;
+    }
+    helper.key_server = extra_count > uid_maps ? extra[uid_maps] : -1;
+    if (!pool_init(settings.uid_first, settings.uid_count, uid_maps ? extra[0] : -1,
+                   settings.uid_map_size)) {
+        problem(&problems, "the UID map is unusable");
+        send_problems(&problems);
+        return 1;
+    }
+    helper.settings = &settings;
     uid_t probe_uid = take_uid();
     struct layer_status statuses[LAYER_COUNT];
     bool prepared = prepare_sandbox(&settings, probe_uid, statuses, &problems);

@@ -69,6 +69,7 @@ struct settings {
     size_t seccomp_size;
     const char *seccomp_missing;
     const char *provider;
+    uint32_t uid_map_size; /* 0: no shared UID map */
     struct trust_store trust[MAX_TRUST_STORES];
     size_t trust_count;
 };
@@ -145,7 +146,7 @@ extern uint32_t active_layers;
 extern struct self_test *entering_self_test;
 
 /* pool.c: the UIDs of the range and the live children. */
-bool pool_init(uid_t first, uint32_t count);
+bool pool_init(uid_t first, uint32_t count, int shared_map, uint32_t shared_size);
 /* A free UID (round robin), or 0 when every one is taken. */
 uid_t take_uid(void);
 void give_back_uid(uid_t uid);

@@ -9,6 +9,11 @@
  * UIDs, found in /proc at start, stay taken while those processes hold
  * them. UIDs are handed out round robin, so a freed one is reused as late
  * as possible.
+ *
+ * The keeper's helpers share one map of the range (wire.h section 2a), a
+ * byte a UID: a helper replaced by a reload still forks for a while next to
+ * its successor, and each must see what the other took. Workers never see
+ * the map (MADV_DONTFORK): one that could write it could free another's UID.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -16,6 +21,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "helper.h"
 
@@ -28,7 +36,8 @@ struct worker {
 static struct {
     uid_t first;
     uint32_t count;
-    /* One bit a UID of the range. */
+    /* One byte a UID of the range, nonzero while taken (by this helper or,
+     * with a shared map, another). */
     uint8_t *taken;
     uint32_t cursor;
     /* Processes from before this helper that hold a UID of the range. */
@@ -88,19 +97,13 @@ static void find_inherited(void)
         closedir(proc);
 }
 
-static bool taken(uid_t uid)
+/* Take `uid` unless someone has: its byte goes from 0 to 1 at once, so two
+ * helpers sharing the map never both take it. */
+static bool claim(uid_t uid)
 {
-    uint32_t i = uid - pool.first;
-    return pool.taken[i / 8] & (1u << (i % 8));
-}
-
-static void set_taken(uid_t uid, bool value)
-{
-    uint32_t i = uid - pool.first;
-    if (value)
-        pool.taken[i / 8] |= (uint8_t)(1u << (i % 8));
-    else
-        pool.taken[i / 8] &= (uint8_t)~(1u << (i % 8));
+    uint8_t free_byte = 0;
+    return __atomic_compare_exchange_n(&pool.taken[uid - pool.first], &free_byte, 1, false,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
 }
 
 /* Whether a process from before this helper still holds `uid`; those
@@ -127,9 +130,8 @@ uid_t take_uid(void)
     for (uint32_t tries = 0; tries < pool.count; tries++) {
         uid_t uid = pool.first + pool.cursor;
         pool.cursor = (pool.cursor + 1) % pool.count;
-        if (taken(uid) || held_by_inherited(uid))
+        if (held_by_inherited(uid) || !claim(uid))
             continue;
-        set_taken(uid, true);
         return uid;
     }
     return 0;
@@ -201,11 +203,23 @@ void remove_worker(pid_t pid)
     pool.worker_removed++;
 }
 
-bool pool_init(uid_t first, uint32_t count)
+bool pool_init(uid_t first, uint32_t count, int shared_map, uint32_t shared_size)
 {
     pool.first = first;
     pool.count = count;
-    pool.taken = calloc(count / 8 + 1, 1);
+    if (shared_map < 0) {
+        pool.taken = calloc(count, 1);
+    } else {
+        struct stat info;
+        void *map = MAP_FAILED;
+        if (shared_size >= count && fstat(shared_map, &info) == 0 &&
+            info.st_size == (off_t)shared_size)
+            map = mmap(NULL, shared_size, PROT_READ | PROT_WRITE, MAP_SHARED, shared_map, 0);
+        close(shared_map);
+        if (map == MAP_FAILED || madvise(map, shared_size, MADV_DONTFORK) != 0)
+            return false;
+        pool.taken = map;
+    }
     if (pool.taken == NULL)
         return false;
     find_inherited();
@@ -215,7 +229,7 @@ bool pool_init(uid_t first, uint32_t count)
 void give_back_uid(uid_t uid)
 {
     if (uid != 0)
-        set_taken(uid, false);
+        __atomic_store_n(&pool.taken[uid - pool.first], 0, __ATOMIC_RELEASE);
 }
 
 size_t live_workers(pid_t except, uint32_t *out, size_t max)

@@ -9,7 +9,8 @@
  * a SOCK_SEQPACKET control socket.
  *
  * 1. keeper -> helper, once: a datagram "D" with one descriptor, a memfd
- *    holding the *description* (below), and, with the key server, a second:
+ *    holding the *description* (below), then, when the description has a
+ *    D_UID_MAP record, the UID map (2a), and, with the key server, last:
  *    the helper's link to the key server.
  *    helper -> keeper: {"ready": true, "layers": [[name, applied, detail], ...]}
  *    or {"problems": ["tls.certificates[0].key: ...", ...]} (JSON: wire.Ready,
@@ -19,6 +20,14 @@
  * 2. The description: records of tag (u16), length (u32), value; the first is
  *    DESCRIPTION_VERSION. An unknown tag, a repeated single record, a wrong
  *    length or a missing record refuses the whole description.
+ *
+ * 2a. The UID map (D_UID_MAP), one for all the helpers a keeper starts: a
+ *    helper replaced by a reload keeps forking for its sessions until the
+ *    main process has switched, while the new one already forks, so neither
+ *    can know from /proc alone which UIDs the other hands out. A helper
+ *    takes a UID by turning its byte from 0 to 1 (compare and swap) and
+ *    clears it when it reaps the worker; the keeper clears the byte of a
+ *    worker it reaps (an orphan of a helper gone).
  *
  * 3. main -> helper: a *spawn request* with two descriptors (the network
  *    socket, the worker's end of its plaintext channel):
@@ -105,6 +114,11 @@ enum description_tag {
     D_TRUST = 24,           /* PEM, repeated: one trust store for peers' certificates
                              * (CA certificates, checked by the keeper); the Nth is
                              * the spawn request's peer trust store N */
+    D_UID_MAP = 25,         /* u32: the keeper's UID map comes with the description
+                             * (after it, before the key server link): a shared
+                             * memfd of this many bytes, byte i nonzero while UID
+                             * uid_first + i is taken, by this helper or another
+                             * the keeper started (section 2a) */
 };
 
 /* Trust stores a description may hold. */
