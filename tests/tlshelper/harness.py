@@ -300,3 +300,14 @@ def sanitizer_runtime() -> str | None:
         if name.startswith("libasan.so"):
             return where.split(" (")[0]
     return None
+
+
+@contextlib.contextmanager
+def helper_trusting(
+    directory: Path, certificates: list[tuple[Path, Path]], authorities: Sequence[Authority]
+) -> Iterator[RunningHelper]:
+    """A started helper holding a peer trust store for each of ``authorities``."""
+    stores = trust_stores(directory, authorities)
+    with running_helper(directory, certificates, tls={"peer_trust": stores}) as running:
+        assert isinstance(running.reply, Ready), running.reply
+        yield running

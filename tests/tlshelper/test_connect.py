@@ -53,6 +53,7 @@ from tests.realservers.net import read_to_end
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
+    helper_trusting,
     running_helper,
     spawn_on,
     stdlib_reason,
@@ -83,12 +84,7 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("connect")
-    with running_helper(
-        directory,
-        _helper_certificates(cert_dir),
-        tls={"peer_trust": trust_stores(directory, peer_authorities)},
-    ) as running:
-        assert isinstance(running.reply, Ready), running.reply
+    with helper_trusting(directory, _helper_certificates(cert_dir), peer_authorities) as running:
         yield running
 
 

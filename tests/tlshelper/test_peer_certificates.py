@@ -33,13 +33,16 @@ from protocols.xmpp import peer_verification
 from starttls_proxy.wire import (
     MAX_PEER_DNS_NAMES,
     MAX_PEER_XMPP_ADDRS,
-    Ready,
     SpawnRequest,
     WorkerExit,
     read_report,
 )
 from tests.peer_certs import Authority, Issued, xmpp_addr
-from tests.tlshelper.harness import Connection, RunningHelper, running_helper, trust_stores
+from tests.tlshelper.harness import (
+    Connection,
+    RunningHelper,
+    helper_trusting,
+)
 
 #: The domain the peer's stream claims in these cases.
 PEER = "a.example"
@@ -52,11 +55,8 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("peer-certificates")
-    stores = trust_stores(directory, peer_authorities)
-    with running_helper(
-        directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], tls={"peer_trust": stores}
-    ) as running:
-        assert isinstance(running.reply, Ready), running.reply
+    certificates = [(cert_dir / "cert.pem", cert_dir / "key.pem")]
+    with helper_trusting(directory, certificates, peer_authorities) as running:
         yield running
 
 

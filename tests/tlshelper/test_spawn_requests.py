@@ -37,13 +37,12 @@ from hypothesis import strategies as st
 from starttls_proxy.wire import (
     MAX_EARLY_BYTES,
     MAX_SPAWN_REQUEST,
-    Ready,
     SpawnRequest,
     TLSRole,
     WorkerExit,
 )
 from tests.peer_certs import Authority
-from tests.tlshelper.harness import RunningHelper, running_helper, trust_stores
+from tests.tlshelper.harness import RunningHelper, helper_trusting
 
 #: How a worker given a fuzzed (but well-formed) request may end once the
 #: test closes its client: never by a signal.
@@ -66,11 +65,8 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("spawn-requests")
-    stores = trust_stores(directory, peer_authorities[:TRUST_STORES])
-    with running_helper(
-        directory, [(cert_dir / "cert.pem", cert_dir / "key.pem")], tls={"peer_trust": stores}
-    ) as running:
-        assert isinstance(running.reply, Ready), running.reply
+    certificates = [(cert_dir / "cert.pem", cert_dir / "key.pem")]
+    with helper_trusting(directory, certificates, peer_authorities[:TRUST_STORES]) as running:
         yield running
 
 

@@ -31,15 +31,14 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from OpenSSL import SSL
 
-from starttls_proxy.wire import Ready, TLSRole, WorkerExit
+from starttls_proxy.wire import TLSRole, WorkerExit
 from tests.peer_certs import Authority
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
-    running_helper,
+    helper_trusting,
     sanitizer_runtime,
     spawn_on,
-    trust_stores,
 )
 
 MIB = 1024 * 1024
@@ -66,12 +65,8 @@ def helper(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningHelper]:
     directory = tmp_path_factory.mktemp("backlog")
-    with running_helper(
-        directory,
-        [(cert_dir / "cert.pem", cert_dir / "key.pem")],
-        tls={"peer_trust": trust_stores(directory, peer_authorities)},
-    ) as running:
-        assert isinstance(running.reply, Ready), running.reply
+    certificates = [(cert_dir / "cert.pem", cert_dir / "key.pem")]
+    with helper_trusting(directory, certificates, peer_authorities) as running:
         yield running
 
 
