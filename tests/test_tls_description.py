@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -223,35 +224,16 @@ def test_more_certificates_than_the_helper_takes_are_refused(cert_dir: Path) -> 
     ]
 
 
-def test_a_leaf_with_more_names_than_the_helper_takes_is_refused(tmp_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "many.example.test")])
+def test_a_leaf_with_more_names_than_the_helper_takes_is_refused(
+    ca: trustme.CA, tmp_path: Path
+) -> None:
     hosts = [f"host{i}.example.test" for i in range(tls_description.MAX_NAMES + 1)]
-    now = datetime.datetime.now(datetime.UTC)
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName(host) for host in hosts]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert, key_file = tmp_path / "many.pem", tmp_path / "many-key.pem"
-    cert.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    leaf = ca.issue_cert(*hosts)
+    cert, key = tmp_path / "many.pem", tmp_path / "many-key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
     with pytest.raises(ConfigError) as raised:
-        _describe(TLSConfig(certificates=[CertificateConfig(cert, key_file)]))
+        _describe(TLSConfig(certificates=[CertificateConfig(cert, key)]))
     assert raised.value.problems == [
         f"tls.certificates[0].cert: the certificate names {len(hosts)} hosts; the TLS helper"
         f" takes at most {tls_description.MAX_NAMES} per certificate"
