@@ -10,6 +10,7 @@ from bench.verdicts import (
     MET,
     MISSED,
     NOT_MEASURED,
+    Verdict,
     all_verdicts,
     bulk_verdict,
     cpu_verdicts,
@@ -243,14 +244,7 @@ def test_bulk_goal_compares_round_by_round_when_the_targets_took_turns() -> None
     theirs = {"mb_per_s": 189.0} | {
         f"mb_per_s_{i}": v for i, v in enumerate((200, 189, 140, 196, 180), 1)
     }
-    verdict = bulk_verdict(
-        results_of(
-            Record(BULK, "ecdsa", "smtp", PROXY, 10**8, ours),
-            Record(BULK, "ecdsa", "smtp", STUNNEL, 10**8, theirs),
-        ),
-        "ecdsa",
-        "smtp",
-    )
+    verdict = _bulk_verdict_of("smtp", ours, theirs)
     assert verdict.measured == (
         f"0.984{TIMES} median of 5 rounds (0.950-1.08; medians 190 vs 189 MB/s)"
     )
@@ -260,13 +254,15 @@ def test_bulk_goal_compares_round_by_round_when_the_targets_took_turns() -> None
 def test_bulk_goal_pairs_only_the_rounds_both_targets_completed() -> None:
     ours = {"mb_per_s": 100.0, "mb_per_s_1": 100.0, "mb_per_s_3": 110.0}
     theirs = {"mb_per_s": 100.0, "mb_per_s_1": 100.0, "mb_per_s_2": 90.0, "mb_per_s_3": 100.0}
-    verdict = bulk_verdict(
-        results_of(
-            Record(BULK, "ecdsa", "imap", PROXY, 10**8, ours),
-            Record(BULK, "ecdsa", "imap", STUNNEL, 10**8, theirs),
-        ),
-        "ecdsa",
-        "imap",
-    )
+    verdict = _bulk_verdict_of("imap", ours, theirs)
     assert verdict.measured.startswith(f"1.05{TIMES} median of 2 rounds (1.00-1.10;")
     assert verdict.status == MET
+
+
+def _bulk_verdict_of(protocol: str, ours: dict[str, float], theirs: dict[str, float]) -> Verdict:
+    """The bulk verdict of the proxy's figures ``ours`` against stunnel's ``theirs`` (ECDSA)."""
+    records = (
+        Record(BULK, "ecdsa", protocol, target, 10**8, values)
+        for target, values in ((PROXY, ours), (STUNNEL, theirs))
+    )
+    return bulk_verdict(results_of(*records), "ecdsa", protocol)
