@@ -245,3 +245,23 @@ def test_two_helpers_sharing_the_keepers_map_never_give_one_uid_twice(
         # The range is full, whichever helper is asked.
         _refused(successor)
         _refused(replaced)
+
+
+def test_a_retired_helper_gives_its_spares_uids_back_to_the_shared_map(
+    tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
+) -> None:
+    """Regression: a helper retired by a reload reaped its spares without
+    giving their UIDs back, so each reload left the next helpers fewer."""
+    first, count = FIRST + 20, 4  # a range of this test's own
+    uid_map = UIDMap(first, count)
+    try:
+        with helper(
+            tmp_path, certificates, uid_range=(first, count), spare_workers=2, uid_map=uid_map
+        ) as running:
+            _eventually(lambda: _named(running, "stp-spare"), 2)
+            with _live(running, cert_dir):
+                pass  # a worker that comes and goes, besides
+        # The helper has left: its control socket closed, it retired its spares.
+        assert os.pread(uid_map.fileno(), count, 0) == bytes(count)
+    finally:
+        uid_map.close()

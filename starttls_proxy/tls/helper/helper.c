@@ -339,15 +339,17 @@ static bool serve_request(bool hung_up)
 /*
  * The main process has left (shutdown, or a reload retired this helper):
  * the spares end when their assignment sockets close, and are reaped here,
- * not left as zombies for whoever inherits them. Workers serving sessions
- * go on; the keeper, a subreaper, reaps them when they end.
+ * not left as zombies for whoever inherits them, their UIDs given back to
+ * the map the next helper shares. Workers serving sessions go on; the
+ * keeper, a subreaper, reaps them when they end and gives theirs back.
  */
 static void retire_spares(void)
 {
     for (size_t i = 0; i < helper.spare_count; i++)
         close(helper.spares[i].assignment);
     for (size_t i = 0; i < helper.spare_count; i++)
-        waitpid(helper.spares[i].pid, NULL, 0);
+        if (waitpid(helper.spares[i].pid, NULL, 0) == helper.spares[i].pid)
+            remove_worker(helper.spares[i].pid);
     helper.spare_count = 0;
 }
 
