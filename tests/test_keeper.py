@@ -105,15 +105,20 @@ def test_the_keeper_answers_an_unusable_reload_and_ignores_garbage(
     assert "keeper: unexpected Configuration message" in err
 
 
-def test_a_reload_keeps_the_uid_range_in_service() -> None:
+@pytest.mark.parametrize(
+    ("setting", "value"), [("uid_range", [300_000, 1000]), ("key_server", False)]
+)
+def test_a_reload_keeps_the_uids_in_service(setting: str, value: object) -> None:
     """Workers of the helper in service hold UIDs of its range, which the
-    UID map shared by every helper covers: a new range waits for a restart."""
+    UID map shared by every helper covers, and the key server's is the
+    range's last, which helpers hand out only without one: a new range, or
+    the key server turned on or off, waits for a restart."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with ours, theirs:
         keeper = Keeper(ours, Configuration(TLS, {}).encode())
-        keeper.on_request(Reload(Configuration(TLS, {"uid_range": [300_000, 1000]})).encode())
+        keeper.on_request(Reload(Configuration(TLS, {setting: value})).encode())
         assert KEEPER_TO_MAIN.decode(theirs.recv(MAX_MESSAGE)) == ReloadFailed(
-            ("isolation.uid_range changes only at a restart",)
+            (f"isolation.{setting} changes only at a restart",)
         )
         keeper.close()
 

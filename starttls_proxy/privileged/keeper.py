@@ -360,9 +360,12 @@ class Keeper:
         old = self.helper
         try:
             settings = validated(configuration)
-            if settings["isolation"]["uid_range"] != self.configuration["isolation"]["uid_range"]:
-                # The UID map is the range's, and workers still hold its UIDs.
-                raise HelperStartError(["isolation.uid_range changes only at a restart"])
+            # The UID map is the range's, and workers still hold its UIDs;
+            # the key server's is the range's last, which helpers hand out
+            # only while there is no key server.
+            for setting in ("uid_range", "key_server"):
+                if settings["isolation"][setting] != self.configuration["isolation"][setting]:
+                    raise HelperStartError([f"isolation.{setting} changes only at a restart"])
             self.start_helper(settings, reloaded=True)
         except (HelperStartError, OSError) as error:
             problems = error.problems if isinstance(error, HelperStartError) else [str(error)]
