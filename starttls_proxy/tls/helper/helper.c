@@ -242,6 +242,7 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
                     const int fds[2])
 {
     static uint8_t message[MAX_ASSIGNMENT];
+    size_t written = 0;
     helper.spares_failing = false;
     for (;;) {
         struct spare spare;
@@ -252,6 +253,7 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
             break;
         }
         size_t size = assignment_message(message, request_bytes, request->size, spare.pid);
+        written = size > written ? size : written;
         bool sent;
         if (helper.key_server < 0) {
             sent = send_with_fds(spare.assignment, message, size, fds, 2, 0);
@@ -279,8 +281,11 @@ static void assign(const uint8_t *request_bytes, const struct spawn_request *req
         /* The spare is gone (killed while it waited): the next one. */
     }
     /* Every spare forked later would inherit it: the client's SNI, ALPN
-     * and first bytes, the peer name, the other workers' PIDs. */
-    explicit_bzero(message, sizeof message);
+     * and first bytes, the peer name, the other workers' PIDs. Only what
+     * was written: a page the helper writes after a fork becomes the
+     * spare's own copy, and wiping the whole buffer cost every worker
+     * 40 KiB more. */
+    explicit_bzero(message, written);
 }
 
 static void reap(void)
@@ -317,6 +322,8 @@ static bool serve_request(bool hung_up)
     int fds[2];
     size_t fd_count;
     ssize_t size = receive_with_fds(helper.control, message, sizeof message, fds, 2, &fd_count);
+    /* What to wipe afterwards (a request cut short filled the buffer). */
+    size_t received = size > 0 ? (size_t)size : size < 0 && errno == EMSGSIZE ? sizeof message : 0;
     if (size < 0 && errno != EMSGSIZE)
         return errno == EINTR || errno == EAGAIN;
     if (size == 0 && fd_count == 0)
@@ -331,7 +338,7 @@ static bool serve_request(bool hung_up)
     for (size_t i = 0; i < fd_count; i++)
         close(fds[i]);
     /* As in assign: not for the spares forked later. */
-    explicit_bzero(message, sizeof message);
+    explicit_bzero(message, received);
     explicit_bzero(&request, sizeof request);
     return true;
 }
