@@ -14,18 +14,15 @@ import contextlib
 import os
 import secrets
 import signal
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from starttls_proxy.keys import provider
-from starttls_proxy.keys.server import encode_reference, read_private_key
-from starttls_proxy.wire import Ready, WorkerExit
-from tests.isolation.conftest import helper, served
-from tests.tlshelper.harness import RunningHelper
+from starttls_proxy.wire import WorkerExit
+from tests.isolation.conftest import TEST_UIDS, helper, served
+from tests.tlshelper.harness import RunningHelper, signing_through_test
 
 #: Long enough for the helper's loop to fork ahead many times over, if it did.
 SETTLE = 0.3
@@ -127,11 +124,12 @@ def test_a_spare_forked_later_holds_nothing_of_an_earlier_request(
     against the certificates (for the grant) also stayed on its stack."""
     marker = f"marker-{secrets.token_hex(8)}"
     with contextlib.ExitStack() as held:
-        running = held.enter_context(
-            _with_key_server(tmp_path, certificates, held)
-            if key_server
-            else helper(tmp_path, certificates, spare_workers=1)
-        )
+        if key_server:
+            running, _ = held.enter_context(
+                signing_through_test(tmp_path, certificates, uid_range=TEST_UIDS, spare_workers=1)
+            )
+        else:
+            running = held.enter_context(helper(tmp_path, certificates, spare_workers=1))
         (first,) = _eventually(lambda: _named(running, "stp-spare"), 1)
         connection = running.spawn(
             server_name_hint=f"{marker}.example", alpn=(marker,), early=marker.encode()
@@ -144,29 +142,3 @@ def test_a_spare_forked_later_holds_nothing_of_an_earlier_request(
         connection.close()
     assert len(memory) > 1024 * 1024  # the helper's heap and data: it was read
     assert memory.count(marker.encode()) == 0
-
-
-@contextlib.contextmanager
-def _with_key_server(
-    directory: Path, certificates: list[tuple[Path, Path]], held: contextlib.ExitStack
-) -> Iterator[RunningHelper]:
-    """The helper signing through a key server: the test holds the link's
-    other end (grants arrive there; nothing is signed)."""
-    ((_, key),) = certificates
-    reference = encode_reference(read_private_key(key.read_bytes(), "key"))
-    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    held.callback(ours.close)
-    with theirs:
-        running = held.enter_context(
-            helper(
-                directory,
-                certificates,
-                spare_workers=1,
-                key_references=[reference.decode()],
-                link=theirs,
-                env=env,
-            )
-        )
-    assert isinstance(running.reply, Ready), running.reply
-    yield running

@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from starttls_proxy.keys import provider
+from starttls_proxy.keys.server import encode_reference, read_private_key
 from starttls_proxy.privileged import helper_start
 from starttls_proxy.privileged.uid_map import UIDMap
 from starttls_proxy.settings import IsolationConfig, TLSConfig, checked, encode
@@ -311,3 +313,57 @@ def helper_trusting(
     with running_helper(directory, certificates, tls={"peer_trust": stores}) as running:
         assert isinstance(running.reply, Ready), running.reply
         yield running
+
+
+#: Socket buffers small enough that a sender stalls soon once its peer
+#: stops reading, and that what the kernel holds is little next to what is sent.
+SMALL_BUFFER = 64 * 1024
+
+
+def small_buffer_pair() -> tuple[socket.socket, socket.socket]:
+    """A loopback connection with SMALL_BUFFER at both ends: the test's end
+    (10 s timeout) and the one to hand to a worker."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        # Set before listen(): the accepted socket inherits them.
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            listener.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
+        ours = socket.socket()
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            ours.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
+        ours.settimeout(10)
+        ours.connect(listener.getsockname())
+        theirs, _ = listener.accept()
+    return ours, theirs
+
+
+def resident_bytes(pid: int) -> int:
+    """``pid``'s resident memory (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@contextlib.contextmanager
+def signing_through_test(
+    directory: Path, certificates: list[tuple[Path, Path]], **isolation: Any
+) -> Iterator[tuple[RunningHelper, socket.socket]]:
+    """A started helper whose certificates' keys are key server references:
+    the test holds the link's other end (grants arrive there, and any
+    signing request is the test's to answer)."""
+    references = [
+        encode_reference(read_private_key(key.read_bytes(), "key")).decode()
+        for _, key in certificates
+    ]
+    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with (
+        ours,
+        theirs,
+        running_helper(
+            directory, certificates, key_references=references, link=theirs, env=env, **isolation
+        ) as helper,
+    ):
+        theirs.close()  # the helper has its own
+        assert isinstance(helper.reply, Ready), helper.reply
+        yield helper, ours

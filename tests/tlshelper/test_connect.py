@@ -44,7 +44,7 @@ from OpenSSL import SSL
 
 from protocols._base import PeerCertificate, TLSInfo
 from starttls_proxy.keys import provider
-from starttls_proxy.keys.server import encode_grant, encode_reference, read_private_key
+from starttls_proxy.keys.server import encode_grant
 from starttls_proxy.privileged.keeper import KeyServerProcess, open_key_files
 from starttls_proxy.settings import IsolationConfig, checked, encode
 from starttls_proxy.wire import KeyServerCounts, Ready, TLSRole, WorkerExit, read_report
@@ -55,6 +55,7 @@ from tests.tlshelper.harness import (
     RunningHelper,
     helper_trusting,
     running_helper,
+    signing_through_test,
     spawn_on,
     stdlib_reason,
     trust_stores,
@@ -685,28 +686,11 @@ def granting(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Granting]:
     directory = tmp_path_factory.mktemp("connect-grants")
-    certificates = _helper_certificates(cert_dir)
-    references = [
-        encode_reference(read_private_key(key.read_bytes(), str(key))).decode()
-        for _, key in certificates
-    ]
-    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with (
-        ours,
-        theirs,
-        running_helper(
-            directory / "helper",
-            certificates,
-            key_references=references,
-            link=theirs,
-            env=env,
-            tls={"peer_trust": trust_stores(directory, peer_authorities)},
-        ) as running,
-    ):
-        theirs.close()
-        assert isinstance(running.reply, Ready), running.reply
-        yield Granting(running, ours)
+    stores = trust_stores(directory, peer_authorities)
+    with signing_through_test(
+        directory, _helper_certificates(cert_dir), tls={"peer_trust": stores}
+    ) as (running, link):
+        yield Granting(running, link)
 
 
 @pytest.mark.parametrize(

@@ -37,10 +37,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from starttls_proxy.keys import provider
-from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, encode_reference, read_private_key
+from starttls_proxy.keys.server import HEADER, KEY_ID_SIZE, read_private_key
 from starttls_proxy.wire import Ready, WorkerExit
-from tests.tlshelper.harness import RunningHelper, running_helper, sanitizer_runtime
+from tests.tlshelper.harness import (
+    RunningHelper,
+    running_helper,
+    sanitizer_runtime,
+    signing_through_test,
+)
 
 #: A signature request: header, key id, then what to sign.
 REQUEST_DATA_OFFSET = HEADER.size + KEY_ID_SIZE
@@ -58,23 +62,9 @@ def signing_helper(
 ) -> Iterator[tuple[RunningHelper, socket.socket]]:
     """A helper signing through the test (the link's other end)."""
     directory = tmp_path_factory.mktemp("signing")
-    reference = encode_reference(read_private_key((cert_dir / "key.pem").read_bytes(), "key"))
-    env = {**os.environ, "OPENSSL_CONF": str(provider.write_openssl_config(directory))}
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    with (
-        theirs,
-        running_helper(
-            directory,
-            [(cert_dir / "cert.pem", cert_dir / "key.pem")],
-            key_references=[reference.decode()],
-            link=theirs,
-            env=env,
-        ) as helper,
-    ):
-        theirs.close()
-        assert isinstance(helper.reply, Ready), helper.reply
-        yield helper, ours
-    ours.close()
+    certificates = [(cert_dir / "cert.pem", cert_dir / "key.pem")]
+    with signing_through_test(directory, certificates) as signing:
+        yield signing
 
 
 def _client_handshake(sock: socket.socket, cert_dir: Path) -> str:

@@ -50,16 +50,15 @@ from tests.realservers.net import read_to_end
 from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
+    resident_bytes,
     running_helper,
     sanitizer_runtime,
+    small_buffer_pair,
     spawn_on,
     stdlib_reason,
 )
 
 MIB = 1024 * 1024
-#: Socket buffers for the back pressure test: small, so that what the
-#: kernel holds is little next to what is sent.
-SMALL_BUFFER = 64 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +149,6 @@ def _finish(
     return status
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 # ----------------------------------------------------------------------
 # Plaintext both ways.
 
@@ -230,21 +222,12 @@ def test_megabytes_both_ways_under_back_pressure_arrive_byte_exact(
     """8 MiB each way at once. First neither reader reads: both senders must
     stall (the worker stops reading a side whose data has nowhere to go),
     with little buffered; then both read slowly to the end."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        # Set before listen(): the accepted socket (the worker's) inherits them.
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            listener.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
-        sock = socket.socket()
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
-        sock.settimeout(10)
-        sock.connect(listener.getsockname())
-        accepted, _ = listener.accept()
+    sock, accepted = small_buffer_pair()
     connection = spawn_on(helper, sock, accepted)
     client = BioClient(cert_dir)
     client.handshake(sock)
     assert connection.report()["ok"] is True
-    rss_before = _rss(connection.pid)
+    rss_before = resident_bytes(connection.pid)
     transfer = TwoWays(client, sock, connection.channel, 8 * MIB)
 
     # Neither side reads: both senders stall.
@@ -260,7 +243,7 @@ def test_megabytes_both_ways_under_back_pressure_arrive_byte_exact(
     assert up < 2 * MIB and down < 2 * MIB, transfer.progress
     # (AddressSanitizer's quarantine holds freed memory: bounded, but more.)
     memory_bound = 4 * MIB if sanitizer_runtime() is None else 64 * MIB
-    assert _rss(connection.pid) - rss_before < memory_bound
+    assert resident_bytes(connection.pid) - rss_before < memory_bound
 
     # Slow readers: a little per round, each round a millisecond apart.
     deadline = time.monotonic() + 60
@@ -270,7 +253,7 @@ def test_megabytes_both_ways_under_back_pressure_arrive_byte_exact(
         time.sleep(0.001)
     assert hashlib.sha256(transfer.up_received).digest() == hashlib.sha256(transfer.up).digest()
     assert hashlib.sha256(transfer.down_received).digest() == hashlib.sha256(transfer.down).digest()
-    assert _rss(connection.pid) - rss_before < memory_bound
+    assert resident_bytes(connection.pid) - rss_before < memory_bound
     assert _finish(helper, connection) == WorkerExit.OK
 
 

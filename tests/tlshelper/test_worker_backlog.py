@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import hmac
 import select
-import socket
 import struct
 import time
 from collections.abc import Iterator
@@ -37,14 +36,13 @@ from tests.tlshelper.harness import (
     Connection,
     RunningHelper,
     helper_trusting,
+    resident_bytes,
     sanitizer_runtime,
+    small_buffer_pair,
     spawn_on,
 )
 
 MIB = 1024 * 1024
-#: Socket buffers at both ends: small, so that the peer's sends stall soon
-#: once the worker stops reading.
-SMALL_BUFFER = 64 * 1024
 #: The remote server's name in the connect role.
 REMOTE = "remote.example"
 #: Content types (RFC 5246 section 6.2.1).
@@ -68,21 +66,6 @@ def helper(
     certificates = [(cert_dir / "cert.pem", cert_dir / "key.pem")]
     with helper_trusting(directory, certificates, peer_authorities) as running:
         yield running
-
-
-def _small_pair() -> tuple[socket.socket, socket.socket]:
-    """A loopback connection with small buffers: the test's end, the worker's."""
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        # Set before listen(): the accepted socket inherits them.
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            listener.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
-        ours = socket.socket()
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            ours.setsockopt(socket.SOL_SOCKET, option, SMALL_BUFFER)
-        ours.settimeout(10)
-        ours.connect(listener.getsockname())
-        theirs, _ = listener.accept()
-    return ours, theirs
 
 
 def _p_sha256(secret: bytes, seed: bytes, size: int) -> bytes:
@@ -125,7 +108,7 @@ def _session(
 ) -> tuple[Connection, Records]:
     """A TLS 1.2 session with a worker in ``role``; the test is its peer,
     presenting ``certificate`` as the server in the connect role."""
-    ours, theirs = _small_pair()
+    ours, theirs = small_buffer_pair()
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_max_proto_version(SSL.TLS1_2_VERSION)
     context.set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256")
@@ -148,18 +131,11 @@ def _session(
     return connection, Records(tls, server=role is TLSRole.CONNECT)
 
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
-
-
 def _bounded(pid: int, rss_before: int) -> bool:
     """Whether the worker's memory grew by little. AddressSanitizer's
     quarantine keeps up to 256 MiB freed, and every record here frees a read
     buffer (SSL_MODE_RELEASE_BUFFERS): there, the stall is the check."""
-    return sanitizer_runtime() is not None or _rss(pid) - rss_before < 4 * MIB
+    return sanitizer_runtime() is not None or resident_bytes(pid) - rss_before < 4 * MIB
 
 
 @pytest.mark.parametrize("role", [TLSRole.ACCEPT, TLSRole.CONNECT], ids=["accept", "connect"])
@@ -178,7 +154,7 @@ def test_a_client_that_never_reads_cannot_grow_a_worker_with_alerts(
     peer, channel = connection.client, connection.channel
     peer.setblocking(False)
     channel.setblocking(False)
-    rss_before = _rss(connection.pid)
+    rss_before = resident_bytes(connection.pid)
     unsent, on_wire, attempts = bytearray(), 0, 0
 
     def send() -> None:
@@ -192,7 +168,7 @@ def test_a_client_that_never_reads_cannot_grow_a_worker_with_alerts(
     deadline = stalled_since + 5
     while time.monotonic() - stalled_since < 0.5:
         assert time.monotonic() < deadline, (
-            f"the worker still reads: {on_wire} bytes taken, RSS {_rss(connection.pid)}"
+            f"the worker still reads: {on_wire} bytes taken, RSS {resident_bytes(connection.pid)}"
         )
         if not unsent:
             unsent += b"".join(records.seal(HANDSHAKE, RENEGOTIATION[role]) for _ in range(1000))
