@@ -85,29 +85,44 @@ def test_each_live_worker_has_its_own_uid_and_reuse_comes_late(
         assert set(sequential) == POOL
 
 
+@contextlib.contextmanager
+def _older_processes(uid: int, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` processes from before the helper, each holding ``uid``;
+    those still running end on exit."""
+    processes = [
+        subprocess.Popen(["sleep", "60"], user=uid, group=uid, extra_groups=[])
+        for _ in range(count)
+    ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            _end(process)
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    process.kill()
+    process.wait()
+
+
 def test_a_uid_held_by_an_older_process_stays_taken(
     tmp_path: Path, certificates: list[tuple[Path, Path]], cert_dir: Path
 ) -> None:
     """Workers of a helper that died keep their UIDs until they are gone;
     any process with a UID of the range at the helper's start counts."""
     occupied = FIRST + 1
-    older = subprocess.Popen(["sleep", "60"], user=occupied, group=occupied, extra_groups=[])
-    try:
-        with (
-            helper(tmp_path, certificates, uid_range=(FIRST, COUNT), spare_workers=0) as running,
-            contextlib.ExitStack() as held,
-        ):
-            uids = [held.enter_context(_live(running, cert_dir))[1] for _ in range(COUNT - 1)]
-            assert set(uids) == POOL - {occupied}
-            _refused(running)
-            older.kill()
-            older.wait()
-            # Gone: its UID is free again.
-            _, uid = held.enter_context(_live(running, cert_dir))
-            assert uid == occupied
-    finally:
-        older.kill()
-        older.wait()
+    with (
+        _older_processes(occupied, 1) as (older,),
+        helper(tmp_path, certificates, uid_range=(FIRST, COUNT), spare_workers=0) as running,
+        contextlib.ExitStack() as held,
+    ):
+        uids = [held.enter_context(_live(running, cert_dir))[1] for _ in range(COUNT - 1)]
+        assert set(uids) == POOL - {occupied}
+        _refused(running)
+        _end(older)
+        # Gone: its UID is free again.
+        _, uid = held.enter_context(_live(running, cert_dir))
+        assert uid == occupied
 
 
 def test_a_uid_held_by_two_older_processes_stays_taken_while_one_is_left(
@@ -117,28 +132,18 @@ def test_a_uid_held_by_two_older_processes_stays_taken_while_one_is_left(
     with a UID; once that one had ended, the UID counted as free although
     another still held it."""
     occupied = FIRST + 1
-    first, second = (
-        subprocess.Popen(["sleep", "60"], user=occupied, group=occupied, extra_groups=[])
-        for _ in range(2)
-    )
-    try:
-        with (
-            helper(tmp_path, certificates, uid_range=(FIRST, 2), spare_workers=0) as running,
-            contextlib.ExitStack() as held,
-        ):
-            _, uid = held.enter_context(_live(running, cert_dir))
-            assert uid == FIRST
-            first.kill()
-            first.wait()
-            _refused(running)
-            second.kill()
-            second.wait()
-            _, uid = held.enter_context(_live(running, cert_dir))
-            assert uid == occupied
-    finally:
-        for older in (first, second):
-            older.kill()
-            older.wait()
+    with (
+        _older_processes(occupied, 2) as (first, second),
+        helper(tmp_path, certificates, uid_range=(FIRST, 2), spare_workers=0) as running,
+        contextlib.ExitStack() as held,
+    ):
+        _, uid = held.enter_context(_live(running, cert_dir))
+        assert uid == FIRST
+        _end(first)
+        _refused(running)
+        _end(second)
+        _, uid = held.enter_context(_live(running, cert_dir))
+        assert uid == occupied
 
 
 @pytest.mark.parametrize("mode", ["strict", "best-effort"])
